@@ -1,0 +1,588 @@
+//! The JSON tree every FHIR resource is read into: ordered objects, numbers kept as written, duplicate keys and bad bytes reported with a position.
+//!
+//! `serde_json::Value` is not used for wire input because it silently keeps the last of two
+//! duplicate keys, rounds decimals (`1.50` becomes `1.5`, which FHIR forbids), and sorts keys.
+//! This parser keeps the number text, keeps member order, and fails on duplicates, invalid UTF-8
+//! and excessive nesting with a message that says where.
+
+use std::fmt;
+
+/// How deep arrays and objects may nest before the document is refused.
+///
+/// Real FHIR resources stay far below this (a deeply nested Questionnaire reaches about 40);
+/// the limit keeps a hostile 10,000-deep document from exhausting the stack.
+pub const MAX_DEPTH: usize = 256;
+
+/// A JSON value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    /// The number exactly as written (a valid JSON number literal).
+    Number(Box<str>),
+    String(Box<str>),
+    Array(Vec<Json>),
+    Object(Object),
+}
+
+/// A JSON object with members in document order and no duplicate names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Object {
+    members: Vec<(Box<str>, Json)>,
+}
+
+impl Object {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Json> {
+        self.members.iter().find(|(k, _)| &**k == name).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Json> {
+        self.members.iter_mut().find(|(k, _)| &**k == name).map(|(_, v)| v)
+    }
+
+    /// Sets `name` to `value`, replacing an existing member in place.
+    pub fn insert(&mut self, name: impl Into<Box<str>>, value: Json) {
+        let name = name.into();
+        match self.members.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, slot)) => *slot = value,
+            None => self.members.push((name, value)),
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Json> {
+        let index = self.members.iter().position(|(k, _)| &**k == name)?;
+        Some(self.members.remove(index).1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Json)> {
+        self.members.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Appends without checking for an existing member; the caller guarantees uniqueness.
+    fn push_unique(&mut self, name: Box<str>, value: Json) {
+        self.members.push((name, value));
+    }
+}
+
+impl FromIterator<(String, Json)> for Object {
+    fn from_iter<I: IntoIterator<Item = (String, Json)>>(iter: I) -> Self {
+        let mut object = Object::new();
+        for (k, v) in iter {
+            object.insert(k, v);
+        }
+        object
+    }
+}
+
+impl Json {
+    pub fn as_object(&self) -> Option<&Object> {
+        match self {
+            Json::Object(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub fn as_object_mut(&mut self) -> Option<&mut Object> {
+        match self {
+            Json::Object(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Json]> {
+        match self {
+            Json::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Json::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// Member `name` of an object; `None` for other values.
+    pub fn get(&self, name: &str) -> Option<&Json> {
+        self.as_object()?.get(name)
+    }
+
+    /// The JSON type name used in messages ("object", "array", "string", ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Json::Null => "null",
+            Json::Bool(_) => "boolean",
+            Json::Number(_) => "number",
+            Json::String(_) => "string",
+            Json::Array(_) => "array",
+            Json::Object(_) => "object",
+        }
+    }
+
+    pub fn string(s: impl Into<Box<str>>) -> Json {
+        Json::String(s.into())
+    }
+
+    /// Serializes compactly, in member order.
+    pub fn to_string_compact(&self) -> String {
+        let mut out = String::new();
+        write_json(self, &mut out, None, 0);
+        out
+    }
+
+    /// Serializes with two-space indentation, in member order.
+    pub fn to_string_pretty(&self) -> String {
+        let mut out = String::new();
+        write_json(self, &mut out, Some(2), 0);
+        out
+    }
+}
+
+impl fmt::Display for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_string_compact())
+    }
+}
+
+impl From<&serde_json::Value> for Json {
+    fn from(value: &serde_json::Value) -> Self {
+        match value {
+            serde_json::Value::Null => Json::Null,
+            serde_json::Value::Bool(b) => Json::Bool(*b),
+            serde_json::Value::Number(n) => Json::Number(n.to_string().into()),
+            serde_json::Value::String(s) => Json::String(s.as_str().into()),
+            serde_json::Value::Array(a) => Json::Array(a.iter().map(Json::from).collect()),
+            serde_json::Value::Object(o) => Json::Object(Object {
+                members: o.iter().map(|(k, v)| (k.as_str().into(), Json::from(v))).collect(),
+            }),
+        }
+    }
+}
+
+impl From<&Json> for serde_json::Value {
+    fn from(value: &Json) -> Self {
+        match value {
+            Json::Null => serde_json::Value::Null,
+            Json::Bool(b) => serde_json::Value::Bool(*b),
+            Json::Number(n) => serde_json::from_str(n).unwrap_or(serde_json::Value::Null),
+            Json::String(s) => serde_json::Value::String(s.to_string()),
+            Json::Array(a) => serde_json::Value::Array(a.iter().map(Into::into).collect()),
+            Json::Object(o) => serde_json::Value::Object(o.iter().map(|(k, v)| (k.to_string(), v.into())).collect()),
+        }
+    }
+}
+
+fn write_json(value: &Json, out: &mut String, indent: Option<usize>, level: usize) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(width) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', width * level));
+        }
+    };
+    match value {
+        Json::Null => out.push_str("null"),
+        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Json::Number(n) => out.push_str(n),
+        Json::String(s) => write_string(s, out),
+        Json::Array(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_json(item, out, indent, level + 1);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Json::Object(object) => {
+            if object.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            out.push('{');
+            for (i, (k, v)) in object.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                newline(out, level + 1);
+                write_string(k, out);
+                out.push(':');
+                if indent.is_some() {
+                    out.push(' ');
+                }
+                write_json(v, out, indent, level + 1);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Why a document is not JSON, and where.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} at line {line}, column {column}")]
+pub struct ParseError {
+    pub message: String,
+    pub line: usize,
+    pub column: usize,
+    /// The FHIRPath-like location of the value being read when the error happened, e.g. `entry[2].resource`.
+    pub path: String,
+}
+
+/// Parses a complete JSON document. A UTF-8 byte-order mark is accepted and skipped.
+pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut parser = Parser { bytes, pos: 0, path: Vec::new() };
+    parser.skip_whitespace();
+    let value = parser.value(0)?;
+    parser.skip_whitespace();
+    if parser.pos < bytes.len() {
+        return Err(parser.error("unexpected content after the end of the JSON document"));
+    }
+    Ok(value)
+}
+
+enum PathStep {
+    Member(Box<str>),
+    Index(usize),
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: Vec<PathStep>,
+}
+
+impl Parser<'_> {
+    fn error(&self, message: impl Into<String>) -> ParseError {
+        let upto = &self.bytes[..self.pos.min(self.bytes.len())];
+        let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = upto.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let column = String::from_utf8_lossy(&upto[line_start..]).chars().count() + 1;
+        let mut path = String::new();
+        for step in &self.path {
+            match step {
+                PathStep::Member(name) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(name);
+                }
+                PathStep::Index(i) => path.push_str(&format!("[{i}]")),
+            }
+        }
+        ParseError { message: message.into(), line, column, path }
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.bytes.get(self.pos) {
+            self.pos += 1;
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Json, ParseError> {
+        match self.bytes.get(self.pos) {
+            None => Err(self.error("unexpected end of the document")),
+            Some(b'{') => self.object(depth + 1),
+            Some(b'[') => self.array(depth + 1),
+            Some(b'"') => Ok(Json::String(self.string()?.into())),
+            Some(b't') => self.literal("true", Json::Bool(true)),
+            Some(b'f') => self.literal("false", Json::Bool(false)),
+            Some(b'n') => self.literal("null", Json::Null),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(&b) => Err(self.error(format!("unexpected character '{}'", char::from(b).escape_default()))),
+        }
+    }
+
+    fn literal(&mut self, word: &str, value: Json) -> Result<Json, ParseError> {
+        if self.bytes[self.pos..].starts_with(word.as_bytes()) {
+            self.pos += word.len();
+            Ok(value)
+        } else {
+            Err(self.error("invalid literal (expected true, false or null)"))
+        }
+    }
+
+    fn check_depth(&self, depth: usize) -> Result<(), ParseError> {
+        if depth > MAX_DEPTH {
+            Err(self.error(format!("the document nests deeper than {MAX_DEPTH} levels")))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Json, ParseError> {
+        self.check_depth(depth)?;
+        self.pos += 1;
+        let mut object = Object::new();
+        self.skip_whitespace();
+        if self.bytes.get(self.pos) == Some(&b'}') {
+            self.pos += 1;
+            return Ok(Json::Object(object));
+        }
+        loop {
+            self.skip_whitespace();
+            if self.bytes.get(self.pos) != Some(&b'"') {
+                return Err(self.error("expected a property name in double quotes"));
+            }
+            let name: Box<str> = self.string()?.into();
+            if object.get(&name).is_some() {
+                return Err(self.error(format!("duplicate property '{name}'")));
+            }
+            self.skip_whitespace();
+            if self.bytes.get(self.pos) != Some(&b':') {
+                return Err(self.error("expected ':' after a property name"));
+            }
+            self.pos += 1;
+            self.skip_whitespace();
+            self.path.push(PathStep::Member(name.clone()));
+            let value = self.value(depth)?;
+            self.path.pop();
+            object.push_unique(name, value);
+            self.skip_whitespace();
+            match self.bytes.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(Json::Object(object));
+                }
+                _ => return Err(self.error("expected ',' or '}' in an object")),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Json, ParseError> {
+        self.check_depth(depth)?;
+        self.pos += 1;
+        let mut items = Vec::new();
+        self.skip_whitespace();
+        if self.bytes.get(self.pos) == Some(&b']') {
+            self.pos += 1;
+            return Ok(Json::Array(items));
+        }
+        loop {
+            self.skip_whitespace();
+            self.path.push(PathStep::Index(items.len()));
+            let value = self.value(depth)?;
+            self.path.pop();
+            items.push(value);
+            self.skip_whitespace();
+            match self.bytes.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(Json::Array(items));
+                }
+                _ => return Err(self.error("expected ',' or ']' in an array")),
+            }
+        }
+    }
+
+    fn number(&mut self) -> Result<Json, ParseError> {
+        let start = self.pos;
+        let digits = |p: &mut Self| {
+            let from = p.pos;
+            while let Some(b'0'..=b'9') = p.bytes.get(p.pos) {
+                p.pos += 1;
+            }
+            p.pos - from
+        };
+        if self.bytes.get(self.pos) == Some(&b'-') {
+            self.pos += 1;
+        }
+        let int_start = self.pos;
+        let n_int = digits(self);
+        if n_int == 0 {
+            return Err(self.error("invalid number"));
+        }
+        if n_int > 1 && self.bytes[int_start] == b'0' {
+            self.pos = int_start;
+            return Err(self.error("invalid number: leading zeros are not allowed"));
+        }
+        if self.bytes.get(self.pos) == Some(&b'.') {
+            self.pos += 1;
+            if digits(self) == 0 {
+                return Err(self.error("invalid number: digits expected after '.'"));
+            }
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.pos) {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.bytes.get(self.pos) {
+                self.pos += 1;
+            }
+            if digits(self) == 0 {
+                return Err(self.error("invalid number: digits expected in the exponent"));
+            }
+        }
+        // The slice holds only ASCII digits, signs, '.', 'e' and 'E'.
+        let text = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or("0");
+        Ok(Json::Number(text.into()))
+    }
+
+    fn string(&mut self) -> Result<String, ParseError> {
+        self.pos += 1;
+        let mut out = String::new();
+        loop {
+            let run_start = self.pos;
+            while let Some(&b) = self.bytes.get(self.pos) {
+                if b == b'"' || b == b'\\' || b < 0x20 {
+                    break;
+                }
+                self.pos += 1;
+            }
+            if run_start < self.pos {
+                match std::str::from_utf8(&self.bytes[run_start..self.pos]) {
+                    Ok(s) => out.push_str(s),
+                    Err(e) => {
+                        self.pos = run_start + e.valid_up_to();
+                        return Err(self.error("invalid UTF-8 in a string"));
+                    }
+                }
+            }
+            match self.bytes.get(self.pos) {
+                None => return Err(self.error("unterminated string")),
+                Some(b'"') => {
+                    self.pos += 1;
+                    return Ok(out);
+                }
+                Some(b'\\') => {
+                    self.pos += 1;
+                    let escaped = match self.bytes.get(self.pos) {
+                        Some(b'"') => '"',
+                        Some(b'\\') => '\\',
+                        Some(b'/') => '/',
+                        Some(b'b') => '\u{8}',
+                        Some(b'f') => '\u{c}',
+                        Some(b'n') => '\n',
+                        Some(b'r') => '\r',
+                        Some(b't') => '\t',
+                        Some(b'u') => {
+                            self.pos += 1;
+                            let c = self.unicode_escape()?;
+                            out.push(c);
+                            continue;
+                        }
+                        _ => return Err(self.error("invalid escape sequence in a string")),
+                    };
+                    self.pos += 1;
+                    out.push(escaped);
+                }
+                Some(_) => return Err(self.error("control character inside a string (must be escaped)")),
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, ParseError> {
+        let hex = self.bytes.get(self.pos..self.pos + 4).ok_or_else(|| self.error("truncated \\u escape"))?;
+        let text = std::str::from_utf8(hex).map_err(|_| self.error("invalid \\u escape"))?;
+        let code = u32::from_str_radix(text, 16).map_err(|_| self.error("invalid \\u escape"))?;
+        self.pos += 4;
+        Ok(code)
+    }
+
+    fn unicode_escape(&mut self) -> Result<char, ParseError> {
+        let first = self.hex4()?;
+        let code = if (0xD800..0xDC00).contains(&first) {
+            if self.bytes.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                return Err(self.error("unpaired surrogate in a \\u escape"));
+            }
+            self.pos += 2;
+            let second = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&second) {
+                return Err(self.error("unpaired surrogate in a \\u escape"));
+            }
+            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+        } else {
+            first
+        };
+        char::from_u32(code).ok_or_else(|| self.error("unpaired surrogate in a \\u escape"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(input: &str) -> String {
+        parse(input.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn keeps_number_text_and_member_order() {
+        let value = parse(br#"{"b": 1.50, "a": [true, null, "x\u00e9"]}"#).unwrap();
+        assert_eq!(value.to_string_compact(), r#"{"b":1.50,"a":[true,null,"xé"]}"#);
+    }
+
+    #[test]
+    fn reports_duplicate_keys_with_their_path() {
+        let e = parse(br#"{"name": [{"given": "a", "given": "b"}]}"#).unwrap_err();
+        assert!(e.message.contains("duplicate property 'given'"), "{e}");
+        assert_eq!(e.path, "name[0]");
+    }
+
+    #[test]
+    fn refuses_bad_input_without_panicking() {
+        assert!(err("{").contains("expected a property name") || err("{").contains("end"));
+        assert!(err("[1,]").contains("unexpected character"));
+        assert!(err("01").contains("leading zeros"));
+        assert!(err("\"a\tb\"").contains("control character"));
+        assert!(parse(b"\"\xff\"").unwrap_err().message.contains("UTF-8"));
+        assert!(err("{} x").contains("after the end"));
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        assert!(err(&deep).contains("nests deeper"));
+    }
+
+    #[test]
+    fn accepts_huge_numbers_as_text() {
+        let value = parse(b"123456789012345678901234567890e999").unwrap();
+        assert_eq!(value, Json::Number("123456789012345678901234567890e999".into()));
+    }
+
+    #[test]
+    fn decodes_surrogate_pairs() {
+        assert_eq!(parse(br#""\ud83d\ude00""#).unwrap(), Json::string("😀"));
+        assert!(err(r#""\ud83d""#).contains("surrogate"));
+    }
+}
