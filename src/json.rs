@@ -158,6 +158,17 @@ impl Json {
     }
 }
 
+static NULL: Json = Json::Null;
+
+/// `json["member"]` reads a member, giving `Null` when absent, as `serde_json` does.
+impl std::ops::Index<&str> for Json {
+    type Output = Json;
+
+    fn index(&self, name: &str) -> &Json {
+        self.get(name).unwrap_or(&NULL)
+    }
+}
+
 impl fmt::Display for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_string_compact())

@@ -1,0 +1,274 @@
+//! Snapshot generation: turns a differential-only StructureDefinition into one with a full snapshot, by merging its differential into its base's snapshot.
+//!
+//! Elements are addressed by element id (`Observation.code.coding:loinc.system`). A differential
+//! element that reaches into a data type (`Observation.code.coding`) first expands its parent with
+//! that type's own elements; a new slice first copies the sliced element and its children.
+
+use crate::definitions::Definitions;
+use crate::definitions::structure::type_suffix;
+use crate::json::{Json, Object};
+
+/// Deepest chain of differential-only bases followed before giving up (cycles, broken packages).
+const MAX_BASE_DEPTH: usize = 16;
+
+/// Returns a copy of `resource` with a generated `snapshot`.
+pub(super) fn generate(resource: &Json, definitions: &Definitions) -> Result<Json, String> {
+    generate_at_depth(resource, definitions, 0)
+}
+
+fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -> Result<Json, String> {
+    if depth > MAX_BASE_DEPTH {
+        return Err("baseDefinition chain too deep (a cycle?)".into());
+    }
+    let base_url = resource.get("baseDefinition").and_then(Json::as_str).ok_or("no snapshot and no baseDefinition")?;
+    let base = definitions.resolve(base_url).ok_or_else(|| format!("base definition {base_url} is not loaded"))?;
+    let base = if base.get("snapshot").is_some() { (*base).clone() } else { generate_at_depth(&base, definitions, depth + 1)? };
+    let mut elements: Vec<Object> = base
+        .get("snapshot")
+        .and_then(|s| s.get("element"))
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(Json::as_object).cloned().collect())
+        .unwrap_or_default();
+    for element in &mut elements {
+        // Every element keeps an id so the differential can address it.
+        if element.get("id").is_none() {
+            if let Some(path) = element.get("path").cloned() {
+                element.insert("id", path);
+            }
+        }
+    }
+    let differential =
+        resource.get("differential").and_then(|d| d.get("element")).and_then(Json::as_array).ok_or("no differential")?;
+    for diff in differential {
+        let Some(diff) = diff.as_object() else { continue };
+        let id = diff_id(diff).ok_or("differential element without path")?;
+        let index = match find(&elements, &id) {
+            Some(i) => i,
+            None => materialize(&mut elements, &id, diff, definitions)?,
+        };
+        merge(&mut elements[index], diff);
+    }
+    let mut out = resource.as_object().cloned().ok_or("not an object")?;
+    let mut snapshot = Object::new();
+    snapshot.insert("element", Json::Array(elements.into_iter().map(Json::Object).collect()));
+    out.insert("snapshot", Json::Object(snapshot));
+    Ok(Json::Object(out))
+}
+
+fn diff_id(diff: &Object) -> Option<String> {
+    if let Some(id) = diff.get("id").and_then(Json::as_str) {
+        return Some(id.to_string());
+    }
+    let path = diff.get("path").and_then(Json::as_str)?;
+    Some(match diff.get("sliceName").and_then(Json::as_str) {
+        Some(slice) => format!("{path}:{slice}"),
+        None => path.to_string(),
+    })
+}
+
+fn id_of(element: &Object) -> &str {
+    element.get("id").and_then(Json::as_str).unwrap_or_default()
+}
+
+fn find(elements: &[Object], id: &str) -> Option<usize> {
+    if let Some(i) = elements.iter().position(|e| id_of(e) == id) {
+        return Some(i);
+    }
+    // `Observation.valueQuantity` addresses `Observation.value[x]` when that is constrained to Quantity.
+    let (parent, last) = id.rsplit_once('.')?;
+    elements.iter().position(|e| {
+        let eid = id_of(e);
+        let Some(choice) = eid.strip_suffix("[x]") else { return false };
+        let Some((eparent, ename)) = choice.rsplit_once('.') else { return false };
+        eparent == parent && last.strip_prefix(ename).is_some_and(|suffix| suffix.chars().next().is_some_and(char::is_uppercase))
+    })
+}
+
+/// Creates the element `id` names (a new slice, or a child inside a data type) and returns its index.
+fn materialize(elements: &mut Vec<Object>, id: &str, diff: &Object, definitions: &Definitions) -> Result<usize, String> {
+    let (parent_id, last) = split_last(id).ok_or_else(|| format!("cannot place element {id}"))?;
+    if let Some((name, slice)) = last.split_once(':') {
+        // A new slice (or re-slice): copy the sliced element and its children.
+        let sliced_id = format!("{}{name}", parent_id.map(|p| format!("{p}.")).unwrap_or_default());
+        let sliced = find(elements, &sliced_id).map_or_else(|| materialize(elements, &sliced_id, &Object::new(), definitions), Ok)?;
+        let end = subtree_end(elements, sliced);
+        // Slices go after the sliced element's own subtree and after earlier slices of it.
+        let mut insert_at = end;
+        while insert_at < elements.len() && id_of(&elements[insert_at]).starts_with(&format!("{sliced_id}:")) {
+            insert_at += 1;
+        }
+        let sliced_own_id = id_of(&elements[sliced]).to_string();
+        let mut copies: Vec<Object> = Vec::new();
+        for (k, element) in elements[sliced..end].iter().enumerate() {
+            let mut copy = element.clone();
+            let old = id_of(element).to_string();
+            let new_id = format!("{id}{}", &old[sliced_own_id.len()..]);
+            copy.insert("id", Json::string(new_id));
+            if k == 0 {
+                copy.insert("sliceName", Json::string(slice));
+                copy.remove("slicing");
+            }
+            copies.push(copy);
+        }
+        let n = copies.len();
+        elements.splice(insert_at..insert_at, copies);
+        let _ = n;
+        return Ok(insert_at);
+    }
+    let parent_id = parent_id.ok_or_else(|| format!("cannot place root element {id}"))?;
+    let parent = match find(elements, parent_id) {
+        Some(i) => i,
+        None => materialize(elements, parent_id, &Object::new(), definitions)?,
+    };
+    expand(elements, parent, diff, definitions)?;
+    find(elements, id).ok_or_else(|| format!("element {id} does not exist in the base definition or its types"))
+}
+
+/// Splits `a.b:s.c` into (`a.b:s`, `c`), respecting that slice names may contain dots only after `:`.
+fn split_last(id: &str) -> Option<(Option<&str>, &str)> {
+    // Slice names in ids do not contain '.', so the last '.' splits the last segment off.
+    match id.rfind('.') {
+        Some(pos) => Some((Some(&id[..pos]), &id[pos + 1..])),
+        None => Some((None, id)),
+    }
+}
+
+/// The index after the last descendant of `index`.
+fn subtree_end(elements: &[Object], index: usize) -> usize {
+    let own = format!("{}.", id_of(&elements[index]));
+    let mut end = index + 1;
+    while end < elements.len() && id_of(&elements[end]).starts_with(&own) {
+        end += 1;
+    }
+    end
+}
+
+/// Inserts the children of the data type of the element at `parent` (from its base type definition) after it.
+fn expand(elements: &mut Vec<Object>, parent: usize, _diff: &Object, definitions: &Definitions) -> Result<(), String> {
+    if subtree_end(elements, parent) > parent + 1 {
+        return Ok(());
+    }
+    let parent_id = id_of(&elements[parent]).to_string();
+    let parent_path = elements[parent].get("path").and_then(Json::as_str).unwrap_or_default().to_string();
+    let types: Vec<String> = elements[parent]
+        .get("type")
+        .and_then(Json::as_array)
+        .map(|ts| ts.iter().filter_map(|t| t.get("code").and_then(Json::as_str)).map(str::to_string).collect())
+        .unwrap_or_default();
+    let (type_name, source_root) = if let Some(reference) = elements[parent].get("contentReference").and_then(Json::as_str) {
+        // A recursive element (`Questionnaire.item.item`) reuses the referenced element's children.
+        let target = reference.trim_start_matches('#');
+        (target.split('.').next().unwrap_or(target).to_string(), target.to_string())
+    } else {
+        let t = match types.as_slice() {
+            [t] => t.clone(),
+            _ => return Err(format!("cannot expand {parent_id}: it has {} types", types.len())),
+        };
+        if t == "BackboneElement" || t == "Element" {
+            return Err(format!("cannot expand {parent_id}: anonymous element without children in the base"));
+        }
+        (t.clone(), t)
+    };
+    let structure = definitions.resolve(&format!("{}{}", crate::definitions::CORE_SD_BASE, type_name)).ok_or_else(|| format!("type {type_name} is not loaded"))?;
+    let source: Vec<Object> = structure
+        .get("snapshot")
+        .and_then(|s| s.get("element"))
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(Json::as_object).cloned().collect())
+        .unwrap_or_default();
+    let prefix = format!("{source_root}.");
+    let mut inserted = Vec::new();
+    for element in source {
+        let path = element.get("path").and_then(Json::as_str).unwrap_or_default().to_string();
+        let Some(rest) = path.strip_prefix(&prefix) else { continue };
+        let eid = element.get("id").and_then(Json::as_str).unwrap_or(&path).to_string();
+        let rest_id = eid.strip_prefix(&prefix).unwrap_or(rest).to_string();
+        let mut copy = element;
+        copy.insert("path", Json::string(format!("{parent_path}.{rest}")));
+        copy.insert("id", Json::string(format!("{parent_id}.{rest_id}")));
+        inserted.push(copy);
+    }
+    let _ = type_suffix;
+    elements.splice(parent + 1..parent + 1, inserted);
+    Ok(())
+}
+
+/// Applies a differential element's constraints to a snapshot element.
+fn merge(target: &mut Object, diff: &Object) {
+    for (key, value) in diff.iter() {
+        match key {
+            "id" | "path" => {}
+            "constraint" => {
+                let mut all = target.get("constraint").and_then(Json::as_array).map(<[Json]>::to_vec).unwrap_or_default();
+                for c in value.as_array().unwrap_or_default() {
+                    let key = c.get("key");
+                    all.retain(|existing| existing.get("key") != key);
+                    all.push(c.clone());
+                }
+                target.insert("constraint", Json::Array(all));
+            }
+            _ => {
+                if key.starts_with("fixed") || key.starts_with("pattern") {
+                    let stale: Vec<String> =
+                        target.iter().map(|(k, _)| k.to_string()).filter(|k| k.starts_with("fixed") || k.starts_with("pattern")).collect();
+                    for k in stale {
+                        target.remove(&k);
+                    }
+                }
+                target.insert(key, value.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json;
+
+    fn profile(differential: &str) -> Json {
+        let text = format!(
+            r#"{{"resourceType":"StructureDefinition","url":"http://example.org/sd/test","name":"Test","status":"draft",
+            "kind":"resource","abstract":false,"type":"Observation","derivation":"constraint",
+            "baseDefinition":"http://hl7.org/fhir/StructureDefinition/Observation","differential":{{"element":{differential}}}}}"#
+        );
+        json::parse(text.as_bytes()).unwrap()
+    }
+
+    fn ids(snapshot: &Json) -> Vec<String> {
+        snapshot["snapshot"]["element"].as_array().unwrap().iter().map(|e| e.get("id").unwrap().as_str().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn merges_into_base_and_expands_data_types_and_slices() {
+        let definitions = Definitions::base();
+        let sd = profile(
+            r#"[{"id":"Observation.status","path":"Observation.status","fixedCode":"final"},
+               {"id":"Observation.code.coding","path":"Observation.code.coding","slicing":{"discriminator":[{"type":"value","path":"system"}],"rules":"open"}},
+               {"id":"Observation.code.coding:loinc","path":"Observation.code.coding","sliceName":"loinc","min":1},
+               {"id":"Observation.code.coding:loinc.system","path":"Observation.code.coding.system","fixedUri":"http://loinc.org"},
+               {"id":"Observation.valueQuantity","path":"Observation.valueQuantity","min":1}]"#,
+        );
+        let snapshot = generate(&sd, &definitions).unwrap();
+        let ids = ids(&snapshot);
+        let at = |id: &str| ids.iter().position(|x| x == id).unwrap_or_else(|| panic!("{id} missing"));
+        assert!(at("Observation.code") < at("Observation.code.coding"));
+        assert!(at("Observation.code.coding:loinc") < at("Observation.code.coding:loinc.system"));
+        assert!(at("Observation.code.coding:loinc.system") < at("Observation.code.text"));
+        let elements = snapshot["snapshot"]["element"].as_array().unwrap();
+        assert_eq!(elements[at("Observation.status")].get("fixedCode").and_then(Json::as_str), Some("final"));
+        assert_eq!(elements[at("Observation.code.coding:loinc.system")].get("fixedUri").and_then(Json::as_str), Some("http://loinc.org"));
+        assert_eq!(elements[at("Observation.value[x]")].get("min"), Some(&Json::Number("1".into())));
+        let structure = crate::definitions::Structure::compile(&snapshot).unwrap();
+        let coding = structure.index_of_path("Observation.code.coding").unwrap();
+        let code = structure.index_of_path("Observation.code").unwrap();
+        assert_eq!(structure.slices_of(code, coding).len(), 1);
+    }
+
+    #[test]
+    fn unknown_paths_are_errors_not_panics() {
+        let definitions = Definitions::base();
+        let sd = profile(r#"[{"id":"Observation.nonsense.deeper","path":"Observation.nonsense.deeper"}]"#);
+        assert!(generate(&sd, &definitions).is_err());
+    }
+}
