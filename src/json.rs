@@ -285,7 +285,7 @@ pub struct ParseError {
 /// Parses a complete JSON document. A UTF-8 byte-order mark is accepted and skipped.
 pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut parser = Parser { bytes, pos: 0, path: Vec::new() };
+    let mut parser = Parser { bytes, pos: 0, path: Vec::new(), root_type: None };
     parser.skip_whitespace();
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -304,6 +304,8 @@ struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: Vec<PathStep>,
+    /// The top-level `resourceType`, once read, so error paths read `Patient.name[0]` like validation issues.
+    root_type: Option<Box<str>>,
 }
 
 impl Parser<'_> {
@@ -312,7 +314,7 @@ impl Parser<'_> {
         let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
         let line_start = upto.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
         let column = String::from_utf8_lossy(&upto[line_start..]).chars().count() + 1;
-        let mut path = String::new();
+        let mut path = self.root_type.as_deref().unwrap_or_default().to_string();
         for step in &self.path {
             match step {
                 PathStep::Member(name) => {
@@ -391,6 +393,11 @@ impl Parser<'_> {
             self.path.push(PathStep::Member(name.clone()));
             let value = self.value(depth)?;
             self.path.pop();
+            if depth == 1 && &*name == "resourceType" {
+                if let Json::String(t) = &value {
+                    self.root_type = Some(t.clone());
+                }
+            }
             object.push_unique(name, value);
             self.skip_whitespace();
             match self.bytes.get(self.pos) {
@@ -571,6 +578,8 @@ mod tests {
         let e = parse(br#"{"name": [{"given": "a", "given": "b"}]}"#).unwrap_err();
         assert!(e.message.contains("duplicate property 'given'"), "{e}");
         assert_eq!(e.path, "name[0]");
+        let e = parse(br#"{"resourceType": "Patient", "active": true, "active": false}"#).unwrap_err();
+        assert_eq!(e.path, "Patient");
     }
 
     #[test]

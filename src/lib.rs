@@ -4,9 +4,13 @@
 //! - [`json`]: the JSON tree resources are read into (ordered, exact numbers, duplicate keys refused).
 //! - [`package`]: FHIR NPM packages (`.tgz`, folders, the package cache) and the compiled-in R4 base package.
 //! - [`definitions`]: canonical resolution and compiled StructureDefinitions (snapshots generated when missing).
+//! - [`outcome`]: issues and OperationOutcome, the one shape every problem is reported in.
+//! - [`validation`]: the validator (structure, primitives, cardinality, bindings, slicing, references, invariants).
 //! - [`fhirpath`]: the FHIRPath engine used for invariants, slicing and the `fhirpath` command.
 
 pub mod definitions;
 pub mod fhirpath;
 pub mod json;
+pub mod outcome;
 pub mod package;
+pub mod validation;

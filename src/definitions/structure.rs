@@ -46,6 +46,8 @@ pub struct ElementDefinition {
     pub min: u32,
     /// `None` for `*`.
     pub max: Option<u32>,
+    /// Whether the base definition lets the element repeat, which decides JSON array vs single value.
+    pub base_max_is_many: bool,
     pub types: Vec<ElementType>,
     pub content_reference: Option<String>,
     /// `fixed[x]` and `pattern[x]` values.
@@ -227,6 +229,11 @@ impl Structure {
         None
     }
 
+    /// Every element with this path, slices and their copies included.
+    pub fn children_with_path(&self, path: &str) -> Vec<usize> {
+        self.elements.iter().enumerate().filter(|(_, e)| e.path == path).map(|(i, _)| i).collect()
+    }
+
     /// Slices defined on the element at `index` (elements with the same path and a slice name).
     pub fn slices_of(&self, parent: usize, sliced: usize) -> Vec<usize> {
         let path = &self.elements[sliced].path;
@@ -356,6 +363,10 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
         slice_name: text("sliceName"),
         min: min.unwrap_or(0),
         max,
+        base_max_is_many: match element.get("base").and_then(|b| b.get("max")).and_then(Json::as_str) {
+            Some(base_max) => base_max != "1" && base_max != "0",
+            None => max != Some(1) && max != Some(0),
+        },
         types,
         content_reference: text("contentReference"),
         fixed,

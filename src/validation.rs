@@ -1,0 +1,173 @@
+//! The validation gate: checks a FHIR R4 resource (JSON or XML) against the base definitions, its `meta.profile` and any profiles asked for.
+//!
+//! A bad resource is a [`Report`] full of issues, never an `Err` and never a panic: the walk is
+//! written not to panic, and a panic that slipped through anyway is caught and reported as a fatal
+//! issue so one hostile document cannot take a server down.
+
+mod invariants;
+mod primitives;
+mod slicing;
+mod terminology;
+mod walk;
+mod xhtml;
+
+use std::sync::Arc;
+
+use crate::definitions::Definitions;
+use crate::json::{self, Json};
+use crate::outcome::{self, Issue, IssueCode, Severity};
+
+pub use primitives::check_text as check_primitive_text;
+pub use terminology::{Membership, Terminology};
+
+/// Choices that change verdicts; the defaults suit a gateway receiving data from partners.
+#[derive(Clone, Debug, Default)]
+pub struct ValidatorOptions {
+    /// Report extensions whose definition is not loaded as errors instead of warnings.
+    pub unknown_extensions_are_errors: bool,
+}
+
+/// Validates resources against one set of definitions; cheap to share between threads.
+pub struct Validator {
+    definitions: Arc<Definitions>,
+    terminology: Terminology,
+    options: ValidatorOptions,
+}
+
+/// The result of validating one document.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub issues: Vec<Issue>,
+}
+
+impl Report {
+    /// Whether no issue is an error or fatal.
+    pub fn is_valid(&self) -> bool {
+        !self.issues.iter().any(|i| i.severity.is_error())
+    }
+
+    pub fn n_errors(&self) -> usize {
+        self.issues.iter().filter(|i| i.severity.is_error()).count()
+    }
+
+    pub fn n_warnings(&self) -> usize {
+        self.issues.iter().filter(|i| i.severity == Severity::Warning).count()
+    }
+
+    /// The report as an OperationOutcome resource.
+    pub fn to_operation_outcome(&self) -> Json {
+        outcome::operation_outcome(&self.issues)
+    }
+}
+
+/// The wire format of a document, detected from its first significant byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Xml,
+}
+
+impl Format {
+    pub fn detect(bytes: &[u8]) -> Format {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'<') => Format::Xml,
+            _ => Format::Json,
+        }
+    }
+}
+
+impl Validator {
+    pub fn new(definitions: Arc<Definitions>) -> Validator {
+        Validator::with_options(definitions, ValidatorOptions::default())
+    }
+
+    pub fn with_options(definitions: Arc<Definitions>, options: ValidatorOptions) -> Validator {
+        Validator { definitions, terminology: Terminology::default(), options }
+    }
+
+    pub fn definitions(&self) -> &Arc<Definitions> {
+        &self.definitions
+    }
+
+    /// Validates a document given as bytes (JSON or XML), with extra profiles by canonical URL.
+    pub fn validate_bytes(&self, bytes: &[u8], profiles: &[String]) -> Report {
+        match self.read(bytes) {
+            Ok((resource, mut issues)) => {
+                let mut report = self.validate_json(&resource, profiles);
+                issues.append(&mut report.issues);
+                Report { issues: dedupe(issues) }
+            }
+            Err(issue) => Report { issues: vec![issue] },
+        }
+    }
+
+    /// Reads a document into the JSON tree, with the problems the reader found on the way.
+    pub fn read(&self, bytes: &[u8]) -> Result<(Json, Vec<Issue>), Issue> {
+        match Format::detect(bytes) {
+            Format::Json => match json::parse(bytes) {
+                Ok(resource) => Ok((resource, Vec::new())),
+                Err(e) => Err(Issue::new(Severity::Fatal, IssueCode::Structure, e.path.clone(), format!("the document is not valid JSON: {}", e.message))
+                    .with_position(e.line, e.column)),
+            },
+            Format::Xml => Err(Issue::new(Severity::Fatal, IssueCode::NotSupported, "", "XML input is not supported yet")),
+        }
+    }
+
+    /// Validates a parsed resource.
+    pub fn validate_json(&self, resource: &Json, profiles: &[String]) -> Report {
+        let root = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string();
+        let run = std::panic::AssertUnwindSafe(|| {
+            let mut walker = walk::Walker::new(self, root.clone());
+            walker.resource(resource, profiles);
+            walker.issues
+        });
+        let issues = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+            vec![Issue::new(Severity::Fatal, IssueCode::Exception, root.clone(), "internal error while validating; the resource was not accepted")]
+        });
+        Report { issues: dedupe(issues) }
+    }
+
+    /// Validates a `serde_json::Value` (for callers that already hold one; numbers lose their original text).
+    pub fn validate_value(&self, resource: &serde_json::Value, profiles: &[String]) -> Report {
+        self.validate_json(&Json::from(resource), profiles)
+    }
+
+    /// Whether a resource or data type value conforms to a profile (used by slicing and `conformsTo()`).
+    pub fn conforms_to(&self, value: &Json, profile: &str) -> bool {
+        let Some(structure) = self.definitions.structure(profile) else { return false };
+        let mut walker = walk::Walker::new(self, structure.type_name.clone());
+        if structure.kind == crate::definitions::StructureKind::Resource {
+            walker.resource(value, &[profile.to_string()]);
+        } else {
+            walker.object(&structure, 0, value, &structure.type_name.clone());
+        }
+        !walker.issues.iter().any(|i| i.severity.is_error())
+    }
+
+    /// Whether a profile or type name is (or derives from) a resource type, for reference target checks.
+    fn structure_is_type(&self, target: &str, resource_type: &str) -> bool {
+        let mut current = self.definitions.type_structure(target);
+        let mut hops = 0;
+        while let Some(structure) = current {
+            if structure.type_name == resource_type {
+                return true;
+            }
+            hops += 1;
+            if hops > 8 {
+                return false;
+            }
+            current = structure.base_definition.as_deref().and_then(|b| self.definitions.structure(b));
+        }
+        false
+    }
+}
+
+/// Drops exact repeats (the base walk and a profile walk often find the same problem), keeping order.
+fn dedupe(issues: Vec<Issue>) -> Vec<Issue> {
+    let mut seen = std::collections::HashSet::new();
+    issues.into_iter().filter(|i| seen.insert((i.severity, i.expression.clone(), i.message.clone()))).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+//! Unit tests of the validator on small hand-written resources, one rule each.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::definitions::Definitions;
+
+fn validator() -> Validator {
+    Validator::new(Definitions::base())
+}
+
+/// Validates `text` and returns its errors as `expression: message` lines.
+fn errors(text: &str) -> Vec<String> {
+    let report = validator().validate_bytes(text.as_bytes(), &[]);
+    report.issues.iter().filter(|i| i.severity.is_error()).map(|i| format!("{}: {}", i.expression, i.message)).collect()
+}
+
+fn assert_error(text: &str, expression: &str, fragment: &str) {
+    let found = errors(text);
+    assert!(
+        found.iter().any(|e| e.starts_with(&format!("{expression}: ")) && e.contains(fragment)),
+        "expected an error at {expression} containing {fragment:?}, got {found:#?}"
+    );
+}
+
+#[test]
+fn a_valid_patient_has_no_errors() {
+    let patient = r#"{"resourceType":"Patient","id":"p1","active":true,"name":[{"family":"Everywoman","given":["Eve"]}],
+        "gender":"female","birthDate":"1974-12-25","_birthDate":{"extension":[{"url":"http://hl7.org/fhir/StructureDefinition/patient-birthTime","valueDateTime":"1974-12-25T14:35:45-05:00"}]},
+        "contact":[{"name":{"family":"Adam"}}]}"#;
+    assert_eq!(errors(patient), Vec::<String>::new());
+}
+
+#[test]
+fn structure_errors_are_located() {
+    assert_error(r#"{"resourceType":"Patient","nickname":"x"}"#, "Patient.nickname", "unrecognized element");
+    assert_error(r#"{"resourceType":"Patient","name":{"family":"x"}}"#, "Patient.name", "must be a JSON array");
+    assert_error(r#"{"resourceType":"Patient","active":[true]}"#, "Patient.active", "must not be an array");
+    assert_error(r#"{"resourceType":"Patient","active":null}"#, "Patient.active", "null is not allowed");
+    assert_error(r#"{"resourceType":"Patient","name":[]}"#, "Patient.name", "must not be empty");
+    assert_error(r#"{"resourceType":"Patient","name":[{}]}"#, "Patient.name[0]", "must have content");
+    assert_error(r#"{"resourceType":"Patient","name":[{"given":[""]}]}"#, "Patient.name[0].given[0]", "empty");
+    assert_error(r#"{"resourceType":"Patient","active":"yes"}"#, "Patient.active", "boolean");
+    assert_error(r#"{"resourceType":"Patient","birthDate":"1974-13-45"}"#, "Patient.birthDate", "not a valid date");
+    assert_error(r#"{"resourceType":"Patien"}"#, "Patien", "not a FHIR R4 resource type");
+    assert_error(r#"{"resourceType":"Patient","active":true,"active":false}"#, "Patient", "duplicate property 'active'");
+}
+
+#[test]
+fn choices_cardinality_and_bindings() {
+    assert_error(
+        r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueString":"a","valueInteger":1}"#,
+        "Observation.valueInteger",
+        "only one of",
+    );
+    assert_error(r#"{"resourceType":"Observation","code":{"text":"x"}}"#, "Observation", "'status' is required");
+    assert_error(r#"{"resourceType":"Observation","status":"done","code":{"text":"x"}}"#, "Observation.status", "not in the required ValueSet");
+    assert_error(r#"{"resourceType":"Patient","gender":"robot"}"#, "Patient.gender", "not in the required ValueSet");
+    assert_error(r#"{"resourceType":"Patient","id":"bad id!"}"#, "Patient.id", "not a valid id");
+}
+
+#[test]
+fn bundles_validate_their_entries_and_references() {
+    let bundle = r##"{"resourceType":"Bundle","type":"collection","entry":[
+        {"fullUrl":"urn:uuid:a76d9bbf-f293-4fb7-ad4c-2851cac77162","resource":{"resourceType":"Patient","gender":"robot"}},
+        {"fullUrl":"urn:uuid:b76d9bbf-f293-4fb7-ad4c-2851cac77162","resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},
+          "subject":{"reference":"urn:uuid:a76d9bbf-f293-4fb7-ad4c-2851cac77162"},"performer":[{"reference":"#missing"}]}}]}"##;
+    assert_error(bundle, "Bundle.entry[0].resource.gender", "not in the required ValueSet");
+    assert_error(bundle, "Bundle.entry[1].resource.performer[0]", "does not exist");
+    let wrong_target = r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"subject":{"reference":"Medication/1"}}"#;
+    assert_error(wrong_target, "Observation.subject", "not allowed here");
+}
+
+#[test]
+fn hostile_input_is_a_report_not_a_panic() {
+    let validator = validator();
+    for input in [&b"\xff\xfe"[..], b"", b"[]", b"42", b"{\"resourceType\": 1}", b"{\"resourceType\":\"Patient\",\"name\":[null]}"] {
+        let report = validator.validate_bytes(input, &[]);
+        assert!(!report.is_valid(), "{:?} should be invalid", String::from_utf8_lossy(input));
+    }
+    let deep = format!("{{\"resourceType\":\"Patient\",\"extension\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    assert!(!validator.validate_bytes(deep.as_bytes(), &[]).is_valid());
+    let huge = r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1e999999}}"#;
+    assert_error(huge, "Observation.valueQuantity.value", "too large");
+}
+
+#[test]
+fn missing_profiles_are_reported() {
+    let report = validator().validate_bytes(br#"{"resourceType":"Patient"}"#, &["http://example.org/nothing".to_string()]);
+    assert!(!report.is_valid());
+    let _ = Arc::strong_count(&Definitions::base());
+}

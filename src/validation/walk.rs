@@ -1,0 +1,677 @@
+//! The structural walk: one pass over a resource that checks members against the element definitions of its type and profiles.
+//!
+//! Checks made here: unknown members, JSON types, arrays vs single values, `null` and empty values,
+//! `_x` primitive siblings, choice exclusivity, cardinality, primitive formats, max length, fixed and
+//! pattern values, bindings, code validity, references, extensions, slicing and (through
+//! [`super::invariants`]) FHIRPath constraints.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::definitions::{BindingStrength, ElementDefinition, Structure, StructureKind};
+use crate::json::{Json, Object};
+use crate::outcome::{Issue, IssueCode, Severity};
+
+use super::terminology::Membership;
+use super::{Validator, primitives, slicing};
+
+/// How deep resources may nest (Bundle → entry → contained → ...) before the walk stops.
+const MAX_RESOURCE_DEPTH: usize = 16;
+
+/// The resources a reference may resolve to without leaving the document.
+#[derive(Default)]
+pub(super) struct Scope<'a> {
+    /// `fullUrl` → resource, for the Bundle being walked.
+    pub bundle_entries: HashMap<String, &'a Json>,
+    /// `Type/id` → resource, for Bundle entries with an id.
+    pub bundle_ids: HashMap<String, &'a Json>,
+}
+
+pub(super) struct Walker<'v, 'a> {
+    pub validator: &'v Validator,
+    pub issues: Vec<Issue>,
+    pub path: String,
+    resource_depth: usize,
+    /// Contained resource ids of the resources being walked, innermost last.
+    contained: Vec<Vec<&'a str>>,
+    pub scope: Scope<'a>,
+    /// The resources being walked, innermost last, for `%resource` in invariants.
+    pub resources: Vec<&'a Json>,
+    /// Where each resource being walked starts in `path`.
+    resource_starts: Vec<usize>,
+}
+
+/// What a member's declared type makes of it.
+enum Kind {
+    Primitive,
+    Resource,
+    Complex,
+}
+
+impl<'v, 'a> Walker<'v, 'a> {
+    pub fn new(validator: &'v Validator, path: String) -> Self {
+        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new() }
+    }
+
+    pub fn error(&mut self, code: IssueCode, message: impl Into<String>) {
+        self.issues.push(Issue::error(code, self.path.clone(), message));
+    }
+
+    pub fn report(&mut self, severity: Severity, code: IssueCode, message: impl Into<String>) {
+        self.issues.push(Issue::new(severity, code, self.path.clone(), message));
+    }
+
+    /// Validates a resource against its type and the given profiles (plus its `meta.profile`).
+    pub fn resource(&mut self, resource: &'a Json, extra_profiles: &[String]) {
+        let Some(object) = resource.as_object() else {
+            self.error(IssueCode::Structure, format!("a resource must be a JSON object, found a JSON {}", resource.kind()));
+            return;
+        };
+        let Some(resource_type) = object.get("resourceType").and_then(Json::as_str) else {
+            self.error(IssueCode::Required, "the resource has no resourceType");
+            return;
+        };
+        let definitions = &self.validator.definitions;
+        let structure = definitions
+            .type_structure(resource_type)
+            .filter(|s| s.kind == StructureKind::Resource && s.derivation_is_specialization() && !s.is_abstract);
+        let Some(structure) = structure else {
+            self.error(IssueCode::Invalid, format!("'{resource_type}' is not a FHIR R4 resource type"));
+            return;
+        };
+        if self.resource_depth >= MAX_RESOURCE_DEPTH {
+            self.error(IssueCode::TooLong, "resources are nested too deeply");
+            return;
+        }
+        self.resource_depth += 1;
+        self.resources.push(resource);
+        self.resource_starts.push(self.path.len());
+        let contained_ids =
+            object.get("contained").and_then(Json::as_array).unwrap_or_default().iter().filter_map(|c| c.get("id")?.as_str()).collect();
+        self.contained.push(contained_ids);
+        if resource_type == "Bundle" && self.resource_depth == 1 {
+            self.index_bundle(object);
+        }
+
+        self.object(&structure, 0, resource, resource_type);
+
+        let mut profiles: Vec<(String, bool)> = extra_profiles.iter().map(|p| (p.clone(), true)).collect();
+        for p in object.get("meta").and_then(|m| m.get("profile")).and_then(Json::as_array).unwrap_or_default() {
+            if let Some(url) = p.as_str() {
+                if !profiles.iter().any(|(q, _)| q == url) {
+                    profiles.push((url.to_string(), false));
+                }
+            }
+        }
+        for (url, asked) in profiles {
+            match definitions.structure(&url) {
+                Some(profile) if profile.type_name == resource_type => self.object(&profile, 0, resource, resource_type),
+                Some(profile) => self.error(
+                    IssueCode::Invalid,
+                    format!("the profile {url} is for {}, not {resource_type}", profile.type_name),
+                ),
+                None => {
+                    // A profile the caller asked for must be checked; one the resource merely claims is reported.
+                    let severity = if asked { Severity::Error } else { Severity::Warning };
+                    self.report(severity, IssueCode::NotFound, format!("the profile {url} is not loaded, so the resource was not checked against it"));
+                }
+            }
+        }
+        self.contained.pop();
+        self.resources.pop();
+        self.resource_starts.pop();
+        self.resource_depth -= 1;
+    }
+
+    fn index_bundle(&mut self, bundle: &'a Object) {
+        for entry in bundle.get("entry").and_then(Json::as_array).unwrap_or_default() {
+            let Some(resource) = entry.get("resource") else { continue };
+            if let Some(full_url) = entry.get("fullUrl").and_then(Json::as_str) {
+                self.scope.bundle_entries.insert(full_url.to_string(), resource);
+            }
+            if let (Some(t), Some(id)) = (resource.get("resourceType").and_then(Json::as_str), resource.get("id").and_then(Json::as_str)) {
+                self.scope.bundle_ids.insert(format!("{t}/{id}"), resource);
+            }
+        }
+    }
+
+    /// Checks the members of a JSON object against the children of `element` in `structure`.
+    pub fn object(&mut self, structure: &Arc<Structure>, element: usize, node: &'a Json, type_code: &str) {
+        let Json::Object(object) = node else { return };
+        let children = structure.children(element);
+        if children.is_empty() {
+            // The snapshot does not unfold this data type: its own definition describes the members.
+            let code = type_code.to_string();
+            match self.validator.definitions.type_structure(&code) {
+                Some(ts) if !ts.children(0).is_empty() => self.object(&ts, 0, node, &code),
+                _ => {
+                    if structure.elements[element].types.iter().any(|t| t.code == "Element" || t.code == "BackboneElement") {
+                        self.error(IssueCode::Structure, "this element has no defined content");
+                    }
+                }
+            }
+            return;
+        }
+        if object.is_empty() {
+            self.error(IssueCode::Invalid, "an object must have content (ele-1): leave the element out instead");
+        }
+        let is_resource_root = element == 0 && structure.kind == StructureKind::Resource;
+        // (child index, number of values, the JSON name first seen for it)
+        let mut seen: Vec<(usize, usize, &'a str)> = Vec::new();
+        let base_len = self.path.len();
+        for (name, value) in object.iter() {
+            if is_resource_root && name == "resourceType" {
+                continue;
+            }
+            if let Some(primitive_name) = name.strip_prefix('_') {
+                self.primitive_sibling(structure, element, object, name, primitive_name, value, &mut seen);
+                continue;
+            }
+            let Some((child, choice_type)) = structure.child_for_json_name(element, name) else {
+                self.path.push('.');
+                self.path.push_str(name);
+                self.error(IssueCode::Structure, format!("unrecognized element '{name}'"));
+                self.path.truncate(base_len);
+                continue;
+            };
+            let definition = &structure.elements[child];
+            if let Some(existing) = seen.iter().find(|(c, _, _)| *c == child) {
+                if existing.2 != name {
+                    self.path.push('.');
+                    self.path.push_str(name);
+                    let first = existing.2;
+                    self.error(IssueCode::Structure, format!("only one of '{first}' and '{name}' may be given (choice element {}[x])", definition.name));
+                    self.path.truncate(base_len);
+                    continue;
+                }
+            }
+            let mut type_code = choice_type.unwrap_or_else(|| definition.single_type().unwrap_or("").to_string());
+            if is_resource_root && name == "id" {
+                // R4 types `Resource.id` as a plain string, but the spec requires the id format.
+                type_code = "id".to_string();
+            }
+            let n_values = self.member(structure, child, name, &type_code, value, object);
+            match seen.iter_mut().find(|(c, _, _)| *c == child) {
+                Some(entry) => entry.1 += n_values,
+                None => seen.push((child, n_values, name)),
+            }
+        }
+        self.cardinality(structure, element, &seen);
+        self.slicing(structure, element, object, &seen);
+        let definition = &structure.elements[element];
+        if !definition.constraints.is_empty() {
+            super::invariants::check(self, definition, node, type_code);
+        }
+    }
+
+    /// Reads one member: array vs single, then each value.
+    fn member(&mut self, structure: &Arc<Structure>, child: usize, name: &str, type_code: &str, value: &'a Json, parent: &'a Object) -> usize {
+        let definition = &structure.elements[child];
+        let base_len = self.path.len();
+        self.path.push('.');
+        self.path.push_str(name);
+        let mut n_values = 0;
+        match (value, definition_is_array(definition)) {
+            (Json::Array(items), true) => {
+                if items.is_empty() {
+                    self.error(IssueCode::Structure, "an array must not be empty: leave the element out instead");
+                }
+                let sibling = parent.get(&format!("_{name}")).and_then(Json::as_array);
+                let item_len = self.path.len();
+                for (i, item) in items.iter().enumerate() {
+                    self.path.push_str(&format!("[{i}]"));
+                    if matches!(item, Json::Null) {
+                        // `null` holds a place when the `_name` array has the id/extensions for this position.
+                        let has_sibling = sibling.and_then(|s| s.get(i)).is_some_and(|s| !matches!(s, Json::Null));
+                        if !has_sibling {
+                            self.error(IssueCode::Structure, "null is not allowed in an array unless the matching _ element has content");
+                        } else {
+                            n_values += 1;
+                        }
+                    } else {
+                        n_values += 1;
+                        self.value(structure, child, type_code, item);
+                    }
+                    self.path.truncate(item_len);
+                }
+            }
+            (Json::Array(_), false) => {
+                self.error(IssueCode::Structure, format!("'{name}' has at most one value: it must not be an array"));
+            }
+            (_, true) => {
+                self.error(IssueCode::Structure, format!("'{name}' repeats: it must be a JSON array, found a JSON {}", value.kind()));
+            }
+            (Json::Null, false) => self.error(IssueCode::Structure, "null is not allowed: leave the element out instead"),
+            (_, false) => {
+                n_values = 1;
+                self.value(structure, child, type_code, value);
+            }
+        }
+        self.path.truncate(base_len);
+        n_values
+    }
+
+    /// `_birthDate`: the id and extensions of a primitive.
+    #[allow(clippy::too_many_arguments)]
+    fn primitive_sibling(
+        &mut self,
+        structure: &Arc<Structure>,
+        element: usize,
+        object: &'a Object,
+        name: &'a str,
+        primitive_name: &'a str,
+        value: &'a Json,
+        seen: &mut Vec<(usize, usize, &'a str)>,
+    ) {
+        let base_len = self.path.len();
+        self.path.push('.');
+        self.path.push_str(name);
+        let found = structure.child_for_json_name(element, primitive_name);
+        let Some((child, choice_type)) = found else {
+            self.error(IssueCode::Structure, format!("unrecognized element '{name}'"));
+            self.path.truncate(base_len);
+            return;
+        };
+        let definition = &structure.elements[child];
+        let type_code = choice_type.unwrap_or_else(|| definition.single_type().unwrap_or("").to_string());
+        if !is_primitive(&type_code) {
+            self.error(IssueCode::Structure, format!("'{name}' is only allowed for primitive elements"));
+            self.path.truncate(base_len);
+            return;
+        }
+        let Some(element_structure) = self.validator.definitions.type_structure("Element") else {
+            self.path.truncate(base_len);
+            return;
+        };
+        let check_one = |walker: &mut Self, item: &'a Json| match item {
+            Json::Object(_) => walker.object(&element_structure, 0, item, "Element"),
+            other => walker.error(IssueCode::Structure, format!("expected a JSON object with id or extension, found a JSON {}", other.kind())),
+        };
+        let mut n_values = 0;
+        match value {
+            Json::Array(items) if definition_is_array(definition) => {
+                let main = object.get(primitive_name).and_then(Json::as_array);
+                if main.is_some_and(|m| m.len() != items.len()) {
+                    self.error(IssueCode::Structure, format!("'{name}' must have as many items as '{primitive_name}'"));
+                }
+                let item_len = self.path.len();
+                for (i, item) in items.iter().enumerate() {
+                    if matches!(item, Json::Null) {
+                        continue;
+                    }
+                    self.path.push_str(&format!("[{i}]"));
+                    check_one(self, item);
+                    self.path.truncate(item_len);
+                    if main.and_then(|m| m.get(i)).is_none() {
+                        n_values += 1;
+                    }
+                }
+            }
+            Json::Object(_) if !definition_is_array(definition) => {
+                check_one(self, value);
+                if object.get(primitive_name).is_none() {
+                    n_values = 1;
+                }
+            }
+            other => self.error(IssueCode::Structure, format!("'{name}' has the wrong JSON shape ({})", other.kind())),
+        }
+        self.path.truncate(base_len);
+        if n_values > 0 && !seen.iter().any(|(c, _, _)| *c == child) {
+            seen.push((child, n_values, primitive_name));
+        }
+    }
+
+    /// Checks one value of a member against its element definition.
+    pub fn value(&mut self, structure: &Arc<Structure>, child: usize, type_code: &str, value: &'a Json) {
+        let definition = &structure.elements[child];
+        let kind = if is_primitive(type_code) {
+            Kind::Primitive
+        } else if type_code == "Resource" || type_code == "DomainResource" || self.validator.definitions.is_resource_type(type_code) {
+            Kind::Resource
+        } else {
+            Kind::Complex
+        };
+        match kind {
+            Kind::Primitive => self.primitive(definition, type_code, value),
+            Kind::Resource => {
+                if matches!(value, Json::Object(_)) {
+                    self.resource(value, &[]);
+                } else {
+                    self.error(IssueCode::Structure, format!("expected a resource (a JSON object), found a JSON {}", value.kind()));
+                }
+                return;
+            }
+            Kind::Complex => {
+                let Json::Object(object) = value else {
+                    self.error(IssueCode::Structure, format!("expected a JSON object for a {type_code}, found a JSON {}", value.kind()));
+                    return;
+                };
+                if let Some(reference) = &definition.content_reference {
+                    match structure.index_of_path(reference.trim_start_matches('#')) {
+                        Some(target) => self.object(structure, target, value, type_code),
+                        None => self.error(IssueCode::NotSupported, format!("cannot resolve the content reference {reference}")),
+                    }
+                } else {
+                    self.object(structure, child, value, type_code);
+                }
+                self.type_profiles(definition, type_code, value);
+                if type_code == "Extension" {
+                    self.extension(definition, value);
+                }
+                if type_code == "Reference" {
+                    self.reference(definition, object);
+                }
+                if let Some(binding) = &definition.binding {
+                    self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
+                }
+                if matches!(type_code, "Coding") {
+                    self.coding(object);
+                }
+                if matches!(type_code, "CodeableConcept") {
+                    for coding in object.get("coding").and_then(Json::as_array).unwrap_or_default().iter().filter_map(Json::as_object) {
+                        self.coding(coding);
+                    }
+                }
+            }
+        }
+        if let Some(fixed) = &definition.fixed {
+            if value != fixed {
+                self.error(IssueCode::Value, format!("value must be exactly {}", fixed.to_string_compact()));
+            }
+        }
+        if let Some(pattern) = &definition.pattern {
+            if !matches_pattern(value, pattern) {
+                self.error(IssueCode::Value, format!("value must match the pattern {}", pattern.to_string_compact()));
+            }
+        }
+        if matches!(kind, Kind::Primitive) && !definition.constraints.is_empty() {
+            super::invariants::check(self, definition, value, type_code);
+        }
+    }
+
+    fn primitive(&mut self, definition: &ElementDefinition, type_code: &str, value: &'a Json) {
+        if let Err(problem) = primitives::check(type_code, value) {
+            self.error(IssueCode::Value, problem);
+            return;
+        }
+        if let (Some(max), Json::String(s)) = (definition.max_length, value) {
+            if s.chars().count() > max {
+                self.error(IssueCode::TooLong, format!("the value is longer than the allowed {max} characters"));
+            }
+        }
+        if let Some(binding) = &definition.binding {
+            if matches!(type_code, "code" | "string" | "uri") {
+                self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
+            }
+        }
+        if let Some(min) = &definition.min_value {
+            if compare_values(value, min).is_some_and(|o| o.is_lt()) {
+                self.error(IssueCode::Value, format!("the value is below the minimum {}", min.to_string_compact()));
+            }
+        }
+        if let Some(max) = &definition.max_value {
+            if compare_values(value, max).is_some_and(|o| o.is_gt()) {
+                self.error(IssueCode::Value, format!("the value is above the maximum {}", max.to_string_compact()));
+            }
+        }
+    }
+
+    /// Profiles declared on the element's type (`Extension` profiles, `SimpleQuantity`, ...).
+    fn type_profiles(&mut self, definition: &ElementDefinition, type_code: &str, value: &'a Json) {
+        let Some(element_type) = definition.types.iter().find(|t| t.code == type_code) else { return };
+        for url in &element_type.profiles {
+            match self.validator.definitions.structure(url) {
+                Some(profile) => self.object(&profile, 0, value, type_code),
+                None => self.report(Severity::Warning, IssueCode::NotFound, format!("the profile {url} is not loaded, so this element was not checked against it")),
+            }
+        }
+    }
+
+    /// An extension without a declared profile is checked against the definition its `url` names.
+    fn extension(&mut self, definition: &ElementDefinition, node: &'a Json) {
+        let has_profile = definition.types.iter().any(|t| t.code == "Extension" && !t.profiles.is_empty());
+        if has_profile {
+            return;
+        }
+        let Some(url) = node.get("url").and_then(Json::as_str) else { return };
+        // Nested extensions use relative urls, defined by the parent extension's slices.
+        if !url.contains(':') {
+            return;
+        }
+        match self.validator.definitions.structure(url) {
+            Some(extension) if extension.type_name == "Extension" => {
+                if !extension.contexts.is_empty() {
+                    self.extension_context(&extension);
+                }
+                self.object(&extension, 0, node, "Extension");
+            }
+            Some(_) => self.error(IssueCode::Invalid, format!("{url} is not an extension definition")),
+            None => {
+                let severity = if self.validator.options.unknown_extensions_are_errors { Severity::Error } else { Severity::Warning };
+                self.report(severity, IssueCode::NotFound, format!("the extension {url} is not known here, so it was not checked"));
+            }
+        }
+    }
+
+    /// Whether the extension may appear where it does (its `context`).
+    fn extension_context(&mut self, extension: &Structure) {
+        let here = self.element_path_for_context();
+        let allowed = extension.contexts.iter().any(|context| {
+            let context = context.as_str();
+            matches!(context, "Element" | "Resource" | "DomainResource" | "BackboneElement")
+                || here == context
+                || here.starts_with(context) && here.as_bytes().get(context.len()) == Some(&b'.')
+                // A data type context (`HumanName`) needs the declared type of the parent, which the
+                // path alone does not give; such contexts are accepted rather than guessed at.
+                || !context.contains('.') && !self.validator.definitions.is_resource_type(context)
+        });
+        if !allowed {
+            self.report(
+                Severity::Warning,
+                IssueCode::BusinessRule,
+                format!("the extension {} is not defined for use at {here} (contexts: {})", extension.url, extension.contexts.join(", ")),
+            );
+        }
+    }
+
+    /// The element holding the extension being checked, as a type path (`Patient.name`).
+    fn element_path_for_context(&self) -> String {
+        let start = self.resource_starts.last().copied().unwrap_or(0);
+        let resource_type = self.resources.last().and_then(|r| r.get("resourceType")).and_then(Json::as_str).unwrap_or_default();
+        let mut out = resource_type.to_string();
+        let relative = &self.path[start.min(self.path.len())..];
+        let segments: Vec<&str> = relative.split('.').filter(|s| !s.is_empty()).map(|s| s.split('[').next().unwrap_or(s)).collect();
+        // Drop the resource type itself (at the top level) and the final `extension`/`modifierExtension`.
+        let body = match segments.split_last() {
+            Some((_, rest)) => rest,
+            None => &[][..],
+        };
+        for segment in body.iter().skip_while(|s| **s == resource_type) {
+            out.push('.');
+            out.push_str(segment);
+        }
+        out
+    }
+
+    fn reference(&mut self, definition: &ElementDefinition, object: &'a Object) {
+        let Some(reference) = object.get("reference").and_then(Json::as_str) else { return };
+        let targets: Vec<&str> = definition
+            .types
+            .iter()
+            .filter(|t| t.code == "Reference")
+            .flat_map(|t| t.target_profiles.iter())
+            .map(|p| p.rsplit('/').next().unwrap_or(p))
+            .collect();
+        if let Some(id) = reference.strip_prefix('#') {
+            let resolved = id.is_empty() || self.contained.iter().rev().take(2).any(|ids| ids.contains(&id));
+            if !resolved {
+                self.error(IssueCode::NotFound, format!("the contained resource '#{id}' does not exist"));
+            }
+            return;
+        }
+        let target_type = self.referenced_type(reference);
+        if let Some(target_type) = target_type {
+            let allowed = targets.is_empty()
+                || targets.iter().any(|t| *t == "Resource" || *t == target_type || self.validator.structure_is_type(t, &target_type));
+            if !allowed {
+                self.error(IssueCode::Structure, format!("a reference to a {target_type} is not allowed here (allowed: {})", targets.join(", ")));
+            }
+        }
+    }
+
+    /// The resource type a literal reference points to, from the bundle or from its `Type/id` form.
+    fn referenced_type(&self, reference: &str) -> Option<String> {
+        if let Some(resource) = self.scope.bundle_entries.get(reference) {
+            return resource.get("resourceType").and_then(Json::as_str).map(str::to_string);
+        }
+        let without_history = reference.split("/_history/").next().unwrap_or(reference);
+        let mut parts = without_history.rsplit('/');
+        let _id = parts.next()?;
+        let type_name = parts.next()?;
+        if self.validator.definitions.is_resource_type(type_name) { Some(type_name.to_string()) } else { None }
+    }
+
+    /// Checks a value against a binding; required bindings are errors, extensible ones warnings.
+    fn binding(&mut self, strength: BindingStrength, value_set: Option<&str>, type_code: &str, value: &'a Json) {
+        if !matches!(strength, BindingStrength::Required | BindingStrength::Extensible) {
+            return;
+        }
+        let Some(url) = value_set else { return };
+        let codings: Vec<(Option<&str>, &str)> = match type_code {
+            "code" | "string" | "uri" => value.as_str().map(|c| vec![(None, c)]).unwrap_or_default(),
+            "Coding" => coding_pair(value).into_iter().collect(),
+            "CodeableConcept" => value.get("coding").and_then(Json::as_array).unwrap_or_default().iter().filter_map(coding_pair).collect(),
+            "Quantity" => match (value.get("system").and_then(Json::as_str), value.get("code").and_then(Json::as_str)) {
+                (system, Some(code)) => vec![(system, code)],
+                _ => Vec::new(),
+            },
+            _ => return,
+        };
+        if codings.is_empty() {
+            // A CodeableConcept with only text satisfies an extensible binding but not a required one.
+            if strength == BindingStrength::Required && type_code == "CodeableConcept" {
+                self.error(IssueCode::CodeInvalid, format!("no code is given, but the binding to {url} is required"));
+            }
+            return;
+        }
+        let definitions = &self.validator.definitions;
+        let Some(expansion) = self.validator.terminology.expansion(definitions, url) else {
+            self.report(Severity::Warning, IssueCode::NotSupported, format!("the ValueSet {url} is not loaded, so the code was not checked"));
+            return;
+        };
+        let mut unknown = None;
+        for (system, code) in &codings {
+            match expansion.contains(*system, code) {
+                Membership::In => return,
+                Membership::Unknown(why) => unknown = Some(why),
+                Membership::NotIn => {}
+            }
+        }
+        let shown: Vec<String> = codings.iter().map(|(s, c)| match s {
+            Some(s) => format!("{s}#{c}"),
+            None => format!("'{c}'"),
+        }).collect();
+        match (unknown, strength) {
+            (Some(why), _) => self.report(Severity::Warning, IssueCode::NotSupported, format!("could not check {} against {url}: {why}", shown.join(", "))),
+            (None, BindingStrength::Required) => {
+                self.error(IssueCode::CodeInvalid, format!("{} is not in the required ValueSet {url}", shown.join(", ")))
+            }
+            (None, _) => self.report(Severity::Warning, IssueCode::CodeInvalid, format!("{} is not in the extensible ValueSet {url}", shown.join(", "))),
+        }
+    }
+
+    /// A Coding's code must exist in its code system when that system is loaded and complete.
+    fn coding(&mut self, coding: &'a Object) {
+        let (Some(system), Some(code)) = (coding.get("system").and_then(Json::as_str), coding.get("code").and_then(Json::as_str)) else {
+            return;
+        };
+        let Some(code_system) = self.validator.terminology.code_system(&self.validator.definitions, system) else { return };
+        if !code_system.complete {
+            return;
+        }
+        match code_system.lookup(code) {
+            None => self.error(IssueCode::CodeInvalid, format!("unknown code '{code}' in the code system {system}")),
+            Some(concept) => {
+                if let (Some(display), Some(expected)) = (coding.get("display").and_then(Json::as_str), concept.display.as_deref()) {
+                    if !display.eq_ignore_ascii_case(expected) && !display.trim().eq_ignore_ascii_case(expected.trim()) {
+                        self.report(
+                            Severity::Warning,
+                            IssueCode::Invalid,
+                            format!("wrong display '{display}' for {system}#{code}: it should be '{expected}'"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn cardinality(&mut self, structure: &Structure, element: usize, seen: &[(usize, usize, &str)]) {
+        for &child in structure.children(element) {
+            let definition = &structure.elements[child];
+            if definition.slice_name.is_some() {
+                continue;
+            }
+            let count = seen.iter().find(|(c, _, _)| *c == child).map_or(0, |(_, n, _)| *n);
+            if (count as u64) < u64::from(definition.min) {
+                let name = if definition.is_choice() { format!("{}[x]", definition.name) } else { definition.name.clone() };
+                self.error(
+                    IssueCode::Required,
+                    format!("'{name}' is required: minimum {} but found {count} ({})", definition.min, definition.path),
+                );
+            }
+            if let Some(max) = definition.max {
+                if count as u64 > u64::from(max) && definition_is_array(definition) {
+                    self.error(IssueCode::Structure, format!("'{}' allows at most {max} values but found {count}", definition.name));
+                }
+            }
+        }
+    }
+
+    fn slicing(&mut self, structure: &Arc<Structure>, element: usize, object: &'a Object, seen: &[(usize, usize, &str)]) {
+        for &(child, _, name) in seen {
+            let definition = &structure.elements[child];
+            if definition.slicing.is_none() {
+                continue;
+            }
+            let Some(value) = object.get(name) else { continue };
+            let items: Vec<&'a Json> = match value {
+                Json::Array(items) => items.iter().collect(),
+                single => vec![single],
+            };
+            slicing::check(self, structure, element, child, name, &items);
+        }
+    }
+}
+
+/// Whether JSON represents the element as an array: decided by the base definition, not by a profile's constraint.
+pub(super) fn definition_is_array(definition: &ElementDefinition) -> bool {
+    definition.base_max_is_many
+}
+
+pub(super) fn is_primitive(type_code: &str) -> bool {
+    type_code.starts_with(|c: char| c.is_ascii_lowercase()) || type_code.starts_with("http://hl7.org/fhirpath/System.")
+}
+
+fn coding_pair(coding: &Json) -> Option<(Option<&str>, &str)> {
+    Some((coding.get("system").and_then(Json::as_str), coding.get("code")?.as_str()?))
+}
+
+/// A value matches a pattern when every member of the pattern appears in it (arrays: each pattern item matches some item).
+pub(super) fn matches_pattern(value: &Json, pattern: &Json) -> bool {
+    match (value, pattern) {
+        (Json::Object(v), Json::Object(p)) => p.iter().all(|(k, pv)| v.get(k).is_some_and(|vv| matches_pattern(vv, pv))),
+        (Json::Array(v), Json::Array(p)) => p.iter().all(|pi| v.iter().any(|vi| matches_pattern(vi, pi))),
+        (Json::Array(v), p) => v.iter().any(|vi| matches_pattern(vi, p)),
+        (Json::Number(a), Json::Number(b)) => a == b || a.parse::<f64>().ok() == b.parse::<f64>().ok(),
+        (a, b) => a == b,
+    }
+}
+
+fn compare_values(value: &Json, limit: &Json) -> Option<std::cmp::Ordering> {
+    match (value, limit) {
+        (Json::Number(a), Json::Number(b)) => a.parse::<f64>().ok()?.partial_cmp(&b.parse::<f64>().ok()?),
+        (Json::String(a), Json::String(b)) => Some(a.as_ref().cmp(b.as_ref())),
+        _ => None,
+    }
+}
+
