@@ -47,6 +47,13 @@ impl Definitions {
         definitions
     }
 
+    /// The R4 base plus the bundled IOP profiles: what the gateway validates against by default.
+    pub fn new_default() -> Definitions {
+        let mut definitions = Definitions::new_base();
+        definitions.add_package(Package::bundled());
+        definitions
+    }
+
     /// A shared instance holding only the R4 base, for callers that need types but no profiles.
     pub fn base() -> Arc<Definitions> {
         static BASE: OnceLock<Arc<Definitions>> = OnceLock::new();

@@ -1,6 +1,7 @@
 //! iop-gateway: a FHIR R4 interoperability gateway for Intensive Outpatient Programs.
 //!
 //! # Layout
+//! - [`cli`]: the `iop-gateway` command line (the binary's `main` only calls [`cli::run`]).
 //! - [`json`]: the JSON tree resources are read into (ordered, exact numbers, duplicate keys refused).
 //! - [`package`]: FHIR NPM packages (`.tgz`, folders, the package cache) and the compiled-in R4 base package.
 //! - [`definitions`]: canonical resolution and compiled StructureDefinitions (snapshots generated when missing).
@@ -8,6 +9,7 @@
 //! - [`validation`]: the validator (structure, primitives, cardinality, bindings, slicing, references, invariants).
 //! - [`fhirpath`]: the FHIRPath engine used for invariants, slicing and the `fhirpath` command.
 
+pub mod cli;
 pub mod definitions;
 pub mod fhirpath;
 pub mod json;

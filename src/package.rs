@@ -15,6 +15,8 @@ use crate::json::{self, Json};
 /// `examples/generate_base_package.rs`.
 const BASE_PACKAGE: &[u8] = include_bytes!("../definitions/hl7.fhir.r4.core.tgz");
 
+include!(concat!(env!("OUT_DIR"), "/bundled_profiles.rs"));
+
 /// Why a package or resource could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadPackageError {
@@ -91,6 +93,13 @@ impl Package {
         // The embedded archive is generated and checked by the test suite, so failure here is a build defect.
         Package::from_tgz_bytes(BASE_PACKAGE, Path::new("<compiled-in hl7.fhir.r4.core>"))
             .expect("the compiled-in base package is a valid FHIR package")
+    }
+
+    /// The project's own package, `profiles/`, compiled in by `build.rs`.
+    pub fn bundled() -> Package {
+        let files = BUNDLED_PROFILES.iter().map(|(name, bytes)| (name.to_string(), bytes.to_vec())).collect();
+        // `profiles/package.json` is checked by the test suite, so failure here is a build defect.
+        Package::from_files(files, Path::new("<compiled-in profiles/>")).expect("profiles/ is a valid FHIR package")
     }
 
     /// Loads a package from a `.tgz` file or an unpacked folder (with or without the `package/` level).
@@ -226,6 +235,13 @@ mod tests {
         assert_eq!(resource.get("type").and_then(Json::as_str), Some("Patient"));
         assert!(resource.get("snapshot").is_some());
         assert!(package.resources.iter().filter(|r| r.resource_type == "ValueSet").count() > 1000);
+    }
+
+    #[test]
+    fn bundled_profiles_are_a_package() {
+        let package = Package::bundled();
+        assert_eq!(package.name, "iop-gateway.profiles");
+        assert_eq!(package.dependencies.get("hl7.fhir.r4.core").map(String::as_str), Some("4.0.1"));
     }
 
     #[test]

@@ -264,8 +264,9 @@ impl<'v, 'a> Walker<'v, 'a> {
         seen: &mut Vec<(usize, usize, &'a str)>,
     ) {
         let base_len = self.path.len();
+        // FHIRPath sees the id and extensions of `_birthDate` as children of `birthDate`.
         self.path.push('.');
-        self.path.push_str(name);
+        self.path.push_str(primitive_name);
         let found = structure.child_for_json_name(element, primitive_name);
         let Some((child, choice_type)) = found else {
             self.error(IssueCode::Structure, format!("unrecognized element '{name}'"));
