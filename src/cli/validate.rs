@@ -109,7 +109,8 @@ pub fn run(args: Args) -> ExitCode {
         Output::Json => writeln!(stdout, "{}", Json::Array(json_results).to_string_pretty()),
         Output::Jsonl => {
             // The peer comparison harness reads the validation loop time from the last stderr line.
-            eprintln!("{{\"files\": {}, \"validate_s\": {elapsed:.4}}}", files.len());
+            let peak = peak_memory_mb().map(|mb| format!(", \"peak_rss_mb\": {mb:.1}")).unwrap_or_default();
+            eprintln!("{{\"files\": {}, \"validate_s\": {elapsed:.4}{peak}}}", files.len());
             Ok(())
         }
     };
@@ -120,6 +121,14 @@ pub fn run(args: Args) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The process's peak resident memory, where the platform reports it (Linux `VmHWM`).
+fn peak_memory_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn load_ig(definitions: &mut Definitions, ig: &str, cache: Option<&Path>) -> Result<(), String> {
