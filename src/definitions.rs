@@ -60,6 +60,22 @@ impl Definitions {
         BASE.get_or_init(|| Arc::new(Definitions::new_base())).clone()
     }
 
+    /// A copy that can take more resources without touching this one; resources are shared, not copied.
+    ///
+    /// Loading the base package costs far more than this, so callers that need many slightly
+    /// different sets (one per test case, one per tenant) load the common part once and fork it.
+    pub fn fork(&self) -> Definitions {
+        let read_or_empty = |lock: &RwLock<HashMap<String, Option<Arc<Structure>>>>| lock.read().map(|m| m.clone()).unwrap_or_default();
+        Definitions {
+            resources: self.resources.clone(),
+            by_url: self.by_url.clone(),
+            packages: self.packages.clone(),
+            structures: RwLock::new(read_or_empty(&self.structures)),
+            children: RwLock::new(self.children.read().map(|m| m.clone()).unwrap_or_default()),
+            compile_problems: RwLock::new(Vec::new()),
+        }
+    }
+
     fn empty() -> Definitions {
         Definitions {
             resources: Vec::new(),
