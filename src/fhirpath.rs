@@ -3,6 +3,17 @@
 //! The engine is untyped JSON plus a [`TypeModel`] that tells it the declared FHIR type of each
 //! element, which `is`, `as`, `ofType`, choice elements (`Observation.value`) and primitive
 //! conversions need. The validator supplies a model built from the loaded StructureDefinitions.
+//!
+//! ```text
+//! let expr = fhirpath::parse("name.given.first()")?;          // once
+//! let types = fhirpath::TypeCache::new(&model);                // once per thread
+//! let ctx = fhirpath::Context::new(&types);                    // per evaluation
+//! let result = expr.evaluate(fhirpath::Node::resource(&patient_json), &ctx)?;
+//! ```
+//!
+//! Decimals are `rust_decimal::Decimal`: exact base-10 arithmetic with 28 significant digits,
+//! which FHIRPath needs (`0.1 + 0.2 = 0.3`, precision kept as written: `1.50`), and fixed-size
+//! so arithmetic does not allocate. Date/time values keep the precision they were written with.
 
 /// What the engine needs to know about FHIR types; implemented from StructureDefinitions.
 ///
@@ -14,6 +25,13 @@ pub trait TypeModel: Send + Sync {
 
     /// The type `type_name` derives from (`Patient` → `DomainResource`, `code` → `string`), if any.
     fn base_type(&self, type_name: &str) -> Option<String>;
+
+    /// The names of the child elements of `type_name` in definition order (choices without `[x]`:
+    /// `value`), which the XML format requires elements to follow; `None` when not known, and the
+    /// XML reader then skips its order check.
+    fn element_order(&self, _type_name: &str) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// One declared child element.
@@ -25,4 +43,112 @@ pub struct ChildElement {
     pub is_choice: bool,
     /// Whether the element may repeat (max is not 1).
     pub many: bool,
+}
+
+mod ast;
+mod context;
+mod eval;
+mod functions;
+mod lexer;
+mod parser;
+pub mod quantity;
+pub mod temporal;
+mod value;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+pub use context::{Context, DefaultEnvironment, Environment, NoModel, TypeCache};
+pub use quantity::Quantity;
+pub use temporal::{Precision, Temporal, TemporalKind};
+pub use value::{Node, Str, Value};
+
+use crate::json::Json;
+
+/// A FHIRPath expression parsed once and evaluated any number of times (it is `Send + Sync`).
+#[derive(Debug)]
+pub struct Expression {
+    source: Box<str>,
+    root: ast::Expr,
+}
+
+/// An expression that is not valid FHIRPath: the message and the byte offset where it was found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} at position {position}")]
+pub struct SyntaxError {
+    pub message: String,
+    pub position: usize,
+}
+
+impl SyntaxError {
+    pub(crate) fn new(message: impl Into<String>, position: usize) -> SyntaxError {
+        SyntaxError { message: message.into(), position }
+    }
+}
+
+/// A failure while evaluating (wrong types, more than one item where one was needed, unknown
+/// `%constant`, strict-mode unknown element, …), with the offset of the sub-expression when known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvalError {
+    pub message: String,
+    pub position: Option<usize>,
+}
+
+impl EvalError {
+    pub(crate) fn new(message: impl Into<String>) -> EvalError {
+        EvalError { message: message.into(), position: None }
+    }
+
+    pub(crate) fn at(mut self, position: usize) -> EvalError {
+        self.position = Some(position);
+        self
+    }
+}
+
+impl fmt::Display for EvalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some(p) => write!(f, "{} at position {p}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for EvalError {}
+
+/// Parses FHIRPath text. Unknown functions and wrong argument counts are reported here.
+pub fn parse(expr: &str) -> Result<Expression, SyntaxError> {
+    Ok(Expression { source: expr.into(), root: parser::parse_expression(expr)? })
+}
+
+impl Expression {
+    /// The text the expression was parsed from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates with `input` as the focus (and, unless the context says otherwise, as `%resource` and `%context`).
+    pub fn evaluate<'a>(&'a self, input: Node<'a>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
+        self.evaluate_collection(vec![Value::Node(input)], ctx)
+    }
+
+    /// Evaluates on any input collection (empty for expressions that need no input).
+    pub fn evaluate_collection<'a>(&'a self, input: Vec<Value<'a>>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
+        let evaluator = eval::Evaluator::new(ctx, &input);
+        let focus = eval::Focus { this: (input.len() == 1).then(|| input[0].clone()), index: None, total: None };
+        evaluator.eval(&self.root, &input, &focus)
+    }
+
+    /// Evaluates as an invariant: `Some(true/false)` for a single Boolean result (any other single
+    /// item counts as true), `None` for an empty result; more than one item is an error.
+    pub fn evaluate_bool<'a>(&'a self, input: Node<'a>, ctx: &Context<'a>) -> Result<Option<bool>, EvalError> {
+        eval::to_bool(&self.evaluate(input, ctx)?)
+    }
+}
+
+/// The CLI's rendering of a result collection: a JSON array of [`Value::to_json`] items.
+pub fn to_json(values: &[Value<'_>]) -> Json {
+    Json::Array(values.iter().map(Value::to_json).collect())
 }

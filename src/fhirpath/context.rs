@@ -1,0 +1,244 @@
+//! What an evaluation runs against: the cached type model, the caller's environment hooks, %variables and the clock.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::temporal::Temporal;
+use super::value::{Node, Value};
+use super::{ChildElement, TypeModel};
+use crate::json::Json;
+
+/// A model that knows no types: every node is typed from its JSON alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoModel;
+
+impl TypeModel for NoModel {
+    fn child(&self, _parent: &str, _name: &str) -> Option<ChildElement> {
+        None
+    }
+    fn base_type(&self, _type_name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// A declared child element, with type names shared instead of copied per node.
+#[derive(Debug)]
+pub(crate) struct ChildInfo {
+    pub types: Vec<Rc<str>>,
+    pub is_choice: bool,
+}
+
+type ChildMap = HashMap<Box<str>, Option<Rc<ChildInfo>>>;
+
+/// A [`TypeModel`] with memoized answers.
+///
+/// The model returns owned `String`s; asking it for every navigation step would allocate on
+/// every step of every evaluation. Create one per thread and reuse it across evaluations.
+pub struct TypeCache<'m> {
+    model: &'m dyn TypeModel,
+    children: RefCell<HashMap<Box<str>, ChildMap>>,
+    bases: RefCell<HashMap<Box<str>, Option<Rc<str>>>>,
+}
+
+impl<'m> TypeCache<'m> {
+    pub fn new(model: &'m dyn TypeModel) -> TypeCache<'m> {
+        TypeCache { model, children: RefCell::default(), bases: RefCell::default() }
+    }
+
+    pub fn model(&self) -> &'m dyn TypeModel {
+        self.model
+    }
+
+    pub(crate) fn child(&self, parent: &str, name: &str) -> Option<Rc<ChildInfo>> {
+        if let Some(hit) = self.children.borrow().get(parent).and_then(|m| m.get(name)) {
+            return hit.clone();
+        }
+        let info = self.model.child(parent, name).map(|c| {
+            Rc::new(ChildInfo { types: c.types.iter().map(|t| Rc::from(t.as_str())).collect(), is_choice: c.is_choice })
+        });
+        self.children.borrow_mut().entry(parent.into()).or_default().insert(name.into(), info.clone());
+        info
+    }
+
+    pub(crate) fn base(&self, type_name: &str) -> Option<Rc<str>> {
+        if let Some(hit) = self.bases.borrow().get(type_name) {
+            return hit.clone();
+        }
+        let base = self.model.base_type(type_name).map(|b| Rc::from(b.as_str()));
+        self.bases.borrow_mut().insert(type_name.into(), base.clone());
+        base
+    }
+
+    /// Whether `type_name` is `ancestor` or derives from it.
+    pub(crate) fn is_a(&self, type_name: &str, ancestor: &str) -> bool {
+        if type_name == ancestor {
+            return true;
+        }
+        let mut current = self.base(type_name);
+        for _ in 0..32 {
+            match current {
+                Some(t) if &*t == ancestor => return true,
+                Some(t) => current = self.base(&t),
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Whether the model knows the FHIR type (used to reject `as(string1)`).
+    pub(crate) fn knows_type(&self, type_name: &str) -> bool {
+        matches!(type_name, "Element" | "Resource" | "Base" | "BackboneElement" | "DomainResource")
+            || super::value::fhir_primitive_kind(type_name).is_some()
+            || self.base(type_name).is_some()
+    }
+}
+
+/// Hooks the host application supplies; every method has a usable default.
+pub trait Environment<'a> {
+    /// A `%name` constant not built in (`%resource`, `%ucum`, `%vs-…`, … are handled before this).
+    fn constant(&self, _name: &str) -> Option<Vec<Value<'a>>> {
+        None
+    }
+
+    /// Resolves a reference string (`Patient/1`, `urn:uuid:…`) to a node, e.g. within the Bundle
+    /// being validated. Contained references (`#id`) are resolved by the engine before this is asked.
+    fn resolve(&self, _reference: &str) -> Option<Node<'a>> {
+        None
+    }
+
+    /// `memberOf(valueSet)`: `Ok(None)` when membership cannot be determined (the result is empty).
+    fn member_of(&self, _value: &Value<'a>, _value_set: &str) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
+
+    /// `subsumes` / `subsumedBy`: `Ok(None)` when unknown.
+    fn subsumes(&self, _a: &Value<'a>, _b: &Value<'a>) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
+
+    /// `conformsTo(profile)`. The default accepts only core profiles
+    /// (`http://hl7.org/fhir/StructureDefinition/Type`) and checks the node's type; anything else
+    /// is an error because it cannot be checked here.
+    fn conforms_to(&self, node: &Node<'a>, profile: &str, types: &TypeCache<'_>) -> Result<bool, String> {
+        match profile.strip_prefix("http://hl7.org/fhir/StructureDefinition/") {
+            Some(type_name) if !type_name.is_empty() && type_name.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                Ok(types.is_a(&node.type_name(), type_name))
+            }
+            _ => Err(format!("cannot check conformance to unknown profile '{profile}'")),
+        }
+    }
+
+    /// `htmlChecks()`: whether narrative XHTML is acceptable. The default accepts everything.
+    fn html_checks(&self, _node: &Node<'a>) -> bool {
+        true
+    }
+
+    /// Receives `trace(name)` output. The default discards it.
+    fn trace(&self, _name: &str, _values: &[Value<'a>]) {}
+}
+
+/// The environment with all defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultEnvironment;
+
+impl Environment<'_> for DefaultEnvironment {}
+
+static DEFAULT_ENV: DefaultEnvironment = DefaultEnvironment;
+
+/// Everything one evaluation needs besides the expression and its input.
+pub struct Context<'a> {
+    pub(crate) types: &'a TypeCache<'a>,
+    pub(crate) env: &'a dyn Environment<'a>,
+    pub(crate) resource: Option<Node<'a>>,
+    pub(crate) root_resource: Option<Node<'a>>,
+    pub(crate) context: Option<Node<'a>>,
+    pub(crate) variables: Vec<(Box<str>, Vec<Value<'a>>)>,
+    pub(crate) now: Option<Temporal>,
+    pub(crate) strict: bool,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(types: &'a TypeCache<'a>) -> Context<'a> {
+        Context {
+            types,
+            env: &DEFAULT_ENV,
+            resource: None,
+            root_resource: None,
+            context: None,
+            variables: Vec::new(),
+            now: None,
+            strict: false,
+        }
+    }
+
+    pub fn with_environment(mut self, env: &'a dyn Environment<'a>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// `%resource` (defaults to the input node when it is a resource).
+    pub fn with_resource(mut self, resource: Node<'a>) -> Self {
+        self.resource = Some(resource);
+        self
+    }
+
+    /// `%rootResource` (defaults to `%resource`), e.g. the Bundle or container of a contained resource.
+    pub fn with_root_resource(mut self, root: Node<'a>) -> Self {
+        self.root_resource = Some(root);
+        self
+    }
+
+    /// `%context` (defaults to the input node).
+    pub fn with_context_node(mut self, node: Node<'a>) -> Self {
+        self.context = Some(node);
+        self
+    }
+
+    /// A user variable `%name`.
+    pub fn with_variable(mut self, name: &str, values: Vec<Value<'a>>) -> Self {
+        self.variables.push((name.into(), values));
+        self
+    }
+
+    /// Fixes the moment `now()`, `today()` and `timeOfDay()` report (otherwise the system clock, in UTC).
+    pub fn with_now(mut self, now: Temporal) -> Self {
+        self.now = Some(now);
+        self
+    }
+
+    /// Strict mode: navigating to an element the model does not define on a known type, or a
+    /// type-name prefix that does not match the input, is an error instead of an empty result.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    pub fn types(&self) -> &'a TypeCache<'a> {
+        self.types
+    }
+}
+
+/// The URL a `%vs-name` or `%ext-name` constant stands for, and the other built-in constants.
+pub(crate) fn builtin_constant(name: &str) -> Option<String> {
+    Some(match name {
+        "ucum" => "http://unitsofmeasure.org".to_string(),
+        "sct" => "http://snomed.info/sct".to_string(),
+        "loinc" => "http://loinc.org".to_string(),
+        _ => {
+            if let Some(vs) = name.strip_prefix("vs-") {
+                format!("http://hl7.org/fhir/ValueSet/{vs}")
+            } else if let Some(ext) = name.strip_prefix("ext-") {
+                format!("http://hl7.org/fhir/StructureDefinition/{ext}")
+            } else {
+                return None;
+            }
+        }
+    })
+}
+
+/// Finds `#id` among the `contained` resources of `container`.
+pub(crate) fn find_contained<'a>(container: &Node<'a>, id: &str) -> Option<Node<'a>> {
+    let contained = container.json?.get("contained")?.as_array()?;
+    contained.iter().find(|r| r.get("id").and_then(Json::as_str) == Some(id)).map(Node::resource)
+}
