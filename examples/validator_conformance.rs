@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use iop_gateway::definitions::Definitions;
 use iop_gateway::outcome::{Issue, IssueCode, Severity};
-use iop_gateway::validation::{Report, Validator};
+use iop_gateway::validation::{Report, Validator, ValidatorOptions};
 use serde_json::Value;
 
 const DEFAULT_MANIFEST: &str = "../shared/corpus/fhir-test-cases/validator/manifest.json";
@@ -104,7 +104,7 @@ fn main() {
         let mut setup_notes = Vec::new();
         let mut definitions = base.fork();
         load_packages(case, &root, &mut definitions, &mut setup_notes);
-        for key in ["supporting", "profiles"] {
+        for key in ["supporting", "supporting5", "profiles"] {
             for file in strings(case.get(key)) {
                 load_file(&root.join(file), &mut definitions, &mut setup_notes);
             }
@@ -117,11 +117,17 @@ fn main() {
         checks.push((String::new(), base_definitions.clone(), Vec::new(), expectation(case.get("java"), &root)));
         if let Some(profile) = case.get("profile").filter(|p| p.is_object()) {
             let mut definitions = base_definitions.fork();
+            load_packages(profile, &root, &mut definitions, &mut setup_notes);
             for file in strings(profile.get("supporting")) {
                 load_file(&root.join(file), &mut definitions, &mut setup_notes);
             }
             let source = profile.get("source").and_then(Value::as_str).unwrap_or_default();
-            let url = load_file(&root.join(source), &mut definitions, &mut setup_notes).unwrap_or_else(|| format!("(unreadable {source})"));
+            // The source is a file next to the manifest, or the canonical URL of a profile in a package.
+            let url = if source.starts_with("http://") || source.starts_with("https://") {
+                source.to_string()
+            } else {
+                load_file(&root.join(source), &mut definitions, &mut setup_notes).unwrap_or_else(|| format!("(unreadable {source})"))
+            };
             checks.push((" [profile]".to_string(), Arc::new(definitions), vec![url], expectation(profile.get("java"), &root)));
         }
 
@@ -136,7 +142,9 @@ fn main() {
                 }
                 Expectation::Errors(errors) => errors,
             };
-            let validator = Validator::new(definitions);
+            // Java's defaults: an extension whose definition cannot be found is an error.
+            let java_like = ValidatorOptions { unknown_extensions_are_errors: true };
+            let validator = Validator::with_options(definitions, java_like);
             let report = match &bytes {
                 Ok(bytes) => validator.validate_bytes(bytes, &profiles),
                 Err(e) => Report {

@@ -90,3 +90,21 @@ fn missing_profiles_are_reported() {
     assert!(!report.is_valid());
     let _ = Arc::strong_count(&Definitions::base());
 }
+
+#[test]
+fn unknown_extensions_are_errors_only_when_asked_and_outside_known_namespaces() {
+    let strict = Validator::with_options(Definitions::base(), ValidatorOptions { unknown_extensions_are_errors: true });
+    let patient = |url: &str| format!(r#"{{"resourceType":"Patient","extension":[{{"url":"{url}","valueString":"x"}}]}}"#);
+    let is_valid = |v: &Validator, url: &str| v.validate_bytes(patient(url).as_bytes(), &[]).is_valid();
+    assert!(!is_valid(&strict, "http://acme.com/fhir/StructureDefinition/unknown"));
+    assert!(is_valid(&validator(), "http://acme.com/fhir/StructureDefinition/unknown"));
+    for tolerated in [
+        "http://hl7.org/fhir/StructureDefinition/organization-brand",
+        "http://hl7.org/fhir/tools/StructureDefinition/binding-parameter",
+        "http://hl7.org/fhir/5.0/StructureDefinition/extension-Patient.gender",
+        "http://example.org/fhir/StructureDefinition/test",
+    ] {
+        assert!(is_valid(&strict, tolerated), "{tolerated}");
+    }
+    assert!(!is_valid(&strict, "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"));
+}

@@ -448,8 +448,9 @@ impl<'v, 'a> Walker<'v, 'a> {
             }
             Some(_) => self.error(IssueCode::Invalid, format!("{url} is not an extension definition")),
             None => {
-                let severity = if self.validator.options.unknown_extensions_are_errors { Severity::Error } else { Severity::Warning };
-                self.report(severity, IssueCode::NotFound, format!("the extension {url} is not known here, so it was not checked"));
+                let strict = self.validator.options.unknown_extensions_are_errors && !is_tolerated_extension_url(url);
+                let severity = if strict { Severity::Error } else { Severity::Warning };
+                self.report(severity, IssueCode::NotFound, format!("the extension {url} could not be found, so it was not checked"));
             }
         }
     }
@@ -651,6 +652,36 @@ pub(super) fn definition_is_array(definition: &ElementDefinition) -> bool {
 
 pub(super) fn is_primitive(type_code: &str) -> bool {
     type_code.starts_with(|c: char| c.is_ascii_lowercase()) || type_code.starts_with("http://hl7.org/fhirpath/System.")
+}
+
+/// Extension URLs that stay warnings when unknown extensions are errors: they name definitions that
+/// exist but live outside the loaded packages, or cannot matter.
+///
+/// - `http://hl7.org/fhir/StructureDefinition/…`: HL7's core namespace, where the extensions pack
+///   publishes definitions newer than R4 (`organization-brand`);
+/// - `http://hl7.org/fhir/tools/StructureDefinition/…`: HL7's tooling extensions;
+/// - `http://hl7.org/fhir/<version>/StructureDefinition/extension-<path>`: the cross-version
+///   extensions FHIR defines implicitly for every element of every version;
+/// - `example.org` URLs, reserved for examples (RFC 2606) and used throughout the specification.
+fn is_tolerated_extension_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or(url);
+    let host = rest.split('/').next().unwrap_or_default();
+    if host == "example.org" || host.ends_with(".example.org") {
+        return true;
+    }
+    let Some(path) = rest.strip_prefix("hl7.org/fhir/") else { return false };
+    if path.starts_with("StructureDefinition/") || path.starts_with("tools/StructureDefinition/") {
+        return true;
+    }
+    // `5.0/StructureDefinition/extension-Patient.x`: a version number, then the implicit definition.
+    match path.split_once('/') {
+        Some((version, tail)) => {
+            version.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && !version.is_empty()
+                && tail.starts_with("StructureDefinition/extension-")
+        }
+        None => false,
+    }
 }
 
 fn coding_pair(coding: &Json) -> Option<(Option<&str>, &str)> {
