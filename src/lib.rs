@@ -8,6 +8,7 @@
 //! - [`outcome`]: issues and OperationOutcome, the one shape every problem is reported in.
 //! - [`validation`]: the validator (structure, primitives, cardinality, bindings, slicing, references, invariants).
 //! - [`fhirpath`]: the FHIRPath engine used for invariants, slicing and the `fhirpath` command.
+//! - [`xml`]: reads FHIR XML into the JSON tree (as FHIR JSON would give it), with located XML-only issues.
 
 pub mod cli;
 pub mod definitions;
@@ -16,3 +17,4 @@ pub mod json;
 pub mod outcome;
 pub mod package;
 pub mod validation;
+pub mod xml;
