@@ -6,6 +6,7 @@
 
 mod invariants;
 mod primitives;
+mod questionnaire;
 mod slicing;
 mod terminology;
 mod walk;

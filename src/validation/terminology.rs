@@ -134,6 +134,11 @@ impl Terminology {
         self.expansion_at_depth(definitions, url, 0)
     }
 
+    /// The expansion of a ValueSet resource that is not loaded by URL (a contained one); not cached.
+    pub fn expand_resource(&self, definitions: &Definitions, value_set: &Json) -> Expansion {
+        self.expand(definitions, value_set, 0)
+    }
+
     fn expansion_at_depth(&self, definitions: &Definitions, url: &str, depth: usize) -> Option<Arc<Expansion>> {
         if let Some(found) = self.expansions.read().ok()?.get(url) {
             return found.clone();

@@ -94,6 +94,9 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
 
         self.object(&structure, 0, resource, resource_type);
+        if resource_type == "QuestionnaireResponse" {
+            super::questionnaire::check(self, object);
+        }
 
         let mut profiles: Vec<(String, bool)> = extra_profiles.iter().map(|p| (p.clone(), true)).collect();
         for p in object.get("meta").and_then(|m| m.get("profile")).and_then(Json::as_array).unwrap_or_default() {
