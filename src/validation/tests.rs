@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::definitions::Definitions;
+use crate::json;
 
 fn validator() -> Validator {
     Validator::new(Definitions::base())
@@ -107,4 +108,63 @@ fn unknown_extensions_are_errors_only_when_asked_and_outside_known_namespaces() 
         assert!(is_valid(&strict, tolerated), "{tolerated}");
     }
     assert!(!is_valid(&strict, "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"));
+}
+
+/// A validator that knows one Questionnaire, for QuestionnaireResponse checks.
+fn questionnaire_validator() -> Validator {
+    let questionnaire = r#"{"resourceType":"Questionnaire","url":"http://example.org/q","status":"active","item":[
+        {"linkId":"name","type":"string","required":true,"maxLength":5},
+        {"linkId":"age","type":"integer","extension":[{"url":"http://hl7.org/fhir/StructureDefinition/minValue","valueInteger":18}]},
+        {"linkId":"colour","type":"choice","repeats":true,"answerOption":[{"valueCoding":{"system":"http://example.org/c","code":"red"}},
+            {"valueCoding":{"system":"http://example.org/c","code":"none"},"extension":[{"url":"http://hl7.org/fhir/StructureDefinition/questionnaire-optionExclusive","valueBoolean":true}]}]},
+        {"linkId":"smoker","type":"boolean"},
+        {"linkId":"packs","type":"integer","required":true,"enableWhen":[{"question":"smoker","operator":"=","answerBoolean":true}]}]}"#;
+    let mut definitions = Definitions::new_base();
+    definitions.add_resource("test", json::parse(questionnaire.as_bytes()).unwrap());
+    Validator::new(Arc::new(definitions))
+}
+
+fn response_errors(items: &str, status: &str) -> Vec<String> {
+    let text = format!(r#"{{"resourceType":"QuestionnaireResponse","questionnaire":"http://example.org/q","status":"{status}","item":{items}}}"#);
+    let report = questionnaire_validator().validate_bytes(text.as_bytes(), &[]);
+    report.issues.iter().filter(|i| i.severity.is_error()).map(|i| format!("{}: {}", i.expression, i.message)).collect()
+}
+
+#[test]
+fn questionnaire_responses_follow_their_questionnaire() {
+    let good = r#"[{"linkId":"name","answer":[{"valueString":"Eve"}]},{"linkId":"age","answer":[{"valueInteger":40}]},
+        {"linkId":"colour","answer":[{"valueCoding":{"system":"http://example.org/c","code":"red"}}]},{"linkId":"smoker","answer":[{"valueBoolean":false}]}]"#;
+    assert_eq!(response_errors(good, "completed"), Vec::<String>::new());
+    let has = |errors: &[String], expression: &str, fragment: &str| errors.iter().any(|e| e.starts_with(&format!("{expression}: ")) && e.contains(fragment));
+
+    let missing = response_errors(r#"[{"linkId":"age","answer":[{"valueInteger":40}]}]"#, "completed");
+    assert!(has(&missing, "QuestionnaireResponse", "required item 'name'"), "{missing:?}");
+    assert_eq!(response_errors(r#"[{"linkId":"age","answer":[{"valueInteger":40}]}]"#, "in-progress"), Vec::<String>::new());
+
+    let bad = response_errors(
+        r#"[{"linkId":"name","answer":[{"valueString":"Evangeline"},{"valueString":"E"}]},{"linkId":"age","answer":[{"valueString":"40"}]},
+            {"linkId":"colour","answer":[{"valueCoding":{"system":"http://example.org/c","code":"blue"}},{"valueCoding":{"system":"http://example.org/c","code":"none"}}]},
+            {"linkId":"nickname","answer":[{"valueString":"x"}]}]"#,
+        "completed",
+    );
+    assert!(has(&bad, "QuestionnaireResponse.item[0]", "only one answer"), "{bad:?}");
+    assert!(has(&bad, "QuestionnaireResponse.item[0].answer[0].valueString", "maximum of 5"), "{bad:?}");
+    assert!(has(&bad, "QuestionnaireResponse.item[1].answer[0].valueString", "must be of type Integer"), "{bad:?}");
+    assert!(has(&bad, "QuestionnaireResponse.item[2].answer[0].valueCoding", "not one of the permitted answer options"), "{bad:?}");
+    assert!(has(&bad, "QuestionnaireResponse.item[2].answer[1]", "exclusive option"), "{bad:?}");
+    assert!(has(&bad, "QuestionnaireResponse.item[3]", "linkId 'nickname'"), "{bad:?}");
+
+    let young = response_errors(r#"[{"linkId":"name","answer":[{"valueString":"Eve"}]},{"linkId":"age","answer":[{"valueInteger":12}]}]"#, "completed");
+    assert!(has(&young, "QuestionnaireResponse.item[1].answer[0].valueInteger", "less than the allowed minimum of 18"), "{young:?}");
+}
+
+#[test]
+fn enable_when_decides_whether_items_may_and_must_be_answered() {
+    let smoker = r#"[{"linkId":"name","answer":[{"valueString":"Eve"}]},{"linkId":"smoker","answer":[{"valueBoolean":true}]}]"#;
+    let errors = response_errors(smoker, "completed");
+    assert!(errors.iter().any(|e| e.contains("required item 'packs'")), "{errors:?}");
+    let not_smoker = r#"[{"linkId":"name","answer":[{"valueString":"Eve"}]},{"linkId":"smoker","answer":[{"valueBoolean":false}]},
+        {"linkId":"packs","answer":[{"valueInteger":2}]}]"#;
+    let errors = response_errors(not_smoker, "completed");
+    assert!(errors.iter().any(|e| e.starts_with("QuestionnaireResponse.item[2]: ") && e.contains("not enabled")), "{errors:?}");
 }
