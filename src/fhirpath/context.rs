@@ -55,7 +55,8 @@ impl<'m> TypeCache<'m> {
             return hit.clone();
         }
         let info = self.model.child(parent, name).map(|c| {
-            Rc::new(ChildInfo { types: c.types.iter().map(|t| Rc::from(t.as_str())).collect(), is_choice: c.is_choice })
+            let types = c.types.iter().map(|t| Rc::from(fhir_type_name(t, name, self.is_a(parent, "Resource")))).collect();
+            Rc::new(ChildInfo { types, is_choice: c.is_choice })
         });
         self.children.borrow_mut().entry(parent.into()).or_default().insert(name.into(), info.clone());
         info
@@ -91,6 +92,25 @@ impl<'m> TypeCache<'m> {
         matches!(type_name, "Element" | "Resource" | "Base" | "BackboneElement" | "DomainResource")
             || super::value::fhir_primitive_kind(type_name).is_some()
             || self.base(type_name).is_some()
+    }
+}
+
+/// The FHIR type name for a declared type code: R4 declares `id`, `Extension.url` etc. with
+/// FHIRPath System type URLs; the FHIR type is what `is`/`type()` report. A resource's `id` is
+/// of type `id` (the specification's own statement, which the R4 snapshots express as System.String).
+fn fhir_type_name<'t>(code: &'t str, element: &str, parent_is_resource: bool) -> &'t str {
+    if element == "id" && parent_is_resource {
+        return "id";
+    }
+    match code.strip_prefix("http://hl7.org/fhirpath/System.") {
+        Some("String") => "string",
+        Some("Boolean") => "boolean",
+        Some("Integer") => "integer",
+        Some("Decimal") => "decimal",
+        Some("Date") => "date",
+        Some("DateTime") => "dateTime",
+        Some("Time") => "time",
+        _ => code,
     }
 }
 

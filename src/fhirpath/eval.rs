@@ -226,24 +226,23 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 push_values(value, ext, ty, out);
             }
             None => {
+                let known_parent = self.ctx.types.knows_type(&parent_type);
+                if known_parent && (self.ctx.strict || self.is_choice_spelling(&parent_type, name)) {
+                    return err(format!("'{parent_type}' has no element '{name}'"));
+                }
                 let (value, ext) = find_pair(obj, name);
                 if value.is_some() || ext.is_some() {
                     let ty = choice_type_from_key(name).map(Rc::from);
                     push_values(value, ext, ty, out);
                 } else if !name.is_empty() {
                     // Without a model, `value` finds `valueQuantity` etc., typed from the suffix.
-                    let mut found = false;
                     for (key, value) in obj.iter() {
                         if let Some(suffix) = key.strip_prefix(name) {
                             if suffix.starts_with(|c: char| c.is_ascii_uppercase()) {
                                 let ext = obj.iter().find(|(k, _)| k.strip_prefix('_') == Some(key)).map(|(_, v)| v);
                                 push_values(Some(value), ext, Some(Rc::from(suffix_type(suffix))), out);
-                                found = true;
                             }
                         }
-                    }
-                    if !found && self.ctx.strict && self.ctx.types.knows_type(&parent_type) {
-                        return err(format!("'{parent_type}' has no element '{name}'"));
                     }
                 }
             }
@@ -281,6 +280,18 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             let ty = self.child_type_for_key(&parent_type, key);
             push_values(Some(value), ext, ty, out);
         }
+    }
+
+    /// Whether `name` is the JSON spelling of a choice (`valueQuantity` for `value[x]`), which
+    /// FHIRPath does not accept as a path step (write `value.ofType(Quantity)`).
+    fn is_choice_spelling(&self, parent: &str, name: &str) -> bool {
+        name.char_indices().any(|(i, c)| {
+            c.is_ascii_uppercase()
+                && i > 0
+                && self.ctx.types.child(parent, &name[..i]).is_some_and(|info| {
+                    info.is_choice && info.types.iter().any(|t| type_suffix_matches(&name[i..], t))
+                })
+        })
     }
 
     /// The type of the member spelled `key` in JSON (`valueQuantity` → `Quantity`).
@@ -573,7 +584,8 @@ fn collection_equivalent(a: &[Value<'_>], b: &[Value<'_>]) -> bool {
 fn negate<'a>(v: &Value<'a>) -> R<Value<'a>> {
     Ok(match v.prim() {
         Prim::Int(i) => Value::Integer(i.checked_neg().ok_or_else(|| EvalError::new("integer overflow"))?),
-        Prim::Dec(d) => Value::Decimal(-d),
+        // `-0.0` is just zero: keep the sign off so it prints as `0.0`.
+        Prim::Dec(d) => Value::Decimal(if d.is_zero() { d } else { -d }),
         Prim::Quantity(q) => Value::Quantity(Quantity { value: -q.value, unit: q.unit.clone() }),
         _ => return err(format!("cannot negate {v}")),
     })

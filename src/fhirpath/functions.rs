@@ -414,8 +414,9 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 let descending = keys.get(k).is_some_and(|(_, d)| *d);
                 let o = match (x, y) {
                     (None, None) => Ordering::Equal,
-                    (None, Some(_)) => Ordering::Less,
-                    (Some(_), None) => Ordering::Greater,
+                    // Empty keys sort last (so first when descending).
+                    (None, Some(_)) => Ordering::Greater,
+                    (Some(_), None) => Ordering::Less,
                     (Some(x), Some(y)) => match value::compare(x, y) {
                         Ok(o) => o.unwrap_or(Ordering::Equal),
                         Err(e) => {
