@@ -29,6 +29,8 @@ pub struct Definitions {
     packages: Vec<String>,
     structures: RwLock<HashMap<String, Option<Arc<Structure>>>>,
     children: RwLock<HashMap<(String, String), Option<ChildElement>>>,
+    /// Type or backbone path → child element names in definition order, for the XML reader.
+    orders: RwLock<HashMap<String, Option<Arc<Vec<String>>>>>,
     /// Problems found while compiling structures (broken profiles), reported once.
     compile_problems: RwLock<Vec<String>>,
 }
@@ -72,6 +74,7 @@ impl Definitions {
             packages: self.packages.clone(),
             structures: RwLock::new(read_or_empty(&self.structures)),
             children: RwLock::new(self.children.read().map(|m| m.clone()).unwrap_or_default()),
+            orders: RwLock::new(self.orders.read().map(|m| m.clone()).unwrap_or_default()),
             compile_problems: RwLock::new(Vec::new()),
         }
     }
@@ -83,6 +86,7 @@ impl Definitions {
             packages: Vec::new(),
             structures: RwLock::new(HashMap::new()),
             children: RwLock::new(HashMap::new()),
+            orders: RwLock::new(HashMap::new()),
             compile_problems: RwLock::new(Vec::new()),
         }
     }
@@ -142,6 +146,7 @@ impl Definitions {
         // A new resource may change what an URL resolves to.
         self.structures.get_mut().map(HashMap::clear).unwrap_or(());
         self.children.get_mut().map(HashMap::clear).unwrap_or(());
+        self.orders.get_mut().map(HashMap::clear).unwrap_or(());
     }
 
     /// The packages loaded, as `name#version`.
@@ -228,6 +233,24 @@ impl Definitions {
         self.type_structure(type_name).is_some_and(|s| s.kind == StructureKind::Resource && s.derivation_is_specialization())
     }
 
+    /// The names of the children of a type or backbone element path, in definition order, slices left out.
+    fn compute_order(&self, type_name: &str) -> Option<Vec<String>> {
+        let root = type_name.split('.').next()?;
+        let structure = self.type_structure(root)?;
+        let mut index = structure.index_of_path(type_name)?;
+        if let Some(reference) = &structure.elements[index].content_reference {
+            index = structure.index_of_path(reference.trim_start_matches('#'))?;
+        }
+        let mut names: Vec<String> = Vec::new();
+        for &child in structure.children(index) {
+            let element = &structure.elements[child];
+            if element.slice_name.is_none() && !names.contains(&element.name) {
+                names.push(element.name.clone());
+            }
+        }
+        Some(names)
+    }
+
     fn compute_child(&self, parent: &str, name: &str) -> Option<ChildElement> {
         let root = parent.split('.').next()?;
         let structure = self.type_structure(root)?;
@@ -258,6 +281,17 @@ impl TypeModel for Definitions {
             cache.insert(key, computed.clone());
         }
         computed
+    }
+
+    fn element_order(&self, type_name: &str) -> Option<Vec<String>> {
+        if let Some(found) = self.orders.read().ok()?.get(type_name) {
+            return found.as_deref().cloned();
+        }
+        let computed = self.compute_order(type_name).map(Arc::new);
+        if let Ok(mut cache) = self.orders.write() {
+            cache.insert(type_name.to_string(), computed.clone());
+        }
+        computed.as_deref().cloned()
     }
 
     fn base_type(&self, type_name: &str) -> Option<String> {
@@ -298,6 +332,18 @@ mod tests {
         assert_eq!(definitions.base_type("Patient").as_deref(), Some("DomainResource"));
         assert_eq!(definitions.base_type("code").as_deref(), Some("string"));
         assert!(definitions.child("Patient", "nickname").is_none());
+    }
+
+    #[test]
+    fn gives_element_order_for_the_xml_reader() {
+        let definitions = Definitions::base();
+        let order = definitions.element_order("Patient").expect("Patient");
+        let at = |name: &str| order.iter().position(|n| n == name).unwrap_or_else(|| panic!("{name} missing"));
+        assert!(at("id") < at("meta") && at("identifier") < at("active") && at("active") < at("name"));
+        assert!(order.contains(&"deceased".to_string()));
+        let contact = definitions.element_order("Patient.contact").expect("Patient.contact");
+        assert!(contact.iter().position(|n| n == "relationship") < contact.iter().position(|n| n == "name"));
+        assert_eq!(definitions.element_order("Questionnaire.item.item"), definitions.element_order("Questionnaire.item"));
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl Validator {
                 Err(e) => Err(Issue::new(Severity::Fatal, IssueCode::Structure, e.path.clone(), format!("the document is not valid JSON: {}", e.message))
                     .with_position(e.line, e.column)),
             },
-            Format::Xml => Err(Issue::new(Severity::Fatal, IssueCode::NotSupported, "", "XML input is not supported yet")),
+            Format::Xml => crate::xml::parse_resource(bytes, &*self.definitions).map_err(|e| e.to_issue()),
         }
     }
 
@@ -144,23 +144,6 @@ impl Validator {
             walker.object(&structure, 0, value, &structure.type_name.clone());
         }
         !walker.issues.iter().any(|i| i.severity.is_error())
-    }
-
-    /// Whether a profile or type name is (or derives from) a resource type, for reference target checks.
-    fn structure_is_type(&self, target: &str, resource_type: &str) -> bool {
-        let mut current = self.definitions.type_structure(target);
-        let mut hops = 0;
-        while let Some(structure) = current {
-            if structure.type_name == resource_type {
-                return true;
-            }
-            hops += 1;
-            if hops > 8 {
-                return false;
-            }
-            current = structure.base_definition.as_deref().and_then(|b| self.definitions.structure(b));
-        }
-        false
     }
 }
 

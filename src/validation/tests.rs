@@ -168,3 +168,49 @@ fn enable_when_decides_whether_items_may_and_must_be_answered() {
     let errors = response_errors(not_smoker, "completed");
     assert!(errors.iter().any(|e| e.starts_with("QuestionnaireResponse.item[2]: ") && e.contains("not enabled")), "{errors:?}");
 }
+
+#[test]
+fn xml_documents_are_read_and_validated_like_json() {
+    let patient = r#"<Patient xmlns="http://hl7.org/fhir"><id value="p1"/><active value="true"/><gender value="robot"/></Patient>"#;
+    let report = validator().validate_bytes(patient.as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.expression == "Patient.gender"), "{:#?}", report.issues);
+    let good = r#"<Patient xmlns="http://hl7.org/fhir"><id value="p1"/><active value="true"/><gender value="female"/></Patient>"#;
+    assert!(validator().validate_bytes(good.as_bytes(), &[]).is_valid());
+    let not_fhir = r#"<ClinicalDocument xmlns="urn:hl7-org:v3"/>"#;
+    assert!(!validator().validate_bytes(not_fhir.as_bytes(), &[]).is_valid());
+}
+
+#[test]
+fn wrong_displays_are_errors() {
+    let patient = r#"{"resourceType":"Patient","maritalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-MaritalStatus","code":"M","display":"Single"}]}}"#;
+    assert_error(patient, "Patient.maritalStatus.coding[0]", "wrong display 'Single'");
+    let right = r#"{"resourceType":"Patient","maritalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-MaritalStatus","code":"M","display":"married"}]}}"#;
+    assert_eq!(errors(right), Vec::<String>::new());
+}
+
+#[test]
+fn reference_targets_may_be_profiles() {
+    let patient_profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/pat","name":"Pat","status":"draft","kind":"resource",
+        "abstract":false,"type":"Patient","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Patient",
+        "differential":{"element":[{"id":"Patient.name","path":"Patient.name","min":1}]}}"#;
+    let observation_profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/obs","name":"Obs","status":"draft","kind":"resource",
+        "abstract":false,"type":"Observation","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Observation",
+        "differential":{"element":[{"id":"Observation.subject","path":"Observation.subject","type":[{"code":"Reference",
+        "targetProfile":["http://example.org/sd/pat","http://example.org/sd/not-loaded-device"]}]}]}}"#;
+    let mut definitions = Definitions::new_base();
+    definitions.add_resource("pat", json::parse(patient_profile.as_bytes()).unwrap());
+    definitions.add_resource("obs", json::parse(observation_profile.as_bytes()).unwrap());
+    let validator = Validator::new(Arc::new(definitions));
+    let observation = |target: &str| {
+        format!(r#"{{"resourceType":"Observation","meta":{{"profile":["http://example.org/sd/obs"]}},"status":"final","code":{{"text":"x"}},"subject":{{"reference":"{target}"}}}}"#)
+    };
+    assert!(validator.validate_bytes(observation("Patient/1").as_bytes(), &[]).is_valid());
+    // The second target cannot be loaded, so nothing proves a Group wrong.
+    assert!(validator.validate_bytes(observation("Group/1").as_bytes(), &[]).is_valid());
+    let mut only_loaded = Definitions::new_base();
+    only_loaded.add_resource("pat", json::parse(patient_profile.as_bytes()).unwrap());
+    only_loaded.add_resource("obs", json::parse(observation_profile.replace(r#","http://example.org/sd/not-loaded-device""#, "").as_bytes()).unwrap());
+    let strict = Validator::new(Arc::new(only_loaded));
+    let report = strict.validate_bytes(observation("Group/1").as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.expression == "Observation.subject"), "{:#?}", report.issues);
+}
