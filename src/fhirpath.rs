@@ -130,12 +130,12 @@ impl Expression {
     }
 
     /// Evaluates with `input` as the focus (and, unless the context says otherwise, as `%resource` and `%context`).
-    pub fn evaluate<'a>(&'a self, input: Node<'a>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
+    pub fn evaluate<'a>(&self, input: Node<'a>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
         self.evaluate_collection(vec![Value::Node(input)], ctx)
     }
 
     /// Evaluates on any input collection (empty for expressions that need no input).
-    pub fn evaluate_collection<'a>(&'a self, input: Vec<Value<'a>>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
+    pub fn evaluate_collection<'a>(&self, input: Vec<Value<'a>>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
         let evaluator = eval::Evaluator::new(ctx, &input);
         let focus = eval::Focus { this: (input.len() == 1).then(|| input[0].clone()), index: None, total: None };
         evaluator.eval(&self.root, &input, &focus)
@@ -143,7 +143,7 @@ impl Expression {
 
     /// Evaluates as an invariant: `Some(true/false)` for a single Boolean result (any other single
     /// item counts as true), `None` for an empty result; more than one item is an error.
-    pub fn evaluate_bool<'a>(&'a self, input: Node<'a>, ctx: &Context<'a>) -> Result<Option<bool>, EvalError> {
+    pub fn evaluate_bool<'a>(&self, input: Node<'a>, ctx: &Context<'a>) -> Result<Option<bool>, EvalError> {
         eval::to_bool(&self.evaluate(input, ctx)?)
     }
 }

@@ -1,7 +1,7 @@
 //! The parsed form of a FHIRPath expression: nodes with source positions, functions resolved to an enum.
 
 use rust_decimal::Decimal;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::temporal::Temporal;
 
@@ -10,6 +10,8 @@ pub struct Expr {
     pub kind: ExprKind,
     /// Byte offset of the expression's first token in the source text.
     pub pos: usize,
+    /// Height of the tree below and including this node.
+    pub depth: u32,
 }
 
 #[derive(Debug)]
@@ -17,7 +19,7 @@ pub enum ExprKind {
     /// `{}`
     Empty,
     Boolean(bool),
-    String(Box<str>),
+    String(Arc<str>),
     Integer(i64),
     Decimal(Decimal),
     Temporal(Temporal),

@@ -13,8 +13,8 @@ use super::temporal::TemporalKind;
 use super::value::{self, Node, Prim, Str, Value, fhir_primitive_kind};
 use crate::json::Json;
 
-/// Deepest recursion of the evaluator (nested function arguments and operators).
-const MAX_DEPTH: usize = 200;
+/// Deepest recursion of the evaluator; the parser already bounds tree height, so this is a backstop.
+const MAX_DEPTH: usize = 160;
 
 pub(crate) type Collection<'a> = Vec<Value<'a>>;
 pub(crate) type R<T> = Result<T, EvalError>;
@@ -43,7 +43,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         Evaluator { ctx, root, depth: Cell::new(0) }
     }
 
-    pub fn eval(&self, e: &'a Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    pub fn eval(&self, e: &Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         let depth = self.depth.get() + 1;
         if depth > MAX_DEPTH {
             return Err(EvalError::new("expression evaluation nested too deeply").at(e.pos));
@@ -54,11 +54,11 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         r.map_err(|error| if error.position.is_none() { error.at(e.pos) } else { error })
     }
 
-    fn eval_inner(&self, e: &'a Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    fn eval_inner(&self, e: &Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         Ok(match &e.kind {
             ExprKind::Empty => Vec::new(),
             ExprKind::Boolean(b) => vec![Value::Boolean(*b)],
-            ExprKind::String(s) => vec![Value::String(Str::Borrowed(s))],
+            ExprKind::String(s) => vec![Value::String(Str::Shared(s.clone()))],
             ExprKind::Integer(i) => vec![Value::Integer(*i)],
             ExprKind::Decimal(d) => vec![Value::Decimal(*d)],
             ExprKind::Temporal(t) => vec![Value::Temporal(*t)],
@@ -360,7 +360,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         })
     }
 
-    fn binary(&self, op: BinaryOp, left: &'a Expr, right: &'a Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    fn binary(&self, op: BinaryOp, left: &Expr, right: &Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         let l = self.eval(left, input, focus)?;
         // Boolean operators skip the right side when the left decides.
         match op {

@@ -27,7 +27,7 @@ fn opt<'a>(v: Option<Value<'a>>) -> Collection<'a> {
 }
 
 impl<'c, 'a> Evaluator<'c, 'a> {
-    pub(crate) fn call(&self, call: &'a Call, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    pub(crate) fn call(&self, call: &Call, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         let owned;
         let coll: &[Value<'a>] = match &call.target {
             Some(t) => {
@@ -296,16 +296,16 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         self.ctx.now.unwrap_or_else(Temporal::now_utc)
     }
 
-    fn lambda(&self, e: &'a Expr, item: &Value<'a>, index: usize, outer: &Focus<'a>) -> R<Collection<'a>> {
+    fn lambda(&self, e: &Expr, item: &Value<'a>, index: usize, outer: &Focus<'a>) -> R<Collection<'a>> {
         let f = Focus { this: Some(item.clone()), index: Some(index), total: outer.total.clone() };
         self.eval(e, std::slice::from_ref(item), &f)
     }
 
-    fn lambda_bool(&self, e: &'a Expr, item: &Value<'a>, index: usize, outer: &Focus<'a>) -> R<Option<bool>> {
+    fn lambda_bool(&self, e: &Expr, item: &Value<'a>, index: usize, outer: &Focus<'a>) -> R<Option<bool>> {
         to_bool(&self.lambda(e, item, index, outer)?)
     }
 
-    fn iif(&self, call: &'a Call, coll: &[Value<'a>], input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    fn iif(&self, call: &Call, coll: &[Value<'a>], input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         // With a target, the branches see the target as input and `$this`.
         let inner_focus;
         let (input, focus) = if call.target.is_some() {
@@ -336,7 +336,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         }
     }
 
-    fn repeat(&self, e: &'a Expr, coll: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    fn repeat(&self, e: &Expr, coll: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         let mut out: Collection<'a> = Vec::new();
         let mut seen_nodes: HashSet<(usize, usize)> = HashSet::new();
         let mut current: Collection<'a> = coll.to_vec();
@@ -386,9 +386,9 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         Ok(out)
     }
 
-    fn sort(&self, call: &'a Call, coll: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+    fn sort(&self, call: &Call, coll: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         // Each key is an expression, optionally prefixed with '-' for descending order.
-        let keys: Vec<(&'a Expr, bool)> = call
+        let keys: Vec<(&Expr, bool)> = call
             .args
             .iter()
             .map(|a| match &a.kind {
@@ -472,7 +472,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
     }
 
     /// Functions on a single input item with evaluated arguments.
-    fn scalar(&self, call: &'a Call, v: &Value<'a>, args: &[Collection<'a>]) -> R<Collection<'a>> {
+    fn scalar(&self, call: &Call, v: &Value<'a>, args: &[Collection<'a>]) -> R<Collection<'a>> {
         let func = call.func;
         let p = v.prim();
         let str_arg = |i: usize| -> R<Option<&str>> {
@@ -677,7 +677,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         })
     }
 
-    fn regex(&self, call: &'a Call, pattern: &str, full: bool) -> R<regex::Regex> {
+    fn regex(&self, call: &Call, pattern: &str, full: bool) -> R<regex::Regex> {
         let build = |pattern: &str| {
             let source = if full { format!("(?s)^(?:{pattern})$") } else { format!("(?s){pattern}") };
             regex::RegexBuilder::new(&source).size_limit(1 << 20).build()

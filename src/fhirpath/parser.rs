@@ -9,8 +9,12 @@ use super::lexer::{Tok, Token, tokenize};
 use super::quantity::calendar_keyword;
 use super::temporal::Temporal;
 
-/// Deepest nesting of sub-expressions accepted; keeps hostile input from exhausting the stack.
-pub const MAX_NESTING: usize = 100;
+/// Deepest nesting of parentheses/arguments accepted while parsing; keeps hostile input from
+/// exhausting the parser's stack (each level costs a dozen precedence-level frames).
+pub const MAX_NESTING: usize = 40;
+
+/// Deepest expression tree accepted (the evaluator recurses once per level).
+pub const MAX_TREE_DEPTH: u32 = 128;
 
 pub fn parse_expression(src: &str) -> Result<Expr, SyntaxError> {
     let tokens = tokenize(src)?;
@@ -74,9 +78,9 @@ impl Parser {
         r
     }
 
-    fn binary(op: BinaryOp, left: Expr, right: Expr) -> Expr {
+    fn binary(op: BinaryOp, left: Expr, right: Expr) -> Result<Expr, SyntaxError> {
         let pos = left.pos;
-        Expr { kind: ExprKind::Binary(op, Box::new(left), Box::new(right)), pos }
+        node(ExprKind::Binary(op, Box::new(left), Box::new(right)), pos)
     }
 
     fn implies(&mut self) -> Result<Expr, SyntaxError> {
@@ -84,7 +88,7 @@ impl Parser {
         while self.is_keyword("implies") {
             self.next();
             let right = self.or_xor()?;
-            left = Self::binary(BinaryOp::Implies, left, right);
+            left = Self::binary(BinaryOp::Implies, left, right)?;
         }
         Ok(left)
     }
@@ -101,7 +105,7 @@ impl Parser {
             };
             self.next();
             let right = self.and()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -110,7 +114,7 @@ impl Parser {
         while self.is_keyword("and") {
             self.next();
             let right = self.membership()?;
-            left = Self::binary(BinaryOp::And, left, right);
+            left = Self::binary(BinaryOp::And, left, right)?;
         }
         Ok(left)
     }
@@ -127,7 +131,7 @@ impl Parser {
             };
             self.next();
             let right = self.equality()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -143,7 +147,7 @@ impl Parser {
             };
             self.next();
             let right = self.inequality()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -159,7 +163,7 @@ impl Parser {
             };
             self.next();
             let right = self.union()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -168,7 +172,7 @@ impl Parser {
         while self.is_op("|") {
             self.next();
             let right = self.type_expr()?;
-            left = Self::binary(BinaryOp::Union, left, right);
+            left = Self::binary(BinaryOp::Union, left, right)?;
         }
         Ok(left)
     }
@@ -186,7 +190,7 @@ impl Parser {
             self.next();
             let spec = self.type_specifier()?;
             let pos = left.pos;
-            left = Expr { kind: ExprKind::TypeOp(op, Box::new(left), spec), pos };
+            left = node(ExprKind::TypeOp(op, Box::new(left), spec), pos)?;
         }
     }
 
@@ -219,7 +223,7 @@ impl Parser {
             };
             self.next();
             let right = self.multiplicative()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -235,7 +239,7 @@ impl Parser {
             };
             self.next();
             let right = self.unary()?;
-            left = Self::binary(op, left, right);
+            left = Self::binary(op, left, right)?;
         }
     }
 
@@ -249,7 +253,7 @@ impl Parser {
         self.enter()?;
         let operand = self.unary();
         self.depth -= 1;
-        Ok(Expr { kind: ExprKind::Unary(op, Box::new(operand?)), pos })
+        node(ExprKind::Unary(op, Box::new(operand?)), pos)
     }
 
     fn postfix(&mut self) -> Result<Expr, SyntaxError> {
@@ -263,14 +267,14 @@ impl Parser {
                     e = self.call(Some(e), name, pos)?;
                 } else {
                     let start = e.pos;
-                    e = Expr { kind: ExprKind::Member(Box::new(e), name.into()), pos: start };
+                    e = node(ExprKind::Member(Box::new(e), name.into()), start)?;
                 }
             } else if self.is_op("[") {
                 self.next();
                 let index = self.expression()?;
                 self.expect_op("]")?;
                 let start = e.pos;
-                e = Expr { kind: ExprKind::Index(Box::new(e), Box::new(index)), pos: start };
+                e = node(ExprKind::Index(Box::new(e), Box::new(index)), start)?;
             } else {
                 return Ok(e);
             }
@@ -321,7 +325,7 @@ impl Parser {
             Tok::Eof => return Err(SyntaxError::new("unexpected end of expression", pos)),
             Tok::Op(op) => return Err(SyntaxError::new(format!("unexpected '{op}'"), pos)),
         };
-        Ok(Expr { kind, pos })
+        node(kind, pos)
     }
 
     fn number(&mut self, text: &str, pos: usize) -> Result<Expr, SyntaxError> {
@@ -333,7 +337,7 @@ impl Parser {
         if let Some(unit) = unit {
             self.next();
             let value: Decimal = text.parse().map_err(|_| SyntaxError::new("number out of range", pos))?;
-            return Ok(Expr { kind: ExprKind::Quantity(value, unit.into()), pos });
+            return node(ExprKind::Quantity(value, unit.into()), pos);
         }
         let kind = if text.contains('.') {
             ExprKind::Decimal(text.parse().map_err(|_| SyntaxError::new("decimal out of range", pos))?)
@@ -343,7 +347,7 @@ impl Parser {
                 Err(_) => ExprKind::Decimal(text.parse().map_err(|_| SyntaxError::new("number out of range", pos))?),
             }
         };
-        Ok(Expr { kind, pos })
+        node(kind, pos)
     }
 
     fn call(&mut self, target: Option<Expr>, name: String, pos: usize) -> Result<Expr, SyntaxError> {
@@ -376,11 +380,26 @@ impl Parser {
             None
         };
         let start = target.as_ref().map_or(pos, |t| t.pos);
-        Ok(Expr {
-            kind: ExprKind::Call(Box::new(Call { target, func, args, type_arg, regex: OnceLock::new() })),
-            pos: start,
-        })
+        node(ExprKind::Call(Box::new(Call { target, func, args, type_arg, regex: OnceLock::new() })), start)
     }
+}
+
+/// Builds a node, refusing trees deeper than [`MAX_TREE_DEPTH`]: a flat chain like
+/// `1 + 1 + … + 1` or `a.a.a…` is parsed by a loop but still makes a deep tree, which the
+/// evaluator (and dropping the tree) would walk recursively.
+fn node(kind: ExprKind, pos: usize) -> Result<Expr, SyntaxError> {
+    let child = |e: &Expr| e.depth;
+    let below = match &kind {
+        ExprKind::Member(t, _) | ExprKind::Unary(_, t) | ExprKind::TypeOp(_, t, _) => child(t),
+        ExprKind::Binary(_, l, r) | ExprKind::Index(l, r) => child(l).max(child(r)),
+        ExprKind::Call(c) => c.args.iter().map(child).chain(c.target.as_ref().map(child)).max().unwrap_or(0),
+        _ => 0,
+    };
+    let depth = below + 1;
+    if depth > MAX_TREE_DEPTH {
+        return Err(SyntaxError::new("expression too deeply nested or too long a chain", pos));
+    }
+    Ok(Expr { kind, pos, depth })
 }
 
 /// Reads a type argument written as an expression (`Quantity`, `FHIR.Patient`).

@@ -6,16 +6,18 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::ops::Deref;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use super::quantity::Quantity;
 use super::temporal::{Temporal, TemporalKind};
 use crate::json::{Json, Object};
 
-/// A string that is either borrowed from the resource/expression or computed.
+/// A string borrowed from the resource, computed, or shared with the expression's literal.
 #[derive(Clone, Debug)]
 pub enum Str<'a> {
     Borrowed(&'a str),
     Owned(Rc<str>),
+    Shared(Arc<str>),
 }
 
 impl Deref for Str<'_> {
@@ -24,6 +26,7 @@ impl Deref for Str<'_> {
         match self {
             Str::Borrowed(s) => s,
             Str::Owned(s) => s,
+            Str::Shared(s) => s,
         }
     }
 }
