@@ -132,7 +132,7 @@ pub fn parse_resource_with(bytes: &[u8], model: &dyn TypeModel, options: &XmlOpt
         let namespace = root.ns.as_deref().unwrap_or("");
         return Err(document.error_at(
             root.pos,
-            format!("this does not appear to be a FHIR resource: the root element '{}' is in the namespace '{namespace}', not '{FHIR_NS}'", root.qname),
+            format!("this does not appear to be a FHIR resource: the root element '{}' is in the namespace '{namespace}', not '{FHIR_NS}'", root.qname()),
         ));
     }
     let mut converter = convert::Converter::new(model, options, &document);

@@ -33,26 +33,30 @@ enum Shape {
 }
 
 /// What the model says about one XML child element name.
+#[derive(Clone)]
 enum Resolution {
-    /// `base` is the element's name in the definition (`value` for `valueQuantity`).
-    Known { ty: Option<String>, many: bool, base: String },
+    Known(Rc<Known>),
     /// A choice element written without its type suffix (`<value>`), which XML never allows.
     BareChoice,
     /// Not declared: carried untyped for the validator to report.
     Unknown,
 }
 
-/// Consecutive or scattered occurrences of one JSON member.
-struct Group<'e> {
-    json_name: String,
-    /// `None` for unknown elements.
-    known: Option<KnownGroup>,
-    items: Vec<&'e Element>,
-}
-
-struct KnownGroup {
+/// A declared child element, as one XML name selects it.
+struct Known {
+    /// The type (for a choice, the one the name's suffix selects); `None` if the model gives none.
     ty: Option<String>,
     many: bool,
+    /// The element's name in the definition (`value` for `valueQuantity`), for the order check.
+    base: String,
+}
+
+/// Consecutive or scattered occurrences of one JSON member.
+struct Group<'e> {
+    json_name: &'e str,
+    /// `None` for unknown elements.
+    known: Option<Rc<Known>>,
+    items: Vec<&'e Element>,
 }
 
 /// One converted occurrence, split the way FHIR JSON splits primitives: the value, and the
@@ -64,13 +68,27 @@ pub struct Converter<'a> {
     options: &'a XmlOptions,
     document: &'a Document<'a>,
     issues: Vec<Issue>,
+    /// The expression of the element being converted; grown and cut back while descending, so
+    /// that only issues pay for a path of their own.
+    path: String,
     shapes: HashMap<String, Shape>,
     orders: HashMap<String, Option<Rc<[String]>>>,
+    /// Parent type → XML name → resolution: every element asks, and the model's answers cost allocations.
+    resolutions: HashMap<String, HashMap<String, Resolution>>,
 }
 
 impl<'a> Converter<'a> {
     pub fn new(model: &'a dyn TypeModel, options: &'a XmlOptions, document: &'a Document<'a>) -> Self {
-        Converter { model, options, document, issues: Vec::new(), shapes: HashMap::new(), orders: HashMap::new() }
+        Converter {
+            model,
+            options,
+            document,
+            issues: Vec::new(),
+            path: String::new(),
+            shapes: HashMap::new(),
+            orders: HashMap::new(),
+            resolutions: HashMap::new(),
+        }
     }
 
     /// The issues in document order (they are found parent first, not in reading order).
@@ -81,12 +99,22 @@ impl<'a> Converter<'a> {
 
     /// The root element, already known to be in the FHIR namespace.
     pub fn root(&mut self, root: &Element) -> Json {
-        Json::Object(self.resource(root, &root.name))
+        self.path = root.name.to_string();
+        Json::Object(self.resource(root))
     }
 
-    fn issue(&mut self, code: IssueCode, pos: usize, path: &str, message: String) {
+    /// Reports a problem at the current path.
+    fn issue(&mut self, code: IssueCode, pos: usize, message: String) {
         let (line, column) = self.document.line_column(pos);
-        self.issues.push(Issue::error(code, path, message).with_position(line, column));
+        self.issues.push(Issue::error(code, self.path.as_str(), message).with_position(line, column));
+    }
+
+    /// Reports a problem at a child of the current path.
+    fn child_issue(&mut self, code: IssueCode, pos: usize, name: &str, index: Option<usize>, message: String) {
+        let len = self.path.len();
+        push_member(&mut self.path, name, index);
+        self.issue(code, pos, message);
+        self.path.truncate(len);
     }
 
     fn shape(&mut self, ty: &str) -> Shape {
@@ -144,12 +172,21 @@ impl<'a> Converter<'a> {
         order
     }
 
-    fn resolve(&self, parent: &str, name: &str) -> Resolution {
+    fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
+        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
+            return resolution.clone();
+        }
+        let resolution = self.ask_model(parent, name);
+        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
+        resolution
+    }
+
+    fn ask_model(&self, parent: &str, name: &str) -> Resolution {
         if let Some(child) = self.model.child(parent, name) {
             if child.is_choice {
                 return Resolution::BareChoice;
             }
-            return Resolution::Known { ty: child.types.into_iter().next(), many: child.many, base: name.to_string() };
+            return Resolution::Known(Rc::new(Known { ty: child.types.into_iter().next(), many: child.many, base: name.to_string() }));
         }
         // `valueQuantity`: try each split before an upper-case letter as `value[x]` + type.
         for (i, b) in name.bytes().enumerate().skip(1) {
@@ -163,80 +200,74 @@ impl<'a> Converter<'a> {
                 continue;
             }
             if let Some(ty) = child.types.into_iter().find(|t| is_type_suffix(t, suffix)) {
-                return Resolution::Known { ty: Some(ty), many: child.many, base: prefix.to_string() };
+                return Resolution::Known(Rc::new(Known { ty: Some(ty), many: child.many, base: prefix.to_string() }));
             }
         }
         Resolution::Unknown
     }
 
-    fn undefined_attribute(&mut self, element: &Element, attribute: &Attribute, ty: &str, path: &str) {
-        self.issue(
-            IssueCode::Structure,
-            element.pos,
-            path,
-            format!("undefined attribute '{}' on '{}' (type {ty})", attribute.qname, element.qname),
-        );
+    fn undefined_attribute(&mut self, element: &Element, attribute: &Attribute, ty: &str) {
+        let message = format!("undefined attribute '{}' on '{}' (type {ty})", attribute.qname(), element.qname());
+        self.issue(IssueCode::Structure, element.pos, message);
     }
 
     /// A resource element (the root, or the content of `contained` and similar).
-    fn resource(&mut self, element: &Element, path: &str) -> Object {
+    fn resource(&mut self, element: &Element) -> Object {
         let mut object = Object::new();
         object.insert("resourceType", Json::string(&*element.name));
         for attribute in &element.attributes {
             let schema_location = attribute.ns.as_deref() == Some(XSI_NS) && &*attribute.name == "schemaLocation";
             if !(schema_location && self.options.allow_xsi_schema_location) {
-                self.undefined_attribute(element, attribute, &element.name, path);
+                self.undefined_attribute(element, attribute, &element.name);
             }
         }
         if self.shape(&element.name) == Shape::Resource {
-            self.children(element, Some((&element.name, Shape::Resource)), path, &mut object);
+            self.children(element, Some((&element.name, Shape::Resource)), &mut object);
         } else {
-            self.children(element, None, path, &mut object);
+            self.children(element, None, &mut object);
         }
         object
     }
 
     /// An element whose type is a resource: it holds exactly one resource element.
-    fn wrapper(&mut self, element: &Element, path: &str) -> Option<Object> {
+    fn wrapper(&mut self, element: &Element) -> Option<Object> {
         for attribute in &element.attributes {
-            self.undefined_attribute(element, attribute, "Resource", path);
+            self.undefined_attribute(element, attribute, "Resource");
         }
         let mut resource = None;
         for content in &element.content {
             match content {
-                Content::Text(text) if !text.blank => self.text_issue(text.pos, &text.text, path),
+                Content::Text(text) if !text.blank => self.text_issue(text.pos, &text.text),
                 Content::Text(_) => {}
-                Content::Element(child) if !child.in_namespace(FHIR_NS) => self.namespace_issue(child, path),
-                Content::Element(child) if resource.is_some() => self.issue(
-                    IssueCode::Structure,
-                    child.pos,
-                    path,
-                    format!("'{}' holds only one resource; '{}' was ignored", element.qname, child.qname),
-                ),
-                Content::Element(child) => resource = Some(self.resource(child, path)),
+                Content::Element(child) if !child.in_namespace(FHIR_NS) => self.namespace_issue(child),
+                Content::Element(child) if resource.is_some() => {
+                    let message = format!("'{}' holds only one resource; '{}' was ignored", element.qname(), child.qname());
+                    self.issue(IssueCode::Structure, child.pos, message);
+                }
+                Content::Element(child) => resource = Some(self.resource(child)),
             }
         }
         if resource.is_none() {
-            self.issue(IssueCode::Structure, element.pos, path, format!("'{}' must contain a resource", element.qname));
+            self.issue(IssueCode::Structure, element.pos, format!("'{}' must contain a resource", element.qname()));
         }
         resource
     }
 
-    fn complex(&mut self, element: &Element, ty: &str, path: &str) -> Object {
+    fn complex(&mut self, element: &Element, ty: &str) -> Object {
         let mut object = Object::new();
         for attribute in &element.attributes {
             let known = attribute.ns.is_none() && (&*attribute.name == "id" || (&*attribute.name == "url" && ty == "Extension"));
             if known {
                 object.insert(&*attribute.name, Json::string(&*attribute.value));
             } else {
-                self.undefined_attribute(element, attribute, ty, path);
+                self.undefined_attribute(element, attribute, ty);
             }
         }
-        self.children(element, Some((ty, Shape::Complex)), path, &mut object);
+        self.children(element, Some((ty, Shape::Complex)), &mut object);
         object
     }
 
-    fn primitive(&mut self, element: &Element, ty: &str, primitive: Primitive, path: &str) -> Converted {
+    fn primitive(&mut self, element: &Element, ty: &str, primitive: Primitive) -> Converted {
         // Children of `System.String` and friends are looked up on the FHIR primitive they stand for.
         let element_type = match ty.strip_prefix(SYSTEM_PREFIX) {
             Some("Boolean") => "boolean",
@@ -255,30 +286,26 @@ impl<'a> Converter<'a> {
             match (attribute.ns.is_none(), &*attribute.name) {
                 (true, "value") => match primitive_value(&attribute.value, primitive, element_type) {
                     Ok(json) => value = Some(json),
-                    Err(message) => self.issue(IssueCode::Value, element.pos, path, message),
+                    Err(message) => self.issue(IssueCode::Value, element.pos, message),
                 },
                 (true, "id") => extra.insert("id", Json::string(&*attribute.value)),
-                _ => self.undefined_attribute(element, attribute, element_type, path),
+                _ => self.undefined_attribute(element, attribute, element_type),
             }
         }
-        self.children(element, Some((element_type, Shape::Primitive(primitive))), path, &mut extra);
+        self.children(element, Some((element_type, Shape::Primitive(primitive))), &mut extra);
         // Emptiness caused by a problem already reported (a bad value, a misplaced child) is not news.
         if value.is_none() && extra.is_empty() && self.issues.len() == n_issues {
-            self.issue(
-                IssueCode::Structure,
-                element.pos,
-                path,
-                format!("'{}' has neither a value attribute nor children (ele-1): leave the element out instead", element.qname),
-            );
+            let message = format!("'{}' has neither a value attribute nor children (ele-1): leave the element out instead", element.qname());
+            self.issue(IssueCode::Structure, element.pos, message);
         }
         (value, (!extra.is_empty()).then_some(extra))
     }
 
-    fn narrative(&mut self, element: &Element, path: &str) -> Json {
+    fn narrative(&mut self, element: &Element) -> Json {
         let mut dropped = Vec::new();
         let text = xhtml::serialize(element, &mut dropped);
         for d in dropped {
-            self.issue(IssueCode::Structure, d.pos, path, d.message);
+            self.issue(IssueCode::Structure, d.pos, d.message);
         }
         Json::String(text.into())
     }
@@ -320,29 +347,24 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn text_issue(&mut self, pos: usize, text: &str, path: &str) {
+    fn text_issue(&mut self, pos: usize, text: &str) {
         let text = text.trim_matches([' ', '\t', '\r', '\n']);
         let excerpt: String = text.chars().take(60).collect();
         let ellipsis = if excerpt.len() < text.len() { "…" } else { "" };
-        self.issue(IssueCode::Structure, pos, path, format!("text is not allowed in FHIR elements ('{excerpt}{ellipsis}')"));
+        self.issue(IssueCode::Structure, pos, format!("text is not allowed in FHIR elements ('{excerpt}{ellipsis}')"));
     }
 
-    fn namespace_issue(&mut self, element: &Element, path: &str) {
+    fn namespace_issue(&mut self, element: &Element) {
         let found = element.ns.as_deref().map_or_else(|| "no namespace".to_string(), |ns| format!("the namespace '{ns}'"));
-        let path = format!("{path}.{}", element.name);
-        self.issue(
-            IssueCode::Structure,
-            element.pos,
-            &path,
-            format!("the element '{}' is in {found}; FHIR elements must be in the namespace '{FHIR_NS}'", element.qname),
-        );
+        let message = format!("the element '{}' is in {found}; FHIR elements must be in the namespace '{FHIR_NS}'", element.qname());
+        self.child_issue(IssueCode::Structure, element.pos, &element.name, None, message);
     }
 
     /// Converts the child elements of `element` into members of `object`.
     ///
     /// `parent` is the element's type and shape; `None` means the type is unknown and every child
     /// is carried untyped.
-    fn children(&mut self, element: &Element, parent: Option<(&str, Shape)>, path: &str, object: &mut Object) {
+    fn children(&mut self, element: &Element, parent: Option<(&str, Shape)>, object: &mut Object) {
         // Names that the XML form writes as attributes, so an element of that name is misplaced.
         let attribute_names: &[&str] = match parent {
             Some((_, Shape::Primitive(_))) => &["id", "value"],
@@ -352,13 +374,13 @@ impl<'a> Converter<'a> {
         };
         let order = parent.and_then(|(ty, _)| self.order(ty));
         // The furthest element seen so far in definition order, and its name.
-        let mut furthest: Option<(usize, String)> = None;
+        let mut furthest: Option<(usize, &str)> = None;
         let mut groups: Vec<Group<'_>> = Vec::new();
         for content in &element.content {
             let child = match content {
                 Content::Text(text) => {
                     if !text.blank {
-                        self.text_issue(text.pos, &text.text, path);
+                        self.text_issue(text.pos, &text.text);
                     }
                     continue;
                 }
@@ -369,112 +391,105 @@ impl<'a> Converter<'a> {
                 Some((ty, _)) => self.resolve(ty, name),
                 None => Resolution::Unknown,
             };
-            let wants_xhtml = matches!(&resolution, Resolution::Known { ty: Some(ty), .. } if ty == "xhtml");
+            let wants_xhtml = matches!(&resolution, Resolution::Known(known) if known.ty.as_deref() == Some("xhtml"));
             if wants_xhtml && !child.in_namespace(XHTML_NS) {
-                self.issue(
-                    IssueCode::Structure,
-                    child.pos,
-                    &format!("{path}.{name}"),
-                    format!("the narrative '{}' must be in the XHTML namespace '{XHTML_NS}'", child.qname),
-                );
+                let message = format!("the narrative '{}' must be in the XHTML namespace '{XHTML_NS}'", child.qname());
+                self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                 continue;
             }
             if !wants_xhtml && !child.in_namespace(FHIR_NS) {
-                self.namespace_issue(child, path);
+                self.namespace_issue(child);
                 continue;
             }
             if attribute_names.contains(&name) {
-                self.issue(
-                    IssueCode::Structure,
-                    child.pos,
-                    &format!("{path}.{name}"),
-                    format!("'{name}' must be written as an attribute of '{}', not as an element", element.qname),
-                );
+                let message = format!("'{name}' must be written as an attribute of '{}', not as an element", element.qname());
+                self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                 continue;
             }
             if name == "resourceType" || name.starts_with('_') {
                 // Carrying these would overwrite members the conversion itself writes.
-                self.issue(IssueCode::Structure, child.pos, &format!("{path}.{name}"), format!("unrecognized element '{name}' (no FHIR element has this name)"));
+                let message = format!("unrecognized element '{name}' (no FHIR element has this name)");
+                self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                 continue;
             }
-            let (known, base) = match resolution {
+            let known = match resolution {
                 Resolution::BareChoice => {
-                    self.issue(
-                        IssueCode::Structure,
-                        child.pos,
-                        &format!("{path}.{name}"),
-                        format!("'{name}' is a choice element: its XML name must end with the type, as in '{name}String'"),
-                    );
+                    let message = format!("'{name}' is a choice element: its XML name must end with the type, as in '{name}String'");
+                    self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                     continue;
                 }
-                Resolution::Unknown => (None, None),
+                Resolution::Unknown => None,
                 // Two names for one choice (`valueString`, `valueQuantity`) stay two members: JSON
                 // can hold both, and the validator reports the clash as it does for JSON input.
-                Resolution::Known { ty, many, base } => (Some(KnownGroup { ty, many }), Some(base)),
+                Resolution::Known(known) => Some(known),
             };
             let index = match groups.iter().position(|g| g.json_name == name) {
                 Some(index) => index,
                 None => {
-                    groups.push(Group { json_name: name.to_string(), known, items: Vec::new() });
+                    groups.push(Group { json_name: name, known: known.clone(), items: Vec::new() });
                     groups.len() - 1
                 }
             };
             let group = &mut groups[index];
             let occurrence = group.items.len();
             group.items.push(child);
-            let (Some(order), Some(base)) = (&order, base) else { continue };
-            let Some(position) = order.iter().position(|n| *n == base) else { continue };
-            match &furthest {
-                Some((furthest_position, after)) if position < *furthest_position => {
-                    let many = group.known.as_ref().is_some_and(|k| k.many);
-                    let occurrence_path = member_path(path, name, many.then_some(occurrence));
+            let (Some(order), Some(known)) = (&order, known) else { continue };
+            let Some(position) = order.iter().position(|n| *n == known.base) else { continue };
+            match furthest {
+                Some((furthest_position, after)) if position < furthest_position => {
                     let message = format!("element '{name}' is out of order: it must come before '{after}'");
-                    self.issue(IssueCode::Invalid, child.pos, &occurrence_path, message);
+                    self.child_issue(IssueCode::Invalid, child.pos, name, known.many.then_some(occurrence), message);
                 }
-                _ => furthest = Some((position, name.to_string())),
+                _ => furthest = Some((position, name)),
             }
         }
         for group in groups {
-            self.emit_group(group, path, object);
+            self.emit_group(group, object);
         }
     }
 
-    fn emit_group(&mut self, group: Group<'_>, path: &str, object: &mut Object) {
+    fn emit_group(&mut self, group: Group<'_>, object: &mut Object) {
+        let name = group.json_name;
         let Some(known) = group.known else {
             let many = group.items.len() > 1;
             let converted = group.items.into_iter().map(|item| self.untyped(item)).collect();
-            emit(object, &group.json_name, many, converted);
+            emit(object, name, many, converted);
             return;
         };
         let mut items = group.items;
         if !known.many && items.len() > 1 {
-            let message = format!("'{}' allows at most 1 value but found {}; only the first was kept", group.json_name, items.len());
-            self.issue(IssueCode::Structure, items[1].pos, &member_path(path, &group.json_name, None), message);
+            let message = format!("'{name}' allows at most 1 value but found {}; only the first was kept", items.len());
+            self.child_issue(IssueCode::Structure, items[1].pos, name, None, message);
             items.truncate(1);
         }
         let shape = known.ty.as_deref().map(|ty| self.shape(ty));
         let mut converted = Vec::with_capacity(items.len());
+        let len = self.path.len();
         for (i, item) in items.into_iter().enumerate() {
-            let item_path = member_path(path, &group.json_name, known.many.then_some(i));
+            push_member(&mut self.path, name, known.many.then_some(i));
             let one = match (known.ty.as_deref(), shape) {
-                (Some(ty), Some(Shape::Primitive(primitive))) => self.primitive(item, ty, primitive, &item_path),
-                (Some(ty), Some(Shape::Complex)) => (Some(Json::Object(self.complex(item, ty, &item_path))), None),
-                (_, Some(Shape::Resource)) => (self.wrapper(item, &item_path).map(Json::Object), None),
-                (_, Some(Shape::Xhtml)) => (Some(self.narrative(item, &item_path)), None),
+                (Some(ty), Some(Shape::Primitive(primitive))) => self.primitive(item, ty, primitive),
+                (Some(ty), Some(Shape::Complex)) => (Some(Json::Object(self.complex(item, ty))), None),
+                (_, Some(Shape::Resource)) => (self.wrapper(item).map(Json::Object), None),
+                (_, Some(Shape::Xhtml)) => (Some(self.narrative(item)), None),
                 // The model declares the element without a type: keep its content as it is.
                 _ => self.untyped(item),
             };
+            self.path.truncate(len);
             converted.push(one);
         }
-        emit(object, &group.json_name, known.many, converted);
+        emit(object, name, known.many, converted);
     }
 }
 
-/// `path.name` or `path.name[index]`.
-fn member_path(path: &str, name: &str, index: Option<usize>) -> String {
-    match index {
-        Some(i) => format!("{path}.{name}[{i}]"),
-        None => format!("{path}.{name}"),
+/// Appends `.name` or `.name[index]` to a path.
+fn push_member(path: &mut String, name: &str, index: Option<usize>) {
+    path.push('.');
+    path.push_str(name);
+    if let Some(i) = index {
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = write!(path, "[{i}]");
     }
 }
 

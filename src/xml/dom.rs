@@ -7,6 +7,9 @@
 //! attacks (XXE, billion laughs): no entity other than the five predefined ones and character
 //! references is ever resolved. Nesting is limited and the tree is built without recursion.
 
+use std::borrow::Cow;
+use std::rc::Rc;
+
 use quick_xml::NsReader;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
@@ -29,11 +32,11 @@ pub struct Document<'a> {
 /// One element with its namespace resolved.
 #[derive(Debug)]
 pub struct Element {
-    /// The namespace URI, `None` when the element is in no namespace.
-    pub ns: Option<Box<str>>,
+    /// The namespace URI, `None` when the element is in no namespace (shared: documents use few).
+    pub ns: Option<Rc<str>>,
     pub name: Box<str>,
-    /// The name as written, prefix included, for messages.
-    pub qname: Box<str>,
+    /// The prefix as written, if any; kept apart so the common unprefixed name costs no extra allocation.
+    pub prefix: Option<Box<str>>,
     /// Attributes other than namespace declarations, in document order.
     pub attributes: Vec<Attribute>,
     pub content: Vec<Content>,
@@ -45,9 +48,9 @@ pub struct Element {
 
 #[derive(Debug)]
 pub struct Attribute {
-    pub ns: Option<Box<str>>,
+    pub ns: Option<Rc<str>>,
     pub name: Box<str>,
-    pub qname: Box<str>,
+    pub prefix: Option<Box<str>>,
     /// The normalized, unescaped value.
     pub value: Box<str>,
 }
@@ -77,6 +80,34 @@ impl Element {
 
     pub fn in_namespace(&self, ns: &str) -> bool {
         self.ns.as_deref() == Some(ns)
+    }
+
+    /// The name as written, prefix included, for messages.
+    pub fn qname(&self) -> Cow<'_, str> {
+        qualified(self.prefix.as_deref(), &self.name)
+    }
+}
+
+impl Attribute {
+    /// The name as written, prefix included, for messages.
+    pub fn qname(&self) -> Cow<'_, str> {
+        qualified(self.prefix.as_deref(), &self.name)
+    }
+}
+
+fn qualified<'n>(prefix: Option<&str>, name: &'n str) -> Cow<'n, str> {
+    match prefix {
+        Some(prefix) => Cow::Owned(format!("{prefix}:{name}")),
+        None => Cow::Borrowed(name),
+    }
+}
+
+/// Splits `prefix:local` into its parts.
+fn split_qname(qname: &[u8]) -> (Option<Box<str>>, Box<str>) {
+    let text = String::from_utf8_lossy(qname);
+    match text.split_once(':') {
+        Some((prefix, local)) => (Some(prefix.into()), local.into()),
+        None => (None, text.into()),
     }
 }
 
@@ -141,7 +172,7 @@ fn line_column_in(text: &str, pos: usize) -> (usize, usize) {
 }
 
 fn placeholder_root() -> Element {
-    Element { ns: None, name: "".into(), qname: "".into(), attributes: Vec::new(), content: Vec::new(), pos: 0, self_closing: true }
+    Element { ns: None, name: "".into(), prefix: None, attributes: Vec::new(), content: Vec::new(), pos: 0, self_closing: true }
 }
 
 /// Resolves `&name;` (without the `&` and `;`): the five predefined entities and character references only.
@@ -214,12 +245,31 @@ fn push_text(out: &mut String, raw: &str) {
     }
 }
 
+/// The namespace of a resolved name, shared with earlier uses of the same URI.
+fn intern(namespaces: &mut Vec<Rc<str>>, resolved: ResolveResult<'_>) -> Result<Option<Rc<str>>, String> {
+    match resolved {
+        ResolveResult::Unbound => Ok(None),
+        ResolveResult::Bound(ns) => {
+            let uri = ns.as_ref();
+            if let Some(known) = namespaces.iter().find(|known| known.as_bytes() == uri) {
+                return Ok(Some(known.clone()));
+            }
+            let known: Rc<str> = String::from_utf8_lossy(uri).into();
+            namespaces.push(known.clone());
+            Ok(Some(known))
+        }
+        ResolveResult::Unknown(prefix) => Err(format!("the namespace prefix '{}' is not declared", String::from_utf8_lossy(&prefix))),
+    }
+}
+
 struct Builder<'d, 'a> {
     document: &'d Document<'a>,
     reader: NsReader<&'a [u8]>,
     /// Open elements, innermost last.
     stack: Vec<Element>,
     root: Option<Element>,
+    /// Every namespace URI met so far, so elements share one copy.
+    namespaces: Vec<Rc<str>>,
 }
 
 impl<'d, 'a> Builder<'d, 'a> {
@@ -230,7 +280,7 @@ impl<'d, 'a> Builder<'d, 'a> {
         config.check_comments = true;
         config.expand_empty_elements = false;
         config.trim_text(false);
-        Builder { document, reader, stack: Vec::new(), root: None }
+        Builder { document, reader, stack: Vec::new(), root: None, namespaces: Vec::new() }
     }
 
     fn fail(&self, pos: usize, message: impl Into<String>) -> XmlError {
@@ -299,7 +349,7 @@ impl<'d, 'a> Builder<'d, 'a> {
             }
         }
         if let Some(open) = self.stack.last() {
-            return Err(self.fail(self.document.text.len(), format!("the element '{}' is not closed", open.qname)));
+            return Err(self.fail(self.document.text.len(), format!("the element '{}' is not closed", open.qname())));
         }
         self.root.ok_or_else(|| self.document.error_at(self.document.text.len(), "the document has no root element"))
     }
@@ -320,11 +370,10 @@ impl<'d, 'a> Builder<'d, 'a> {
         Ok(())
     }
 
-    fn element(&self, start: &BytesStart<'_>, pos: usize, self_closing: bool) -> Result<Element, XmlError> {
-        let qname = std::str::from_utf8(start.name().as_ref()).map_err(|_| self.fail(pos, "invalid UTF-8 in a name"))?.into();
-        let (resolved, local) = self.reader.resolve_element(start.name());
-        let ns = self.namespace(resolved, pos)?;
-        let name = std::str::from_utf8(local.as_ref()).map_err(|_| self.fail(pos, "invalid UTF-8 in a name"))?.into();
+    fn element(&mut self, start: &BytesStart<'_>, pos: usize, self_closing: bool) -> Result<Element, XmlError> {
+        let (prefix, name) = split_qname(start.name().as_ref());
+        let (resolved, _) = self.reader.resolve_element(start.name());
+        let ns = intern(&mut self.namespaces, resolved).map_err(|m| self.fail(pos, m))?;
         let mut attributes = Vec::new();
         for attribute in start.attributes() {
             let attribute = attribute.map_err(|e| self.fail(pos, e.to_string()))?;
@@ -334,25 +383,20 @@ impl<'d, 'a> Builder<'d, 'a> {
             if key == b"xmlns" || key.starts_with(b"xmlns:") {
                 continue;
             }
-            let (resolved, local) = self.reader.resolve_attribute(attribute.key);
-            let ns = self.namespace(resolved, pos)?;
-            attributes.push(Attribute {
-                ns,
-                name: String::from_utf8_lossy(local.as_ref()).into(),
-                qname: String::from_utf8_lossy(key).into(),
-                value: value.into(),
-            });
+            let (prefix, name) = split_qname(key);
+            // An unprefixed attribute is in no namespace, whatever the default namespace is.
+            let ns = match prefix {
+                None => None,
+                Some(_) => {
+                    let (resolved, _) = self.reader.resolve_attribute(attribute.key);
+                    intern(&mut self.namespaces, resolved).map_err(|m| self.fail(pos, m))?
+                }
+            };
+            attributes.push(Attribute { ns, name, prefix, value: value.into() });
         }
-        Ok(Element { ns, name, qname, attributes, content: Vec::new(), pos, self_closing })
+        Ok(Element { ns, name, prefix, attributes, content: Vec::new(), pos, self_closing })
     }
 
-    fn namespace(&self, resolved: ResolveResult<'_>, pos: usize) -> Result<Option<Box<str>>, XmlError> {
-        match resolved {
-            ResolveResult::Unbound => Ok(None),
-            ResolveResult::Bound(ns) => Ok(Some(String::from_utf8_lossy(ns.as_ref()).into())),
-            ResolveResult::Unknown(prefix) => Err(self.fail(pos, format!("the namespace prefix '{}' is not declared", String::from_utf8_lossy(&prefix)))),
-        }
-    }
 
     /// Attaches a finished element to its parent, or makes it the root.
     fn close(&mut self, element: Element) -> Result<(), XmlError> {
@@ -376,6 +420,13 @@ impl<'d, 'a> Builder<'d, 'a> {
                 Some(offset) => Err(self.fail(pos + offset, "text is not allowed outside the root element")),
             };
         };
+        let last_is_text = matches!(parent.content.last(), Some(Content::Text(_)));
+        if first_significant.is_none() && !last_is_text && !parent.in_namespace(super::XHTML_NS) {
+            // Indentation between FHIR elements is most of a document's text and means nothing;
+            // only XHTML keeps it. (Text already started keeps its whitespace, so character data
+            // split by references stays whole.)
+            return Ok(());
+        }
         if let Some(Content::Text(text)) = parent.content.last_mut() {
             if let (true, Some(offset)) = (text.blank, first_significant) {
                 text.blank = false;
@@ -426,13 +477,19 @@ mod tests {
     }
 
     #[test]
-    fn records_where_text_starts() {
+    fn records_where_text_starts_and_keeps_blank_text_only_in_xhtml() {
         let document = Document::parse(b"<a>\n  <b/>\n  oops\n</a>").unwrap();
-        let Content::Text(text) = &document.root.content[2] else { panic!() };
+        assert_eq!(document.root.content.len(), 2, "indentation outside XHTML is not kept");
+        let Content::Text(text) = &document.root.content[1] else { panic!() };
         assert!(!text.blank);
         assert_eq!(document.line_column(text.pos), (3, 3));
-        let Content::Text(blank) = &document.root.content[0] else { panic!() };
-        assert!(blank.blank);
+        let xhtml = Document::parse(b"<div xmlns='http://www.w3.org/1999/xhtml'>\n  <b/> </div>").unwrap();
+        let Content::Text(blank) = &xhtml.root.content[0] else { panic!() };
+        assert!(blank.blank && blank.text == "\n  ");
+        // Whitespace between references inside text is data.
+        let split = Document::parse(b"<a>x&amp; &amp;y</a>").unwrap();
+        let Content::Text(text) = &split.root.content[0] else { panic!() };
+        assert_eq!(text.text, "x& &y");
     }
 
     #[test]

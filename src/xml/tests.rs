@@ -11,10 +11,13 @@ use crate::outcome::IssueCode;
 
 const SYS_STRING: &str = "http://hl7.org/fhirpath/System.String";
 
+/// The children of a type in definition order.
+type Children = Vec<(String, ChildElement)>;
+
 /// A tiny slice of R4, enough to exercise every conversion rule with known answers.
 struct TestModel {
-    /// Type → (base type, children in definition order).
-    types: HashMap<String, (Option<String>, Vec<(String, ChildElement)>)>,
+    /// Type → (base type, children).
+    types: HashMap<String, (Option<String>, Children)>,
 }
 
 impl TestModel {
@@ -71,7 +74,7 @@ impl TestModel {
         self.types.insert(name.to_string(), (base.map(str::to_string), children));
     }
 
-    fn children_of(&self, parent: &str) -> Option<Vec<(String, ChildElement)>> {
+    fn children_of(&self, parent: &str) -> Option<Children> {
         if parent.starts_with(|c: char| c.is_ascii_lowercase()) {
             // Every primitive type has the same three children.
             let one = |t: &str, many| ChildElement { types: vec![t.to_string()], is_choice: false, many };
@@ -190,7 +193,7 @@ fn keeps_decimal_text_and_types_choices_by_suffix() {
     );
     let converted = clean(xml);
     assert_eq!(converted, expected);
-    assert_eq!(converted.to_string_compact().contains("1.50"), true, "the number text is kept as written");
+    assert!(converted.to_string_compact().contains("1.50"), "the number text is kept as written");
 }
 
 #[test]

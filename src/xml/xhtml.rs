@@ -38,7 +38,7 @@ fn write_element(element: &Element, is_root: bool, out: &mut String, dropped: &m
             Some(other) => {
                 dropped.push(Dropped {
                     pos: element.pos,
-                    message: format!("the attribute '{}' (namespace '{other}') is not allowed in the narrative and was dropped", attribute.qname),
+                    message: format!("the attribute '{}' (namespace '{other}') is not allowed in the narrative and was dropped", attribute.qname()),
                 });
                 continue;
             }
@@ -63,7 +63,7 @@ fn write_element(element: &Element, is_root: bool, out: &mut String, dropped: &m
                 pos: child.pos,
                 message: format!(
                     "the element '{}' ({}) is not XHTML and is not allowed in the narrative; it was dropped",
-                    child.qname,
+                    child.qname(),
                     child.ns.as_deref().map_or_else(|| "no namespace".to_string(), |ns| format!("namespace '{ns}'"))
                 ),
             }),
