@@ -1,6 +1,8 @@
 //! The command line: argument parsing and dispatch to one module per subcommand. Only this layer prints or chooses exit codes.
 
 mod fhirpath;
+mod map;
+mod mappings;
 mod validate;
 
 use std::process::ExitCode;
@@ -23,6 +25,10 @@ enum Command {
     Validate(validate::Args),
     /// Evaluate a FHIRPath expression on a resource and print the result collection as JSON.
     Fhirpath(fhirpath::Args),
+    /// Map IOP records to a FHIR Bundle (--from iop --to fhir) or FHIR to IOP records (--from fhir --to iop).
+    Map(map::Args),
+    /// Work with the mappings folder (`mappings check`).
+    Mappings(mappings::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -37,5 +43,7 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Fhirpath(args) => fhirpath::run(args),
+        Command::Map(args) => map::run(args),
+        Command::Mappings(args) => mappings::run(args),
     }
 }

@@ -8,12 +8,16 @@
 //! - [`outcome`]: issues and OperationOutcome, the one shape every problem is reported in.
 //! - [`validation`]: the validator (structure, primitives, cardinality, bindings, slicing, references, invariants).
 //! - [`fhirpath`]: the FHIRPath engine used for invariants, slicing and the `fhirpath` command.
+//! - [`iop`]: IOP-side records (client, session, screening, referral, …) and their JSON Schemas.
+//! - [`mapping`]: declarative IOP ↔ FHIR mappings from `mappings/`: loading with located errors, scoring, deterministic ids, evaluation.
 //! - [`xml`]: reads FHIR XML into the JSON tree (as FHIR JSON would give it), with located XML-only issues.
 
 pub mod cli;
 pub mod definitions;
 pub mod fhirpath;
+pub mod iop;
 pub mod json;
+pub mod mapping;
 pub mod outcome;
 pub mod package;
 pub mod validation;

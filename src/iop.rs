@@ -1,0 +1,150 @@
+//! IOP-side records (client, enrollment, care plan, session, screening, referral, authorization, discharge): their JSON Schemas and checking a record against them.
+//!
+//! A record is plain JSON with a `record_type` member naming its kind. Its shape is defined by
+//! `mappings/<record_type>.schema.json` (JSON Schema 2020-12), which sits beside the mappings of
+//! the same concept, so an integration engineer who adds a field edits data, not Rust. The
+//! schemas are read when the mapping set loads; records are checked with the `jsonschema` crate
+//! and every problem comes back with the JSON path of the offending value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::json::Json;
+
+/// The member every record carries to say which kind it is.
+pub const RECORD_TYPE_MEMBER: &str = "record_type";
+
+/// The record kinds the gateway knows, in the order an episode of care produces them.
+pub const RECORD_TYPES: &[&str] = &["client", "enrollment", "care_plan", "session", "screening", "referral", "authorization", "discharge"];
+
+/// A problem with one record: where (a dotted path such as `items[3].answer`) and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for RecordIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
+    }
+}
+
+/// Why the record schemas could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadSchemasError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: not JSON: {message}")]
+    NotJson { path: PathBuf, line: usize, message: String },
+    #[error("{path}: not a usable JSON Schema: {message}")]
+    BadSchema { path: PathBuf, message: String },
+}
+
+/// One compiled record schema.
+pub struct RecordSchema {
+    pub record_type: String,
+    /// The schema document, for mapping compilation (paths and types are looked up in it).
+    pub document: serde_json::Value,
+    pub file: PathBuf,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for RecordSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordSchema").field("record_type", &self.record_type).field("file", &self.file).finish()
+    }
+}
+
+impl RecordSchema {
+    /// Compiles a schema document for `record_type`.
+    pub fn compile(record_type: &str, document: serde_json::Value, file: PathBuf) -> Result<RecordSchema, LoadSchemasError> {
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(&document)
+            .map_err(|e| LoadSchemasError::BadSchema { path: file.clone(), message: e.to_string() })?;
+        Ok(RecordSchema { record_type: record_type.to_string(), document, file, validator })
+    }
+
+    /// Reads `<dir>/<record_type>.schema.json`.
+    pub fn load(dir: &Path, record_type: &str) -> Result<RecordSchema, LoadSchemasError> {
+        let file = dir.join(format!("{record_type}.schema.json"));
+        let bytes = std::fs::read(&file).map_err(|source| LoadSchemasError::Io { path: file.clone(), source })?;
+        let document: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| LoadSchemasError::NotJson { path: file.clone(), line: e.line(), message: e.to_string() })?;
+        RecordSchema::compile(record_type, document, file)
+    }
+
+    /// Checks a record; an empty list means it conforms.
+    pub fn check(&self, record: &Json) -> Vec<RecordIssue> {
+        let value = serde_json::Value::from(record);
+        self.validator
+            .iter_errors(&value)
+            .map(|e| RecordIssue { path: pointer_to_path(e.instance_path().as_str()), message: e.to_string() })
+            .collect()
+    }
+}
+
+/// The schemas of every record type present in a folder.
+#[derive(Debug, Default)]
+pub struct RecordSchemas {
+    pub by_type: BTreeMap<String, RecordSchema>,
+}
+
+impl RecordSchemas {
+    /// Loads `<record_type>.schema.json` for every known record type that has one in `dir`.
+    pub fn load_dir(dir: &Path) -> Result<RecordSchemas, Vec<LoadSchemasError>> {
+        let mut schemas = RecordSchemas::default();
+        let mut problems = Vec::new();
+        for record_type in RECORD_TYPES {
+            if !dir.join(format!("{record_type}.schema.json")).exists() {
+                continue;
+            }
+            match RecordSchema::load(dir, record_type) {
+                Ok(schema) => {
+                    schemas.by_type.insert((*record_type).to_string(), schema);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if problems.is_empty() { Ok(schemas) } else { Err(problems) }
+    }
+
+    pub fn get(&self, record_type: &str) -> Option<&RecordSchema> {
+        self.by_type.get(record_type)
+    }
+
+    /// Checks a record against the schema its `record_type` names.
+    pub fn check(&self, record: &Json) -> Vec<RecordIssue> {
+        let Some(record_type) = record.get(RECORD_TYPE_MEMBER).and_then(Json::as_str) else {
+            return vec![RecordIssue { path: String::new(), message: format!("the record has no '{RECORD_TYPE_MEMBER}' member") }];
+        };
+        match self.get(record_type) {
+            Some(schema) => schema.check(record),
+            None => vec![RecordIssue {
+                path: RECORD_TYPE_MEMBER.to_string(),
+                message: format!("unknown record type '{record_type}' (known: {})", self.by_type.keys().cloned().collect::<Vec<_>>().join(", ")),
+            }],
+        }
+    }
+}
+
+/// `/items/3/answer` → `items[3].answer`, the path style used everywhere else in the gateway.
+pub fn pointer_to_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&segment);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

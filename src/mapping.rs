@@ -1,0 +1,234 @@
+//! Declarative IOP ↔ FHIR mappings: loading and checking `mappings/`, then mapping records to a FHIR Bundle and FHIR back to records.
+//!
+//! `mappings/` holds, per IOP concept, the record's JSON Schema (`<record>.schema.json`) and one
+//! TOML file per direction (`<record>.to-fhir.toml`, `<record>.from-fhir.toml`); the format is
+//! documented in [`spec`] and `mappings/README.md`. [`MappingSet::load`] compiles them all and
+//! refuses the set with every problem located by file, line and path. Mapping itself is pure:
+//! the same input gives byte-identical output, ids come from source identifiers ([`ids`]), and
+//! problems with the input are returned as issues, never panics.
+
+mod bundle;
+pub mod compile;
+mod eval;
+pub mod ids;
+pub mod path;
+pub mod schema;
+pub mod scoring;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::definitions::Definitions;
+use crate::iop::{RECORD_TYPE_MEMBER, RecordSchemas};
+use crate::json::Json;
+use crate::outcome::Severity;
+use crate::validation::Terminology;
+
+pub use compile::{Direction, Plan, Problem};
+pub use eval::EvalError;
+
+/// Why `mappings/` could not be loaded: every problem found, each with file, line and path.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in the mappings:\n{}", problems.len(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct LoadMappingsError {
+    pub problems: Vec<Problem>,
+}
+
+/// A problem with one input record or resource while mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapIssue {
+    pub severity: Severity,
+    /// Which input (a record's `record_type` and `id`, or a FHIR resource) the issue is about.
+    pub source: String,
+    /// Where inside it.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for MapIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:<8} {}", self.severity.as_str(), self.source)?;
+        if !self.path.is_empty() {
+            write!(f, " {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The result of mapping: the output (a Bundle, or records) and the issues met.
+#[derive(Clone, Debug)]
+pub struct Mapped<T> {
+    pub output: T,
+    pub issues: Vec<MapIssue>,
+}
+
+impl<T> Mapped<T> {
+    pub fn has_errors(&self) -> bool {
+        self.issues.iter().any(|i| i.severity.is_error())
+    }
+}
+
+/// Every mapping of a `mappings/` folder, compiled.
+#[derive(Debug)]
+pub struct MappingSet {
+    pub dir: PathBuf,
+    pub schemas: RecordSchemas,
+    pub to_fhir: BTreeMap<String, Plan>,
+    pub from_fhir: BTreeMap<String, Plan>,
+    namespace: String,
+}
+
+impl MappingSet {
+    /// Loads and checks every mapping in `dir` against the record schemas beside them and the
+    /// profiles in `definitions` (load implementation guides into it first to check against them too).
+    pub fn load(dir: &Path, definitions: &Definitions) -> Result<MappingSet, LoadMappingsError> {
+        let mut problems = Vec::new();
+        let schemas = match RecordSchemas::load_dir(dir) {
+            Ok(schemas) => schemas,
+            Err(errors) => {
+                let problems = errors.into_iter().map(|e| Problem { file: dir.to_path_buf(), line: 1, path: String::new(), message: e.to_string() }).collect();
+                return Err(LoadMappingsError { problems });
+            }
+        };
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect(),
+            Err(e) => return Err(LoadMappingsError { problems: vec![Problem { file: dir.to_path_buf(), line: 1, path: String::new(), message: e.to_string() }] }),
+        };
+        files.sort();
+        let terminology = Terminology::default();
+        let computed_screening = scoring::computed_schema();
+        let mut set = MappingSet { dir: dir.to_path_buf(), to_fhir: BTreeMap::new(), from_fhir: BTreeMap::new(), schemas, namespace: ids::DEFAULT_NAMESPACE.to_string() };
+        for file in files {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let Some((record_type, direction)) = name.strip_suffix(".toml").and_then(|stem| stem.rsplit_once('.')) else {
+                problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: "a mapping file is named <record>.to-fhir.toml or <record>.from-fhir.toml".into() });
+                continue;
+            };
+            let Some(schema) = set.schemas.get(record_type) else {
+                problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: format!("no schema {record_type}.schema.json beside the mapping") });
+                continue;
+            };
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: e.to_string() });
+                    continue;
+                }
+            };
+            let context = compile::Context {
+                definitions,
+                terminology: &terminology,
+                schema,
+                computed: (record_type == "screening").then_some(&computed_screening),
+            };
+            match compile::compile_file(&file, &text, &context) {
+                Ok(plan) => {
+                    let expected = match direction {
+                        "to-fhir" => Direction::ToFhir,
+                        "from-fhir" => Direction::FromFhir,
+                        _ => {
+                            problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: format!("unknown direction '{direction}' in the file name") });
+                            continue;
+                        }
+                    };
+                    if plan.direction != expected {
+                        problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: "the direction does not match the file name".into() });
+                    } else if expected == Direction::ToFhir {
+                        set.to_fhir.insert(record_type.to_string(), plan);
+                    } else {
+                        set.from_fhir.insert(record_type.to_string(), plan);
+                    }
+                }
+                Err(mut found) => problems.append(&mut found),
+            }
+        }
+        if problems.is_empty() { Ok(set) } else { Err(LoadMappingsError { problems }) }
+    }
+
+    /// Uses a per-deployment namespace for resource ids (see [`ids`]).
+    pub fn with_id_namespace(mut self, namespace: impl Into<String>) -> MappingSet {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Maps IOP records to one transaction Bundle. A record that fails its schema or cannot be
+    /// mapped is left out and reported as an error issue; the others are still mapped.
+    pub fn records_to_fhir(&self, records: &[Json]) -> Mapped<Json> {
+        let mut issues = Vec::new();
+        let mut resources = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            let label = record_label(record, i);
+            let mut error = |path: String, message: String| issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path, message });
+            let problems = self.schemas.check(record);
+            if !problems.is_empty() {
+                for problem in problems {
+                    error(problem.path, problem.message);
+                }
+                continue;
+            }
+            let record_type = record.get(RECORD_TYPE_MEMBER).and_then(Json::as_str).unwrap_or_default();
+            let Some(plan) = self.to_fhir.get(record_type) else {
+                error(RECORD_TYPE_MEMBER.to_string(), format!("no mapping {record_type}.to-fhir.toml"));
+                continue;
+            };
+            let (computed, findings) = if record_type == "screening" { scoring::score(record) } else { (Json::Object(Default::default()), Vec::new()) };
+            let mut failed = false;
+            for finding in findings {
+                failed |= finding.is_error;
+                let severity = if finding.is_error { Severity::Error } else { Severity::Warning };
+                issues.push(MapIssue { severity, source: label.clone(), path: finding.path, message: finding.message });
+            }
+            if failed {
+                continue;
+            }
+            match eval::to_fhir(plan, &self.namespace, record, &computed) {
+                Ok(mut produced) => resources.append(&mut produced),
+                Err(e) => issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path: e.path, message: e.message }),
+            }
+        }
+        let (bundle, conflicts) = bundle::transaction(resources);
+        for conflict in conflicts {
+            issues.push(MapIssue {
+                severity: Severity::Warning,
+                source: conflict.reference,
+                path: String::new(),
+                message: "two records produced this resource with different content; the later one is kept".into(),
+            });
+        }
+        Mapped { output: bundle, issues }
+    }
+
+    /// Maps FHIR input (a Bundle or one resource) to IOP records with every `from-fhir` mapping;
+    /// each record produced is checked against its schema.
+    pub fn fhir_to_records(&self, input: &Json) -> Mapped<Vec<Json>> {
+        let mut issues = Vec::new();
+        let mut records = Vec::new();
+        for (record_type, plan) in &self.from_fhir {
+            match eval::from_fhir(plan, input) {
+                Ok(produced) => {
+                    for (i, record) in produced.into_iter().enumerate() {
+                        let problems = self.schemas.check(&record);
+                        let label = format!("{record_type} #{i} from {}", plan.focus.as_deref().unwrap_or_default());
+                        for problem in &problems {
+                            issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path: problem.path.clone(), message: problem.message.clone() });
+                        }
+                        if problems.is_empty() {
+                            records.push(record);
+                        }
+                    }
+                }
+                Err(e) => issues.push(MapIssue { severity: Severity::Error, source: record_type.clone(), path: e.path, message: e.message }),
+            }
+        }
+        Mapped { output: records, issues }
+    }
+}
+
+fn record_label(record: &Json, index: usize) -> String {
+    let record_type = record.get(RECORD_TYPE_MEMBER).and_then(Json::as_str).unwrap_or("record");
+    match record.get("id").and_then(Json::as_str) {
+        Some(id) => format!("{record_type} {id}"),
+        None => format!("{record_type} #{index}"),
+    }
+}
