@@ -1,6 +1,6 @@
 //! Runs the official FHIRPath R4 test suite (`tests-fhir-r4.xml`) against the engine and prints pass/fail/skip per group.
 //!
-//! Usage: `cargo run --release --example fhirpath_conformance -- [PATH/TO/tests-fhir-r4.xml] [--verbose]`
+//! Usage: `cargo run --release --example fhirpath_conformance -- [PATH/TO/tests-fhir-r4.xml] [--verbose] [--bench]`
 //! (default `../shared/corpus/fhir-test-cases/r4/fhirpath/tests-fhir-r4.xml`; the input
 //! resources are read from the folder above the suite's). Always exits 0: the figure is a
 //! measurement, not a gate.
@@ -16,6 +16,9 @@
 //! - Outputs compare in order (unless `ordered="false"`), by the FHIRPath literal text of each
 //!   value and, when the output has a `type`, by type name (FHIR type for nodes, System type
 //!   with a lower-case first letter otherwise).
+//!
+//! `--bench` also times invariant-style expressions over every element of the suite's inputs
+//! (parsed once, evaluated per element) and prints evaluations per second.
 //!
 //! XML inputs are read with the crate's FHIR XML reader ([`iop_gateway::xml`]) and the R4 model;
 //! an input that cannot be read is reported and its tests count as skipped. For comparing
@@ -128,6 +131,9 @@ fn main() {
         for f in &failures {
             println!("  {f}");
         }
+    }
+    if args.iter().any(|a| a == "--bench") {
+        bench(&inputs, &types);
     }
     let all = total.passed + total.failed + total.skipped;
     println!(
@@ -261,7 +267,7 @@ fn read_suite(text: &str) -> Result<Vec<Test>, String> {
     loop {
         let event = reader.read_event().map_err(|e| format!("at byte {}: {e}", reader.buffer_position()))?;
         match event {
-            Event::Start(e) | Event::Empty(e) if true => {
+            Event::Start(e) | Event::Empty(e) => {
                 let tag = String::from_utf8_lossy(e.name().as_ref()).into_owned();
                 let attrs: BTreeMap<String, String> = e
                     .attributes()
@@ -303,29 +309,23 @@ fn read_suite(text: &str) -> Result<Vec<Test>, String> {
                     _ => {}
                 }
             }
-            Event::Text(t) => {
-                if field.is_some() {
-                    let raw = String::from_utf8_lossy(t.as_ref()).into_owned();
-                    buffer.push_str(&quick_xml::escape::unescape(&raw).map(|c| c.into_owned()).unwrap_or(raw));
-                }
+            Event::Text(t) if field.is_some() => {
+                let raw = String::from_utf8_lossy(t.as_ref()).into_owned();
+                buffer.push_str(&quick_xml::escape::unescape(&raw).map(|c| c.into_owned()).unwrap_or(raw));
             }
-            Event::GeneralRef(r) => {
-                if field.is_some() {
-                    let name = String::from_utf8_lossy(r.as_ref()).into_owned();
-                    buffer.push_str(match name.as_str() {
-                        "lt" => "<",
-                        "gt" => ">",
-                        "amp" => "&",
-                        "quot" => "\"",
-                        "apos" => "'",
-                        _ => "",
-                    });
-                }
+            Event::GeneralRef(r) if field.is_some() => {
+                let name = String::from_utf8_lossy(r.as_ref()).into_owned();
+                buffer.push_str(match name.as_str() {
+                    "lt" => "<",
+                    "gt" => ">",
+                    "amp" => "&",
+                    "quot" => "\"",
+                    "apos" => "'",
+                    _ => "",
+                });
             }
-            Event::CData(t) => {
-                if field.is_some() {
-                    buffer.push_str(&String::from_utf8_lossy(t.as_ref()));
-                }
+            Event::CData(t) if field.is_some() => {
+                buffer.push_str(&String::from_utf8_lossy(t.as_ref()));
             }
             Event::End(e) => {
                 let tag = String::from_utf8_lossy(e.name().as_ref()).into_owned();
@@ -351,4 +351,39 @@ fn read_suite(text: &str) -> Result<Vec<Test>, String> {
         }
     }
     Ok(tests)
+}
+
+/// Evaluates a few invariant-like expressions on every element node of the loaded inputs.
+fn bench(inputs: &BTreeMap<String, Result<Json, String>>, types: &TypeCache<'_>) {
+    const EXPRESSIONS: &[&str] = &[
+        "hasValue() or (children().count() > id.count())",
+        "extension.exists() != value.exists()",
+        "name.where(use = 'official').given.first().exists() or telecom.where(system = 'phone').exists()",
+        "descendants().where(is(Quantity)).all(value.exists())",
+    ];
+    let ctx = Context::new(types);
+    let everything = fhirpath::parse("descendants()").expect("valid expression");
+    for source in EXPRESSIONS {
+        let expr = fhirpath::parse(source).expect("valid expression");
+        let start = std::time::Instant::now();
+        let mut evaluations = 0u64;
+        let mut errors = 0u64;
+        while start.elapsed().as_millis() < 500 {
+            for json in inputs.values().flatten() {
+                let root = Node::resource(json);
+                let mut nodes = everything.evaluate(root.clone(), &ctx).unwrap_or_default();
+                nodes.push(Value::Node(root));
+                for node in nodes {
+                    if let Value::Node(n) = node {
+                        evaluations += 1;
+                        if expr.evaluate(n, &ctx).is_err() {
+                            errors += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let per_second = evaluations as f64 / start.elapsed().as_secs_f64();
+        println!("bench {source:<100} {per_second:>12.0} evaluations/s ({errors} errors)");
+    }
 }

@@ -152,15 +152,13 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         let mut out = Vec::new();
         let type_like = name.starts_with(|c: char| c.is_ascii_uppercase());
         for item in input {
-            if type_like {
-                if let Value::Node(n) = item {
-                    if self.ctx.types.is_a(&n.type_name(), name) {
-                        out.push(item.clone());
-                        continue;
-                    }
-                    if self.ctx.strict && self.ctx.types.knows_type(&n.type_name()) {
-                        return err(format!("'{name}' does not match the input type '{}'", n.type_name()));
-                    }
+            if type_like && let Value::Node(n) = item {
+                if self.ctx.types.is_a(&n.type_name(), name) {
+                    out.push(item.clone());
+                    continue;
+                }
+                if self.ctx.strict && self.ctx.types.knows_type(&n.type_name()) {
+                    return err(format!("'{name}' does not match the input type '{}'", n.type_name()));
                 }
             }
             self.member(item, name, &mut out)?;
@@ -237,11 +235,11 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 } else if !name.is_empty() {
                     // Without a model, `value` finds `valueQuantity` etc., typed from the suffix.
                     for (key, value) in obj.iter() {
-                        if let Some(suffix) = key.strip_prefix(name) {
-                            if suffix.starts_with(|c: char| c.is_ascii_uppercase()) {
-                                let ext = obj.iter().find(|(k, _)| k.strip_prefix('_') == Some(key)).map(|(_, v)| v);
-                                push_values(Some(value), ext, Some(Rc::from(suffix_type(suffix))), out);
-                            }
+                        if let Some(suffix) = key.strip_prefix(name)
+                            && suffix.starts_with(|c: char| c.is_ascii_uppercase())
+                        {
+                            let ext = obj.iter().find(|(k, _)| k.strip_prefix('_') == Some(key)).map(|(_, v)| v);
+                            push_values(Some(value), ext, Some(Rc::from(suffix_type(suffix))), out);
                         }
                     }
                 }
@@ -296,20 +294,19 @@ impl<'c, 'a> Evaluator<'c, 'a> {
 
     /// The type of the member spelled `key` in JSON (`valueQuantity` → `Quantity`).
     fn child_type_for_key(&self, parent: &str, key: &str) -> Option<Rc<str>> {
-        if let Some(info) = self.ctx.types.child(parent, key) {
-            if !info.is_choice {
-                return info.types.first().cloned();
-            }
+        if let Some(info) = self.ctx.types.child(parent, key)
+            && !info.is_choice
+        {
+            return info.types.first().cloned();
         }
         for (i, c) in key.char_indices().rev() {
             if c.is_ascii_uppercase() && i > 0 {
                 let (prefix, suffix) = key.split_at(i);
-                if let Some(info) = self.ctx.types.child(parent, prefix) {
-                    if info.is_choice {
-                        if let Some(t) = info.types.iter().find(|t| type_suffix_matches(suffix, t)) {
-                            return Some(t.clone());
-                        }
-                    }
+                if let Some(info) = self.ctx.types.child(parent, prefix)
+                    && info.is_choice
+                    && let Some(t) = info.types.iter().find(|t| type_suffix_matches(suffix, t))
+                {
+                    return Some(t.clone());
                 }
             }
         }

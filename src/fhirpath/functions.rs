@@ -18,6 +18,10 @@ use crate::json::Json;
 /// Upper bound on items `repeat()`/`descendants()` may produce, against runaway expressions.
 const MAX_ITEMS: usize = 1_000_000;
 
+/// Upper bound on System values `repeat()` may produce: each new one is compared with all
+/// before it, so `repeat($this + 1)` must stop long before `MAX_ITEMS`.
+const MAX_REPEAT_VALUES: usize = 10_000;
+
 fn boolean<'a>(b: bool) -> Collection<'a> {
     vec![Value::Boolean(b)]
 }
@@ -339,6 +343,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
     fn repeat(&self, e: &Expr, coll: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
         let mut out: Collection<'a> = Vec::new();
         let mut seen_nodes: HashSet<(usize, usize)> = HashSet::new();
+        let mut values = 0usize;
         let mut current: Collection<'a> = coll.to_vec();
         while !current.is_empty() {
             let mut next = Vec::new();
@@ -346,7 +351,13 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 for r in self.lambda(e, item, i, focus)? {
                     let new = match &r {
                         Value::Node(n) => seen_nodes.insert(node_key(n)),
-                        other => !contains(&out, other),
+                        other => {
+                            values += 1;
+                            if values > MAX_REPEAT_VALUES {
+                                return err("repeat() produced too many values");
+                            }
+                            !contains(&out, other)
+                        }
                     };
                     if new {
                         out.push(r.clone());
@@ -577,7 +588,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 if sep.is_empty() {
                     s.chars().map(|c| Value::string(c.to_string())).collect()
                 } else {
-                    s.split(sep).map(|part| Value::string(part)).collect()
+                    s.split(sep).map(Value::string).collect()
                 }
             }
             Func::Trim => string(input_str()?.trim().to_string()),
@@ -683,10 +694,11 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             regex::RegexBuilder::new(&source).size_limit(1 << 20).build()
         };
         // A literal pattern is compiled once and kept with the expression.
-        if let Some(Expr { kind: ExprKind::String(literal), .. }) = call.args.first() {
-            if &**literal == pattern {
-                return call.regex.get_or_init(|| build(pattern).ok()).clone().ok_or_else(|| EvalError::new(format!("invalid regular expression '{pattern}'")));
-            }
+        if let Some(Expr { kind: ExprKind::String(literal), .. }) = call.args.first()
+            && &**literal == pattern
+        {
+            let compiled = call.regex.get_or_init(|| build(pattern).ok()).clone();
+            return compiled.ok_or_else(|| EvalError::new(format!("invalid regular expression '{pattern}'")));
         }
         build(pattern).map_err(|e| EvalError::new(format!("invalid regular expression '{pattern}': {e}")))
     }
@@ -878,7 +890,7 @@ fn encode(bytes: &[u8], format: &str) -> Option<String> {
 fn decode(s: &str, format: &str) -> Option<Vec<u8>> {
     match format {
         "hex" => {
-            if s.len() % 2 != 0 {
+            if !s.len().is_multiple_of(2) {
                 return None;
             }
             (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()

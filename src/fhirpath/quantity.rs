@@ -313,10 +313,10 @@ fn atom(code: &str) -> Option<(Decimal, Dims)> {
         return Some(a);
     }
     for split in [1, 2] {
-        if let (Some(p), Some(rest)) = (code.get(..split), code.get(split..)) {
-            if let (Some(f), Some((g, d))) = (prefix(p), metric_atom(rest)) {
-                return Some((f.checked_mul(g)?, d));
-            }
+        if let (Some(p), Some(rest)) = (code.get(..split), code.get(split..))
+            && let (Some(f), Some((g, d))) = (prefix(p), metric_atom(rest))
+        {
+            return Some((f.checked_mul(g)?, d));
         }
     }
     None

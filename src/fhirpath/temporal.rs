@@ -212,7 +212,7 @@ impl Temporal {
     }
 
     fn add_months(&mut self, months: i64) -> Option<()> {
-        let total = i64::from(self.year) * 12 + i64::from(self.month) - 1 + months;
+        let total = (i64::from(self.year) * 12 + i64::from(self.month) - 1).checked_add(months)?;
         self.year = i32::try_from(total.div_euclid(12)).ok()?;
         self.month = (total.rem_euclid(12) + 1) as u8;
         self.day = self.day.min(days_in_month(self.year, self.month));

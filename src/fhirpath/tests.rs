@@ -432,3 +432,11 @@ mod suite_inputs {
         );
     }
 }
+
+#[test]
+fn runaway_expressions_stop_with_errors() {
+    assert!(eval("1.repeat($this + 1)").is_err());
+    assert!(eval("@2020-01-01 + 9223372036854775807 months").is_err());
+    assert!(eval("@2020-01-01 + 99999999999 days").is_err());
+    check("1.repeat(2)", &["2"]);
+}
