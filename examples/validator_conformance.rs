@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use iop_gateway::definitions::Definitions;
 use iop_gateway::outcome::{Issue, IssueCode, Severity};
-use iop_gateway::validation::{Report, Validator, ValidatorOptions};
+use iop_gateway::validation::{Policy, Report, Validator, ValidatorOptions};
 use serde_json::Value;
 
 const DEFAULT_MANIFEST: &str = "../shared/corpus/fhir-test-cases/validator/manifest.json";
@@ -144,7 +144,11 @@ fn main() {
             };
             // Java's defaults: an extension whose definition cannot be found is an error.
             let java_like = ValidatorOptions { unknown_extensions_are_errors: true };
-            let validator = Validator::with_options(definitions, java_like);
+            let mut policy = Policy::reference_validator();
+            if case.get("wrong-displays").and_then(Value::as_str) == Some("warning") {
+                policy.wrong_display = Severity::Warning;
+            }
+            let validator = Validator::with_options(definitions, java_like).with_policy(policy);
             let report = match &bytes {
                 Ok(bytes) => validator.validate_bytes(bytes, &profiles),
                 Err(e) => Report {

@@ -4,6 +4,7 @@
 //! written not to panic, and a panic that slipped through anyway is caught and reported as a fatal
 //! issue so one hostile document cannot take a server down.
 
+mod bundle;
 mod invariants;
 mod primitives;
 mod questionnaire;
@@ -28,11 +29,36 @@ pub struct ValidatorOptions {
     pub unknown_extensions_are_errors: bool,
 }
 
+/// Strictness choices beyond [`ValidatorOptions`], set with [`Validator::with_policy`].
+///
+/// Build it with `Policy { field: value, ..Policy::default() }`, so new choices can be added
+/// without breaking callers. The defaults suit a gateway; the HL7 reference validator's defaults
+/// are [`Policy::reference_validator`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Severity of a Coding whose display is not the one its (loaded) code system gives the code.
+    pub wrong_display: Severity,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { wrong_display: Severity::Warning }
+    }
+}
+
+impl Policy {
+    /// The choices the HL7 reference (Java) validator makes by default.
+    pub fn reference_validator() -> Policy {
+        Policy { wrong_display: Severity::Error }
+    }
+}
+
 /// Validates resources against one set of definitions; cheap to share between threads.
 pub struct Validator {
     definitions: Arc<Definitions>,
     terminology: Terminology,
     options: ValidatorOptions,
+    policy: Policy,
 }
 
 /// The result of validating one document.
@@ -84,7 +110,13 @@ impl Validator {
     }
 
     pub fn with_options(definitions: Arc<Definitions>, options: ValidatorOptions) -> Validator {
-        Validator { definitions, terminology: Terminology::default(), options }
+        Validator { definitions, terminology: Terminology::default(), options, policy: Policy::default() }
+    }
+
+    /// The same validator with other strictness choices.
+    pub fn with_policy(mut self, policy: Policy) -> Validator {
+        self.policy = policy;
+        self
     }
 
     pub fn definitions(&self) -> &Arc<Definitions> {

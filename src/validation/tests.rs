@@ -181,9 +181,16 @@ fn xml_documents_are_read_and_validated_like_json() {
 }
 
 #[test]
-fn wrong_displays_are_errors() {
+fn wrong_displays_are_errors_under_the_reference_policy() {
     let patient = r#"{"resourceType":"Patient","maritalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-MaritalStatus","code":"M","display":"Single"}]}}"#;
-    assert_error(patient, "Patient.maritalStatus.coding[0]", "wrong display 'Single'");
+    let lenient = validator().validate_bytes(patient.as_bytes(), &[]);
+    assert!(lenient.is_valid() && lenient.issues.iter().any(|i| i.message.contains("wrong display")), "{:#?}", lenient.issues);
+    let strict = validator().with_policy(Policy::reference_validator()).validate_bytes(patient.as_bytes(), &[]);
+    assert!(strict.issues.iter().any(|i| i.severity.is_error() && i.expression == "Patient.maritalStatus.coding[0]"), "{:#?}", strict.issues);
+}
+
+#[test]
+fn right_displays_pass() {
     let right = r#"{"resourceType":"Patient","maritalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-MaritalStatus","code":"M","display":"married"}]}}"#;
     assert_eq!(errors(right), Vec::<String>::new());
 }
@@ -213,4 +220,34 @@ fn reference_targets_may_be_profiles() {
     let strict = Validator::new(Arc::new(only_loaded));
     let report = strict.validate_bytes(observation("Group/1").as_bytes(), &[]);
     assert!(report.issues.iter().any(|i| i.severity.is_error() && i.expression == "Observation.subject"), "{:#?}", report.issues);
+}
+
+#[test]
+fn bundle_full_urls_identify_their_resources() {
+    let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[
+        {"fullUrl":"Patient/1","resource":{"resourceType":"Patient","id":"1"}},
+        {"fullUrl":"http://example.org/fhir/Patient/2","resource":{"resourceType":"Patient","id":"3"}},
+        {"fullUrl":"http://example.org/fhir/Patient/4","resource":{"resourceType":"Patient"}},
+        {"resource":{"resourceType":"Patient","id":"5"}},
+        {"fullUrl":"http://example.org/fhir/Patient/6","resource":{"resourceType":"Patient","id":"6"}}]}"#;
+    assert_error(bundle, "Bundle.entry[0]", "must be an absolute URL");
+    assert_error(bundle, "Bundle.entry[1]", "must end with the resource's type and id (/Patient/3)");
+    assert_error(bundle, "Bundle.entry[2]", "the resource has no id");
+    assert_error(bundle, "Bundle.entry[3]", "must have a fullUrl");
+    assert!(!errors(bundle).iter().any(|e| e.starts_with("Bundle.entry[4]")));
+    let transaction = r#"{"resourceType":"Bundle","type":"transaction","entry":[
+        {"resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
+        {"fullUrl":"http://example.org/fhir/Patient/9","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}]}"#;
+    assert_eq!(errors(transaction), Vec::<String>::new());
+}
+
+#[test]
+fn references_in_documents_must_resolve_inside_the_bundle() {
+    let document = r#"{"resourceType":"Bundle","type":"document","identifier":{"system":"urn:ietf:rfc:3986","value":"urn:uuid:0c3201bd-1cbf-4d64-b04d-cd9187a4f6e0"},"timestamp":"2024-01-01T00:00:00Z","entry":[
+        {"fullUrl":"http://example.org/fhir/Composition/c","resource":{"resourceType":"Composition","id":"c","status":"final","type":{"text":"x"},
+          "date":"2024-01-01","title":"t","subject":{"reference":"Patient/p"},"author":[{"reference":"Practitioner/missing"},{"reference":"http://elsewhere.org/Practitioner/1"}]}},
+        {"fullUrl":"http://example.org/fhir/Patient/p","resource":{"resourceType":"Patient","id":"p"}}]}"#;
+    let found = errors(document);
+    assert!(found.iter().any(|e| e.starts_with("Bundle.entry[0].resource.author[0]: ") && e.contains("not in the bundle")), "{found:#?}");
+    assert!(!found.iter().any(|e| e.starts_with("Bundle.entry[0].resource.subject") || e.starts_with("Bundle.entry[0].resource.author[1]")), "{found:#?}");
 }

@@ -12,6 +12,7 @@ use crate::definitions::{BindingStrength, ElementDefinition, Structure, Structur
 use crate::json::{Json, Object};
 use crate::outcome::{Issue, IssueCode, Severity};
 
+use super::bundle::Resolution;
 use super::terminology::Membership;
 use super::{Validator, primitives, slicing};
 
@@ -25,6 +26,10 @@ pub(super) struct Scope<'a> {
     pub bundle_entries: HashMap<String, &'a Json>,
     /// `Type/id` → resource, for Bundle entries with an id.
     pub bundle_ids: HashMap<String, &'a Json>,
+    /// The type of the Bundle being walked.
+    pub bundle_type: Option<&'a str>,
+    /// Each entry resource (by address) → its entry's fullUrl, to resolve the references it makes.
+    pub entry_urls: HashMap<usize, Option<&'a str>>,
 }
 
 pub(super) struct Walker<'v, 'a> {
@@ -39,6 +44,8 @@ pub(super) struct Walker<'v, 'a> {
     pub resources: Vec<&'a Json>,
     /// Where each resource being walked starts in `path`.
     resource_starts: Vec<usize>,
+    /// What FHIRPath evaluation of invariants keeps between elements (the memoized type model).
+    pub invariants: super::invariants::State<'v>,
 }
 
 /// What a member's declared type makes of it.
@@ -50,7 +57,15 @@ enum Kind {
 
 impl<'v, 'a> Walker<'v, 'a> {
     pub fn new(validator: &'v Validator, path: String) -> Self {
-        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new() }
+        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new(), invariants: super::invariants::State::new(validator) }
+    }
+
+    /// `%rootResource`: the resource containing the innermost one when that one is contained, else the innermost one.
+    pub fn root_resource(&self) -> Option<&'a Json> {
+        let n = self.resources.len();
+        let start = *self.resource_starts.last()?;
+        let is_contained = self.path[..start].rsplit('.').next().is_some_and(|last| last.starts_with("contained["));
+        if is_contained && n >= 2 { Some(self.resources[n - 2]) } else { self.resources.last().copied() }
     }
 
     pub fn error(&mut self, code: IssueCode, message: impl Into<String>) {
@@ -94,6 +109,9 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
 
         self.object(&structure, 0, resource, resource_type);
+        if resource_type == "Bundle" {
+            super::bundle::check_entries(self, object);
+        }
         if resource_type == "QuestionnaireResponse" {
             super::questionnaire::check(self, object);
         }
@@ -127,9 +145,12 @@ impl<'v, 'a> Walker<'v, 'a> {
     }
 
     fn index_bundle(&mut self, bundle: &'a Object) {
+        self.scope.bundle_type = bundle.get("type").and_then(Json::as_str);
         for entry in bundle.get("entry").and_then(Json::as_array).unwrap_or_default() {
             let Some(resource) = entry.get("resource") else { continue };
-            if let Some(full_url) = entry.get("fullUrl").and_then(Json::as_str) {
+            let full_url = entry.get("fullUrl").and_then(Json::as_str);
+            self.scope.entry_urls.insert(address(resource), full_url);
+            if let Some(full_url) = full_url {
                 self.scope.bundle_entries.insert(full_url.to_string(), resource);
             }
             if let (Some(t), Some(id)) = (resource.get("resourceType").and_then(Json::as_str), resource.get("id").and_then(Json::as_str)) {
@@ -502,7 +523,19 @@ impl<'v, 'a> Walker<'v, 'a> {
             }
             return;
         }
-        let Some(target_type) = self.referenced_type(reference) else { return };
+        let mut target_type = None;
+        if let Some(entry_url) = self.current_entry_url() {
+            match super::bundle::resolve(self, reference, entry_url) {
+                Resolution::Found(resource) => target_type = resource.get("resourceType").and_then(Json::as_str).map(str::to_string),
+                Resolution::Missing => {
+                    if let Some(kind @ ("document" | "message")) = self.scope.bundle_type {
+                        self.error(IssueCode::NotFound, format!("'{reference}' is not in the bundle, but the references in a {kind} must resolve inside it"));
+                    }
+                }
+                Resolution::Outside => {}
+            }
+        }
+        let Some(target_type) = target_type.or_else(|| self.referenced_type(reference)) else { return };
         let targets: Vec<&str> =
             definition.types.iter().filter(|t| t.code == "Reference").flat_map(|t| t.target_profiles.iter()).map(String::as_str).collect();
         if targets.is_empty() {
@@ -521,6 +554,14 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
         let names: Vec<&str> = targets.iter().map(|p| p.split('|').next().unwrap_or(p)).map(|p| p.rsplit('/').next().unwrap_or(p)).collect();
         self.error(IssueCode::Structure, format!("a reference to a {target_type} is not allowed here (allowed: {})", names.join(", ")));
+    }
+
+    /// The fullUrl of the Bundle entry the walk is inside (`Some(None)`: an entry without one), if any.
+    fn current_entry_url(&self) -> Option<Option<&'a str>> {
+        if self.scope.entry_urls.is_empty() {
+            return None;
+        }
+        self.resources.iter().rev().find_map(|r| self.scope.entry_urls.get(&address(r)).copied())
     }
 
     /// The resource type a `targetProfile` stands for: the type itself for core types, else the profile's type.
@@ -609,8 +650,9 @@ impl<'v, 'a> Walker<'v, 'a> {
             Some(concept) => {
                 if let (Some(display), Some(expected)) = (coding.get("display").and_then(Json::as_str), concept.display.as_deref()) {
                     if !display.eq_ignore_ascii_case(expected) && !display.trim().eq_ignore_ascii_case(expected.trim()) {
-                        // The display must be one the code system gives the code, or the coding contradicts itself.
-                        self.error(IssueCode::Invalid, format!("wrong display '{display}' for {system}#{code}: it should be '{expected}'"));
+                        // A display the code system does not give the code makes the coding contradict itself.
+                        let severity = self.validator.policy.wrong_display;
+                        self.report(severity, IssueCode::Invalid, format!("wrong display '{display}' for {system}#{code}: it should be '{expected}'"));
                     }
                 }
             }
@@ -692,6 +734,11 @@ fn is_tolerated_extension_url(url: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// A value's address, which identifies a node of the document being walked.
+fn address(value: &Json) -> usize {
+    value as *const Json as usize
 }
 
 fn coding_pair(coding: &Json) -> Option<(Option<&str>, &str)> {

@@ -1,0 +1,128 @@
+//! Bundle rules beyond the element definitions ([spec](https://hl7.org/fhir/R4/bundle.html)): entry `fullUrl`s and how they agree with the resources, and references that must resolve inside documents and messages.
+//!
+//! A `fullUrl` is the identity of its entry's resource: it must be absolute, and when it has the
+//! RESTful form `[base]/Type/id` it must name the resource's own type and id. Relative references
+//! inside an entry are resolved against the base of that entry's `fullUrl`
+//! ([spec](https://hl7.org/fhir/R4/bundle.html#references)); in a document or a message, which
+//! must stand on their own, a reference that should be in the Bundle but is not is an error.
+
+use crate::json::{Json, Object};
+use crate::outcome::IssueCode;
+
+use super::walk::Walker;
+
+/// Checks each entry's `fullUrl` against its resource; the walker's path is the Bundle's.
+pub(super) fn check_entries(walker: &mut Walker<'_, '_>, bundle: &Object) {
+    let bundle_type = bundle.get("type").and_then(Json::as_str).unwrap_or_default();
+    let entries = bundle.get("entry").and_then(Json::as_array).unwrap_or_default();
+    let base_len = walker.path.len();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(resource) = entry.get("resource") else { continue };
+        walker.path.push_str(&format!(".entry[{i}]"));
+        match entry.get("fullUrl").and_then(Json::as_str) {
+            None => {
+                // Transactions and batches (and their responses) may create resources that have no identity yet,
+                // and an OperationOutcome about a search is not one of its results.
+                let exempt = matches!(bundle_type, "transaction" | "batch" | "transaction-response" | "batch-response")
+                    || entry.get("search").and_then(|s| s.get("mode")).and_then(Json::as_str) == Some("outcome");
+                if !exempt {
+                    walker.error(
+                        IssueCode::Required,
+                        "except in transactions and batches, each entry must have a fullUrl, the identity of its resource",
+                    );
+                }
+            }
+            Some(full_url) => check_full_url(walker, full_url, resource, entry),
+        }
+        walker.path.truncate(base_len);
+    }
+}
+
+fn check_full_url(walker: &mut Walker<'_, '_>, full_url: &str, resource: &Json, entry: &Json) {
+    if !is_absolute(full_url) {
+        walker.error(IssueCode::Invalid, format!("the fullUrl must be an absolute URL, not '{full_url}'"));
+        return;
+    }
+    let Some((url_type, url_id)) = restful_type_and_id(walker, full_url) else { return };
+    let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+    match resource.get("id").and_then(Json::as_str) {
+        Some(id) => {
+            if url_type != resource_type || url_id != id {
+                walker.error(
+                    IssueCode::Invalid,
+                    format!("the fullUrl '{full_url}' has the RESTful form, so it must end with the resource's type and id (/{resource_type}/{id})"),
+                );
+            }
+        }
+        None => {
+            // A resource being created (POST) gets its id from the server.
+            let is_create = entry.get("request").and_then(|r| r.get("method")).and_then(Json::as_str) == Some("POST");
+            if !is_create {
+                walker.error(IssueCode::Invalid, format!("the fullUrl '{full_url}' has the RESTful form, but the resource has no id"));
+            }
+        }
+    }
+}
+
+/// Whether a URL has a scheme (`http:`, `urn:`): a fullUrl must not be relative.
+pub(super) fn is_absolute(url: &str) -> bool {
+    let Some((scheme, _)) = url.split_once(':') else { return false };
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic()) && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// `(Type, id)` when a URL has the RESTful form `http(s)://…/Type/id` (optionally `/_history/v`).
+pub(super) fn restful_type_and_id<'u>(walker: &Walker<'_, '_>, url: &'u str) -> Option<(&'u str, &'u str)> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return None;
+    }
+    let url = url.split("/_history/").next().unwrap_or(url);
+    let mut segments = url.rsplit('/');
+    let id = segments.next()?;
+    let type_name = segments.next()?;
+    (!id.is_empty() && walker.validator.definitions.is_resource_type(type_name)).then_some((type_name, id))
+}
+
+/// Where a literal reference made from inside a Bundle entry points, by the Bundle's resolution rules.
+pub(super) enum Resolution<'a> {
+    /// An entry has that identity.
+    Found(&'a Json),
+    /// Nothing in the Bundle has that identity, although the reference could only be meant for it.
+    Missing,
+    /// The reference may be to something outside the Bundle (an absolute RESTful URL), or cannot be resolved here.
+    Outside,
+}
+
+/// Resolves a reference made inside the entry whose fullUrl is `entry_full_url`.
+pub(super) fn resolve<'a>(walker: &Walker<'_, 'a>, reference: &str, entry_full_url: Option<&str>) -> Resolution<'a> {
+    let reference = reference.split("/_history/").next().unwrap_or(reference);
+    let entries = &walker.scope.bundle_entries;
+    if is_absolute(reference) {
+        return match entries.get(reference) {
+            Some(found) => Resolution::Found(found),
+            None if reference.starts_with("urn:") => Resolution::Missing,
+            None => Resolution::Outside,
+        };
+    }
+    // `Type/id` is relative to the base of the entry's own RESTful fullUrl.
+    let mut parts = reference.split('/');
+    let (Some(type_name), Some(_id), None) = (parts.next(), parts.next(), parts.next()) else { return Resolution::Outside };
+    if !walker.validator.definitions.is_resource_type(type_name) {
+        return Resolution::Outside;
+    }
+    let base = entry_full_url.and_then(|url| {
+        let (url_type, url_id) = restful_type_and_id(walker, url)?;
+        let without_history = url.split("/_history/").next().unwrap_or(url);
+        without_history.strip_suffix(&format!("{url_type}/{url_id}"))
+    });
+    match base {
+        Some(base) => match entries.get(&format!("{base}{reference}")) {
+            Some(found) => Resolution::Found(found),
+            None => Resolution::Missing,
+        },
+        // Without a RESTful base, the resource's own `Type/id` identifies it.
+        None => match walker.scope.bundle_ids.get(reference) {
+            Some(found) => Resolution::Found(found),
+            None => Resolution::Missing,
+        },
+    }
+}
