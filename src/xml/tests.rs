@@ -1,7 +1,6 @@
 //! Tests of the XML reader: a small hand-written R4 model for exact JSON shapes and issues, and the real R4 model over the corpus.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use super::*;
 use crate::definitions::Definitions;
@@ -450,37 +449,13 @@ fn never_panics_on_truncated_or_mangled_input() {
 
 // ---- The real R4 model ----
 
-/// The real model, with element order read from the compiled structures (which is what
-/// `Definitions` would return if it implemented [`TypeModel::element_order`]).
-struct Ordered(Arc<Definitions>);
-
-impl TypeModel for Ordered {
-    fn child(&self, parent: &str, name: &str) -> Option<ChildElement> {
-        self.0.child(parent, name)
-    }
-
-    fn base_type(&self, type_name: &str) -> Option<String> {
-        self.0.base_type(type_name)
-    }
-
-    fn element_order(&self, type_name: &str) -> Option<Vec<String>> {
-        if let Some(order) = self.0.element_order(type_name) {
-            return Some(order);
-        }
-        let structure = self.0.type_structure(type_name.split('.').next()?)?;
-        let index = structure.index_of_path(type_name)?;
-        let children = structure.children(index).iter().map(|&c| &structure.elements[c]);
-        Some(children.filter(|e| e.slice_name.is_none()).map(|e| e.name.clone()).collect())
-    }
-}
-
 const R4_CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/fhir-test-cases/r4");
 const VALIDATOR_CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/fhir-test-cases/validator");
 
 fn read_r4(file: &str) -> (Json, Vec<Issue>) {
     let path = format!("{R4_CASES}/{file}");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    parse_resource_with(&bytes, &Ordered(Definitions::base()), &XmlOptions { allow_xsi_schema_location: true })
+    parse_resource_with(&bytes, &*Definitions::base(), &XmlOptions { allow_xsi_schema_location: true })
         .unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
@@ -580,10 +555,10 @@ fn converted_examples_have_no_structural_problems_for_the_validator() {
 
 #[test]
 fn reads_the_validator_test_cases_like_the_reference_validator() {
-    let model = Ordered(Definitions::base());
+    let model = Definitions::base();
     let read = |file: &str| {
         let bytes = std::fs::read(format!("{VALIDATOR_CASES}/{file}")).unwrap_or_else(|e| panic!("{file}: {e}"));
-        parse_resource(&bytes, &model)
+        parse_resource(&bytes, &*model)
     };
     // Text in the Bundle and xsi:schemaLocation are the XML problems HL7's validator reports here.
     let (_, issues) = read("xml-fail.xml").expect("readable");
@@ -608,7 +583,7 @@ fn reads_the_validator_test_cases_like_the_reference_validator() {
 
 #[test]
 fn reads_every_xml_validator_test_case_without_panicking() {
-    let model = Ordered(Definitions::base());
+    let model = Definitions::base();
     let mut n_read = 0;
     let mut stack = vec![std::path::PathBuf::from(VALIDATOR_CASES)];
     while let Some(dir) = stack.pop() {
@@ -618,7 +593,7 @@ fn reads_every_xml_validator_test_case_without_panicking() {
                 stack.push(path);
             } else if path.extension().is_some_and(|x| x == "xml") {
                 let bytes = std::fs::read(&path).expect("readable file");
-                if parse_resource(&bytes, &model).is_ok() {
+                if parse_resource(&bytes, &*model).is_ok() {
                     n_read += 1;
                 }
             }
@@ -626,3 +601,4 @@ fn reads_every_xml_validator_test_case_without_panicking() {
     }
     assert!(n_read > 100, "only {n_read} XML test files converted");
 }
+
