@@ -426,6 +426,11 @@ fn refuses_deep_nesting_and_converts_up_to_the_limit() {
     let unknown = patient(&format!("{}{}", "<foo>".repeat(MAX_DEPTH - 1), "</foo>".repeat(MAX_DEPTH - 1)));
     let converted = clean(&unknown);
     assert!(json::parse(converted.to_string_compact().as_bytes()).is_ok());
+    // And so must the narrative serializer.
+    let levels = MAX_DEPTH - 3;
+    let narrative = patient(&format!("<text><div xmlns=\"http://www.w3.org/1999/xhtml\">{}x{}</div></text>", "<b>".repeat(levels), "</b>".repeat(levels)));
+    let converted = clean(&narrative);
+    assert!(at(&converted, "text.div").and_then(Json::as_str).is_some_and(|d| d.contains("<b><b>x</b></b>")));
 }
 
 #[test]
