@@ -9,7 +9,7 @@ use crate::iop::{RECORD_TYPE_MEMBER, RecordSchema};
 use crate::json::{Json, Object};
 use crate::validation::{Membership, Terminology, check_primitive_text};
 
-use super::path::{Condition, Literal, Path, Step, parse_condition, parse_path};
+use super::path::{Condition, Literal, Path, Step, Test, parse_condition, parse_path};
 use super::schema::{self, SchemaType};
 use super::spec::{MappingFile, RuleSpec, line_of};
 
@@ -60,7 +60,10 @@ pub enum TemplatePart {
 #[derive(Clone, Debug)]
 pub enum Source {
     Constant(Json),
-    From { path: Path, codes: Option<String>, wrap_codeable_concept: bool },
+    /// `stringify`: an integer filling a string element (a linkId) is written as text.
+    From { path: Path, codes: Option<String>, wrap_codeable_concept: bool, stringify: bool },
+    /// A code looked up by a rendered template.
+    Key { key: Template, codes: String, wrap_codeable_concept: bool },
     /// A resource of the same file, by name.
     LocalRef(String),
     /// A resource of another mapping, by type and id template.
@@ -289,18 +292,35 @@ impl Compiler<'_, '_> {
         let leaf = leaves.last()?.clone();
         let required: Vec<String> = leaves.iter().filter_map(|l| l.required_value_set.clone()).collect();
         let when = spec.when.as_ref().and_then(|w| self.condition(w.span(), w.get_ref(), each));
-        let n_sources = [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some()].iter().filter(|b| **b).count();
+        let n_sources = [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some(), spec.key.is_some()].iter().filter(|b| **b).count();
         if n_sources != 1 {
-            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from' and 'ref'");
+            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from', 'key' and 'ref'");
             return None;
         }
         if spec.id.is_some() && spec.reference.is_none() {
             self.problem(rule.span(), &target_text, "'id' belongs to a 'ref' rule");
         }
-        if spec.codes.is_some() && spec.from.is_none() {
-            self.problem(rule.span(), &target_text, "'codes' translates a 'from' value");
+        if spec.codes.is_some() && spec.from.is_none() && spec.key.is_none() {
+            self.problem(rule.span(), &target_text, "'codes' translates a 'from' or 'key' value");
         }
-        let source = if let Some(value) = &spec.value {
+        let source = if let Some(key) = &spec.key {
+            let template = self.template(key.span(), key.get_ref(), each)?;
+            if target.n_each() > 0 {
+                self.problem(rule.span(), &target_text, "a 'key' rule fills one element: its target cannot have [*]");
+            }
+            let Some(codes) = &spec.codes else {
+                self.problem(rule.span(), &target_text, "'key' needs 'codes', the map it looks up");
+                return None;
+            };
+            let name = codes.get_ref();
+            let Some(map) = plan.codes.get(name) else {
+                self.problem(codes.span(), &target_text, format!("no code map named '{name}'"));
+                return None;
+            };
+            let text = SchemaType { kind: "string".into(), ..SchemaType::default() };
+            let wrap = self.check_code_map(codes.span(), &target_text, name, map, &text, &leaf, &required);
+            Source::Key { key: template, codes: name.clone(), wrap_codeable_concept: wrap }
+        } else if let Some(value) = &spec.value {
             let json = toml_to_json(value.get_ref());
             if target.n_each() > 0 && !when.as_ref().is_some_and(|w| w.tests.iter().any(|t| t.path().n_each() > n_bound)) {
                 self.problem(rule.span(), &target_text, "a constant for every element of a [*] target needs a 'when' whose path has the matching [*]");
@@ -317,6 +337,7 @@ impl Compiler<'_, '_> {
                 self.problem(rule.span(), &target_text, message);
             }
             let mut wrap = false;
+            let source_type = narrow(source_type, &path, when.as_ref());
             match &spec.codes {
                 Some(codes) => {
                     let name = codes.get_ref();
@@ -332,7 +353,8 @@ impl Compiler<'_, '_> {
                     }
                 }
             }
-            Source::From { path, codes: spec.codes.as_ref().map(|c| c.get_ref().clone()), wrap_codeable_concept: wrap }
+            let stringify = spec.codes.is_none() && source_type.kind == "integer" && leaf.type_code == "string";
+            Source::From { path, codes: spec.codes.as_ref().map(|c| c.get_ref().clone()), wrap_codeable_concept: wrap, stringify }
         } else {
             let reference = spec.reference.as_ref()?;
             if leaf.type_code != "Reference" {
@@ -432,7 +454,8 @@ impl Compiler<'_, '_> {
     /// A code map over an enumeration must translate every allowed value and nothing else.
     fn check_coverage<'k>(&mut self, span: std::ops::Range<usize>, target: &str, name: &str, keys: impl Iterator<Item = &'k String> + Clone, source: &SchemaType) {
         let Some(allowed) = &source.allowed else { return };
-        let missing: Vec<&String> = allowed.iter().filter(|a| !keys.clone().any(|k| k == *a)).collect();
+        let reachable = source.reachable.as_ref().unwrap_or(allowed);
+        let missing: Vec<&String> = reachable.iter().filter(|a| !keys.clone().any(|k| k == *a)).collect();
         if !missing.is_empty() {
             let message = format!("code map '{name}' has no entry for {}", missing.iter().map(|m| format!("'{m}'")).collect::<Vec<_>>().join(", "));
             self.problem(span.clone(), target, message);
@@ -552,7 +575,7 @@ impl Compiler<'_, '_> {
                             }
                         }
                     }
-                    Source::From { path, codes: spec_rule.codes.as_ref().map(|c| c.get_ref().clone()), wrap_codeable_concept: false }
+                    Source::From { path, codes: spec_rule.codes.as_ref().map(|c| c.get_ref().clone()), wrap_codeable_concept: false, stringify: false }
                 }
                 _ => {
                     self.problem(rule.span(), &target_text, "a from-fhir rule needs exactly one of 'value' and 'from'");
@@ -681,6 +704,26 @@ impl Compiler<'_, '_> {
     }
 }
 
+/// The values of an enumeration a rule can see: those its condition lets through (a code map
+/// need not translate values the rule never reads).
+fn narrow(mut source: SchemaType, path: &Path, when: Option<&Condition>) -> SchemaType {
+    let (Some(allowed), Some(when)) = (&source.allowed, when) else { return source };
+    let text = |l: &Literal| match l {
+        Literal::Text(t) => t.clone(),
+        other => other.to_string(),
+    };
+    let mut kept = allowed.clone();
+    for test in when.tests.iter().filter(|t| t.path() == path) {
+        match test {
+            Test::Equals { literal, negated, .. } => kept.retain(|v| (*v == text(literal)) != *negated),
+            Test::In { literals, negated, .. } => kept.retain(|v| literals.iter().any(|l| *v == text(l)) != *negated),
+            _ => {}
+        }
+    }
+    source.reachable = Some(kept);
+    source
+}
+
 /// Walks a FHIR path through a structure, following data types and references into their own definitions.
 fn walk_fhir(definitions: &Definitions, structure: Arc<Structure>, steps: &[Step]) -> Result<FhirLeaf, String> {
     let mut structure = structure;
@@ -790,7 +833,7 @@ fn fits(source: &SchemaType, target: &str) -> bool {
         ("string", "instant") => source.format.as_deref() == Some("date-time"),
         ("string", "time") => source.format.as_deref() == Some("time"),
         ("string", "string" | "markdown" | "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid") => source.format.is_none() || target == "string",
-        ("integer", "integer" | "decimal") => true,
+        ("integer", "integer" | "decimal" | "string") => true,
         ("integer", "unsignedInt") => source.minimum.is_some_and(|m| m >= 0.0),
         ("integer", "positiveInt") => source.minimum.is_some_and(|m| m >= 1.0),
         ("number", "decimal") => true,
@@ -803,7 +846,9 @@ fn fits(source: &SchemaType, target: &str) -> bool {
 fn fits_back(source: &str, target: &SchemaType) -> bool {
     match (source, target.kind.as_str()) {
         ("date", "string") => matches!(target.format.as_deref(), Some("date") | None),
-        ("dateTime" | "instant", "string") => matches!(target.format.as_deref(), Some("date-time") | None),
+        // A dateTime may carry only a date; one that does not is caught by the record schema.
+        ("dateTime", "string") => matches!(target.format.as_deref(), Some("date-time") | Some("date") | None),
+        ("instant", "string") => matches!(target.format.as_deref(), Some("date-time") | None),
         ("string" | "markdown" | "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid", "string") => target.format.is_none(),
         ("integer" | "unsignedInt" | "positiveInt", "integer" | "number") => true,
         ("decimal", "number") => true,

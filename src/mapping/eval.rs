@@ -258,7 +258,7 @@ fn apply_to_fhir(
                 }
             }
         }
-        Source::From { path, codes, wrap_codeable_concept } => {
+        Source::From { path, codes, wrap_codeable_concept, stringify } => {
             for (free, value) in sources.select(path, bound) {
                 if !holds(&free) {
                     continue;
@@ -272,10 +272,25 @@ fn apply_to_fhir(
                         })?;
                         if *wrap_codeable_concept { wrap_coding(translated) } else { translated.clone() }
                     }
-                    None => value.clone(),
+                    None => match value {
+                        Json::Number(n) if *stringify => Json::string(n.to_string()),
+                        _ => value.clone(),
+                    },
                 };
                 set(json, &rule.target.steps, &free, value);
             }
+        }
+        Source::Key { key, codes, wrap_codeable_concept } => {
+            let Some(text) = sources.render(key, bound) else { return Ok(()) };
+            if !holds(&[]) {
+                return Ok(());
+            }
+            let translated = plan.codes.get(codes).and_then(|m| m.get(&text)).ok_or_else(|| EvalError {
+                path: key.text.clone(),
+                message: format!("'{text}' has no entry in the code map '{codes}' of {}", plan.file.display()),
+            })?;
+            let value = if *wrap_codeable_concept { wrap_coding(translated) } else { translated.clone() };
+            set(json, &rule.target.steps, &[], value);
         }
         Source::LocalRef(name) => {
             let targets = instances.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
@@ -369,7 +384,7 @@ pub fn from_fhir(plan: &Plan, input: &Json) -> Result<Vec<Json>, EvalError> {
                         set(&mut json, &rule.target.steps, &free, value);
                     }
                 }
-                Source::LocalRef(_) | Source::TypedRef { .. } => {}
+                Source::LocalRef(_) | Source::TypedRef { .. } | Source::Key { .. } => {}
             }
         }
         prune(&mut json);

@@ -12,6 +12,8 @@ pub struct SchemaType {
     pub format: Option<String>,
     /// The allowed values, for enumerations (as text).
     pub allowed: Option<Vec<String>>,
+    /// The allowed values a rule can actually see, when its condition narrows them.
+    pub reachable: Option<Vec<String>>,
     pub minimum: Option<f64>,
 }
 
@@ -60,6 +62,7 @@ pub fn lookup(root: &Value, path: &Path) -> Result<SchemaType, String> {
         kind,
         format: node.get("format").and_then(Value::as_str).map(str::to_string),
         allowed,
+        reachable: None,
         minimum: node.get("minimum").and_then(Value::as_f64),
     })
 }

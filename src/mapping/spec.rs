@@ -68,6 +68,9 @@ pub struct RuleSpec {
     pub from: Option<Spanned<String>>,
     /// Translate the source value through this code map.
     pub codes: Option<Spanned<String>>,
+    /// Instead of `from`: a template whose text is looked up in `codes`, for codes that depend on
+    /// several values (`"{instrument}:{items[*].number}"` picks an instrument's item code).
+    pub key: Option<Spanned<String>>,
     /// A Reference: to a resource of this file by its `name`, or to a resource type when `id` is given.
     #[serde(rename = "ref")]
     pub reference: Option<Spanned<String>>,

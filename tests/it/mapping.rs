@@ -1,0 +1,315 @@
+//! IOP ↔ FHIR mappings end to end: golden Bundles per fixture, invariants over every output, US Core conformance, round trips, and located load errors.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use iop_gateway::definitions::Definitions;
+use iop_gateway::json::{self, Json};
+use iop_gateway::mapping::MappingSet;
+use iop_gateway::package::Package;
+use iop_gateway::validation::Validator;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const PACKAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/definitions/packages");
+
+/// R4, the bundled profiles, US Core 6.1.0 and PAS 2.2.1: what every output must satisfy.
+fn definitions() -> Arc<Definitions> {
+    static DEFINITIONS: OnceLock<Arc<Definitions>> = OnceLock::new();
+    DEFINITIONS
+        .get_or_init(|| {
+            let mut definitions = Definitions::new_default();
+            for package in ["hl7.fhir.us.core-6.1.0.tgz", "hl7.fhir.us.davinci-pas-2.2.1.tgz"] {
+                definitions.add_package(Package::load(&Path::new(PACKAGES).join(package)).expect("load package"));
+            }
+            Arc::new(definitions)
+        })
+        .clone()
+}
+
+fn mappings() -> &'static MappingSet {
+    static MAPPINGS: OnceLock<MappingSet> = OnceLock::new();
+    MAPPINGS.get_or_init(|| MappingSet::load(&Path::new(ROOT).join("mappings"), &definitions()).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The records of a fixture file (one record or an array of them).
+fn records(path: &Path) -> Vec<Json> {
+    match json::parse(&std::fs::read(path).expect("read fixture")).expect("fixture is JSON") {
+        Json::Array(items) => items,
+        single => vec![single],
+    }
+}
+
+fn fixture_files(concept_dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("tests/fixtures/iop").join(concept_dir))
+        .expect("fixture folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn concept_dirs() -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(Path::new(ROOT).join("tests/fixtures/iop"))
+        .expect("fixtures")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Checks the rules every mapped Bundle keeps and returns the problems found.
+fn invariant_problems(bundle: &Json, require_resolved: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let entries = bundle.get("entry").and_then(Json::as_array).unwrap_or_default();
+    let mut full_urls = HashSet::new();
+    let mut keys = HashSet::new();
+    for entry in entries {
+        let resource = &entry["resource"];
+        let key = format!("{}/{}", resource["resourceType"].as_str().unwrap_or_default(), resource["id"].as_str().unwrap_or_default());
+        if !keys.insert(key.clone()) {
+            problems.push(format!("{key} appears twice"));
+        }
+        full_urls.insert(entry["fullUrl"].as_str().unwrap_or_default().to_string());
+        if entry["request"]["method"].as_str() != Some("PUT") || entry["request"]["url"].as_str() != Some(key.as_str()) {
+            problems.push(format!("{key}: the entry is not a PUT to {key}"));
+        }
+        if entry["fullUrl"].as_str() != Some(format!("urn:uuid:{}", resource["id"].as_str().unwrap_or_default()).as_str()) {
+            problems.push(format!("{key}: fullUrl does not match the id"));
+        }
+    }
+    let mut references = Vec::new();
+    collect(bundle, "Bundle", &mut references, &mut problems);
+    if require_resolved {
+        for (path, reference) in references {
+            if !full_urls.contains(&reference) {
+                problems.push(format!("{path}: {reference} does not resolve inside the Bundle"));
+            }
+        }
+    }
+    problems
+}
+
+/// Collects references and reports empty values.
+fn collect(value: &Json, path: &str, references: &mut Vec<(String, String)>, problems: &mut Vec<String>) {
+    match value {
+        Json::Null => problems.push(format!("{path} is null")),
+        Json::String(s) if s.is_empty() => problems.push(format!("{path} is empty")),
+        Json::Array(items) if items.is_empty() => problems.push(format!("{path} is an empty array")),
+        Json::Object(object) if object.is_empty() => problems.push(format!("{path} is an empty object")),
+        Json::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                collect(item, &format!("{path}[{i}]"), references, problems);
+            }
+        }
+        Json::Object(object) => {
+            for (name, member) in object.iter() {
+                if name == "reference"
+                    && let Some(reference) = member.as_str()
+                {
+                    references.push((path.to_string(), reference.to_string()));
+                }
+                collect(member, &format!("{path}.{name}"), references, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn map_files(files: &[PathBuf]) -> Json {
+    let all: Vec<Json> = files.iter().flat_map(|f| records(f)).collect();
+    let mapped = mappings().records_to_fhir(&all);
+    assert!(!mapped.has_errors(), "{:?}: {:#?}", files, mapped.issues);
+    mapped.output
+}
+
+#[test]
+fn golden_bundles_per_concept_fixture() {
+    for dir in concept_dirs().into_iter().filter(|d| d != "episode") {
+        for file in fixture_files(&dir) {
+            let bundle = map_files(std::slice::from_ref(&file));
+            let name = format!("{dir}__{}", file.file_stem().unwrap().to_string_lossy());
+            insta::assert_json_snapshot!(name, serde_json::Value::from(&bundle));
+        }
+    }
+}
+
+#[test]
+fn every_output_keeps_the_invariants_and_validates_against_us_core() {
+    let validator = Validator::new(definitions());
+    for dir in concept_dirs() {
+        let files = fixture_files(&dir);
+        let bundle = map_files(&files);
+        let problems = invariant_problems(&bundle, false);
+        assert!(problems.is_empty(), "{dir}: {problems:#?}");
+        let report = validator.validate_json(&bundle, &[]);
+        let errors: Vec<String> = report.issues.iter().filter(|i| i.severity.is_error()).map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{dir}: {errors:#?}");
+        // The claimed US Core profiles were really checked, not skipped as unknown.
+        assert!(!report.issues.iter().any(|i| i.message.contains("is not loaded")), "{dir}: {:#?}", report.issues);
+    }
+}
+
+#[test]
+fn the_full_episode_is_one_self_contained_bundle() {
+    let bundle = map_files(&fixture_files("episode"));
+    let problems = invariant_problems(&bundle, true);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let entries = bundle["entry"].as_array().unwrap();
+    let count = |t: &str| entries.iter().filter(|e| e["resource"]["resourceType"].as_str() == Some(t)).count();
+    // 24 scheduled sessions: 21 attended (Encounters), 3 absences (Appointments).
+    assert_eq!((count("Encounter"), count("Appointment")), (21, 3));
+    // 16 screenings: 16 QuestionnaireResponses; PHQ-9 panel + 9 items + total, GAD-7 panel + 7 items + total.
+    assert_eq!(count("QuestionnaireResponse"), 16);
+    assert_eq!(count("Observation"), 8 * (11 + 9));
+    // Two referrals, each a ServiceRequest and a Task.
+    assert_eq!((count("ServiceRequest"), count("Task")), (2, 2));
+    assert_eq!((count("Patient"), count("Practitioner"), count("Coverage")), (1, 1, 1));
+}
+
+#[test]
+fn mapping_is_deterministic_and_re_sending_updates_the_same_resources() {
+    let files = fixture_files("episode");
+    let first = map_files(&files).to_string_compact();
+    let second = map_files(&files).to_string_compact();
+    assert_eq!(first, second);
+    // A re-sent session with a changed end time keeps its id.
+    let mut session = records(&Path::new(ROOT).join("tests/fixtures/iop/session/attended.json")).remove(0);
+    let before = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
+    if let Json::Object(object) = &mut session {
+        object.insert("end", Json::string("2026-01-05T11:45:00-06:00"));
+    }
+    let after = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
+    assert_eq!(before["entry"].as_array().unwrap()[0]["fullUrl"], after["entry"].as_array().unwrap()[0]["fullUrl"]);
+    assert_ne!(before, after);
+}
+
+#[test]
+fn round_trip_keeps_every_mapped_referral_field() {
+    // The client travels with its referrals: the referral's client_id comes back from the Patient.
+    let client = records(&Path::new(ROOT).join("tests/fixtures/iop/client/full.json"));
+    for file in fixture_files("referral") {
+        let sent = records(&file);
+        let with_client: Vec<Json> = client.iter().chain(&sent).cloned().collect();
+        let bundle = mappings().records_to_fhir(&with_client).output;
+        let back = mappings().fhir_to_records(&bundle);
+        assert!(!back.has_errors(), "{:#?}", back.issues);
+        let as_set = |records: &[Json]| -> Vec<String> {
+            let mut texts: Vec<String> = records.iter().map(|r| serde_json::Value::from(r).to_string()).collect();
+            texts.sort();
+            texts
+        };
+        assert_eq!(as_set(&back.output), as_set(&sent), "{}", file.display());
+    }
+}
+
+#[test]
+fn flags_reach_the_caller() {
+    let screening = fixture_files("screening");
+    let all: Vec<Json> = screening.iter().flat_map(|f| records(f)).collect();
+    let mapped = mappings().records_to_fhir(&all);
+    let messages: Vec<String> = mapped.issues.iter().map(ToString::to_string).collect();
+    assert!(messages.iter().any(|m| m.contains("SCR-0102 total") && m.contains("disagrees")), "{messages:#?}");
+    assert!(messages.iter().any(|m| m.contains("SCR-0103") && m.contains("URGENT")), "{messages:#?}");
+    // The total Observation carries the computed total, not the sent one.
+    let totals: Vec<String> = mapped.output["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["code"]["coding"].as_array().is_some_and(|c| c[0]["code"].as_str() == Some("70274-6")))
+        .map(|r| r["valueQuantity"]["value"].to_string())
+        .collect();
+    assert_eq!(totals, vec!["10".to_string()]);
+}
+
+#[test]
+fn a_bad_record_is_reported_with_its_path() {
+    let record = json::parse(br#"{"record_type": "session", "id": "S-1", "client_id": "C-1", "start": "2026-01-05T09:00:00Z", "end": "2026-01-05T12:00:00Z",
+        "modality": "group_therapy", "setting": "on_the_moon", "attendance": "attended", "cpt": "90853"}"#)
+    .unwrap();
+    let mapped = mappings().records_to_fhir(&[record]);
+    assert!(mapped.has_errors());
+    assert_eq!(mapped.issues[0].path, "setting", "{:#?}", mapped.issues);
+    assert!(mapped.output["entry"].as_array().unwrap().is_empty());
+}
+
+/// A copy of `mappings/` with one file replaced, for load-error tests.
+fn broken_mappings(file: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("iop-mappings-{}-{}", std::process::id(), file.replace('.', "-")));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("mappings")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join(file), text).unwrap();
+    dir
+}
+
+fn load_error(file: &str, text: &str) -> String {
+    let dir = broken_mappings(file, text);
+    let error = MappingSet::load(&dir, &definitions()).expect_err("the broken mapping must be refused");
+    let _ = std::fs::remove_dir_all(&dir);
+    error.to_string()
+}
+
+const SESSION_HEAD: &str = "record = \"session\"\ndirection = \"to-fhir\"\n\n[[resource]]\nname = \"encounter\"\ntype = \"Encounter\"\n\
+    profiles = [\"http://hl7.org/fhir/us/core/StructureDefinition/us-core-encounter\"]\nid = \"session:{id}\"\nrules = [\n\
+    { path = \"status\", value = \"finished\" },\n{ path = \"class\", value = { system = \"http://terminology.hl7.org/CodeSystem/v3-ActCode\", code = \"AMB\" } },\n\
+    { path = \"type[0].text\", value = \"session\" },\n{ path = \"subject\", ref = \"Patient\", id = \"client:{client_id}\" },\n";
+
+#[test]
+fn load_errors_name_file_line_and_path() {
+    // Line 14: a target path the profile does not have.
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start\" }},\n]\n"));
+    assert!(message.contains("session.to-fhir.toml:14: period.begin: 'Encounter.period' has no element 'begin'"), "{message}");
+    // A type that does not fit: a date-time cannot fill a boolean.
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"setting\" }},\n]\n"));
+    assert!(message.contains("session.to-fhir.toml:14: period.start: a string cannot fill a FHIR dateTime"), "{message}");
+    // A fixed code outside a required binding.
+    let text = SESSION_HEAD.replace("value = \"finished\"", "value = \"done\"");
+    let message = load_error("session.to-fhir.toml", &format!("{text}]\n"));
+    assert!(message.contains("session.to-fhir.toml:10: status: the code 'done' is not in the required ValueSet http://hl7.org/fhir/ValueSet/encounter-status"), "{message}");
+    // A record path the schema does not have.
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"starts_at\" }},\n]\n"));
+    assert!(message.contains("session.to-fhir.toml:14: starts_at: the schema has no member 'starts_at'"), "{message}");
+    // TOML syntax and unknown keys are located too.
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", form = \"start\" }},\n]\n"));
+    assert!(message.contains("session.to-fhir.toml:14:") && message.contains("form"), "{message}");
+    // A required element no rule sets.
+    let text = SESSION_HEAD.replace("{ path = \"status\", value = \"finished\" },\n", "");
+    let message = load_error("session.to-fhir.toml", &format!("{text}]\n"));
+    assert!(message.contains("no rule sets 'status'"), "{message}");
+}
+
+#[test]
+fn the_commands_map_and_check() {
+    let binary = env!("CARGO_BIN_EXE_iop-gateway");
+    let check = Command::new(binary).current_dir(ROOT).args(["mappings", "check"]).output().unwrap();
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stdout));
+    let fixture = Path::new(ROOT).join("tests/fixtures/iop/referral/inbound.json");
+    let to_fhir = Command::new(binary).current_dir(ROOT).args(["map", "--from", "iop", "--to", "fhir"]).arg(&fixture).output().unwrap();
+    assert_eq!(to_fhir.status.code(), Some(0), "{}", String::from_utf8_lossy(&to_fhir.stderr));
+    let bundle_file = std::env::temp_dir().join(format!("iop-referral-{}.json", std::process::id()));
+    std::fs::write(&bundle_file, &to_fhir.stdout).unwrap();
+    let back = Command::new(binary).current_dir(ROOT).args(["map", "--from", "fhir", "--to", "iop"]).arg(&bundle_file).output().unwrap();
+    let _ = std::fs::remove_file(&bundle_file);
+    assert_eq!(back.status.code(), Some(0), "{}", String::from_utf8_lossy(&back.stderr));
+    let records = json::parse(&back.stdout).unwrap();
+    assert_eq!(records.as_array().unwrap()[0]["id"].as_str(), Some("REF-2026-0042"));
+    let bad = Path::new(ROOT).join("tests/fixtures/iop/client/full.json");
+    let bad_text = std::fs::read_to_string(&bad).unwrap().replace("\"1991-06-14\"", "\"1991-14-06\"");
+    let bad_file = std::env::temp_dir().join(format!("iop-bad-client-{}.json", std::process::id()));
+    std::fs::write(&bad_file, bad_text).unwrap();
+    let failed = Command::new(binary).current_dir(ROOT).args(["map", "--from", "iop", "--to", "fhir"]).arg(&bad_file).output().unwrap();
+    let _ = std::fs::remove_file(&bad_file);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("client C-1001 birth_date"), "{}", String::from_utf8_lossy(&failed.stderr));
+}
