@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock};
 
-pub use structure::{Binding, BindingStrength, Constraint, Discriminator, ElementDefinition, ElementType, Slicing, SlicingRules, Structure, StructureKind};
+pub use structure::{
+    Binding, BindingStrength, Constraint, Discriminator, ElementDefinition, ElementType, Slicing, SlicingRules, Structure, StructureKind, type_suffix,
+};
 
 use crate::fhirpath::{ChildElement, TypeModel};
 use crate::json::Json;
@@ -213,7 +215,16 @@ impl Definitions {
             snapshot::generate(&resource, self).and_then(|snapshot| Structure::compile(&snapshot))
         };
         match result {
-            Ok(structure) => Some(Arc::new(structure)),
+            Ok(mut structure) => {
+                // A profile has the kind of the type it constrains, whatever it declares (some say complex-type for a resource).
+                if !structure.derivation_is_specialization() && structure.kind != StructureKind::Logical {
+                    let base_kind = self.type_structure(&structure.type_name).filter(|b| b.url != structure.url).map(|b| b.kind);
+                    if let Some(kind) = base_kind {
+                        structure.kind = kind;
+                    }
+                }
+                Some(Arc::new(structure))
+            }
             Err(problem) => {
                 if let Ok(mut problems) = self.compile_problems.write() {
                     problems.push(format!("{}: {problem}", entry.source));

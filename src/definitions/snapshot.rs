@@ -39,9 +39,10 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
     }
     let differential =
         resource.get("differential").and_then(|d| d.get("element")).and_then(Json::as_array).ok_or("no differential")?;
+    let mut slices = SliceContext::default();
     for diff in differential {
         let Some(diff) = diff.as_object() else { continue };
-        let id = diff_id(diff).ok_or("differential element without path")?;
+        let id = slices.id_of(diff).ok_or("differential element without path")?;
         let index = match find(&elements, &id) {
             Some(i) => i,
             None => materialize(&mut elements, &id, diff, definitions)?,
@@ -55,15 +56,53 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
     Ok(Json::Object(out))
 }
 
-fn diff_id(diff: &Object) -> Option<String> {
-    if let Some(id) = diff.get("id").and_then(Json::as_str) {
-        return Some(id.to_string());
+/// Gives differential elements their ids, following the slice each one is inside.
+///
+/// Older differentials have paths but no ids: `Bundle.entry` with `sliceName: Patient`, then
+/// `Bundle.entry.resource`, which constrains the resource *of that slice*. The path alone would
+/// put the constraint on the unsliced element, so the slice last opened at each path is remembered
+/// until the differential returns to the unsliced element or leaves the path.
+#[derive(Default)]
+struct SliceContext {
+    /// (path, id of the slice open at it), outermost first.
+    open: Vec<(String, String)>,
+}
+
+impl SliceContext {
+    fn id_of(&mut self, diff: &Object) -> Option<String> {
+        let path = diff.get("path").and_then(Json::as_str)?;
+        // Slices opened at paths that are not ancestors of (or equal to) this one are closed.
+        self.open.retain(|(open, _)| path == open || is_descendant_path(path, open));
+        if let Some(id) = diff.get("id").and_then(Json::as_str) {
+            self.open.retain(|(open, _)| open != path);
+            if diff.get("sliceName").is_some() {
+                self.open.push((path.to_string(), id.to_string()));
+            }
+            return Some(id.to_string());
+        }
+        // The innermost open slice that contains this path gives the prefix of its id.
+        let prefixed = match self.open.iter().rev().find(|(open, _)| is_descendant_path(path, open)) {
+            Some((open, slice_id)) => format!("{slice_id}{}", &path[open.len()..]),
+            None => path.to_string(),
+        };
+        match diff.get("sliceName").and_then(Json::as_str) {
+            Some(slice) => {
+                let id = format!("{prefixed}:{slice}");
+                self.open.retain(|(open, _)| open != path);
+                self.open.push((path.to_string(), id.clone()));
+                Some(id)
+            }
+            None => {
+                // The unsliced element itself: the slices opened at this path are over.
+                self.open.retain(|(open, _)| open != path);
+                Some(prefixed)
+            }
+        }
     }
-    let path = diff.get("path").and_then(Json::as_str)?;
-    Some(match diff.get("sliceName").and_then(Json::as_str) {
-        Some(slice) => format!("{path}:{slice}"),
-        None => path.to_string(),
-    })
+}
+
+fn is_descendant_path(path: &str, ancestor: &str) -> bool {
+    path.len() > ancestor.len() && path.starts_with(ancestor) && path.as_bytes()[ancestor.len()] == b'.'
 }
 
 fn id_of(element: &Object) -> &str {
@@ -263,6 +302,28 @@ mod tests {
         let coding = structure.index_of_path("Observation.code.coding").unwrap();
         let code = structure.index_of_path("Observation.code").unwrap();
         assert_eq!(structure.slices_of(code, coding).len(), 1);
+    }
+
+    #[test]
+    fn differentials_without_ids_constrain_the_slice_they_follow() {
+        let definitions = Definitions::base();
+        let sd = profile(
+            r#"[{"path":"Observation.component","slicing":{"discriminator":[{"type":"pattern","path":"code"}],"rules":"open"}},
+               {"path":"Observation.component","sliceName":"a","min":1},
+               {"path":"Observation.component.code","patternCodeableConcept":{"text":"a"}},
+               {"path":"Observation.component","sliceName":"b"},
+               {"path":"Observation.component.valueString","min":1},
+               {"path":"Observation.status","fixedCode":"final"}]"#,
+        );
+        let snapshot = generate(&sd, &definitions).unwrap();
+        let ids = ids(&snapshot);
+        let elements = snapshot["snapshot"]["element"].as_array().unwrap();
+        let at = |id: &str| ids.iter().position(|x| x == id).unwrap_or_else(|| panic!("{id} missing"));
+        assert!(elements[at("Observation.component:a.code")].get("patternCodeableConcept").is_some());
+        assert!(elements[at("Observation.component.code")].get("patternCodeableConcept").is_none());
+        assert_eq!(elements[at("Observation.component:b.value[x]")].get("min"), Some(&Json::Number("1".into())));
+        assert_eq!(elements[at("Observation.component.value[x]")].get("min"), Some(&Json::Number("0".into())));
+        assert_eq!(elements[at("Observation.status")].get("fixedCode").and_then(Json::as_str), Some("final"));
     }
 
     #[test]

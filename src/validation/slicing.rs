@@ -95,6 +95,8 @@ fn matches_discriminator(walker: &Walker<'_, '_>, structure: &Structure, slice: 
             let expected = expected.or_else(|| fixed_from_type_profile(walker, structure, slice, &discriminator.path));
             match expected {
                 Some(expected) => actual.iter().any(|a| matches_pattern(a, &expected)),
+                // A prohibited element (max 0) tells the slice apart by its absence.
+                None if target.is_some_and(|t| structure.elements[t].max == Some(0)) => actual.is_empty(),
                 // Nothing to compare against: the slice cannot be told apart by this discriminator.
                 None => false,
             }
@@ -111,10 +113,13 @@ fn matches_discriminator(walker: &Walker<'_, '_>, structure: &Structure, slice: 
                 Some(t) => structure.elements[t].types.iter().map(|t| t.code.as_str()).collect(),
                 None => Vec::new(),
             };
-            actual.iter().any(|a| {
-                let actual_type = a.get("resourceType").and_then(Json::as_str);
-                match actual_type {
-                    Some(rt) => types.contains(&rt),
+            actual_types(item, &discriminator.path).iter().any(|(value, suffix)| {
+                if let Some(resource_type) = value.get("resourceType").and_then(Json::as_str) {
+                    return types.contains(&resource_type);
+                }
+                match suffix {
+                    // `contentAttachment`: the JSON name says the type of a choice element.
+                    Some(suffix) => types.iter().any(|t| crate::definitions::type_suffix(t) == *suffix),
                     None => types.len() == 1,
                 }
             })
@@ -196,6 +201,40 @@ fn split_path(path: &str) -> Vec<&str> {
     }
     segments.push(&path[start..]);
     segments
+}
+
+/// The values at a discriminator path, each with the type suffix of its JSON name when the last step is a choice (`contentString`).
+fn actual_types<'a>(item: &'a Json, path: &'a str) -> Vec<(&'a Json, Option<&'a str>)> {
+    let (parent_path, last) = match path.rsplit_once('.') {
+        Some((p, l)) => (Some(p), l),
+        None => (None, path),
+    };
+    if last == "$this" || last.contains('(') {
+        return navigate(item, path).into_iter().map(|v| (v, None)).collect();
+    }
+    let parents = match parent_path {
+        Some(p) => navigate(item, p),
+        None => vec![item],
+    };
+    let mut out = Vec::new();
+    for parent in parents {
+        let Some(object) = parent.as_object() else { continue };
+        for (key, value) in object.iter() {
+            let suffix = if key == last {
+                None
+            } else {
+                match key.strip_prefix(last) {
+                    Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) => Some(rest),
+                    _ => continue,
+                }
+            };
+            match value {
+                Json::Array(items) => out.extend(items.iter().map(|v| (v, suffix))),
+                v => out.push((v, suffix)),
+            }
+        }
+    }
+    out
 }
 
 /// The values at a discriminator path in a JSON value.

@@ -251,3 +251,53 @@ fn references_in_documents_must_resolve_inside_the_bundle() {
     assert!(found.iter().any(|e| e.starts_with("Bundle.entry[0].resource.author[0]: ") && e.contains("not in the bundle")), "{found:#?}");
     assert!(!found.iter().any(|e| e.starts_with("Bundle.entry[0].resource.subject") || e.starts_with("Bundle.entry[0].resource.author[1]")), "{found:#?}");
 }
+
+/// A validator that knows one differential-only profile.
+fn validator_with_profile(profile: &str) -> Validator {
+    let mut definitions = Definitions::new_base();
+    definitions.add_resource("profile", json::parse(profile.as_bytes()).unwrap());
+    Validator::new(Arc::new(definitions))
+}
+
+#[test]
+fn type_slices_are_told_apart_by_the_choice_name_and_prohibited_elements_by_absence() {
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/comm","name":"Comm","status":"draft","kind":"resource",
+        "abstract":false,"type":"Communication","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Communication",
+        "differential":{"element":[
+          {"path":"Communication.payload","slicing":{"discriminator":[{"type":"type","path":"content"}],"rules":"closed"}},
+          {"path":"Communication.payload","sliceName":"text"},
+          {"path":"Communication.payload.contentString","type":[{"code":"string"}]},
+          {"path":"Communication.payload","sliceName":"file","max":"1"},
+          {"path":"Communication.payload.contentAttachment","type":[{"code":"Attachment"}]},
+          {"path":"Communication.identifier","slicing":{"discriminator":[{"type":"value","path":"system"},{"type":"value","path":"use"}],"rules":"closed"}},
+          {"path":"Communication.identifier","sliceName":"official"},
+          {"path":"Communication.identifier.system","fixedUri":"http://example.org/ids"},
+          {"path":"Communication.identifier.use","fixedCode":"official"},
+          {"path":"Communication.identifier","sliceName":"plain"},
+          {"path":"Communication.identifier.system","fixedUri":"http://example.org/ids"},
+          {"path":"Communication.identifier.use","max":"0"}]}}"#;
+    let validator = validator_with_profile(profile);
+    let communication = |payload: &str, identifiers: &str| {
+        format!(r#"{{"resourceType":"Communication","meta":{{"profile":["http://example.org/sd/comm"]}},"status":"completed","payload":{payload},"identifier":{identifiers}}}"#)
+    };
+    let ids = r#"[{"system":"http://example.org/ids","use":"official","value":"1"},{"system":"http://example.org/ids","value":"2"}]"#;
+    let good = communication(r#"[{"contentString":"hi"},{"contentAttachment":{"title":"a"}}]"#, ids);
+    let report = validator.validate_bytes(good.as_bytes(), &[]);
+    assert!(report.is_valid(), "{:#?}", report.issues);
+    let two_files = communication(r#"[{"contentAttachment":{"title":"a"}},{"contentAttachment":{"title":"b"}}]"#, ids);
+    let report = validator.validate_bytes(two_files.as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.message.contains("slice 'file'")), "{:#?}", report.issues);
+    let unmatched = communication(r#"[{"contentString":"hi"}]"#, r#"[{"system":"http://example.org/ids","use":"temp","value":"3"}]"#);
+    let report = validator.validate_bytes(unmatched.as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.expression == "Communication.identifier[0]"), "{:#?}", report.issues);
+}
+
+#[test]
+fn profiles_declaring_the_wrong_kind_still_describe_resources() {
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/pat","name":"Pat","status":"draft","kind":"complex-type",
+        "abstract":false,"type":"Patient","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Patient",
+        "differential":{"element":[{"path":"Patient.active","min":1}]}}"#;
+    let validator = validator_with_profile(profile);
+    let report = validator.validate_bytes(br#"{"resourceType":"Patient","active":true}"#, &["http://example.org/sd/pat".to_string()]);
+    assert!(report.is_valid(), "{:#?}", report.issues);
+}
