@@ -14,6 +14,29 @@
 //! Decimals are `rust_decimal::Decimal`: exact base-10 arithmetic with 28 significant digits,
 //! which FHIRPath needs (`0.1 + 0.2 = 0.3`, precision kept as written: `1.50`), and fixed-size
 //! so arithmetic does not allocate. Date/time values keep the precision they were written with.
+//!
+//! # Semantics worth knowing
+//! - Nodes are borrowed from the caller's JSON; a primitive's node joins `name` and `_name`
+//!   (value plus id/extension), repeating primitives align by index.
+//! - Choice elements are reached by their FHIRPath name (`value`); the JSON spelling
+//!   (`valueQuantity`) is an error when the model declares the choice, as in the Java engine.
+//! - `is` follows inheritance (`code` is a `string`); `as`/`ofType` want the exact primitive
+//!   type (a `code` is not `as(string)`), while complex types and resources still match their
+//!   ancestors (`ofType(Resource)`). Unqualified names are FHIR types first, then System types.
+//!   `as()` on more than one item filters like `ofType()` (R4's dom-3 relies on it) except in
+//!   strict mode, where it is the error the specification asks for.
+//! - Errors: [`SyntaxError`] from [`parse`] (unknown functions and argument counts included);
+//!   [`EvalError`] for type errors, non-singletons where one item is needed, unknown
+//!   `%constants`, and in [`Context::strict`] mode unknown elements. There is no separate static
+//!   type check, so semantic errors that need one (a member that no possible type has, ordered
+//!   functions on unordered input) are not reported.
+//! - Limits: parentheses/arguments nest at most 40 deep and the tree is at most 128 high (a flat
+//!   chain of 128 `+` or `.` steps counts too); `repeat()`/`descendants()` stop with an error past
+//!   a million items. `distinct()`, `union` and `|` compare items pairwise (quadratic).
+//! - Units: the UCUM subset in [`quantity`] (metric prefixes, SI base units, time, common
+//!   customary units); unknown units compare only with the identical unit.
+//! - [`to_json`] renders results for the CLI: nodes as their JSON, System values as JSON
+//!   primitives (dates as ISO strings without `@`), a Quantity as a FHIR Quantity object.
 
 /// What the engine needs to know about FHIR types; implemented from StructureDefinitions.
 ///

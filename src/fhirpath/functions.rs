@@ -126,6 +126,18 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 }
                 out
             }
+            Func::As if coll.len() > 1 && !self.ctx.strict => {
+                // R4's own invariants (dom-3: `descendants().as(canonical)`) apply as() to whole
+                // collections, so outside strict mode it filters like ofType() instead of failing.
+                let spec = call.type_arg.as_ref().ok_or_else(|| EvalError::new("as needs a type"))?;
+                let mut out = Vec::new();
+                for v in coll {
+                    if self.is_type(v, spec, true)? {
+                        out.push(v.clone());
+                    }
+                }
+                out
+            }
             Func::Is | Func::As => {
                 let spec = call.type_arg.as_ref().ok_or_else(|| EvalError::new("is/as needs a type"))?;
                 match singleton(coll)? {

@@ -236,6 +236,18 @@ fn types_and_choices() {
 }
 
 #[test]
+fn as_on_collections_filters_unless_strict() {
+    let json = json::parse(PATIENT.as_bytes()).expect("valid JSON");
+    with_model(|types| {
+        let expr = parse("descendants().as(code)").expect("parses");
+        let lenient = expr.evaluate(Node::resource(&json), &Context::new(types)).expect("filters");
+        let codes: Vec<String> = lenient.iter().map(|v| v.to_string()).collect();
+        assert_eq!(codes, ["male", "official", "usual"]);
+        assert!(expr.evaluate(Node::resource(&json), &Context::new(types).strict(true)).is_err());
+    });
+}
+
+#[test]
 fn strict_mode_rejects_unknown_elements() {
     let json = json::parse(PATIENT.as_bytes()).expect("valid JSON");
     with_model(|types| {
@@ -439,4 +451,35 @@ fn runaway_expressions_stop_with_errors() {
     assert!(eval("@2020-01-01 + 9223372036854775807 months").is_err());
     assert!(eval("@2020-01-01 + 99999999999 days").is_err());
     check("1.repeat(2)", &["2"]);
+}
+
+/// Every invariant of the R4 base specification parses, and evaluates on an empty element
+/// without a panic (errors are acceptable there: the element is not what the invariant expects).
+#[test]
+fn all_r4_core_invariants_parse() {
+    let definitions = crate::definitions::Definitions::base();
+    let types = TypeCache::new(&*definitions);
+    let empty = json::parse(b"{}").expect("valid JSON");
+    let mut count = 0;
+    let mut failures = Vec::new();
+    for entry in definitions.resources_of_type("StructureDefinition") {
+        let Some(sd) = entry.resource() else { continue };
+        let elements = sd.get("snapshot").and_then(|s| s.get("element")).and_then(json::Json::as_array).unwrap_or(&[]);
+        for element in elements {
+            let constraints = element.get("constraint").and_then(json::Json::as_array).unwrap_or(&[]);
+            for constraint in constraints {
+                let Some(expression) = constraint.get("expression").and_then(json::Json::as_str) else { continue };
+                count += 1;
+                match parse(expression) {
+                    Ok(expr) => {
+                        let ctx = Context::new(&types);
+                        let _ = expr.evaluate(Node::typed(&empty, Some("Element")), &ctx);
+                    }
+                    Err(e) => failures.push(format!("{expression}: {e}")),
+                }
+            }
+        }
+    }
+    assert!(count > 1000, "only {count} invariants found");
+    assert!(failures.is_empty(), "{} of {count} do not parse:\n{}", failures.len(), failures.join("\n"));
 }
