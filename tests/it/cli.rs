@@ -66,3 +66,18 @@ fn loads_an_ig_package_and_validates_against_its_profile() {
     let text = report.to_string();
     assert!(!text.contains("is not loaded"), "{text}");
 }
+
+#[test]
+fn fhirpath_prints_the_result_collection() {
+    let patient = format!("{FIXTURES}/valid/client-patient.json");
+    let output = run(&["fhirpath", "name.given.first() | birthDate", &patient]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON array");
+    assert_eq!(result, serde_json::json!(["Alex", "1990-06-15"]));
+    let xml = format!("{FIXTURES}/invalid/patient-unknown-element.xml");
+    let output = run(&["fhirpath", "id", &xml]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("array"), serde_json::json!(["client-0002"]));
+    let bad = run(&["fhirpath", "name.where(", &patient]);
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid FHIRPath expression"));
+}
