@@ -129,6 +129,16 @@ fn is_base64(text: &str) -> bool {
     n % 4 == 0 && padding <= 2
 }
 
+/// The number of bytes base64 text decodes to (whitespace ignored), or `None` when it is not valid base64.
+pub(super) fn base64_decoded_len(text: &str) -> Option<u64> {
+    if !is_base64(text) {
+        return None;
+    }
+    let significant = text.bytes().filter(|b| !b.is_ascii_whitespace()).count() as u64;
+    let padding = text.bytes().rev().filter(|b| !b.is_ascii_whitespace()).take_while(|&b| b == b'=').count() as u64;
+    Some(significant / 4 * 3 - padding)
+}
+
 fn digits(text: &str, n: usize) -> Option<u32> {
     if text.len() == n && text.bytes().all(|b| b.is_ascii_digit()) { text.parse().ok() } else { None }
 }
@@ -218,6 +228,7 @@ mod tests {
         assert!(ok("oid", "urn:oid:1.2.3") && !ok("oid", "urn:oid:3.1") && !ok("oid", "1.2.3"));
         assert!(ok("uuid", "urn:uuid:a76d9bbf-f293-4fb7-ad4c-2851cac77162") && !ok("uuid", "urn:uuid:xyz"));
         assert!(ok("base64Binary", "aGVsbG8=") && !ok("base64Binary", "aGVsbG8") && !ok("base64Binary", "a$=="));
+        assert_eq!((base64_decoded_len("aGVsbG8="), base64_decoded_len("aGVs\nbG8h"), base64_decoded_len("aA==")), (Some(5), Some(6), Some(1)));
         assert!(ok("time", "10:00:00") && ok("time", "10:00:00.5") && !ok("time", "10:00"));
         assert!(!ok("uri", "a b") && !ok("string", "") && !ok("string", "   "));
     }

@@ -72,6 +72,48 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, response: &'a Object) {
     items(walker, &mut context, q_items, root_items, 0);
 }
 
+/// Checks the enableWhen conditions of a Questionnaire; the walker's path is the Questionnaire's.
+///
+/// An item's own answers (and those of the items inside it) only exist once it is enabled, so a
+/// condition on them could never become true.
+pub(super) fn check_definition(walker: &mut Walker<'_, '_>, questionnaire: &Object) {
+    let items = questionnaire.get("item").and_then(Json::as_array).unwrap_or_default();
+    definition_items(walker, items, 0);
+}
+
+fn definition_items(walker: &mut Walker<'_, '_>, items: &[Json], depth: usize) {
+    if depth > MAX_ITEM_DEPTH {
+        return;
+    }
+    let base_len = walker.path.len();
+    for (i, item) in items.iter().enumerate() {
+        walker.path.push_str(&format!(".item[{i}]"));
+        let conditions = item.get("enableWhen").and_then(Json::as_array).unwrap_or_default();
+        for condition in conditions {
+            let Some(question) = condition.get("question").and_then(Json::as_str) else { continue };
+            let mut inner = Vec::new();
+            collect_link_ids(std::slice::from_ref(item), &mut inner, 0);
+            if inner.contains(&question) {
+                walker.error(IssueCode::BusinessRule, format!("the enableWhen condition refers to '{question}', which is this item or one inside it"));
+            }
+        }
+        definition_items(walker, item.get("item").and_then(Json::as_array).unwrap_or_default(), depth + 1);
+        walker.path.truncate(base_len);
+    }
+}
+
+fn collect_link_ids<'j>(items: &'j [Json], out: &mut Vec<&'j str>, depth: usize) {
+    if depth > MAX_ITEM_DEPTH {
+        return;
+    }
+    for item in items {
+        if let Some(link_id) = item.get("linkId").and_then(Json::as_str) {
+            out.push(link_id);
+        }
+        collect_link_ids(item.get("item").and_then(Json::as_array).unwrap_or_default(), out, depth + 1);
+    }
+}
+
 /// Matches a list of response items against the questionnaire items at the same level.
 fn items<'a>(walker: &mut Walker<'_, 'a>, context: &mut Context<'_, 'a>, q_items: &[Json], qr_items: &'a [Json], depth: usize) {
     if depth > MAX_ITEM_DEPTH {

@@ -301,3 +301,35 @@ fn profiles_declaring_the_wrong_kind_still_describe_resources() {
     let report = validator.validate_bytes(br#"{"resourceType":"Patient","active":true}"#, &["http://example.org/sd/pat".to_string()]);
     assert!(report.is_valid(), "{:#?}", report.issues);
 }
+
+#[test]
+fn attachment_size_must_match_the_data() {
+    let media = |size: u32| format!(r#"{{"resourceType":"Media","status":"completed","content":{{"contentType":"text/plain","data":"aGVsbG8=","size":{size}}}}}"#);
+    assert_error(&media(100), "Media.content", "stated size 100");
+    assert_eq!(errors(&media(5)), Vec::<String>::new());
+}
+
+#[test]
+fn a_primitive_needs_a_value_or_extensions() {
+    assert_error(r#"{"resourceType":"Patient","_implicitRules":{"id":"i1"}}"#, "Patient.implicitRules", "value or extensions");
+    assert_error(r#"{"resourceType":"Patient","name":[{"given":["a",null],"_given":[null,{"id":"g2"}]}]}"#, "Patient.name[0].given[1]", "value or extensions");
+    let with_extension = r#"{"resourceType":"Patient","_implicitRules":{"id":"i1","extension":[{"url":"http://example.org/x","valueString":"y"}]}}"#;
+    assert_eq!(errors(with_extension), Vec::<String>::new());
+}
+
+#[test]
+fn enable_when_cannot_depend_on_the_item_itself() {
+    let questionnaire = r#"{"resourceType":"Questionnaire","status":"active","item":[{"linkId":"g","type":"group",
+        "enableWhen":[{"question":"q","operator":"exists","answerBoolean":true}],"item":[{"linkId":"q","type":"boolean"}]},
+        {"linkId":"later","type":"string","enableWhen":[{"question":"q","operator":"exists","answerBoolean":true}]}]}"#;
+    assert_error(questionnaire, "Questionnaire.item[0]", "refers to 'q'");
+    assert!(!errors(questionnaire).iter().any(|e| e.starts_with("Questionnaire.item[1]: ") && e.contains("refers to")));
+}
+
+#[test]
+fn a_bundle_reference_must_resolve_to_the_type_it_names() {
+    let bundle = r#"{"resourceType":"Bundle","type":"collection","entry":[
+        {"fullUrl":"http://example.org/fhir/Patient/p","resource":{"resourceType":"Patient","id":"p","generalPractitioner":[{"reference":"Practitioner/x"}]}},
+        {"fullUrl":"http://example.org/fhir/Practitioner/x","resource":{"resourceType":"Organization","id":"x"}}]}"#;
+    assert_error(bundle, "Bundle.entry[0].resource.generalPractitioner[0]", "names a Practitioner");
+}

@@ -112,6 +112,9 @@ impl<'v, 'a> Walker<'v, 'a> {
         if resource_type == "Bundle" {
             super::bundle::check_entries(self, object);
         }
+        if resource_type == "Questionnaire" {
+            super::questionnaire::check_definition(self, object);
+        }
         if resource_type == "QuestionnaireResponse" {
             super::questionnaire::check(self, object);
         }
@@ -326,6 +329,10 @@ impl<'v, 'a> Walker<'v, 'a> {
                     }
                     self.path.push_str(&format!("[{i}]"));
                     check_one(self, item);
+                    let has_value = main.and_then(|m| m.get(i)).is_some_and(|v| !matches!(v, Json::Null));
+                    if !has_value && item.get("extension").is_none() {
+                        self.error(IssueCode::Invalid, "a primitive must have a value or extensions (ele-1); an id alone is not enough");
+                    }
                     self.path.truncate(item_len);
                     if main.and_then(|m| m.get(i)).is_none() {
                         n_values += 1;
@@ -336,6 +343,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                 check_one(self, value);
                 if object.get(primitive_name).is_none() {
                     n_values = 1;
+                    if value.get("extension").is_none() {
+                        self.error(IssueCode::Invalid, "a primitive must have a value or extensions (ele-1); an id alone is not enough");
+                    }
                 }
             }
             other => self.error(IssueCode::Structure, format!("'{name}' has the wrong JSON shape ({})", other.kind())),
@@ -385,6 +395,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                 }
                 if type_code == "Reference" {
                     self.reference(definition, object);
+                }
+                if type_code == "Attachment" {
+                    self.attachment(object);
                 }
                 if let Some(binding) = &definition.binding {
                     self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
@@ -526,7 +539,13 @@ impl<'v, 'a> Walker<'v, 'a> {
         let mut target_type = None;
         if let Some(entry_url) = self.current_entry_url() {
             match super::bundle::resolve(self, reference, entry_url) {
-                Resolution::Found(resource) => target_type = resource.get("resourceType").and_then(Json::as_str).map(str::to_string),
+                Resolution::Found(resource) => {
+                    let found_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+                    if let Some(stated) = self.stated_type(reference).filter(|t| *t != found_type) {
+                        self.error(IssueCode::Structure, format!("'{reference}' names a {stated}, but the bundle entry it resolves to is a {found_type}"));
+                    }
+                    target_type = Some(found_type.to_string());
+                }
                 Resolution::Missing => {
                     if let Some(kind @ ("document" | "message")) = self.scope.bundle_type {
                         self.error(IssueCode::NotFound, format!("'{reference}' is not in the bundle, but the references in a {kind} must resolve inside it"));
@@ -556,6 +575,15 @@ impl<'v, 'a> Walker<'v, 'a> {
         self.error(IssueCode::Structure, format!("a reference to a {target_type} is not allowed here (allowed: {})", names.join(", ")));
     }
 
+    /// `Attachment.size` is the number of bytes of the content, so it must agree with `data` when both are given.
+    fn attachment(&mut self, attachment: &Object) {
+        let (Some(Json::Number(size)), Some(data)) = (attachment.get("size"), attachment.get("data").and_then(Json::as_str)) else { return };
+        let (Ok(stated), Some(actual)) = (size.parse::<u64>(), primitives::base64_decoded_len(data)) else { return };
+        if stated != actual {
+            self.error(IssueCode::Value, format!("the stated size {stated} does not match the size of the data ({actual} bytes)"));
+        }
+    }
+
     /// The fullUrl of the Bundle entry the walk is inside (`Some(None)`: an entry without one), if any.
     fn current_entry_url(&self) -> Option<Option<&'a str>> {
         if self.scope.entry_urls.is_empty() {
@@ -580,11 +608,16 @@ impl<'v, 'a> Walker<'v, 'a> {
         if let Some(resource) = self.scope.bundle_entries.get(reference) {
             return resource.get("resourceType").and_then(Json::as_str).map(str::to_string);
         }
+        self.stated_type(reference).map(str::to_string)
+    }
+
+    /// The resource type the text of a `Type/id` reference (relative or RESTful absolute) names.
+    fn stated_type<'r>(&self, reference: &'r str) -> Option<&'r str> {
         let without_history = reference.split("/_history/").next().unwrap_or(reference);
         let mut parts = without_history.rsplit('/');
         let _id = parts.next()?;
         let type_name = parts.next()?;
-        if self.validator.definitions.is_resource_type(type_name) { Some(type_name.to_string()) } else { None }
+        self.validator.definitions.is_resource_type(type_name).then_some(type_name)
     }
 
     /// Checks a value against a binding; required bindings are errors, extensible ones warnings.
