@@ -432,7 +432,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             rows.push((row, item.clone()));
         }
         let mut failure = None;
-        rows.sort_by(|(a, _), (b, _)| {
+        let rows = merge_sort(rows, |(a, _), (b, _)| {
             for (k, (x, y)) in a.iter().zip(b).enumerate() {
                 let descending = keys.get(k).is_some_and(|(_, d)| *d);
                 let o = match (x, y) {
@@ -714,6 +714,37 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         }
         build(pattern).map_err(|e| EvalError::new(format!("invalid regular expression '{pattern}': {e}")))
     }
+}
+
+/// A stable merge sort that tolerates an inconsistent comparator (mixed or partially comparable
+/// keys), where `slice::sort_by` may panic.
+fn merge_sort<T>(items: Vec<T>, mut cmp: impl FnMut(&T, &T) -> Ordering) -> Vec<T> {
+    let mut runs: Vec<Vec<T>> = items.into_iter().map(|x| vec![x]).collect();
+    while runs.len() > 1 {
+        let mut merged = Vec::with_capacity(runs.len().div_ceil(2));
+        let mut iter = runs.into_iter();
+        while let Some(left) = iter.next() {
+            let Some(right) = iter.next() else {
+                merged.push(left);
+                break;
+            };
+            let mut out = Vec::with_capacity(left.len() + right.len());
+            let mut l = left.into_iter().peekable();
+            let mut r = right.into_iter().peekable();
+            loop {
+                let take_right = match (l.peek(), r.peek()) {
+                    (Some(a), Some(b)) => cmp(a, b) == Ordering::Greater,
+                    (Some(_), None) => false,
+                    (None, Some(_)) => true,
+                    (None, None) => break,
+                };
+                out.extend(if take_right { r.next() } else { l.next() });
+            }
+            merged.push(out);
+        }
+        runs = merged;
+    }
+    runs.pop().unwrap_or_default()
 }
 
 /// A stable identity for a node, so `repeat()` can tell revisited nodes apart cheaply.

@@ -319,7 +319,7 @@ impl Temporal {
     }
 
     fn precision_for_digits(kind: TemporalKind, digits: i64) -> Option<Precision> {
-        let digits = if kind == TemporalKind::Time { digits + 8 } else { digits };
+        let digits = if kind == TemporalKind::Time { digits.checked_add(8)? } else { digits };
         let p = match digits {
             4 => Precision::Year,
             6 => Precision::Month,

@@ -483,3 +483,45 @@ fn all_r4_core_invariants_parse() {
     assert!(count > 1000, "only {count} invariants found");
     assert!(failures.is_empty(), "{} of {count} do not parse:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// Random well-formed-ish expressions over all functions and operators: evaluation may fail, but
+/// never panics (overflow checks are on in test builds, so arithmetic corners are covered too).
+#[test]
+fn generated_expressions_never_panic() {
+    let lits = ["0", "1", "-1", "2.5", "-0.0", "'a'", "'2014-01-02'", "'12:00'", "@2014", "@2014-02-29", "@T10:00", "@2014-01-01T10:00:00Z", "@2014-01-01T10", "5 'mg'", "3 days", "1 year", "2 'wk'", "true", "false", "{}", "9223372036854775807", "99999999999999999999999999999", "0.0000000000000000000000000001", "'1 \\'mg\\''", "'[a-'", "'dGVzdA=='", "'&lt;'"];
+    let paths = ["name", "name.given", "birthDate", "gender", "contained", "id", "$this", "$index", "$total", "%resource", "active", "deceased", "contact.name", "descendants()", "children()", "name.given.extension"];
+    let funcs0 = ["exists()", "empty()", "count()", "first()", "last()", "tail()", "single()", "distinct()", "isDistinct()", "not()", "toString()", "toInteger()", "toDecimal()", "toQuantity()", "toDate()", "toDateTime()", "toTime()", "toBoolean()", "convertsToQuantity()", "length()", "upper()", "lower()", "toChars()", "trim()", "abs()", "ceiling()", "floor()", "exp()", "ln()", "sqrt()", "truncate()", "round()", "lowBoundary()", "highBoundary()", "precision()", "type()", "hasValue()", "getValue()", "resolve()", "allTrue()", "anyFalse()", "sort()", "today()", "now()", "timeOfDay()", "children()", "descendants()"];
+    let funcs1 = ["where", "select", "repeat", "all", "exists", "skip", "take", "substring", "indexOf", "startsWith", "contains", "matches", "split", "join", "power", "log", "round", "lowBoundary", "highBoundary", "union", "combine", "intersect", "exclude", "subsetOf", "supersetOf", "aggregate", "sort", "trace", "extension", "encode", "decode", "escape", "unescape", "comparable", "toQuantity", "memberOf", "conformsTo"];
+    let ops = ["+", "-", "*", "/", "div", "mod", "&", "|", "=", "!=", "~", "!~", "<", "<=", ">", ">=", "and", "or", "xor", "implies", "in", "contains"];
+    let types = ["Integer", "String", "Quantity", "HumanName", "code", "string", "System.Boolean", "FHIR.date", "Patient", "Resource"];
+    let json = json::parse(PATIENT.as_bytes()).expect("valid JSON");
+    let mut seed: u64 = 7;
+    let mut rnd = move |n: usize| { seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (seed >> 33) as usize % n };
+    fn generate(depth: u32, rnd: &mut dyn FnMut(usize) -> usize, l: &[&str], p: &[&str], f0: &[&str], f1: &[&str], o: &[&str], t: &[&str]) -> String {
+        if depth == 0 { return if rnd(2) == 0 { l[rnd(l.len())].to_string() } else { p[rnd(p.len())].to_string() }; }
+        match rnd(7) {
+            0 => format!("({} {} {})", generate(depth - 1, rnd, l, p, f0, f1, o, t), o[rnd(o.len())], generate(depth - 1, rnd, l, p, f0, f1, o, t)),
+            1 => format!("{}.{}", generate(depth - 1, rnd, l, p, f0, f1, o, t), f0[rnd(f0.len())]),
+            2 => format!("{}.{}({})", generate(depth - 1, rnd, l, p, f0, f1, o, t), f1[rnd(f1.len())], generate(depth - 1, rnd, l, p, f0, f1, o, t)),
+            3 => format!("({} {} {})", generate(depth - 1, rnd, l, p, f0, f1, o, t), if rnd(2) == 0 { "is" } else { "as" }, t[rnd(t.len())]),
+            4 => format!("iif({}, {}, {})", generate(depth - 1, rnd, l, p, f0, f1, o, t), generate(depth - 1, rnd, l, p, f0, f1, o, t), generate(depth - 1, rnd, l, p, f0, f1, o, t)),
+            5 => format!("{}[{}]", generate(depth - 1, rnd, l, p, f0, f1, o, t), generate(depth - 1, rnd, l, p, f0, f1, o, t)),
+            _ => format!("-{}", generate(depth - 1, rnd, l, p, f0, f1, o, t)),
+        }
+    }
+    let mut ok = 0; let mut errs = 0;
+    with_model(|tc| {
+        for _ in 0..20_000 {
+            let d = 1 + rnd(4) as u32;
+            let src = generate(d, &mut rnd, &lits, &paths, &funcs0, &funcs1, &ops, &types);
+            let Ok(e) = parse(&src) else {
+                errs += 1;
+                continue;
+            };
+            let ctx = Context::new(tc);
+            if e.evaluate(Node::resource(&json), &ctx).is_ok() { ok += 1; }
+            let _ = e.evaluate_collection(vec![], &ctx.strict(true));
+        }
+    });
+    assert!(ok > 1000 && errs < 15_000, "the generator should mostly produce evaluable expressions ({ok} ok, {errs} not parsed)");
+}
