@@ -5,6 +5,7 @@
 //! issue so one hostile document cannot take a server down.
 
 mod bundle;
+mod canonical;
 mod invariants;
 mod primitives;
 mod questionnaire;

@@ -19,6 +19,8 @@ pub struct CodeSystemCodes {
     pub case_sensitive: bool,
     /// `true` when the resource lists every code (`content = complete`).
     pub complete: bool,
+    /// A supplement adds to another code system and defines no codes of its own.
+    pub supplement: bool,
     /// code → (display, parent codes)
     pub concepts: HashMap<String, Concept>,
 }
@@ -264,7 +266,8 @@ fn matches_filter(cs: &CodeSystemCodes, code: &str, filter: &Json) -> bool {
 fn build_code_system(resource: &Json) -> CodeSystemCodes {
     let mut codes = CodeSystemCodes {
         case_sensitive: resource["caseSensitive"].as_bool().unwrap_or(true),
-        complete: matches!(resource["content"].as_str(), Some("complete") | None),
+        complete: matches!(resource["content"].as_str(), Some("complete") | None) && resource.get("supplements").is_none(),
+        supplement: resource["content"].as_str() == Some("supplement") || resource.get("supplements").is_some(),
         concepts: HashMap::new(),
     };
     fn walk(concepts: &[Json], parent: Option<&str>, out: &mut HashMap<String, Concept>) {

@@ -333,3 +333,32 @@ fn a_bundle_reference_must_resolve_to_the_type_it_names() {
         {"fullUrl":"http://example.org/fhir/Practitioner/x","resource":{"resourceType":"Organization","id":"x"}}]}"#;
     assert_error(bundle, "Bundle.entry[0].resource.generalPractitioner[0]", "names a Practitioner");
 }
+
+#[test]
+fn canonical_urls_and_include_systems_are_absolute() {
+    let value_set = r##"{"resourceType":"ValueSet","url":"ValueSet/x","status":"active",
+        "contained":[{"resourceType":"CodeSystem","id":"c1","url":"c1","status":"active","content":"complete","concept":[{"code":"a"}]}],
+        "compose":{"include":[{"system":"#c1"}]}}"##;
+    assert_error(value_set, "ValueSet.url", "must be absolute");
+    assert_error(value_set, "ValueSet.contained[0].url", "contained resource");
+    assert_error(value_set, "ValueSet.compose.include[0]", "must be an absolute URL");
+    let good = r#"{"resourceType":"ValueSet","url":"http://example.org/vs","status":"active","compose":{"include":[{"system":"http://example.org/cs"}]}}"#;
+    assert_eq!(errors(good), Vec::<String>::new());
+}
+
+#[test]
+fn supplements_define_no_codes_and_identifier_uris_are_absolute() {
+    let supplement = r#"{"resourceType":"CodeSystem","url":"http://example.org/supp","status":"draft","content":"complete",
+        "supplements":"http://example.org/base","concept":[{"code":"a","display":"A"}]}"#;
+    assert_error(supplement, "CodeSystem.content", "content 'supplement'");
+    let mut definitions = Definitions::new_base();
+    definitions.add_resource("supp", json::parse(supplement.as_bytes()).unwrap());
+    let validator = Validator::new(Arc::new(definitions));
+    let observation = r#"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://example.org/supp","code":"a"}]}}"#;
+    let report = validator.validate_bytes(observation.as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.message.contains("supplement")), "{:#?}", report.issues);
+    let not_present = r#"{"resourceType":"CodeSystem","url":"http://example.org/cs","status":"draft","content":"not-present",
+        "identifier":[{"system":"urn:ietf:rfc:3986","value":"2.16.840.1"}],"concept":[{"code":"a"}]}"#;
+    assert_error(not_present, "CodeSystem.concept[0]", "content is not present");
+    assert_error(not_present, "CodeSystem.identifier[0]", "absolute URI");
+}

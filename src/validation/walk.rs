@@ -112,6 +112,8 @@ impl<'v, 'a> Walker<'v, 'a> {
         if resource_type == "Bundle" {
             super::bundle::check_entries(self, object);
         }
+        let is_contained = self.path.rsplit('.').next().is_some_and(|last| last.starts_with("contained["));
+        super::canonical::check(self, resource_type, object, is_contained);
         if resource_type == "Questionnaire" {
             super::questionnaire::check_definition(self, object);
         }
@@ -399,6 +401,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                 if type_code == "Attachment" {
                     self.attachment(object);
                 }
+                if type_code == "Identifier" {
+                    super::canonical::identifier(self, object);
+                }
                 if let Some(binding) = &definition.binding {
                     self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
                 }
@@ -675,6 +680,10 @@ impl<'v, 'a> Walker<'v, 'a> {
             return;
         };
         let Some(code_system) = self.validator.terminology.code_system(&self.validator.definitions, system) else { return };
+        if code_system.supplement {
+            self.error(IssueCode::CodeInvalid, format!("{system} is a code system supplement, so it cannot be the system of a code"));
+            return;
+        }
         if !code_system.complete {
             return;
         }
