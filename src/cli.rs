@@ -5,9 +5,13 @@ mod map;
 mod mappings;
 mod validate;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::definitions::Definitions;
+use crate::validation::Validator;
 
 /// Exit code for a usage or I/O problem (as opposed to "the input is invalid", which is 1).
 pub const EXIT_USAGE: u8 = 2;
@@ -46,4 +50,41 @@ pub fn run() -> ExitCode {
         Command::Map(args) => map::run(args),
         Command::Mappings(args) => mappings::run(args),
     }
+}
+
+/// R4 core, the bundled profiles, and the implementation guides asked for with `--ig`: a package
+/// (`.tgz` or folder), `id#version` from the package cache, or a single conformance resource file.
+fn load_definitions(igs: &[String], cache: Option<&Path>) -> Result<Definitions, String> {
+    let mut definitions = Definitions::new_default();
+    for ig in igs {
+        let path = Path::new(ig);
+        let is_single_resource = path.is_file() && (ig.ends_with(".json") || ig.ends_with(".xml"));
+        if is_single_resource {
+            let bytes = std::fs::read(path).map_err(|e| format!("cannot read {ig}: {e}"))?;
+            let (resource, _) = Validator::new(Definitions::base()).read(&bytes).map_err(|issue| format!("{ig}: {}", issue.message))?;
+            definitions.add_resource(ig, resource);
+        } else {
+            definitions.load_package_reference(ig, cache).map_err(|e| format!("cannot load {ig}: {e}"))?;
+        }
+    }
+    Ok(definitions)
+}
+
+/// Every file below `dir` whose extension is one of `extensions`, in a stable order.
+fn files_below(dir: &Path, extensions: &[&str]) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, extensions: &[&str], found: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(&path, extensions, found)?;
+            } else if path.extension().and_then(|x| x.to_str()).is_some_and(|x| extensions.contains(&x)) {
+                found.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut found = Vec::new();
+    walk(dir, extensions, &mut found)?;
+    found.sort();
+    Ok(found)
 }

@@ -1,11 +1,10 @@
 //! `iop-gateway map`: maps IOP records to a FHIR transaction Bundle, or FHIR to IOP records, validating what crosses.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::definitions::Definitions;
 use crate::json::{self, Json};
 use crate::mapping::{MapIssue, MappingSet};
 use crate::validation::Validator;
@@ -43,7 +42,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let definitions = match load_definitions(&args.igs) {
+    let definitions = match super::load_definitions(&args.igs, None) {
         Ok(definitions) => Arc::new(definitions),
         Err(e) => {
             eprintln!("error: {e}");
@@ -125,23 +124,12 @@ fn print_issues(issues: &[MapIssue]) -> bool {
     issues.iter().any(|i| i.severity.is_error())
 }
 
-/// R4 core, the bundled profiles, and the implementation guides asked for.
-pub(super) fn load_definitions(igs: &[String]) -> Result<Definitions, String> {
-    let mut definitions = Definitions::new_default();
-    for ig in igs {
-        definitions.load_package_reference(ig, None).map_err(|e| format!("cannot load {ig}: {e}"))?;
-    }
-    Ok(definitions)
-}
-
 /// Every input file parsed, in a stable order.
 fn read_inputs(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Json)>, String> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut found = Vec::new();
-            walk_dir(path, &mut found).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            found.sort();
+            let found = super::files_below(path, &["json"]).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             files.extend(found);
         } else if path.is_file() {
             files.push(path.clone());
@@ -157,16 +145,4 @@ fn read_inputs(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Json)>, String> {
             Ok((file, json))
         })
         .collect()
-}
-
-fn walk_dir(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            walk_dir(&path, found)?;
-        } else if path.extension().is_some_and(|x| x == "json") {
-            found.push(path);
-        }
-    }
-    Ok(())
 }

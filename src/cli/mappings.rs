@@ -31,7 +31,7 @@ enum Action {
 
 pub fn run(args: Args) -> ExitCode {
     let Action::Check { mappings, igs } = args.action;
-    let definitions = match super::map::load_definitions(&igs) {
+    let definitions = match super::load_definitions(&igs, None) {
         Ok(definitions) => Arc::new(definitions),
         Err(e) => {
             eprintln!("error: {e}");

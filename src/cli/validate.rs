@@ -1,12 +1,11 @@
 //! `iop-gateway validate`: validates files and folders, printing text, a JSON report or one JSON line per file.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::definitions::Definitions;
 use crate::json::{Json, Object};
 use crate::validation::{Report, Validator, ValidatorOptions};
 
@@ -50,13 +49,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let mut definitions = Definitions::new_default();
-    for ig in &args.igs {
-        if let Err(e) = load_ig(&mut definitions, ig, args.package_cache.as_deref()) {
+    let definitions = match super::load_definitions(&args.igs, args.package_cache.as_deref()) {
+        Ok(definitions) => definitions,
+        Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
-    }
+    };
     let options = ValidatorOptions { unknown_extensions_are_errors: args.strict_extensions };
     let validator = Validator::with_options(Arc::new(definitions), options);
 
@@ -131,19 +130,6 @@ fn peak_memory_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn load_ig(definitions: &mut Definitions, ig: &str, cache: Option<&Path>) -> Result<(), String> {
-    let path = Path::new(ig);
-    let is_single_resource = path.is_file() && (ig.ends_with(".json") || ig.ends_with(".xml"));
-    if is_single_resource {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {ig}: {e}"))?;
-        let validator = Validator::new(Definitions::base());
-        let (resource, _) = validator.read(&bytes).map_err(|issue| format!("{ig}: {}", issue.message))?;
-        definitions.add_resource(ig, resource);
-        return Ok(());
-    }
-    definitions.load_package_reference(ig, cache).map_err(|e| e.to_string())
-}
-
 fn file_result(label: &str, report: &Report) -> Json {
     let mut line = Object::new();
     line.insert("file", Json::string(label));
@@ -173,9 +159,7 @@ fn collect_files(args: &Args) -> Result<Vec<(String, PathBuf)>, String> {
     }
     for path in &args.paths {
         if path.is_dir() {
-            let mut found = Vec::new();
-            walk_dir(path, &mut found).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            found.sort();
+            let found = super::files_below(path, &["json", "xml"]).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             files.extend(found.into_iter().map(|p| (p.display().to_string(), p)));
         } else if path.is_file() {
             files.push((path.display().to_string(), path.clone()));
@@ -184,16 +168,4 @@ fn collect_files(args: &Args) -> Result<Vec<(String, PathBuf)>, String> {
         }
     }
     Ok(files)
-}
-
-fn walk_dir(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            walk_dir(&path, found)?;
-        } else if path.extension().is_some_and(|x| x == "json" || x == "xml") {
-            found.push(path);
-        }
-    }
-    Ok(())
 }
