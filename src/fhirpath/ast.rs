@@ -207,6 +207,7 @@ functions! {
     Aggregate = "aggregate"(1, 2),
     Sort = "sort"(0, 9),
     Extension = "extension"(1, 1),
+    HasExtension = "hasExtension"(1, 1),
     HasValue = "hasValue"(0, 0),
     GetValue = "getValue"(0, 0),
     Resolve = "resolve"(0, 0),

@@ -100,6 +100,16 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             ExprKind::Binary(op, left, right) => self.binary(*op, left, right, input, focus)?,
             ExprKind::TypeOp(op, operand, spec) => {
                 let values = self.eval(operand, input, focus)?;
+                if *op == TypeOp::As && values.len() > 1 && !self.ctx.strict {
+                    // As for the as() function: R4 search parameters write `useContext.value as Quantity`.
+                    let mut out = Vec::new();
+                    for v in values {
+                        if self.is_type(&v, spec, true)? {
+                            out.push(v);
+                        }
+                    }
+                    return Ok(out);
+                }
                 let Some(v) = singleton(&values)? else { return Ok(Vec::new()) };
                 match op {
                     TypeOp::Is => vec![Value::Boolean(self.is_type(v, spec, false)?)],

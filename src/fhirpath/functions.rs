@@ -240,7 +240,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             Func::Now => vec![Value::Temporal(self.now())],
             Func::Today => vec![Value::Temporal(self.now().date_part())],
             Func::TimeOfDay => vec![Value::Temporal(self.now().time_part())],
-            Func::Extension => {
+            Func::Extension | Func::HasExtension => {
                 let url = arg(0)?;
                 let Some(url) = singleton(&url)?.and_then(Value::as_str).map(str::to_string) else {
                     return Ok(Vec::new());
@@ -255,7 +255,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                         }
                     }
                 }
-                out
+                if func == Func::HasExtension { boolean(!out.is_empty()) } else { out }
             }
             Func::HasValue => boolean(match singleton(coll).ok().flatten() {
                 Some(Value::Node(n)) => n.json.is_some_and(|j| !matches!(j, Json::Object(_) | Json::Array(_) | Json::Null)),

@@ -205,6 +205,7 @@ fn primitive_values_and_their_extensions() {
     check_on(PATIENT, "Patient.birthDate", &["@1974-12-25"]);
     check_on(PATIENT, "birthDate.extension.value", &["@1974-12-25T14:35:45-05:00"]);
     check_on(PATIENT, "birthDate.extension('http://hl7.org/fhir/StructureDefinition/patient-birthTime').exists()", &["true"]);
+    check_on(PATIENT, "birthDate.hasExtension(%`ext-patient-birthTime`) and name.hasExtension('x').not()", &["true"]);
     // A primitive with only an extension is still a node, just without a value.
     check_on(PATIENT, "name.given.count()", &["4"]);
     check_on(PATIENT, "name.given.where(hasValue())", &["Peter", "James", "Jim"]);
