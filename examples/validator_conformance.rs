@@ -148,6 +148,11 @@ fn main() {
             if case.get("wrong-displays").and_then(Value::as_str) == Some("warning") {
                 policy.wrong_display = Severity::Warning;
             }
+            policy.allow_example_urls = case.get("examples").and_then(Value::as_bool).unwrap_or(true);
+            policy.security_checks = case.get("security-checks").and_then(Value::as_bool).unwrap_or(false);
+            if case.get("noHtmlInMarkdown").and_then(Value::as_bool) == Some(true) {
+                policy.html_in_markdown = Severity::Error;
+            }
             let validator = Validator::with_options(definitions, java_like).with_policy(policy);
             let report = match &bytes {
                 Ok(bytes) => validator.validate_bytes(bytes, &profiles),

@@ -39,18 +39,24 @@ pub struct ValidatorOptions {
 pub struct Policy {
     /// Severity of a Coding whose display is not the one its (loaded) code system gives the code.
     pub wrong_display: Severity,
+    /// Whether URLs on `example.org` (reserved for examples) are acceptable; production data should not carry them.
+    pub allow_example_urls: bool,
+    /// Refuse strings that look like they embed HTML markup (script injection into systems that render them).
+    pub security_checks: bool,
+    /// Severity of markdown that contains what looks like an HTML tag (renderers escape it, which may not be intended).
+    pub html_in_markdown: Severity,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { wrong_display: Severity::Warning }
+        Policy { wrong_display: Severity::Warning, allow_example_urls: true, security_checks: false, html_in_markdown: Severity::Warning }
     }
 }
 
 impl Policy {
     /// The choices the HL7 reference (Java) validator makes by default.
     pub fn reference_validator() -> Policy {
-        Policy { wrong_display: Severity::Error }
+        Policy { wrong_display: Severity::Error, ..Policy::default() }
     }
 }
 

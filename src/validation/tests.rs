@@ -362,3 +362,18 @@ fn supplements_define_no_codes_and_identifier_uris_are_absolute() {
     assert_error(not_present, "CodeSystem.concept[0]", "content is not present");
     assert_error(not_present, "CodeSystem.identifier[0]", "absolute URI");
 }
+
+#[test]
+fn policy_choices_for_example_urls_html_in_strings_and_markdown() {
+    let document = r#"{"resourceType":"Communication","status":"completed","payload":[{"contentAttachment":{"url":"http://repository.example.org/doc"}}],
+        "note":[{"text":"use <resource type>"}],"reasonCode":[{"text":"Standard <script>x</script>"}]}"#;
+    let lenient = validator().validate_bytes(document.as_bytes(), &[]);
+    assert!(lenient.is_valid(), "{:#?}", lenient.issues);
+    assert!(lenient.issues.iter().any(|i| i.expression == "Communication.note[0].text" && i.message.contains("HTML tag")));
+    let strict = Policy { allow_example_urls: false, security_checks: true, html_in_markdown: Severity::Error, ..Policy::default() };
+    let report = validator().with_policy(strict).validate_bytes(document.as_bytes(), &[]);
+    let at = |expression: &str| report.issues.iter().any(|i| i.severity.is_error() && i.expression == expression);
+    assert!(at("Communication.payload[0].contentAttachment.url"), "{:#?}", report.issues);
+    assert!(at("Communication.note[0].text"), "{:#?}", report.issues);
+    assert!(at("Communication.reasonCode[0].text"), "{:#?}", report.issues);
+}

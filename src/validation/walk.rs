@@ -437,6 +437,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                 self.error(IssueCode::TooLong, format!("the value is longer than the allowed {max} characters"));
             }
         }
+        if let Json::String(text) = value {
+            self.text_policy(type_code, text);
+        }
         if let Some(binding) = &definition.binding {
             if matches!(type_code, "code" | "string" | "uri") {
                 self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
@@ -451,6 +454,27 @@ impl<'v, 'a> Walker<'v, 'a> {
             if compare_values(value, max).is_some_and(|o| o.is_gt()) {
                 self.error(IssueCode::Value, format!("the value is above the maximum {}", max.to_string_compact()));
             }
+        }
+    }
+
+    /// The content rules of the [`super::Policy`] for string-like primitives.
+    fn text_policy(&mut self, type_code: &str, text: &str) {
+        let policy = &self.validator.policy;
+        match type_code {
+            "uri" | "url" | "canonical" if !policy.allow_example_urls && is_example_url(text) => {
+                self.error(IssueCode::Invalid, format!("example URLs are not allowed here ({text})"));
+            }
+            "string" if policy.security_checks && html_tag_at(text).is_some() => {
+                self.error(IssueCode::Security, "the string looks like it embeds HTML markup, which is not allowed here for security reasons");
+            }
+            "markdown" => {
+                if let Some(at) = html_tag_at(text) {
+                    let severity = policy.html_in_markdown;
+                    let tag: String = text[at..].chars().take(2).collect();
+                    self.report(severity, IssueCode::Invalid, format!("the markdown contains what looks like an HTML tag, starting at '{tag}'; renderers will escape it"));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -485,7 +509,8 @@ impl<'v, 'a> Walker<'v, 'a> {
             }
             Some(_) => self.error(IssueCode::Invalid, format!("{url} is not an extension definition")),
             None => {
-                let strict = self.validator.options.unknown_extensions_are_errors && !is_tolerated_extension_url(url);
+                let strict = self.validator.options.unknown_extensions_are_errors
+                    && !is_tolerated_extension_url(url, self.validator.policy.allow_example_urls);
                 let severity = if strict { Severity::Error } else { Severity::Warning };
                 self.report(severity, IssueCode::NotFound, format!("the extension {url} could not be found, so it was not checked"));
             }
@@ -757,12 +782,11 @@ pub(super) fn is_primitive(type_code: &str) -> bool {
 /// - `http://hl7.org/fhir/<version>/StructureDefinition/extension-<path>`: the cross-version
 ///   extensions FHIR defines implicitly for every element of every version;
 /// - `example.org` URLs, reserved for examples (RFC 2606) and used throughout the specification.
-fn is_tolerated_extension_url(url: &str) -> bool {
-    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or(url);
-    let host = rest.split('/').next().unwrap_or_default();
-    if host == "example.org" || host.ends_with(".example.org") {
-        return true;
+fn is_tolerated_extension_url(url: &str, allow_example_urls: bool) -> bool {
+    if is_example_url(url) {
+        return allow_example_urls;
     }
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or(url);
     let Some(path) = rest.strip_prefix("hl7.org/fhir/") else { return false };
     if path.starts_with("StructureDefinition/") || path.starts_with("tools/StructureDefinition/") {
         return true;
@@ -781,6 +805,27 @@ fn is_tolerated_extension_url(url: &str) -> bool {
 /// A value's address, which identifies a node of the document being walked.
 fn address(value: &Json) -> usize {
     value as *const Json as usize
+}
+
+/// Whether a URL is on `example.org`, the domain the specification's examples use (RFC 2606).
+fn is_example_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else { return false };
+    let host = rest.split(['/', ':', '?', '#']).next().unwrap_or_default();
+    host == "example.org" || host.ends_with(".example.org")
+}
+
+/// Where text has something shaped like an HTML tag (`<b`, `</p`), if anywhere.
+fn html_tag_at(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().find_map(|(i, &b)| {
+        let next = bytes.get(i + 1).copied();
+        let tag_start = match next {
+            Some(b'/') => bytes.get(i + 2).is_some_and(u8::is_ascii_alphabetic),
+            Some(c) => c.is_ascii_alphabetic(),
+            None => false,
+        };
+        (b == b'<' && tag_start).then_some(i)
+    })
 }
 
 fn coding_pair(coding: &Json) -> Option<(Option<&str>, &str)> {
