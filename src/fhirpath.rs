@@ -23,8 +23,9 @@
 //! - `is` follows inheritance (`code` is a `string`); `as`/`ofType` want the exact primitive
 //!   type (a `code` is not `as(string)`), while complex types and resources still match their
 //!   ancestors (`ofType(Resource)`). Unqualified names are FHIR types first, then System types.
-//!   `as()` on more than one item filters like `ofType()` (R4's dom-3 relies on it) except in
-//!   strict mode, where it is the error the specification asks for.
+//!   `as` (function or operator) on more than one item filters like `ofType()` (R4's dom-3 and
+//!   search parameters rely on it) except in strict mode, where it is the error the
+//!   specification asks for.
 //! - Errors: [`SyntaxError`] from [`parse`] (unknown functions and argument counts included);
 //!   [`EvalError`] for type errors, non-singletons where one item is needed, unknown
 //!   `%constants`, and in [`Context::strict`] mode unknown elements. There is no separate static
