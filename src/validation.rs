@@ -6,6 +6,7 @@
 
 mod bundle;
 mod canonical;
+mod contexts;
 mod invariants;
 mod primitives;
 mod questionnaire;

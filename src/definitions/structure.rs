@@ -26,13 +26,30 @@ pub struct Structure {
     pub base_definition: Option<String>,
     /// `specialization` (a new type) or `constraint` (a profile).
     pub derivation: Option<String>,
-    /// `context` of an extension definition, as element paths or type names.
-    pub contexts: Vec<String>,
+    /// `context` of an extension definition: where it may be used.
+    pub contexts: Vec<ExtensionContext>,
+    /// `contextInvariant` of an extension definition: FHIRPath conditions on the element holding it.
+    pub context_invariants: Vec<String>,
     pub elements: Vec<ElementDefinition>,
     /// Direct children of each element, slices included, in snapshot order.
     children: Vec<Vec<usize>>,
     /// First unsliced element for each path.
     by_path: HashMap<String, usize>,
+}
+
+/// One `StructureDefinition.context` of an extension definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtensionContext {
+    pub kind: ContextKind,
+    /// An element path or type name, an extension URL, or a FHIRPath expression, per `kind`.
+    pub expression: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextKind {
+    Element,
+    Extension,
+    FhirPath,
 }
 
 /// One snapshot element.
@@ -160,7 +177,24 @@ impl Structure {
         let contexts = resource
             .get("context")
             .and_then(Json::as_array)
-            .map(|cs| cs.iter().filter_map(|c| c.get("expression").and_then(Json::as_str).map(str::to_string)).collect())
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| {
+                        let expression = c.get("expression").and_then(Json::as_str)?.to_string();
+                        let kind = match c.get("type").and_then(Json::as_str) {
+                            Some("extension") => ContextKind::Extension,
+                            Some("fhirpath") => ContextKind::FhirPath,
+                            _ => ContextKind::Element,
+                        };
+                        Some(ExtensionContext { kind, expression })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let context_invariants = resource
+            .get("contextInvariant")
+            .and_then(Json::as_array)
+            .map(|cs| cs.iter().filter_map(Json::as_str).map(str::to_string).collect())
             .unwrap_or_default();
         let (children, by_path) = index_children(&elements);
         Ok(Structure {
@@ -173,6 +207,7 @@ impl Structure {
             base_definition: text("baseDefinition"),
             derivation: text("derivation"),
             contexts,
+            context_invariants,
             elements,
             children,
             by_path,

@@ -377,3 +377,41 @@ fn policy_choices_for_example_urls_html_in_strings_and_markdown() {
     assert!(at("Communication.note[0].text"), "{:#?}", report.issues);
     assert!(at("Communication.reasonCode[0].text"), "{:#?}", report.issues);
 }
+
+#[test]
+fn extensions_are_used_only_in_their_contexts() {
+    let definition = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/ctx","name":"Ctx","status":"draft","kind":"complex-type",
+        "abstract":false,"type":"Extension","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Extension",
+        "context":[{"type":"element","expression":"Patient.name"},{"type":"element","expression":"ContactPoint"},
+                   {"type":"extension","expression":"http://hl7.org/fhir/StructureDefinition/patient-interpreterRequired"},
+                   {"type":"fhirpath","expression":"Patient.address.where(use = 'home')"}],
+        "contextInvariant":["%resource.active.exists()"],
+        "differential":{"element":[{"path":"Extension.url","fixedUri":"http://example.org/sd/ctx"},{"path":"Extension.value[x]","type":[{"code":"boolean"}]}]}}"#;
+    let validator = validator_with_profile(definition);
+    let ext = r#"{"url":"http://example.org/sd/ctx","valueBoolean":true}"#;
+    let errors_of = |patient: String| -> Vec<String> {
+        let report = validator.validate_bytes(patient.as_bytes(), &[]);
+        report.issues.iter().filter(|i| i.severity.is_error()).map(|i| format!("{}: {}", i.expression, i.message)).collect()
+    };
+    let patient = |body: &str| format!(r#"{{"resourceType":"Patient","active":true,{body}}}"#);
+    for good in [
+        format!(r#""name":[{{"family":"x","extension":[{ext}]}}]"#),
+        format!(r#""telecom":[{{"system":"phone","value":"1","extension":[{ext}]}}]"#),
+        format!(r#""address":[{{"use":"home","extension":[{ext}]}}]"#),
+        format!(r#""extension":[{{"url":"http://hl7.org/fhir/StructureDefinition/patient-interpreterRequired","valueBoolean":true,"_valueBoolean":{{"extension":[{ext}]}}}}]"#),
+    ] {
+        assert_eq!(errors_of(patient(&good)), Vec::<String>::new(), "{good}");
+    }
+    let wrong_place = errors_of(patient(&format!(r#""address":[{{"use":"work","extension":[{ext}]}}]"#)));
+    assert!(wrong_place.iter().any(|e| e.starts_with("Patient.address[0].extension[0]: ") && e.contains("not allowed")), "{wrong_place:#?}");
+    let inactive = errors_of(format!(r#"{{"resourceType":"Patient","name":[{{"family":"x","extension":[{ext}]}}]}}"#));
+    assert!(inactive.iter().any(|e| e.contains("context invariant")), "{inactive:#?}");
+}
+
+#[test]
+fn extension_contexts_follow_recursive_elements() {
+    let questionnaire = r#"{"resourceType":"Questionnaire","status":"active","item":[{"linkId":"g","type":"group","item":[{"linkId":"q","type":"choice",
+        "extension":[{"url":"http://hl7.org/fhir/StructureDefinition/questionnaire-itemControl","valueCodeableConcept":{"text":"drop-down"}}]}]}]}"#;
+    let report = validator().validate_bytes(questionnaire.as_bytes(), &[]);
+    assert!(!report.issues.iter().any(|i| i.message.contains("not allowed on")), "{:#?}", report.issues);
+}

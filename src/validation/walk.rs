@@ -44,8 +44,24 @@ pub(super) struct Walker<'v, 'a> {
     pub resources: Vec<&'a Json>,
     /// Where each resource being walked starts in `path`.
     resource_starts: Vec<usize>,
+    /// The elements whose extensions are being walked, innermost last.
+    pub holders: Vec<Holder<'a>>,
+    /// The urls of the extensions being walked, innermost (the one being checked) last.
+    pub extension_urls: Vec<&'a str>,
+    /// The primitive type of the `_name` object about to be walked (its extensions belong to that primitive).
+    next_holder_type: Option<String>,
     /// What FHIRPath evaluation of invariants keeps between elements (the memoized type model).
     pub invariants: super::invariants::State<'v>,
+}
+
+/// An element that has extensions, while they are walked: what their contexts are checked against.
+pub(super) struct Holder<'a> {
+    pub node: &'a Json,
+    /// Its FHIR type (`HumanName`, `date`, `Patient`; `BackboneElement` for anonymous ones).
+    pub type_code: String,
+    /// The path of its element definition when that is inside a resource (`Questionnaire.item` for
+    /// any depth of nested items); `None` for values walked with their data type's own definition.
+    pub definition_path: Option<String>,
 }
 
 /// What a member's declared type makes of it.
@@ -57,7 +73,7 @@ enum Kind {
 
 impl<'v, 'a> Walker<'v, 'a> {
     pub fn new(validator: &'v Validator, path: String) -> Self {
-        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new(), invariants: super::invariants::State::new(validator) }
+        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new(), invariants: super::invariants::State::new(validator), holders: Vec::new(), extension_urls: Vec::new(), next_holder_type: None }
     }
 
     /// `%rootResource`: the resource containing the innermost one when that one is contained, else the innermost one.
@@ -166,6 +182,8 @@ impl<'v, 'a> Walker<'v, 'a> {
 
     /// Checks the members of a JSON object against the children of `element` in `structure`.
     pub fn object(&mut self, structure: &Arc<Structure>, element: usize, node: &'a Json, type_code: &str) {
+        let holder_type = self.next_holder_type.take();
+        let object_type = type_code;
         let Json::Object(object) = node else { return };
         let children = structure.children(element);
         if children.is_empty() {
@@ -219,7 +237,16 @@ impl<'v, 'a> Walker<'v, 'a> {
                 // R4 types `Resource.id` as a plain string, but the spec requires the id format.
                 type_code = "id".to_string();
             }
+            let holds_extensions = matches!(name, "extension" | "modifierExtension");
+            if holds_extensions {
+                let holder_type = holder_type.clone().unwrap_or_else(|| node_type_name(structure, element, object_type));
+                let definition_path = Some(&structure.elements[element].path).filter(|p| p.contains('.')).cloned();
+                self.holders.push(Holder { node, type_code: holder_type, definition_path });
+            }
             let n_values = self.member(structure, child, name, &type_code, value, object);
+            if holds_extensions {
+                self.holders.pop();
+            }
             match seen.iter_mut().find(|(c, _, _)| *c == child) {
                 Some(entry) => entry.1 += n_values,
                 None => seen.push((child, n_values, name)),
@@ -314,7 +341,10 @@ impl<'v, 'a> Walker<'v, 'a> {
             return;
         };
         let check_one = |walker: &mut Self, item: &'a Json| match item {
-            Json::Object(_) => walker.object(&element_structure, 0, item, "Element"),
+            Json::Object(_) => {
+                walker.next_holder_type = Some(type_code.clone());
+                walker.object(&element_structure, 0, item, "Element");
+            }
             other => walker.error(IssueCode::Structure, format!("expected a JSON object with id or extension, found a JSON {}", other.kind())),
         };
         let mut n_values = 0;
@@ -383,6 +413,10 @@ impl<'v, 'a> Walker<'v, 'a> {
                     self.error(IssueCode::Structure, format!("expected a JSON object for a {type_code}, found a JSON {}", value.kind()));
                     return;
                 };
+                let is_extension = type_code == "Extension";
+                if is_extension {
+                    self.extension_urls.push(object.get("url").and_then(Json::as_str).unwrap_or_default());
+                }
                 if let Some(reference) = &definition.content_reference {
                     match structure.index_of_path(reference.trim_start_matches('#')) {
                         Some(target) => self.object(structure, target, value, type_code),
@@ -409,6 +443,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                 }
                 if matches!(type_code, "Coding") {
                     self.coding(object);
+                }
+                if is_extension {
+                    self.extension_urls.pop();
                 }
             }
         }
@@ -502,8 +539,8 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
         match self.validator.definitions.structure(url) {
             Some(extension) if extension.type_name == "Extension" => {
-                if !extension.contexts.is_empty() {
-                    self.extension_context(&extension);
+                if !extension.contexts.is_empty() || !extension.context_invariants.is_empty() {
+                    super::contexts::check(self, &extension);
                 }
                 self.object(&extension, 0, node, "Extension");
             }
@@ -517,29 +554,8 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
     }
 
-    /// Whether the extension may appear where it does (its `context`).
-    fn extension_context(&mut self, extension: &Structure) {
-        let here = self.element_path_for_context();
-        let allowed = extension.contexts.iter().any(|context| {
-            let context = context.as_str();
-            matches!(context, "Element" | "Resource" | "DomainResource" | "BackboneElement")
-                || here == context
-                || here.starts_with(context) && here.as_bytes().get(context.len()) == Some(&b'.')
-                // A data type context (`HumanName`) needs the declared type of the parent, which the
-                // path alone does not give; such contexts are accepted rather than guessed at.
-                || !context.contains('.') && !self.validator.definitions.is_resource_type(context)
-        });
-        if !allowed {
-            self.report(
-                Severity::Warning,
-                IssueCode::BusinessRule,
-                format!("the extension {} is not defined for use at {here} (contexts: {})", extension.url, extension.contexts.join(", ")),
-            );
-        }
-    }
-
     /// The element holding the extension being checked, as a type path (`Patient.name`).
-    fn element_path_for_context(&self) -> String {
+    pub(super) fn element_path_for_context(&self) -> String {
         let start = self.resource_starts.last().copied().unwrap_or(0);
         let resource_type = self.resources.last().and_then(|r| r.get("resourceType")).and_then(Json::as_str).unwrap_or_default();
         let mut out = resource_type.to_string();
@@ -762,6 +778,14 @@ impl<'v, 'a> Walker<'v, 'a> {
             slicing::check(self, structure, element, child, name, &items);
         }
     }
+}
+
+/// The FHIR type of an object being walked, for extension contexts: its type code, or `BackboneElement`.
+fn node_type_name(structure: &Structure, element: usize, type_code: &str) -> String {
+    if element == 0 || !type_code.is_empty() {
+        return if type_code.is_empty() { structure.type_name.clone() } else { type_code.to_string() };
+    }
+    "BackboneElement".to_string()
 }
 
 /// Whether JSON represents the element as an array: decided by the base definition, not by a profile's constraint.
