@@ -15,10 +15,14 @@ use super::walk::Walker;
 pub(super) fn check_entries(walker: &mut Walker<'_, '_>, bundle: &Object) {
     let bundle_type = bundle.get("type").and_then(Json::as_str).unwrap_or_default();
     let entries = bundle.get("entry").and_then(Json::as_array).unwrap_or_default();
+    let searched_type = if bundle_type == "searchset" { searched_type(walker, bundle) } else { None };
     let base_len = walker.path.len();
     for (i, entry) in entries.iter().enumerate() {
         let Some(resource) = entry.get("resource") else { continue };
         walker.path.push_str(&format!(".entry[{i}]"));
+        if bundle_type == "searchset" {
+            search_result(walker, entry, resource, searched_type);
+        }
         match entry.get("fullUrl").and_then(Json::as_str) {
             None => {
                 // Transactions and batches (and their responses) may create resources that have no identity yet,
@@ -36,6 +40,34 @@ pub(super) fn check_entries(walker: &mut Walker<'_, '_>, bundle: &Object) {
         }
         walker.path.truncate(base_len);
     }
+}
+
+/// The resource type a searchset's `self` link searched for (`…/Patient?name=x`), when it says.
+fn searched_type<'b>(walker: &Walker<'_, '_>, bundle: &'b Object) -> Option<&'b str> {
+    let links = bundle.get("link").and_then(Json::as_array).unwrap_or_default();
+    let url = links.iter().find(|l| l.get("relation").and_then(Json::as_str) == Some("self"))?.get("url")?.as_str()?;
+    let path = url.split('?').next().unwrap_or(url);
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    walker.validator.definitions.is_resource_type(last).then_some(last)
+}
+
+/// A search result (not an OperationOutcome about the search) is a resource on the server, so it has an id,
+/// and a match is of the type that was searched for.
+fn search_result(walker: &mut Walker<'_, '_>, entry: &Json, resource: &Json, searched_type: Option<&str>) {
+    let mode = entry.get("search").and_then(|s| s.get("mode")).and_then(Json::as_str);
+    let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+    if mode == Some("outcome") || (mode.is_none() && resource_type == "OperationOutcome") {
+        return;
+    }
+    let base_len = walker.path.len();
+    walker.path.push_str(".resource");
+    if resource.get("id").is_none() {
+        walker.error(IssueCode::Required, "a search result must have an id");
+    }
+    if let Some(searched) = searched_type.filter(|t| mode == Some("match") && *t != resource_type) {
+        walker.error(IssueCode::Invalid, format!("a match of a search for {searched} cannot be a {resource_type}"));
+    }
+    walker.path.truncate(base_len);
 }
 
 fn check_full_url(walker: &mut Walker<'_, '_>, full_url: &str, resource: &Json, entry: &Json) {

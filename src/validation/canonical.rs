@@ -29,7 +29,50 @@ pub(super) fn check(walker: &mut Walker<'_, '_>, resource_type: &str, resource: 
     match resource_type {
         "CodeSystem" => code_system(walker, resource),
         "ValueSet" => value_set(walker, resource),
+        "CapabilityStatement" => capability_statement(walker, resource),
+        "SearchParameter" => search_parameter(walker, resource),
         _ => {}
+    }
+}
+
+/// A search parameter a server declares with a `definition` has that definition's type.
+fn capability_statement(walker: &mut Walker<'_, '_>, resource: &Object) {
+    let base_len = walker.path.len();
+    for (i, rest) in resource.get("rest").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
+        for (j, described) in rest.get("resource").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
+            for (k, param) in described.get("searchParam").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
+                let (Some(definition), Some(declared)) =
+                    (param.get("definition").and_then(Json::as_str), param.get("type").and_then(Json::as_str))
+                else {
+                    continue;
+                };
+                let Some(defined) = walker.validator.definitions.resolve(definition) else { continue };
+                if defined.get("resourceType").and_then(Json::as_str) != Some("SearchParameter") {
+                    continue;
+                }
+                let Some(defined_type) = defined.get("type").and_then(Json::as_str) else { continue };
+                if defined_type != declared {
+                    walker.path.push_str(&format!(".rest[{i}].resource[{j}].searchParam[{k}]"));
+                    walker.error(IssueCode::Invalid, format!("the type is {declared}, but the SearchParameter {definition} has the type {defined_type}"));
+                    walker.path.truncate(base_len);
+                }
+            }
+        }
+    }
+}
+
+/// A search parameter derived from another applies to (some of) the same resource types.
+fn search_parameter(walker: &mut Walker<'_, '_>, resource: &Object) {
+    let Some(derived_from) = resource.get("derivedFrom").and_then(Json::as_str) else { return };
+    let Some(parent) = walker.validator.definitions.resolve(derived_from) else { return };
+    if parent.get("resourceType").and_then(Json::as_str) != Some("SearchParameter") {
+        return;
+    }
+    let parent_bases: Vec<&str> = parent.get("base").and_then(Json::as_array).unwrap_or_default().iter().filter_map(Json::as_str).collect();
+    for base in resource.get("base").and_then(Json::as_array).unwrap_or_default().iter().filter_map(Json::as_str) {
+        if !parent_bases.contains(&base) && !parent_bases.contains(&"Resource") {
+            walker.error(IssueCode::Invalid, format!("the base {base} is not a base of the SearchParameter this one is derived from ({derived_from})"));
+        }
     }
 }
 

@@ -415,3 +415,28 @@ fn extension_contexts_follow_recursive_elements() {
     let report = validator().validate_bytes(questionnaire.as_bytes(), &[]);
     assert!(!report.issues.iter().any(|i| i.message.contains("not allowed on")), "{:#?}", report.issues);
 }
+
+#[test]
+fn search_results_have_ids_and_the_searched_type() {
+    let searchset = r#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"self","url":"http://example.org/fhir/Patient?name=x"}],"entry":[
+        {"fullUrl":"http://example.org/fhir/Patient/1","resource":{"resourceType":"Patient","id":"1"},"search":{"mode":"match"}},
+        {"fullUrl":"urn:uuid:a76d9bbf-f293-4fb7-ad4c-2851cac77162","resource":{"resourceType":"Immunization","status":"completed",
+          "vaccineCode":{"text":"x"},"patient":{"reference":"Patient/1"},"occurrenceDateTime":"2021"},"search":{"mode":"match"}},
+        {"fullUrl":"urn:uuid:b76d9bbf-f293-4fb7-ad4c-2851cac77162","resource":{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]},"search":{"mode":"outcome"}}]}"#;
+    assert_error(searchset, "Bundle.entry[1].resource", "must have an id");
+    assert_error(searchset, "Bundle.entry[1].resource", "search for Patient");
+    assert!(!errors(searchset).iter().any(|e| e.starts_with("Bundle.entry[0]") || e.starts_with("Bundle.entry[2]")), "{:#?}", errors(searchset));
+}
+
+#[test]
+fn search_parameters_agree_with_their_definitions() {
+    let capability = r#"{"resourceType":"CapabilityStatement","status":"active","date":"2024","kind":"instance","fhirVersion":"4.0.1","format":["json"],
+        "rest":[{"mode":"server","resource":[{"type":"AllergyIntolerance","searchParam":[
+          {"name":"clinical-status","definition":"http://hl7.org/fhir/SearchParameter/AllergyIntolerance-clinical-status","type":"date"},
+          {"name":"patient","definition":"http://hl7.org/fhir/SearchParameter/clinical-patient","type":"reference"}]}]}]}"#;
+    assert_error(capability, "CapabilityStatement.rest[0].resource[0].searchParam[0]", "has the type token");
+    assert!(!errors(capability).iter().any(|e| e.contains("searchParam[1]")));
+    let derived = r#"{"resourceType":"SearchParameter","url":"http://example.org/sp/name","name":"n","status":"active","description":"d","code":"name",
+        "base":["Patient"],"type":"string","expression":"Patient.name","derivedFrom":"http://hl7.org/fhir/SearchParameter/Organization-name"}"#;
+    assert_error(derived, "SearchParameter", "the base Patient");
+}
