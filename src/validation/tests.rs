@@ -440,3 +440,11 @@ fn search_parameters_agree_with_their_definitions() {
         "base":["Patient"],"type":"string","expression":"Patient.name","derivedFrom":"http://hl7.org/fhir/SearchParameter/Organization-name"}"#;
     assert_error(derived, "SearchParameter", "the base Patient");
 }
+
+#[test]
+fn coding_systems_are_absolute_code_system_urls() {
+    let observation = |system: &str| format!(r#"{{"resourceType":"Observation","status":"final","code":{{"coding":[{{"system":"{system}","code":"x"}}]}}}}"#);
+    assert_error(&observation("#local"), "Observation.code.coding[0]", "must be an absolute URL");
+    assert_error(&observation("http://hl7.org/fhir/ValueSet/observation-codes"), "Observation.code.coding[0]", "is a ValueSet");
+    assert_eq!(errors(&observation("http://example.org/codes")), Vec::<String>::new());
+}

@@ -717,10 +717,23 @@ impl<'v, 'a> Walker<'v, 'a> {
 
     /// A Coding's code must exist in its code system when that system is loaded and complete.
     fn coding(&mut self, coding: &'a Object) {
+        if let Some(system) = coding.get("system").and_then(Json::as_str) {
+            // A code system is identified by its canonical URL, never by a local or relative one.
+            if !super::bundle::is_absolute(system) {
+                self.error(IssueCode::Invalid, format!("the system '{system}' must be an absolute URL, not a local or relative reference"));
+                return;
+            }
+        }
         let (Some(system), Some(code)) = (coding.get("system").and_then(Json::as_str), coding.get("code").and_then(Json::as_str)) else {
             return;
         };
-        let Some(code_system) = self.validator.terminology.code_system(&self.validator.definitions, system) else { return };
+        let Some(code_system) = self.validator.terminology.code_system(&self.validator.definitions, system) else {
+            let names_value_set = self.validator.definitions.resolve_entry(system).is_some_and(|e| e.resource_type == "ValueSet");
+            if names_value_set {
+                self.error(IssueCode::Invalid, format!("the system {system} is a ValueSet, not a code system"));
+            }
+            return;
+        };
         if code_system.supplement {
             self.error(IssueCode::CodeInvalid, format!("{system} is a code system supplement, so it cannot be the system of a code"));
             return;
