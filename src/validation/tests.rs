@@ -448,3 +448,19 @@ fn coding_systems_are_absolute_code_system_urls() {
     assert_error(&observation("http://hl7.org/fhir/ValueSet/observation-codes"), "Observation.code.coding[0]", "is a ValueSet");
     assert_eq!(errors(&observation("http://example.org/codes")), Vec::<String>::new());
 }
+
+#[test]
+fn recursive_elements_in_profiles_take_the_base_content() {
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/params","name":"P","status":"draft","kind":"resource",
+        "abstract":false,"type":"Parameters","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Parameters",
+        "differential":{"element":[{"id":"Parameters.parameter.name","path":"Parameters.parameter.name","patternString":"Outer"},
+          {"id":"Parameters.parameter.part","path":"Parameters.parameter.part","min":1}]}}"#;
+    let validator = validator_with_profile(profile);
+    let parameters = r#"{"resourceType":"Parameters","meta":{"profile":["http://example.org/sd/params"]},
+        "parameter":[{"name":"Outer","part":[{"name":"inner","valueString":"x"}]}]}"#;
+    let report = validator.validate_bytes(parameters.as_bytes(), &[]);
+    assert!(report.is_valid(), "{:#?}", report.issues);
+    let wrong = r#"{"resourceType":"Parameters","meta":{"profile":["http://example.org/sd/params"]},"parameter":[{"name":"Other","valueString":"x"}]}"#;
+    let report = validator.validate_bytes(wrong.as_bytes(), &[]);
+    assert!(report.issues.iter().filter(|i| i.severity.is_error()).count() == 2, "{:#?}", report.issues);
+}

@@ -417,10 +417,26 @@ impl<'v, 'a> Walker<'v, 'a> {
                 if is_extension {
                     self.extension_urls.push(object.get("url").and_then(Json::as_str).unwrap_or_default());
                 }
-                if let Some(reference) = &definition.content_reference {
-                    match structure.index_of_path(reference.trim_start_matches('#')) {
-                        Some(target) => self.object(structure, target, value, type_code),
-                        None => self.error(IssueCode::NotSupported, format!("cannot resolve the content reference {reference}")),
+                // A profile that constrains inside a recursive element unfolds it: its own children then apply.
+                let unfolded = !structure.children(child).is_empty();
+                if let (Some(reference), false) = (&definition.content_reference, unfolded) {
+                    let path = reference.trim_start_matches('#');
+                    // In a profile, the referenced element may carry constraints meant for its own position
+                    // (`Parameters.parameter` vs `parameter.part`), so the base type's definition describes the content.
+                    let base = if structure.derivation_is_specialization() {
+                        None
+                    } else {
+                        self.validator.definitions.type_structure(&structure.type_name).filter(|b| b.index_of_path(path).is_some())
+                    };
+                    match base {
+                        Some(base) => {
+                            let target = base.index_of_path(path).unwrap_or(0);
+                            self.object(&base, target, value, type_code);
+                        }
+                        None => match structure.index_of_path(path) {
+                            Some(target) => self.object(structure, target, value, type_code),
+                            None => self.error(IssueCode::NotSupported, format!("cannot resolve the content reference {reference}")),
+                        },
                     }
                 } else {
                     self.object(structure, child, value, type_code);
