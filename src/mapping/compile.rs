@@ -62,6 +62,8 @@ pub enum Source {
     Constant(Json),
     /// `stringify`: an integer filling a string element (a linkId) is written as text.
     From { path: Path, codes: Option<String>, wrap_codeable_concept: bool, stringify: bool },
+    /// Text rendered from a template; `escape_xml` for narrative (`xhtml`) targets.
+    Text { template: Template, escape_xml: bool },
     /// A code looked up by a rendered template.
     Key { key: Template, codes: String, wrap_codeable_concept: bool },
     /// A resource of the same file, by name.
@@ -85,6 +87,8 @@ pub struct ResourcePlan {
     pub name: String,
     pub resource_type: String,
     pub profiles: Vec<String>,
+    /// The record value and code map that pick one more profile per record.
+    pub profile_by: Option<(Path, String)>,
     pub id: Template,
     pub each: Option<Path>,
     pub when: Option<Condition>,
@@ -163,7 +167,16 @@ impl Compiler<'_, '_> {
         }
         let mut codes = BTreeMap::new();
         for (name, table) in &spec.codes {
-            let entries = table.get_ref().iter().map(|(k, v)| (k.clone(), toml_to_json(v.get_ref()))).collect();
+            let entries = table
+                .get_ref()
+                .iter()
+                .map(|(k, v)| {
+                    let json = toml_to_json(v.get_ref());
+                    // TOML tables come out sorted by key; Codings are written in FHIR's element order.
+                    let json = if json.as_object().is_some() { in_element_order(self.context.definitions, "Coding", json) } else { json };
+                    (k.clone(), json)
+                })
+                .collect();
             codes.insert(name.clone(), entries);
         }
         let mut plan = Plan {
@@ -211,18 +224,8 @@ impl Compiler<'_, '_> {
             for profile in &resource.profiles {
                 let url = profile.get_ref();
                 profiles.push(url.clone());
-                match self.context.definitions.structure(url) {
-                    Some(structure) if structure.type_name == resource_type => structures.push(structure),
-                    Some(structure) => {
-                        let message = format!("the profile {url} is for {}, not {resource_type}", structure.type_name);
-                        self.problem(profile.span(), "", message);
-                    }
-                    None if url.starts_with(OWN_CANONICAL) => {
-                        let message = format!("the profile {url} is not in profiles/ (or does not compile: {})", self.context.definitions.compile_problems().join("; "));
-                        self.problem(profile.span(), "", message);
-                    }
-                    // Implementation guides (US Core, PAS, BSeR) are checked when loaded (`mappings check --ig`).
-                    None => {}
+                if let Some(structure) = self.profile_structure(profile.span(), url, &resource_type) {
+                    structures.push(structure);
                 }
             }
             let each = resource.each.as_ref().and_then(|each| {
@@ -237,6 +240,10 @@ impl Compiler<'_, '_> {
             let n_bound = each.as_ref().map_or(0, Path::n_each);
             let id = self.template(resource.id.span(), resource.id.get_ref(), each.as_ref());
             let when = resource.when.as_ref().and_then(|w| self.condition(w.span(), w.get_ref(), each.as_ref()));
+            let profile_by = resource.profile_by.as_ref().and_then(|by| {
+                let (path, codes) = self.profile_by(by, plan, &resource_type, each.as_ref(), when.as_ref(), &mut structures)?;
+                Some((path, codes))
+            });
             let mut rules = Vec::new();
             for rule in &resource.rules {
                 if let Some(compiled) = self.to_fhir_rule(rule, &structures, plan, &names, each.as_ref(), n_bound) {
@@ -245,7 +252,7 @@ impl Compiler<'_, '_> {
             }
             self.required_members(resource.name.span(), &structures, &rules);
             if let Some(id) = id {
-                plan.resources.push(ResourcePlan { name: resource.name.get_ref().clone(), resource_type, profiles, id, each, when, rules });
+                plan.resources.push(ResourcePlan { name: resource.name.get_ref().clone(), resource_type, profiles, profile_by, id, each, when, rules });
             }
         }
     }
@@ -292,9 +299,10 @@ impl Compiler<'_, '_> {
         let leaf = leaves.last()?.clone();
         let required: Vec<String> = leaves.iter().filter_map(|l| l.required_value_set.clone()).collect();
         let when = spec.when.as_ref().and_then(|w| self.condition(w.span(), w.get_ref(), each));
-        let n_sources = [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some(), spec.key.is_some()].iter().filter(|b| **b).count();
+        let n_sources =
+            [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some(), spec.key.is_some(), spec.text.is_some()].iter().filter(|b| **b).count();
         if n_sources != 1 {
-            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from', 'key' and 'ref'");
+            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from', 'key', 'text' and 'ref'");
             return None;
         }
         if spec.id.is_some() && spec.reference.is_none() {
@@ -303,7 +311,19 @@ impl Compiler<'_, '_> {
         if spec.codes.is_some() && spec.from.is_none() && spec.key.is_none() {
             self.problem(rule.span(), &target_text, "'codes' translates a 'from' or 'key' value");
         }
-        let source = if let Some(key) = &spec.key {
+        let source = if let Some(text) = &spec.text {
+            let template = self.template(text.span(), text.get_ref(), each)?;
+            if target.n_each() > 0 {
+                self.problem(rule.span(), &target_text, "a 'text' rule fills one element: its target cannot have [*]");
+            }
+            if !matches!(leaf.type_code.as_str(), "string" | "markdown" | "xhtml") {
+                self.problem(text.span(), &target_text, format!("a 'text' rule fills a string, markdown or xhtml, not a {}", leaf.type_code));
+            }
+            if leaf.type_code == "xhtml" && !template.parts.first().is_some_and(|p| matches!(p, TemplatePart::Text(t) if t.starts_with("<div xmlns=\"http://www.w3.org/1999/xhtml\">"))) {
+                self.problem(text.span(), &target_text, "narrative starts with <div xmlns=\"http://www.w3.org/1999/xhtml\">");
+            }
+            Source::Text { template, escape_xml: leaf.type_code == "xhtml" }
+        } else if let Some(key) = &spec.key {
             let template = self.template(key.span(), key.get_ref(), each)?;
             if target.n_each() > 0 {
                 self.problem(rule.span(), &target_text, "a 'key' rule fills one element: its target cannot have [*]");
@@ -321,7 +341,7 @@ impl Compiler<'_, '_> {
             let wrap = self.check_code_map(codes.span(), &target_text, name, map, &text, &leaf, &required);
             Source::Key { key: template, codes: name.clone(), wrap_codeable_concept: wrap }
         } else if let Some(value) = &spec.value {
-            let json = toml_to_json(value.get_ref());
+            let json = in_element_order(self.context.definitions, &leaf.type_code, toml_to_json(value.get_ref()));
             if target.n_each() > 0 && !when.as_ref().is_some_and(|w| w.tests.iter().any(|t| t.path().n_each() > n_bound)) {
                 self.problem(rule.span(), &target_text, "a constant for every element of a [*] target needs a 'when' whose path has the matching [*]");
             }
@@ -385,6 +405,64 @@ impl Compiler<'_, '_> {
             }
         };
         Some(Rule { line, target, source, when })
+    }
+
+    /// A claimed profile: it must be for the resource type, and one of ours must be loaded. Profiles
+    /// of implementation guides (US Core, PAS, BSeR) are checked when loaded (`mappings check --ig`).
+    fn profile_structure(&mut self, span: std::ops::Range<usize>, url: &str, resource_type: &str) -> Option<Arc<Structure>> {
+        match self.context.definitions.structure(url) {
+            Some(structure) if structure.type_name == resource_type => Some(structure),
+            Some(structure) => {
+                let message = format!("the profile {url} is for {}, not {resource_type}", structure.type_name);
+                self.problem(span, "", message);
+                None
+            }
+            None if url.starts_with(OWN_CANONICAL) => {
+                let message = format!("the profile {url} is not in profiles/ (or does not compile: {})", self.context.definitions.compile_problems().join("; "));
+                self.problem(span, "", message);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Checks `profile_by`: a scalar record value whose every reachable value the code map turns into a
+    /// canonical of a profile for this resource type; each of those profiles is checked like a fixed one.
+    fn profile_by(
+        &mut self,
+        by: &toml::Spanned<super::spec::ProfileBy>,
+        plan: &Plan,
+        resource_type: &str,
+        each: Option<&Path>,
+        when: Option<&Condition>,
+        structures: &mut Vec<Arc<Structure>>,
+    ) -> Option<(Path, String)> {
+        let spec = by.get_ref();
+        let path = self.record_path(spec.from.span(), spec.from.get_ref())?;
+        let source = self.schema_type(spec.from.span(), &path)?;
+        self.check_each_prefix(spec.from.span(), &path, each);
+        if !source.is_scalar() || path.n_each() > each.map_or(0, Path::n_each) {
+            self.problem(spec.from.span(), spec.from.get_ref(), "'profile_by' reads one scalar value of the record");
+            return None;
+        }
+        let name = spec.codes.get_ref();
+        let Some(map) = plan.codes.get(name) else {
+            self.problem(spec.codes.span(), "", format!("no code map named '{name}'"));
+            return None;
+        };
+        for (key, value) in map {
+            match value.as_str() {
+                Some(url) => {
+                    if let Some(structure) = self.profile_structure(spec.codes.span(), url, resource_type) {
+                        structures.push(structure);
+                    }
+                }
+                None => self.problem(spec.codes.span(), "", format!("code map '{name}', entry '{key}': a profile is a canonical URL (text)")),
+            }
+        }
+        let source = narrow(source, &path, when);
+        self.check_coverage(spec.codes.span(), "profile_by", name, map.keys(), &source);
+        Some((path, name.clone()))
     }
 
     /// Root-level elements a profile requires must be the target of some rule.
@@ -509,8 +587,8 @@ impl Compiler<'_, '_> {
                 self.problem(spec_rule.path.span(), &target_text, "record_type is set by the gateway");
                 continue;
             }
-            if spec_rule.reference.is_some() || spec_rule.id.is_some() {
-                self.problem(rule.span(), &target_text, "'ref' and 'id' belong to to-fhir rules");
+            if spec_rule.reference.is_some() || spec_rule.id.is_some() || spec_rule.text.is_some() || spec_rule.key.is_some() {
+                self.problem(rule.span(), &target_text, "'ref', 'id', 'key' and 'text' belong to to-fhir rules");
                 continue;
             }
             let when = spec_rule.when.as_ref().and_then(|w| {
@@ -921,6 +999,29 @@ pub(super) fn check_binding(definitions: &Definitions, terminology: &Terminology
         }
     }
     Ok(())
+}
+
+/// Reorders the members of a complex constant as its FHIR type defines them (TOML sorts table keys),
+/// so output reads like any FHIR serializer's. Members the type does not know keep their place at the end.
+fn in_element_order(definitions: &Definitions, type_code: &str, value: Json) -> Json {
+    let Json::Object(object) = value else { return value };
+    let Some(structure) = (!is_primitive(type_code)).then(|| definitions.type_structure(type_code)).flatten() else { return Json::Object(object) };
+    let mut members: Vec<(usize, String, Json)> = object
+        .iter()
+        .map(|(name, member)| {
+            let found = structure.child_for_json_name(0, name);
+            let position = found.as_ref().map_or(usize::MAX, |(child, _)| *child);
+            let child_type = found.and_then(|(child, chosen)| chosen.or_else(|| structure.elements[child].single_type().map(str::to_string)));
+            let member = match (child_type, member) {
+                (Some(t), Json::Array(items)) => Json::Array(items.iter().map(|i| in_element_order(definitions, &t, i.clone())).collect()),
+                (Some(t), single) => in_element_order(definitions, &t, single.clone()),
+                (None, other) => other.clone(),
+            };
+            (position, name.to_string(), member)
+        })
+        .collect();
+    members.sort_by_key(|(position, _, _)| *position);
+    Json::Object(members.into_iter().map(|(_, name, member)| (name, member)).collect())
 }
 
 pub(super) fn wrap_coding(coding: &Json) -> Json {

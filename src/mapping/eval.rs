@@ -148,11 +148,31 @@ impl<'a> Sources<'a> {
     }
 
     fn render(&self, template: &Template, bound: &[usize]) -> Option<String> {
+        self.render_escaped(template, bound, false)
+    }
+
+    /// Renders a template; with `escape_xml`, record values cannot inject markup into narrative.
+    fn render_escaped(&self, template: &Template, bound: &[usize], escape_xml: bool) -> Option<String> {
         let mut out = String::new();
         for part in &template.parts {
             match part {
                 TemplatePart::Text(text) => out.push_str(text),
-                TemplatePart::Value(path) => out.push_str(&value_text(self.select(path, bound).first()?.1)?),
+                TemplatePart::Value(path) => {
+                    let text = value_text(self.select(path, bound).first()?.1)?;
+                    if escape_xml {
+                        for c in text.chars() {
+                            match c {
+                                '<' => out.push_str("&lt;"),
+                                '>' => out.push_str("&gt;"),
+                                '&' => out.push_str("&amp;"),
+                                '"' => out.push_str("&quot;"),
+                                c => out.push(c),
+                            }
+                        }
+                    } else {
+                        out.push_str(&text);
+                    }
+                }
             }
         }
         Some(out)
@@ -211,9 +231,19 @@ pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> 
             let mut object = Object::new();
             object.insert("resourceType", Json::string(resource.resource_type.as_str()));
             object.insert("id", Json::string(instance.id.as_str()));
-            if !resource.profiles.is_empty() {
+            let mut profiles: Vec<Json> = Vec::new();
+            if let Some((path, codes)) = &resource.profile_by {
+                let key = sources.select(path, &instance.binding).first().and_then(|(_, v)| value_text(v)).unwrap_or_default();
+                let url = plan.codes.get(codes).and_then(|m| m.get(&key)).ok_or_else(|| EvalError {
+                    path: path.to_string(),
+                    message: format!("'{key}' has no entry in the code map '{codes}' of {}", plan.file.display()),
+                })?;
+                profiles.push(url.clone());
+            }
+            profiles.extend(resource.profiles.iter().map(|p| Json::string(p.as_str())));
+            if !profiles.is_empty() {
                 let mut meta = Object::new();
-                meta.insert("profile", Json::Array(resource.profiles.iter().map(|p| Json::string(p.as_str())).collect()));
+                meta.insert("profile", Json::Array(profiles));
                 object.insert("meta", Json::Object(meta));
             }
             let mut json = Json::Object(object);
@@ -280,6 +310,13 @@ fn apply_to_fhir(
                 set(json, &rule.target.steps, &free, value);
             }
         }
+        Source::Text { template, escape_xml } => {
+            if let Some(text) = sources.render_escaped(template, bound, *escape_xml)
+                && holds(&[])
+            {
+                set(json, &rule.target.steps, &[], Json::string(text));
+            }
+        }
         Source::Key { key, codes, wrap_codeable_concept } => {
             let Some(text) = sources.render(key, bound) else { return Ok(()) };
             if !holds(&[]) {
@@ -302,9 +339,12 @@ fn apply_to_fhir(
                     set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
                 }
             } else if rule.target.n_each() > 0 {
+                // References filling a whole list element (`hasMember[*]`) append, so that two such rules
+                // (the items, then the total) keep each other's elements.
+                let offset = if rule.target.steps.last() == Some(&Step::Each) { list_len(json, &rule.target.steps) } else { 0 };
                 for (i, target) in targets.iter().enumerate() {
                     if holds(&[]) {
-                        set(json, &rule.target.steps, &[i], reference(&plan_type(plan, name), &target.id));
+                        set(json, &rule.target.steps, &[offset + i], reference(&plan_type(plan, name), &target.id));
                     }
                 }
             } else if let Some(target) = targets.first()
@@ -384,13 +424,33 @@ pub fn from_fhir(plan: &Plan, input: &Json) -> Result<Vec<Json>, EvalError> {
                         set(&mut json, &rule.target.steps, &free, value);
                     }
                 }
-                Source::LocalRef(_) | Source::TypedRef { .. } | Source::Key { .. } => {}
+                Source::LocalRef(_) | Source::TypedRef { .. } | Source::Key { .. } | Source::Text { .. } => {}
             }
         }
         prune(&mut json);
         records.push(json);
     }
     Ok(records)
+}
+
+/// How many elements the list at the first `[*]` of `steps` already has.
+fn list_len(root: &Json, steps: &[Step]) -> usize {
+    let mut node = root;
+    for step in steps {
+        node = match step {
+            Step::Each => return node.as_array().map_or(0, <[Json]>::len),
+            Step::Field(name) => match node.get(name) {
+                Some(child) => child,
+                None => return 0,
+            },
+            Step::Index(i) => match node.as_array().and_then(|a| a.get(*i)) {
+                Some(child) => child,
+                None => return 0,
+            },
+            Step::Filter { .. } | Step::Resolve(_) => return 0,
+        };
+    }
+    0
 }
 
 /// Writes `value` at `steps`, creating objects and arrays on the way; `[*]` steps take `free` indices in order.

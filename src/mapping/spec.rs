@@ -44,6 +44,9 @@ pub struct ResourceSpec {
     /// Profiles the resource claims (`meta.profile`); each loaded one is checked against every rule's target path.
     #[serde(default)]
     pub profiles: Vec<Spanned<String>>,
+    /// A profile that depends on a record value (`{ from = "instrument", codes = "panel_profile" }`): the
+    /// code map gives the canonical for each value, and it is claimed before the fixed `profiles`.
+    pub profile_by: Option<Spanned<ProfileBy>>,
     /// The identity of the resource as a template over record values (`"screening:{id}:item:{items[*].number}"`).
     /// The resource id is a hash of the resource type and this text, so a re-sent record updates the same resource.
     pub id: Spanned<String>,
@@ -54,6 +57,14 @@ pub struct ResourceSpec {
     /// How the resource is filled, in order.
     #[serde(default)]
     pub rules: Vec<Spanned<RuleSpec>>,
+}
+
+/// A record value and the code map that turns it into a profile canonical.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBy {
+    pub from: Spanned<String>,
+    pub codes: Spanned<String>,
 }
 
 /// Sets one target path. Exactly one of `value`, `from`, `ref` says where the value comes from.
@@ -71,6 +82,9 @@ pub struct RuleSpec {
     /// Instead of `from`: a template whose text is looked up in `codes`, for codes that depend on
     /// several values (`"{instrument}:{items[*].number}"` picks an instrument's item code).
     pub key: Option<Spanned<String>>,
+    /// Text rendered from record values (`"<div xmlns=\"http://www.w3.org/1999/xhtml\">Plan {id}</div>"`);
+    /// values going into `xhtml` are escaped. The rule is skipped when a value is absent.
+    pub text: Option<Spanned<String>>,
     /// A Reference: to a resource of this file by its `name`, or to a resource type when `id` is given.
     #[serde(rename = "ref")]
     pub reference: Option<Spanned<String>>,

@@ -10,11 +10,23 @@ use iop_gateway::json::{self, Json};
 use iop_gateway::mapping::MappingSet;
 use iop_gateway::package::Package;
 use iop_gateway::validation::Validator;
+use iop_gateway::xml::XmlOptions;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PACKAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/definitions/packages");
+const BSER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/bser/legacy-xml-2.0.0-pre-fsh");
 
-/// R4, the bundled profiles, US Core 6.1.0 and PAS 2.2.1: what every output must satisfy.
+/// The BSeR profiles the referral mappings claim and the Task business status they bind (the corpus has
+/// no BSeR package, only the XML differentials from before BSeR moved to FSH).
+const BSER_PROFILES: &[&str] = &[
+    "structuredefinition/ReferralServiceRequest.xml",
+    "structuredefinition/ReferralTask.xml",
+    "structuredefinition/BSeR-PatientConsent.xml",
+    "codesystem/TaskBusinessStatusCS.xml",
+    "valueset/TaskBusinessStatusVS.xml",
+];
+
+/// R4, the bundled profiles, US Core 6.1.0, PAS 2.2.1 and the BSeR referral profiles: what every output must satisfy.
 fn definitions() -> Arc<Definitions> {
     static DEFINITIONS: OnceLock<Arc<Definitions>> = OnceLock::new();
     DEFINITIONS
@@ -22,6 +34,13 @@ fn definitions() -> Arc<Definitions> {
             let mut definitions = Definitions::new_default();
             for package in ["hl7.fhir.us.core-6.1.0.tgz", "hl7.fhir.us.davinci-pas-2.2.1.tgz"] {
                 definitions.add_package(Package::load(&Path::new(PACKAGES).join(package)).expect("load package"));
+            }
+            let options = XmlOptions { allow_xsi_schema_location: true };
+            for file in BSER_PROFILES {
+                let bytes = std::fs::read(Path::new(BSER).join(file)).expect("read BSeR profile");
+                let (resource, issues) = iop_gateway::xml::parse_resource_with(&bytes, &definitions, &options).expect("BSeR profile is FHIR XML");
+                assert!(!issues.iter().any(|i| i.severity.is_error()), "{file}: {issues:#?}");
+                definitions.add_resource(file, resource);
             }
             Arc::new(definitions)
         })
@@ -312,4 +331,104 @@ fn the_commands_map_and_check() {
     let _ = std::fs::remove_file(&bad_file);
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("client C-1001 birth_date"), "{}", String::from_utf8_lossy(&failed.stderr));
+}
+
+/// The profiles of `profiles/` and the implementation guides each kind of mapped resource must claim
+/// (an IOP profile first, then the national ones it is compatible with).
+const CLAIMS: &[(&str, &[&str])] = &[
+    ("Encounter", &["http://iop-gateway.org/fhir/StructureDefinition/iop-session", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-encounter"]),
+    ("Task", &["http://iop-gateway.org/fhir/StructureDefinition/iop-referral-task", "http://hl7.org/fhir/us/bser/StructureDefinition/ReferralTask"]),
+];
+
+/// Every resource of every fixture claims at least one profile, each claimed profile is loaded (so it was
+/// really checked), and the kinds with an IOP profile claim it with its US Core, PAS or BSeR counterpart.
+#[test]
+fn every_resource_claims_its_iop_and_national_profiles() {
+    let definitions = definitions();
+    for dir in concept_dirs() {
+        let bundle = map_files(&fixture_files(&dir));
+        for entry in bundle["entry"].as_array().unwrap() {
+            let resource = &entry["resource"];
+            let resource_type = resource["resourceType"].as_str().unwrap();
+            let claimed: Vec<&str> = resource["meta"]["profile"].as_array().map(|p| p.iter().filter_map(Json::as_str).collect()).unwrap_or_default();
+            let label = format!("{dir}: {resource_type}/{}", resource["id"].as_str().unwrap());
+            assert!(!claimed.is_empty() || resource_type == "Appointment", "{label} claims no profile");
+            for url in &claimed {
+                assert!(definitions.structure(url).is_some(), "{label}: {url} is not loaded");
+            }
+            if let Some((_, wanted)) = CLAIMS.iter().find(|(t, _)| *t == resource_type) {
+                assert_eq!(&claimed, wanted, "{label}");
+            }
+            let is_panel_or_total = resource_type == "Observation" && (resource.get("hasMember").is_some() || resource.get("valueQuantity").is_some() && claimed.len() > 1);
+            if is_panel_or_total || resource_type == "ServiceRequest" {
+                assert!(claimed[0].starts_with("http://iop-gateway.org/fhir/StructureDefinition/iop-"), "{label}: {claimed:?}");
+                assert!(claimed.len() >= 2, "{label}: an IOP profile and its national counterpart: {claimed:?}");
+            }
+        }
+    }
+}
+
+/// The error messages one resource gets against one profile.
+fn profile_errors(resource: &Json, profile: &str) -> Vec<String> {
+    let validator = Validator::new(definitions());
+    let report = validator.validate_json(resource, &[profile.to_string()]);
+    report.issues.iter().filter(|i| i.severity.is_error()).map(ToString::to_string).collect()
+}
+
+/// The first resource of a fixture's output that satisfies `pick`.
+fn mapped_resource(fixture: &str, pick: impl Fn(&Json) -> bool) -> Json {
+    let bundle = map_files(&[Path::new(ROOT).join("tests/fixtures/iop").join(fixture)]);
+    bundle["entry"].as_array().unwrap().iter().map(|e| e["resource"].clone()).find(|r| pick(r)).expect("the fixture maps to such a resource")
+}
+
+/// The value at a path of member names and array indexes (`["code", "coding", "0"]`).
+fn at<'a>(json: &'a mut Json, path: &[&str]) -> &'a mut Json {
+    path.iter().fold(json, |node, step| match node {
+        Json::Object(object) => object.get_mut(step).expect("member present"),
+        Json::Array(items) => &mut items[step.parse::<usize>().expect("an index")],
+        _ => panic!("no {step} below a scalar"),
+    })
+}
+
+const IOP: &str = "http://iop-gateway.org/fhir/StructureDefinition/";
+
+#[test]
+fn the_iop_profiles_reject_what_they_exist_to_reject() {
+    let has_code = |code: &'static str| move |r: &Json| r["code"]["coding"].as_array().and_then(|c| c.first()).and_then(|c| c["code"].as_str()) == Some(code);
+    // A PHQ-9 total above 27.
+    let mut total = mapped_resource("screening/phq9.json", has_code("44261-6"));
+    let profile = format!("{IOP}iop-screening-phq9-total");
+    assert_eq!(profile_errors(&total, &profile), Vec::<String>::new());
+    *at(&mut total, &["valueQuantity", "value"]) = Json::Number("28".into());
+    let errors = profile_errors(&total, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-phq9-total-1")), "{errors:#?}");
+    // A PHQ-9 panel missing a member.
+    let mut panel = mapped_resource("screening/phq9.json", has_code("44249-1"));
+    let profile = format!("{IOP}iop-screening-phq9");
+    assert_eq!(profile_errors(&panel, &profile), Vec::<String>::new());
+    if let Json::Array(members) = at(&mut panel, &["hasMember"]) {
+        members.pop();
+    }
+    let errors = profile_errors(&panel, &profile);
+    assert!(errors.iter().any(|e| e.contains("hasMember")), "{errors:#?}");
+    // A GAD-7 code on a PHQ-9 panel.
+    let mut panel = mapped_resource("screening/phq9.json", has_code("44249-1"));
+    *at(&mut panel, &["code", "coding", "0", "code"]) = Json::string("69737-5");
+    assert!(!profile_errors(&panel, &profile).is_empty());
+    // A session without its attendance.
+    let mut encounter = mapped_resource("session/attended.json", |r| r["resourceType"].as_str() == Some("Encounter"));
+    let profile = format!("{IOP}iop-session");
+    assert_eq!(profile_errors(&encounter, &profile), Vec::<String>::new());
+    if let Json::Array(types) = at(&mut encounter, &["type"]) {
+        types.pop();
+    }
+    let errors = profile_errors(&encounter, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-ses-2")), "{errors:#?}");
+    // A referral without a performer, as BSeR and the IOP profile both require one.
+    let mut referral = mapped_resource("referral/inbound.json", |r| r["resourceType"].as_str() == Some("ServiceRequest"));
+    let profile = format!("{IOP}iop-referral");
+    assert_eq!(profile_errors(&referral, &profile), Vec::<String>::new());
+    referral.as_object_mut().unwrap().remove("performer");
+    assert!(profile_errors(&referral, &profile).iter().any(|e| e.contains("performer")));
+    assert!(profile_errors(&referral, "http://hl7.org/fhir/us/bser/StructureDefinition/ReferralServiceRequest").iter().any(|e| e.contains("performer")));
 }
