@@ -15,7 +15,7 @@ use crate::json::Json;
 pub const RECORD_TYPE_MEMBER: &str = "record_type";
 
 /// The record kinds the gateway knows, in the order an episode of care produces them.
-pub const RECORD_TYPES: &[&str] = &["client", "enrollment", "care_plan", "session", "screening", "referral", "authorization", "discharge"];
+pub const RECORD_TYPES: &[&str] = &["client", "enrollment", "care_plan", "session", "screening", "drug_screen", "referral", "consent", "authorization", "authorization_decision", "discharge"];
 
 /// A problem with one record: where (a dotted path such as `items[3].answer`) and what.
 #[derive(Clone, Debug, PartialEq, Eq)]

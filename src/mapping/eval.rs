@@ -339,9 +339,9 @@ fn apply_to_fhir(
                     set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
                 }
             } else if rule.target.n_each() > 0 {
-                // References filling a whole list element (`hasMember[*]`) append, so that two such rules
-                // (the items, then the total) keep each other's elements.
-                let offset = if rule.target.steps.last() == Some(&Step::Each) { list_len(json, &rule.target.steps) } else { 0 };
+                // Two reference rules into one list (`hasMember[*]`: the items, then the total; or
+                // `activity[*].reference`) append: each starts after the elements whose target is already set.
+                let offset = filled_len(json, &rule.target.steps);
                 for (i, target) in targets.iter().enumerate() {
                     if holds(&[]) {
                         set(json, &rule.target.steps, &[offset + i], reference(&plan_type(plan, name), &target.id));
@@ -433,12 +433,15 @@ pub fn from_fhir(plan: &Plan, input: &Json) -> Result<Vec<Json>, EvalError> {
     Ok(records)
 }
 
-/// How many elements the list at the first `[*]` of `steps` already has.
-fn list_len(root: &Json, steps: &[Step]) -> usize {
+/// The position after the last element of the list at the first `[*]` of `steps` in which the rest of `steps` is set.
+fn filled_len(root: &Json, steps: &[Step]) -> usize {
     let mut node = root;
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
         node = match step {
-            Step::Each => return node.as_array().map_or(0, <[Json]>::len),
+            Step::Each => {
+                let items = node.as_array().unwrap_or_default();
+                return items.iter().rposition(|item| is_set(item, &steps[i + 1..])).map_or(0, |p| p + 1);
+            }
             Step::Field(name) => match node.get(name) {
                 Some(child) => child,
                 None => return 0,
@@ -451,6 +454,16 @@ fn list_len(root: &Json, steps: &[Step]) -> usize {
         };
     }
     0
+}
+
+fn is_set(node: &Json, steps: &[Step]) -> bool {
+    let Some((step, rest)) = steps.split_first() else { return !matches!(node, Json::Null) };
+    match step {
+        Step::Field(name) => node.get(name).is_some_and(|child| is_set(child, rest)),
+        Step::Index(i) => node.as_array().and_then(|a| a.get(*i)).is_some_and(|child| is_set(child, rest)),
+        Step::Each | Step::Filter { .. } => node.as_array().is_some_and(|a| a.iter().any(|child| is_set(child, rest))),
+        Step::Resolve(_) => false,
+    }
 }
 
 /// Writes `value` at `steps`, creating objects and arrays on the way; `[*]` steps take `free` indices in order.

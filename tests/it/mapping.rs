@@ -338,6 +338,10 @@ fn the_commands_map_and_check() {
 const CLAIMS: &[(&str, &[&str])] = &[
     ("Encounter", &["http://iop-gateway.org/fhir/StructureDefinition/iop-session", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-encounter"]),
     ("Task", &["http://iop-gateway.org/fhir/StructureDefinition/iop-referral-task", "http://hl7.org/fhir/us/bser/StructureDefinition/ReferralTask"]),
+    ("EpisodeOfCare", &["http://iop-gateway.org/fhir/StructureDefinition/iop-enrollment"]),
+    ("CarePlan", &["http://iop-gateway.org/fhir/StructureDefinition/iop-care-plan", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-careplan"]),
+    ("Goal", &["http://hl7.org/fhir/us/core/StructureDefinition/us-core-goal"]),
+    ("DiagnosticReport", &["http://hl7.org/fhir/us/core/StructureDefinition/us-core-diagnosticreport-lab"]),
 ];
 
 /// Every resource of every fixture claims at least one profile, each claimed profile is loaded (so it was
@@ -360,7 +364,8 @@ fn every_resource_claims_its_iop_and_national_profiles() {
                 assert_eq!(&claimed, wanted, "{label}");
             }
             let is_panel_or_total = resource_type == "Observation" && (resource.get("hasMember").is_some() || resource.get("valueQuantity").is_some() && claimed.len() > 1);
-            if is_panel_or_total || resource_type == "ServiceRequest" {
+            let is_care_plan_activity = resource_type == "ServiceRequest" && claimed.len() == 1;
+            if is_panel_or_total || resource_type == "ServiceRequest" && !is_care_plan_activity {
                 assert!(claimed[0].starts_with("http://iop-gateway.org/fhir/StructureDefinition/iop-"), "{label}: {claimed:?}");
                 assert!(claimed.len() >= 2, "{label}: an IOP profile and its national counterpart: {claimed:?}");
             }
@@ -431,4 +436,22 @@ fn the_iop_profiles_reject_what_they_exist_to_reject() {
     referral.as_object_mut().unwrap().remove("performer");
     assert!(profile_errors(&referral, &profile).iter().any(|e| e.contains("performer")));
     assert!(profile_errors(&referral, "http://hl7.org/fhir/us/bser/StructureDefinition/ReferralServiceRequest").iter().any(|e| e.contains("performer")));
+    // A program schedule of 5 days × 4 hours, above the 15 hours a week of an IOP.
+    let is_schedule = |r: &Json| r["meta"]["profile"].as_array().is_some_and(|p| p[0].as_str() == Some("http://iop-gateway.org/fhir/StructureDefinition/iop-care-plan-schedule"));
+    let mut schedule = mapped_resource("care_plan/active.json", is_schedule);
+    let profile = format!("{IOP}iop-care-plan-schedule");
+    assert_eq!(profile_errors(&schedule, &profile), Vec::<String>::new());
+    *at(&mut schedule, &["occurrenceTiming", "repeat", "frequency"]) = Json::Number("5".into());
+    *at(&mut schedule, &["occurrenceTiming", "repeat", "duration"]) = Json::Number("4".into());
+    let errors = profile_errors(&schedule, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-sched-1")), "{errors:#?}");
+    // An enrollment without its level of care.
+    let mut enrollment = mapped_resource("enrollment/active.json", |r| r["resourceType"].as_str() == Some("EpisodeOfCare"));
+    let profile = format!("{IOP}iop-enrollment");
+    assert_eq!(profile_errors(&enrollment, &profile), Vec::<String>::new());
+    if let Json::Array(types) = at(&mut enrollment, &["type"]) {
+        types.pop();
+    }
+    let errors = profile_errors(&enrollment, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-enr-2")), "{errors:#?}");
 }
