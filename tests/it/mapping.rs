@@ -184,10 +184,26 @@ fn the_full_episode_is_one_self_contained_bundle() {
     assert_eq!((count("Encounter"), count("Appointment")), (21, 3));
     // 16 screenings: 16 QuestionnaireResponses; PHQ-9 panel + 9 items + total, GAD-7 panel + 7 items + total.
     assert_eq!(count("QuestionnaireResponse"), 16);
-    assert_eq!(count("Observation"), 8 * (11 + 9));
-    // Two referrals, each a ServiceRequest and a Task.
-    assert_eq!((count("ServiceRequest"), count("Task")), (2, 2));
+    // Two referrals, each a ServiceRequest and a Task, and the care plan's schedule and 4 services.
+    assert_eq!((count("ServiceRequest"), count("Task")), (2 + 1 + 4, 2));
     assert_eq!((count("Patient"), count("Practitioner"), count("Coverage")), (1, 1, 1));
+    // The enrollment every attended session belongs to, and the care plan: the schedule, 4 services, 3 goals.
+    assert_eq!((count("EpisodeOfCare"), count("CarePlan"), count("Goal")), (1, 1, 3));
+    let episode = entries.iter().find(|e| e["resource"]["resourceType"].as_str() == Some("EpisodeOfCare")).unwrap();
+    let first_reference = |list: &Json| list.as_array().and_then(|l| l.first()).and_then(|r| r["reference"].as_str()).map(str::to_string);
+    let in_episode = entries.iter().filter(|e| first_reference(&e["resource"]["episodeOfCare"]).as_deref() == episode["fullUrl"].as_str()).count();
+    assert_eq!(in_episode, 21);
+    // Four urine drug screens of five substance classes; exactly one result is positive.
+    assert_eq!(count("DiagnosticReport"), 4);
+    let positive: Vec<&Json> = entries
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"].as_str() == Some("Observation") && r["valueCodeableConcept"]["coding"].as_array().is_some_and(|c| c[0]["code"].as_str() == Some("10828004")))
+        .collect();
+    assert_eq!(positive.len(), 1);
+    assert_eq!(positive[0]["code"]["coding"].as_array().map(|c| c[0]["code"].as_str()), Some(Some("3427-2")));
+    // PHQ-9 panel + 9 items + total and GAD-7 panel + 7 items + total, 8 weeks; 4 drug screens × 5 results.
+    assert_eq!(count("Observation"), 8 * (11 + 9) + 4 * 5);
 }
 
 #[test]
