@@ -234,6 +234,19 @@ impl Definitions {
         }
     }
 
+    /// Why the snapshot of a differential-only StructureDefinition cannot be generated, if it cannot.
+    ///
+    /// A profile whose differential does not fit its base is broken even when no instance uses it yet.
+    pub fn snapshot_problem(&self, structure_definition: &Json) -> Option<String> {
+        if structure_definition.get("snapshot").is_some() || structure_definition.get("differential").is_none() {
+            return None;
+        }
+        let base = structure_definition.get("baseDefinition").and_then(Json::as_str)?;
+        // A base that is not loaded is reported where it is used; here nothing can be said.
+        self.resolve_entry(base)?;
+        snapshot::generate(structure_definition, self).err()
+    }
+
     /// Problems met while compiling profiles so far (a profile that cannot be used is not silently ignored).
     pub fn compile_problems(&self) -> Vec<String> {
         self.compile_problems.read().map(|p| p.clone()).unwrap_or_default()

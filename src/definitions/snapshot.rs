@@ -42,11 +42,21 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
     let mut slices = SliceContext::default();
     for diff in differential {
         let Some(diff) = diff.as_object() else { continue };
+        let is_root = diff.get("path").and_then(Json::as_str).is_some_and(|p| !p.contains('.'));
+        if is_root && diff.get("slicing").is_some() {
+            return Err("the differential slices the root element, which cannot repeat".into());
+        }
         let id = slices.id_of(diff).ok_or("differential element without path")?;
         let index = match find(&elements, &id) {
             Some(i) => i,
             None => materialize(&mut elements, &id, diff, definitions)?,
         };
+        if let Some(path) = diff.get("path").and_then(Json::as_str) {
+            let target = elements[index].get("path").and_then(Json::as_str).unwrap_or_default();
+            if !path_names(path, target, &elements[index]) {
+                return Err(format!("the differential element {id} has the path {path}, which is not the path of that element ({target})"));
+            }
+        }
         merge(&mut elements[index], diff);
     }
     let mut out = resource.as_object().cloned().ok_or("not an object")?;
@@ -73,7 +83,10 @@ impl SliceContext {
         let path = diff.get("path").and_then(Json::as_str)?;
         // Slices opened at paths that are not ancestors of (or equal to) this one are closed.
         self.open.retain(|(open, _)| path == open || is_descendant_path(path, open));
-        if let Some(id) = diff.get("id").and_then(Json::as_str) {
+        // An id that does not spell the element's path is a mistake in the differential; the path is what
+        // defines the element, so the id is then derived from the path as if there were none.
+        let id = diff.get("id").and_then(Json::as_str).filter(|id| unsliced(id) == path);
+        if let Some(id) = id {
             self.open.retain(|(open, _)| open != path);
             if diff.get("sliceName").is_some() {
                 self.open.push((path.to_string(), id.to_string()));
@@ -101,6 +114,11 @@ impl SliceContext {
     }
 }
 
+/// An element id without its slice names: its path.
+fn unsliced(id: &str) -> String {
+    id.split('.').map(|segment| segment.split(':').next().unwrap_or(segment)).collect::<Vec<_>>().join(".")
+}
+
 fn is_descendant_path(path: &str, ancestor: &str) -> bool {
     path.len() > ancestor.len() && path.starts_with(ancestor) && path.as_bytes()[ancestor.len()] == b'.'
 }
@@ -119,8 +137,22 @@ fn find(elements: &[Object], id: &str) -> Option<usize> {
         let eid = id_of(e);
         let Some(choice) = eid.strip_suffix("[x]") else { return false };
         let Some((eparent, ename)) = choice.rsplit_once('.') else { return false };
-        eparent == parent && last.strip_prefix(ename).is_some_and(|suffix| suffix.chars().next().is_some_and(char::is_uppercase))
+        let Some(suffix) = last.strip_prefix(ename).filter(|s| s.starts_with(|c: char| c.is_ascii_uppercase())) else { return false };
+        // The suffix must name one of the choice's types (`valueBla` addresses nothing).
+        let types = e.get("type").and_then(Json::as_array).unwrap_or_default();
+        eparent == parent && (types.is_empty() || types.iter().filter_map(|t| t.get("code").and_then(Json::as_str)).any(|c| type_suffix(c) == suffix))
     })
+}
+
+/// Whether a differential path names a snapshot element: the same path, or a choice (`value[x]`) by one of its types (`valueQuantity`).
+fn path_names(path: &str, target: &str, element: &Object) -> bool {
+    if path == target {
+        return true;
+    }
+    let Some(stem) = target.strip_suffix("[x]") else { return false };
+    let Some(suffix) = path.strip_prefix(stem) else { return false };
+    let types = element.get("type").and_then(Json::as_array).unwrap_or_default();
+    types.iter().filter_map(|t| t.get("code").and_then(Json::as_str)).any(|c| type_suffix(c) == suffix)
 }
 
 /// Creates the element `id` names (a new slice, or a child inside a data type) and returns its index.
@@ -199,14 +231,15 @@ fn expand(elements: &mut Vec<Object>, parent: usize, _diff: &Object, definitions
         let target = reference.trim_start_matches('#');
         (target.split('.').next().unwrap_or(target).to_string(), target.to_string())
     } else {
-        let t = match types.as_slice() {
-            [t] => t.clone(),
-            _ => return Err(format!("cannot expand {parent_id}: it has {} types", types.len())),
-        };
-        if t == "BackboneElement" || t == "Element" {
-            return Err(format!("cannot expand {parent_id}: anonymous element without children in the base"));
+        match types.as_slice() {
+            [t] if t == "BackboneElement" || t == "Element" => {
+                return Err(format!("cannot expand {parent_id}: anonymous element without children in the base"));
+            }
+            [t] => (t.clone(), t.clone()),
+            // A choice of several types shares only what every element has (`id`, `extension`).
+            [_, _, ..] => ("Element".to_string(), "Element".to_string()),
+            [] => return Err(format!("cannot expand {parent_id}: it has no type")),
         }
-        (t.clone(), t)
     };
     let structure = definitions.resolve(&format!("{}{}", crate::definitions::CORE_SD_BASE, type_name)).ok_or_else(|| format!("type {type_name} is not loaded"))?;
     let source: Vec<Object> = structure
@@ -227,7 +260,6 @@ fn expand(elements: &mut Vec<Object>, parent: usize, _diff: &Object, definitions
         copy.insert("id", Json::string(format!("{parent_id}.{rest_id}")));
         inserted.push(copy);
     }
-    let _ = type_suffix;
     elements.splice(parent + 1..parent + 1, inserted);
     Ok(())
 }
@@ -324,6 +356,25 @@ mod tests {
         assert_eq!(elements[at("Observation.component:b.value[x]")].get("min"), Some(&Json::Number("1".into())));
         assert_eq!(elements[at("Observation.component.value[x]")].get("min"), Some(&Json::Number("0".into())));
         assert_eq!(elements[at("Observation.status")].get("fixedCode").and_then(Json::as_str), Some("final"));
+    }
+
+    #[test]
+    fn differential_paths_must_name_their_elements() {
+        let definitions = Definitions::base();
+        assert!(generate(&profile(r#"[{"id":"Observation.valueQuantity","path":"Observation.valueBla"}]"#), &definitions).is_err());
+        assert!(generate(&profile(r#"[{"path":"Observation.valueBla"}]"#), &definitions).is_err());
+        assert!(generate(&profile(r#"[{"id":"Observation.valueQuantity","path":"Observation.valueQuantity"}]"#), &definitions).is_ok());
+        let root_sliced = profile(r#"[{"id":"Observation","path":"Observation","slicing":{"rules":"open"}}]"#);
+        assert!(generate(&root_sliced, &definitions).is_err());
+    }
+
+    #[test]
+    fn choices_of_several_types_expand_to_their_common_children() {
+        let definitions = Definitions::base();
+        let sd = profile(r#"[{"path":"Observation.effective[x].extension","max":"1"}]"#);
+        let snapshot = generate(&sd, &definitions).unwrap();
+        let ids = ids(&snapshot);
+        assert!(ids.iter().any(|i| i == "Observation.effective[x].extension"), "{ids:?}");
     }
 
     #[test]

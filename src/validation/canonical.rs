@@ -31,7 +31,15 @@ pub(super) fn check(walker: &mut Walker<'_, '_>, resource_type: &str, resource: 
         "ValueSet" => value_set(walker, resource),
         "CapabilityStatement" => capability_statement(walker, resource),
         "SearchParameter" => search_parameter(walker, resource),
+        "StructureDefinition" => structure_definition(walker, resource),
         _ => {}
+    }
+}
+
+fn structure_definition(walker: &mut Walker<'_, '_>, resource: &Object) {
+    let problem = walker.validator.definitions.snapshot_problem(&Json::Object(resource.clone()));
+    if let Some(problem) = problem {
+        walker.error(IssueCode::Invalid, format!("the snapshot cannot be generated from the differential: {problem}"));
     }
 }
 

@@ -464,3 +464,19 @@ fn recursive_elements_in_profiles_take_the_base_content() {
     let report = validator.validate_bytes(wrong.as_bytes(), &[]);
     assert!(report.issues.iter().filter(|i| i.severity.is_error()).count() == 2, "{:#?}", report.issues);
 }
+
+#[test]
+fn choices_unfolded_for_their_common_children_keep_their_own_content() {
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/eff","name":"E","status":"draft","kind":"resource",
+        "abstract":false,"type":"Observation","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Observation",
+        "differential":{"element":[{"id":"Observation.effective[x].extension","path":"Observation.effective[x].extension","max":"1"}]}}"#;
+    let validator = validator_with_profile(profile);
+    let observation = r#"{"resourceType":"Observation","meta":{"profile":["http://example.org/sd/eff"]},"status":"final","code":{"text":"x"},
+        "effectivePeriod":{"start":"2024-01-01"}}"#;
+    let report = validator.validate_bytes(observation.as_bytes(), &[]);
+    assert!(report.is_valid(), "{:#?}", report.issues);
+    let broken = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/bad","name":"B","status":"draft","kind":"resource",
+        "abstract":false,"type":"Observation","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Observation",
+        "differential":{"element":[{"id":"Observation.valueQuantity","path":"Observation.valueBla"}]}}"#;
+    assert_error(broken, "StructureDefinition", "snapshot cannot be generated");
+}

@@ -419,7 +419,16 @@ impl<'v, 'a> Walker<'v, 'a> {
                 }
                 // A profile that constrains inside a recursive element unfolds it: its own children then apply.
                 let unfolded = !structure.children(child).is_empty();
-                if let (Some(reference), false) = (&definition.content_reference, unfolded) {
+                // A choice of several types unfolds only the children they share (`extension`): the value's
+                // own type describes its content.
+                let choice_type = if unfolded && definition.types.len() > 1 {
+                    self.validator.definitions.type_structure(type_code).filter(|t| !t.children(0).is_empty())
+                } else {
+                    None
+                };
+                if let Some(own) = choice_type {
+                    self.object(&own, 0, value, type_code);
+                } else if let (Some(reference), false) = (&definition.content_reference, unfolded) {
                     let path = reference.trim_start_matches('#');
                     // In a profile, the referenced element may carry constraints meant for its own position
                     // (`Parameters.parameter` vs `parameter.part`), so the base type's definition describes the content.
