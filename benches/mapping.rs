@@ -24,7 +24,7 @@ fn main() {
     let load_s = started.elapsed().as_secs_f64();
 
     let mut template = Vec::new();
-    for concept in ["client", "referral", "session", "screening"] {
+    for concept in ["client", "enrollment", "referral", "care_plan", "session", "screening", "drug_screen"] {
         let bytes = std::fs::read(root.join(format!("tests/fixtures/iop/episode/{concept}.json"))).expect("episode fixture");
         let Json::Array(records) = json::parse(&bytes).expect("episode JSON") else { panic!("episode files are arrays") };
         template.extend(records);
