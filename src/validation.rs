@@ -8,6 +8,7 @@ mod bundle;
 mod canonical;
 mod contexts;
 mod invariants;
+mod measure;
 mod primitives;
 mod questionnaire;
 mod slicing;

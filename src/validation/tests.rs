@@ -480,3 +480,26 @@ fn choices_unfolded_for_their_common_children_keep_their_own_content() {
         "differential":{"element":[{"id":"Observation.valueQuantity","path":"Observation.valueBla"}]}}"#;
     assert_error(broken, "StructureDefinition", "snapshot cannot be generated");
 }
+
+#[test]
+fn measure_reports_report_what_their_measure_defines() {
+    let measure = r#"{"resourceType":"Measure","url":"http://example.org/m","status":"active",
+        "scoring":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/measure-scoring","code":"cohort"}]},
+        "group":[{"population":[{"code":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/measure-population","code":"initial-population"}]},"criteria":{"language":"text/cql","expression":"x"}}]}]}"#;
+    let validator = validator_with_profile(measure);
+    let population = |code: &str, extra: &str| {
+        format!(r#"{{"code":{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/measure-population","code":"{code}"}}]}},"count":1{extra}}}"#)
+    };
+    let report = |kind: &str, populations: String, score: &str| {
+        format!(r#"{{"resourceType":"MeasureReport","status":"complete","type":"{kind}","measure":"http://example.org/m","period":{{"start":"2024"}},"group":[{{"population":[{populations}]{score}}}]}}"#)
+    };
+    let errors_of = |text: String| -> Vec<String> {
+        validator.validate_bytes(text.as_bytes(), &[]).issues.iter().filter(|i| i.severity.is_error()).map(|i| format!("{}: {}", i.expression, i.message)).collect()
+    };
+    assert_eq!(errors_of(report("summary", population("initial-population", ""), "")), Vec::<String>::new());
+    let found = errors_of(report("summary", format!("{},{}", population("initial-population", r#","subjectResults":{"reference":"List/1"}"#), population("numerator", "")), r#","measureScore":{"value":1}"#));
+    let has = |expression: &str, fragment: &str| found.iter().any(|e| e.starts_with(&format!("{expression}: ")) && e.contains(fragment));
+    assert!(has("MeasureReport.group[0].population[0]", "subject-list"), "{found:#?}");
+    assert!(has("MeasureReport.group[0].population[1]", "'numerator' is not defined"), "{found:#?}");
+    assert!(has("MeasureReport.group[0].measureScore", "cohort"), "{found:#?}");
+}

@@ -133,6 +133,9 @@ impl<'v, 'a> Walker<'v, 'a> {
         if resource_type == "Questionnaire" {
             super::questionnaire::check_definition(self, object);
         }
+        if resource_type == "MeasureReport" {
+            super::measure::check(self, object);
+        }
         if resource_type == "QuestionnaireResponse" {
             super::questionnaire::check(self, object);
         }
