@@ -175,6 +175,10 @@ fn every_output_keeps_the_invariants_and_validates_against_us_core() {
 
 #[test]
 fn the_full_episode_is_one_self_contained_bundle() {
+    let all: Vec<Json> = fixture_files("episode").iter().flat_map(|f| records(f)).collect();
+    let conflicts: Vec<String> = mappings().records_to_fhir(&all).issues.iter().map(ToString::to_string).filter(|m| m.contains("different content")).collect();
+    // Records that share a resource (the program site, the clinician) describe it the same way.
+    assert!(conflicts.is_empty(), "{conflicts:#?}");
     let bundle = map_files(&fixture_files("episode"));
     let problems = invariant_problems(&bundle, true);
     assert!(problems.is_empty(), "{problems:#?}");
