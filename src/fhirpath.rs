@@ -69,6 +69,7 @@ pub struct ChildElement {
     pub many: bool,
 }
 
+mod analysis;
 mod ast;
 mod context;
 mod eval;
@@ -96,6 +97,10 @@ use crate::json::Json;
 pub struct Expression {
     source: Box<str>,
     root: ast::Expr,
+    /// How many sub-expression results one evaluation memoizes.
+    memo_slots: u32,
+    /// See [`Expression::focus_members`].
+    focus_members: Option<Box<[Box<str>]>>,
 }
 
 /// An expression that is not valid FHIRPath: the message and the byte offset where it was found.
@@ -144,7 +149,10 @@ impl std::error::Error for EvalError {}
 
 /// Parses FHIRPath text. Unknown functions and wrong argument counts are reported here.
 pub fn parse(expr: &str) -> Result<Expression, SyntaxError> {
-    Ok(Expression { source: expr.into(), root: parser::parse_expression(expr)? })
+    let mut root = parser::parse_expression(expr)?;
+    let memo_slots = analysis::assign_memo_slots(&mut root);
+    let focus_members = analysis::focus_members(&root).map(Vec::into_boxed_slice);
+    Ok(Expression { source: expr.into(), root, memo_slots, focus_members })
 }
 
 impl Expression {
@@ -160,9 +168,32 @@ impl Expression {
 
     /// Evaluates on any input collection (empty for expressions that need no input).
     pub fn evaluate_collection<'a>(&self, input: Vec<Value<'a>>, ctx: &Context<'a>) -> Result<Vec<Value<'a>>, EvalError> {
-        let evaluator = eval::Evaluator::new(ctx, &input);
+        let evaluator = eval::Evaluator::new(ctx, &input, self.memo_slots);
         let focus = eval::Focus { this: (input.len() == 1).then(|| input[0].clone()), index: None, total: None };
         evaluator.eval(&self.root, &input, &focus)
+    }
+
+    /// The members of the focus this expression can observe, when it observes the focus in no
+    /// other way; `None` when it might.
+    ///
+    /// When the focus is a JSON object with none of these members (no key equal to or starting
+    /// with a name or with `_` and a name, which covers choice spellings), the result is the
+    /// result on an empty object of the same type under any context without user `%variables`,
+    /// so a caller may compute that once and reuse it.
+    pub fn focus_members(&self) -> Option<&[Box<str>]> {
+        self.focus_members.as_deref()
+    }
+
+    /// Whether `focus` is an object with none of [`Expression::focus_members`], so that the
+    /// result on it is the result on an empty object of the same type.
+    pub fn sees_nothing_of(&self, focus: &Json) -> bool {
+        match (&self.focus_members, focus) {
+            (Some(names), Json::Object(object)) => !object.iter().any(|(key, _)| {
+                let key = key.strip_prefix('_').unwrap_or(key);
+                names.iter().any(|name| key.starts_with(&**name))
+            }),
+            _ => false,
+        }
     }
 
     /// Evaluates as an invariant: `Some(true/false)` for a single Boolean result (any other single

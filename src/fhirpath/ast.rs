@@ -12,6 +12,9 @@ pub struct Expr {
     pub pos: usize,
     /// Height of the tree below and including this node.
     pub depth: u32,
+    /// The evaluation's memo slot when the analysis found the result the same wherever it is
+    /// computed (see `analysis::assign_memo_slots`).
+    pub memo: Option<u32>,
 }
 
 #[derive(Debug)]

@@ -1,8 +1,9 @@
 //! The evaluator: walks the expression tree over borrowed nodes, implementing navigation, operators and type tests.
 
 use rust_decimal::Decimal;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
+use std::collections::HashSet;
 use std::rc::Rc;
 
 use super::EvalError;
@@ -32,6 +33,9 @@ pub(crate) struct Evaluator<'c, 'a> {
     /// The collection the whole expression was evaluated on (`%context` by default).
     pub root: &'c [Value<'a>],
     depth: Cell<usize>,
+    /// Results of the sub-expressions the analysis marked, by slot (errors are not kept, so
+    /// they are reported again with their own position).
+    memo: RefCell<Vec<Option<Collection<'a>>>>,
 }
 
 pub(crate) fn err<T>(message: impl Into<String>) -> R<T> {
@@ -39,11 +43,17 @@ pub(crate) fn err<T>(message: impl Into<String>) -> R<T> {
 }
 
 impl<'c, 'a> Evaluator<'c, 'a> {
-    pub fn new(ctx: &'c Context<'a>, root: &'c [Value<'a>]) -> Self {
-        Evaluator { ctx, root, depth: Cell::new(0) }
+    pub fn new(ctx: &'c Context<'a>, root: &'c [Value<'a>], memo_slots: u32) -> Self {
+        let memo = (0..memo_slots).map(|_| None).collect();
+        Evaluator { ctx, root, depth: Cell::new(0), memo: RefCell::new(memo) }
     }
 
     pub fn eval(&self, e: &Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
+        if let Some(slot) = e.memo
+            && let Some(Some(hit)) = self.memo.borrow().get(slot as usize)
+        {
+            return Ok(hit.clone());
+        }
         let depth = self.depth.get() + 1;
         if depth > MAX_DEPTH {
             return Err(EvalError::new("expression evaluation nested too deeply").at(e.pos));
@@ -51,6 +61,11 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         self.depth.set(depth);
         let r = self.eval_inner(e, input, focus);
         self.depth.set(depth - 1);
+        if let (Some(slot), Ok(values)) = (e.memo, &r)
+            && let Some(cell) = self.memo.borrow_mut().get_mut(slot as usize)
+        {
+            *cell = Some(values.clone());
+        }
         r.map_err(|error| if error.position.is_none() { error.at(e.pos) } else { error })
     }
 
@@ -273,6 +288,8 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
         };
         let parent_type = n.type_name();
+        // Most objects have no `_name` members; then no member needs its sibling looked up.
+        let has_siblings = obj.iter().any(|(k, _)| k.starts_with('_'));
         for (key, value) in obj.iter() {
             if key == "resourceType" {
                 continue;
@@ -284,7 +301,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 }
                 continue;
             }
-            let ext = obj.iter().find(|(k, _)| k.strip_prefix('_') == Some(key)).map(|(_, v)| v);
+            let ext = if has_siblings { obj.iter().find(|(k, _)| k.strip_prefix('_') == Some(key)).map(|(_, v)| v) } else { None };
             let ty = self.child_type_for_key(&parent_type, key);
             push_values(Some(value), ext, ty, out);
         }
@@ -543,7 +560,16 @@ pub(crate) fn contains(coll: &[Value<'_>], v: &Value<'_>) -> bool {
     coll.iter().any(|x| value::equals(x, v) == Some(true))
 }
 
+/// Below this many items, comparing pairwise is cheaper than hashing.
+const HASH_DEDUPE_FROM: usize = 16;
+
 pub(crate) fn union<'a>(a: Collection<'a>, b: Collection<'a>) -> Collection<'a> {
+    if a.len() + b.len() >= HASH_DEDUPE_FROM
+        && let Some(keep) = first_string_occurrences(a.iter().chain(&b))
+    {
+        let mut keep = keep.into_iter();
+        return a.into_iter().chain(b).filter(|_| keep.next().unwrap_or(true)).collect();
+    }
     let mut out: Collection<'a> = Vec::with_capacity(a.len() + b.len());
     for v in a.into_iter().chain(b) {
         if !contains(&out, &v) {
@@ -551,6 +577,21 @@ pub(crate) fn union<'a>(a: Collection<'a>, b: Collection<'a>) -> Collection<'a> 
         }
     }
     out
+}
+
+/// For a collection of strings only (System strings and string-like FHIR primitives), which
+/// items are the first of their value; `None` when some item is not a string. Two strings are
+/// `=` exactly when their texts are equal, so this is the pairwise dedupe in linear time.
+pub(crate) fn first_string_occurrences<'v, 'a: 'v>(items: impl Iterator<Item = &'v Value<'a>>) -> Option<Vec<bool>> {
+    let mut seen: HashSet<&'v str> = HashSet::new();
+    let mut keep = Vec::new();
+    for v in items {
+        match v.prim() {
+            Prim::Str(s) => keep.push(seen.insert(s)),
+            _ => return None,
+        }
+    }
+    Some(keep)
 }
 
 fn collection_equals(a: &[Value<'_>], b: &[Value<'_>]) -> Option<bool> {

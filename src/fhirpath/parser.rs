@@ -399,7 +399,7 @@ fn node(kind: ExprKind, pos: usize) -> Result<Expr, SyntaxError> {
     if depth > MAX_TREE_DEPTH {
         return Err(SyntaxError::new("expression too deeply nested or too long a chain", pos));
     }
-    Ok(Expr { kind, pos, depth })
+    Ok(Expr { kind, pos, depth, memo: None })
 }
 
 /// Reads a type argument written as an expression (`Quantity`, `FHIR.Patient`).

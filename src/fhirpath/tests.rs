@@ -526,3 +526,152 @@ fn generated_expressions_never_panic() {
     });
     assert!(ok > 1000 && errs < 15_000, "the generator should mostly produce evaluable expressions ({ok} ok, {errs} not parsed)");
 }
+
+/// R4's dom-3, the expression the memo and the focus analysis were made for.
+const DOM_3: &str = "contained.where((('#'+id in (%resource.descendants().reference | %resource.descendants().as(canonical) | %resource.descendants().as(uri) | %resource.descendants().as(url))) or descendants().where(reference = '#').exists() or descendants().where(as(canonical) = '#').exists() or descendants().where(as(canonical) = '#').exists()).not()).trace('unmatched', id).empty()";
+
+/// The same expression without the analysis: nothing memoized, focus always observed.
+fn parse_plain(expr: &str) -> Expression {
+    Expression { source: expr.into(), root: parser::parse_expression(expr).expect("valid"), memo_slots: 0, focus_members: None }
+}
+
+#[test]
+fn focus_members_are_found_only_where_the_focus_is_seen_through_them() {
+    let members = |e: &str| parse(e).expect("valid").focus_members().map(|m| m.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+    let names = |n: &[&str]| Some(n.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(members("contained.contained.empty()"), names(&["contained"]));
+    assert_eq!(members("contained.meta.versionId.empty() and contained.meta.lastUpdated.empty()"), names(&["contained"]));
+    assert_eq!(members("text.`div`.exists()"), names(&["text"]));
+    assert_eq!(members(DOM_3), names(&["contained"]));
+    assert_eq!(members("name.where(%resource.id.exists()).empty() and birthDate.empty()"), names(&["name", "birthDate"]));
+    assert_eq!(members("name.all(given.exists())"), names(&["name"]));
+    assert_eq!(members("iif(name.exists(), 1, 2) = 1"), names(&["name"]));
+    assert_eq!(members("name.exists() != value.exists()"), names(&["name", "value"]));
+    // The focus itself, %-constants, type names, the clock and resolve() are all refused.
+    for seen in [
+        "exists()",
+        "$this.name.exists()",
+        "%resource.contained.empty()",
+        "%context.name.exists()",
+        "Patient.name.exists()",
+        "iif(name.exists(), %resource.id, 'x').exists()",
+        "name.iif(given.exists(), %resource.id, 'x').exists()",
+        "(name | %resource.name).where(given.exists()).empty()",
+        "(1 | 2).where($this = %resource.id.length()).empty()",
+        "birthDate < today()",
+        "managingOrganization.resolve().exists()",
+        "children().empty()",
+        "descendants().empty()",
+        "name.select(given).combine(%rootResource.name).empty()",
+    ] {
+        assert_eq!(members(seen), None, "{seen}");
+    }
+}
+
+#[test]
+fn an_expression_sees_nothing_of_a_focus_without_its_members() {
+    let expr = parse("value.exists() and name.empty()").expect("valid");
+    let sees_nothing = |text: &str| expr.sees_nothing_of(&json::parse(text.as_bytes()).expect("json"));
+    assert!(sees_nothing(r#"{"resourceType":"Patient","id":"x","active":true}"#));
+    assert!(!sees_nothing(r#"{"name":[{"family":"x"}]}"#));
+    assert!(!sees_nothing(r#"{"valueString":"x"}"#), "choice spelling");
+    assert!(!sees_nothing(r#"{"_value":{"id":"1"}}"#), "primitive extension");
+    assert!(!sees_nothing(r#""a string""#), "not an object");
+    assert!(!parse("exists()").expect("valid").sees_nothing_of(&json::parse(b"{}").expect("json")));
+}
+
+/// The fast path of the invariants: on a focus the expression sees nothing of, evaluating on an
+/// empty object of the same type gives the same result, whatever %resource is.
+#[test]
+fn results_on_an_unseen_focus_equal_results_on_an_empty_one() {
+    let expressions = [
+        "contained.contained.empty()",
+        DOM_3,
+        "text.`div`.exists()",
+        "name.where(%resource.id.exists()).empty() and birthDate.empty()",
+        "name.all(given.exists())",
+        "iif(name.exists(), 1, 2) = 1",
+        "name.exists() or gender.exists().not()",
+        "contained.select(%resource.id).union(name).count() = 0",
+        "(contained | name).where($this = %resource).exists().not()",
+        "name.aggregate($total + 1, 0) = 0",
+        "name.first().given.exists() implies birthDate.exists()",
+        "name.count() + 1 = 1",
+    ];
+    let foci = [
+        r#"{"resourceType":"Patient","id":"p","active":true}"#,
+        r#"{"resourceType":"Patient","id":"p","gender":"male","contained":[{"resourceType":"Organization","id":"o"}]}"#,
+        r#"{"resourceType":"Patient","text":{"div":"<div/>"},"name":[{"given":["A"]}]}"#,
+        r#"{"resourceType":"Patient","birthDate":"2000-01-01","_gender":{"id":"g"}}"#,
+        r#"{"resourceType":"Patient","deceasedBoolean":true}"#,
+    ];
+    let empty = json::parse(b"{}").expect("json");
+    let mut compared = 0;
+    with_model(|types| {
+        for text in foci {
+            let focus = json::parse(text.as_bytes()).expect("json");
+            let resource = json::parse(PATIENT.as_bytes()).expect("json");
+            for source in expressions {
+                let expr = parse(source).expect("valid");
+                assert!(expr.focus_members().is_some(), "{source}");
+                if !expr.sees_nothing_of(&focus) {
+                    continue;
+                }
+                compared += 1;
+                for ctx_resource in [&focus, &resource] {
+                    let ctx = Context::new(types).with_resource(Node::resource(ctx_resource)).with_root_resource(Node::resource(&resource));
+                    let on_focus = expr.evaluate_bool(Node::typed(&focus, Some("Patient")), &ctx);
+                    let on_empty = expr.evaluate_bool(Node::typed(&empty, Some("Patient")), &ctx);
+                    assert_eq!(on_focus, on_empty, "{source} on {text}");
+                    assert_eq!(on_focus, parse_plain(source).evaluate_bool(Node::typed(&focus, Some("Patient")), &ctx), "{source} on {text}");
+                }
+            }
+        }
+    });
+    assert!(compared >= 20, "only {compared} cases exercised the fast path");
+}
+
+#[test]
+fn memoized_sub_expressions_give_the_results_of_plain_evaluation() {
+    assert!(parse(DOM_3).expect("valid").memo_slots >= 2, "the union is hoisted and %resource.descendants() shared");
+    assert_eq!(parse("name.given.exists()").expect("valid").memo_slots, 0);
+    let cases = [
+        DOM_3,
+        "name.where(%resource.name.count() = 2).count()",
+        "name.select(%resource.id & given.first())",
+        "name.where($this = %resource.name.first()).count()",
+        "(1 | 2 | 3).select($this + %resource.name.count())",
+        "name.select(%context.id | %context.id)",
+        "name.select(given.count() + name.count())",
+        "name.select($index + (1 | 2).count())",
+        "name.aggregate($total + %resource.name.count(), 0)",
+        "(1 | 2).select(now() = now())",
+        "name.where(given.trace('g').exists()).count()",
+        "contained.where(('#' + id) in %resource.descendants().reference).id",
+        "name.select(iif(%resource.active, given.first(), family))",
+        "name.select((%resource.name | %resource.contact.name).count())",
+    ];
+    let resource = json::parse(PATIENT.as_bytes()).expect("json");
+    with_model(|types| {
+        let ctx = Context::new(types).with_now(fixed_now());
+        for source in cases {
+            let render = |r: Result<Vec<Value<'_>>, EvalError>| r.map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>());
+            let memoized = render(parse(source).expect("valid").evaluate(Node::resource(&resource), &ctx));
+            let plain = render(parse_plain(source).evaluate(Node::resource(&resource), &ctx));
+            assert_eq!(memoized, plain, "{source}");
+        }
+    });
+}
+
+#[test]
+fn large_string_collections_dedupe_like_small_ones() {
+    let letters: Vec<String> = (0..40).map(|i| format!("'{}'", (b'a' + (i % 13) as u8) as char)).collect();
+    let union = letters.join(" | ");
+    check(&format!("({union}).count()"), &["13"]);
+    check(&format!("({}).distinct().count()", letters.join(").combine(")), &["13"]);
+    check(&format!("({}).isDistinct()", letters.join(").combine(")), &["false"]);
+    // Strings that are dates equal Date values, so a mixed collection keeps the pairwise rules.
+    let mut mixed: Vec<String> = (1..=20).map(|d| format!("'2020-01-{d:02}'")).collect();
+    mixed.push("@2020-01-05".to_string());
+    check(&format!("({}).count()", mixed.join(" | ")), &["20"]);
+}

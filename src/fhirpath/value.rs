@@ -58,6 +58,11 @@ impl<'a> Node<'a> {
         Node { json: Some(json), ext: None, ty: type_name.map(Rc::from) }
     }
 
+    /// [`Node::typed`] with a type name the caller shares between many nodes.
+    pub fn typed_shared(json: &'a Json, type_name: Rc<str>) -> Node<'a> {
+        Node { json: Some(json), ext: None, ty: Some(type_name) }
+    }
+
     /// The JSON value (`None` for a primitive that only has an id/extension).
     pub fn json(&self) -> Option<&'a Json> {
         self.json

@@ -4,12 +4,15 @@
 //! innermost resource as `%resource` and its container as `%rootResource`. `resolve()` finds
 //! Bundle entries, `memberOf()` uses local terminology, `conformsTo()` runs the validator.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+use std::sync::{Arc, LazyLock, OnceLock, RwLock};
 
-use crate::definitions::ElementDefinition;
+use crate::definitions::{Constraint, ElementDefinition};
 use crate::fhirpath::{self, Context, Environment, Expression, Node, TypeCache, Value};
-use crate::json::Json;
+use crate::json::{Json, Object};
 use crate::outcome::{IssueCode, Severity};
 
 use super::terminology::Membership;
@@ -22,14 +25,58 @@ const SKIPPED: &[(&str, &str)] = &[
     ("ele-1", "enforced by the structural walk"),
 ];
 
-/// Per-walk evaluation state: the memoized type model (not thread-safe, so one per walk).
+/// Hashes the addresses used as keys below: they are not chosen by the input, so the keyed
+/// (and slower) default hasher buys nothing.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type AddressMap<K, V> = HashMap<K, V, BuildHasherDefault<AddressHasher>>;
+
+/// Per-walk evaluation state: the memoized type model (not thread-safe, so one per walk) and
+/// what the constraints' expressions resolved to.
 pub(super) struct State<'v> {
     types: TypeCache<'v>,
+    /// Compiled expressions by the address and length of their source text, which the
+    /// definitions keep alive; a hit is confirmed by comparing the text, so a reused address
+    /// cannot pick up another expression.
+    compiled: RefCell<AddressMap<(usize, usize), Option<Arc<Expression>>>>,
+    /// Results on an empty object, by expression (kept alive by the global cache) and type, for
+    /// elements the expression sees nothing of ([`Expression::sees_nothing_of`]).
+    on_empty: RefCell<HashMap<(usize, Rc<str>), Result<Option<bool>, String>>>,
 }
 
 impl<'v> State<'v> {
     pub fn new(validator: &'v Validator) -> Self {
-        State { types: TypeCache::new(&*validator.definitions) }
+        State { types: TypeCache::new(&*validator.definitions), compiled: RefCell::default(), on_empty: RefCell::default() }
+    }
+
+    fn compiled(&self, source: &str) -> Option<Arc<Expression>> {
+        let key = (source.as_ptr() as usize, source.len());
+        if let Some(hit) = self.compiled.borrow().get(&key)
+            && hit.as_ref().is_none_or(|e| e.source() == source)
+        {
+            return hit.clone();
+        }
+        let found = compiled(source);
+        self.compiled.borrow_mut().insert(key, found.clone());
+        found
     }
 }
 
@@ -47,27 +94,68 @@ fn compiled(expression: &str) -> Option<Arc<Expression>> {
     parsed
 }
 
+/// Stands in for an element that has none of the members an expression looks at.
+static EMPTY_OBJECT: LazyLock<Json> = LazyLock::new(|| Json::Object(Object::new()));
+
 /// Evaluates the constraints of `definition` on `node` (of FHIR type `type_code`).
 pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinition, node: &'a Json, type_code: &str) {
-    for constraint in &definition.constraints {
-        if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
-            continue;
+    // Reported after the evaluations, which borrow the walker.
+    let mut failures: Vec<(&Constraint, Option<Result<Option<bool>, String>>)> = Vec::new();
+    {
+        let walker: &Walker<'_, 'a> = walker;
+        let state = &walker.invariants;
+        let environment = ValidatorEnvironment { validator: walker.validator, scope: &walker.scope };
+        let types = &state.types;
+        let mut context = Context::new(types).with_environment(&environment);
+        if let Some(resource) = walker.resources.last() {
+            context = context.with_resource(Node::resource(resource));
         }
-        let Some(source) = constraint.expression.as_deref() else { continue };
+        if let Some(root) = walker.root_resource() {
+            context = context.with_root_resource(Node::resource(root));
+        }
+        let type_name: Rc<str> = Rc::from(node_type(definition, type_code));
+        for constraint in &definition.constraints {
+            if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
+                continue;
+            }
+            let Some(source) = constraint.expression.as_deref() else { continue };
+            let Some(expression) = state.compiled(source) else {
+                failures.push((constraint, None));
+                continue;
+            };
+            let result = if expression.sees_nothing_of(node) {
+                let key = (Arc::as_ptr(&expression) as usize, type_name.clone());
+                let known = state.on_empty.borrow().get(&key).cloned();
+                match known {
+                    Some(result) => result,
+                    None => {
+                        let result = evaluate(&expression, &EMPTY_OBJECT, &type_name, &context);
+                        state.on_empty.borrow_mut().insert(key, result.clone());
+                        result
+                    }
+                }
+            } else {
+                evaluate(&expression, node, &type_name, &context)
+            };
+            if !matches!(result, Ok(Some(true) | None)) {
+                failures.push((constraint, Some(result)));
+            }
+        }
+    }
+    for (constraint, result) in failures {
         let severity = if constraint.is_error { Severity::Error } else { Severity::Warning };
-        let Some(expression) = compiled(source) else {
-            walker.report(Severity::Warning, IssueCode::NotSupported, format!("{}: the constraint expression cannot be parsed, so it was not checked", constraint.key));
-            continue;
-        };
-        let type_name = node_type(definition, type_code);
-        let result = evaluate(walker, &expression, node, &type_name);
         match result {
-            Ok(Some(false)) => {
+            Some(Ok(Some(false))) => {
                 let message = format!("{}: {}", constraint.key, constraint.human);
                 walker.report(severity, IssueCode::Invariant, message);
             }
-            Ok(_) => {}
-            Err(problem) => walker.report(
+            Some(Ok(_)) => {}
+            None => walker.report(
+                Severity::Warning,
+                IssueCode::NotSupported,
+                format!("{}: the constraint expression cannot be parsed, so it was not checked", constraint.key),
+            ),
+            Some(Err(problem)) => walker.report(
                 Severity::Warning,
                 IssueCode::NotSupported,
                 format!("{}: the constraint could not be evaluated ({problem})", constraint.key),
@@ -76,26 +164,17 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
     }
 }
 
-fn evaluate<'a>(walker: &Walker<'_, 'a>, expression: &Expression, node: &'a Json, type_name: &str) -> Result<Option<bool>, String> {
-    let environment = ValidatorEnvironment { validator: walker.validator, scope: &walker.scope };
-    let types = &walker.invariants.types;
-    let mut context = Context::new(types).with_environment(&environment);
-    if let Some(resource) = walker.resources.last() {
-        context = context.with_resource(Node::resource(resource));
-    }
-    if let Some(root) = walker.root_resource() {
-        context = context.with_root_resource(Node::resource(root));
-    }
-    let input = Node::typed(node, Some(type_name));
-    expression.evaluate_bool(input, &context).map_err(|e| e.to_string())
+fn evaluate<'a>(expression: &Expression, node: &'a Json, type_name: &Rc<str>, context: &Context<'a>) -> Result<Option<bool>, String> {
+    let input = Node::typed_shared(node, type_name.clone());
+    expression.evaluate_bool(input, context).map_err(|e| e.to_string())
 }
 
 /// The FHIRPath type of the node: anonymous backbone elements are named by their path.
-fn node_type(definition: &ElementDefinition, type_code: &str) -> String {
+fn node_type<'d>(definition: &'d ElementDefinition, type_code: &'d str) -> &'d str {
     if type_code.is_empty() || type_code == "BackboneElement" || (type_code == "Element" && definition.path.contains('.')) {
-        definition.path.trim_end_matches("[x]").to_string()
+        definition.path.trim_end_matches("[x]")
     } else {
-        type_code.to_string()
+        type_code
     }
 }
 
