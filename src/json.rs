@@ -158,6 +158,17 @@ impl Json {
     }
 }
 
+/// Whether two values are the same JSON value: object member order does not matter, array order
+/// does, and numbers compare by value (`1.0` and `1` are the same number, as FHIR `fixed[x]` needs).
+pub fn same_value(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Object(x), Json::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w))),
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_value(v, w)),
+        (Json::Number(x), Json::Number(y)) => x == y || x.parse::<f64>().ok().zip(y.parse::<f64>().ok()).is_some_and(|(v, w)| v == w),
+        _ => a == b,
+    }
+}
+
 static NULL: Json = Json::Null;
 
 /// `json["member"]` reads a member, giving `Null` when absent, as `serde_json` does.
@@ -592,6 +603,16 @@ mod tests {
         assert!(err("{} x").contains("after the end"));
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);
         assert!(err(&deep).contains("nests deeper"));
+    }
+
+    #[test]
+    fn same_value_ignores_member_order_only() {
+        let a = parse(br#"{"coding":[{"system":"s","code":"c"}],"n":1.0}"#).unwrap();
+        let b = parse(br#"{"n":1,"coding":[{"code":"c","system":"s"}]}"#).unwrap();
+        assert!(same_value(&a, &b));
+        let c = parse(br#"{"coding":[{"code":"c"}],"n":1}"#).unwrap();
+        assert!(!same_value(&a, &c));
+        assert!(!same_value(&parse(b"[1,2]").unwrap(), &parse(b"[2,1]").unwrap()));
     }
 
     #[test]
