@@ -478,7 +478,7 @@ impl<'v, 'a> Walker<'v, 'a> {
             }
         }
         if let Some(fixed) = &definition.fixed {
-            if value != fixed {
+            if !crate::json::same_value(value, fixed) {
                 self.error(IssueCode::Value, format!("value must be exactly {}", fixed.to_string_compact()));
             }
         }
