@@ -188,6 +188,9 @@ impl Definitions {
         if let Some(cached) = self.structures.read().ok()?.get(canonical) {
             return cached.clone();
         }
+        // Canonicals come from input (meta.profile, extension urls): only answers about loaded
+        // resources are cached, so hostile input cannot grow the cache without bound.
+        self.resolve_entry(canonical)?;
         let compiled = self.compile_structure(canonical);
         if let Ok(mut cache) = self.structures.write() {
             cache.insert(canonical.to_string(), compiled.clone());
@@ -301,8 +304,11 @@ impl TypeModel for Definitions {
             return found.clone();
         }
         let computed = self.compute_child(parent, name);
-        if let Ok(mut cache) = self.children.write() {
-            cache.insert(key, computed.clone());
+        // Element names come from input; unknown ones are not remembered (see `structure`).
+        if computed.is_some() {
+            if let Ok(mut cache) = self.children.write() {
+                cache.insert(key, computed.clone());
+            }
         }
         computed
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::json::{Json, Object};
-use crate::validation::{Report, Validator, ValidatorOptions};
+use crate::validation::{Policy, Report, Validator, ValidatorOptions};
 
 use super::EXIT_USAGE;
 
@@ -34,9 +34,9 @@ pub struct Args {
     /// The FHIR package cache folder (default: $FHIR_PACKAGE_CACHE or ~/.fhir/packages).
     #[arg(long, value_name = "DIR")]
     package_cache: Option<PathBuf>,
-    /// Treat extensions whose definition is not loaded as errors.
+    /// Judge as the HL7 reference validator does: extensions whose definition is not loaded and wrong code displays are errors.
     #[arg(long)]
-    strict_extensions: bool,
+    strict: bool,
     /// Read the files to validate from this list (one path a line, relative to --root).
     #[arg(long, value_name = "FILE")]
     list: Option<PathBuf>,
@@ -56,8 +56,9 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let options = ValidatorOptions { unknown_extensions_are_errors: args.strict_extensions };
-    let validator = Validator::with_options(Arc::new(definitions), options);
+    let options = ValidatorOptions { unknown_extensions_are_errors: args.strict };
+    let policy = if args.strict { Policy::reference_validator() } else { Policy::default() };
+    let validator = Validator::with_options(Arc::new(definitions), options).with_policy(policy);
 
     let files = match collect_files(&args) {
         Ok(files) => files,

@@ -121,6 +121,8 @@ impl Terminology {
         if let Some(found) = self.code_systems.read().ok()?.get(url) {
             return found.clone();
         }
+        // Code system URLs come from input: only loaded ones are cached, so the cache stays bounded.
+        definitions.resolve_entry(url)?;
         let built = definitions
             .resolve(url)
             .filter(|r| r.get("resourceType").and_then(Json::as_str) == Some("CodeSystem"))
@@ -148,6 +150,7 @@ impl Terminology {
         if depth > MAX_NESTING {
             return None;
         }
+        definitions.resolve_entry(url)?;
         let value_set = definitions.resolve(url).filter(|r| r.get("resourceType").and_then(Json::as_str) == Some("ValueSet"));
         let built = value_set.map(|vs| Arc::new(self.expand(definitions, &vs, depth)));
         if let Ok(mut cache) = self.expansions.write() {
