@@ -2,6 +2,8 @@
 
 mod support;
 mod auth;
+mod durability;
 mod malformed;
+mod postgres;
 mod rest;
 mod tls;
