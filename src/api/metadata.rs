@@ -70,14 +70,9 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         members.push(("operation", Json::Array(vec![validate_op.clone()])));
         resources.push(object(&members));
     }
+    // The oauth-uris extension would require an `authorize` endpoint, which backend services do not
+    // have; SMART discovery is `/.well-known/smart-configuration`, named in the description.
     let security = object(&[
-        (
-            "extension",
-            Json::Array(vec![object(&[
-                ("url", Json::string("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
-                ("extension", Json::Array(vec![object(&[("url", Json::string("token")), ("valueUri", Json::string(format!("{base}{}", crate::auth::TOKEN_PATH)))])])),
-            ])]),
-        ),
         (
             "service",
             Json::Array(vec![object(&[(
@@ -88,7 +83,13 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
                 ])]),
             )])]),
         ),
-        ("description", Json::string("SMART Backend Services: client_credentials with a private_key_jwt client assertion (RS384 or ES384); system/ scopes (v1 and v2).")),
+        (
+            "description",
+            Json::string(format!(
+                "SMART Backend Services: client_credentials at {base}{} with a private_key_jwt client assertion (RS384 or ES384); system/ scopes (v1 and v2); discovery at {base}/.well-known/smart-configuration.",
+                crate::auth::TOKEN_PATH
+            )),
+        ),
     ]);
     let rest = object(&[
         ("mode", Json::string("server")),

@@ -238,7 +238,8 @@ async fn metadata_and_discovery_need_no_token_and_tell_the_truth() {
     assert!(task["searchInclude"].as_array().unwrap().contains(&json!("Task:based-on:ServiceRequest")));
     let audit = rest["resource"].as_array().unwrap().iter().find(|r| r["type"] == "AuditEvent").unwrap();
     assert_eq!(audit["interaction"], json!([{"code": "read"}, {"code": "search-type"}]));
-    assert_eq!(rest["security"]["extension"][0]["extension"][0]["valueUri"], gw.token_url());
+    assert_eq!(rest["security"]["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    assert!(rest["security"]["description"].as_str().unwrap().contains(&gw.token_url()));
     let smart: Value = gw.http.get(gw.url(".well-known/smart-configuration")).send().await.unwrap().json().await.unwrap();
     assert_eq!(smart["token_endpoint"], gw.token_url());
     assert_eq!(smart["token_endpoint_auth_signing_alg_values_supported"], json!(["RS384", "ES384"]));
