@@ -1,8 +1,12 @@
 //! The command line: argument parsing and dispatch to one module per subcommand. Only this layer prints or chooses exit codes.
 
+mod check_config;
+mod clients;
 mod fhirpath;
 mod map;
 mod mappings;
+mod serve;
+mod token;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +37,14 @@ enum Command {
     Map(map::Args),
     /// Work with the mappings folder (`mappings check`).
     Mappings(mappings::Args),
+    /// Run the FHIR server (embedded SQLite under ./data on 127.0.0.1:8080 unless configured otherwise).
+    Serve(serve::Args),
+    /// Validate the server configuration offline and print what it would run with.
+    CheckConfig(check_config::Args),
+    /// Register partners (SMART Backend Services clients).
+    Clients(clients::Args),
+    /// Get an access token for a registered client from the running gateway's token endpoint.
+    Token(token::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -49,6 +61,10 @@ pub fn run() -> ExitCode {
         Command::Fhirpath(args) => fhirpath::run(args),
         Command::Map(args) => map::run(args),
         Command::Mappings(args) => mappings::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
+        Command::Clients(args) => clients::run(args),
+        Command::Token(args) => token::run(args),
     }
 }
 

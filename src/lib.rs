@@ -10,9 +10,19 @@
 //! - [`fhirpath`]: the FHIRPath engine used for invariants, slicing and the `fhirpath` command.
 //! - [`iop`]: IOP-side records (client, session, screening, referral, …) and their JSON Schemas.
 //! - [`mapping`]: declarative IOP ↔ FHIR mappings from `mappings/`: loading with located errors, scoring, deterministic ids, evaluation.
+//! - [`config`]: the server's typed configuration (TOML + environment), validated before anything is bound.
+//! - [`server`]: runs the gateway: store, listener (TLS, mutual TLS), graceful shutdown.
+//! - [`api`]: the HTTP layer: FHIR REST, transactions, messaging, `$validate`, SMART token endpoint, limits.
+//! - [`auth`]: SMART Backend Services (client assertions, scopes), roles and the disclosure policy.
+//! - [`search`]: search parameters, index extraction and query parsing.
+//! - [`store`]: SQLite/PostgreSQL persistence of resources, versions, index, audit and tokens; the only module that speaks SQL.
+//! - [`telemetry`]: logging set-up and Prometheus metrics.
 //! - [`xml`]: reads FHIR XML into the JSON tree (as FHIR JSON would give it), with located XML-only issues.
 
+pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod config;
 pub mod definitions;
 pub mod fhirpath;
 pub mod iop;
@@ -20,5 +30,9 @@ pub mod json;
 pub mod mapping;
 pub mod outcome;
 pub mod package;
+pub mod search;
+pub mod server;
+pub mod store;
+pub mod telemetry;
 pub mod validation;
 pub mod xml;

@@ -1,0 +1,182 @@
+//! Load generator for the server: sustained req/s, p50/p99 latency and peak memory for posting screening Observations and referral transaction Bundles, on SQLite and PostgreSQL, each against a bare insert of the same payloads into the same store in the same run.
+//!
+//! `cargo bench --bench server` (PostgreSQL at 127.0.0.1:5432, database `test`, is used when it
+//! answers; a fresh schema is created and dropped). `BENCH_SECONDS`, `BENCH_CLIENTS` tune it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iop_gateway::auth::keys::{KeyPair, sign_assertion};
+use iop_gateway::config::Config;
+use iop_gateway::store::{Store, Write};
+use serde_json::{Value, json};
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn observation(i: usize) -> String {
+    json!({"resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "44261-6"}], "text": "PHQ-9 total score"},
+        "subject": {"reference": format!("Patient/bench-{}", i % 500)},
+        "effectiveDateTime": format!("2026-03-{:02}T09:30:00-05:00", 1 + i % 28), "valueInteger": i % 28})
+    .to_string()
+}
+
+fn referral(i: usize) -> String {
+    let (p, sr) = (format!("urn:uuid:{}", uuid::Uuid::new_v4()), format!("urn:uuid:{}", uuid::Uuid::new_v4()));
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": p, "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:bench", "value": format!("B{i}")}],
+            "name": [{"family": "Benchperson", "given": ["Sam"]}], "birthDate": "1990-01-01"}, "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": sr, "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "code": {"text": "IOP referral"},
+            "subject": {"reference": p}, "performer": [{"reference": "Organization/iop-program"}], "authoredOn": "2026-03-01"},
+            "request": {"method": "POST", "url": "ServiceRequest"}},
+        {"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": {"resourceType": "Task", "status": "requested", "intent": "order",
+            "basedOn": [{"reference": sr}], "for": {"reference": p}}, "request": {"method": "POST", "url": "Task"}}]})
+    .to_string()
+}
+
+struct Run {
+    requests: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.latencies.sort();
+        self.latencies.get(((self.latencies.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default()
+    }
+}
+
+/// Runs `clients` concurrent loops of `op` for `seconds`.
+async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = c;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                assert!(op(i).await, "a benchmark request failed");
+                latencies.push(t.elapsed());
+                i += clients;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    Run { requests: latencies.len(), elapsed: started.elapsed(), latencies }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn bench_backend(label: &str, store_toml: &str, clients: usize, seconds: u64) {
+    let dir = std::env::temp_dir().join(format!("iop-gw-bench-{}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = KeyPair::generate_es384("bench-1").unwrap();
+    std::fs::write(dir.join("bench.jwks.json"), key.jwks_json()).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_requests_per_client = 1024\n[store]\ndata_dir = {:?}\n{store_toml}\n[log]\nlevel = \"warn\"\n[[clients]]\nid = \"bench\"\nrole = \"clinic\"\njwks_file = \"bench.jwks.json\"\n",
+        dir.join("data").display().to_string()
+    );
+    let loaded = Config::from_toml(&text, &dir).unwrap();
+    let store_config = loaded.config.store.clone();
+    let running = iop_gateway::server::start(loaded, std::future::pending()).await.unwrap();
+    let base = running.base_url.clone();
+    let http = reqwest::Client::new();
+    let now = jsonwebtoken::get_current_timestamp();
+    let assertion = sign_assertion(&key, "bench", &format!("{base}/auth/token"), "bench-jti", now + 120).unwrap();
+    let granted: Value = http
+        .post(format!("{base}/auth/token"))
+        .form(&[("grant_type", "client_credentials"), ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"), ("client_assertion", assertion.as_str()), ("scope", "system/*.cruds")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = granted["access_token"].as_str().unwrap().to_string();
+
+    for (kind, path, payload) in [("screening Observation", "Observation", observation as fn(usize) -> String), ("referral transaction", "", referral)] {
+        let (h, b, t) = (http.clone(), base.clone(), token.clone());
+        let mut served = drive(clients, seconds, move |i| {
+            let (h, url, t) = (h.clone(), format!("{b}/{path}"), t.clone());
+            async move {
+                let r = h.post(url).bearer_auth(t).header("content-type", "application/fhir+json").body(payload(i)).send().await;
+                r.is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        let store: Store = Store::open(&store_config, Arc::new(iop_gateway::telemetry::Metrics::default())).await.unwrap();
+        let mut bare = drive(clients, seconds, move |i| {
+            let store = store.clone();
+            async move {
+                let write = Write {
+                    resource_type: "BenchBaseline".into(),
+                    id: uuid::Uuid::new_v4().to_string(),
+                    version: 1,
+                    last_updated: "2026-03-01T00:00:00.000Z".into(),
+                    body: payload(i),
+                    parties: vec![],
+                    labels: vec![],
+                    created_by: "bench".into(),
+                    method: "POST",
+                    index: vec![],
+                };
+                store.bare_insert(&write).await.is_ok()
+            }
+        })
+        .await;
+        println!(
+            "{label:<10} {kind:<22} server {:>7.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms | bare insert {:>7.0}/s  p50 {:>6.2} ms | server/bare {:.2}",
+            served.rate(),
+            served.percentile(0.5).as_secs_f64() * 1000.0,
+            served.percentile(0.99).as_secs_f64() * 1000.0,
+            bare.rate(),
+            bare.percentile(0.5).as_secs_f64() * 1000.0,
+            served.rate() / bare.rate(),
+        );
+    }
+    running.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let clients: usize = std::env::var("BENCH_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        println!("{clients} concurrent clients, {seconds} s per measurement, validation on every write");
+        bench_backend("sqlite", "", clients, seconds).await;
+        let schema = format!("bench_{}", std::process::id());
+        match sqlx::PgPool::connect(PG_URL).await {
+            Ok(pool) => {
+                bench_backend("postgres", &format!("url = \"{PG_URL}\"\nschema = \"{schema}\"\nmax_connections = 16"), clients, seconds).await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))).execute(&pool).await;
+            }
+            Err(e) => println!("postgres   skipped: {e}"),
+        }
+        println!("peak memory (whole process: server + load generator): {:.0} MB", peak_rss_mb());
+    });
+}

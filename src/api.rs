@@ -1,0 +1,133 @@
+//! The HTTP layer: the axum router of the FHIR endpoint, the token endpoint, discovery and operations endpoints, and the limits every request passes. The only module that knows HTTP status codes.
+//!
+//! - [`rest`]: create, read, vread, update, history, search; [`bundle`]: transaction and batch;
+//!   [`message`]: `$process-message`; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
+//! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path.
+//! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
+//! - [`error`]: `ApiError` → status + OperationOutcome; [`fhir`]: FHIR HTTP conventions; [`audit`]: AuditEvents.
+
+pub mod audit;
+pub mod audit_search;
+pub mod bundle;
+pub mod caller;
+pub mod error;
+pub mod fhir;
+pub mod message;
+pub mod metadata;
+pub mod rest;
+pub mod state;
+pub mod token;
+pub mod validate;
+pub mod write;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+pub use state::AppState;
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let config = &state.loaded.config.server;
+    let global = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let timeout = Duration::from_secs(config.request_timeout_secs);
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/", post(bundle::transaction_or_batch))
+        .route("/metadata", get(metadata::metadata))
+        .route("/.well-known/smart-configuration", get(metadata::smart_configuration))
+        .route(crate::auth::TOKEN_PATH, post(token::token))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
+        .route("/{type}/{id}", get(rest::read).put(rest::update).post(validate::type_operation))
+        .route("/{type}/{id}/_history", get(rest::history))
+        .route("/{type}/{id}/_history/{vid}", get(rest::vread))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("this method is not supported on this endpoint".into()) })
+        .with_state(state)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::Internal("a handler panicked".into()).into_response()))
+        .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
+            let (global, metrics) = (global.clone(), metrics.clone());
+            async move { limits(request, next, global, timeout, metrics).await }
+        }))
+}
+
+/// Concurrency limit (503), time limit (408), then request metrics and the request log line.
+async fn limits(request: Request, next: Next, global: Arc<Semaphore>, timeout: Duration, metrics: Arc<crate::telemetry::Metrics>) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = route_template(request.uri().path());
+    let response = match global.try_acquire() {
+        Err(_) => ApiError::Unavailable("the gateway is at its concurrency limit".into()).into_response(),
+        Ok(_permit) => match tokio::time::timeout(timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::Timeout.into_response(),
+        },
+    };
+    let status = response.status().as_u16();
+    metrics.observe_request(route, &method, status, started.elapsed());
+    tracing::info!(method = %method, route = route, status = status, latency_ms = started.elapsed().as_millis() as u64, "Request handled.");
+    response
+}
+
+/// The route template of a path, for logs and metric labels: never the path itself, which may carry identifiers.
+fn route_template(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        [] => "/",
+        ["metadata"] => "/metadata",
+        [".well-known", "smart-configuration"] => "/.well-known/smart-configuration",
+        ["auth", "token"] => "/auth/token",
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        [t] if t.starts_with('$') => "/$operation",
+        [_] => "/{type}",
+        [_, op] if op.starts_with('$') => "/{type}/$operation",
+        [_, _] => "/{type}/{id}",
+        [_, _, "_history"] => "/{type}/{id}/_history",
+        [_, _, "_history", _] => "/{type}/{id}/_history/{vid}",
+        _ => "unmatched",
+    }
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}").into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ready\"}").into_response(),
+        Err(e) => ApiError::Unavailable(format!("the store does not answer: {e}")).into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let mut response = (StatusCode::OK, state.metrics.render()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_template;
+
+    #[test]
+    fn route_labels_never_carry_ids() {
+        assert_eq!(route_template("/Patient/123"), "/{type}/{id}");
+        assert_eq!(route_template("/Patient/123/_history/2"), "/{type}/{id}/_history/{vid}");
+        assert_eq!(route_template("/Observation"), "/{type}");
+        assert_eq!(route_template("/$process-message"), "/$operation");
+        assert_eq!(route_template("/a/b/c/d/e"), "unmatched");
+    }
+}

@@ -1,0 +1,364 @@
+//! `POST /` with a transaction Bundle (all entries in one store transaction, or none) or a batch Bundle (each entry on its own).
+//!
+//! In a transaction, `urn:uuid:` fullUrls of POST entries get server ids and every reference to
+//! them is rewritten; entries may be conditional (`ifNoneExist`, `PUT Type?criteria`). Every
+//! resource is validated before anything is written, and the whole Bundle is addressed as one
+//! exchange: each stored resource is visible to every Organization any entry is addressed to.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::audit::{Audit, AuditOutcome};
+use super::caller::{Caller, disclose};
+use super::error::ApiError;
+use super::fhir::{self, BundleText, Return, entry_response, prefer_return, query_pairs};
+use super::rest::{finish, known_type};
+use super::state::AppState;
+use super::write::{self, ATTEMPTS, Change, Failure};
+use crate::auth::{Permission, Principal};
+use crate::json::Json;
+use crate::outcome::operation_outcome;
+use crate::store::Stored;
+
+/// One Bundle entry's request.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub full_url: Option<String>,
+    pub method: String,
+    pub resource_type: String,
+    /// The id in `Type/id`, when the URL has one.
+    pub id: Option<String>,
+    /// Search criteria of a conditional PUT.
+    pub criteria: Option<String>,
+    pub if_none_exist: Option<String>,
+    pub if_match: Option<i64>,
+    pub resource: Option<Json>,
+}
+
+pub fn parse_entries(bundle: &Json) -> Result<Vec<Entry>, ApiError> {
+    let mut out = Vec::new();
+    for (i, entry) in bundle.get("entry").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
+        let at = |m: &str| ApiError::BadRequest(format!("Bundle.entry[{i}]: {m}"));
+        let request = entry.get("request").ok_or_else(|| at("no request"))?;
+        let method = request.get("method").and_then(Json::as_str).ok_or_else(|| at("no request.method"))?.to_string();
+        let url = request.get("url").and_then(Json::as_str).ok_or_else(|| at("no request.url"))?;
+        let (path, criteria) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_string())),
+            None => (url, None),
+        };
+        let mut segments = path.trim_start_matches('/').split('/');
+        let resource_type = segments.next().unwrap_or_default().to_string();
+        let id = segments.next().map(str::to_string);
+        if segments.next().is_some() {
+            return Err(at("request.url must be Type, Type/id or Type?criteria"));
+        }
+        let text = |k: &str| request.get(k).and_then(Json::as_str).map(str::to_string);
+        let if_match = match text("ifMatch") {
+            Some(v) => Some(v.trim_start_matches("W/").trim_matches('"').parse::<i64>().map_err(|_| at("request.ifMatch is not a version ETag"))?),
+            None => None,
+        };
+        out.push(Entry {
+            full_url: entry.get("fullUrl").and_then(Json::as_str).map(str::to_string),
+            method,
+            resource_type,
+            id,
+            criteria,
+            if_none_exist: text("ifNoneExist"),
+            if_match,
+            resource: entry.get("resource").cloned(),
+        });
+    }
+    Ok(out)
+}
+
+/// Replaces every `reference` whose value is a key of `map`.
+pub fn rewrite_references(value: &mut Json, map: &HashMap<String, String>) {
+    match value {
+        Json::Object(object) => {
+            let keys: Vec<String> = object.iter().map(|(k, _)| k.to_string()).collect();
+            for key in keys {
+                let Some(child) = object.get_mut(&key) else { continue };
+                if key == "reference"
+                    && let Some(target) = child.as_str().and_then(|r| map.get(r))
+                {
+                    *child = Json::string(target.as_str());
+                    continue;
+                }
+                rewrite_references(child, map);
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(|item| rewrite_references(item, map)),
+        _ => {}
+    }
+}
+
+fn permission_for(method: &str) -> Result<Permission, ApiError> {
+    match method {
+        "POST" => Ok(Permission::Create),
+        "PUT" => Ok(Permission::Update),
+        "GET" => Ok(Permission::Read),
+        other => Err(ApiError::MethodNotAllowed(format!("{other} entries are not supported"))),
+    }
+}
+
+/// `POST /`.
+pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    let mut audit = caller.audit("transaction", "E");
+    let result = async {
+        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
+        let bundle = fhir::read_resource(&headers, body, state.loaded.config.server.max_body_bytes).await?;
+        write::check_type(&bundle, "Bundle")?;
+        match bundle.get("type").and_then(Json::as_str) {
+            Some("transaction") => transaction(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await,
+            Some("batch") => {
+                audit.subtype = "batch";
+                batch(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await
+            }
+            _ => Err(ApiError::BadRequest("POST to the base needs a Bundle of type transaction or batch (messages go to $process-message)".into())),
+        }
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
+    let entries = parse_entries(&bundle)?;
+    for entry in &entries {
+        known_type(state, &entry.resource_type)?;
+        if entry.resource_type == "AuditEvent" && entry.method != "GET" {
+            return Err(ApiError::MethodNotAllowed("the audit trail is written by the gateway only".into()));
+        }
+        principal.may(&entry.resource_type, permission_for(&entry.method)?).map_err(ApiError::Forbidden)?;
+        if entry.method != "GET" {
+            let resource = entry.resource.as_ref().ok_or_else(|| ApiError::BadRequest(format!("a {} entry needs a resource", entry.method)))?;
+            write::check_type(resource, &entry.resource_type)?;
+        }
+    }
+    // The Bundle is validated as a whole, so in-Bundle references and fullUrls are checked too.
+    write::validate(state, bundle, Vec::new()).await?;
+    let written = run_transaction(state, principal, &entries).await?;
+    // The transaction's own audit event was committed with it.
+    audit.recorded = true;
+    let mut response = BundleText::new("transaction-response", None, &[]);
+    let mut stored_all = Vec::new();
+    for (entry, result) in entries.iter().zip(&written) {
+        match result {
+            Written::Stored(stored, created) => {
+                let status = if *created { "201 Created" } else { "200 OK" };
+                let body = (prefer == Return::Representation).then_some(stored.body.as_str());
+                let url = format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id);
+                response.entry(Some(&url), body, &[("response", entry_response(status, Some(stored), None))]);
+                stored_all.push(stored.reference());
+            }
+            Written::Read => {
+                let id = entry.id.clone().unwrap_or_default();
+                match read_entry(state, principal, audit, &entry.resource_type, &id).await {
+                    Ok(stored) => response.entry(Some(&format!("{}/{}", state.base_url, stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
+                    Err(e) => response.entry(None, None, &[("response", entry_response(&status_line(&e), None, Some(operation_outcome(&e.issues()))))]),
+                }
+            }
+        }
+    }
+    audit.entities = stored_all;
+    Ok(fhir::json_response(StatusCode::OK, response.finish()))
+}
+
+enum Written {
+    Stored(Stored, bool),
+    Read,
+}
+
+async fn read_entry(state: &AppState, principal: &Principal, audit: &mut Audit, resource_type: &str, id: &str) -> Result<Stored, ApiError> {
+    let stored = state.store.read(resource_type, id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+    disclose(principal, &stored, audit)?;
+    Ok(stored)
+}
+
+pub fn status_line(e: &ApiError) -> String {
+    let status = e.status();
+    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or_default())
+}
+
+/// Runs the writes of a transaction atomically, retrying from scratch when a concurrent writer won a race.
+async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry]) -> Result<Vec<Written>, ApiError> {
+    'attempt: for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        // Resolve every entry's id first so references can be rewritten before anything is written.
+        let mut ids: Vec<Option<(String, bool)>> = Vec::new();
+        let mut existing_for: HashMap<usize, Stored> = HashMap::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let resolved = match (entry.method.as_str(), &entry.id, &entry.criteria) {
+                ("GET", _, _) => None,
+                ("POST", _, _) => match &entry.if_none_exist {
+                    Some(criteria) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
+                        Ok(m) if m.is_empty() => Some((write::new_id(), true)),
+                        Ok(m) if m.len() == 1 => {
+                            let found = m.into_iter().next().expect("one match");
+                            let id = found.id.clone();
+                            existing_for.insert(i, found);
+                            Some((id, false))
+                        }
+                        Ok(_) => return Err(ApiError::PreconditionFailed(format!("Bundle.entry[{i}]: ifNoneExist matches more than one resource"))),
+                        Err(Failure::Retry) => continue 'attempt,
+                        Err(Failure::Api(e)) => return Err(e),
+                    },
+                    None => Some((write::new_id(), true)),
+                },
+                ("PUT", Some(id), _) => Some((id.clone(), true)),
+                ("PUT", None, Some(criteria)) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
+                    Ok(m) if m.is_empty() => Some((entry.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str).map(str::to_string).unwrap_or_else(write::new_id), true)),
+                    Ok(m) if m.len() == 1 => Some((m[0].id.clone(), true)),
+                    Ok(_) => return Err(ApiError::PreconditionFailed(format!("Bundle.entry[{i}]: the criteria match more than one resource"))),
+                    Err(Failure::Retry) => continue 'attempt,
+                    Err(Failure::Api(e)) => return Err(e),
+                },
+                _ => return Err(ApiError::BadRequest(format!("Bundle.entry[{i}]: cannot tell which resource to write"))),
+            };
+            ids.push(resolved);
+        }
+        let mut map = HashMap::new();
+        for (entry, id) in entries.iter().zip(&ids) {
+            if let (Some(full_url), Some((id, _))) = (&entry.full_url, id) {
+                map.insert(full_url.clone(), format!("{}/{id}", entry.resource_type));
+            }
+        }
+        let mut resources: Vec<Option<Json>> = entries
+            .iter()
+            .map(|e| {
+                e.resource.clone().map(|mut r| {
+                    rewrite_references(&mut r, &map);
+                    r
+                })
+            })
+            .collect();
+        let mut addressed: Vec<String> = Vec::new();
+        for r in resources.iter().flatten() {
+            for org in crate::search::addressed_organizations(r) {
+                if !addressed.contains(&org) {
+                    addressed.push(org);
+                }
+            }
+        }
+        let mut written: Vec<Option<Written>> = (0..entries.len()).map(|_| None).collect();
+        // FHIR's processing order: POST, then PUT, then GET.
+        for method in ["POST", "PUT"] {
+            for (i, entry) in entries.iter().enumerate().filter(|(_, e)| e.method == method) {
+                if let Some(existing) = existing_for.remove(&i) {
+                    written[i] = Some(Written::Stored(existing, false));
+                    continue;
+                }
+                let Some((id, _)) = ids[i].clone() else { continue };
+                let Some(mut resource) = resources[i].take() else { continue };
+                if method == "PUT"
+                    && let Some(object) = resource.as_object_mut()
+                {
+                    object.insert("id", Json::string(id.as_str()));
+                }
+                let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, addressed: &addressed, method };
+                match write::write(&mut tx, state, principal, change).await {
+                    Ok((stored, created)) => written[i] = Some(Written::Stored(stored, created)),
+                    Err(Failure::Retry) => continue 'attempt,
+                    Err(Failure::Api(e)) => return Err(prefix_entry(i, e)),
+                }
+            }
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            if entry.method == "GET" {
+                written[i] = Some(Written::Read);
+            }
+        }
+        let mut audit = Audit::new(&principal.client_id, "transaction", "E", None);
+        audit.entities = written.iter().flatten().filter_map(|w| if let Written::Stored(s, _) = w { Some(s.reference()) } else { None }).collect();
+        tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
+        tx.commit().await?;
+        return Ok(written.into_iter().map(|w| w.unwrap_or(Written::Read)).collect());
+    }
+    Err(ApiError::Conflict("the resources are being changed by others; retry".into()))
+}
+
+fn prefix_entry(i: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::BadRequest(m) => ApiError::BadRequest(format!("Bundle.entry[{i}]: {m}")),
+        ApiError::Forbidden(m) => ApiError::Forbidden(format!("Bundle.entry[{i}]: {m}")),
+        ApiError::NotFound(m) => ApiError::NotFound(format!("Bundle.entry[{i}]: {m}")),
+        ApiError::PreconditionFailed(m) => ApiError::PreconditionFailed(format!("Bundle.entry[{i}]: {m}")),
+        other => other,
+    }
+}
+
+async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
+    let entries = parse_entries(&bundle)?;
+    let mut response = BundleText::new("batch-response", None, &[]);
+    for entry in &entries {
+        let result = batch_entry(state, principal, audit, entry).await;
+        match result {
+            Ok((stored, status)) => {
+                let body = (prefer == Return::Representation || status == "200 OK" && entry.method == "GET").then_some(stored.body.as_str());
+                let url = format!("{}/{}", state.base_url, stored.reference());
+                response.entry(Some(&url), body, &[("response", entry_response(status, Some(&stored), None))]);
+                audit.entities.push(stored.reference());
+            }
+            Err(e) => response.entry(None, None, &[("response", entry_response(&status_line(&e), None, Some(operation_outcome(&e.issues()))))]),
+        }
+    }
+    Ok(fhir::json_response(StatusCode::OK, response.finish()))
+}
+
+async fn batch_entry(state: &AppState, principal: &Principal, audit: &mut Audit, entry: &Entry) -> Result<(Stored, &'static str), ApiError> {
+    known_type(state, &entry.resource_type)?;
+    if entry.resource_type == "AuditEvent" {
+        return Err(ApiError::MethodNotAllowed("AuditEvent is read through GET /AuditEvent".into()));
+    }
+    principal.may(&entry.resource_type, permission_for(&entry.method)?).map_err(ApiError::Forbidden)?;
+    if entry.method == "GET" {
+        let id = entry.id.as_deref().ok_or_else(|| ApiError::BadRequest("only GET Type/id is supported in a batch".into()))?;
+        return Ok((read_entry(state, principal, audit, &entry.resource_type, id).await?, "200 OK"));
+    }
+    let resource = entry.resource.clone().ok_or_else(|| ApiError::BadRequest(format!("a {} entry needs a resource", entry.method)))?;
+    write::check_type(&resource, &entry.resource_type)?;
+    let resource = write::validate(state, resource, Vec::new()).await?;
+    for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        let id = match (entry.method.as_str(), &entry.id, &entry.criteria, &entry.if_none_exist) {
+            ("POST", _, _, Some(criteria)) | ("PUT", None, Some(criteria), _) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
+                Ok(m) if m.is_empty() => write::new_id(),
+                Ok(m) if m.len() == 1 && entry.method == "POST" => return Ok((m.into_iter().next().expect("one match"), "200 OK")),
+                Ok(m) if m.len() == 1 => m[0].id.clone(),
+                Ok(_) => return Err(ApiError::PreconditionFailed("the criteria match more than one resource".into())),
+                Err(Failure::Retry) => continue,
+                Err(Failure::Api(e)) => return Err(e),
+            },
+            ("POST", _, _, None) => write::new_id(),
+            ("PUT", Some(id), _, _) => id.clone(),
+            _ => return Err(ApiError::BadRequest("cannot tell which resource to write".into())),
+        };
+        let mut resource = resource.clone();
+        if entry.method == "PUT"
+            && let Some(object) = resource.as_object_mut()
+        {
+            object.insert("id", Json::string(id.as_str()));
+        }
+        let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, addressed: &[], method: if entry.method == "POST" { "POST" } else { "PUT" } };
+        match write::write(&mut tx, state, principal, change).await {
+            Ok((stored, created)) => {
+                let mut entry_audit = Audit::new(&principal.client_id, if created { "create" } else { "update" }, if created { "C" } else { "U" }, None);
+                entry_audit.entities.push(stored.reference());
+                tx.append_audit(&entry_audit.row(&state.base_url, AuditOutcome::Success)).await?;
+                tx.commit().await?;
+                return Ok((stored, if created { "201 Created" } else { "200 OK" }));
+            }
+            Err(Failure::Retry) => continue,
+            Err(Failure::Api(e)) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict("the resource is being changed by others; retry".into()))
+}
+
+/// A response for a request the router could not place.
+pub fn not_found() -> Response {
+    ApiError::NotFound("no such endpoint".into()).into_response()
+}

@@ -1,0 +1,147 @@
+//! The authenticated caller of a FHIR endpoint: the bearer token is looked up (cache, then store), the client's in-flight limit is taken, and failures are audited.
+//!
+//! Also the disclosure choke point: [`disclose`] and [`disclose_all`] are the only way a stored
+//! resource reaches a response body; every handler that returns resources goes through them.
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::audit::{Audit, AuditOutcome};
+use super::error::ApiError;
+use super::state::AppState;
+use crate::auth::{Disclosure, Principal, ScopeSet};
+use crate::store::Stored;
+
+/// A request's authenticated client; holds one of its in-flight permits.
+pub struct Caller {
+    pub principal: Principal,
+    pub address: Option<String>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Caller {
+    pub fn audit(&self, subtype: &'static str, action: &'static str) -> Audit {
+        Audit::new(&self.principal.client_id, subtype, action, self.address.clone())
+    }
+}
+
+/// SHA-256 of a token, as stored.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+pub fn peer_address(parts: &Parts) -> Option<String> {
+    parts.extensions.get::<ConnectInfo<crate::server::PeerAddr>>().map(|c| c.0.0.ip().to_string())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let address = peer_address(parts);
+        let principal = match authenticate(parts, state).await {
+            Ok(principal) => principal,
+            Err(e) => {
+                let (subtype, action) = match parts.method.as_str() {
+                    "POST" => ("create", "C"),
+                    "PUT" => ("update", "U"),
+                    "DELETE" => ("delete", "D"),
+                    _ => ("read", "R"),
+                };
+                let mut audit = Audit::new("anonymous", subtype, action, address);
+                audit.description = Some(e.to_string());
+                record(state, &audit, AuditOutcome::MinorFailure).await;
+                return Err(e);
+            }
+        };
+        let permit = match state.clients.get(&principal.client_id).map(|c| c.in_flight.clone().try_acquire_owned()) {
+            Some(Ok(permit)) => permit,
+            _ => return Err(ApiError::TooManyRequests),
+        };
+        Ok(Caller { principal, address, _permit: permit })
+    }
+}
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthorized("send an access token from the token endpoint as 'Authorization: Bearer <token>'".into()))?;
+    let hash = token_hash(token);
+    let now = now_secs();
+    if let Ok(cache) = state.token_cache.lock()
+        && let Some((principal, expires_at)) = cache.get(&hash)
+        && *expires_at > now
+    {
+        return Ok(principal.clone());
+    }
+    let record = state.store.find_token(&hash).await?.ok_or_else(|| ApiError::Unauthorized("the access token is not valid".into()))?;
+    if record.expires_at <= now {
+        return Err(ApiError::Unauthorized("the access token has expired".into()));
+    }
+    let client = state.clients.get(&record.client).ok_or_else(|| ApiError::Unauthorized("the access token's client is no longer registered".into()))?;
+    let principal = Principal {
+        client_id: record.client.clone(),
+        role: client.config.role,
+        organization: client.organization.clone(),
+        // A token never grants more than the client is allowed now, even if its registration shrank.
+        scopes: ScopeSet::parse(&record.scope).unwrap_or_default().intersect(&client.allowed),
+        part2_disclosure: client.config.part2_disclosure,
+    };
+    if let Ok(mut cache) = state.token_cache.lock() {
+        if cache.len() > 10_000 {
+            cache.retain(|_, (_, exp)| *exp > now);
+        }
+        cache.insert(hash, (principal.clone(), record.expires_at));
+    }
+    Ok(principal)
+}
+
+/// Appends an audit record outside any transaction; a failure to audit is logged (the response is already decided).
+pub async fn record(state: &AppState, audit: &Audit, outcome: AuditOutcome) {
+    if audit.recorded {
+        return;
+    }
+    if let Err(e) = state.store.append_audit(&audit.row(&state.base_url, outcome)).await {
+        tracing::error!(error = %e, "Could not append to the audit trail.");
+    }
+}
+
+/// The disclosure check for one resource: denied resources are answered as not found, so their existence does not leak.
+pub fn disclose(principal: &Principal, stored: &Stored, audit: &mut Audit) -> Result<(), ApiError> {
+    match principal.disclosure(stored.facts()) {
+        Disclosure::Allow => Ok(()),
+        Disclosure::Deny(reason) => {
+            audit.description = Some(format!("disclosure of {} denied: {reason}", stored.reference()));
+            Err(ApiError::NotFound(format!("{} is not known", stored.reference())))
+        }
+    }
+}
+
+/// The disclosure check for many resources (search results, includes, history): denied ones are left out and noted in the audit.
+pub fn disclose_all(principal: &Principal, found: Vec<Stored>, audit: &mut Audit) -> Vec<Stored> {
+    let mut kept = Vec::with_capacity(found.len());
+    for stored in found {
+        match principal.disclosure(stored.facts()) {
+            Disclosure::Allow => kept.push(stored),
+            Disclosure::Deny(reason) => {
+                let note = format!("withheld {}: {reason}", stored.reference());
+                audit.description = Some(match audit.description.take() {
+                    Some(d) => format!("{d}; {note}"),
+                    None => note,
+                });
+            }
+        }
+    }
+    kept
+}

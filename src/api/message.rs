@@ -1,0 +1,170 @@
+//! `POST /$process-message`: FHIR messaging (e.g. a BSeR referral pushed by an inpatient unit), processed synchronously and exactly once per `Bundle.id` and `MessageHeader.id`.
+//!
+//! FHIR messaging has no reliable delivery, so senders resend when a response is lost; the
+//! gateway records each processed message's keys with the response in the same transaction as the
+//! stored resources, and answers a resend with the recorded response instead of storing twice.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+
+use super::bundle::rewrite_references;
+use super::caller::Caller;
+use super::error::ApiError;
+use super::fhir::{self, now_instant, object, query_pairs};
+use super::rest::{finish, known_type};
+use super::state::AppState;
+use super::write::{self, ATTEMPTS, Change, Failure};
+use crate::auth::Permission;
+use crate::json::Json;
+use crate::store::StoreError;
+
+pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    let mut audit = caller.audit("operation", "E");
+    let result = async {
+        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
+        let bundle = fhir::read_resource(&headers, body, state.loaded.config.server.max_body_bytes).await?;
+        write::check_type(&bundle, "Bundle")?;
+        if bundle.get("type").and_then(Json::as_str) != Some("message") {
+            return Err(ApiError::BadRequest("$process-message needs a Bundle of type message".into()));
+        }
+        let entries: Vec<(Option<String>, Json)> = bundle
+            .get("entry")
+            .and_then(Json::as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.get("resource").map(|r| (e.get("fullUrl").and_then(Json::as_str).map(str::to_string), r.clone())))
+            .collect();
+        let header = entries
+            .first()
+            .map(|(_, r)| r)
+            .filter(|r| r.get("resourceType").and_then(Json::as_str) == Some("MessageHeader"))
+            .ok_or_else(|| ApiError::BadRequest("the first entry of a message must be its MessageHeader".into()))?
+            .clone();
+        let mut keys = Vec::new();
+        if let Some(id) = bundle.get("id").and_then(Json::as_str) {
+            keys.push(format!("{}:bundle:{id}", caller.principal.client_id));
+        }
+        let header_id = header.get("id").and_then(Json::as_str).map(str::to_string);
+        if let Some(id) = &header_id {
+            keys.push(format!("{}:header:{id}", caller.principal.client_id));
+        }
+        if keys.is_empty() {
+            return Err(ApiError::BadRequest("a message needs Bundle.id or MessageHeader.id so a resend can be recognised".into()));
+        }
+        for (_, resource) in &entries {
+            let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+            known_type(&state, resource_type)?;
+            caller.principal.may(resource_type, Permission::Create).map_err(ApiError::Forbidden)?;
+        }
+        if let Some(previous) = already_processed(&state, &keys).await? {
+            audit.description = Some("duplicate message; the recorded response was sent again".into());
+            return Ok(fhir::json_response(StatusCode::OK, previous));
+        }
+        write::validate(&state, bundle.clone(), Vec::new()).await?;
+        for _ in 0..ATTEMPTS {
+            let mut tx = state.store.begin().await?;
+            let mut map = HashMap::new();
+            let ids: Vec<String> = entries.iter().map(|_| write::new_id()).collect();
+            for ((full_url, resource), id) in entries.iter().zip(&ids) {
+                let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+                let target = format!("{resource_type}/{id}");
+                if let Some(url) = full_url {
+                    map.insert(url.clone(), target.clone());
+                }
+                if let Some(old) = resource.get("id").and_then(Json::as_str) {
+                    map.insert(format!("{resource_type}/{old}"), target);
+                }
+            }
+            let mut resources: Vec<Json> = entries.iter().map(|(_, r)| r.clone()).collect();
+            let mut addressed = Vec::new();
+            for r in &mut resources {
+                rewrite_references(r, &map);
+                for org in crate::search::addressed_organizations(r) {
+                    if !addressed.contains(&org) {
+                        addressed.push(org);
+                    }
+                }
+            }
+            let mut stored = Vec::new();
+            let mut failed = None;
+            for (resource, id) in resources.into_iter().zip(&ids) {
+                let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string();
+                let change = Change { resource_type: &resource_type, id: id.clone(), resource, if_match: None, addressed: &addressed, method: "POST" };
+                match write::write(&mut tx, &state, &caller.principal, change).await {
+                    Ok((s, _)) => stored.push(s),
+                    Err(f) => {
+                        failed = Some(f);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(Failure::Retry) => continue,
+                Some(Failure::Api(e)) => return Err(e),
+                None => {}
+            }
+            let response = response_message(&state.base_url, &header, header_id.as_deref().unwrap_or_default(), &stored);
+            match tx.claim_message(&keys, &response, &now_instant()).await {
+                Ok(()) => {}
+                // A resend processed concurrently by another request or instance won; answer with its response.
+                Err(StoreError::Duplicate) => {
+                    drop(tx);
+                    if let Some(previous) = already_processed(&state, &keys).await? {
+                        return Ok(fhir::json_response(StatusCode::OK, previous));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            audit.entities = stored.iter().map(|s| s.reference()).collect();
+            tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
+            tx.commit().await?;
+            audit.recorded = true;
+            return Ok(fhir::json_response(StatusCode::OK, response));
+        }
+        Err(ApiError::Conflict("the message is being processed concurrently; retry".into()))
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+async fn already_processed(state: &AppState, keys: &[String]) -> Result<Option<String>, ApiError> {
+    for key in keys {
+        if let Some(response) = state.store.processed_message(key).await? {
+            return Ok(Some(response));
+        }
+    }
+    Ok(None)
+}
+
+/// The response message: a MessageHeader answering the request's, with the stored resources as its focus.
+fn response_message(base: &str, request: &Json, request_id: &str, stored: &[crate::store::Stored]) -> String {
+    let header_id = write::new_id();
+    let mut members = vec![("resourceType", Json::string("MessageHeader")), ("id", Json::string(header_id.as_str()))];
+    match (request.get("eventCoding"), request.get("eventUri")) {
+        (Some(coding), _) => members.push(("eventCoding", coding.clone())),
+        (None, Some(uri)) => members.push(("eventUri", uri.clone())),
+        (None, None) => {}
+    }
+    if let Some(source) = request.get("source").and_then(|s| s.get("endpoint")) {
+        members.push(("destination", Json::Array(vec![object(&[("endpoint", source.clone())])])));
+    }
+    members.push(("source", object(&[("name", Json::string("iop-gateway")), ("endpoint", Json::string(base))])));
+    members.push(("response", object(&[("identifier", Json::string(request_id)), ("code", Json::string("ok"))])));
+    let focus: Vec<Json> = stored.iter().filter(|s| s.resource_type != "MessageHeader").map(|s| object(&[("reference", Json::string(s.reference()))])).collect();
+    if !focus.is_empty() {
+        members.push(("focus", Json::Array(focus)));
+    }
+    let header = object(&members);
+    object(&[
+        ("resourceType", Json::string("Bundle")),
+        ("id", Json::string(write::new_id())),
+        ("type", Json::string("message")),
+        ("timestamp", Json::string(now_instant())),
+        ("entry", Json::Array(vec![object(&[("fullUrl", Json::string(format!("urn:uuid:{header_id}"))), ("resource", header)])])),
+    ])
+    .to_string_compact()
+}

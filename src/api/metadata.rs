@@ -1,0 +1,160 @@
+//! `GET /metadata` and `GET /.well-known/smart-configuration`: what the server implements, built from the same registries the handlers use so it cannot claim more than they do.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::fhir::{self, object};
+use super::state::AppState;
+use crate::definitions::Definitions;
+use crate::json::Json;
+use crate::search::{self, INCLUDES};
+
+const PROFILE_BASE: &str = "http://iop-gateway.org/fhir";
+
+/// The CapabilityStatement as JSON text.
+pub fn capability_statement(base: &str, resource_types: &HashSet<String>, definitions: &Definitions) -> String {
+    let mut profiles: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in definitions.resources_of_type("StructureDefinition") {
+        let Some(url) = &entry.url else { continue };
+        if !url.starts_with(PROFILE_BASE) {
+            continue;
+        }
+        let Some(sd) = entry.resource() else { continue };
+        if sd.get("kind").and_then(Json::as_str) == Some("resource")
+            && sd.get("derivation").and_then(Json::as_str) == Some("constraint")
+            && let Some(t) = sd.get("type").and_then(Json::as_str)
+        {
+            profiles.entry(t.to_string()).or_default().push(url.clone());
+        }
+    }
+    let mut types: Vec<&String> = resource_types.iter().collect();
+    types.sort();
+    let code = |c: &str| object(&[("code", Json::string(c))]);
+    let param = |name: &str, kind: &str, definition: &str| object(&[("name", Json::string(name)), ("definition", Json::string(definition)), ("type", Json::string(kind))]);
+    let validate_op = object(&[("name", Json::string("validate")), ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/Resource-validate"))]);
+    let mut resources = Vec::new();
+    for t in types {
+        let audit = t == "AuditEvent";
+        let mut members = vec![("type", Json::string(t.as_str())), ("profile", Json::string(format!("http://hl7.org/fhir/StructureDefinition/{t}")))];
+        if let Some(list) = profiles.get(t.as_str()) {
+            members.push(("supportedProfile", Json::Array(list.iter().map(|p| Json::string(p.as_str())).collect())));
+        }
+        let interactions: &[&str] = if audit { &["read", "search-type"] } else { &["read", "vread", "update", "history-instance", "create", "search-type"] };
+        members.push(("interaction", Json::Array(interactions.iter().map(|c| code(c)).collect())));
+        if !audit {
+            members.push(("versioning", Json::string("versioned-update")));
+            members.push(("readHistory", Json::Bool(true)));
+            members.push(("updateCreate", Json::Bool(true)));
+            members.push(("conditionalCreate", Json::Bool(true)));
+            members.push(("conditionalUpdate", Json::Bool(true)));
+        }
+        let includes: Vec<Json> = INCLUDES.iter().filter(|(s, _, _)| s == t).map(|(s, p, target)| Json::string(format!("{s}:{p}:{target}"))).collect();
+        if !includes.is_empty() {
+            members.push(("searchInclude", Json::Array(includes)));
+        }
+        let mut params = vec![param("_id", "token", "http://hl7.org/fhir/SearchParameter/Resource-id")];
+        if audit {
+            params.extend(super::audit_search::PARAMS.iter().map(|(n, k, d)| param(n, k, d)));
+        } else {
+            params.push(param("_lastUpdated", "date", "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"));
+            params.extend(search::params(t).iter().map(|p| param(p.name, p.kind.as_str(), p.definition)));
+        }
+        if audit {
+            // `_id` is not a filter the audit search implements.
+            params.remove(0);
+        }
+        members.push(("searchParam", Json::Array(params)));
+        members.push(("operation", Json::Array(vec![validate_op.clone()])));
+        resources.push(object(&members));
+    }
+    // The oauth-uris extension would require an `authorize` endpoint, which backend services do not
+    // have; SMART discovery is `/.well-known/smart-configuration`, named in the description.
+    let security = object(&[
+        (
+            "service",
+            Json::Array(vec![object(&[(
+                "coding",
+                Json::Array(vec![object(&[
+                    ("system", Json::string("http://terminology.hl7.org/CodeSystem/restful-security-service")),
+                    ("code", Json::string("SMART-on-FHIR")),
+                ])]),
+            )])]),
+        ),
+        (
+            "description",
+            Json::string(format!(
+                "SMART Backend Services: client_credentials at {base}{} with a private_key_jwt client assertion (RS384 or ES384); system/ scopes (v1 and v2); discovery at {base}/.well-known/smart-configuration.",
+                crate::auth::TOKEN_PATH
+            )),
+        ),
+    ]);
+    let rest = object(&[
+        ("mode", Json::string("server")),
+        ("security", security),
+        ("resource", Json::Array(resources)),
+        ("interaction", Json::Array(vec![code("transaction"), code("batch")])),
+        (
+            "operation",
+            Json::Array(vec![object(&[
+                ("name", Json::string("process-message")),
+                ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message")),
+            ])]),
+        ),
+    ]);
+    object(&[
+        ("resourceType", Json::string("CapabilityStatement")),
+        ("status", Json::string("active")),
+        ("date", Json::string(fhir::now_instant()[..10].to_string())),
+        ("publisher", Json::string("iop-gateway")),
+        ("kind", Json::string("instance")),
+        ("software", object(&[("name", Json::string("iop-gateway")), ("version", Json::string(env!("CARGO_PKG_VERSION")))])),
+        ("implementation", object(&[("description", Json::string("iop-gateway FHIR R4 server")), ("url", Json::string(base))])),
+        ("fhirVersion", Json::string("4.0.1")),
+        ("format", Json::Array(vec![Json::string("application/fhir+json"), Json::string("json")])),
+        ("rest", Json::Array(vec![rest])),
+    ])
+    .to_string_compact()
+}
+
+/// `GET /metadata` (no token needed).
+pub async fn metadata(State(state): State<AppState>) -> Response {
+    fhir::json_response(StatusCode::OK, state.capability_statement.clone())
+}
+
+/// `GET /.well-known/smart-configuration` (no token needed).
+pub async fn smart_configuration(State(state): State<AppState>) -> Response {
+    let body = object(&[
+        ("issuer", Json::string(state.base_url.as_str())),
+        ("token_endpoint", Json::string(state.token_url())),
+        ("token_endpoint_auth_methods_supported", Json::Array(vec![Json::string("private_key_jwt")])),
+        ("token_endpoint_auth_signing_alg_values_supported", Json::Array(vec![Json::string("RS384"), Json::string("ES384")])),
+        ("grant_types_supported", Json::Array(vec![Json::string("client_credentials")])),
+        ("scopes_supported", Json::Array(vec![Json::string("system/*.cruds"), Json::string("system/*.read"), Json::string("system/*.write")])),
+        ("capabilities", Json::Array(["client-confidential-asymmetric", "permission-v1", "permission-v2"].iter().map(|c| Json::string(*c)).collect())),
+    ]);
+    let mut response = (StatusCode::OK, body.to_string_compact()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capability_statement_is_valid_r4_and_lists_search_params() {
+        let validator = super::super::state::default_validator();
+        let types: HashSet<String> = ["Patient", "Observation", "Task", "AuditEvent"].iter().map(|s| s.to_string()).collect();
+        let text = capability_statement("http://127.0.0.1:8080", &types, validator.definitions());
+        let report = validator.validate_bytes(text.as_bytes(), &[]);
+        assert!(report.is_valid(), "{:?}", report.issues);
+        let parsed = crate::json::parse(text.as_bytes()).unwrap();
+        let resources = parsed["rest"].as_array().unwrap()[0]["resource"].as_array().unwrap().to_vec();
+        let observation = resources.iter().find(|r| r["type"].as_str() == Some("Observation")).unwrap();
+        let names: Vec<&str> = observation["searchParam"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+        assert_eq!(names, ["_id", "_lastUpdated", "identifier", "patient", "subject", "status", "code", "date"]);
+    }
+}

@@ -1,0 +1,345 @@
+//! The FHIR RESTful interactions: create (with `If-None-Exist`), read, vread, update (with `If-Match`, and conditional by search criteria), history, and search (with paging, `_sort` and `_include`).
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::audit::{Audit, AuditOutcome};
+use super::caller::{Caller, disclose, disclose_all, record};
+use super::error::ApiError;
+use super::fhir::{self, BundleText, Return, object, prefer_return, query_pairs, resource_response};
+use super::state::AppState;
+use super::write::{self, ATTEMPTS, Change, Failure};
+use crate::auth::Permission;
+use crate::json::Json;
+use crate::search;
+
+/// Records the audit event for a finished request and turns the result into the response.
+pub async fn finish(state: &AppState, mut audit: Audit, result: Result<Response, ApiError>) -> Response {
+    let response = match result {
+        Ok(response) => response,
+        Err(e) => {
+            if audit.description.is_none() {
+                audit.description = Some(e.to_string());
+            }
+            e.into_response()
+        }
+    };
+    record(state, &audit, AuditOutcome::from_status(response.status().as_u16())).await;
+    response
+}
+
+/// 404 for a type FHIR R4 does not define.
+pub fn known_type(state: &AppState, resource_type: &str) -> Result<(), ApiError> {
+    if state.resource_types.contains(resource_type) {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!("'{resource_type}' is not a FHIR R4 resource type served here")))
+    }
+}
+
+fn forbid(result: Result<(), String>) -> Result<(), ApiError> {
+    result.map_err(ApiError::Forbidden)
+}
+
+/// `GET /{type}`: search.
+pub async fn search_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+    if resource_type == "AuditEvent" {
+        return super::audit_search::search(state, caller, headers, uri).await;
+    }
+    let mut audit = caller.audit("search-type", "E");
+    audit.query = uri.query().map(str::to_string);
+    let result = search_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri).await;
+    finish(&state, audit, result).await
+}
+
+async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri) -> Result<Response, ApiError> {
+    let pairs = query_pairs(uri.query());
+    fhir::negotiate(headers, &pairs)?;
+    known_type(state, resource_type)?;
+    let principal = &caller.principal;
+    forbid(principal.may(resource_type, Permission::Search))?;
+    let config = &state.loaded.config.server;
+    let query = search::parse_query(resource_type, &pairs, config.default_page_size, config.max_page_size).map_err(|e| ApiError::BadRequest(e.0))?;
+    let (total, found) = state.store.search(resource_type, &query, Some(principal.search_party())).await?;
+    let found = disclose_all(principal, found, audit);
+    let mut included = Vec::new();
+    for (param, target) in &query.includes {
+        if principal.may(target, Permission::Read).is_err() {
+            continue;
+        }
+        let ids: Vec<String> = found.iter().map(|s| s.id.clone()).collect();
+        let references = state.store.references(resource_type, &ids, param).await?;
+        let keys: Vec<(String, String)> = references
+            .iter()
+            .filter_map(|r| r.split_once('/'))
+            .filter(|(t, _)| t == target)
+            .map(|(t, id)| (t.to_string(), id.to_string()))
+            .collect();
+        for stored in disclose_all(principal, state.store.read_many(&keys).await?, audit) {
+            if !included.iter().any(|s: &crate::store::Stored| s.resource_type == stored.resource_type && s.id == stored.id) {
+                included.push(stored);
+            }
+        }
+    }
+    let base = &state.base_url;
+    let page_url = |offset: usize| {
+        let mut serializer = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset") {
+            serializer.append_pair(k, v);
+        }
+        serializer.append_pair("_offset", &offset.to_string());
+        format!("{base}/{resource_type}?{}", serializer.finish())
+    };
+    let mut links = vec![("self", page_url(query.offset))];
+    if (query.offset + query.count) < total as usize && query.count > 0 {
+        links.push(("next", page_url(query.offset + query.count)));
+    }
+    if query.offset > 0 {
+        links.push(("previous", page_url(query.offset.saturating_sub(query.count))));
+    }
+    let mut bundle = BundleText::new("searchset", Some(total), &links);
+    for (stored, mode) in found.iter().map(|s| (s, "match")).chain(included.iter().map(|s| (s, "include"))) {
+        audit.entities.push(stored.reference());
+        let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
+        bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string(mode))]))]);
+    }
+    Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
+}
+
+/// `GET /{type}/{id}`: read.
+pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+    if resource_type == "AuditEvent" {
+        return super::audit_search::read(state, caller, id).await;
+    }
+    let mut audit = caller.audit("read", "R");
+    audit.entities.push(format!("{resource_type}/{id}"));
+    let result = async {
+        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
+        known_type(&state, &resource_type)?;
+        forbid(caller.principal.may(&resource_type, Permission::Read))?;
+        let stored = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+        disclose(&caller.principal, &stored, &mut audit)?;
+        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+/// `GET /{type}/{id}/_history/{vid}`: vread.
+pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource_type, id, version)): Path<(String, String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+    let mut audit = caller.audit("vread", "R");
+    audit.entities.push(format!("{resource_type}/{id}"));
+    let result = async {
+        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
+        known_type(&state, &resource_type)?;
+        forbid(caller.principal.may(&resource_type, Permission::Read))?;
+        let not_found = || ApiError::NotFound(format!("{resource_type}/{id}/_history/{version} is not known"));
+        let number: i64 = version.parse().map_err(|_| not_found())?;
+        let stored = state.store.vread(&resource_type, &id, number).await?.ok_or_else(not_found)?;
+        disclose(&caller.principal, &stored, &mut audit)?;
+        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+/// `GET /{type}/{id}/_history`: the versions of one resource, newest first.
+pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+    let mut audit = caller.audit("history-instance", "R");
+    audit.entities.push(format!("{resource_type}/{id}"));
+    let result = async {
+        let pairs = query_pairs(uri.query());
+        fhir::negotiate(&headers, &pairs)?;
+        known_type(&state, &resource_type)?;
+        forbid(caller.principal.may(&resource_type, Permission::Read))?;
+        let config = &state.loaded.config.server;
+        let number = |name: &str, default: usize| -> Result<usize, ApiError> {
+            match pairs.iter().find(|(k, _)| k == name) {
+                Some((_, v)) => v.parse().map_err(|_| ApiError::BadRequest(format!("{name} must be a non-negative integer"))),
+                None => Ok(default),
+            }
+        };
+        let count = number("_count", config.default_page_size)?.min(config.max_page_size);
+        let offset = number("_offset", 0)?;
+        let current = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+        disclose(&caller.principal, &current, &mut audit)?;
+        let (total, versions) = state.store.history(&resource_type, &id, count, offset).await?;
+        let versions = disclose_all(&caller.principal, versions, &mut audit);
+        let base = &state.base_url;
+        let mut links = vec![("self", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={offset}"))];
+        if offset + count < total as usize {
+            links.push(("next", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={}", offset + count)));
+        }
+        let mut bundle = BundleText::new("history", Some(total), &links);
+        for v in &versions {
+            let request = object(&[("method", Json::string(v.method.as_str())), ("url", Json::string(format!("{resource_type}/{id}")))]);
+            let status = if v.version == 1 { "201 Created" } else { "200 OK" };
+            bundle.entry(Some(&format!("{base}/{resource_type}/{id}")), Some(&v.body), &[("request", request), ("response", fhir::entry_response(status, Some(v), None))]);
+        }
+        Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+/// `POST /{type}`: create (conditional with `If-None-Exist`); `POST /$process-message` is routed here too.
+pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    if resource_type == "$process-message" {
+        return super::message::process(state, caller, headers, uri, body).await;
+    }
+    let mut audit = caller.audit("create", "C");
+    let result = create_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri, body).await;
+    finish(&state, audit, result).await
+}
+
+async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Response, ApiError> {
+    fhir::negotiate(headers, &query_pairs(uri.query()))?;
+    known_type(state, resource_type)?;
+    if resource_type == "AuditEvent" {
+        return Err(ApiError::MethodNotAllowed("the audit trail is written by the gateway only".into()));
+    }
+    let principal = &caller.principal;
+    forbid(principal.may(resource_type, Permission::Create))?;
+    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    write::check_type(&resource, resource_type)?;
+    let resource = write::validate(state, resource, Vec::new()).await?;
+    let criteria = headers.get("if-none-exist").map(|v| v.to_str().map(str::to_string).map_err(|_| ApiError::BadRequest("If-None-Exist is not text".into()))).transpose()?;
+    let prefer = prefer_return(headers);
+    for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        if let Some(criteria) = &criteria {
+            let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
+                Ok(m) => m,
+                Err(Failure::Retry) => continue,
+                Err(Failure::Api(e)) => return Err(e),
+            };
+            match matches.as_slice() {
+                [] => {}
+                [existing] => {
+                    audit.entities.push(existing.reference());
+                    return Ok(resource_response(StatusCode::OK, existing, &state.base_url, prefer, true));
+                }
+                _ => return Err(ApiError::PreconditionFailed("If-None-Exist matches more than one resource".into())),
+            }
+        }
+        let change = Change { resource_type, id: write::new_id(), resource: resource.clone(), if_match: None, addressed: &[], method: "POST" };
+        match write::write(&mut tx, state, principal, change).await {
+            Ok((stored, _)) => {
+                audit.entities.push(stored.reference());
+                tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
+                tx.commit().await?;
+                audit.recorded = true;
+                return Ok(resource_response(StatusCode::CREATED, &stored, &state.base_url, prefer, true));
+            }
+            Err(Failure::Retry) => continue,
+            Err(Failure::Api(e)) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict("the resource is being changed by others; retry".into()))
+}
+
+/// `PUT /{type}/{id}`: update, or create with the client's id.
+pub async fn update(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    let mut audit = caller.audit("update", "U");
+    audit.entities.push(format!("{resource_type}/{id}"));
+    let result = update_inner(&state, &caller, &mut audit, &resource_type, Some(id), &headers, &uri, body).await;
+    finish(&state, audit, result).await
+}
+
+/// `PUT /{type}?criteria`: conditional update.
+pub async fn conditional_update(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    let mut audit = caller.audit("update", "U");
+    audit.query = uri.query().map(str::to_string);
+    let result = update_inner(&state, &caller, &mut audit, &resource_type, None, &headers, &uri, body).await;
+    finish(&state, audit, result).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn update_inner(
+    state: &AppState,
+    caller: &Caller,
+    audit: &mut Audit,
+    resource_type: &str,
+    path_id: Option<String>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(uri.query());
+    fhir::negotiate(headers, &pairs)?;
+    known_type(state, resource_type)?;
+    if resource_type == "AuditEvent" {
+        return Err(ApiError::MethodNotAllowed("the audit trail is append-only".into()));
+    }
+    let principal = &caller.principal;
+    if principal.may(resource_type, Permission::Update).is_err() {
+        forbid(principal.may(resource_type, Permission::Create))?;
+    }
+    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    write::check_type(&resource, resource_type)?;
+    let body_id = resource.get("id").and_then(Json::as_str).map(str::to_string);
+    if let Some(id) = &path_id {
+        match &body_id {
+            Some(b) if b == id => {}
+            Some(b) => return Err(ApiError::BadRequest(format!("the body's id '{b}' is not the id in the URL '{id}'"))),
+            None => return Err(ApiError::BadRequest("an update must carry the resource id in the body".into())),
+        }
+    }
+    let if_match = fhir::if_match(headers)?;
+    let resource = write::validate(state, resource, Vec::new()).await?;
+    let criteria: Option<String> = match &path_id {
+        Some(_) => None,
+        None => {
+            let criteria: Vec<(String, String)> = pairs.iter().filter(|(k, _)| !search::RESULT_PARAMS.contains(&k.as_str())).cloned().collect();
+            if criteria.is_empty() {
+                return Err(ApiError::MethodNotAllowed("PUT on a type needs search criteria (conditional update) or an id in the URL".into()));
+            }
+            Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(criteria).finish())
+        }
+    };
+    let prefer = prefer_return(headers);
+    for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        let id = match (&path_id, &criteria) {
+            (Some(id), _) => id.clone(),
+            (None, Some(criteria)) => {
+                let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
+                    Ok(m) => m,
+                    Err(Failure::Retry) => continue,
+                    Err(Failure::Api(e)) => return Err(e),
+                };
+                match matches.as_slice() {
+                    [] => body_id.clone().unwrap_or_else(write::new_id),
+                    [existing] => {
+                        if body_id.as_ref().is_some_and(|b| *b != existing.id) {
+                            return Err(ApiError::BadRequest(format!("the body's id is not the id of the resource the criteria match ({})", existing.reference())));
+                        }
+                        existing.id.clone()
+                    }
+                    _ => return Err(ApiError::PreconditionFailed("the criteria match more than one resource".into())),
+                }
+            }
+            (None, None) => return Err(ApiError::BadRequest("no id and no criteria".into())),
+        };
+        let change = Change { resource_type, id, resource: resource.clone(), if_match, addressed: &[], method: "PUT" };
+        match write::write(&mut tx, state, principal, change).await {
+            Ok((stored, created)) => {
+                audit.entities = vec![stored.reference()];
+                if created {
+                    audit.subtype = "create";
+                    audit.action = "C";
+                }
+                tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
+                tx.commit().await?;
+                audit.recorded = true;
+                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                return Ok(resource_response(status, &stored, &state.base_url, prefer, created));
+            }
+            Err(Failure::Retry) => continue,
+            Err(Failure::Api(e)) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict("the resource is being changed by others; retry".into()))
+}

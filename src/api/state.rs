@@ -1,0 +1,120 @@
+//! `AppState`: what every handler shares — configuration, the validator, the store, registered clients, the token cache, metrics and limits.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+
+use crate::auth::{ClientKeys, Principal, ScopeSet};
+use crate::config::{ClientConfig, Loaded};
+use crate::definitions::Definitions;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::validation::Validator;
+
+/// A registered partner as the running server knows it.
+pub struct Client {
+    pub config: ClientConfig,
+    pub organization: String,
+    pub keys: ClientKeys,
+    pub allowed: ScopeSet,
+    /// Requests in flight for this client (429 beyond the limit).
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// Shared state; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub inner: Arc<Shared>,
+}
+
+pub struct Shared {
+    pub loaded: Loaded,
+    /// Base URL of the FHIR endpoint, without a trailing slash.
+    pub base_url: String,
+    pub validator: Arc<Validator>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub clients: HashMap<String, Client>,
+    /// Concrete resource types of FHIR R4.
+    pub resource_types: HashSet<String>,
+    /// Access tokens already looked up: SHA-256 of the token → (principal, expiry).
+    pub token_cache: Mutex<HashMap<String, (Principal, i64)>>,
+    /// The CapabilityStatement, built once.
+    pub capability_statement: String,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.inner
+    }
+}
+
+impl AppState {
+    /// Builds the state for a server whose public base URL is known.
+    pub fn new(loaded: Loaded, base_url: String, store: Store, metrics: Arc<Metrics>, validator: Arc<Validator>) -> AppState {
+        let per_client = loaded.config.server.max_concurrent_requests_per_client;
+        let mut clients = HashMap::new();
+        for (client, jwks) in loaded.config.clients.iter().zip(&loaded.client_keys) {
+            // The configuration was validated, so every JWKS parses; a client whose keys do not is left out.
+            let Ok(keys) = ClientKeys::parse(jwks) else { continue };
+            clients.insert(
+                client.id.clone(),
+                Client {
+                    organization: client.organization(&loaded.config.gateway),
+                    allowed: client.allowed_scopes(),
+                    keys,
+                    in_flight: Arc::new(Semaphore::new(per_client)),
+                    config: client.clone(),
+                },
+            );
+        }
+        let resource_types = resource_types(validator.definitions());
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let capability_statement = super::metadata::capability_statement(&base_url, &resource_types, validator.definitions());
+        AppState {
+            inner: Arc::new(Shared {
+                loaded,
+                base_url,
+                validator,
+                store,
+                metrics,
+                clients,
+                resource_types,
+                token_cache: Mutex::new(HashMap::new()),
+                capability_statement,
+            }),
+        }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}{}", self.base_url, crate::auth::TOKEN_PATH)
+    }
+
+    pub fn program(&self) -> &str {
+        &self.loaded.config.gateway.organization
+    }
+}
+
+/// The concrete (non-abstract) resource types of the loaded base definitions.
+fn resource_types(definitions: &Definitions) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for entry in definitions.resources_of_type("StructureDefinition") {
+        let Some(sd) = entry.resource() else { continue };
+        let text = |k: &str| sd.get(k).and_then(crate::json::Json::as_str).map(str::to_string);
+        let is_resource = text("kind").as_deref() == Some("resource");
+        let is_base = text("derivation").as_deref() == Some("specialization");
+        let is_abstract = sd.get("abstract").and_then(crate::json::Json::as_bool).unwrap_or(false);
+        if is_resource && is_base && !is_abstract && let Some(name) = text("type") {
+            out.insert(name);
+        }
+    }
+    out
+}
+
+/// The validator the server uses: R4 base plus the bundled profiles.
+pub fn default_validator() -> Arc<Validator> {
+    Arc::new(Validator::new(Arc::new(Definitions::new_default())))
+}

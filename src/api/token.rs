@@ -1,0 +1,104 @@
+//! `POST /auth/token`: the SMART Backend Services token endpoint (`client_credentials` with a `private_key_jwt` assertion). Errors follow OAuth 2.0 (RFC 6749 §5.2), as clients of a token endpoint expect.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+
+use super::audit::{Audit, AuditOutcome};
+use super::caller::{now_secs, record, token_hash};
+use super::state::AppState;
+use crate::auth::assertion::unverified_issuer;
+use crate::auth::{AssertionError, ScopeSet};
+use crate::store::TokenRecord;
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
+        OAuthError { status, error, description: description.into() }
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.error, "error_description": self.description }).to_string();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let mut audit = Audit::new("anonymous", "login", "E", None);
+    match issue(&state, &headers, body, &mut audit).await {
+        Ok(response) => {
+            state.metrics.token_granted();
+            record(&state, &audit, AuditOutcome::Success).await;
+            response
+        }
+        Err(e) => {
+            state.metrics.token_denied(e.error);
+            audit.description = Some(format!("{}: {}", e.error, e.description));
+            record(&state, &audit, AuditOutcome::MinorFailure).await;
+            e.into_response()
+        }
+    }
+}
+
+async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Audit) -> Result<Response, OAuthError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "send the token request as application/x-www-form-urlencoded"));
+    }
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|_| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "the request body is too large or unreadable"))?;
+    let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if field("grant_type") != Some("client_credentials") {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "unsupported_grant_type", "only client_credentials is supported"));
+    }
+    if field("client_assertion_type") != Some(ASSERTION_TYPE) {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("client_assertion_type must be {ASSERTION_TYPE}")));
+    }
+    let assertion = field("client_assertion").ok_or_else(|| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion is missing"))?;
+    let invalid_client = |e: AssertionError| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", e.to_string());
+    let client_id = unverified_issuer(assertion).map_err(invalid_client)?;
+    let client = state.clients.get(&client_id).ok_or_else(|| invalid_client(AssertionError::UnknownClient))?;
+    let now = now_secs().max(0) as u64;
+    let claims = client.keys.verify(assertion, &client_id, &state.token_url(), state.loaded.config.auth.clock_skew_secs, now).map_err(invalid_client)?;
+    audit.client = client_id.clone();
+    let jti = claims.jti.unwrap_or_default();
+    let fresh = state.store.remember_assertion(&client_id, &jti, claims.exp as i64).await.map_err(|_| OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store is not available"))?;
+    if !fresh {
+        return Err(OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", "the client assertion's jti was used before"));
+    }
+    let requested = field("scope").ok_or_else(|| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", "scope is required"))?;
+    let requested = ScopeSet::parse(requested).map_err(|e| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", e.to_string()))?;
+    let granted = requested.intersect(&client.allowed);
+    if granted.is_empty() {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", "none of the requested scopes may be granted to this client"));
+    }
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no randomness"))?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let lifetime = state.loaded.config.auth.access_token_lifetime_secs as i64;
+    let record = TokenRecord { client: client_id, scope: granted.to_string(), expires_at: now as i64 + lifetime };
+    state
+        .store
+        .save_token(&token_hash(&token), &record)
+        .await
+        .map_err(|_| OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store is not available"))?;
+    let body = serde_json::json!({ "access_token": token, "token_type": "bearer", "expires_in": lifetime, "scope": record.scope }).to_string();
+    let mut response = (StatusCode::OK, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}

@@ -1,0 +1,70 @@
+//! SMART Backend Services: the gateway is its partners' authorization server. Client assertions, scopes, roles and the disclosure policy live here; HTTP does not.
+//!
+//! - [`scopes`]: SMART v1/v2 `system/` scopes as permissions per type.
+//! - [`assertion`]: verifying a `private_key_jwt` client assertion (RS384/ES384) against the client's JWKS.
+//! - [`keys`]: generating a partner key pair and its JWKS (`iop-gateway clients add`).
+//! - [`policy`]: which partner may do what to which resource, and the one disclosure check every outgoing resource passes.
+
+pub mod assertion;
+pub mod keys;
+pub mod policy;
+pub mod scopes;
+
+use serde::Deserialize;
+
+pub use assertion::{AssertionError, ClientKeys};
+pub use policy::{Disclosure, Principal};
+pub use scopes::{Permission, ScopeError, ScopeSet};
+
+/// The path of the token endpoint under the base URL.
+pub const TOKEN_PATH: &str = "/auth/token";
+
+/// What a partner is; decides which resource types it may touch at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// A referring inpatient or residential unit: sends referrals and Tasks, sees what it sent and what the program sent back.
+    InpatientUnit,
+    /// A payer: sees prior-authorization data addressed to it.
+    Payer,
+    /// The program's own clinic systems (e.g. its export client): see the program's records.
+    Clinic,
+    /// Operators: see the audit trail and partner status, no clinical data.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::InpatientUnit => "inpatient-unit",
+            Role::Payer => "payer",
+            Role::Clinic => "clinic",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        [Role::InpatientUnit, Role::Payer, Role::Clinic, Role::Admin].into_iter().find(|r| r.as_str() == text)
+    }
+
+    /// The scopes a client of this role may be granted unless its configuration says otherwise.
+    pub fn default_scopes(self) -> ScopeSet {
+        let text = match self {
+            Role::InpatientUnit => {
+                "system/Patient.cruds system/ServiceRequest.cruds system/Task.cruds system/Communication.cruds system/DocumentReference.cruds \
+                 system/Condition.cruds system/Observation.cruds system/Consent.cruds system/Encounter.rs system/CarePlan.rs \
+                 system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.rs system/Practitioner.rs"
+            }
+            Role::Payer => "system/Claim.cruds system/ClaimResponse.cruds system/Coverage.rs system/Task.rus system/Communication.crs system/Patient.rs",
+            Role::Clinic => "system/*.cruds",
+            Role::Admin => "system/AuditEvent.rs",
+        };
+        ScopeSet::parse(text).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,47 @@
+//! `iop-gateway check-config`: validates a configuration offline (file, environment, TLS files, partner keys) and prints what it would run with.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{self, Config, Overrides};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Configuration file (TOML). Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml if it exists, else built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let file = Config::locate(args.config.as_deref(), &env);
+    let loaded = match Config::load(file.as_deref(), &config::process_env(), &Overrides::default()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(tls) = &loaded.config.server.tls
+        && let Err(e) = crate::server::tls_server_config(tls)
+    {
+        eprintln!("invalid configuration:\n  - server.tls: {e}");
+        return ExitCode::from(1);
+    }
+    let c = &loaded.config;
+    let source = loaded.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
+    println!("configuration OK ({source})");
+    println!("  listen     {} ({})", loaded.listen, if c.server.tls.is_some() { "TLS" } else { "plain HTTP" });
+    if let Some(tls) = &c.server.tls {
+        println!("  mutual TLS {}", if tls.client_ca.is_some() { "required" } else { "off" });
+    }
+    match &c.store.url {
+        Some(_) => println!("  store      PostgreSQL{}", c.store.schema.as_deref().map(|s| format!(" (schema {s})")).unwrap_or_default()),
+        None => println!("  store      SQLite in {}", c.store.data_dir.display()),
+    }
+    println!("  clients    {}", c.clients.len());
+    for client in &c.clients {
+        println!("    {} ({}, {})", client.id, client.role, client.organization(&c.gateway));
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,113 @@
+//! `iop-gateway clients add NAME --role ROLE`: registers a partner — writes its key pair and JWKS under the data folder and appends its `[[clients]]` entry to the configuration file.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::auth::Role;
+use crate::auth::keys::KeyPair;
+use crate::config::{self, Config, Overrides};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register a partner: generate its ES384 key pair, write NAME.key.pem and NAME.jwks.json, add it to the configuration.
+    Add(AddArgs),
+}
+
+#[derive(clap::Args)]
+struct AddArgs {
+    /// The client id.
+    name: String,
+    /// inpatient-unit, payer, clinic or admin.
+    #[arg(long)]
+    role: String,
+    /// Configuration file to add the client to (created if missing). Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder for the key files (default: <store.data_dir>/clients).
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+    /// The partner's Organization reference (default: Organization/NAME; a clinic defaults to the gateway's).
+    #[arg(long)]
+    organization: Option<String>,
+}
+
+pub fn run(args: Args) -> ExitCode {
+    match args.command {
+        Command::Add(add) => match self::add(add) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("iop-gateway clients add: {e}");
+                ExitCode::from(super::EXIT_USAGE)
+            }
+        },
+    }
+}
+
+fn add(args: AddArgs) -> Result<(), String> {
+    let role = Role::parse(&args.role).ok_or_else(|| format!("unknown role '{}' (inpatient-unit, payer, clinic, admin)", args.role))?;
+    let env = |name: &str| std::env::var(name).ok();
+    let path = Config::locate(args.config.as_deref(), &env).unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
+    let existing = if path.is_file() { Some(path.as_path()) } else { None };
+    let loaded = Config::load(existing, &[], &Overrides::default()).map_err(|e| e.to_string())?;
+    if loaded.config.clients.iter().any(|c| c.id == args.name) {
+        return Err(format!("a client named '{}' is already registered in {}", args.name, path.display()));
+    }
+    let config_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let keys_dir = args.keys_dir.unwrap_or_else(|| loaded.config.store.data_dir.join("clients"));
+    std::fs::create_dir_all(&keys_dir).map_err(|e| format!("cannot create {}: {e}", keys_dir.display()))?;
+    let pair = KeyPair::generate_es384(&format!("{}-1", args.name)).map_err(|e| e.to_string())?;
+    let key_file = keys_dir.join(format!("{}.key.pem", args.name));
+    let jwks_file = keys_dir.join(format!("{}.jwks.json", args.name));
+    write_private(&key_file, &pair.private_pem)?;
+    std::fs::write(&jwks_file, pair.jwks_json()).map_err(|e| format!("cannot write {}: {e}", jwks_file.display()))?;
+    let jwks_ref = relative_to(&jwks_file, &config_dir);
+    let mut entry = format!("\n[[clients]]\nid = {}\nrole = \"{}\"\n", toml_string(&args.name), role.as_str());
+    if let Some(org) = &args.organization {
+        entry.push_str(&format!("organization = {}\n", toml_string(org)));
+    }
+    entry.push_str(&format!("jwks_file = {}\n", toml_string(&jwks_ref.display().to_string())));
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    if text.is_empty() {
+        text.push_str("# iop-gateway configuration; see config/gateway.example.toml for every setting.\n");
+    }
+    text.push_str(&entry);
+    // Check the result before writing it: a registration must never leave a configuration that does not load.
+    let checked = Config::from_toml(&text, &config_dir);
+    checked.map_err(|e| format!("the new configuration would not be valid: {e}"))?;
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("registered '{}' ({}) in {}", args.name, role.as_str(), path.display());
+    println!("  private key  {} (give it to the partner; keep it secret)", key_file.display());
+    println!("  public JWKS  {}", jwks_file.display());
+    Ok(())
+}
+
+fn write_private(path: &Path, pem: &str) -> Result<(), String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(pem.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn relative_to(path: &Path, base: &Path) -> PathBuf {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (path, base) = (absolute(path), absolute(base));
+    path.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(path)
+}
+
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}

@@ -1,0 +1,565 @@
+//! The gateway's one typed configuration: a TOML file, then `IOP_GATEWAY__SECTION__KEY` environment overrides, then command-line flags, all validated before any port is bound.
+//!
+//! Every field's doc comment is its documentation; `config/gateway.example.toml` repeats them as
+//! comments and a test checks that the example parses. Unknown keys are refused everywhere (a typo
+//! must not silently fall back to a default), including in environment overrides.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::auth::{Role, ScopeSet};
+
+/// Prefix of environment variables that override configuration keys (`IOP_GATEWAY__SERVER__LISTEN`).
+pub const ENV_PREFIX: &str = "IOP_GATEWAY__";
+
+/// Environment variable naming the configuration file when `--config` is not given.
+pub const ENV_CONFIG_FILE: &str = "IOP_GATEWAY_CONFIG";
+
+/// The file `serve` and `clients add` use when neither `--config` nor `IOP_GATEWAY_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "gateway.toml";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening, TLS and request limits.
+    pub server: ServerConfig,
+    /// Where resources, history and audit are kept.
+    pub store: StoreConfig,
+    /// Access tokens issued by the token endpoint.
+    pub auth: AuthConfig,
+    /// The program this gateway belongs to.
+    pub gateway: GatewayConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Registered partners (SMART Backend Services clients).
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to listen on. Loopback by default.
+    pub listen: String,
+    /// Public base URL of the FHIR endpoint (Location headers, Bundle fullUrls, the token endpoint's
+    /// audience). Default: `http(s)://` + the bound address.
+    pub base_url: Option<String>,
+    /// Serve plain HTTP on a non-loopback address (only behind a TLS-terminating proxy). Plain HTTP
+    /// on loopback is always allowed.
+    pub allow_plain_http: bool,
+    /// TLS; when absent the gateway speaks plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Time a request may take before it is answered with 408.
+    pub request_timeout_secs: u64,
+    /// Requests handled at once; more get 503 at once rather than queueing.
+    pub max_concurrent_requests: usize,
+    /// Requests one client may have in flight; more get 429.
+    pub max_concurrent_requests_per_client: usize,
+    /// After a shutdown signal, how long in-flight requests may take to finish.
+    pub shutdown_grace_secs: u64,
+    /// Largest `_count` a search may ask for.
+    pub max_page_size: usize,
+    /// Page size when a search gives no `_count`.
+    pub default_page_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            base_url: None,
+            allow_plain_http: false,
+            tls: None,
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout_secs: 30,
+            max_concurrent_requests: 256,
+            max_concurrent_requests_per_client: 32,
+            shutdown_grace_secs: 20,
+            max_page_size: 200,
+            default_page_size: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM file with the CA certificates partner client certificates must chain to. When set,
+    /// every connection must present a valid client certificate (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Folder for the embedded SQLite database (`gateway.db`) and partner key files.
+    pub data_dir: PathBuf,
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite file.
+    pub url: Option<String>,
+    /// PostgreSQL schema to keep the tables in (created when missing). Default: the server's search path.
+    pub schema: Option<String>,
+    /// Database connections in the pool (SQLite: readers; writes always go through one connection).
+    pub max_connections: u32,
+    /// How long a request waits for a free database connection before it gets 503.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { data_dir: PathBuf::from("data"), url: None, schema: None, max_connections: 8, acquire_timeout_secs: 10 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lifetime of access tokens issued by the token endpoint.
+    pub access_token_lifetime_secs: u64,
+    /// Clock skew tolerated when checking a client assertion's `exp`.
+    pub clock_skew_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { access_token_lifetime_secs: 300, clock_skew_secs: 30 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Reference to the Organization of the program that runs this gateway; everything partners
+    /// send is addressed to it, so its clinic clients see it.
+    pub organization: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { organization: "Organization/iop-program".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (human readable) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `iop_gateway=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One registered partner.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client id (`iss` and `sub` of its client assertions).
+    pub id: String,
+    /// What the partner is: `inpatient-unit`, `payer`, `clinic` or `admin`.
+    pub role: Role,
+    /// Reference to the partner's Organization; it sees resources addressed to it. Default:
+    /// `Organization/<id>`, or the gateway's organization for a `clinic`.
+    pub organization: Option<String>,
+    /// Scopes the client may be granted (SMART v1 `system/Type.read|write|*` or v2
+    /// `system/Type.cruds`). Default: the role's scopes.
+    pub scopes: Option<Vec<String>>,
+    /// The client's public keys as a JWKS JSON text.
+    pub jwks: Option<String>,
+    /// A file holding the client's JWKS (relative to the configuration file).
+    pub jwks_file: Option<PathBuf>,
+    /// Whether records labelled 42 CFR Part 2 may be disclosed to this client when it is not their author.
+    #[serde(default)]
+    pub part2_disclosure: bool,
+}
+
+/// Why a configuration was refused; every problem found is listed, not only the first.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Command-line values that win over the file and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A loaded configuration with what was derived from it while validating.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file it came from, if any.
+    pub file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// Each client's JWKS as parsed JSON text, in `config.clients` order.
+    pub client_keys: Vec<String>,
+}
+
+impl Config {
+    /// Which file to read: the flag, then `IOP_GATEWAY_CONFIG`, then `./gateway.toml` when it exists.
+    pub fn locate(flag: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        if let Some(path) = flag {
+            return Some(path.to_path_buf());
+        }
+        if let Some(path) = env(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(path));
+        }
+        let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+        default.is_file().then_some(default)
+    }
+
+    /// Reads the file (if any), applies environment overrides from `env_vars` and the command-line
+    /// overrides, and validates the result.
+    pub fn load(file: Option<&Path>, env_vars: &[(String, String)], overrides: &Overrides) -> Result<Loaded, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?,
+            None => String::new(),
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Parse(format!("{}: {e}", file.map(|p| p.display().to_string()).unwrap_or_default()))
+        })?;
+        apply_env(&mut table, env_vars)?;
+        let mut config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+            ConfigError::Parse(format!("{origin}: {e}"))
+        })?;
+        let base = file.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        if let Some(listen) = &overrides.listen {
+            config.server.listen = listen.clone();
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.store.data_dir = dir.clone();
+        }
+        config.validate(file)
+    }
+
+    /// Parses a configuration text as a file would be (relative paths against `base`), without environment.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Loaded, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.resolve_paths(base);
+        config.validate(None)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !base.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.store.data_dir);
+        if let Some(tls) = &mut self.server.tls {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+            if let Some(ca) = &mut tls.client_ca {
+                resolve(ca);
+            }
+        }
+        for client in &mut self.clients {
+            if let Some(file) = &mut client.jwks_file {
+                resolve(file);
+            }
+        }
+    }
+
+    fn validate(self, file: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let mut problems = Vec::new();
+        let listen = match self.server.listen.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push(format!("server.listen: '{}' is not an address such as 127.0.0.1:8080", self.server.listen));
+                None
+            }
+        };
+        if let Some(addr) = listen
+            && self.server.tls.is_none()
+            && !addr.ip().is_loopback()
+            && !self.server.allow_plain_http
+        {
+            problems.push(format!(
+                "server.listen: {addr} is not a loopback address; configure [server.tls] or set server.allow_plain_http = true (only behind a TLS-terminating proxy)"
+            ));
+        }
+        if let Some(base) = &self.server.base_url
+            && !(base.starts_with("http://") || base.starts_with("https://"))
+        {
+            problems.push(format!("server.base_url: '{base}' must start with http:// or https://"));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (key, path) in [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())] {
+                if let Some(path) = path
+                    && !path.is_file()
+                {
+                    problems.push(format!("server.tls.{key}: {} is not a readable file", path.display()));
+                }
+            }
+        }
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("server.request_timeout_secs", self.server.request_timeout_secs),
+            ("server.max_concurrent_requests", self.server.max_concurrent_requests as u64),
+            ("server.max_concurrent_requests_per_client", self.server.max_concurrent_requests_per_client as u64),
+            ("server.max_page_size", self.server.max_page_size as u64),
+            ("server.default_page_size", self.server.default_page_size as u64),
+            ("store.max_connections", u64::from(self.store.max_connections)),
+            ("store.acquire_timeout_secs", self.store.acquire_timeout_secs),
+            ("auth.access_token_lifetime_secs", self.auth.access_token_lifetime_secs),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if self.server.default_page_size > self.server.max_page_size {
+            problems.push("server.default_page_size: must not exceed server.max_page_size".into());
+        }
+        if self.auth.access_token_lifetime_secs > 3600 {
+            problems.push("auth.access_token_lifetime_secs: backend-services tokens should be short-lived; at most 3600".into());
+        }
+        if let Some(url) = &self.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            problems.push("store.url: only postgres:// URLs are supported (leave it out for the embedded SQLite store)".into());
+        }
+        if let Some(schema) = &self.store.schema {
+            if self.store.url.is_none() {
+                problems.push("store.schema: only applies to PostgreSQL (store.url)".into());
+            }
+            if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                problems.push(format!("store.schema: '{schema}' must be letters, digits and underscores"));
+            }
+        }
+        if !is_reference(&self.gateway.organization, "Organization") {
+            problems.push(format!("gateway.organization: '{}' must look like Organization/<id>", self.gateway.organization));
+        }
+        if !matches!(self.log.level.as_str(), "") && tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!("log.level: '{}' is not a tracing filter", self.log.level));
+        }
+        let mut seen = BTreeSet::new();
+        let mut client_keys = Vec::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            let at = format!("clients[{i}] ({})", client.id);
+            if client.id.is_empty() || client.id.len() > 64 || !client.id.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+                problems.push(format!("{at}.id: must be 1-64 letters, digits, '-', '.' or '_'"));
+            }
+            if !seen.insert(client.id.clone()) {
+                problems.push(format!("{at}.id: registered twice"));
+            }
+            if let Some(org) = &client.organization
+                && !is_reference(org, "Organization")
+            {
+                problems.push(format!("{at}.organization: '{org}' must look like Organization/<id>"));
+            }
+            if let Some(scopes) = &client.scopes
+                && let Err(e) = ScopeSet::parse(&scopes.join(" "))
+            {
+                problems.push(format!("{at}.scopes: {e}"));
+            }
+            let jwks = match (&client.jwks, &client.jwks_file) {
+                (Some(text), None) => Some(text.clone()),
+                (None, Some(path)) => match std::fs::read_to_string(path) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        problems.push(format!("{at}.jwks_file: cannot read {}: {e}", path.display()));
+                        None
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    problems.push(format!("{at}: give jwks or jwks_file, not both"));
+                    None
+                }
+                (None, None) => {
+                    problems.push(format!("{at}: needs its public keys (jwks or jwks_file)"));
+                    None
+                }
+            };
+            match jwks.map(|text| crate::auth::ClientKeys::parse(&text).map(|_| text)) {
+                Some(Ok(text)) => client_keys.push(text),
+                Some(Err(e)) => {
+                    problems.push(format!("{at}: {e}"));
+                    client_keys.push(String::new());
+                }
+                None => client_keys.push(String::new()),
+            }
+        }
+        match (problems.is_empty(), listen) {
+            (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The Organization this client acts for.
+    pub fn organization(&self, gateway: &GatewayConfig) -> String {
+        match (&self.organization, self.role) {
+            (Some(org), _) => org.clone(),
+            (None, Role::Clinic) => gateway.organization.clone(),
+            (None, _) => format!("Organization/{}", self.id),
+        }
+    }
+
+    /// The scopes this client may be granted.
+    pub fn allowed_scopes(&self) -> ScopeSet {
+        match &self.scopes {
+            Some(scopes) => ScopeSet::parse(&scopes.join(" ")).unwrap_or_default(),
+            None => self.role.default_scopes(),
+        }
+    }
+}
+
+fn is_reference(text: &str, resource_type: &str) -> bool {
+    text.strip_prefix(resource_type)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|id| !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+}
+
+/// Applies `IOP_GATEWAY__SECTION__KEY=value` variables onto the parsed file; values are read as
+/// TOML (`8080`, `true`, `["a"]`) and fall back to a plain string.
+fn apply_env(table: &mut toml::Table, env_vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (name, raw) in env_vars {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if keys.iter().any(String::is_empty) || keys.first().is_some_and(|k| k == "clients") {
+            problems.push(format!("{name}: not a configuration key that can be set from the environment"));
+            continue;
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        if let Err(key) = set_path(table, &keys, value) {
+            problems.push(format!("{name}: '{key}' is not a section"));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+}
+
+/// Sets `keys` (a path of tables) to `value`; the error names a key that holds a value, not a table.
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    match keys {
+        [] => Ok(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            toml::Value::Table(inner) => set_path(inner, rest, value),
+            _ => Err(first.clone()),
+        },
+    }
+}
+
+/// The process environment as pairs, for [`Config::load`].
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_listen_on_loopback_8080_with_sqlite_under_data() {
+        let loaded = Config::load(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(loaded.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(loaded.config.store.data_dir, PathBuf::from("data"));
+        assert!(loaded.config.store.url.is_none());
+        assert!(loaded.config.server.tls.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = Config::from_toml("[server]\nlisten = '127.0.0.1:1'\nlissten = 'x'\n", Path::new("")).unwrap_err();
+        assert!(e.to_string().contains("lissten"), "{e}");
+        let e = Config::from_toml("[stor]\n", Path::new("")).unwrap_err();
+        assert!(e.to_string().contains("stor"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_flags_override_both() {
+        let vars = env(&[("IOP_GATEWAY__SERVER__MAX_BODY_BYTES", "1024"), ("IOP_GATEWAY__SERVER__LISTEN", "127.0.0.1:9000"), ("OTHER", "x")]);
+        let loaded = Config::load(None, &vars, &Overrides::default()).unwrap();
+        assert_eq!(loaded.config.server.max_body_bytes, 1024);
+        assert_eq!(loaded.listen.port(), 9000);
+        let flags = Overrides { listen: Some("127.0.0.1:9100".into()), data_dir: Some("elsewhere".into()) };
+        let loaded = Config::load(None, &vars, &flags).unwrap();
+        assert_eq!(loaded.listen.port(), 9100);
+        assert_eq!(loaded.config.store.data_dir, PathBuf::from("elsewhere"));
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_refused() {
+        let e = Config::load(None, &env(&[("IOP_GATEWAY__SERVER__LISTN", "x")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let e = Config::load(None, &env(&[("IOP_GATEWAY__CLIENTS", "[]")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("IOP_GATEWAY__CLIENTS"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_an_explicit_choice() {
+        let e = Config::from_toml("[server]\nlisten = '0.0.0.0:8080'\n", Path::new("")).unwrap_err();
+        assert!(e.to_string().contains("not a loopback address"), "{e}");
+        Config::from_toml("[server]\nlisten = '0.0.0.0:8080'\nallow_plain_http = true\n", Path::new("")).unwrap();
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[server]\nlisten = 'nowhere'\nmax_body_bytes = 0\n[store]\nurl = 'mysql://x'\n[[clients]]\nid = 'a b'\nrole = 'payer'\n";
+        let e = Config::from_toml(text, Path::new("")).unwrap_err().to_string();
+        for needle in ["server.listen", "max_body_bytes", "store.url", "clients[0] (a b).id", "public keys"] {
+            assert!(e.contains(needle), "{needle} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn bad_roles_and_scopes_are_refused() {
+        let e = Config::from_toml("[[clients]]\nid = 'x'\nrole = 'hacker'\njwks = '{}'\n", Path::new("")).unwrap_err();
+        assert!(e.to_string().contains("hacker"), "{e}");
+        let e = Config::from_toml("[[clients]]\nid = 'x'\nrole = 'payer'\nscopes = ['user/Patient.read']\njwks = '{\"keys\":[]}'\n", Path::new(""))
+            .unwrap_err();
+        assert!(e.to_string().contains("scopes"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let loaded = Config::from_toml(&text, Path::new("")).unwrap();
+        assert_eq!(loaded.listen.to_string(), "127.0.0.1:8080");
+    }
+}

@@ -1,0 +1,511 @@
+//! Durable storage of resources, their versions, the search index, the audit trail and the token tables; the only module that speaks SQL.
+//!
+//! One implementation over sqlx's `Any` driver serves both backends; what differs between them
+//! (connection set-up, migrations, locking) is in [`sqlite`] and [`postgres`]. SQL text is the
+//! same for both (`$1` placeholders, which sqlx's SQLite driver also understands). Every value
+//! from a request is bound, never spliced into SQL.
+//!
+//! Durability: a write is acknowledged only after its transaction commits (SQLite WAL with
+//! `synchronous=FULL`; PostgreSQL's default synchronous commit). Concurrency: updates are a
+//! compare-and-set on the version (`UPDATE … WHERE version = $n`), so two writers holding the
+//! same ETag cannot both win; conditional creates take a per-type lock (PostgreSQL advisory lock;
+//! SQLite writes go through a single connection).
+
+mod postgres;
+mod query;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::any::AnyRow;
+use sqlx::{Any, AnyPool, Row};
+
+use crate::config::StoreConfig;
+use crate::search::{IndexEntry, Query};
+use crate::telemetry::Metrics;
+
+pub use query::{AuditQuery, Bind};
+
+/// Which database is behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The version the write was based on is no longer current.
+    #[error("the resource was changed by someone else (current version {current})")]
+    Conflict { current: i64 },
+    /// A row with this key exists already (a create racing another create of the same id, a replayed key).
+    #[error("already exists")]
+    Duplicate,
+    #[error("the store is busy: {0}")]
+    Unavailable(String),
+    #[error("cannot prepare the data folder {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate,
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+/// One stored version of a resource with what authorization needs to know about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: String,
+    /// The resource as JSON text, `meta.versionId` and `meta.lastUpdated` included.
+    pub body: String,
+    pub parties: Vec<String>,
+    pub labels: Vec<String>,
+    pub created_by: String,
+    /// `POST` or `PUT`: how this version was written (history entries).
+    pub method: String,
+}
+
+impl Stored {
+    pub fn facts(&self) -> crate::auth::policy::Facts<'_> {
+        crate::auth::policy::Facts { resource_type: &self.resource_type, parties: &self.parties, labels: &self.labels, created_by: &self.created_by }
+    }
+
+    pub fn reference(&self) -> String {
+        format!("{}/{}", self.resource_type, self.id)
+    }
+}
+
+/// A version about to be written.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: String,
+    pub body: String,
+    pub parties: Vec<String>,
+    pub labels: Vec<String>,
+    pub created_by: String,
+    pub method: &'static str,
+    pub index: Vec<IndexEntry>,
+}
+
+/// One audit trail row: indexed columns plus the AuditEvent JSON.
+#[derive(Clone, Debug)]
+pub struct AuditRow {
+    pub id: String,
+    pub recorded: String,
+    pub client: String,
+    pub action: String,
+    pub subtype: String,
+    pub outcome: String,
+    pub entity: String,
+    pub body: String,
+}
+
+/// An access token as stored (by hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub client: String,
+    pub scope: String,
+    pub expires_at: i64,
+}
+
+/// The store: a pool for writes and one for reads (the same pool on PostgreSQL).
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend).finish()
+    }
+}
+
+const COLUMNS: &str = "type, id, version, last_updated, body, parties, labels, created_by";
+
+fn stored(row: &AnyRow, method: Option<String>) -> Result<Stored, sqlx::Error> {
+    let split = |s: String| s.split(' ').filter(|p| !p.is_empty()).map(str::to_string).collect();
+    Ok(Stored {
+        resource_type: row.try_get(0)?,
+        id: row.try_get(1)?,
+        version: row.try_get(2)?,
+        last_updated: row.try_get(3)?,
+        body: row.try_get(4)?,
+        parties: split(row.try_get(5)?),
+        labels: split(row.try_get(6)?),
+        created_by: row.try_get(7)?,
+        method: match method {
+            Some(m) => m,
+            None => row.try_get(8)?,
+        },
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the configured database and runs the embedded migrations.
+    pub async fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (backend, writer, reader) = match &config.url {
+            Some(url) => {
+                let pool = postgres::connect(url, config.schema.as_deref(), config.max_connections, config.acquire_timeout_secs).await?;
+                (Backend::Postgres, pool.clone(), pool)
+            }
+            None => {
+                let (writer, reader) = sqlite::connect(&config.data_dir, config.max_connections, config.acquire_timeout_secs).await?;
+                (Backend::Sqlite, writer, reader)
+            }
+        };
+        let migrator = match backend {
+            Backend::Sqlite => sqlite::migrator(),
+            Backend::Postgres => postgres::migrator(),
+        };
+        migrator.run(&writer).await?;
+        Ok(Store { backend, writer, reader, metrics })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        if self.backend == Backend::Sqlite {
+            // The single writer connection may be busy; readiness means it can still be had.
+            sqlx::query("SELECT 1").execute(&self.writer).await?;
+        }
+        Ok(())
+    }
+
+    fn observe(&self, operation: &'static str, started: Instant) {
+        self.metrics.observe_store(operation, started.elapsed());
+    }
+
+    /// Starts a write transaction.
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let started = Instant::now();
+        let inner = self.writer.begin().await?;
+        Ok(Tx { inner, backend: self.backend, store: self.clone(), started })
+    }
+
+    /// The current version of a resource.
+    pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Stored>, StoreError> {
+        let started = Instant::now();
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM resources WHERE type = $1 AND id = $2")))
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        self.observe("read", started);
+        Ok(row.map(|r| stored(&r, Some("PUT".into()))).transpose()?)
+    }
+
+    /// One version of a resource.
+    pub async fn vread(&self, resource_type: &str, id: &str, version: i64) -> Result<Option<Stored>, StoreError> {
+        let started = Instant::now();
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS}, method FROM resource_versions WHERE type = $1 AND id = $2 AND version = $3")))
+            .bind(resource_type)
+            .bind(id)
+            .bind(version)
+            .fetch_optional(&self.reader)
+            .await?;
+        self.observe("vread", started);
+        Ok(row.map(|r| stored(&r, None)).transpose()?)
+    }
+
+    /// Versions of a resource, newest first, with the total number of versions.
+    pub async fn history(&self, resource_type: &str, id: &str, count: usize, offset: usize) -> Result<(i64, Vec<Stored>), StoreError> {
+        let started = Instant::now();
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM resource_versions WHERE type = $1 AND id = $2")
+            .bind(resource_type)
+            .bind(id)
+            .fetch_one(&self.reader)
+            .await?
+            .try_get(0)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS}, method FROM resource_versions WHERE type = $1 AND id = $2 ORDER BY version DESC LIMIT $3 OFFSET $4"
+        )))
+        .bind(resource_type)
+        .bind(id)
+        .bind(count as i64)
+        .bind(offset as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        self.observe("history", started);
+        Ok((total, rows.iter().map(|r| stored(r, None)).collect::<Result<_, _>>()?))
+    }
+
+    /// Runs a search; `party`, when given, keeps only resources that Organization is party to.
+    pub async fn search(&self, resource_type: &str, query: &Query, party: Option<&str>) -> Result<(i64, Vec<Stored>), StoreError> {
+        let started = Instant::now();
+        let mut conn = self.reader.acquire().await?;
+        let result = query::search(&mut conn, resource_type, query, party, true).await;
+        self.observe("search", started);
+        result
+    }
+
+    /// The current versions of the given `(type, id)` pairs that exist.
+    pub async fn read_many(&self, keys: &[(String, String)]) -> Result<Vec<Stored>, StoreError> {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        for chunk in keys.chunks(100) {
+            let mut sql = format!("SELECT {COLUMNS} FROM resources WHERE ");
+            let mut binds = Vec::new();
+            for (i, (resource_type, id)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(" OR ");
+                }
+                sql.push_str(&format!("(type = ${} AND id = ${})", binds.len() + 1, binds.len() + 2));
+                binds.push(Bind::Text(resource_type.clone()));
+                binds.push(Bind::Text(id.clone()));
+            }
+            let rows = query::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &binds).fetch_all(&self.reader).await?;
+            for row in &rows {
+                out.push(stored(row, Some("PUT".into()))?);
+            }
+        }
+        self.observe("read_many", started);
+        Ok(out)
+    }
+
+    /// The values of a reference parameter on the given resources (`_include`).
+    pub async fn references(&self, resource_type: &str, ids: &[String], param: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(200) {
+            let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+            let sql = format!("SELECT DISTINCT value FROM search_tokens WHERE type = $1 AND param = $2 AND id IN ({})", placeholders.join(", "));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type.to_string()).bind(param.to_string());
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for row in q.fetch_all(&self.reader).await? {
+                let value: String = row.try_get(0)?;
+                if !out.contains(&value) {
+                    out.push(value);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends to the audit trail outside any resource transaction (reads, searches, denials).
+    pub async fn append_audit(&self, row: &AuditRow) -> Result<(), StoreError> {
+        let started = Instant::now();
+        query::insert_audit(&self.writer, row).await?;
+        self.observe("audit", started);
+        Ok(())
+    }
+
+    /// Audit events matching a filter, newest first, with the total.
+    pub async fn search_audit(&self, filter: &AuditQuery) -> Result<(i64, Vec<String>), StoreError> {
+        let started = Instant::now();
+        let result = query::search_audit(&self.reader, filter).await;
+        self.observe("audit_search", started);
+        result
+    }
+
+    pub async fn read_audit(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT body FROM audit_events WHERE id = $1").bind(id).fetch_optional(&self.reader).await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Records a client assertion id; `false` when it was seen before (a replay).
+    pub async fn remember_assertion(&self, client: &str, jti: &str, expires_at: i64) -> Result<bool, StoreError> {
+        let result = sqlx::query("INSERT INTO client_assertions (client, jti, expires_at) VALUES ($1, $2, $3)")
+            .bind(client)
+            .bind(jti)
+            .bind(expires_at)
+            .execute(&self.writer)
+            .await;
+        match result.map_err(StoreError::from) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Duplicate) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn save_token(&self, token_hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO access_tokens (token_hash, client, scope, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(token_hash)
+            .bind(record.client.as_str())
+            .bind(record.scope.as_str())
+            .bind(record.expires_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn find_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let started = Instant::now();
+        let row = sqlx::query("SELECT client, scope, expires_at FROM access_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        self.observe("token_lookup", started);
+        Ok(row.map(|r| -> Result<TokenRecord, sqlx::Error> { Ok(TokenRecord { client: r.try_get(0)?, scope: r.try_get(1)?, expires_at: r.try_get(2)? }) }).transpose()?)
+    }
+
+    /// Forgets expired access tokens and assertion ids.
+    pub async fn purge_expired(&self, now: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM access_tokens WHERE expires_at < $1").bind(now).execute(&self.writer).await?;
+        sqlx::query("DELETE FROM client_assertions WHERE expires_at < $1").bind(now - 3600).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    /// The response recorded for a message key, if the message was processed before.
+    pub async fn processed_message(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT response FROM processed_messages WHERE key = $1").bind(key).fetch_optional(&self.writer).await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// The number of current resources of a type (benchmarks and tests).
+    pub async fn count(&self, resource_type: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM resources WHERE type = $1").bind(resource_type).fetch_one(&self.reader).await?.try_get(0)?)
+    }
+}
+
+/// A write transaction; dropped without [`Tx::commit`] it rolls back.
+pub struct Tx {
+    inner: sqlx::Transaction<'static, Any>,
+    backend: Backend,
+    store: Store,
+    started: Instant,
+}
+
+impl Tx {
+    /// Serializes conditional operations on one resource type across instances, until commit.
+    pub async fn lock_type(&mut self, resource_type: &str) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(format!("iop-gateway:{resource_type}")).execute(&mut *self.inner).await?;
+        }
+        Ok(())
+    }
+
+    /// The current version of a resource as this transaction sees it.
+    pub async fn current(&mut self, resource_type: &str, id: &str) -> Result<Option<Stored>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM resources WHERE type = $1 AND id = $2")))
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&mut *self.inner)
+            .await?;
+        Ok(row.map(|r| stored(&r, Some("PUT".into()))).transpose()?)
+    }
+
+    /// A search inside the transaction (conditional create and update).
+    pub async fn search(&mut self, resource_type: &str, query: &Query, party: Option<&str>) -> Result<(i64, Vec<Stored>), StoreError> {
+        query::search(&mut self.inner, resource_type, query, party, false).await
+    }
+
+    /// Writes a version: version 1 must not exist yet; version n replaces exactly version n-1.
+    pub async fn write(&mut self, w: &Write) -> Result<(), StoreError> {
+        let parties = w.parties.join(" ");
+        let labels = w.labels.join(" ");
+        if w.version == 1 {
+            sqlx::query(
+                "INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(w.resource_type.as_str())
+            .bind(w.id.as_str())
+            .bind(w.version)
+            .bind(w.last_updated.as_str())
+            .bind(w.body.as_str())
+            .bind(parties.as_str())
+            .bind(labels.as_str())
+            .bind(w.created_by.as_str())
+            .execute(&mut *self.inner)
+            .await?;
+        } else {
+            let done = sqlx::query(
+                "UPDATE resources SET version = $3, last_updated = $4, body = $5, parties = $6, labels = $7 WHERE type = $1 AND id = $2 AND version = $8",
+            )
+            .bind(w.resource_type.as_str())
+            .bind(w.id.as_str())
+            .bind(w.version)
+            .bind(w.last_updated.as_str())
+            .bind(w.body.as_str())
+            .bind(parties.as_str())
+            .bind(labels.as_str())
+            .bind(w.version - 1)
+            .execute(&mut *self.inner)
+            .await?;
+            if done.rows_affected() != 1 {
+                let current = self.current(&w.resource_type, &w.id).await?.map(|s| s.version).unwrap_or(0);
+                return Err(StoreError::Conflict { current });
+            }
+            sqlx::query("DELETE FROM search_tokens WHERE type = $1 AND id = $2").bind(w.resource_type.as_str()).bind(w.id.as_str()).execute(&mut *self.inner).await?;
+            sqlx::query("DELETE FROM search_dates WHERE type = $1 AND id = $2").bind(w.resource_type.as_str()).bind(w.id.as_str()).execute(&mut *self.inner).await?;
+        }
+        sqlx::query(
+            "INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(w.resource_type.as_str())
+        .bind(w.id.as_str())
+        .bind(w.version)
+        .bind(w.last_updated.as_str())
+        .bind(w.method)
+        .bind(w.body.as_str())
+        .bind(parties.as_str())
+        .bind(labels.as_str())
+        .bind(w.created_by.as_str())
+        .execute(&mut *self.inner)
+        .await?;
+        query::insert_index(&mut self.inner, w).await
+    }
+
+    /// Appends to the audit trail in the same transaction as the change it records.
+    pub async fn append_audit(&mut self, row: &AuditRow) -> Result<(), StoreError> {
+        query::insert_audit(&mut *self.inner, row).await
+    }
+
+    /// Records that a message was processed under each key; `Duplicate` if any key was seen.
+    pub async fn claim_message(&mut self, keys: &[String], response: &str, received: &str) -> Result<(), StoreError> {
+        for key in keys {
+            sqlx::query("INSERT INTO processed_messages (key, response, received) VALUES ($1, $2, $3)")
+                .bind(key.as_str())
+                .bind(response)
+                .bind(received)
+                .execute(&mut *self.inner)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn commit(self) -> Result<(), StoreError> {
+        let result = self.inner.commit().await;
+        self.store.observe("write_transaction", self.started);
+        Ok(result?)
+    }
+}

@@ -1,0 +1,51 @@
+//! The PostgreSQL backend, selected by a `postgres://` URL: one pool shared by any number of gateway instances' worth of connections, optionally in its own schema.
+
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor};
+
+use super::StoreError;
+
+pub(super) fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0001_init.sql")),
+        false,
+    )])
+}
+
+pub(super) async fn connect(url: &str, schema: Option<&str>, max: u32, acquire_timeout_secs: u64) -> Result<AnyPool, StoreError> {
+    if let Some(schema) = schema {
+        // The schema name was checked to be [A-Za-z0-9_]+ by the configuration, so quoting it is enough.
+        let setup = AnyPoolOptions::new().max_connections(1).connect(url).await?;
+        let created = setup.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).await;
+        // Two instances starting together may both try to create it; losing that race is fine.
+        if let Err(e) = created {
+            let exists: Option<(String,)> = sqlx::query_as("SELECT nspname::text FROM pg_namespace WHERE nspname = $1").bind(schema).fetch_optional(&setup).await?;
+            if exists.is_none() {
+                return Err(e.into());
+            }
+        }
+        setup.close().await;
+    }
+    let search_path = schema.map(|s| format!("SET search_path TO \"{s}\""));
+    let pool = AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(acquire_timeout_secs))
+        .after_connect(move |conn, _| {
+            let search_path = search_path.clone();
+            Box::pin(async move {
+                if let Some(statement) = search_path {
+                    conn.execute(sqlx::AssertSqlSafe(statement)).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    Ok(pool)
+}

@@ -1,0 +1,318 @@
+//! SQL built at run time: search over the index tables, index and audit inserts, and audit search. Every request value becomes a bound parameter.
+
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::AnyConnection;
+use sqlx::{Any, Executor, Row};
+
+use super::{AuditRow, COLUMNS, Store, StoreError, Write, stored};
+use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query};
+
+/// A value to bind to a `$n` placeholder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+pub(super) fn bind_all<'q>(mut q: sqlx::query::Query<'q, Any, AnyArguments>, binds: &[Bind]) -> sqlx::query::Query<'q, Any, AnyArguments> {
+    for bind in binds {
+        q = match bind {
+            Bind::Text(s) => q.bind(s.clone()),
+            Bind::Int(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+/// Accumulates SQL text and its bound values, numbering placeholders.
+#[derive(Default)]
+struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    /// Appends a placeholder bound to `value`.
+    fn bind(&mut self, value: Bind) {
+        self.binds.push(value);
+        self.text.push_str(&format!("${}", self.binds.len()));
+    }
+
+    fn text(&mut self, value: &str) {
+        self.bind(Bind::Text(value.to_string()));
+    }
+}
+
+fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option<&str>) {
+    sql.push(" WHERE r.type = ");
+    sql.text(resource_type);
+    if let Some(party) = party {
+        sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
+        sql.text(party);
+        sql.push(")");
+    }
+    for clause in &query.clauses {
+        match clause {
+            Clause::Id(ids) => {
+                sql.push(" AND r.id IN (");
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(", ");
+                    }
+                    sql.text(id);
+                }
+                sql.push(")");
+            }
+            Clause::Token { param, any } => {
+                sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND t.param = ");
+                sql.text(param);
+                sql.push(" AND (");
+                for (i, m) in any.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(" OR ");
+                    }
+                    sql.push("(1 = 1");
+                    if let Some(system) = &m.system {
+                        sql.push(" AND t.system = ");
+                        sql.text(system);
+                    }
+                    if let Some(value) = &m.value {
+                        sql.push(" AND t.value = ");
+                        sql.text(value);
+                    }
+                    sql.push(")");
+                }
+                sql.push("))");
+            }
+            Clause::Date { param, any } => {
+                sql.push(" AND EXISTS (SELECT 1 FROM search_dates d WHERE d.type = r.type AND d.id = r.id AND d.param = ");
+                sql.text(param);
+                sql.push(" AND (");
+                for (i, m) in any.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(" OR ");
+                    }
+                    date_condition(sql, m);
+                }
+                sql.push("))");
+            }
+        }
+    }
+}
+
+/// The FHIR date prefixes over ranges: the resource covers `[d.low, d.high)`, the query `[low, high)`.
+fn date_condition(sql: &mut Sql, m: &DateMatch) {
+    let (low, high) = (m.low.as_str(), m.high.as_str());
+    match m.prefix {
+        Prefix::Eq | Prefix::Ne => {
+            sql.push(if m.prefix == Prefix::Ne { "NOT (d.low >= " } else { "(d.low >= " });
+            sql.text(low);
+            sql.push(" AND d.high <= ");
+            sql.text(high);
+            sql.push(")");
+        }
+        Prefix::Gt => {
+            sql.push("d.high > ");
+            sql.text(high);
+        }
+        Prefix::Lt => {
+            sql.push("d.low < ");
+            sql.text(low);
+        }
+        Prefix::Ge => {
+            sql.push("d.high > ");
+            sql.text(low);
+        }
+        Prefix::Le => {
+            sql.push("d.low < ");
+            sql.text(high);
+        }
+        Prefix::Sa => {
+            sql.push("d.low >= ");
+            sql.text(high);
+        }
+        Prefix::Eb => {
+            sql.push("d.high <= ");
+            sql.text(low);
+        }
+    }
+}
+
+pub(super) async fn search(
+    conn: &mut AnyConnection,
+    resource_type: &str,
+    query: &Query,
+    party: Option<&str>,
+    with_total: bool,
+) -> Result<(i64, Vec<super::Stored>), StoreError> {
+    let total = if with_total {
+        let mut sql = Sql::default();
+        sql.push("SELECT COUNT(*) FROM resources r");
+        where_clause(&mut sql, resource_type, query, party);
+        let row = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_one(&mut *conn).await?;
+        row.try_get::<i64, _>(0)?
+    } else {
+        -1
+    };
+    let mut sql = Sql::default();
+    sql.push(&format!("SELECT {} FROM resources r", COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")));
+    where_clause(&mut sql, resource_type, query, party);
+    sql.push(" ORDER BY ");
+    match &query.sort {
+        Some(sort) if sort.param == "_lastUpdated" => sql.push("r.last_updated"),
+        Some(sort) => {
+            sql.push("COALESCE((SELECT MIN(s.low) FROM search_dates s WHERE s.type = r.type AND s.id = r.id AND s.param = ");
+            sql.text(&sort.param);
+            sql.push("), '9999')");
+        }
+        None => sql.push("r.last_updated"),
+    }
+    let descending = query.sort.as_ref().is_some_and(|s| s.descending);
+    sql.push(if descending { " DESC, r.id DESC" } else { " ASC, r.id ASC" });
+    sql.push(" LIMIT ");
+    sql.bind(Bind::Int(query.count as i64));
+    sql.push(" OFFSET ");
+    sql.bind(Bind::Int(query.offset as i64));
+    let rows: Vec<AnyRow> = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(&mut *conn).await?;
+    let found = rows.iter().map(|r| stored(r, Some("PUT".into()))).collect::<Result<Vec<_>, _>>()?;
+    let total = if total < 0 { found.len() as i64 } else { total };
+    Ok((total, found))
+}
+
+pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Write) -> Result<(), StoreError> {
+    let mut tokens = Vec::new();
+    let mut dates = Vec::new();
+    for party in &w.parties {
+        tokens.push(("_party", "", party.as_str()));
+    }
+    for label in &w.labels {
+        tokens.push(("_security", "", label.as_str()));
+    }
+    for entry in &w.index {
+        match entry {
+            IndexEntry::Token { param, system, value } => tokens.push((param, system.as_str(), value.as_str())),
+            IndexEntry::Date { param, low, high } => dates.push((*param, low.as_str(), high.as_str())),
+        }
+    }
+    // Multi-row inserts keep a write to a few statements whatever the number of index values.
+    for chunk in tokens.chunks(100) {
+        let mut sql = Sql::default();
+        sql.push("INSERT INTO search_tokens (type, id, param, system, value) VALUES ");
+        for (i, (param, system, value)) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, system, value].iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.text(v);
+            }
+            sql.push(")");
+        }
+        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
+    }
+    for chunk in dates.chunks(100) {
+        let mut sql = Sql::default();
+        sql.push("INSERT INTO search_dates (type, id, param, low, high) VALUES ");
+        for (i, (param, low, high)) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, low, high].iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.text(v);
+            }
+            sql.push(")");
+        }
+        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn insert_audit<'e, E: Executor<'e, Database = Any>>(executor: E, row: &AuditRow) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO audit_events (id, recorded, client, action, subtype, outcome, entity, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(row.id.clone())
+        .bind(row.recorded.clone())
+        .bind(row.client.clone())
+        .bind(row.action.clone())
+        .bind(row.subtype.clone())
+        .bind(row.outcome.clone())
+        .bind(row.entity.clone())
+        .bind(row.body.clone())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// A filter on the audit trail; every field narrows.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    /// Client id of the agent.
+    pub client: Option<String>,
+    /// `read`, `create`, `search-type`, … (`AuditEvent.subtype`).
+    pub subtype: Option<String>,
+    /// `0`, `4`, `8` (`AuditEvent.outcome`).
+    pub outcome: Option<String>,
+    /// `C`, `R`, `U`, `D`, `E`.
+    pub action: Option<String>,
+    /// `Type/id` of the resource acted on.
+    pub entity: Option<String>,
+    /// `[low, high)` ranges `recorded` must intersect, with their prefix.
+    pub dates: Vec<DateMatch>,
+    pub count: usize,
+    pub offset: usize,
+}
+
+pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> Result<(i64, Vec<String>), StoreError> {
+    let build = |sql: &mut Sql| {
+        sql.push(" WHERE 1 = 1");
+        for (column, value) in [("client", &filter.client), ("subtype", &filter.subtype), ("outcome", &filter.outcome), ("action", &filter.action), ("entity", &filter.entity)] {
+            if let Some(value) = value {
+                sql.push(&format!(" AND {column} = "));
+                sql.text(value);
+            }
+        }
+        for m in &filter.dates {
+            // `recorded` is a point; reuse the range conditions with low = high = recorded.
+            sql.push(" AND ");
+            let mut inner = Sql { text: String::new(), binds: std::mem::take(&mut sql.binds) };
+            date_condition(&mut inner, m);
+            sql.binds = inner.binds;
+            sql.push(&inner.text.replace("d.low", "recorded").replace("d.high", "recorded"));
+        }
+    };
+    let mut count_sql = Sql::default();
+    count_sql.push("SELECT COUNT(*) FROM audit_events");
+    build(&mut count_sql);
+    let total: i64 = bind_all(sqlx::query(sqlx::AssertSqlSafe(count_sql.text)), &count_sql.binds).fetch_one(pool).await?.try_get(0)?;
+    let mut sql = Sql::default();
+    sql.push("SELECT body FROM audit_events");
+    build(&mut sql);
+    sql.push(" ORDER BY seq DESC LIMIT ");
+    sql.bind(Bind::Int(filter.count as i64));
+    sql.push(" OFFSET ");
+    sql.bind(Bind::Int(filter.offset as i64));
+    let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool).await?;
+    Ok((total, rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?))
+}
+
+impl Store {
+    /// Runs one statement of test or benchmark set-up SQL (used by the benchmark's bare-insert baseline).
+    pub async fn bare_insert(&self, table_row: &Write) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(table_row.resource_type.clone())
+            .bind(table_row.id.clone())
+            .bind(table_row.version)
+            .bind(table_row.last_updated.clone())
+            .bind(table_row.body.clone())
+            .bind(table_row.parties.join(" "))
+            .bind(table_row.labels.join(" "))
+            .bind(table_row.created_by.clone())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,9 @@
+//! The gateway server end to end: a real listener on port 0, a real HTTP client (reqwest with rustls), real tokens.
+
+mod support;
+mod auth;
+mod durability;
+mod malformed;
+mod postgres;
+mod rest;
+mod tls;
