@@ -85,7 +85,7 @@ mod tests;
 
 use std::fmt;
 
-pub use context::{Context, DefaultEnvironment, Environment, NoModel, TypeCache};
+pub use context::{Context, DefaultEnvironment, Environment, NoModel, TypeCache, TypeMemo};
 pub use quantity::Quantity;
 pub use temporal::{Precision, Temporal, TemporalKind};
 pub use value::{Node, Str, Value};

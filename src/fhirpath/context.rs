@@ -1,6 +1,6 @@
 //! What an evaluation runs against: the cached type model, the caller's environment hooks, %variables and the clock.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -31,60 +31,106 @@ pub(crate) struct ChildInfo {
 
 type ChildMap = HashMap<Box<str>, Option<Rc<ChildInfo>>>;
 
+/// The memoized answers of one model, which a caller may keep beyond one [`TypeCache`] (see
+/// [`TypeCache::with_memo`]).
+#[derive(Default)]
+pub struct TypeMemo {
+    children: RefCell<HashMap<Box<str>, ChildMap>>,
+    bases: RefCell<HashMap<Box<str>, Option<Rc<str>>>>,
+    /// Each type's ancestors, nearest first, for `is_a` in one lookup.
+    lineages: RefCell<HashMap<Box<str>, Rc<[Rc<str>]>>>,
+    /// Whether the model knows any resource type, asked for every type test.
+    populated: Cell<Option<bool>>,
+}
+
 /// A [`TypeModel`] with memoized answers.
 ///
 /// The model returns owned `String`s; asking it for every navigation step would allocate on
 /// every step of every evaluation. Create one per thread and reuse it across evaluations.
 pub struct TypeCache<'m> {
     model: &'m dyn TypeModel,
-    children: RefCell<HashMap<Box<str>, ChildMap>>,
-    bases: RefCell<HashMap<Box<str>, Option<Rc<str>>>>,
+    memo: Rc<TypeMemo>,
 }
 
 impl<'m> TypeCache<'m> {
     pub fn new(model: &'m dyn TypeModel) -> TypeCache<'m> {
-        TypeCache { model, children: RefCell::default(), bases: RefCell::default() }
+        TypeCache { model, memo: Rc::default() }
+    }
+
+    /// A cache that continues `memo`, which must hold answers of this same model (and the
+    /// model must not have changed since): for callers that create many short-lived caches.
+    pub fn with_memo(model: &'m dyn TypeModel, memo: Rc<TypeMemo>) -> TypeCache<'m> {
+        TypeCache { model, memo }
+    }
+
+    /// How many answers are memoized, for callers that keep a memo and must bound it (names
+    /// come from the data being evaluated, too).
+    pub fn memo_size(&self) -> usize {
+        let memo = &self.memo;
+        memo.children.borrow().values().map(|m| m.len() + 1).sum::<usize>() + memo.bases.borrow().len() + memo.lineages.borrow().len()
+    }
+
+    /// The answers memoized so far, to hand to [`TypeCache::with_memo`].
+    pub fn memo(&self) -> Rc<TypeMemo> {
+        self.memo.clone()
     }
 
     pub fn model(&self) -> &'m dyn TypeModel {
         self.model
     }
 
+    /// Whether the model knows FHIR's types at all (an empty model types nodes from JSON only).
+    pub(crate) fn populated(&self) -> bool {
+        if let Some(known) = self.memo.populated.get() {
+            return known;
+        }
+        let known = self.knows_type("Patient");
+        self.memo.populated.set(Some(known));
+        known
+    }
+
     pub(crate) fn child(&self, parent: &str, name: &str) -> Option<Rc<ChildInfo>> {
-        if let Some(hit) = self.children.borrow().get(parent).and_then(|m| m.get(name)) {
+        if let Some(hit) = self.memo.children.borrow().get(parent).and_then(|m| m.get(name)) {
             return hit.clone();
         }
         let info = self.model.child(parent, name).map(|c| {
             let types = c.types.iter().map(|t| Rc::from(fhir_type_name(t, name, self.is_a(parent, "Resource")))).collect();
             Rc::new(ChildInfo { types, is_choice: c.is_choice })
         });
-        self.children.borrow_mut().entry(parent.into()).or_default().insert(name.into(), info.clone());
+        self.memo.children.borrow_mut().entry(parent.into()).or_default().insert(name.into(), info.clone());
         info
     }
 
     pub(crate) fn base(&self, type_name: &str) -> Option<Rc<str>> {
-        if let Some(hit) = self.bases.borrow().get(type_name) {
+        if let Some(hit) = self.memo.bases.borrow().get(type_name) {
             return hit.clone();
         }
         let base = self.model.base_type(type_name).map(|b| Rc::from(b.as_str()));
-        self.bases.borrow_mut().insert(type_name.into(), base.clone());
+        self.memo.bases.borrow_mut().insert(type_name.into(), base.clone());
         base
     }
 
     /// Whether `type_name` is `ancestor` or derives from it.
     pub(crate) fn is_a(&self, type_name: &str, ancestor: &str) -> bool {
-        if type_name == ancestor {
-            return true;
+        type_name == ancestor || self.lineage(type_name).iter().any(|t| &**t == ancestor)
+    }
+
+    fn lineage(&self, type_name: &str) -> Rc<[Rc<str>]> {
+        if let Some(hit) = self.memo.lineages.borrow().get(type_name) {
+            return hit.clone();
         }
+        let mut lineage = Vec::new();
         let mut current = self.base(type_name);
-        for _ in 0..32 {
-            match current {
-                Some(t) if &*t == ancestor => return true,
-                Some(t) => current = self.base(&t),
-                None => return false,
-            }
+        // Bounded against cyclic models.
+        while let Some(t) = current
+            && lineage.len() < 32
+        {
+            current = self.base(&t);
+            lineage.push(t);
         }
-        false
+        let lineage: Rc<[Rc<str>]> = lineage.into();
+        self.memo.lineages.borrow_mut().insert(type_name.into(), lineage.clone());
+        lineage
     }
 
     /// Whether the model knows the FHIR type (used to reject `as(string1)`).

@@ -117,13 +117,7 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 let values = self.eval(operand, input, focus)?;
                 if *op == TypeOp::As && values.len() > 1 && !self.ctx.strict {
                     // As for the as() function: R4 search parameters write `useContext.value as Quantity`.
-                    let mut out = Vec::new();
-                    for v in values {
-                        if self.is_type(&v, spec, true)? {
-                            out.push(v);
-                        }
-                    }
-                    return Ok(out);
+                    return self.filter_type(&values, spec);
                 }
                 let Some(v) = singleton(&values)? else { return Ok(Vec::new()) };
                 match op {
@@ -343,27 +337,45 @@ impl<'c, 'a> Evaluator<'c, 'a> {
     /// `is` (`exact == false`, follows inheritance) and `as`/`ofType` (`exact == true`: a primitive
     /// must be exactly the type, e.g. a `code` is not `as(string)`; complex types still follow inheritance).
     pub fn is_type(&self, v: &Value<'a>, spec: &TypeSpec, exact: bool) -> R<bool> {
+        self.check_type_spec(spec)?;
+        Ok(self.has_type(v, spec, exact))
+    }
+
+    /// `ofType()`, and `as` on several items: the items that are exactly of the type. The type
+    /// name is checked once, and only when there are items (as when testing one at a time).
+    pub fn filter_type(&self, items: &[Value<'a>], spec: &TypeSpec) -> R<Collection<'a>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_type_spec(spec)?;
+        Ok(items.iter().filter(|v| self.has_type(v, spec, true)).cloned().collect())
+    }
+
+    /// Refuses type names the model does not know and unknown namespaces.
+    fn check_type_spec(&self, spec: &TypeSpec) -> R<()> {
         let ns = spec.namespace.as_deref();
         let name = &*spec.name;
-        let system_name = matches!(
-            name,
-            "Boolean" | "String" | "Integer" | "Decimal" | "Date" | "DateTime" | "Time" | "Quantity"
-        );
         if ns.is_some_and(|n| n != "System" && n != "FHIR") {
             return err(format!("unknown type namespace '{}'", ns.unwrap_or_default()));
         }
         let types = self.ctx.types;
-        let model_populated = types.knows_type("Patient");
-        if ns != Some("System") && !system_name && model_populated && !types.knows_type(name) {
+        if ns != Some("System") && !is_system_type_name(name) && types.populated() && !types.knows_type(name) {
             return err(format!("unknown type '{name}'"));
         }
-        if ns == Some("System") && !system_name {
-            return Ok(false);
+        Ok(())
+    }
+
+    /// `is` (`exact == false`) and `as`/`ofType` (`exact == true`) for a type already checked.
+    fn has_type(&self, v: &Value<'a>, spec: &TypeSpec, exact: bool) -> bool {
+        let ns = spec.namespace.as_deref();
+        let name = &*spec.name;
+        if ns == Some("System") && !is_system_type_name(name) {
+            return false;
         }
-        Ok(match v {
+        match v {
             Value::Node(n) => {
                 if ns == Some("System") {
-                    return Ok(false);
+                    return false;
                 }
                 let t = n.type_name();
                 let t = if t.contains('.') { "BackboneElement" } else { &t };
@@ -372,16 +384,11 @@ impl<'c, 'a> Evaluator<'c, 'a> {
                 } else if exact && fhir_primitive_kind(t).is_some() {
                     false
                 } else {
-                    types.is_a(&n.type_name(), name)
+                    self.ctx.types.is_a(&n.type_name(), name)
                 }
             }
-            _ => {
-                if ns == Some("FHIR") {
-                    return Ok(false);
-                }
-                v.type_name().1 == name
-            }
-        })
+            _ => ns != Some("FHIR") && v.type_name().1 == name,
+        }
     }
 
     fn binary(&self, op: BinaryOp, left: &Expr, right: &Expr, input: &[Value<'a>], focus: &Focus<'a>) -> R<Collection<'a>> {
@@ -464,6 +471,10 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             }
         }
     }
+}
+
+fn is_system_type_name(name: &str) -> bool {
+    matches!(name, "Boolean" | "String" | "Integer" | "Decimal" | "Date" | "DateTime" | "Time" | "Quantity")
 }
 
 /// Pushes the node(s) for a member value and its `_name` sibling, aligning arrays by index.

@@ -118,25 +118,13 @@ impl<'c, 'a> Evaluator<'c, 'a> {
             Func::Repeat => self.repeat(&call.args[0], coll, focus)?,
             Func::OfType => {
                 let spec = call.type_arg.as_ref().ok_or_else(|| EvalError::new("ofType needs a type"))?;
-                let mut out = Vec::new();
-                for v in coll {
-                    if self.is_type(v, spec, true)? {
-                        out.push(v.clone());
-                    }
-                }
-                out
+                self.filter_type(coll, spec)?
             }
             Func::As if coll.len() > 1 && !self.ctx.strict => {
                 // R4's own invariants (dom-3: `descendants().as(canonical)`) apply as() to whole
                 // collections, so outside strict mode it filters like ofType() instead of failing.
                 let spec = call.type_arg.as_ref().ok_or_else(|| EvalError::new("as needs a type"))?;
-                let mut out = Vec::new();
-                for v in coll {
-                    if self.is_type(v, spec, true)? {
-                        out.push(v.clone());
-                    }
-                }
-                out
+                self.filter_type(coll, spec)?
             }
             Func::Is | Func::As => {
                 let spec = call.type_arg.as_ref().ok_or_else(|| EvalError::new("is/as needs a type"))?;

@@ -8,10 +8,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
-use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, OnceLock, RwLock, Weak};
 
-use crate::definitions::{Constraint, ElementDefinition};
-use crate::fhirpath::{self, Context, Environment, Expression, Node, TypeCache, Value};
+use crate::definitions::{Constraint, Definitions, ElementDefinition};
+use crate::fhirpath::{self, Context, Environment, Expression, Node, TypeCache, TypeMemo, Value};
 use crate::json::{Json, Object};
 use crate::outcome::{IssueCode, Severity};
 
@@ -49,6 +49,16 @@ impl Hasher for AddressHasher {
 
 type AddressMap<K, V> = HashMap<K, V, BuildHasherDefault<AddressHasher>>;
 
+/// How many type-model answers are kept from one walk for the next; beyond this (names in the
+/// data are asked about too) the next walk starts afresh.
+const MAX_KEPT_TYPE_ANSWERS: usize = 50_000;
+
+thread_local! {
+    /// The type model's answers, kept across walks over the same definitions. The weak reference
+    /// identifies them and keeps them from being changed in place (`Arc::get_mut` fails while it exists).
+    static TYPE_MEMO: RefCell<Option<(Weak<Definitions>, Rc<TypeMemo>)>> = const { RefCell::new(None) };
+}
+
 /// Per-walk evaluation state: the memoized type model (not thread-safe, so one per walk) and
 /// what the constraints' expressions resolved to.
 pub(super) struct State<'v> {
@@ -59,12 +69,29 @@ pub(super) struct State<'v> {
     compiled: RefCell<AddressMap<(usize, usize), Option<Arc<Expression>>>>,
     /// Results on an empty object, by expression (kept alive by the global cache) and type, for
     /// elements the expression sees nothing of ([`Expression::sees_nothing_of`]).
-    on_empty: RefCell<HashMap<(usize, Rc<str>), Result<Option<bool>, String>>>,
+    on_empty: RefCell<AddressMap<usize, Vec<(Box<str>, Result<Option<bool>, String>)>>>,
 }
 
 impl<'v> State<'v> {
     pub fn new(validator: &'v Validator) -> Self {
-        State { types: TypeCache::new(&*validator.definitions), compiled: RefCell::default(), on_empty: RefCell::default() }
+        let definitions = &validator.definitions;
+        let memo = TYPE_MEMO.with(|cell| {
+            let mut kept = cell.borrow_mut();
+            match &*kept {
+                Some((weak, memo)) if std::ptr::eq(weak.as_ptr(), Arc::as_ptr(definitions)) => memo.clone(),
+                _ => {
+                    let memo = Rc::new(TypeMemo::default());
+                    *kept = Some((Arc::downgrade(definitions), memo.clone()));
+                    memo
+                }
+            }
+        });
+        let types = TypeCache::with_memo(&**definitions, memo);
+        if types.memo_size() > MAX_KEPT_TYPE_ANSWERS {
+            TYPE_MEMO.with(|cell| *cell.borrow_mut() = None);
+            return State::new(validator);
+        }
+        State { types, compiled: RefCell::default(), on_empty: RefCell::default() }
     }
 
     fn compiled(&self, source: &str) -> Option<Arc<Expression>> {
@@ -105,15 +132,19 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         let walker: &Walker<'_, 'a> = walker;
         let state = &walker.invariants;
         let environment = ValidatorEnvironment { validator: walker.validator, scope: &walker.scope };
-        let types = &state.types;
-        let mut context = Context::new(types).with_environment(&environment);
-        if let Some(resource) = walker.resources.last() {
-            context = context.with_resource(Node::resource(resource));
-        }
-        if let Some(root) = walker.root_resource() {
-            context = context.with_root_resource(Node::resource(root));
-        }
-        let type_name: Rc<str> = Rc::from(node_type(definition, type_code));
+        let type_name = node_type(definition, type_code);
+        // Most elements have only skipped or precomputed constraints: set up evaluation on demand.
+        let mut setup: Option<(Context<'_>, Rc<str>)> = None;
+        let make_setup = || {
+            let mut context = Context::new(&state.types).with_environment(&environment);
+            if let Some(resource) = walker.resources.last() {
+                context = context.with_resource(Node::resource(resource));
+            }
+            if let Some(root) = walker.root_resource() {
+                context = context.with_root_resource(Node::resource(root));
+            }
+            (context, Rc::<str>::from(type_name))
+        };
         for constraint in &definition.constraints {
             if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
                 continue;
@@ -124,18 +155,20 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
                 continue;
             };
             let result = if expression.sees_nothing_of(node) {
-                let key = (Arc::as_ptr(&expression) as usize, type_name.clone());
-                let known = state.on_empty.borrow().get(&key).cloned();
+                let key = Arc::as_ptr(&expression) as usize;
+                let known = state.on_empty.borrow().get(&key).and_then(|by_type| by_type.iter().find(|(t, _)| **t == *type_name).map(|(_, r)| r.clone()));
                 match known {
                     Some(result) => result,
                     None => {
-                        let result = evaluate(&expression, &EMPTY_OBJECT, &type_name, &context);
-                        state.on_empty.borrow_mut().insert(key, result.clone());
+                        let (context, shared_type) = &*setup.get_or_insert_with(&make_setup);
+                        let result = evaluate(&expression, &EMPTY_OBJECT, shared_type, context);
+                        state.on_empty.borrow_mut().entry(key).or_default().push((type_name.into(), result.clone()));
                         result
                     }
                 }
             } else {
-                evaluate(&expression, node, &type_name, &context)
+                let (context, shared_type) = &*setup.get_or_insert_with(&make_setup);
+                evaluate(&expression, node, shared_type, context)
             };
             if !matches!(result, Ok(Some(true) | None)) {
                 failures.push((constraint, Some(result)));
