@@ -33,7 +33,8 @@
 //!   functions on unordered input) are not reported.
 //! - Limits: parentheses/arguments nest at most 40 deep and the tree is at most 128 high (a flat
 //!   chain of 128 `+` or `.` steps counts too); `repeat()`/`descendants()` stop with an error past
-//!   a million items. `distinct()`, `union` and `|` compare items pairwise (quadratic).
+//!   a million items. `distinct()`, `union` and `|` compare items pairwise (quadratic),
+//!   except collections of 16 or more strings, which are deduplicated by hashing.
 //! - Units: the UCUM subset in [`quantity`] (metric prefixes, SI base units, time, common
 //!   customary units); unknown units compare only with the identical unit.
 //! - [`to_json`] renders results for the CLI: nodes as their JSON, System values as JSON
