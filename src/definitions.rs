@@ -30,6 +30,9 @@ pub struct Definitions {
     /// Packages loaded, as `name#version`.
     packages: Vec<String>,
     structures: RwLock<HashMap<String, Option<Arc<Structure>>>>,
+    /// Base structures by type name: the walk asks per element, and building the canonical URL
+    /// for each question was a tenth of validation time. Only loaded types are kept.
+    types: RwLock<HashMap<String, Arc<Structure>>>,
     children: RwLock<HashMap<(String, String), Option<ChildElement>>>,
     /// Type or backbone path → child element names in definition order, for the XML reader.
     orders: RwLock<HashMap<String, Option<Arc<Vec<String>>>>>,
@@ -75,6 +78,7 @@ impl Definitions {
             by_url: self.by_url.clone(),
             packages: self.packages.clone(),
             structures: RwLock::new(read_or_empty(&self.structures)),
+            types: RwLock::new(self.types.read().map(|m| m.clone()).unwrap_or_default()),
             children: RwLock::new(self.children.read().map(|m| m.clone()).unwrap_or_default()),
             orders: RwLock::new(self.orders.read().map(|m| m.clone()).unwrap_or_default()),
             compile_problems: RwLock::new(Vec::new()),
@@ -87,6 +91,7 @@ impl Definitions {
             by_url: HashMap::new(),
             packages: Vec::new(),
             structures: RwLock::new(HashMap::new()),
+            types: RwLock::new(HashMap::new()),
             children: RwLock::new(HashMap::new()),
             orders: RwLock::new(HashMap::new()),
             compile_problems: RwLock::new(Vec::new()),
@@ -147,6 +152,7 @@ impl Definitions {
         self.resources.push(Arc::new(resource));
         // A new resource may change what an URL resolves to.
         self.structures.get_mut().map(HashMap::clear).unwrap_or(());
+        self.types.get_mut().map(HashMap::clear).unwrap_or(());
         self.children.get_mut().map(HashMap::clear).unwrap_or(());
         self.orders.get_mut().map(HashMap::clear).unwrap_or(());
     }
@@ -203,7 +209,14 @@ impl Definitions {
         if type_name.starts_with("http:") || type_name.starts_with("https:") {
             return self.structure(type_name);
         }
-        self.structure(&format!("{CORE_SD_BASE}{type_name}"))
+        if let Some(hit) = self.types.read().ok()?.get(type_name) {
+            return Some(hit.clone());
+        }
+        let structure = self.structure(&format!("{CORE_SD_BASE}{type_name}"))?;
+        if let Ok(mut types) = self.types.write() {
+            types.insert(type_name.to_string(), structure.clone());
+        }
+        Some(structure)
     }
 
     fn compile_structure(&self, canonical: &str) -> Option<Arc<Structure>> {
