@@ -268,6 +268,12 @@ fn write_json(value: &Json, out: &mut String, indent: Option<usize>, level: usiz
 
 fn write_string(s: &str, out: &mut String) {
     out.push('"');
+    escape_into(s, out);
+    out.push('"');
+}
+
+/// Appends `s` with JSON string escapes applied, without the surrounding quotes.
+pub(crate) fn escape_into(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -279,7 +285,6 @@ fn write_string(s: &str, out: &mut String) {
             c => out.push(c),
         }
     }
-    out.push('"');
 }
 
 /// Why a document is not JSON, and where.

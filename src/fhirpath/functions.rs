@@ -962,19 +962,7 @@ fn escape(s: &str, format: &str) -> Option<String> {
                 }
             }
         }
-        "json" => {
-            for c in s.chars() {
-                match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
-                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => out.push(c),
-                }
-            }
-        }
+        "json" => crate::json::escape_into(s, &mut out),
         _ => return None,
     }
     Some(out)
