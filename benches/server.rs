@@ -109,7 +109,7 @@ async fn bench_backend(label: &str, store_toml: &str, clients: usize, seconds: u
     let assertion = sign_assertion(&key, "bench", &format!("{base}/auth/token"), "bench-jti", now + 120).unwrap();
     let granted: Value = http
         .post(format!("{base}/auth/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"), ("client_assertion", assertion.as_str()), ("scope", "system/*.cruds")])
+        .form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds"))
         .send()
         .await
         .unwrap()

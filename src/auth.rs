@@ -19,6 +19,14 @@ pub use scopes::{Permission, ScopeError, ScopeSet};
 /// The path of the token endpoint under the base URL.
 pub const TOKEN_PATH: &str = "/auth/token";
 
+/// `client_assertion_type` of SMART Backend Services (a signed JWT proves the client's identity).
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// The form a client posts to the token endpoint for a `client_credentials` grant.
+pub fn token_request_form<'a>(assertion: &'a str, scope: &'a str) -> [(&'static str, &'a str); 4] {
+    [("grant_type", "client_credentials"), ("client_assertion_type", ASSERTION_TYPE), ("client_assertion", assertion), ("scope", scope)]
+}
+
 /// What a partner is; decides which resource types it may touch at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -59,6 +59,23 @@ pub trait TypeModel: Send + Sync {
     }
 }
 
+/// The FHIR primitive a FHIRPath System type URL stands for (`…/System.String` → `string`).
+///
+/// R4 snapshots declare `Element.id`, `Extension.url` and the `value` of primitives with System
+/// types; models, the engine and the XML reader all need the FHIR name instead.
+pub fn fhir_primitive_for_system_type(code: &str) -> Option<&'static str> {
+    Some(match code.strip_prefix("http://hl7.org/fhirpath/System.")? {
+        "String" => "string",
+        "Boolean" => "boolean",
+        "Integer" => "integer",
+        "Decimal" => "decimal",
+        "Date" => "date",
+        "DateTime" => "dateTime",
+        "Time" => "time",
+        _ => return None,
+    })
+}
+
 /// One declared child element.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChildElement {

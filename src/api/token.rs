@@ -13,7 +13,6 @@ use crate::auth::assertion::unverified_issuer;
 use crate::auth::{AssertionError, ScopeSet};
 use crate::store::TokenRecord;
 
-const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 struct OAuthError {
     status: StatusCode,
@@ -65,8 +64,8 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Au
     if field("grant_type") != Some("client_credentials") {
         return Err(OAuthError::new(StatusCode::BAD_REQUEST, "unsupported_grant_type", "only client_credentials is supported"));
     }
-    if field("client_assertion_type") != Some(ASSERTION_TYPE) {
-        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("client_assertion_type must be {ASSERTION_TYPE}")));
+    if field("client_assertion_type") != Some(crate::auth::ASSERTION_TYPE) {
+        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("client_assertion_type must be {}", crate::auth::ASSERTION_TYPE)));
     }
     let assertion = field("client_assertion").ok_or_else(|| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion is missing"))?;
     let invalid_client = |e: AssertionError| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", e.to_string());

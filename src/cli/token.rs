@@ -70,12 +70,7 @@ fn token(args: Args) -> Result<String, String> {
     runtime.block_on(async {
         let response = http
             .post(&token_url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-                ("client_assertion", assertion.as_str()),
-                ("scope", scope.as_str()),
-            ])
+            .form(&crate::auth::token_request_form(assertion.as_str(), scope.as_str()))
             .send()
             .await
             .map_err(|e| format!("cannot reach {token_url}: {e}"))?;

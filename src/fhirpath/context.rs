@@ -148,16 +148,7 @@ fn fhir_type_name<'t>(code: &'t str, element: &str, parent_is_resource: bool) ->
     if element == "id" && parent_is_resource {
         return "id";
     }
-    match code.strip_prefix("http://hl7.org/fhirpath/System.") {
-        Some("String") => "string",
-        Some("Boolean") => "boolean",
-        Some("Integer") => "integer",
-        Some("Decimal") => "decimal",
-        Some("Date") => "date",
-        Some("DateTime") => "dateTime",
-        Some("Time") => "time",
-        _ => code,
-    }
+    super::fhir_primitive_for_system_type(code).unwrap_or(code)
 }
 
 /// Hooks the host application supplies; every method has a usable default.

@@ -269,15 +269,10 @@ impl<'a> Converter<'a> {
 
     fn primitive(&mut self, element: &Element, ty: &str, primitive: Primitive) -> Converted {
         // Children of `System.String` and friends are looked up on the FHIR primitive they stand for.
-        let element_type = match ty.strip_prefix(SYSTEM_PREFIX) {
-            Some("Boolean") => "boolean",
-            Some("Integer") => "integer",
-            Some("Decimal") => "decimal",
-            Some("Date") => "date",
-            Some("DateTime") => "dateTime",
-            Some("Time") => "time",
-            Some(_) => "string",
-            None => ty,
+        let element_type = if ty.starts_with(SYSTEM_PREFIX) {
+            crate::fhirpath::fhir_primitive_for_system_type(ty).unwrap_or("string")
+        } else {
+            ty
         };
         let mut value = None;
         let mut extra = Object::new();

@@ -52,12 +52,7 @@ async fn sigkill_while_writing_loses_no_acknowledged_write() {
     let assertion = iop_gateway::auth::keys::sign_assertion(clinic, "clinic", &format!("{base}/auth/token"), "kill-1", now + 120).unwrap();
     let granted: Value = http
         .post(format!("{base}/auth/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-            ("client_assertion", assertion.as_str()),
-            ("scope", "system/*.cruds"),
-        ])
+        .form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds"))
         .send()
         .await
         .unwrap()

@@ -47,20 +47,10 @@ async fn two_instances_lose_no_updates_and_create_no_duplicates() {
     assert_eq!(a.running.as_ref().unwrap().store.backend(), iop_gateway::store::Backend::Postgres);
     // Tokens are minted at /auth/token of either instance (same audience) and honoured by both.
     let assertion = a.assertion("clinic");
-    let response = a.http.post(direct(&a, "auth/token")).form(&[
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-        ("client_assertion", assertion.as_str()),
-        ("scope", "system/*.cruds"),
-    ]).send().await.unwrap();
+    let response = a.http.post(direct(&a, "auth/token")).form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let token = response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_string();
-    let replay = b.http.post(direct(&b, "auth/token")).form(&[
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-        ("client_assertion", assertion.as_str()),
-        ("scope", "system/*.cruds"),
-    ]).send().await.unwrap();
+    let replay = b.http.post(direct(&b, "auth/token")).form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds")).send().await.unwrap();
     assert_eq!(replay.status(), 401, "a jti used at one instance is refused at the other");
 
     let created: Value = a.http.post(direct(&a, "Patient")).bearer_auth(&token).header("content-type", "application/fhir+json").body(patient("PG-1").to_string()).send().await.unwrap().json().await.unwrap();

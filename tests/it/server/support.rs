@@ -97,12 +97,7 @@ impl Gateway {
     pub async fn token_response(&self, assertion: &str, scope: &str) -> reqwest::Response {
         self.http
             .post(self.token_url())
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-                ("client_assertion", assertion),
-                ("scope", scope),
-            ])
+            .form(&iop_gateway::auth::token_request_form(assertion, scope))
             .send()
             .await
             .unwrap()
