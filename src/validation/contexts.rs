@@ -6,7 +6,7 @@
 //! resource, and a context invariant must hold on the holding element.
 
 use crate::definitions::{CORE_SD_BASE, ContextKind, ExtensionContext, Structure};
-use crate::fhirpath::{self, Context, Node, TypeCache};
+use crate::fhirpath::{Context, Node};
 use crate::json::Json;
 use crate::outcome::{IssueCode, Severity};
 
@@ -112,17 +112,15 @@ fn is_kind_of(walker: &Walker<'_, '_>, type_name: &str, ancestor: &str) -> bool 
 /// Whether a FHIRPath context, evaluated on the current resource, selects the holding element.
 fn selects(walker: &Walker<'_, '_>, expression: &str, holder_node: &Json) -> Option<bool> {
     let resource = *walker.resources.last()?;
-    let parsed = fhirpath::parse(expression).ok()?;
-    let types = TypeCache::new(&*walker.validator.definitions);
-    let context = Context::new(&types).with_resource(Node::resource(resource));
+    let parsed = walker.invariants.compiled(expression)?;
+    let context = Context::new(walker.invariants.types()).with_resource(Node::resource(resource));
     let results = parsed.evaluate(Node::resource(resource), &context).ok()?;
     Some(results.iter().any(|v| v.as_node().and_then(|n| n.json()).is_some_and(|j| std::ptr::eq(j, holder_node))))
 }
 
 fn evaluate_bool(walker: &Walker<'_, '_>, expression: &str, focus: &Json, focus_type: &str) -> Option<bool> {
-    let parsed = fhirpath::parse(expression).ok()?;
-    let types = TypeCache::new(&*walker.validator.definitions);
-    let mut context = Context::new(&types);
+    let parsed = walker.invariants.compiled(expression)?;
+    let mut context = Context::new(walker.invariants.types());
     if let Some(resource) = walker.resources.last() {
         context = context.with_resource(Node::resource(resource));
     }

@@ -94,7 +94,13 @@ impl<'v> State<'v> {
         State { types, compiled: RefCell::default(), on_empty: RefCell::default() }
     }
 
-    fn compiled(&self, source: &str) -> Option<Arc<Expression>> {
+    /// The memoized type model, shared with other FHIRPath users of the walk (extension contexts).
+    pub(super) fn types(&self) -> &TypeCache<'v> {
+        &self.types
+    }
+
+    /// `source` compiled, from the per-walk and then the process-wide cache.
+    pub(super) fn compiled(&self, source: &str) -> Option<Arc<Expression>> {
         let key = (source.as_ptr() as usize, source.len());
         if let Some(hit) = self.compiled.borrow().get(&key)
             && hit.as_ref().is_none_or(|e| e.source() == source)
