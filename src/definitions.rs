@@ -7,7 +7,7 @@
 mod structure;
 mod snapshot;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock};
 

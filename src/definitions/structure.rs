@@ -1,6 +1,6 @@
 //! A StructureDefinition snapshot compiled for fast lookups: elements with parsed cardinality, types, bindings, constraints, slicing and a child index.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::json::Json;
 
@@ -35,6 +35,9 @@ pub struct Structure {
     children: Vec<Vec<usize>>,
     /// First unsliced element for each path.
     by_path: HashMap<String, usize>,
+    /// For each element, its unsliced children by JSON member name (`valueQuantity` too), with the
+    /// index of the type a choice suffix selects: the walk looks up every member of every object here.
+    json_children: Vec<HashMap<Box<str>, (usize, Option<usize>)>>,
 }
 
 /// One `StructureDefinition.context` of an extension definition.
@@ -197,6 +200,7 @@ impl Structure {
             .map(|cs| cs.iter().filter_map(Json::as_str).map(str::to_string).collect())
             .unwrap_or_default();
         let (children, by_path) = index_children(&elements);
+        let json_children = index_json_names(&elements, &children);
         Ok(Structure {
             url,
             version: text("version"),
@@ -211,6 +215,7 @@ impl Structure {
             elements,
             children,
             by_path,
+            json_children,
         })
     }
 
@@ -245,23 +250,13 @@ impl Structure {
     ///
     /// `valueQuantity` matches `value[x]` with type `Quantity`; a plain name matches itself.
     pub fn child_for_json_name(&self, parent: usize, json_name: &str) -> Option<(usize, Option<String>)> {
-        for &c in self.children(parent) {
-            let e = &self.elements[c];
-            if e.slice_name.is_some() {
-                continue;
-            }
-            if !e.is_choice() {
-                if e.name == json_name {
-                    return Some((c, None));
-                }
-                continue;
-            }
-            let Some(suffix) = json_name.strip_prefix(e.name.as_str()) else { continue };
-            if let Some(t) = e.types.iter().find(|t| type_suffix(&t.code) == suffix) {
-                return Some((c, Some(t.code.clone())));
-            }
-        }
-        None
+        self.json_child(parent, json_name).map(|(child, chosen)| (child, chosen.map(str::to_string)))
+    }
+
+    /// [`Structure::child_for_json_name`] without copying the chosen type's code.
+    pub fn json_child(&self, parent: usize, json_name: &str) -> Option<(usize, Option<&str>)> {
+        let &(child, chosen) = self.json_children.get(parent)?.get(json_name)?;
+        Some((child, chosen.map(|t| self.elements[child].types[t].code.as_str())))
     }
 
     /// Every element with this path, slices and their copies included.
@@ -419,6 +414,32 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
         must_support: element.get("mustSupport").and_then(Json::as_bool).unwrap_or(false),
         xml_attribute,
     })
+}
+
+/// The JSON member names of each element's unsliced children; for a choice, one name per type.
+/// The first child to claim a name keeps it, as a linear search in snapshot order would find it.
+fn index_json_names(elements: &[ElementDefinition], children: &[Vec<usize>]) -> Vec<HashMap<Box<str>, (usize, Option<usize>)>> {
+    children
+        .iter()
+        .map(|kids| {
+            let mut names: HashMap<Box<str>, (usize, Option<usize>)> = HashMap::new();
+            for &c in kids {
+                let e = &elements[c];
+                if e.slice_name.is_some() {
+                    continue;
+                }
+                if !e.is_choice() {
+                    names.entry(e.name.as_str().into()).or_insert((c, None));
+                    continue;
+                }
+                for (t, element_type) in e.types.iter().enumerate() {
+                    let name = format!("{}{}", e.name, type_suffix(&element_type.code));
+                    names.entry(name.into_boxed_str()).or_insert((c, Some(t)));
+                }
+            }
+            names
+        })
+        .collect()
 }
 
 /// Builds the parent → children index with a stack of open ancestors (snapshots are in document order).

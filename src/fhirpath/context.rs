@@ -1,7 +1,7 @@
 //! What an evaluation runs against: the cached type model, the caller's environment hooks, %variables and the clock.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::rc::Rc;
 
 use super::temporal::Temporal;

@@ -4,7 +4,8 @@
 //! that are not loaded (or not enumerable, like UCUM or SNOMED CT): a code from such a system can
 //! be neither confirmed nor refuted, which the validator reports as a warning.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use crate::definitions::Definitions;

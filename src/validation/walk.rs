@@ -191,9 +191,8 @@ impl<'v, 'a> Walker<'v, 'a> {
         let children = structure.children(element);
         if children.is_empty() {
             // The snapshot does not unfold this data type: its own definition describes the members.
-            let code = type_code.to_string();
-            match self.validator.definitions.type_structure(&code) {
-                Some(ts) if !ts.children(0).is_empty() => self.object(&ts, 0, node, &code),
+            match self.validator.definitions.type_structure(type_code) {
+                Some(ts) if !ts.children(0).is_empty() => self.object(&ts, 0, node, type_code),
                 _ => {
                     if structure.elements[element].types.iter().any(|t| t.code == "Element" || t.code == "BackboneElement") {
                         self.error(IssueCode::Structure, "this element has no defined content");
@@ -217,7 +216,7 @@ impl<'v, 'a> Walker<'v, 'a> {
                 self.primitive_sibling(structure, element, object, name, primitive_name, value, &mut seen);
                 continue;
             }
-            let Some((child, choice_type)) = structure.child_for_json_name(element, name) else {
+            let Some((child, choice_type)) = structure.json_child(element, name) else {
                 self.path.push('.');
                 self.path.push_str(name);
                 self.error(IssueCode::Structure, format!("unrecognized element '{name}'"));
@@ -235,18 +234,15 @@ impl<'v, 'a> Walker<'v, 'a> {
                     continue;
                 }
             }
-            let mut type_code = choice_type.unwrap_or_else(|| definition.single_type().unwrap_or("").to_string());
-            if is_resource_root && name == "id" {
-                // R4 types `Resource.id` as a plain string, but the spec requires the id format.
-                type_code = "id".to_string();
-            }
+            // R4 types `Resource.id` as a plain string, but the spec requires the id format.
+            let type_code = if is_resource_root && name == "id" { "id" } else { choice_type.or(definition.single_type()).unwrap_or("") };
             let holds_extensions = matches!(name, "extension" | "modifierExtension");
             if holds_extensions {
                 let holder_type = holder_type.clone().unwrap_or_else(|| node_type_name(structure, element, object_type));
                 let definition_path = Some(&structure.elements[element].path).filter(|p| p.contains('.')).cloned();
                 self.holders.push(Holder { node, type_code: holder_type, definition_path });
             }
-            let n_values = self.member(structure, child, name, &type_code, value, object);
+            let n_values = self.member(structure, child, name, type_code, value, object);
             if holds_extensions {
                 self.holders.pop();
             }
@@ -278,7 +274,7 @@ impl<'v, 'a> Walker<'v, 'a> {
                 let sibling = parent.get(&format!("_{name}")).and_then(Json::as_array);
                 let item_len = self.path.len();
                 for (i, item) in items.iter().enumerate() {
-                    self.path.push_str(&format!("[{i}]"));
+                    push_index(&mut self.path, i);
                     if matches!(item, Json::Null) {
                         // `null` holds a place when the `_name` array has the id/extensions for this position.
                         let has_sibling = sibling.and_then(|s| s.get(i)).is_some_and(|s| !matches!(s, Json::Null));
@@ -326,15 +322,15 @@ impl<'v, 'a> Walker<'v, 'a> {
         // FHIRPath sees the id and extensions of `_birthDate` as children of `birthDate`.
         self.path.push('.');
         self.path.push_str(primitive_name);
-        let found = structure.child_for_json_name(element, primitive_name);
+        let found = structure.json_child(element, primitive_name);
         let Some((child, choice_type)) = found else {
             self.error(IssueCode::Structure, format!("unrecognized element '{name}'"));
             self.path.truncate(base_len);
             return;
         };
         let definition = &structure.elements[child];
-        let type_code = choice_type.unwrap_or_else(|| definition.single_type().unwrap_or("").to_string());
-        if !is_primitive(&type_code) {
+        let type_code = choice_type.or(definition.single_type()).unwrap_or("");
+        if !is_primitive(type_code) {
             self.error(IssueCode::Structure, format!("'{name}' is only allowed for primitive elements"));
             self.path.truncate(base_len);
             return;
@@ -345,7 +341,7 @@ impl<'v, 'a> Walker<'v, 'a> {
         };
         let check_one = |walker: &mut Self, item: &'a Json| match item {
             Json::Object(_) => {
-                walker.next_holder_type = Some(type_code.clone());
+                walker.next_holder_type = Some(type_code.to_string());
                 walker.object(&element_structure, 0, item, "Element");
             }
             other => walker.error(IssueCode::Structure, format!("expected a JSON object with id or extension, found a JSON {}", other.kind())),
@@ -362,7 +358,7 @@ impl<'v, 'a> Walker<'v, 'a> {
                     if matches!(item, Json::Null) {
                         continue;
                     }
-                    self.path.push_str(&format!("[{i}]"));
+                    push_index(&mut self.path, i);
                     check_one(self, item);
                     let has_value = main.and_then(|m| m.get(i)).is_some_and(|v| !matches!(v, Json::Null));
                     if !has_value && item.get("extension").is_none() {
@@ -865,6 +861,12 @@ fn is_tolerated_extension_url(url: &str, allow_example_urls: bool) -> bool {
         }
         None => false,
     }
+}
+
+/// Appends `[i]` to a path without a temporary string.
+fn push_index(path: &mut String, i: usize) {
+    use std::fmt::Write;
+    let _ = write!(path, "[{i}]");
 }
 
 /// A value's address, which identifies a node of the document being walked.
