@@ -141,11 +141,8 @@ fn closure(entries: &[(String, Json, Option<String>)], by_full_url: &HashMap<Str
         collect_references(&entries[i].1, &mut references);
         for reference in references.into_iter().filter(|r| r.starts_with("urn:uuid:")) {
             match by_full_url.get(&reference) {
-                Some(&j) => {
-                    if seen.insert(j) {
-                        queue.push_back(j);
-                    }
-                }
+                Some(&j) if seen.insert(j) => queue.push_back(j),
+                Some(_) => {}
                 None if !missing.contains(&reference) => missing.push(reference),
                 None => {}
             }

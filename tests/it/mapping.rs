@@ -690,6 +690,8 @@ fn the_discharge_finishes_the_enrollment_and_the_step_down_referral_carries_the_
     let bundle = map_files(&[Path::new(ROOT).join("tests/fixtures/iop/discharge/completed-with-summary.json")]);
     let episode = resources_of(&bundle, "EpisodeOfCare")[0];
     assert_eq!((episode["status"].as_str(), episode["period"]["end"].as_str()), (Some("finished"), Some("2026-02-27")));
+    let plan = resources_of(&bundle, "CarePlan").into_iter().find(|p| p["identifier"].as_array().is_some()).unwrap();
+    assert_eq!((plan["status"].as_str(), plan["period"]["end"].as_str()), (Some("completed"), Some("2026-02-27")));
     // Goals assessed at discharge replace the care plan's in-progress status.
     let achievements: Vec<&str> = resources_of(&bundle, "Goal").iter().map(|g| pick(g, "achievementStatus.coding.0.code").as_str().unwrap()).collect();
     assert_eq!(achievements, ["achieved", "not-achieved"]);
