@@ -387,6 +387,12 @@ fn the_commands_map_and_check() {
     assert_eq!(back.status.code(), Some(0), "{}", String::from_utf8_lossy(&back.stderr));
     let records = json::parse(&back.stdout).unwrap();
     assert_eq!(records.as_array().unwrap()[0]["id"].as_str(), Some("REF-2026-0042"));
+    // A payer's PAS response becomes a decision record.
+    let response = Path::new(ROOT).join("tests/fixtures/pas/decision-pended.json");
+    let decision = Command::new(binary).current_dir(ROOT).args(["map", "--from", "fhir", "--to", "iop"]).arg(&response).output().unwrap();
+    assert_eq!(decision.status.code(), Some(0), "{}", String::from_utf8_lossy(&decision.stderr));
+    let decisions = json::parse(&decision.stdout).unwrap();
+    assert_eq!(decisions.as_array().unwrap()[0]["outcome"].as_str(), Some("pended"));
     let bad = Path::new(ROOT).join("tests/fixtures/iop/client/full.json");
     let bad_text = std::fs::read_to_string(&bad).unwrap().replace("\"1991-06-14\"", "\"1991-14-06\"");
     let bad_file = std::env::temp_dir().join(format!("iop-bad-client-{}.json", std::process::id()));
