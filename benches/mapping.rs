@@ -2,8 +2,10 @@
 //!
 //! `cargo bench --bench mapping` (10,000 clients by default; `IOP_BENCH_CLIENTS=500` for a quick run).
 //! Each client is the episode of `tests/fixtures/iop/episode` with its identifiers rewritten, so
-//! every client maps to distinct resources: 43 records (client, 2 referrals, 24 sessions, 16
-//! screenings) and 209 resources per client, mapped and validated one client Bundle at a time.
+//! every client maps to distinct resources: the client, enrollment, care plan, 2 referrals, 24
+//! sessions, 16 screenings, 4 drug screens, an authorization and its extension (each with its PAS
+//! request Bundle), the discharge (with its summary Bundle) and a Part 2 consent, mapped and
+//! validated one client Bundle at a time. The record and resource counts are printed.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ fn main() {
     let load_s = started.elapsed().as_secs_f64();
 
     let mut template = Vec::new();
-    for concept in ["client", "enrollment", "referral", "care_plan", "session", "screening", "drug_screen"] {
+    for concept in ["client", "enrollment", "referral", "care_plan", "session", "screening", "drug_screen", "authorization", "discharge", "consent"] {
         let bytes = std::fs::read(root.join(format!("tests/fixtures/iop/episode/{concept}.json"))).expect("episode fixture");
         let Json::Array(records) = json::parse(&bytes).expect("episode JSON") else { panic!("episode files are arrays") };
         template.extend(records);

@@ -1,4 +1,4 @@
-//! IOP-side records (client, enrollment, care plan, session, screening, drug screen, referral, authorization, discharge): their JSON Schemas and checking a record against them.
+//! IOP-side records (client, enrollment, care plan, session, screening, drug screen, referral, authorization, payer decision, discharge, consent): their JSON Schemas and checking a record against them.
 //!
 //! A record is plain JSON with a `record_type` member naming its kind. Its shape is defined by
 //! `mappings/<record_type>.schema.json` (JSON Schema 2020-12), which sits beside the mappings of
@@ -15,7 +15,7 @@ use crate::json::Json;
 pub const RECORD_TYPE_MEMBER: &str = "record_type";
 
 /// The record kinds the gateway knows, in the order an episode of care produces them.
-pub const RECORD_TYPES: &[&str] = &["client", "enrollment", "care_plan", "session", "screening", "drug_screen", "referral", "authorization", "discharge"];
+pub const RECORD_TYPES: &[&str] = &["client", "enrollment", "care_plan", "session", "screening", "drug_screen", "referral", "authorization", "decision", "discharge", "consent"];
 
 /// A problem with one record: where (a dotted path such as `items[3].answer`) and what.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -153,7 +153,9 @@ impl MappingSet {
     }
 
     /// Maps IOP records to one transaction Bundle. A record that fails its schema or cannot be
-    /// mapped is left out and reported as an error issue; the others are still mapped.
+    /// mapped is left out and reported as an error issue; the others are still mapped. Records
+    /// that add to another record's resource (`merge`) or collect what a resource references
+    /// (`collect`) need those records in the same batch; without them the problem is an error issue.
     pub fn records_to_fhir(&self, records: &[Json]) -> Mapped<Json> {
         let mut issues = Vec::new();
         let mut resources = Vec::new();
@@ -187,14 +189,19 @@ impl MappingSet {
                 Err(e) => issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path: e.path, message: e.message }),
             }
         }
-        let (bundle, conflicts) = bundle::transaction(resources);
-        for conflict in conflicts {
+        let (bundle, assembly) = bundle::transaction(resources);
+        for conflict in assembly.conflicts {
             issues.push(MapIssue {
                 severity: Severity::Warning,
                 source: conflict.reference,
                 path: String::new(),
                 message: "two records produced this resource with different content; the later one is kept".into(),
             });
+        }
+        // A partial resource with nothing to add to, or a collection missing what it references,
+        // would leave the receiver an invalid or dangling resource.
+        for incomplete in assembly.incomplete {
+            issues.push(MapIssue { severity: Severity::Error, source: incomplete.reference, path: String::new(), message: incomplete.message });
         }
         Mapped { output: bundle, issues }
     }

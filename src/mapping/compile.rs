@@ -68,8 +68,10 @@ pub enum Source {
     Key { key: Template, codes: String, wrap_codeable_concept: bool },
     /// A resource of the same file, by name.
     LocalRef(String),
-    /// A resource of another mapping, by type and id template.
+    /// A resource of another mapping, by type and id template; one per element when the template has an unbound `[*]`.
     TypedRef { resource_type: String, id: Template },
+    /// The 1-based position of each element of a record array (`diagnoses[*]`).
+    Position(Path),
 }
 
 /// A checked rule.
@@ -93,6 +95,10 @@ pub struct ResourcePlan {
     pub each: Option<Path>,
     pub when: Option<Condition>,
     pub rules: Vec<Rule>,
+    /// A `collection` Bundle whose entries are this named resource and everything it references.
+    pub collect: Option<String>,
+    /// The resource adds to the resource of the same identity another record produces.
+    pub merge: bool,
 }
 
 /// A checked mapping file.
@@ -250,9 +256,30 @@ impl Compiler<'_, '_> {
                     rules.push(compiled);
                 }
             }
-            self.required_members(resource.name.span(), &structures, &rules);
+            let collect = resource.collect.as_ref().map(|c| {
+                self.check_collect(c, &resource_type, each.as_ref(), &names, &rules);
+                c.get_ref().clone()
+            });
+            if resource.merge && collect.is_some() {
+                self.problem(resource.name.span(), "", "a resource cannot both 'merge' and 'collect'");
+            }
+            // A merged resource only adds to another one, which carries what the profiles require.
+            if !resource.merge {
+                self.required_members(resource.name.span(), &structures, &rules, collect.is_some());
+            }
             if let Some(id) = id {
-                plan.resources.push(ResourcePlan { name: resource.name.get_ref().clone(), resource_type, profiles, profile_by, id, each, when, rules });
+                plan.resources.push(ResourcePlan {
+                    name: resource.name.get_ref().clone(),
+                    resource_type,
+                    profiles,
+                    profile_by,
+                    id,
+                    each,
+                    when,
+                    rules,
+                    collect,
+                    merge: resource.merge,
+                });
             }
         }
     }
@@ -299,10 +326,12 @@ impl Compiler<'_, '_> {
         let leaf = leaves.last()?.clone();
         let required: Vec<String> = leaves.iter().filter_map(|l| l.required_value_set.clone()).collect();
         let when = spec.when.as_ref().and_then(|w| self.condition(w.span(), w.get_ref(), each));
-        let n_sources =
-            [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some(), spec.key.is_some(), spec.text.is_some()].iter().filter(|b| **b).count();
+        let n_sources = [spec.value.is_some(), spec.from.is_some(), spec.reference.is_some(), spec.key.is_some(), spec.text.is_some(), spec.position.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if n_sources != 1 {
-            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from', 'key', 'text' and 'ref'");
+            self.problem(rule.span(), &target_text, "a rule needs exactly one of 'value', 'from', 'key', 'text', 'position' and 'ref'");
             return None;
         }
         if spec.id.is_some() && spec.reference.is_none() {
@@ -311,7 +340,23 @@ impl Compiler<'_, '_> {
         if spec.codes.is_some() && spec.from.is_none() && spec.key.is_none() {
             self.problem(rule.span(), &target_text, "'codes' translates a 'from' or 'key' value");
         }
-        let source = if let Some(text) = &spec.text {
+        let source = if let Some(position) = &spec.position {
+            let path = self.record_path(position.span(), position.get_ref())?;
+            self.schema_type(position.span(), &path)?;
+            self.check_each_prefix(position.span(), &path, each);
+            if path.steps.last() != Some(&Step::Each) {
+                self.problem(position.span(), position.get_ref(), "'position' numbers the elements of a record array: its path ends with [*]");
+            }
+            let n_free = path.n_each().saturating_sub(n_bound.min(path.n_each()));
+            if n_free != target.n_each() {
+                let message = format!("the source has {n_free} unbound [*] but the target has {}", target.n_each());
+                self.problem(rule.span(), &target_text, message);
+            }
+            if !matches!(leaf.type_code.as_str(), "positiveInt" | "integer" | "unsignedInt") {
+                self.problem(position.span(), &target_text, format!("a 'position' fills a positiveInt or integer, not a {}", leaf.type_code));
+            }
+            Source::Position(path)
+        } else if let Some(text) = &spec.text {
             let template = self.template(text.span(), text.get_ref(), each)?;
             if target.n_each() > 0 {
                 self.problem(rule.span(), &target_text, "a 'text' rule fills one element: its target cannot have [*]");
@@ -386,7 +431,13 @@ impl Compiler<'_, '_> {
                     if !self.context.definitions.is_resource_type(name) {
                         self.problem(reference.span(), &target_text, format!("'{name}' is not a FHIR resource type"));
                     }
-                    let id = self.template(id.span(), id.get_ref(), each)?;
+                    // With a [*] target, the template's unbound [*] gives one reference per element.
+                    let id = self.template_with(id.span(), id.get_ref(), each, target.n_each())?;
+                    let n_free = id.parts.iter().filter_map(|p| if let TemplatePart::Value(p) = p { Some(p.n_each()) } else { None }).max().unwrap_or(0).saturating_sub(n_bound);
+                    if n_free != target.n_each() {
+                        let message = format!("the id template has {n_free} unbound [*] but the target has {}", target.n_each());
+                        self.problem(rule.span(), &target_text, message);
+                    }
                     Source::TypedRef { resource_type: name.clone(), id }
                 }
                 None => {
@@ -465,12 +516,37 @@ impl Compiler<'_, '_> {
         Some((path, name.clone()))
     }
 
-    /// Root-level elements a profile requires must be the target of some rule.
-    fn required_members(&mut self, span: std::ops::Range<usize>, structures: &[Arc<Structure>], rules: &[Rule]) {
+    /// Checks `collect`: a Bundle whose rules make it a `collection` and leave `entry` to the gateway,
+    /// first listing a resource of this file that is produced once per record.
+    fn check_collect(&mut self, collect: &toml::Spanned<String>, resource_type: &str, each: Option<&Path>, names: &[(String, Option<String>)], rules: &[Rule]) {
+        let name = collect.get_ref();
+        if resource_type != "Bundle" || each.is_some() {
+            self.problem(collect.span(), "", "'collect' makes one Bundle per record: the resource is a Bundle without 'each'");
+        }
+        match names.iter().find(|(n, _)| n == name) {
+            None => self.problem(collect.span(), "", format!("no resource named '{name}' in this file")),
+            Some((_, Some(_))) => self.problem(collect.span(), "", format!("'{name}' is one resource per element; a collection starts with one resource")),
+            Some(_) => {}
+        }
+        let first_field = |r: &Rule| match r.target.steps.first() {
+            Some(Step::Field(f)) => Some(f.clone()),
+            _ => None,
+        };
+        if rules.iter().any(|r| first_field(r).as_deref() == Some("entry")) {
+            self.problem(collect.span(), "entry", "the entries of a 'collect' Bundle are filled by the gateway");
+        }
+        let is_collection = rules.iter().any(|r| first_field(r).as_deref() == Some("type") && matches!(&r.source, Source::Constant(v) if v.as_str() == Some("collection")));
+        if !is_collection {
+            self.problem(collect.span(), "type", "a 'collect' Bundle sets { path = \"type\", value = \"collection\" }");
+        }
+    }
+
+    /// Root-level elements a profile requires must be the target of some rule (`entry` is filled by the gateway for a `collect` Bundle).
+    fn required_members(&mut self, span: std::ops::Range<usize>, structures: &[Arc<Structure>], rules: &[Rule], entries_filled: bool) {
         for structure in structures {
             for &child in structure.children(0) {
                 let element = &structure.elements[child];
-                if element.min == 0 || element.slice_name.is_some() || matches!(element.name.as_str(), "id" | "meta" | "resourceType") {
+                if element.min == 0 || element.slice_name.is_some() || matches!(element.name.as_str(), "id" | "meta" | "resourceType") || entries_filled && element.name == "entry" {
                     continue;
                 }
                 let covered = rules.iter().any(|r| match r.target.steps.first() {
@@ -587,8 +663,8 @@ impl Compiler<'_, '_> {
                 self.problem(spec_rule.path.span(), &target_text, "record_type is set by the gateway");
                 continue;
             }
-            if spec_rule.reference.is_some() || spec_rule.id.is_some() || spec_rule.text.is_some() || spec_rule.key.is_some() {
-                self.problem(rule.span(), &target_text, "'ref', 'id', 'key' and 'text' belong to to-fhir rules");
+            if spec_rule.reference.is_some() || spec_rule.id.is_some() || spec_rule.text.is_some() || spec_rule.key.is_some() || spec_rule.position.is_some() {
+                self.problem(rule.span(), &target_text, "'ref', 'id', 'key', 'text' and 'position' belong to to-fhir rules");
                 continue;
             }
             let when = spec_rule.when.as_ref().and_then(|w| {
@@ -748,6 +824,11 @@ impl Compiler<'_, '_> {
     }
 
     fn template(&mut self, span: std::ops::Range<usize>, text: &str, each: Option<&Path>) -> Option<Template> {
+        self.template_with(span, text, each, 0)
+    }
+
+    /// A template whose values may have `extra` [*] beyond the resource's `each` (a reference per element).
+    fn template_with(&mut self, span: std::ops::Range<usize>, text: &str, each: Option<&Path>, extra: usize) -> Option<Template> {
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('{') {
@@ -765,7 +846,7 @@ impl Compiler<'_, '_> {
                 self.problem(span.clone(), inner, format!("a template value must be a scalar, not {}", found.kind));
             }
             self.check_each_prefix(span.clone(), &path, each);
-            if path.n_each() > each.map_or(0, Path::n_each) {
+            if path.n_each() > each.map_or(0, Path::n_each) + extra {
                 self.problem(span.clone(), inner, "a template value cannot have an unbound [*]");
             }
             parts.push(TemplatePart::Value(path));
@@ -930,6 +1011,8 @@ fn fits_back(source: &str, target: &SchemaType) -> bool {
         ("string" | "markdown" | "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid", "string") => target.format.is_none(),
         ("integer" | "unsignedInt" | "positiveInt", "integer" | "number") => true,
         ("decimal", "number") => true,
+        // Quantities are decimals even when they count (days); one that is not whole is caught by the record schema.
+        ("decimal", "integer") => true,
         ("boolean", "boolean") => true,
         _ => false,
     }

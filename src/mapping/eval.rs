@@ -198,6 +198,24 @@ fn value_text(value: &Json) -> Option<String> {
     }
 }
 
+/// How a produced resource joins the Bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A resource of its own.
+    Whole,
+    /// Adds to the resource of the same type and id that another record produces.
+    Merge,
+    /// A `collection` Bundle to be filled with this resource (`Type/id`) and everything it references.
+    Collect { first: String },
+}
+
+/// A resource produced from a record, and how it joins the Bundle.
+#[derive(Clone, Debug)]
+pub struct Produced {
+    pub resource: Json,
+    pub role: Role,
+}
+
 /// One produced instance of a resource plan.
 struct Instance {
     binding: Vec<usize>,
@@ -205,7 +223,7 @@ struct Instance {
 }
 
 /// Maps one record with a `to-fhir` plan.
-pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> Result<Vec<Json>, EvalError> {
+pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> Result<Vec<Produced>, EvalError> {
     let sources = Sources { record, computed, index: None };
     let mut instances: HashMap<&str, Vec<Instance>> = HashMap::new();
     for resource in &plan.resources {
@@ -251,7 +269,19 @@ pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> 
                 apply_to_fhir(plan, resource, rule, &sources, &instances, &instance.binding, namespace, &mut json)?;
             }
             prune(&mut json);
-            out.push(json);
+            let role = match &resource.collect {
+                Some(first) => {
+                    let target = instances.get(first.as_str()).and_then(|list| list.first());
+                    match target {
+                        Some(target) => Role::Collect { first: format!("{}/{}", plan_type(plan, first), target.id) },
+                        // The first resource was not produced (its condition failed): no Bundle either.
+                        None => continue,
+                    }
+                }
+                None if resource.merge => Role::Merge,
+                None => Role::Whole,
+            };
+            out.push(Produced { resource: json, role });
         }
     }
     Ok(out)
@@ -354,10 +384,40 @@ fn apply_to_fhir(
             }
         }
         Source::TypedRef { resource_type, id } => {
-            if let Some(identity) = sources.render(id, bound)
-                && holds(&[])
-            {
-                set(json, &rule.target.steps, &[], reference(resource_type, &resource_id(namespace, resource_type, &identity)));
+            if rule.target.n_each() == 0 {
+                if let Some(identity) = sources.render(id, bound)
+                    && holds(&[])
+                {
+                    set(json, &rule.target.steps, &[], reference(resource_type, &resource_id(namespace, resource_type, &identity)));
+                }
+                return Ok(());
+            }
+            // One reference per element of the template's first value with an unbound [*].
+            let domain = id.parts.iter().find_map(|p| match p {
+                TemplatePart::Value(path) if path.n_each() > bound.len() => Some(path),
+                _ => None,
+            });
+            // Like local references, a second rule into the same list appends after the first one's elements.
+            let offset = filled_len(json, &rule.target.steps);
+            for (free, _) in domain.map(|p| sources.select(p, bound)).unwrap_or_default() {
+                let all: Vec<usize> = bound.iter().chain(&free).copied().collect();
+                if let Some(identity) = sources.render(id, &all)
+                    && holds(&free)
+                {
+                    let mut at = free.clone();
+                    if let Some(first) = at.first_mut() {
+                        *first += offset;
+                    }
+                    set(json, &rule.target.steps, &at, reference(resource_type, &resource_id(namespace, resource_type, &identity)));
+                }
+            }
+        }
+        Source::Position(path) => {
+            for (free, _) in sources.select(path, bound) {
+                if holds(&free) {
+                    let position = free.last().or(bound.last()).map_or(1, |i| i + 1);
+                    set(json, &rule.target.steps, &free, Json::Number(position.to_string().into()));
+                }
             }
         }
     }
@@ -424,7 +484,7 @@ pub fn from_fhir(plan: &Plan, input: &Json) -> Result<Vec<Json>, EvalError> {
                         set(&mut json, &rule.target.steps, &free, value);
                     }
                 }
-                Source::LocalRef(_) | Source::TypedRef { .. } | Source::Key { .. } | Source::Text { .. } => {}
+                Source::LocalRef(_) | Source::TypedRef { .. } | Source::Key { .. } | Source::Text { .. } | Source::Position(_) => {}
             }
         }
         prune(&mut json);

@@ -54,6 +54,17 @@ pub struct ResourceSpec {
     pub each: Option<Spanned<String>>,
     /// Only produce the resource when this condition holds.
     pub when: Option<Spanned<String>>,
+    /// For a `Bundle` of type `collection`: the name of the resource of this file that is its first
+    /// entry. When the whole batch is mapped, the gateway adds that resource and every resource it
+    /// references, transitively, from the batch's output (each once), so the Bundle stands on its
+    /// own (a PAS request Bundle: the Claim first, then its Patient, Coverage, payer, provider, ...).
+    pub collect: Option<Spanned<String>>,
+    /// The resource adds to the resource of the same identity that another record of the batch
+    /// produces (a discharge finishes the enrollment's EpisodeOfCare) instead of standing alone:
+    /// objects merge member by member, values and lists replace, except lists of extensions, which
+    /// merge by `url`. A batch without that other resource is an error.
+    #[serde(default)]
+    pub merge: bool,
     /// How the resource is filled, in order.
     #[serde(default)]
     pub rules: Vec<Spanned<RuleSpec>>,
@@ -88,6 +99,9 @@ pub struct RuleSpec {
     /// A Reference: to a resource of this file by its `name`, or to a resource type when `id` is given.
     #[serde(rename = "ref")]
     pub reference: Option<Spanned<String>>,
+    /// The 1-based position of each element of this record array (`"diagnoses[*]"`), for the
+    /// `sequence` numbers that FHIR lists cross-reference (`Claim.diagnosis.sequence`, `item.diagnosisSequence`).
+    pub position: Option<Spanned<String>>,
     /// With `ref = "<ResourceType>"`: the id template of the referenced resource (`"client:{client_id}"`).
     pub id: Option<Spanned<String>>,
     /// Only apply the rule when this condition holds.
