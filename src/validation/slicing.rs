@@ -18,13 +18,18 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, structure: &Arc<Structure>,
     let base_len = walker.path.len();
     let is_array = items.len() > 1 || structure.elements[sliced].base_max_is_many;
     let mut last_slice = 0;
+    // A sliced choice element (`serviced[x]`) names the type of its value in the JSON member name
+    // (`servicedPeriod`), which is what a `type` discriminator on `$this` compares.
+    let sliced_definition = &structure.elements[sliced];
+    let choice_suffix = if sliced_definition.is_choice() { name.strip_prefix(sliced_definition.name.as_str()).filter(|s| !s.is_empty()) } else { None };
     for (i, item) in items.iter().enumerate() {
         walker.path.push('.');
         walker.path.push_str(name);
         if is_array {
-            walker.path.push_str(&format!("[{i}]"));
+            use std::fmt::Write;
+            let _ = write!(walker.path, "[{i}]");
         }
-        let matched = slices.iter().position(|&slice| matches_slice(walker, structure, slice, &slicing.discriminators, item));
+        let matched = slices.iter().position(|&slice| matches_slice(walker, structure, slice, &slicing.discriminators, item, choice_suffix));
         match matched {
             Some(k) => {
                 counts[k] += 1;
@@ -79,11 +84,12 @@ fn item_type(structure: &Structure, slice: usize, item: &Json) -> String {
     })
 }
 
-fn matches_slice(walker: &Walker<'_, '_>, structure: &Structure, slice: usize, discriminators: &[Discriminator], item: &Json) -> bool {
-    discriminators.iter().all(|d| matches_discriminator(walker, structure, slice, d, item))
+fn matches_slice(walker: &Walker<'_, '_>, structure: &Structure, slice: usize, discriminators: &[Discriminator], item: &Json, choice_suffix: Option<&str>) -> bool {
+    discriminators.iter().all(|d| matches_discriminator(walker, structure, slice, d, item, choice_suffix))
 }
 
-fn matches_discriminator(walker: &Walker<'_, '_>, structure: &Structure, slice: usize, discriminator: &Discriminator, item: &Json) -> bool {
+/// `choice_suffix`: the type suffix of the JSON member holding `item`, when the sliced element is a choice.
+fn matches_discriminator(walker: &Walker<'_, '_>, structure: &Structure, slice: usize, discriminator: &Discriminator, item: &Json, choice_suffix: Option<&str>) -> bool {
     let actual = navigate(item, &discriminator.path);
     let target = find_descendant(structure, slice, &discriminator.path);
     match discriminator.kind.as_str() {
@@ -117,6 +123,7 @@ fn matches_discriminator(walker: &Walker<'_, '_>, structure: &Structure, slice: 
                 if let Some(resource_type) = value.get("resourceType").and_then(Json::as_str) {
                     return types.contains(&resource_type);
                 }
+                let suffix = suffix.or(if discriminator.path == "$this" { choice_suffix } else { None });
                 match suffix {
                     // `contentAttachment`: the JSON name says the type of a choice element.
                     Some(suffix) => types.iter().any(|t| crate::definitions::type_suffix(t) == *suffix),

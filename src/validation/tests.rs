@@ -293,6 +293,30 @@ fn type_slices_are_told_apart_by_the_choice_name_and_prohibited_elements_by_abse
 }
 
 #[test]
+fn a_sliced_choice_element_picks_the_slice_its_json_name_types() {
+    // PAS slices `Claim.item.serviced[x]` this way: the value's type is only in the member name.
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/obs","name":"Obs","status":"draft","kind":"resource",
+        "abstract":false,"type":"Observation","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Observation",
+        "differential":{"element":[
+          {"path":"Observation.value[x]","slicing":{"discriminator":[{"type":"type","path":"$this"}],"rules":"closed"}},
+          {"path":"Observation.value[x]","sliceName":"valueString","type":[{"code":"string"}]},
+          {"path":"Observation.value[x]","sliceName":"valuePeriod","type":[{"code":"Period"}]},
+          {"path":"Observation.value[x].start","min":1}]}}"#;
+    let validator = validator_with_profile(profile);
+    let observation = |value: &str| {
+        format!(r#"{{"resourceType":"Observation","meta":{{"profile":["http://example.org/sd/obs"]}},"status":"final","code":{{"text":"x"}},{value}}}"#)
+    };
+    for good in [r#""valueString":"a""#, r#""valuePeriod":{"start":"2024-01-01"}"#] {
+        let report = validator.validate_bytes(observation(good).as_bytes(), &[]);
+        assert!(report.is_valid(), "{good}: {:#?}", report.issues);
+    }
+    let report = validator.validate_bytes(observation(r#""valuePeriod":{"end":"2024-01-01"}"#).as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.message.contains("'start' is required")), "{:#?}", report.issues);
+    let report = validator.validate_bytes(observation(r#""valueBoolean":true"#).as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.message.contains("matches none of the slices")), "{:#?}", report.issues);
+}
+
+#[test]
 fn profiles_declaring_the_wrong_kind_still_describe_resources() {
     let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/pat","name":"Pat","status":"draft","kind":"complex-type",
         "abstract":false,"type":"Patient","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Patient",
