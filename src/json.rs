@@ -70,10 +70,6 @@ impl Object {
         self.members.is_empty()
     }
 
-    /// Appends without checking for an existing member; the caller guarantees uniqueness.
-    fn push_unique(&mut self, name: Box<str>, value: Json) {
-        self.members.push((name, value));
-    }
 }
 
 impl FromIterator<(String, Json)> for Object {
@@ -301,7 +297,7 @@ pub struct ParseError {
 /// Parses a complete JSON document. A UTF-8 byte-order mark is accepted and skipped.
 pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut parser = Parser { bytes, pos: 0, path: Vec::new(), root_type: None };
+    let mut parser = Parser { bytes, pos: 0, path: Vec::new(), root_type: None, members: Vec::new(), items: Vec::new() };
     parser.skip_whitespace();
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -312,7 +308,8 @@ pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
 }
 
 enum PathStep {
-    Member(Box<str>),
+    /// A member, by the byte range of its name in the input: the name is only spelled out for an error.
+    Member(std::ops::Range<usize>),
     Index(usize),
 }
 
@@ -322,6 +319,10 @@ struct Parser<'a> {
     path: Vec<PathStep>,
     /// The top-level `resourceType`, once read, so error paths read `Patient.name[0]` like validation issues.
     root_type: Option<Box<str>>,
+    /// The members of the objects and the items of the arrays being read, innermost last: each
+    /// object or array is then allocated once, at its final size.
+    members: Vec<(Box<str>, Json)>,
+    items: Vec<Json>,
 }
 
 impl Parser<'_> {
@@ -333,11 +334,11 @@ impl Parser<'_> {
         let mut path = self.root_type.as_deref().unwrap_or_default().to_string();
         for step in &self.path {
             match step {
-                PathStep::Member(name) => {
+                PathStep::Member(range) => {
                     if !path.is_empty() {
                         path.push('.');
                     }
-                    path.push_str(name);
+                    path.push_str(&String::from_utf8_lossy(&self.bytes[range.clone()]));
                 }
                 PathStep::Index(i) => path.push_str(&format!("[{i}]")),
             }
@@ -356,7 +357,7 @@ impl Parser<'_> {
             None => Err(self.error("unexpected end of the document")),
             Some(b'{') => self.object(depth + 1),
             Some(b'[') => self.array(depth + 1),
-            Some(b'"') => Ok(Json::String(self.string()?.into())),
+            Some(b'"') => Ok(Json::String(self.string()?)),
             Some(b't') => self.literal("true", Json::Bool(true)),
             Some(b'f') => self.literal("false", Json::Bool(false)),
             Some(b'n') => self.literal("null", Json::Null),
@@ -385,19 +386,21 @@ impl Parser<'_> {
     fn object(&mut self, depth: usize) -> Result<Json, ParseError> {
         self.check_depth(depth)?;
         self.pos += 1;
-        let mut object = Object::new();
         self.skip_whitespace();
         if self.bytes.get(self.pos) == Some(&b'}') {
             self.pos += 1;
-            return Ok(Json::Object(object));
+            return Ok(Json::Object(Object::new()));
         }
+        let first = self.members.len();
         loop {
             self.skip_whitespace();
             if self.bytes.get(self.pos) != Some(&b'"') {
                 return Err(self.error("expected a property name in double quotes"));
             }
-            let name: Box<str> = self.string()?.into();
-            if object.get(&name).is_some() {
+            let name_start = self.pos + 1;
+            let name = self.string()?;
+            let name_range = name_start..self.pos - 1;
+            if self.members[first..].iter().any(|(k, _)| *k == name) {
                 return Err(self.error(format!("duplicate property '{name}'")));
             }
             self.skip_whitespace();
@@ -406,7 +409,7 @@ impl Parser<'_> {
             }
             self.pos += 1;
             self.skip_whitespace();
-            self.path.push(PathStep::Member(name.clone()));
+            self.path.push(PathStep::Member(name_range));
             let value = self.value(depth)?;
             self.path.pop();
             if depth == 1 && &*name == "resourceType" {
@@ -414,13 +417,14 @@ impl Parser<'_> {
                     self.root_type = Some(t.clone());
                 }
             }
-            object.push_unique(name, value);
+            self.members.push((name, value));
             self.skip_whitespace();
             match self.bytes.get(self.pos) {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
                     self.pos += 1;
-                    return Ok(Json::Object(object));
+                    let members: Vec<(Box<str>, Json)> = self.members.drain(first..).collect();
+                    return Ok(Json::Object(Object { members }));
                 }
                 _ => return Err(self.error("expected ',' or '}' in an object")),
             }
@@ -430,24 +434,24 @@ impl Parser<'_> {
     fn array(&mut self, depth: usize) -> Result<Json, ParseError> {
         self.check_depth(depth)?;
         self.pos += 1;
-        let mut items = Vec::new();
         self.skip_whitespace();
         if self.bytes.get(self.pos) == Some(&b']') {
             self.pos += 1;
-            return Ok(Json::Array(items));
+            return Ok(Json::Array(Vec::new()));
         }
+        let first = self.items.len();
         loop {
             self.skip_whitespace();
-            self.path.push(PathStep::Index(items.len()));
+            self.path.push(PathStep::Index(self.items.len() - first));
             let value = self.value(depth)?;
             self.path.pop();
-            items.push(value);
+            self.items.push(value);
             self.skip_whitespace();
             match self.bytes.get(self.pos) {
                 Some(b',') => self.pos += 1,
                 Some(b']') => {
                     self.pos += 1;
-                    return Ok(Json::Array(items));
+                    return Ok(Json::Array(self.items.drain(first..).collect()));
                 }
                 _ => return Err(self.error("expected ',' or ']' in an array")),
             }
@@ -495,8 +499,29 @@ impl Parser<'_> {
         Ok(Json::Number(text.into()))
     }
 
-    fn string(&mut self) -> Result<String, ParseError> {
+    fn string(&mut self) -> Result<Box<str>, ParseError> {
         self.pos += 1;
+        // Most strings have no escapes: read them straight into one allocation of their size.
+        let start = self.pos;
+        while let Some(&b) = self.bytes.get(self.pos) {
+            if b == b'"' || b == b'\\' || b < 0x20 {
+                break;
+            }
+            self.pos += 1;
+        }
+        if self.bytes.get(self.pos) == Some(&b'"') {
+            return match std::str::from_utf8(&self.bytes[start..self.pos]) {
+                Ok(s) => {
+                    self.pos += 1;
+                    Ok(s.into())
+                }
+                Err(e) => {
+                    self.pos = start + e.valid_up_to();
+                    Err(self.error("invalid UTF-8 in a string"))
+                }
+            };
+        }
+        self.pos = start;
         let mut out = String::new();
         loop {
             let run_start = self.pos;
@@ -519,7 +544,7 @@ impl Parser<'_> {
                 None => return Err(self.error("unterminated string")),
                 Some(b'"') => {
                     self.pos += 1;
-                    return Ok(out);
+                    return Ok(out.into_boxed_str());
                 }
                 Some(b'\\') => {
                     self.pos += 1;

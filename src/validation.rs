@@ -190,8 +190,9 @@ impl Validator {
 
 /// Drops exact repeats (the base walk and a profile walk often find the same problem), keeping order.
 fn dedupe(issues: Vec<Issue>) -> Vec<Issue> {
-    let mut seen = std::collections::HashSet::new();
-    issues.into_iter().filter(|i| seen.insert((i.severity, i.expression.clone(), i.message.clone()))).collect()
+    let mut seen = foldhash::HashSet::default();
+    let keep: Vec<bool> = issues.iter().map(|i| seen.insert((i.severity, i.expression.as_str(), i.message.as_str()))).collect();
+    issues.into_iter().zip(keep).filter_map(|(issue, keep)| keep.then_some(issue)).collect()
 }
 
 #[cfg(test)]

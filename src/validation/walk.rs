@@ -5,7 +5,7 @@
 //! pattern values, bindings, code validity, references, extensions, slicing and (through
 //! [`super::invariants`]) FHIRPath constraints.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::definitions::{BindingStrength, ElementDefinition, Structure, StructureKind};
