@@ -19,6 +19,8 @@ use super::terminology::Membership;
 use super::walk::{Scope, Walker};
 use super::{Validator, xhtml};
 
+mod shortcuts;
+
 /// Constraints not evaluated as FHIRPath, each with the reason.
 const SKIPPED: &[(&str, &str)] = &[
     // The walk refuses empty objects, arrays and strings itself, with a clearer message.
@@ -156,6 +158,10 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
                 continue;
             }
             let Some(source) = constraint.expression.as_deref() else { continue };
+            let node_is_resource = walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node));
+            if shortcuts::holds(&constraint.key, source, node, node_is_resource) {
+                continue;
+            }
             let Some(expression) = state.compiled(source) else {
                 failures.push((constraint, None));
                 continue;
