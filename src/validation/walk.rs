@@ -30,6 +30,9 @@ pub(super) struct Scope<'a> {
     pub bundle_type: Option<&'a str>,
     /// Each entry resource (by address) → its entry's fullUrl, to resolve the references it makes.
     pub entry_urls: HashMap<usize, Option<&'a str>>,
+    /// The address of the last narrative `div` whose XHTML passed its check, so that txt-1 and
+    /// txt-2 (`htmlChecks()`, evaluated right after on the same node) need not parse it again.
+    pub checked_xhtml: std::cell::Cell<usize>,
 }
 
 pub(super) struct Walker<'v, 'a> {
@@ -493,6 +496,9 @@ impl<'v, 'a> Walker<'v, 'a> {
             self.error(IssueCode::Value, problem);
             return;
         }
+        if type_code == "xhtml" {
+            self.scope.checked_xhtml.set(address(value));
+        }
         if let (Some(max), Json::String(s)) = (definition.max_length, value) {
             if s.chars().count() > max {
                 self.error(IssueCode::TooLong, format!("the value is longer than the allowed {max} characters"));
@@ -870,7 +876,7 @@ fn push_index(path: &mut String, i: usize) {
 }
 
 /// A value's address, which identifies a node of the document being walked.
-fn address(value: &Json) -> usize {
+pub(super) fn address(value: &Json) -> usize {
     value as *const Json as usize
 }
 

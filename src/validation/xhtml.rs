@@ -3,13 +3,17 @@
 use quick_xml::events::Event;
 
 /// Elements the FHIR narrative allows (basic HTML formatting only).
-const ALLOWED: &[&str] = &[
-    "a", "abbr", "acronym", "b", "big", "blockquote", "br", "caption", "cite", "code", "col", "colgroup", "dd", "dfn", "div", "dl", "dt",
-    "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "i", "img", "kbd", "li", "ol", "p", "pre", "q", "samp", "small", "span", "strong",
-    "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "tt", "ul", "var", "s", "u", "strike", "del", "ins", "address",
-    "center", "font", "label", "bdo", "wbr", "section", "article", "header", "footer", "nav", "aside", "figure", "figcaption", "mark",
-    "time", "small",
-];
+fn is_allowed(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"a" | b"abbr" | b"acronym" | b"b" | b"big" | b"blockquote" | b"br" | b"caption" | b"cite" | b"code" | b"col" |
+        b"colgroup" | b"dd" | b"dfn" | b"div" | b"dl" | b"dt" | b"em" | b"h1" | b"h2" | b"h3" | b"h4" | b"h5" | b"h6" | b"hr" |
+        b"i" | b"img" | b"kbd" | b"li" | b"ol" | b"p" | b"pre" | b"q" | b"samp" | b"small" | b"span" | b"strong" | b"sub" |
+        b"sup" | b"table" | b"tbody" | b"td" | b"tfoot" | b"th" | b"thead" | b"tr" | b"tt" | b"ul" | b"var" | b"s" | b"u" |
+        b"strike" | b"del" | b"ins" | b"address" | b"center" | b"font" | b"label" | b"bdo" | b"wbr" | b"section" | b"article" |
+        b"header" | b"footer" | b"nav" | b"aside" | b"figure" | b"figcaption" | b"mark" | b"time"
+    )
+}
 
 /// Checks a `Narrative.div` value.
 pub fn check(text: &str) -> Result<(), String> {
@@ -56,24 +60,29 @@ pub fn check(text: &str) -> Result<(), String> {
 }
 
 fn check_element(e: &quick_xml::events::BytesStart<'_>, is_root: bool) -> Result<(), String> {
-    let name = String::from_utf8_lossy(e.local_name().as_ref()).to_string();
-    if !ALLOWED.contains(&name.as_str()) {
-        return Err(format!("illegal element name in the narrative: '{name}'"));
+    let name = e.local_name();
+    if !is_allowed(name.as_ref()) {
+        return Err(format!("illegal element name in the narrative: '{}'", String::from_utf8_lossy(name.as_ref())));
     }
     let mut has_namespace = false;
     for attribute in e.attributes() {
         let attribute = attribute.map_err(|err| format!("the narrative is not well-formed XHTML: {err}"))?;
-        let key = String::from_utf8_lossy(attribute.key.as_ref()).to_lowercase();
-        let value = String::from_utf8_lossy(&attribute.value).to_string();
-        if key == "xmlns" {
-            if value != "http://www.w3.org/1999/xhtml" {
+        let key = attribute.key.as_ref();
+        let value = &*attribute.value;
+        if key.eq_ignore_ascii_case(b"xmlns") {
+            if value != b"http://www.w3.org/1999/xhtml" {
                 return Err("the narrative <div> must be in the XHTML namespace".to_string());
             }
             has_namespace = true;
-        } else if key.starts_with("on") {
+        } else if key.len() >= 2 && key[..2].eq_ignore_ascii_case(b"on") {
+            let key = String::from_utf8_lossy(key).to_lowercase();
             return Err(format!("illegal attribute in the narrative: '{key}' (event handlers are not allowed)"));
-        } else if (key == "href" || key == "src") && value.trim_start().to_lowercase().starts_with("javascript:") {
-            return Err(format!("illegal {key} in the narrative: scripts are not allowed"));
+        } else if key.eq_ignore_ascii_case(b"href") || key.eq_ignore_ascii_case(b"src") {
+            let start = value.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(value.len());
+            if value[start..].len() >= 11 && value[start..start + 11].eq_ignore_ascii_case(b"javascript:") {
+                let key = String::from_utf8_lossy(key).to_lowercase();
+                return Err(format!("illegal {key} in the narrative: scripts are not allowed"));
+            }
         }
     }
     if is_root && !has_namespace {
