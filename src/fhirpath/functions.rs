@@ -688,7 +688,9 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         })
     }
 
-    fn regex(&self, call: &Call, pattern: &str, full: bool) -> R<regex::Regex> {
+    /// The compiled pattern; a literal one is borrowed from the expression, because a cloned
+    /// `Regex` would start with empty matching caches on every call.
+    fn regex<'e>(&self, call: &'e Call, pattern: &str, full: bool) -> R<std::borrow::Cow<'e, regex::Regex>> {
         let build = |pattern: &str| {
             let source = if full { format!("(?s)^(?:{pattern})$") } else { format!("(?s){pattern}") };
             regex::RegexBuilder::new(&source).size_limit(1 << 20).build()
@@ -697,10 +699,10 @@ impl<'c, 'a> Evaluator<'c, 'a> {
         if let Some(Expr { kind: ExprKind::String(literal), .. }) = call.args.first()
             && &**literal == pattern
         {
-            let compiled = call.regex.get_or_init(|| build(pattern).ok()).clone();
-            return compiled.ok_or_else(|| EvalError::new(format!("invalid regular expression '{pattern}'")));
+            let compiled = call.regex.get_or_init(|| build(pattern).ok()).as_ref();
+            return compiled.map(std::borrow::Cow::Borrowed).ok_or_else(|| EvalError::new(format!("invalid regular expression '{pattern}'")));
         }
-        build(pattern).map_err(|e| EvalError::new(format!("invalid regular expression '{pattern}': {e}")))
+        build(pattern).map(std::borrow::Cow::Owned).map_err(|e| EvalError::new(format!("invalid regular expression '{pattern}': {e}")))
     }
 }
 

@@ -115,19 +115,43 @@ fn is_uuid(text: &str) -> bool {
 }
 
 fn is_base64(text: &str) -> bool {
-    let mut n = 0;
-    let mut padding = 0;
-    for b in text.bytes() {
-        match b {
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            b'=' => padding += 1,
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'+' | b'/' if padding == 0 => {}
-            _ => return false,
-        }
-        n += 1;
+    let bytes = text.as_bytes();
+    // Padding may only end the text, whitespace aside.
+    let body_end = bytes.iter().rposition(|b| !matches!(b, b'=' | b' ' | b'\n' | b'\r' | b'\t')).map_or(0, |p| p + 1);
+    let (body, tail) = bytes.split_at(body_end);
+    // Branch-free over the body, which is most of a large attachment.
+    let mut valid = true;
+    let mut n = 0usize;
+    for &b in body {
+        let class = BASE64_CLASS[usize::from(b)];
+        valid &= class != INVALID;
+        n += usize::from(class == ALPHABET);
     }
-    n % 4 == 0 && padding <= 2
+    let padding = tail.iter().filter(|&&b| b == b'=').count();
+    valid && (n + padding) % 4 == 0 && padding <= 2
 }
+
+const INVALID: u8 = 0;
+const ALPHABET: u8 = 1;
+const SPACE: u8 = 2;
+
+/// Each byte's class in base64 text: alphabet, whitespace (ignored) or invalid.
+static BASE64_CLASS: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = if c.is_ascii_alphanumeric() || c == b'+' || c == b'/' {
+            ALPHABET
+        } else if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+            SPACE
+        } else {
+            INVALID
+        };
+        b += 1;
+    }
+    table
+};
 
 /// The number of bytes base64 text decodes to (whitespace ignored), or `None` when it is not valid base64.
 pub(super) fn base64_decoded_len(text: &str) -> Option<u64> {
@@ -228,6 +252,7 @@ mod tests {
         assert!(ok("oid", "urn:oid:1.2.3") && !ok("oid", "urn:oid:3.1") && !ok("oid", "1.2.3"));
         assert!(ok("uuid", "urn:uuid:a76d9bbf-f293-4fb7-ad4c-2851cac77162") && !ok("uuid", "urn:uuid:xyz"));
         assert!(ok("base64Binary", "aGVsbG8=") && !ok("base64Binary", "aGVsbG8") && !ok("base64Binary", "a$=="));
+        assert!(!ok("base64Binary", "aG=sbG8=") && !ok("base64Binary", "aGVs====") && ok("base64Binary", "aGVs bG8h\n") && !ok("base64Binary", "aGVsbG8h==="));
         assert_eq!((base64_decoded_len("aGVsbG8="), base64_decoded_len("aGVs\nbG8h"), base64_decoded_len("aA==")), (Some(5), Some(6), Some(1)));
         assert!(ok("time", "10:00:00") && ok("time", "10:00:00.5") && !ok("time", "10:00"));
         assert!(!ok("uri", "a b") && !ok("string", "") && !ok("string", "   "));
