@@ -26,31 +26,36 @@ struct Corpus {
 fn main() {
     let corpora = [load_synthea(), load_folder("hl7-examples", &Path::new(CORPUS).join("hl7-examples/resources"))];
     let validator = Validator::new(std::sync::Arc::new(Definitions::new_default()));
-    println!("single thread, best of 3 passes; ratio = validation throughput / serde_json::Value parse throughput");
+    println!("single thread, best of {ROUNDS} interleaved rounds; ratio = validation throughput / serde_json::Value parse throughput");
     println!("{:<14} {:>8} {:>9} {:>10} {:>14} {:>14} {:>14} {:>7} {:>12}", "corpus", "files", "MB", "resources", "serde MB/s", "reader MB/s", "validate MB/s", "ratio", "resources/s");
     for corpus in &corpora {
         let bytes: usize = corpus.documents.iter().map(Vec::len).sum();
         let resources: usize = corpus.documents.iter().filter_map(|d| json::parse(d).ok()).map(|j| count_resources(&j)).sum();
-        let serde = best_of(3, || {
-            for d in &corpus.documents {
-                let value: Result<serde_json::Value, _> = serde_json::from_slice(d);
-                std::hint::black_box(value.is_ok());
-            }
-        });
-        let reader = best_of(3, || {
-            for d in &corpus.documents {
-                std::hint::black_box(json::parse(d).is_ok());
-            }
-        });
+        // Rounds interleave the three measurements, so that a burst of load from elsewhere on the
+        // machine hits one round of each rather than all passes of one.
+        let (mut serde, mut reader, mut validate) = (Duration::MAX, Duration::MAX, Duration::MAX);
         let mut n_invalid = 0;
-        let validate = best_of(3, || {
-            n_invalid = 0;
-            for d in &corpus.documents {
-                if !validator.validate_bytes(d, &[]).is_valid() {
-                    n_invalid += 1;
+        for _ in 0..ROUNDS {
+            serde = serde.min(timed(|| {
+                for d in &corpus.documents {
+                    let value: Result<serde_json::Value, _> = serde_json::from_slice(d);
+                    std::hint::black_box(value.is_ok());
                 }
-            }
-        });
+            }));
+            reader = reader.min(timed(|| {
+                for d in &corpus.documents {
+                    std::hint::black_box(json::parse(d).is_ok());
+                }
+            }));
+            validate = validate.min(timed(|| {
+                n_invalid = 0;
+                for d in &corpus.documents {
+                    if !validator.validate_bytes(d, &[]).is_valid() {
+                        n_invalid += 1;
+                    }
+                }
+            }));
+        }
         let mb = bytes as f64 / 1e6;
         println!(
             "{:<14} {:>8} {:>9.1} {:>10} {:>14.1} {:>14.1} {:>14.1} {:>7.2} {:>12.0}   ({n_invalid} invalid)",
@@ -100,15 +105,13 @@ fn process_figures(corpora: &[Corpus]) {
     }
 }
 
-fn best_of(n: usize, mut f: impl FnMut()) -> Duration {
-    (0..n)
-        .map(|_| {
-            let started = Instant::now();
-            f();
-            started.elapsed()
-        })
-        .min()
-        .unwrap_or_default()
+/// How many rounds each corpus is measured in; each figure is the best round.
+const ROUNDS: usize = 5;
+
+fn timed(mut f: impl FnMut()) -> Duration {
+    let started = Instant::now();
+    f();
+    started.elapsed()
 }
 
 fn count_resources(json: &Json) -> usize {

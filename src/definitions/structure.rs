@@ -38,6 +38,9 @@ pub struct Structure {
     /// For each element, its unsliced children by JSON member name (`valueQuantity` too), with the
     /// index of the type a choice suffix selects: the walk looks up every member of every object here.
     json_children: Vec<HashMap<Box<str>, (usize, Option<usize>)>>,
+    /// For each element, its unsliced children whose number of values is limited: a minimum above
+    /// zero, or a maximum on a repeating element. Only these need counting on every object.
+    counted_children: Vec<Vec<usize>>,
 }
 
 /// One `StructureDefinition.context` of an extension definition.
@@ -201,6 +204,16 @@ impl Structure {
             .unwrap_or_default();
         let (children, by_path) = index_children(&elements);
         let json_children = index_json_names(&elements, &children);
+        let counted_children = children
+            .iter()
+            .map(|kids| {
+                let counted = |&&c: &&usize| {
+                    let e: &ElementDefinition = &elements[c];
+                    e.slice_name.is_none() && (e.min > 0 || (e.max.is_some() && e.base_max_is_many))
+                };
+                kids.iter().filter(counted).copied().collect()
+            })
+            .collect();
         Ok(Structure {
             url,
             version: text("version"),
@@ -216,6 +229,7 @@ impl Structure {
             children,
             by_path,
             json_children,
+            counted_children,
         })
     }
 
@@ -231,6 +245,11 @@ impl Structure {
     /// Direct children of an element, slices included.
     pub fn children(&self, index: usize) -> &[usize] {
         self.children.get(index).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The unsliced children of an element with a minimum above zero or a maximum on a repeating element.
+    pub fn counted_children(&self, index: usize) -> &[usize] {
+        self.counted_children.get(index).map(Vec::as_slice).unwrap_or_default()
     }
 
     /// The first unsliced element with this path.

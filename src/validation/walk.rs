@@ -55,6 +55,8 @@ pub(super) struct Walker<'v, 'a> {
     next_holder_type: Option<String>,
     /// What FHIRPath evaluation of invariants keeps between elements (the memoized type model).
     pub invariants: super::invariants::State<'v>,
+    /// Emptied `seen` lists of finished objects, reused so that an object costs no allocation.
+    seen_pool: Vec<Vec<(usize, usize, &'a str)>>,
 }
 
 /// An element that has extensions, while they are walked: what their contexts are checked against.
@@ -76,7 +78,7 @@ enum Kind {
 
 impl<'v, 'a> Walker<'v, 'a> {
     pub fn new(validator: &'v Validator, path: String) -> Self {
-        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new(), invariants: super::invariants::State::new(validator), holders: Vec::new(), extension_urls: Vec::new(), next_holder_type: None }
+        Self { validator, issues: Vec::new(), path, resource_depth: 0, contained: Vec::new(), scope: Scope::default(), resources: Vec::new(), resource_starts: Vec::new(), invariants: super::invariants::State::new(validator), holders: Vec::new(), extension_urls: Vec::new(), next_holder_type: None, seen_pool: Vec::new() }
     }
 
     /// `%rootResource`: the resource containing the innermost one when that one is contained, else the innermost one.
@@ -209,7 +211,7 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
         let is_resource_root = element == 0 && structure.kind == StructureKind::Resource;
         // (child index, number of values, the JSON name first seen for it)
-        let mut seen: Vec<(usize, usize, &'a str)> = Vec::new();
+        let mut seen = self.seen_pool.pop().unwrap_or_default();
         let base_len = self.path.len();
         for (name, value) in object.iter() {
             if is_resource_root && name == "resourceType" {
@@ -256,6 +258,8 @@ impl<'v, 'a> Walker<'v, 'a> {
         }
         self.cardinality(structure, element, &seen);
         self.slicing(structure, element, object, &seen);
+        seen.clear();
+        self.seen_pool.push(seen);
         let definition = &structure.elements[element];
         if !definition.constraints.is_empty() {
             super::invariants::check(self, definition, node, type_code);
@@ -786,11 +790,8 @@ impl<'v, 'a> Walker<'v, 'a> {
     }
 
     fn cardinality(&mut self, structure: &Structure, element: usize, seen: &[(usize, usize, &str)]) {
-        for &child in structure.children(element) {
+        for &child in structure.counted_children(element) {
             let definition = &structure.elements[child];
-            if definition.slice_name.is_some() {
-                continue;
-            }
             let count = seen.iter().find(|(c, _, _)| *c == child).map_or(0, |(_, n, _)| *n);
             if (count as u64) < u64::from(definition.min) {
                 let name = if definition.is_choice() { format!("{}[x]", definition.name) } else { definition.name.clone() };
