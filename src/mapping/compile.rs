@@ -196,15 +196,15 @@ impl Compiler<'_, '_> {
             rules: Vec::new(),
         };
         match direction {
-            Direction::ToFhir => self.to_fhir(&spec, &mut plan),
-            Direction::FromFhir => self.from_fhir(&spec, &mut plan),
+            Direction::ToFhir => self.compile_to_fhir(&spec, &mut plan),
+            Direction::FromFhir => self.compile_from_fhir(&spec, &mut plan),
         }
         plan
     }
 
     // ----- IOP → FHIR -----
 
-    fn to_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
+    fn compile_to_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
         if !spec.rules.is_empty() || spec.focus.is_some() {
             self.problem(0..0, "", "a to-fhir mapping lists its rules under [[resource]], and has no 'focus'");
         }
@@ -252,7 +252,7 @@ impl Compiler<'_, '_> {
             });
             let mut rules = Vec::new();
             for rule in &resource.rules {
-                if let Some(compiled) = self.to_fhir_rule(rule, &structures, plan, &names, each.as_ref(), n_bound) {
+                if let Some(compiled) = self.compile_to_fhir_rule(rule, &structures, plan, &names, each.as_ref(), n_bound) {
                     rules.push(compiled);
                 }
             }
@@ -284,7 +284,7 @@ impl Compiler<'_, '_> {
         }
     }
 
-    fn to_fhir_rule(
+    fn compile_to_fhir_rule(
         &mut self,
         rule: &toml::Spanned<RuleSpec>,
         structures: &[Arc<Structure>],
@@ -623,7 +623,7 @@ impl Compiler<'_, '_> {
 
     // ----- FHIR → IOP -----
 
-    fn from_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
+    fn compile_from_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
         if !spec.resource.is_empty() {
             self.problem(0..0, "", "a from-fhir mapping has 'focus' and [[rules]], not [[resource]]");
         }
