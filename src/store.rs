@@ -71,7 +71,7 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// One stored version of a resource with what authorization needs to know about it.
+/// One version of a resource, stored or about to be written, with what authorization needs to know about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
     pub resource_type: String,
@@ -95,21 +95,6 @@ impl Stored {
     pub fn reference(&self) -> String {
         format!("{}/{}", self.resource_type, self.id)
     }
-}
-
-/// A version about to be written.
-#[derive(Clone, Debug)]
-pub struct Write {
-    pub resource_type: String,
-    pub id: String,
-    pub version: i64,
-    pub last_updated: String,
-    pub body: String,
-    pub parties: Vec<String>,
-    pub labels: Vec<String>,
-    pub created_by: String,
-    pub method: &'static str,
-    pub index: Vec<IndexEntry>,
 }
 
 /// One audit trail row: indexed columns plus the AuditEvent JSON.
@@ -429,8 +414,8 @@ impl Tx {
         query::search(&mut self.inner, resource_type, query, party, false).await
     }
 
-    /// Writes a version: version 1 must not exist yet; version n replaces exactly version n-1.
-    pub async fn write(&mut self, w: &Write) -> Result<(), StoreError> {
+    /// Writes a version and its search index: version 1 must not exist yet; version n replaces exactly version n-1.
+    pub async fn write(&mut self, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
         let parties = w.parties.join(" ");
         let labels = w.labels.join(" ");
         if w.version == 1 {
@@ -475,14 +460,14 @@ impl Tx {
         .bind(w.id.as_str())
         .bind(w.version)
         .bind(w.last_updated.as_str())
-        .bind(w.method)
+        .bind(w.method.as_str())
         .bind(w.body.as_str())
         .bind(parties.as_str())
         .bind(labels.as_str())
         .bind(w.created_by.as_str())
         .execute(&mut *self.inner)
         .await?;
-        query::insert_index(&mut self.inner, w).await
+        query::insert_index(&mut self.inner, w, index).await
     }
 
     /// Appends to the audit trail in the same transaction as the change it records.

@@ -4,7 +4,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Executor, Row};
 
-use super::{AuditRow, COLUMNS, Store, StoreError, Write, stored};
+use super::{AuditRow, COLUMNS, Store, StoreError, Stored, stored};
 use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query};
 
 /// A value to bind to a `$n` placeholder.
@@ -148,7 +148,7 @@ pub(super) async fn search(
     query: &Query,
     party: Option<&str>,
     with_total: bool,
-) -> Result<(i64, Vec<super::Stored>), StoreError> {
+) -> Result<(i64, Vec<Stored>), StoreError> {
     let total = if with_total {
         let mut sql = Sql::default();
         sql.push("SELECT COUNT(*) FROM resources r");
@@ -183,7 +183,7 @@ pub(super) async fn search(
     Ok((total, found))
 }
 
-pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Write) -> Result<(), StoreError> {
+pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
     let mut tokens = Vec::new();
     let mut dates = Vec::new();
     for party in &w.parties {
@@ -192,7 +192,7 @@ pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Write) -> Result<
     for label in &w.labels {
         tokens.push(("_security", "", label.as_str()));
     }
-    for entry in &w.index {
+    for entry in index {
         match entry {
             IndexEntry::Token { param, system, value } => tokens.push((param, system.as_str(), value.as_str())),
             IndexEntry::Date { param, low, high } => dates.push((*param, low.as_str(), high.as_str())),
@@ -301,7 +301,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
 
 impl Store {
     /// Runs one statement of test or benchmark set-up SQL (used by the benchmark's bare-insert baseline).
-    pub async fn bare_insert(&self, table_row: &Write) -> Result<(), StoreError> {
+    pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(table_row.resource_type.clone())
             .bind(table_row.id.clone())
