@@ -419,19 +419,7 @@ impl Tx {
         let parties = w.parties.join(" ");
         let labels = w.labels.join(" ");
         if w.version == 1 {
-            sqlx::query(
-                "INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(w.resource_type.as_str())
-            .bind(w.id.as_str())
-            .bind(w.version)
-            .bind(w.last_updated.as_str())
-            .bind(w.body.as_str())
-            .bind(parties.as_str())
-            .bind(labels.as_str())
-            .bind(w.created_by.as_str())
-            .execute(&mut *self.inner)
-            .await?;
+            query::insert_resource(&mut *self.inner, w).await?;
         } else {
             let done = sqlx::query(
                 "UPDATE resources SET version = $3, last_updated = $4, body = $5, parties = $6, labels = $7 WHERE type = $1 AND id = $2 AND version = $8",

@@ -184,46 +184,37 @@ pub(super) async fn search(
 }
 
 pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
+    let (resource_type, id) = (w.resource_type.as_str(), w.id.as_str());
     let mut tokens = Vec::new();
     let mut dates = Vec::new();
     for party in &w.parties {
-        tokens.push(("_party", "", party.as_str()));
+        tokens.push([resource_type, id, "_party", "", party.as_str()]);
     }
     for label in &w.labels {
-        tokens.push(("_security", "", label.as_str()));
+        tokens.push([resource_type, id, "_security", "", label.as_str()]);
     }
     for entry in index {
         match entry {
-            IndexEntry::Token { param, system, value } => tokens.push((param, system.as_str(), value.as_str())),
-            IndexEntry::Date { param, low, high } => dates.push((*param, low.as_str(), high.as_str())),
+            IndexEntry::Token { param, system, value } => tokens.push([resource_type, id, param, system.as_str(), value.as_str()]),
+            IndexEntry::Date { param, low, high } => dates.push([resource_type, id, param, low.as_str(), high.as_str()]),
         }
     }
-    // Multi-row inserts keep a write to a few statements whatever the number of index values.
-    for chunk in tokens.chunks(100) {
+    insert_rows(conn, "INSERT INTO search_tokens (type, id, param, system, value) VALUES ", &tokens).await?;
+    insert_rows(conn, "INSERT INTO search_dates (type, id, param, low, high) VALUES ", &dates).await
+}
+
+/// Inserts rows of text values; multi-row inserts keep a write to a few statements whatever the number of index values.
+async fn insert_rows<const N: usize>(conn: &mut AnyConnection, insert: &str, rows: &[[&str; N]]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(100) {
         let mut sql = Sql::default();
-        sql.push("INSERT INTO search_tokens (type, id, param, system, value) VALUES ");
-        for (i, (param, system, value)) in chunk.iter().enumerate() {
+        sql.push(insert);
+        for (i, row) in chunk.iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, system, value].iter().enumerate() {
+            for (j, value) in row.iter().enumerate() {
                 if j > 0 {
                     sql.push(", ");
                 }
-                sql.text(v);
-            }
-            sql.push(")");
-        }
-        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
-    }
-    for chunk in dates.chunks(100) {
-        let mut sql = Sql::default();
-        sql.push("INSERT INTO search_dates (type, id, param, low, high) VALUES ");
-        for (i, (param, low, high)) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, low, high].iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.text(v);
+                sql.text(value);
             }
             sql.push(")");
         }
@@ -299,20 +290,25 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     Ok((total, rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?))
 }
 
+/// Inserts the first version of a resource into `resources` (not its history or index).
+pub(super) async fn insert_resource<'e, E: Executor<'e, Database = Any>>(executor: E, w: &'e Stored) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(w.resource_type.as_str())
+        .bind(w.id.as_str())
+        .bind(w.version)
+        .bind(w.last_updated.as_str())
+        .bind(w.body.as_str())
+        .bind(w.parties.join(" "))
+        .bind(w.labels.join(" "))
+        .bind(w.created_by.as_str())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 impl Store {
-    /// Runs one statement of test or benchmark set-up SQL (used by the benchmark's bare-insert baseline).
+    /// Inserts a row into `resources` alone, outside any transaction (the benchmark's bare-insert baseline).
     pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-            .bind(table_row.resource_type.clone())
-            .bind(table_row.id.clone())
-            .bind(table_row.version)
-            .bind(table_row.last_updated.clone())
-            .bind(table_row.body.clone())
-            .bind(table_row.parties.join(" "))
-            .bind(table_row.labels.join(" "))
-            .bind(table_row.created_by.clone())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        insert_resource(&self.writer, table_row).await
     }
 }
