@@ -347,11 +347,7 @@ impl Compiler<'_, '_> {
             if path.steps.last() != Some(&Step::Each) {
                 self.problem(position.span(), position.get_ref(), "'position' numbers the elements of a record array: its path ends with [*]");
             }
-            let n_free = path.n_each().saturating_sub(n_bound.min(path.n_each()));
-            if n_free != target.n_each() {
-                let message = format!("the source has {n_free} unbound [*] but the target has {}", target.n_each());
-                self.problem(rule.span(), &target_text, message);
-            }
+            self.check_unbound(rule.span(), &target_text, "the source", path.n_each().saturating_sub(n_bound), &target);
             if !matches!(leaf.type_code.as_str(), "positiveInt" | "integer" | "unsignedInt") {
                 self.problem(position.span(), &target_text, format!("a 'position' fills a positiveInt or integer, not a {}", leaf.type_code));
             }
@@ -396,11 +392,7 @@ impl Compiler<'_, '_> {
             let path = self.record_path(from.span(), from.get_ref())?;
             let source_type = self.schema_type(from.span(), &path)?;
             self.check_each_prefix(from.span(), &path, each);
-            let n_free = path.n_each().saturating_sub(n_bound.min(path.n_each()));
-            if n_free != target.n_each() {
-                let message = format!("the source has {n_free} unbound [*] but the target has {}", target.n_each());
-                self.problem(rule.span(), &target_text, message);
-            }
+            self.check_unbound(rule.span(), &target_text, "the source", path.n_each().saturating_sub(n_bound), &target);
             let mut wrap = false;
             let source_type = narrow(source_type, &path, when.as_ref());
             match &spec.codes {
@@ -433,11 +425,8 @@ impl Compiler<'_, '_> {
                     }
                     // With a [*] target, the template's unbound [*] gives one reference per element.
                     let id = self.template_with(id.span(), id.get_ref(), each, target.n_each())?;
-                    let n_free = id.parts.iter().filter_map(|p| if let TemplatePart::Value(p) = p { Some(p.n_each()) } else { None }).max().unwrap_or(0).saturating_sub(n_bound);
-                    if n_free != target.n_each() {
-                        let message = format!("the id template has {n_free} unbound [*] but the target has {}", target.n_each());
-                        self.problem(rule.span(), &target_text, message);
-                    }
+                    let n_each = id.parts.iter().filter_map(|p| if let TemplatePart::Value(p) = p { Some(p.n_each()) } else { None }).max().unwrap_or(0);
+                    self.check_unbound(rule.span(), &target_text, "the id template", n_each.saturating_sub(n_bound), &target);
                     Source::TypedRef { resource_type: name.clone(), id }
                 }
                 None => {
@@ -783,6 +772,13 @@ impl Compiler<'_, '_> {
                 self.problem(span, &path.to_string(), message);
                 None
             }
+        }
+    }
+
+    /// Each [*] of a source that the resource's `each` leaves unbound fills one [*] of the target.
+    fn check_unbound(&mut self, span: std::ops::Range<usize>, target_text: &str, source: &str, n_free: usize, target: &Path) {
+        if n_free != target.n_each() {
+            self.problem(span, target_text, format!("{source} has {n_free} unbound [*] but the target has {}", target.n_each()));
         }
     }
 
