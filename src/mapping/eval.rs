@@ -357,7 +357,7 @@ fn apply_to_fhir(
                 if let Some(target) = targets.iter().find(|t| t.binding == bound)
                     && holds(&[])
                 {
-                    set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
+                    set(json, &rule.target.steps, &[], reference(&target.id));
                 }
             } else if rule.target.n_each() > 0 {
                 // Two reference rules into one list (`hasMember[*]`: the items, then the total; or
@@ -365,13 +365,13 @@ fn apply_to_fhir(
                 let offset = filled_len(json, &rule.target.steps);
                 for (i, target) in targets.iter().enumerate() {
                     if holds(&[]) {
-                        set(json, &rule.target.steps, &[offset + i], reference(&plan_type(plan, name), &target.id));
+                        set(json, &rule.target.steps, &[offset + i], reference(&target.id));
                     }
                 }
             } else if let Some(target) = targets.first()
                 && holds(&[])
             {
-                set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
+                set(json, &rule.target.steps, &[], reference(&target.id));
             }
         }
         Source::TypedRef { resource_type, id } => {
@@ -396,7 +396,7 @@ fn apply_to_fhir(
                     if let Some(first) = at.first_mut() {
                         *first += offset;
                     }
-                    set(json, &rule.target.steps, &at, reference(resource_type, &resource_id(namespace, resource_type, &identity)));
+                    set(json, &rule.target.steps, &at, reference(&resource_id(namespace, resource_type, &identity)));
                 }
             }
         }
@@ -422,7 +422,7 @@ fn plan_type(plan: &Plan, name: &str) -> String {
 }
 
 /// A Reference to a resource of the same Bundle (entries use `urn:uuid:<id>` full URLs).
-fn reference(_resource_type: &str, id: &str) -> Json {
+fn reference(id: &str) -> Json {
     let mut object = Object::new();
     object.insert("reference", Json::string(format!("urn:uuid:{id}")));
     Json::Object(object)
