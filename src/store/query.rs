@@ -45,6 +45,16 @@ impl Sql {
     fn text(&mut self, value: &str) {
         self.bind(Bind::Text(value.to_string()));
     }
+
+    /// Appends `each(item)` for every item, with `separator` between them.
+    fn push_joined<T>(&mut self, items: impl IntoIterator<Item = T>, separator: &str, mut each: impl FnMut(&mut Sql, T)) {
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.push(separator);
+            }
+            each(self, item);
+        }
+    }
 }
 
 fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option<&str>) {
@@ -59,22 +69,14 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option
         match clause {
             Clause::Id(ids) => {
                 sql.push(" AND r.id IN (");
-                for (i, id) in ids.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(", ");
-                    }
-                    sql.text(id);
-                }
+                sql.push_joined(ids, ", ", |sql, id| sql.text(id));
                 sql.push(")");
             }
             Clause::Token { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND t.param = ");
                 sql.text(param);
                 sql.push(" AND (");
-                for (i, m) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(" OR ");
-                    }
+                sql.push_joined(any, " OR ", |sql, m| {
                     sql.push("(1 = 1");
                     if let Some(system) = &m.system {
                         sql.push(" AND t.system = ");
@@ -85,19 +87,14 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option
                         sql.text(value);
                     }
                     sql.push(")");
-                }
+                });
                 sql.push("))");
             }
             Clause::Date { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_dates d WHERE d.type = r.type AND d.id = r.id AND d.param = ");
                 sql.text(param);
                 sql.push(" AND (");
-                for (i, m) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(" OR ");
-                    }
-                    date_condition(sql, m);
-                }
+                sql.push_joined(any, " OR ", date_condition);
                 sql.push("))");
             }
         }
@@ -208,16 +205,11 @@ async fn insert_rows<const N: usize>(conn: &mut AnyConnection, insert: &str, row
     for chunk in rows.chunks(100) {
         let mut sql = Sql::default();
         sql.push(insert);
-        for (i, row) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, value) in row.iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.text(value);
-            }
+        sql.push_joined(chunk, ", ", |sql, row| {
+            sql.push("(");
+            sql.push_joined(row, ", ", |sql, value| sql.text(value));
             sql.push(")");
-        }
+        });
         bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
     }
     Ok(())
