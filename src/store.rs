@@ -267,17 +267,16 @@ impl Store {
         let started = Instant::now();
         let mut out = Vec::new();
         for chunk in keys.chunks(100) {
-            let mut sql = format!("SELECT {COLUMNS} FROM resources WHERE ");
-            let mut binds = Vec::new();
-            for (i, (resource_type, id)) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(" OR ");
-                }
-                sql.push_str(&format!("(type = ${} AND id = ${})", binds.len() + 1, binds.len() + 2));
-                binds.push(Bind::Text(resource_type.clone()));
-                binds.push(Bind::Text(id.clone()));
-            }
-            let rows = query::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &binds).fetch_all(&self.reader).await?;
+            let mut sql = query::Sql::default();
+            sql.push(&format!("SELECT {COLUMNS} FROM resources WHERE "));
+            sql.push_joined(chunk, " OR ", |sql, (resource_type, id)| {
+                sql.push("(type = ");
+                sql.text(resource_type);
+                sql.push(" AND id = ");
+                sql.text(id);
+                sql.push(")");
+            });
+            let rows = sql.into_query().fetch_all(&self.reader).await?;
             for row in &rows {
                 out.push(stored(row, Some("PUT".into()))?);
             }
@@ -290,13 +289,15 @@ impl Store {
     pub async fn references(&self, resource_type: &str, ids: &[String], param: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for chunk in ids.chunks(200) {
-            let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
-            let sql = format!("SELECT DISTINCT value FROM search_tokens WHERE type = $1 AND param = $2 AND id IN ({})", placeholders.join(", "));
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type.to_string()).bind(param.to_string());
-            for id in chunk {
-                q = q.bind(id.clone());
-            }
-            for row in q.fetch_all(&self.reader).await? {
+            let mut sql = query::Sql::default();
+            sql.push("SELECT DISTINCT value FROM search_tokens WHERE type = ");
+            sql.text(resource_type);
+            sql.push(" AND param = ");
+            sql.text(param);
+            sql.push(" AND id IN (");
+            sql.push_joined(chunk, ", ", |sql, id| sql.text(id));
+            sql.push(")");
+            for row in sql.into_query().fetch_all(&self.reader).await? {
                 let value: String = row.try_get(0)?;
                 if !out.contains(&value) {
                     out.push(value);

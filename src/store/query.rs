@@ -14,25 +14,15 @@ pub enum Bind {
     Int(i64),
 }
 
-pub(super) fn bind_all<'q>(mut q: sqlx::query::Query<'q, Any, AnyArguments>, binds: &[Bind]) -> sqlx::query::Query<'q, Any, AnyArguments> {
-    for bind in binds {
-        q = match bind {
-            Bind::Text(s) => q.bind(s.clone()),
-            Bind::Int(i) => q.bind(*i),
-        };
-    }
-    q
-}
-
 /// Accumulates SQL text and its bound values, numbering placeholders.
 #[derive(Default)]
-struct Sql {
+pub(super) struct Sql {
     text: String,
     binds: Vec<Bind>,
 }
 
 impl Sql {
-    fn push(&mut self, text: &str) {
+    pub(super) fn push(&mut self, text: &str) {
         self.text.push_str(text);
     }
 
@@ -42,18 +32,30 @@ impl Sql {
         self.text.push_str(&format!("${}", self.binds.len()));
     }
 
-    fn text(&mut self, value: &str) {
+    pub(super) fn text(&mut self, value: &str) {
         self.bind(Bind::Text(value.to_string()));
     }
 
     /// Appends `each(item)` for every item, with `separator` between them.
-    fn push_joined<T>(&mut self, items: impl IntoIterator<Item = T>, separator: &str, mut each: impl FnMut(&mut Sql, T)) {
+    pub(super) fn push_joined<T>(&mut self, items: impl IntoIterator<Item = T>, separator: &str, mut each: impl FnMut(&mut Sql, T)) {
         for (i, item) in items.into_iter().enumerate() {
             if i > 0 {
                 self.push(separator);
             }
             each(self, item);
         }
+    }
+
+    /// The statement with its values bound.
+    pub(super) fn into_query(self) -> sqlx::query::Query<'static, Any, AnyArguments> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.text));
+        for bind in self.binds {
+            query = match bind {
+                Bind::Text(s) => query.bind(s),
+                Bind::Int(i) => query.bind(i),
+            };
+        }
+        query
     }
 }
 
@@ -150,7 +152,7 @@ pub(super) async fn search(
         let mut sql = Sql::default();
         sql.push("SELECT COUNT(*) FROM resources r");
         where_clause(&mut sql, resource_type, query, party);
-        let row = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_one(&mut *conn).await?;
+        let row = sql.into_query().fetch_one(&mut *conn).await?;
         row.try_get::<i64, _>(0)?
     } else {
         -1
@@ -174,7 +176,7 @@ pub(super) async fn search(
     sql.bind(Bind::Int(query.count as i64));
     sql.push(" OFFSET ");
     sql.bind(Bind::Int(query.offset as i64));
-    let rows: Vec<AnyRow> = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(&mut *conn).await?;
+    let rows: Vec<AnyRow> = sql.into_query().fetch_all(&mut *conn).await?;
     let found = rows.iter().map(|r| stored(r, Some("PUT".into()))).collect::<Result<Vec<_>, _>>()?;
     let total = if total < 0 { found.len() as i64 } else { total };
     Ok((total, found))
@@ -210,7 +212,7 @@ async fn insert_rows<const N: usize>(conn: &mut AnyConnection, insert: &str, row
             sql.push_joined(row, ", ", |sql, value| sql.text(value));
             sql.push(")");
         });
-        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
+        sql.into_query().execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -270,7 +272,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     let mut count_sql = Sql::default();
     count_sql.push("SELECT COUNT(*) FROM audit_events");
     build(&mut count_sql);
-    let total: i64 = bind_all(sqlx::query(sqlx::AssertSqlSafe(count_sql.text)), &count_sql.binds).fetch_one(pool).await?.try_get(0)?;
+    let total: i64 = count_sql.into_query().fetch_one(pool).await?.try_get(0)?;
     let mut sql = Sql::default();
     sql.push("SELECT body FROM audit_events");
     build(&mut sql);
@@ -278,7 +280,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     sql.bind(Bind::Int(filter.count as i64));
     sql.push(" OFFSET ");
     sql.bind(Bind::Int(filter.offset as i64));
-    let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool).await?;
+    let rows = sql.into_query().fetch_all(pool).await?;
     Ok((total, rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?))
 }
 
