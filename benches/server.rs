@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use iop_gateway::auth::keys::{KeyPair, sign_assertion};
 use iop_gateway::config::Config;
-use iop_gateway::store::{Store, Write};
+use iop_gateway::store::{Store, Stored};
 use serde_json::{Value, json};
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -132,7 +132,7 @@ async fn bench_backend(label: &str, store_toml: &str, clients: usize, seconds: u
         let mut bare = drive(clients, seconds, move |i| {
             let store = store.clone();
             async move {
-                let write = Write {
+                let stored = Stored {
                     resource_type: "BenchBaseline".into(),
                     id: uuid::Uuid::new_v4().to_string(),
                     version: 1,
@@ -141,10 +141,9 @@ async fn bench_backend(label: &str, store_toml: &str, clients: usize, seconds: u
                     parties: vec![],
                     labels: vec![],
                     created_by: "bench".into(),
-                    method: "POST",
-                    index: vec![],
+                    method: "POST".into(),
                 };
-                store.bare_insert(&write).await.is_ok()
+                store.bare_insert(&stored).await.is_ok()
             }
         })
         .await;

@@ -95,10 +95,10 @@ fn main() {
             *skipped.entry("use-test: false").or_default() += 1;
             continue;
         }
-        if let Some(filter) = &options.filter {
-            if !name.contains(filter.as_str()) {
-                continue;
-            }
+        if let Some(filter) = &options.filter
+            && !name.contains(filter.as_str())
+        {
+            continue;
         }
         let module = case.get("module").and_then(Value::as_str).unwrap_or("(none)").to_string();
         let mut setup_notes = Vec::new();

@@ -225,10 +225,10 @@ pub fn extract(resource_type: &str, resource: &Json, last_updated: &str) -> Vec<
                 match def.kind {
                     Kind::Token => tokens(value, &mut |system, code| out.push(IndexEntry::Token { param: def.name, system, value: code })),
                     Kind::Reference => {
-                        if let Some(reference) = value.get("reference").and_then(Json::as_str).and_then(normalize_reference) {
-                            if def.target.is_none_or(|t| reference.starts_with(&format!("{t}/"))) {
-                                out.push(IndexEntry::Token { param: def.name, system: String::new(), value: reference });
-                            }
+                        if let Some(reference) = value.get("reference").and_then(Json::as_str).and_then(normalize_reference)
+                            && def.target.is_none_or(|t| reference.starts_with(&format!("{t}/")))
+                        {
+                            out.push(IndexEntry::Token { param: def.name, system: String::new(), value: reference });
                         }
                     }
                     Kind::Date => {

@@ -71,7 +71,7 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// One stored version of a resource with what authorization needs to know about it.
+/// One version of a resource, stored or about to be written, with what authorization needs to know about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
     pub resource_type: String,
@@ -95,21 +95,6 @@ impl Stored {
     pub fn reference(&self) -> String {
         format!("{}/{}", self.resource_type, self.id)
     }
-}
-
-/// A version about to be written.
-#[derive(Clone, Debug)]
-pub struct Write {
-    pub resource_type: String,
-    pub id: String,
-    pub version: i64,
-    pub last_updated: String,
-    pub body: String,
-    pub parties: Vec<String>,
-    pub labels: Vec<String>,
-    pub created_by: String,
-    pub method: &'static str,
-    pub index: Vec<IndexEntry>,
 }
 
 /// One audit trail row: indexed columns plus the AuditEvent JSON.
@@ -282,17 +267,16 @@ impl Store {
         let started = Instant::now();
         let mut out = Vec::new();
         for chunk in keys.chunks(100) {
-            let mut sql = format!("SELECT {COLUMNS} FROM resources WHERE ");
-            let mut binds = Vec::new();
-            for (i, (resource_type, id)) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(" OR ");
-                }
-                sql.push_str(&format!("(type = ${} AND id = ${})", binds.len() + 1, binds.len() + 2));
-                binds.push(Bind::Text(resource_type.clone()));
-                binds.push(Bind::Text(id.clone()));
-            }
-            let rows = query::bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &binds).fetch_all(&self.reader).await?;
+            let mut sql = query::Sql::default();
+            sql.push(&format!("SELECT {COLUMNS} FROM resources WHERE "));
+            sql.push_joined(chunk, " OR ", |sql, (resource_type, id)| {
+                sql.push("(type = ");
+                sql.text(resource_type);
+                sql.push(" AND id = ");
+                sql.text(id);
+                sql.push(")");
+            });
+            let rows = sql.into_query().fetch_all(&self.reader).await?;
             for row in &rows {
                 out.push(stored(row, Some("PUT".into()))?);
             }
@@ -305,13 +289,15 @@ impl Store {
     pub async fn references(&self, resource_type: &str, ids: &[String], param: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for chunk in ids.chunks(200) {
-            let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
-            let sql = format!("SELECT DISTINCT value FROM search_tokens WHERE type = $1 AND param = $2 AND id IN ({})", placeholders.join(", "));
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type.to_string()).bind(param.to_string());
-            for id in chunk {
-                q = q.bind(id.clone());
-            }
-            for row in q.fetch_all(&self.reader).await? {
+            let mut sql = query::Sql::default();
+            sql.push("SELECT DISTINCT value FROM search_tokens WHERE type = ");
+            sql.text(resource_type);
+            sql.push(" AND param = ");
+            sql.text(param);
+            sql.push(" AND id IN (");
+            sql.push_joined(chunk, ", ", |sql, id| sql.text(id));
+            sql.push(")");
+            for row in sql.into_query().fetch_all(&self.reader).await? {
                 let value: String = row.try_get(0)?;
                 if !out.contains(&value) {
                     out.push(value);
@@ -429,24 +415,12 @@ impl Tx {
         query::search(&mut self.inner, resource_type, query, party, false).await
     }
 
-    /// Writes a version: version 1 must not exist yet; version n replaces exactly version n-1.
-    pub async fn write(&mut self, w: &Write) -> Result<(), StoreError> {
+    /// Writes a version and its search index: version 1 must not exist yet; version n replaces exactly version n-1.
+    pub async fn write(&mut self, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
         let parties = w.parties.join(" ");
         let labels = w.labels.join(" ");
         if w.version == 1 {
-            sqlx::query(
-                "INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(w.resource_type.as_str())
-            .bind(w.id.as_str())
-            .bind(w.version)
-            .bind(w.last_updated.as_str())
-            .bind(w.body.as_str())
-            .bind(parties.as_str())
-            .bind(labels.as_str())
-            .bind(w.created_by.as_str())
-            .execute(&mut *self.inner)
-            .await?;
+            query::insert_resource(&mut *self.inner, w).await?;
         } else {
             let done = sqlx::query(
                 "UPDATE resources SET version = $3, last_updated = $4, body = $5, parties = $6, labels = $7 WHERE type = $1 AND id = $2 AND version = $8",
@@ -475,14 +449,14 @@ impl Tx {
         .bind(w.id.as_str())
         .bind(w.version)
         .bind(w.last_updated.as_str())
-        .bind(w.method)
+        .bind(w.method.as_str())
         .bind(w.body.as_str())
         .bind(parties.as_str())
         .bind(labels.as_str())
         .bind(w.created_by.as_str())
         .execute(&mut *self.inner)
         .await?;
-        query::insert_index(&mut self.inner, w).await
+        query::insert_index(&mut self.inner, w, index).await
     }
 
     /// Appends to the audit trail in the same transaction as the change it records.

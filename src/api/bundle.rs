@@ -147,14 +147,14 @@ async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit,
     let mut stored_all = Vec::new();
     for (entry, result) in entries.iter().zip(&written) {
         match result {
-            Written::Stored(stored, created) => {
+            Some((stored, created)) => {
                 let status = if *created { "201 Created" } else { "200 OK" };
                 let body = (prefer == Return::Representation).then_some(stored.body.as_str());
                 let url = format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id);
                 response.entry(Some(&url), body, &[("response", entry_response(status, Some(stored), None))]);
                 stored_all.push(stored.reference());
             }
-            Written::Read => {
+            None => {
                 let id = entry.id.clone().unwrap_or_default();
                 match read_entry(state, principal, audit, &entry.resource_type, &id).await {
                     Ok(stored) => response.entry(Some(&format!("{}/{}", state.base_url, stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
@@ -165,11 +165,6 @@ async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit,
     }
     audit.entities = stored_all;
     Ok(fhir::json_response(StatusCode::OK, response.finish()))
-}
-
-enum Written {
-    Stored(Stored, bool),
-    Read,
 }
 
 async fn read_entry(state: &AppState, principal: &Principal, audit: &mut Audit, resource_type: &str, id: &str) -> Result<Stored, ApiError> {
@@ -184,7 +179,9 @@ pub fn status_line(e: &ApiError) -> String {
 }
 
 /// Runs the writes of a transaction atomically, retrying from scratch when a concurrent writer won a race.
-async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry]) -> Result<Vec<Written>, ApiError> {
+/// Per entry: the version written (or found by `ifNoneExist`) and whether it was created; `None`
+/// for an entry that is read after the commit (`GET`).
+async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry]) -> Result<Vec<Option<(Stored, bool)>>, ApiError> {
     'attempt: for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
         // Resolve every entry's id first so references can be rewritten before anything is written.
@@ -243,12 +240,12 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                 }
             }
         }
-        let mut written: Vec<Option<Written>> = (0..entries.len()).map(|_| None).collect();
+        let mut written: Vec<Option<(Stored, bool)>> = (0..entries.len()).map(|_| None).collect();
         // FHIR's processing order: POST, then PUT, then GET.
         for method in ["POST", "PUT"] {
             for (i, entry) in entries.iter().enumerate().filter(|(_, e)| e.method == method) {
                 if let Some(existing) = existing_for.remove(&i) {
-                    written[i] = Some(Written::Stored(existing, false));
+                    written[i] = Some((existing, false));
                     continue;
                 }
                 let Some((id, _)) = ids[i].clone() else { continue };
@@ -260,22 +257,17 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                 }
                 let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, addressed: &addressed, method };
                 match write::write(&mut tx, state, principal, change).await {
-                    Ok((stored, created)) => written[i] = Some(Written::Stored(stored, created)),
+                    Ok((stored, created)) => written[i] = Some((stored, created)),
                     Err(Failure::Retry) => continue 'attempt,
                     Err(Failure::Api(e)) => return Err(prefix_entry(i, e)),
                 }
             }
         }
-        for (i, entry) in entries.iter().enumerate() {
-            if entry.method == "GET" {
-                written[i] = Some(Written::Read);
-            }
-        }
         let mut audit = Audit::new(&principal.client_id, "transaction", "E", None);
-        audit.entities = written.iter().flatten().filter_map(|w| if let Written::Stored(s, _) = w { Some(s.reference()) } else { None }).collect();
+        audit.entities = written.iter().flatten().map(|(stored, _)| stored.reference()).collect();
         tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
         tx.commit().await?;
-        return Ok(written.into_iter().map(|w| w.unwrap_or(Written::Read)).collect());
+        return Ok(written);
     }
     Err(ApiError::Conflict("the resources are being changed by others; retry".into()))
 }

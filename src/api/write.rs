@@ -9,7 +9,7 @@ use crate::auth::policy::parties_for_write;
 use crate::auth::{Disclosure, Permission, Principal};
 use crate::json::{Json, Object};
 use crate::search::{self, Query};
-use crate::store::{StoreError, Stored, Tx, Write};
+use crate::store::{StoreError, Stored, Tx};
 
 /// Why a write did not happen: a final answer, or a race lost to a concurrent writer that a fresh transaction may win.
 #[derive(Debug)]
@@ -110,19 +110,19 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     let mut addressed_here = search::addressed_organizations(&resource);
     addressed_here.extend(addressed.iter().cloned());
     let parties = parties_for_write(principal, state.program(), &addressed_here, &previous_parties);
-    let write = Write {
+    let index = search::extract(resource_type, &resource, &last_updated);
+    let stored = Stored {
         resource_type: resource_type.to_string(),
-        id: id.clone(),
+        id,
         version,
-        last_updated: last_updated.clone(),
-        index: search::extract(resource_type, &resource, &last_updated),
+        last_updated,
         labels: search::security_labels(&resource),
         body: resource.to_string_compact(),
         parties,
         created_by,
-        method: if version == 1 { "POST" } else { "PUT" },
+        method: if version == 1 { "POST" } else { "PUT" }.to_string(),
     };
-    match tx.write(&write).await {
+    match tx.write(&stored, &index).await {
         Ok(()) => {}
         Err(StoreError::Conflict { current }) => {
             return match if_match {
@@ -132,17 +132,6 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         }
         Err(e) => return Err(e.into()),
     }
-    let stored = Stored {
-        resource_type: write.resource_type,
-        id: write.id,
-        version,
-        last_updated,
-        body: write.body,
-        parties: write.parties,
-        labels: write.labels,
-        created_by: write.created_by,
-        method: write.method.to_string(),
-    };
     Ok((stored, version == 1))
 }
 

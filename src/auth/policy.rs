@@ -72,7 +72,7 @@ impl Principal {
         if facts.resource_type == "AuditEvent" {
             return if self.role == Role::Admin { Disclosure::Allow } else { Disclosure::Deny("audit is for administrators") };
         }
-        if !facts.parties.iter().any(|p| *p == self.organization) {
+        if !facts.parties.contains(&self.organization) {
             return Disclosure::Deny("not a party to this resource");
         }
         if facts.labels.iter().any(|l| l == PART2_LABEL) && facts.created_by != self.client_id && !self.part2_disclosure {

@@ -26,6 +26,13 @@ pub struct Assembly {
     pub incomplete: Vec<Incomplete>,
 }
 
+/// A resource of the transaction under its `Type/id`; a `collect` Bundle also names its first resource.
+struct Entry {
+    key: String,
+    resource: Json,
+    collect_first: Option<String>,
+}
+
 fn key_of(resource: &Json) -> String {
     format!(
         "{}/{}",
@@ -40,12 +47,12 @@ fn key_of(resource: &Json) -> String {
 /// Bundles are filled last, from the merged resources.
 pub fn transaction(produced: Vec<Produced>) -> (Json, Assembly) {
     let mut assembly = Assembly::default();
-    let mut entries: Vec<(String, Json, Option<String>)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     let mut position: HashMap<String, usize> = HashMap::new();
     let mut merges = Vec::new();
     for Produced { resource, role } in produced {
         let key = key_of(&resource);
-        let first = match role {
+        let collect_first = match role {
             Role::Merge => {
                 merges.push((key, resource));
                 continue;
@@ -54,30 +61,30 @@ pub fn transaction(produced: Vec<Produced>) -> (Json, Assembly) {
             Role::Whole => None,
         };
         match position.get(&key) {
-            Some(&i) if entries[i].1 == resource => {}
+            Some(&i) if entries[i].resource == resource => {}
             Some(&i) => {
-                entries[i] = (key.clone(), resource, first);
+                entries[i] = Entry { key: key.clone(), resource, collect_first };
                 assembly.conflicts.push(Conflict { reference: key });
             }
             None => {
                 position.insert(key.clone(), entries.len());
-                entries.push((key, resource, first));
+                entries.push(Entry { key, resource, collect_first });
             }
         }
     }
     for (key, patch) in merges {
         match position.get(&key) {
-            Some(&i) => merge(&mut entries[i].1, &patch),
+            Some(&i) => merge(&mut entries[i].resource, &patch),
             None => assembly.incomplete.push(Incomplete {
                 reference: key,
                 message: "this record adds to a resource that no record of the batch produced: send the record that produces it in the same batch".into(),
             }),
         }
     }
-    let by_full_url: HashMap<String, usize> = entries.iter().enumerate().map(|(i, (_, r, _))| (full_url(r), i)).collect();
+    let by_full_url: HashMap<String, usize> = entries.iter().enumerate().map(|(i, e)| (full_url(&e.resource), i)).collect();
     let mut filled = Vec::new();
-    for (i, (key, _, first)) in entries.iter().enumerate() {
-        if let Some(first) = first {
+    for (i, Entry { key, collect_first, .. }) in entries.iter().enumerate() {
+        if let Some(first) = collect_first {
             let (members, missing) = closure(&entries, &by_full_url, &position, first);
             for reference in missing {
                 assembly.incomplete.push(Incomplete {
@@ -92,20 +99,20 @@ pub fn transaction(produced: Vec<Produced>) -> (Json, Assembly) {
         let nested: Vec<Json> = members
             .into_iter()
             .map(|m| {
-                let resource = entries[m].1.clone();
+                let resource = entries[m].resource.clone();
                 let mut entry = Object::new();
                 entry.insert("fullUrl", Json::string(full_url(&resource)));
                 entry.insert("resource", resource);
                 Json::Object(entry)
             })
             .collect();
-        if let Json::Object(bundle) = &mut entries[i].1 {
+        if let Json::Object(bundle) = &mut entries[i].resource {
             bundle.insert("entry", Json::Array(nested));
         }
     }
     let entries = entries
         .into_iter()
-        .map(|(key, resource, _)| {
+        .map(|Entry { key, resource, .. }| {
             let mut request = Object::new();
             request.insert("method", Json::string("PUT"));
             request.insert("url", Json::string(key));
@@ -129,7 +136,7 @@ fn full_url(resource: &Json) -> String {
 
 /// The entries a collection holds, in breadth-first order from `first`, and the references that
 /// point at nothing in the batch. Only `urn:uuid` references are the batch's own.
-fn closure(entries: &[(String, Json, Option<String>)], by_full_url: &HashMap<String, usize>, position: &HashMap<String, usize>, first: &str) -> (Vec<usize>, Vec<String>) {
+fn closure(entries: &[Entry], by_full_url: &HashMap<String, usize>, position: &HashMap<String, usize>, first: &str) -> (Vec<usize>, Vec<String>) {
     let mut members = Vec::new();
     let mut missing = Vec::new();
     let Some(&start) = position.get(first) else { return (members, vec![first.to_string()]) };
@@ -138,7 +145,7 @@ fn closure(entries: &[(String, Json, Option<String>)], by_full_url: &HashMap<Str
     while let Some(i) = queue.pop_front() {
         members.push(i);
         let mut references = Vec::new();
-        collect_references(&entries[i].1, &mut references);
+        collect_references(&entries[i].resource, &mut references);
         for reference in references.into_iter().filter(|r| r.starts_with("urn:uuid:")) {
             match by_full_url.get(&reference) {
                 Some(&j) if seen.insert(j) => queue.push_back(j),

@@ -196,15 +196,15 @@ impl Compiler<'_, '_> {
             rules: Vec::new(),
         };
         match direction {
-            Direction::ToFhir => self.to_fhir(&spec, &mut plan),
-            Direction::FromFhir => self.from_fhir(&spec, &mut plan),
+            Direction::ToFhir => self.compile_to_fhir(&spec, &mut plan),
+            Direction::FromFhir => self.compile_from_fhir(&spec, &mut plan),
         }
         plan
     }
 
     // ----- IOP → FHIR -----
 
-    fn to_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
+    fn compile_to_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
         if !spec.rules.is_empty() || spec.focus.is_some() {
             self.problem(0..0, "", "a to-fhir mapping lists its rules under [[resource]], and has no 'focus'");
         }
@@ -252,7 +252,7 @@ impl Compiler<'_, '_> {
             });
             let mut rules = Vec::new();
             for rule in &resource.rules {
-                if let Some(compiled) = self.to_fhir_rule(rule, &structures, plan, &names, each.as_ref(), n_bound) {
+                if let Some(compiled) = self.compile_to_fhir_rule(rule, &structures, plan, &names, each.as_ref(), n_bound) {
                     rules.push(compiled);
                 }
             }
@@ -284,7 +284,7 @@ impl Compiler<'_, '_> {
         }
     }
 
-    fn to_fhir_rule(
+    fn compile_to_fhir_rule(
         &mut self,
         rule: &toml::Spanned<RuleSpec>,
         structures: &[Arc<Structure>],
@@ -347,11 +347,7 @@ impl Compiler<'_, '_> {
             if path.steps.last() != Some(&Step::Each) {
                 self.problem(position.span(), position.get_ref(), "'position' numbers the elements of a record array: its path ends with [*]");
             }
-            let n_free = path.n_each().saturating_sub(n_bound.min(path.n_each()));
-            if n_free != target.n_each() {
-                let message = format!("the source has {n_free} unbound [*] but the target has {}", target.n_each());
-                self.problem(rule.span(), &target_text, message);
-            }
+            self.check_unbound(rule.span(), &target_text, "the source", path.n_each().saturating_sub(n_bound), &target);
             if !matches!(leaf.type_code.as_str(), "positiveInt" | "integer" | "unsignedInt") {
                 self.problem(position.span(), &target_text, format!("a 'position' fills a positiveInt or integer, not a {}", leaf.type_code));
             }
@@ -396,11 +392,7 @@ impl Compiler<'_, '_> {
             let path = self.record_path(from.span(), from.get_ref())?;
             let source_type = self.schema_type(from.span(), &path)?;
             self.check_each_prefix(from.span(), &path, each);
-            let n_free = path.n_each().saturating_sub(n_bound.min(path.n_each()));
-            if n_free != target.n_each() {
-                let message = format!("the source has {n_free} unbound [*] but the target has {}", target.n_each());
-                self.problem(rule.span(), &target_text, message);
-            }
+            self.check_unbound(rule.span(), &target_text, "the source", path.n_each().saturating_sub(n_bound), &target);
             let mut wrap = false;
             let source_type = narrow(source_type, &path, when.as_ref());
             match &spec.codes {
@@ -433,11 +425,8 @@ impl Compiler<'_, '_> {
                     }
                     // With a [*] target, the template's unbound [*] gives one reference per element.
                     let id = self.template_with(id.span(), id.get_ref(), each, target.n_each())?;
-                    let n_free = id.parts.iter().filter_map(|p| if let TemplatePart::Value(p) = p { Some(p.n_each()) } else { None }).max().unwrap_or(0).saturating_sub(n_bound);
-                    if n_free != target.n_each() {
-                        let message = format!("the id template has {n_free} unbound [*] but the target has {}", target.n_each());
-                        self.problem(rule.span(), &target_text, message);
-                    }
+                    let n_each = id.parts.iter().filter_map(|p| if let TemplatePart::Value(p) = p { Some(p.n_each()) } else { None }).max().unwrap_or(0);
+                    self.check_unbound(rule.span(), &target_text, "the id template", n_each.saturating_sub(n_bound), &target);
                     Source::TypedRef { resource_type: name.clone(), id }
                 }
                 None => {
@@ -623,7 +612,7 @@ impl Compiler<'_, '_> {
 
     // ----- FHIR → IOP -----
 
-    fn from_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
+    fn compile_from_fhir(&mut self, spec: &MappingFile, plan: &mut Plan) {
         if !spec.resource.is_empty() {
             self.problem(0..0, "", "a from-fhir mapping has 'focus' and [[rules]], not [[resource]]");
         }
@@ -783,6 +772,13 @@ impl Compiler<'_, '_> {
                 self.problem(span, &path.to_string(), message);
                 None
             }
+        }
+    }
+
+    /// Each [*] of a source that the resource's `each` leaves unbound fills one [*] of the target.
+    fn check_unbound(&mut self, span: std::ops::Range<usize>, target_text: &str, source: &str, n_free: usize, target: &Path) {
+        if n_free != target.n_each() {
+            self.problem(span, target_text, format!("{source} has {n_free} unbound [*] but the target has {}", target.n_each()));
         }
     }
 

@@ -252,10 +252,7 @@ pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> 
             let mut profiles: Vec<Json> = Vec::new();
             if let Some((path, codes)) = &resource.profile_by {
                 let key = sources.select(path, &instance.binding).first().and_then(|(_, v)| value_text(v)).unwrap_or_default();
-                let url = plan.codes.get(codes).and_then(|m| m.get(&key)).ok_or_else(|| EvalError {
-                    path: path.to_string(),
-                    message: format!("'{key}' has no entry in the code map '{codes}' of {}", plan.file.display()),
-                })?;
+                let url = translate(plan, codes, &key, || path.to_string())?;
                 profiles.push(url.clone());
             }
             profiles.extend(resource.profiles.iter().map(|p| Json::string(p.as_str())));
@@ -326,10 +323,7 @@ fn apply_to_fhir(
                 let value = match codes {
                     Some(name) => {
                         let key = value_text(value).unwrap_or_default();
-                        let translated = plan.codes.get(name).and_then(|m| m.get(&key)).ok_or_else(|| EvalError {
-                            path: path_with_indices(path, bound, &free),
-                            message: format!("'{key}' has no entry in the code map '{name}' of {}", plan.file.display()),
-                        })?;
+                        let translated = translate(plan, name, &key, || path_with_indices(path, bound, &free))?;
                         if *wrap_codeable_concept { wrap_coding(translated) } else { translated.clone() }
                     }
                     None => match value {
@@ -352,10 +346,7 @@ fn apply_to_fhir(
             if !holds(&[]) {
                 return Ok(());
             }
-            let translated = plan.codes.get(codes).and_then(|m| m.get(&text)).ok_or_else(|| EvalError {
-                path: key.text.clone(),
-                message: format!("'{text}' has no entry in the code map '{codes}' of {}", plan.file.display()),
-            })?;
+            let translated = translate(plan, codes, &text, || key.text.clone())?;
             let value = if *wrap_codeable_concept { wrap_coding(translated) } else { translated.clone() };
             set(json, &rule.target.steps, &[], value);
         }
@@ -366,7 +357,7 @@ fn apply_to_fhir(
                 if let Some(target) = targets.iter().find(|t| t.binding == bound)
                     && holds(&[])
                 {
-                    set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
+                    set(json, &rule.target.steps, &[], reference(&target.id));
                 }
             } else if rule.target.n_each() > 0 {
                 // Two reference rules into one list (`hasMember[*]`: the items, then the total; or
@@ -374,32 +365,29 @@ fn apply_to_fhir(
                 let offset = filled_len(json, &rule.target.steps);
                 for (i, target) in targets.iter().enumerate() {
                     if holds(&[]) {
-                        set(json, &rule.target.steps, &[offset + i], reference(&plan_type(plan, name), &target.id));
+                        set(json, &rule.target.steps, &[offset + i], reference(&target.id));
                     }
                 }
             } else if let Some(target) = targets.first()
                 && holds(&[])
             {
-                set(json, &rule.target.steps, &[], reference(&plan_type(plan, name), &target.id));
+                set(json, &rule.target.steps, &[], reference(&target.id));
             }
         }
         Source::TypedRef { resource_type, id } => {
-            if rule.target.n_each() == 0 {
-                if let Some(identity) = sources.render(id, bound)
-                    && holds(&[])
-                {
-                    set(json, &rule.target.steps, &[], reference(resource_type, &resource_id(namespace, resource_type, &identity)));
-                }
-                return Ok(());
-            }
-            // One reference per element of the template's first value with an unbound [*].
+            // A [*] target gets one reference per element of the template's first value with an
+            // unbound [*] (the compiler checked that there is one exactly then).
             let domain = id.parts.iter().find_map(|p| match p {
                 TemplatePart::Value(path) if path.n_each() > bound.len() => Some(path),
                 _ => None,
             });
+            let elements: Vec<Vec<usize>> = match domain {
+                Some(path) => sources.select(path, bound).into_iter().map(|(free, _)| free).collect(),
+                None => vec![Vec::new()],
+            };
             // Like local references, a second rule into the same list appends after the first one's elements.
-            let offset = filled_len(json, &rule.target.steps);
-            for (free, _) in domain.map(|p| sources.select(p, bound)).unwrap_or_default() {
+            let offset = if rule.target.n_each() > 0 { filled_len(json, &rule.target.steps) } else { 0 };
+            for free in elements {
                 let all: Vec<usize> = bound.iter().chain(&free).copied().collect();
                 if let Some(identity) = sources.render(id, &all)
                     && holds(&free)
@@ -408,7 +396,7 @@ fn apply_to_fhir(
                     if let Some(first) = at.first_mut() {
                         *first += offset;
                     }
-                    set(json, &rule.target.steps, &at, reference(resource_type, &resource_id(namespace, resource_type, &identity)));
+                    set(json, &rule.target.steps, &at, reference(&resource_id(namespace, resource_type, &identity)));
                 }
             }
         }
@@ -424,12 +412,17 @@ fn apply_to_fhir(
     Ok(())
 }
 
+/// The value the code map `codes` gives `key`; a key the map lacks is an error at `path`.
+fn translate<'p>(plan: &'p Plan, codes: &str, key: &str, path: impl FnOnce() -> String) -> Result<&'p Json, EvalError> {
+    plan.codes.get(codes).and_then(|m| m.get(key)).ok_or_else(|| EvalError { path: path(), message: format!("'{key}' has no entry in the code map '{codes}' of {}", plan.file.display()) })
+}
+
 fn plan_type(plan: &Plan, name: &str) -> String {
     plan.resources.iter().find(|r| r.name == name).map(|r| r.resource_type.clone()).unwrap_or_default()
 }
 
 /// A Reference to a resource of the same Bundle (entries use `urn:uuid:<id>` full URLs).
-fn reference(_resource_type: &str, id: &str) -> Json {
+fn reference(id: &str) -> Json {
     let mut object = Object::new();
     object.insert("reference", Json::string(format!("urn:uuid:{id}")));
     Json::Object(object)
@@ -474,10 +467,7 @@ pub fn from_fhir(plan: &Plan, input: &Json) -> Result<Vec<Json>, EvalError> {
                         let value = match codes {
                             Some(name) => {
                                 let key = value_text(value).unwrap_or_default();
-                                plan.codes.get(name).and_then(|m| m.get(&key)).cloned().ok_or_else(|| EvalError {
-                                    path: format!("{focus}.{}", path_with_indices(path, &[], &free)),
-                                    message: format!("'{key}' has no entry in the code map '{name}' of {}", plan.file.display()),
-                                })?
+                                translate(plan, name, &key, || format!("{focus}.{}", path_with_indices(path, &[], &free)))?.clone()
                             }
                             None => value.clone(),
                         };

@@ -4,7 +4,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Executor, Row};
 
-use super::{AuditRow, COLUMNS, Store, StoreError, Write, stored};
+use super::{AuditRow, COLUMNS, Store, StoreError, Stored, stored};
 use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query};
 
 /// A value to bind to a `$n` placeholder.
@@ -14,25 +14,15 @@ pub enum Bind {
     Int(i64),
 }
 
-pub(super) fn bind_all<'q>(mut q: sqlx::query::Query<'q, Any, AnyArguments>, binds: &[Bind]) -> sqlx::query::Query<'q, Any, AnyArguments> {
-    for bind in binds {
-        q = match bind {
-            Bind::Text(s) => q.bind(s.clone()),
-            Bind::Int(i) => q.bind(*i),
-        };
-    }
-    q
-}
-
 /// Accumulates SQL text and its bound values, numbering placeholders.
 #[derive(Default)]
-struct Sql {
+pub(super) struct Sql {
     text: String,
     binds: Vec<Bind>,
 }
 
 impl Sql {
-    fn push(&mut self, text: &str) {
+    pub(super) fn push(&mut self, text: &str) {
         self.text.push_str(text);
     }
 
@@ -42,8 +32,30 @@ impl Sql {
         self.text.push_str(&format!("${}", self.binds.len()));
     }
 
-    fn text(&mut self, value: &str) {
+    pub(super) fn text(&mut self, value: &str) {
         self.bind(Bind::Text(value.to_string()));
+    }
+
+    /// Appends `each(item)` for every item, with `separator` between them.
+    pub(super) fn push_joined<T>(&mut self, items: impl IntoIterator<Item = T>, separator: &str, mut each: impl FnMut(&mut Sql, T)) {
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.push(separator);
+            }
+            each(self, item);
+        }
+    }
+
+    /// The statement with its values bound.
+    pub(super) fn into_query(self) -> sqlx::query::Query<'static, Any, AnyArguments> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.text));
+        for bind in self.binds {
+            query = match bind {
+                Bind::Text(s) => query.bind(s),
+                Bind::Int(i) => query.bind(i),
+            };
+        }
+        query
     }
 }
 
@@ -59,22 +71,14 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option
         match clause {
             Clause::Id(ids) => {
                 sql.push(" AND r.id IN (");
-                for (i, id) in ids.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(", ");
-                    }
-                    sql.text(id);
-                }
+                sql.push_joined(ids, ", ", |sql, id| sql.text(id));
                 sql.push(")");
             }
             Clause::Token { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND t.param = ");
                 sql.text(param);
                 sql.push(" AND (");
-                for (i, m) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(" OR ");
-                    }
+                sql.push_joined(any, " OR ", |sql, m| {
                     sql.push("(1 = 1");
                     if let Some(system) = &m.system {
                         sql.push(" AND t.system = ");
@@ -85,19 +89,14 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option
                         sql.text(value);
                     }
                     sql.push(")");
-                }
+                });
                 sql.push("))");
             }
             Clause::Date { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_dates d WHERE d.type = r.type AND d.id = r.id AND d.param = ");
                 sql.text(param);
                 sql.push(" AND (");
-                for (i, m) in any.iter().enumerate() {
-                    if i > 0 {
-                        sql.push(" OR ");
-                    }
-                    date_condition(sql, m);
-                }
+                sql.push_joined(any, " OR ", date_condition);
                 sql.push("))");
             }
         }
@@ -148,12 +147,12 @@ pub(super) async fn search(
     query: &Query,
     party: Option<&str>,
     with_total: bool,
-) -> Result<(i64, Vec<super::Stored>), StoreError> {
+) -> Result<(i64, Vec<Stored>), StoreError> {
     let total = if with_total {
         let mut sql = Sql::default();
         sql.push("SELECT COUNT(*) FROM resources r");
         where_clause(&mut sql, resource_type, query, party);
-        let row = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_one(&mut *conn).await?;
+        let row = sql.into_query().fetch_one(&mut *conn).await?;
         row.try_get::<i64, _>(0)?
     } else {
         -1
@@ -177,57 +176,43 @@ pub(super) async fn search(
     sql.bind(Bind::Int(query.count as i64));
     sql.push(" OFFSET ");
     sql.bind(Bind::Int(query.offset as i64));
-    let rows: Vec<AnyRow> = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(&mut *conn).await?;
+    let rows: Vec<AnyRow> = sql.into_query().fetch_all(&mut *conn).await?;
     let found = rows.iter().map(|r| stored(r, Some("PUT".into()))).collect::<Result<Vec<_>, _>>()?;
     let total = if total < 0 { found.len() as i64 } else { total };
     Ok((total, found))
 }
 
-pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Write) -> Result<(), StoreError> {
+pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
+    let (resource_type, id) = (w.resource_type.as_str(), w.id.as_str());
     let mut tokens = Vec::new();
     let mut dates = Vec::new();
     for party in &w.parties {
-        tokens.push(("_party", "", party.as_str()));
+        tokens.push([resource_type, id, "_party", "", party.as_str()]);
     }
     for label in &w.labels {
-        tokens.push(("_security", "", label.as_str()));
+        tokens.push([resource_type, id, "_security", "", label.as_str()]);
     }
-    for entry in &w.index {
+    for entry in index {
         match entry {
-            IndexEntry::Token { param, system, value } => tokens.push((param, system.as_str(), value.as_str())),
-            IndexEntry::Date { param, low, high } => dates.push((*param, low.as_str(), high.as_str())),
+            IndexEntry::Token { param, system, value } => tokens.push([resource_type, id, param, system.as_str(), value.as_str()]),
+            IndexEntry::Date { param, low, high } => dates.push([resource_type, id, param, low.as_str(), high.as_str()]),
         }
     }
-    // Multi-row inserts keep a write to a few statements whatever the number of index values.
-    for chunk in tokens.chunks(100) {
+    insert_rows(conn, "INSERT INTO search_tokens (type, id, param, system, value) VALUES ", &tokens).await?;
+    insert_rows(conn, "INSERT INTO search_dates (type, id, param, low, high) VALUES ", &dates).await
+}
+
+/// Inserts rows of text values; multi-row inserts keep a write to a few statements whatever the number of index values.
+async fn insert_rows<const N: usize>(conn: &mut AnyConnection, insert: &str, rows: &[[&str; N]]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(100) {
         let mut sql = Sql::default();
-        sql.push("INSERT INTO search_tokens (type, id, param, system, value) VALUES ");
-        for (i, (param, system, value)) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, system, value].iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.text(v);
-            }
+        sql.push(insert);
+        sql.push_joined(chunk, ", ", |sql, row| {
+            sql.push("(");
+            sql.push_joined(row, ", ", |sql, value| sql.text(value));
             sql.push(")");
-        }
-        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
-    }
-    for chunk in dates.chunks(100) {
-        let mut sql = Sql::default();
-        sql.push("INSERT INTO search_dates (type, id, param, low, high) VALUES ");
-        for (i, (param, low, high)) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, v) in [w.resource_type.as_str(), w.id.as_str(), param, low, high].iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.text(v);
-            }
-            sql.push(")");
-        }
-        bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).execute(&mut *conn).await?;
+        });
+        sql.into_query().execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -287,7 +272,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     let mut count_sql = Sql::default();
     count_sql.push("SELECT COUNT(*) FROM audit_events");
     build(&mut count_sql);
-    let total: i64 = bind_all(sqlx::query(sqlx::AssertSqlSafe(count_sql.text)), &count_sql.binds).fetch_one(pool).await?.try_get(0)?;
+    let total: i64 = count_sql.into_query().fetch_one(pool).await?.try_get(0)?;
     let mut sql = Sql::default();
     sql.push("SELECT body FROM audit_events");
     build(&mut sql);
@@ -295,24 +280,29 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     sql.bind(Bind::Int(filter.count as i64));
     sql.push(" OFFSET ");
     sql.bind(Bind::Int(filter.offset as i64));
-    let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool).await?;
+    let rows = sql.into_query().fetch_all(pool).await?;
     Ok((total, rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?))
 }
 
+/// Inserts the first version of a resource into `resources` (not its history or index).
+pub(super) async fn insert_resource<'e, E: Executor<'e, Database = Any>>(executor: E, w: &'e Stored) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(w.resource_type.as_str())
+        .bind(w.id.as_str())
+        .bind(w.version)
+        .bind(w.last_updated.as_str())
+        .bind(w.body.as_str())
+        .bind(w.parties.join(" "))
+        .bind(w.labels.join(" "))
+        .bind(w.created_by.as_str())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 impl Store {
-    /// Runs one statement of test or benchmark set-up SQL (used by the benchmark's bare-insert baseline).
-    pub async fn bare_insert(&self, table_row: &Write) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-            .bind(table_row.resource_type.clone())
-            .bind(table_row.id.clone())
-            .bind(table_row.version)
-            .bind(table_row.last_updated.clone())
-            .bind(table_row.body.clone())
-            .bind(table_row.parties.join(" "))
-            .bind(table_row.labels.join(" "))
-            .bind(table_row.created_by.clone())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+    /// Inserts a row into `resources` alone, outside any transaction (the benchmark's bare-insert baseline).
+    pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
+        insert_resource(&self.writer, table_row).await
     }
 }

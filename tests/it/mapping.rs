@@ -430,7 +430,7 @@ fn every_resource_claims_its_iop_and_national_profiles() {
             }
             let wanted: Vec<&[&str]> = CLAIMS.iter().filter(|(t, _)| *t == resource_type).map(|(_, w)| *w).collect();
             if !wanted.is_empty() {
-                assert!(wanted.iter().any(|w| claimed.as_slice() == *w), "{label}: {claimed:?}, expected one of {wanted:?}");
+                assert!(wanted.contains(&claimed.as_slice()), "{label}: {claimed:?}, expected one of {wanted:?}");
             }
             let is_panel_or_total = resource_type == "Observation" && (resource.get("hasMember").is_some() || resource.get("valueQuantity").is_some() && claimed.len() > 1);
             let is_care_plan_activity = resource_type == "ServiceRequest" && claimed.len() == 1;

@@ -41,8 +41,7 @@ async fn tls_gateway(server: &Pki, client_ca: Option<&Pki>) -> Gateway {
     let keys = partner_keys();
     let mut text = config_text(&dir.0, &keys, &extra);
     text = text.replacen("[server]\n", "[server]\nbase_url = \"https://gateway.test\"\n", 1);
-    let gw = Gateway::start_loaded(load(&text, &dir.0), keys, dir).await;
-    gw
+    Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
 }
 
 fn client(gw: &Gateway, ca: &Pki, identity: Option<(String, String)>) -> reqwest::Client {
