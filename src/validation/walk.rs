@@ -920,7 +920,7 @@ pub(super) fn matches_pattern(value: &Json, pattern: &Json) -> bool {
 fn compare_values(value: &Json, limit: &Json) -> Option<std::cmp::Ordering> {
     match (value, limit) {
         (Json::Number(a), Json::Number(b)) => a.parse::<f64>().ok()?.partial_cmp(&b.parse::<f64>().ok()?),
-        (Json::String(a), Json::String(b)) => Some(a.as_ref().cmp(b.as_ref())),
+        (Json::String(a), Json::String(b)) => Some(a.as_str().cmp(b.as_str())),
         _ => None,
     }
 }
