@@ -19,6 +19,21 @@ const SHORTCUTS: &[Shortcut] = &[
     ("bdl-8", "fullUrl.contains('/_history/').not()", bdl_8),
     ("obs-6", "dataAbsentReason.empty() or value.empty()", obs_6),
     ("qty-3", "code.empty() or system.exists()", qty_3),
+    ("cpt-2", "value.empty() or system.exists()", cpt_2),
+    ("sqty-1", "comparator.empty()", sqty_1),
+    ("att-1", "data.empty() or contentType.exists()", att_1),
+    ("per-1", "start.hasValue().not() or end.hasValue().not() or (start <= end)", per_1),
+    ("ext-1", "extension.exists() != value.exists()", ext_1),
+    ("obs-3", "low.exists() or high.exists() or text.exists()", obs_3),
+    ("obs-7", "value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists()).empty()", obs_7),
+    ("dom-2", "contained.contained.empty()", dom_2),
+    ("dom-4", "contained.meta.versionId.empty() and contained.meta.lastUpdated.empty()", dom_4),
+    ("dom-5", "contained.meta.security.empty()", dom_5),
+    ("dom-6", "text.`div`.exists()", dom_6),
+    ("bdl-2", "entry.search.empty() or (type = 'searchset')", bdl_2),
+    ("bdl-3", "entry.all(request.exists() = (%resource.type = 'batch' or %resource.type = 'transaction' or %resource.type = 'history'))", bdl_3),
+    ("bdl-4", "entry.all(response.exists() = (%resource.type = 'batch-response' or %resource.type = 'transaction-response' or %resource.type = 'history'))", bdl_4),
+    ("bdl-7", "(type = 'history') or entry.where(fullUrl.exists()).select(fullUrl&resource.meta.versionId).isDistinct()", bdl_7),
 ];
 
 /// Whether the constraint `key` with expression `source` certainly holds on `node`;
@@ -29,7 +44,8 @@ pub(super) fn holds(key: &str, source: &str, node: &Json, node_is_resource: bool
         return false;
     }
     let Json::Object(object) = node else { return false };
-    if key == "dom-3" && !node_is_resource {
+    // These read `%resource` as the node itself.
+    if matches!(key, "dom-3" | "bdl-3" | "bdl-4") && !node_is_resource {
         return false;
     }
     SHORTCUTS.iter().any(|(k, expression, proof)| *k == key && *expression == source && proof(object))
@@ -98,7 +114,159 @@ fn obs_6(observation: &Object) -> bool {
 }
 
 fn qty_3(quantity: &Object) -> bool {
-    matches!(quantity.get("system"), Some(Json::String(_))) || absent(quantity, "code")
+    has_string(quantity, "system") || absent(quantity, "code")
+}
+
+fn cpt_2(contact_point: &Object) -> bool {
+    has_string(contact_point, "system") || absent(contact_point, "value")
+}
+
+fn sqty_1(quantity: &Object) -> bool {
+    absent(quantity, "comparator")
+}
+
+fn att_1(attachment: &Object) -> bool {
+    has_string(attachment, "contentType") || absent(attachment, "data")
+}
+
+fn per_1(period: &Object) -> bool {
+    absent(period, "start") || absent(period, "end")
+}
+
+/// `value` of an Extension is its `value[x]`, whatever the type.
+fn ext_1(extension: &Object) -> bool {
+    // An extension-only `_value[x]` is left to FHIRPath.
+    if extension.iter().any(|(name, _)| name.starts_with("_value")) {
+        return false;
+    }
+    let has_value = extension.iter().any(|(name, _)| name.starts_with("value"));
+    match extension.get("extension") {
+        None => has_value && extension.iter().all(|(name, value)| !name.starts_with("value") || has_content(value)),
+        Some(Json::Array(items)) => !has_value && !items.is_empty() && items.iter().all(|item| matches!(item, Json::Object(o) if !o.is_empty())),
+        Some(_) => false,
+    }
+}
+
+fn obs_3(range: &Object) -> bool {
+    matches!(range.get("low"), Some(Json::Object(o)) if !o.is_empty())
+        || matches!(range.get("high"), Some(Json::Object(o)) if !o.is_empty())
+        || matches!(range.get("text"), Some(Json::String(t)) if !t.is_empty())
+}
+
+fn obs_7(observation: &Object) -> bool {
+    observation.get("component").is_none() || !observation.iter().any(|(name, _)| name.starts_with("value") || name.starts_with("_value"))
+}
+
+/// The contained resources, when `contained` is an array of objects (or absent).
+fn contained(resource: &Object) -> Option<Vec<&Object>> {
+    match resource.get("contained") {
+        None => Some(Vec::new()),
+        Some(Json::Array(items)) => items.iter().map(Json::as_object).collect(),
+        Some(_) => None,
+    }
+}
+
+fn dom_2(resource: &Object) -> bool {
+    contained(resource).is_some_and(|items| items.iter().all(|c| c.get("contained").is_none()))
+}
+
+/// The `meta` of every contained resource (absent counts as empty) passes `proof`.
+fn contained_meta(resource: &Object, proof: impl Fn(&Object) -> bool) -> bool {
+    contained(resource).is_some_and(|items| {
+        items.iter().all(|c| match c.get("meta") {
+            None => true,
+            Some(Json::Object(meta)) => proof(meta),
+            Some(_) => false,
+        })
+    })
+}
+
+fn dom_4(resource: &Object) -> bool {
+    contained_meta(resource, |meta| absent(meta, "versionId") && absent(meta, "lastUpdated"))
+}
+
+fn dom_5(resource: &Object) -> bool {
+    contained_meta(resource, |meta| meta.get("security").is_none())
+}
+
+fn dom_6(resource: &Object) -> bool {
+    matches!(resource.get("text"), Some(Json::Object(text)) if matches!(text.get("div"), Some(Json::String(div)) if !div.is_empty()))
+}
+
+/// The entries, when `entry` is an array of objects (or absent).
+fn entries(bundle: &Object) -> Option<Vec<&Object>> {
+    match bundle.get("entry") {
+        None => Some(Vec::new()),
+        Some(Json::Array(items)) => items.iter().map(Json::as_object).collect(),
+        Some(_) => None,
+    }
+}
+
+fn bundle_type(bundle: &Object) -> Option<&str> {
+    bundle.get("type")?.as_str()
+}
+
+fn bdl_2(bundle: &Object) -> bool {
+    bundle_type(bundle) == Some("searchset") || entries(bundle).is_some_and(|entries| entries.iter().all(|e| e.get("search").is_none()))
+}
+
+/// Every entry has `member` exactly when the Bundle type is one of `types`.
+fn entries_have_when(bundle: &Object, member: &str, types: &[&str]) -> bool {
+    let Some(kind) = bundle_type(bundle) else { return false };
+    let wanted = types.contains(&kind);
+    entries(bundle).is_some_and(|entries| entries.iter().all(|e| matches!(e.get(member), Some(Json::Object(o)) if !o.is_empty()) == wanted && (wanted || e.get(member).is_none())))
+}
+
+fn bdl_3(bundle: &Object) -> bool {
+    entries_have_when(bundle, "request", &["batch", "transaction", "history"])
+}
+
+fn bdl_4(bundle: &Object) -> bool {
+    entries_have_when(bundle, "response", &["batch-response", "transaction-response", "history"])
+}
+
+/// `fullUrl & resource.meta.versionId` differs between all entries with a fullUrl.
+fn bdl_7(bundle: &Object) -> bool {
+    if bundle_type(bundle) == Some("history") {
+        return true;
+    }
+    let Some(entries) = entries(bundle) else { return false };
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for entry in entries {
+        if entry.get("_fullUrl").is_some() {
+            return false;
+        }
+        let Some(url) = entry.get("fullUrl") else { continue };
+        let Json::String(url) = url else { return false };
+        let version = match entry.get("resource").and_then(|r| r.get("meta")) {
+            None => "",
+            Some(Json::Object(meta)) if meta.get("_versionId").is_none() => match meta.get("versionId") {
+                None => "",
+                Some(Json::String(v)) => v,
+                Some(_) => return false,
+            },
+            Some(_) => return false,
+        };
+        if !seen.insert(format!("{url}{version}")) {
+            return false;
+        }
+    }
+    true
+}
+
+fn has_string(object: &Object, name: &str) -> bool {
+    matches!(object.get(name), Some(Json::String(s)) if !s.is_empty())
+}
+
+/// A value FHIRPath sees as present: not null, not an empty string, array or object.
+fn has_content(value: &Json) -> bool {
+    match value {
+        Json::Null => false,
+        Json::String(s) => !s.is_empty(),
+        Json::Array(items) => !items.is_empty(),
+        Json::Object(o) => !o.is_empty(),
+        Json::Bool(_) | Json::Number(_) => true,
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +316,17 @@ mod tests {
             r##"{"resourceType":"Patient","generalPractitioner":[{"_reference":{"extension":[{"url":"http://example.org/x","valueString":"y"}]}}]}"##,
             r##"{"resourceType":"Bundle","type":"collection","entry":[{"fullUrl":"http://example.org/fhir/Patient/1/_history/2","resource":{"resourceType":"Patient","id":"1"}},{"fullUrl":"http://example.org/fhir/Patient/2"}]}"##,
             r##"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1,"code":"mg"},"dataAbsentReason":{"text":"y"}}"##,
+            r##"{"resourceType":"Patient","telecom":[{"value":"555"}],"extension":[{"url":"http://example.org/x"},{"url":"http://example.org/y","valueString":"a","extension":[{"url":"z","valueString":"b"}]}]}"##,
+            r##"{"resourceType":"Patient","extension":[{"url":"http://example.org/y","_valueString":{"extension":[{"url":"z","valueString":"b"}]}}]}"##,
+            r##"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"1-8"}]},"valueString":"x","component":[{"code":{"coding":[{"system":"http://loinc.org","code":"1-8"}]},"valueString":"y"}],"referenceRange":[{"extension":[{"url":"http://example.org/x","valueString":"z"}]}]}"##,
+            r##"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1,"comparator":"<"},"effectivePeriod":{"start":"2020-02-01","end":"2020-01-01"}}"##,
+            r##"{"resourceType":"Observation","status":"final","code":{"text":"x"},"effectivePeriod":{"start":"2020-01-01T10:00:00Z","end":"2020-01-01T11:00:00+02:00"}}"##,
+            r##"{"resourceType":"DocumentReference","status":"current","content":[{"attachment":{"data":"AAAA"}}]}"##,
+            r##"{"resourceType":"Patient","contained":[{"resourceType":"Patient","id":"a","meta":{"versionId":"1","security":[{"code":"R"}]},"contained":[{"resourceType":"Patient","id":"b"}]}],"link":[{"type":"seealso","other":{"reference":"#a"}}]}"##,
+            r##"{"resourceType":"Bundle","type":"collection","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient","meta":{"versionId":"1"}},"search":{"mode":"match"},"request":{"method":"GET","url":"Patient"}},{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient","meta":{"versionId":"1"}}},{"fullUrl":"urn:uuid:1"}]}"##,
+            r##"{"resourceType":"Bundle","type":"transaction","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"response":{"status":"200"}},{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}]}"##,
+            r##"{"resourceType":"Bundle","type":"history","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"},"response":{"status":"201"}},{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient/1"},"response":{"status":"200"}}]}"##,
+            r##"{"resourceType":"Patient","text":{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>x</script></div>"}}"##,
         ];
         documents.extend(crafted.iter().map(|d| (d.to_string(), d.as_bytes().to_vec())));
         let validator = Validator::new(Arc::new(Definitions::new_default()));
