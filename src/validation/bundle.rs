@@ -19,7 +19,8 @@ pub(super) fn check_entries(walker: &mut Walker<'_, '_>, bundle: &Object) {
     let base_len = walker.path.len();
     for (i, entry) in entries.iter().enumerate() {
         let Some(resource) = entry.get("resource") else { continue };
-        walker.path.push_str(&format!(".entry[{i}]"));
+        walker.path.push_str(".entry");
+        super::walk::push_index(&mut walker.path, i);
         if bundle_type == "searchset" {
             search_result(walker, entry, resource, searched_type);
         }

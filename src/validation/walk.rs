@@ -278,13 +278,13 @@ impl<'v, 'a> Walker<'v, 'a> {
                 if items.is_empty() {
                     self.error(IssueCode::Structure, "an array must not be empty: leave the element out instead");
                 }
-                let sibling = parent.get(&format!("_{name}")).and_then(Json::as_array);
+                let sibling = || parent.iter().find(|(member, _)| member.strip_prefix('_') == Some(name)).and_then(|(_, v)| v.as_array());
                 let item_len = self.path.len();
                 for (i, item) in items.iter().enumerate() {
                     push_index(&mut self.path, i);
                     if matches!(item, Json::Null) {
                         // `null` holds a place when the `_name` array has the id/extensions for this position.
-                        let has_sibling = sibling.and_then(|s| s.get(i)).is_some_and(|s| !matches!(s, Json::Null));
+                        let has_sibling = sibling().and_then(|s| s.get(i)).is_some_and(|s| !matches!(s, Json::Null));
                         if !has_sibling {
                             self.error(IssueCode::Structure, "null is not allowed in an array unless the matching _ element has content");
                         } else {
@@ -871,7 +871,7 @@ fn is_tolerated_extension_url(url: &str, allow_example_urls: bool) -> bool {
 }
 
 /// Appends `[i]` to a path without a temporary string.
-fn push_index(path: &mut String, i: usize) {
+pub(super) fn push_index(path: &mut String, i: usize) {
     use std::fmt::Write;
     let _ = write!(path, "[{i}]");
 }
