@@ -345,7 +345,7 @@ fn load_errors_name_file_line_and_path() {
     // Line 14: a target path the profile does not have.
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: period.begin: 'Encounter.period' has no element 'begin'"), "{message}");
-    // A type that does not fit: a date-time cannot fill a boolean.
+    // A type that does not fit: `setting`, an enumerated string, cannot fill the dateTime period.start.
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"setting\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: period.start: a string cannot fill a FHIR dateTime"), "{message}");
     // A fixed code outside a required binding.
