@@ -231,6 +231,26 @@ fn the_full_episode_is_one_self_contained_bundle() {
         .collect();
     assert_eq!(positive.len(), 1);
     assert_eq!(positive[0]["code"]["coding"].as_array().map(|c| c[0]["code"].as_str()), Some(Some("3427-2")));
+    // Weekly PHQ-9 and GAD-7 totals, as the gateway computed them, improve over the 8 weeks: a drop of at
+    // least 5 points (the change usually taken as clinically meaningful), no week more than 1 point worse
+    // than the one before, and the severity band moves from moderate or worse to mild or better.
+    for (code, first_bands, last_bands) in [("44261-6", ["moderate", "moderately-severe"], ["minimal", "mild"]), ("70274-6", ["moderate", "severe"], ["minimal", "mild"])] {
+        let mut weekly: Vec<(&str, i64, &str)> = entries
+            .iter()
+            .map(|e| &e["resource"])
+            .filter(|r| pick(r, "code.coding.0.code").as_str() == Some(code))
+            .map(|r| {
+                let total = r["valueQuantity"]["value"].to_string().parse::<i64>().unwrap();
+                (r["effectiveDateTime"].as_str().unwrap(), total, pick(r, "interpretation.0.coding.0.code").as_str().unwrap())
+            })
+            .collect();
+        weekly.sort();
+        assert_eq!(weekly.len(), 8, "{code}: {weekly:?}");
+        let totals: Vec<i64> = weekly.iter().map(|(_, total, _)| *total).collect();
+        assert!(totals[0] - totals[7] >= 5, "{code}: {totals:?}");
+        assert!(totals.windows(2).all(|w| w[1] <= w[0] + 1), "{code}: {totals:?}");
+        assert!(first_bands.contains(&weekly[0].2) && last_bands.contains(&weekly[7].2), "{code}: {weekly:?}");
+    }
     // PHQ-9 panel + 9 items + total and GAD-7 panel + 7 items + total, 8 weeks; 4 drug screens × 5 results;
     // the discharge attendance.
     assert_eq!(count("Observation"), 8 * (11 + 9) + 4 * 5 + 1);
