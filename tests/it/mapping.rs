@@ -534,6 +534,21 @@ fn the_iop_profiles_reject_what_they_exist_to_reject() {
     *at(&mut schedule, &["occurrenceTiming", "repeat", "duration"]) = Json::Number("4".into());
     let errors = profile_errors(&schedule, &profile);
     assert!(errors.iter().any(|e| e.contains("iop-sched-1")), "{errors:#?}");
+    // A custom track without its end time, and one that ends before it starts.
+    let mut custom = mapped_resource("enrollment/discharged-sud.json", |r| r["resourceType"].as_str() == Some("EpisodeOfCare"));
+    let profile = format!("{IOP}iop-enrollment");
+    assert_eq!(profile_errors(&custom, &profile), Vec::<String>::new());
+    let track_index = custom["extension"].as_array().unwrap().iter().position(|e| e["url"].as_str() == Some(&format!("{IOP}iop-track"))).unwrap().to_string();
+    let mut backwards = custom.clone();
+    *at(&mut backwards, &["extension", &track_index, "extension", "2", "valueTime"]) = Json::string("15:00:00");
+    assert_eq!(pick(&backwards, &format!("extension.{track_index}.extension.2.url")).as_str(), Some("end"));
+    let errors = profile_errors(&backwards, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-track-2")), "{errors:#?}");
+    if let Json::Array(parts) = at(&mut custom, &["extension", &track_index, "extension"]) {
+        parts.pop();
+    }
+    let errors = profile_errors(&custom, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-track-1")), "{errors:#?}");
     // An enrollment without its level of care.
     let mut enrollment = mapped_resource("enrollment/active.json", |r| r["resourceType"].as_str() == Some("EpisodeOfCare"));
     let profile = format!("{IOP}iop-enrollment");
