@@ -420,6 +420,64 @@ fn the_commands_map_and_check() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("client C-1001 birth_date"), "{}", String::from_utf8_lossy(&failed.stderr));
 }
 
+/// Copies `dir` (flat, files only) into `into`.
+fn copy_folder(dir: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, into.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// Replaces `old` by `new` in a file, insisting that `old` is there.
+fn edit(file: &Path, old: &str, new: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(old), "{}: {old}", file.display());
+    std::fs::write(file, text.replacen(old, new, 1)).unwrap();
+}
+
+/// The worked example of mappings/README.md: a new session modality is a new code in an edited copy of
+/// profiles/, used with `--ig`, with no rebuild; the bundled profiles keep refusing it.
+#[test]
+fn an_edited_copy_of_the_profiles_changes_codes_without_a_rebuild() {
+    let binary = env!("CARGO_BIN_EXE_iop-gateway");
+    let work = std::env::temp_dir().join(format!("iop-edited-profiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let (profiles, mappings_dir) = (work.join("profiles"), work.join("mappings"));
+    copy_folder(&Path::new(ROOT).join("profiles"), &profiles);
+    copy_folder(&Path::new(ROOT).join("mappings"), &mappings_dir);
+    edit(&profiles.join("CodeSystem-session-modality.json"), "    {\n      \"code\": \"expressive-therapy\",", "    {\n      \"code\": \"peer-support\",\n      \"display\": \"Peer support group\"\n    },\n    {\n      \"code\": \"expressive-therapy\",");
+    edit(&mappings_dir.join("session.schema.json"), "\"expressive_therapy\"]", "\"expressive_therapy\", \"peer_support\"]");
+    edit(&mappings_dir.join("session.to-fhir.toml"), "[codes.modality]\n", "[codes.modality]\npeer_support = { system = \"http://iop-gateway.org/fhir/CodeSystem/session-modality\", code = \"peer-support\" }\n");
+    let session = work.join("session.json");
+    let text = std::fs::read_to_string(Path::new(ROOT).join("tests/fixtures/iop/session/attended.json")).unwrap().replace("\"group_therapy\"", "\"peer_support\"");
+    std::fs::write(&session, text).unwrap();
+    let run = |args: &[&str]| Command::new(binary).current_dir(ROOT).args(args).output().unwrap();
+    let (mappings_arg, profiles_arg, session_arg) = (mappings_dir.to_str().unwrap(), profiles.to_str().unwrap(), session.to_str().unwrap());
+    // With the bundled profiles the new code is outside the session-modality ValueSet, refused at load.
+    let bundled = run(&["mappings", "check", "--mappings", mappings_arg]);
+    let stdout = String::from_utf8_lossy(&bundled.stdout);
+    assert_eq!(bundled.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("session.to-fhir.toml") && stdout.contains("'peer-support' is not in the required ValueSet"), "{stdout}");
+    // The edited copy replaces the bundled package: the check passes, on that copy, and the session maps.
+    let edited = run(&["mappings", "check", "--mappings", mappings_arg, "--ig", profiles_arg]);
+    let stdout = String::from_utf8_lossy(&edited.stdout);
+    assert_eq!(edited.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(&format!("in {profiles_arg}")), "{stdout}");
+    let mapped = run(&["map", "--from", "iop", "--to", "fhir", "--mappings", mappings_arg, "--ig", profiles_arg, session_arg]);
+    assert_eq!(mapped.status.code(), Some(0), "{}", String::from_utf8_lossy(&mapped.stderr));
+    assert!(String::from_utf8_lossy(&mapped.stdout).contains("\"peer-support\""));
+    // A syntax error in the edited copy is named rather than the file silently left out.
+    edit(&profiles.join("CodeSystem-session-modality.json"), "\"peer-support\",", "\"peer-support\"");
+    let broken = run(&["mappings", "check", "--mappings", mappings_arg, "--ig", profiles_arg]);
+    let stdout = String::from_utf8_lossy(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("CodeSystem-session-modality.json"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// The profiles of `profiles/` and the implementation guides each kind of mapped resource must claim
 /// (an IOP profile first, then the national ones it is compatible with).
 const CLAIMS: &[(&str, &[&str])] = &[
