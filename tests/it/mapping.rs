@@ -572,6 +572,16 @@ fn the_iop_profiles_reject_what_they_exist_to_reject() {
     let mut panel = mapped_resource("screening/phq9.json", has_code("44249-1"));
     *at(&mut panel, &["code", "coding", "0", "code"]) = Json::string("69737-5");
     assert!(!profile_errors(&panel, &profile).is_empty());
+    // A positive C-SSRS screener that lost its critical flag.
+    let mut cssrs = mapped_resource("screening/cssrs-positive.json", |r| r.get("hasMember").is_some());
+    let profile = format!("{IOP}iop-screening-cssrs");
+    assert_eq!(profile_errors(&cssrs, &profile), Vec::<String>::new());
+    assert_eq!(pick(&cssrs, "interpretation.1.coding.0.code").as_str(), Some("AA"));
+    if let Json::Array(interpretations) = at(&mut cssrs, &["interpretation"]) {
+        interpretations.pop();
+    }
+    let errors = profile_errors(&cssrs, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-cssrs-1")), "{errors:#?}");
     // A session without its attendance.
     let mut encounter = mapped_resource("session/attended.json", |r| r["resourceType"].as_str() == Some("Encounter"));
     let profile = format!("{IOP}iop-session");
