@@ -744,6 +744,31 @@ fn round_trip_keeps_every_mapped_authorization_field() {
     }
 }
 
+/// An inbound referral as another hospital's EHR writes it: its own ids and identifier systems, absolute
+/// RESTful full URLs with relative references, another entry order, the HCPCS code with text beside it,
+/// and a Consent among supportingInfo. BSeR-conformant, and read into one referral record.
+#[test]
+fn a_referral_written_by_another_hospital_is_read() {
+    let file = Path::new(ROOT).join("tests/fixtures/bser/referral-from-northfield.json");
+    let input = json::parse(&std::fs::read(&file).unwrap()).unwrap();
+    let report = Validator::new(definitions()).validate_json(&input, &[]);
+    assert_eq!(errors_of(&report), Vec::<String>::new());
+    assert!(!profile_not_loaded(&report), "{:#?}", report.issues);
+    let mapped = mappings().fhir_to_records(&input);
+    assert!(!mapped.has_errors(), "{:#?}", mapped.issues);
+    assert_eq!(mapped.output.len(), 1, "{:#?}", mapped.output);
+    let referral = &mapped.output[0];
+    // The sender knows no client id of ours, writes no direction category, and names us by its own identifier.
+    assert!(referral.get("client_id").is_none());
+    assert_eq!(
+        (referral["id"].as_str(), referral["direction"].as_str(), referral["status"].as_str(), referral["program"].as_str(), referral["urgency"].as_str()),
+        (Some("NF-RX-88213"), Some("inbound"), Some("requested"), Some("mental_health_iop"), Some("asap"))
+    );
+    assert_eq!(pick(referral, "consent_ids.0").as_str(), Some("NF-ROI-2026-0311"));
+    assert_eq!(pick(referral, "sending_facility.contact_phone").as_str(), Some("555-0177"));
+    insta::assert_json_snapshot!("referral__from-northfield", serde_json::Value::from(referral));
+}
+
 // ----- payer decisions (PAS ClaimResponse) -----
 
 fn decision_fixtures() -> Vec<PathBuf> {
