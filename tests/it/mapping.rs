@@ -285,7 +285,7 @@ fn mapping_is_deterministic_and_re_sending_updates_the_same_resources() {
     let mut session = records(&Path::new(ROOT).join("tests/fixtures/iop/session/attended.json")).remove(0);
     let before = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
     if let Json::Object(object) = &mut session {
-        object.insert("end", Json::string("2026-01-05T11:45:00-06:00"));
+        object.insert("end_at", Json::string("2026-01-05T11:45:00-06:00"));
     }
     let after = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
     assert_eq!(before["entry"].as_array().unwrap()[0]["fullUrl"], after["entry"].as_array().unwrap()[0]["fullUrl"]);
@@ -329,7 +329,7 @@ fn flags_reach_the_caller() {
 
 #[test]
 fn a_bad_record_is_reported_with_its_path() {
-    let record = json::parse(br#"{"record_type": "session", "id": "S-1", "client_id": "C-1", "start": "2026-01-05T09:00:00Z", "end": "2026-01-05T12:00:00Z",
+    let record = json::parse(br#"{"record_type": "session", "id": "S-1", "client_id": "C-1", "start_at": "2026-01-05T09:00:00Z", "end_at": "2026-01-05T12:00:00Z",
         "modality": "group_therapy", "setting": "on_the_moon", "attendance": "attended", "cpt": "90853"}"#)
     .unwrap();
     let mapped = mappings().records_to_fhir(&[record]);
@@ -368,7 +368,7 @@ const SESSION_HEAD: &str = "record = \"session\"\ndirection = \"to-fhir\"\n\n[[r
 #[test]
 fn load_errors_name_file_line_and_path() {
     // Line 14: a target path the profile does not have.
-    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start\" }},\n]\n"));
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: period.begin: 'Encounter.period' has no element 'begin'"), "{message}");
     // A type that does not fit: `setting`, an enumerated string, cannot fill the dateTime period.start.
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"setting\" }},\n]\n"));
@@ -381,7 +381,7 @@ fn load_errors_name_file_line_and_path() {
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"starts_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: starts_at: the schema has no member 'starts_at'"), "{message}");
     // TOML syntax and unknown keys are located too.
-    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", form = \"start\" }},\n]\n"));
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", form = \"start_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14:") && message.contains("form"), "{message}");
     // A required element no rule sets.
     let text = SESSION_HEAD.replace("{ path = \"status\", value = \"finished\" },\n", "");
