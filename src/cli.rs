@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::definitions::Definitions;
+use crate::package::Package;
 use crate::validation::Validator;
 
 /// Exit code for a usage or I/O problem (as opposed to "the input is invalid", which is 1).
@@ -68,22 +69,67 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// R4 core, the bundled profiles, and the implementation guides asked for with `--ig`: a package
+/// R4 core, the project's profiles package, and the implementation guides asked for with `--ig`: a package
 /// (`.tgz` or folder), `id#version` from the package cache, or a single conformance resource file.
+///
+/// A package with the bundled profiles' name (`iop-gateway.profiles`, such as an edited copy of
+/// `profiles/`) is used instead of the compiled-in copy rather than beside it: two versions of the
+/// same canonicals would otherwise both be loaded, and an integration engineer's changed code must
+/// take effect without rebuilding the binary.
 fn load_definitions(igs: &[String], cache: Option<&Path>) -> Result<Definitions, String> {
-    let mut definitions = Definitions::new_default();
+    enum Loaded {
+        Package(Package),
+        Resource(String, crate::json::Json),
+    }
+    let mut loaded = Vec::new();
     for ig in igs {
         let path = Path::new(ig);
         let is_single_resource = path.is_file() && (ig.ends_with(".json") || ig.ends_with(".xml"));
         if is_single_resource {
             let bytes = std::fs::read(path).map_err(|e| format!("cannot read {ig}: {e}"))?;
             let (resource, _) = Validator::new(Definitions::base()).read(&bytes).map_err(|issue| format!("{ig}: {}", issue.message))?;
-            definitions.add_resource(ig, resource);
+            loaded.push(Loaded::Resource(ig.clone(), resource));
         } else {
-            definitions.load_package_reference(ig, cache).map_err(|e| format!("cannot load {ig}: {e}"))?;
+            loaded.push(Loaded::Package(load_package(ig, cache)?));
+        }
+    }
+    let bundled_name = Package::bundled().name;
+    let replaces_bundled = loaded.iter().any(|l| matches!(l, Loaded::Package(p) if p.name == bundled_name));
+    let mut definitions = if replaces_bundled { Definitions::new_base() } else { Definitions::new_default() };
+    for item in loaded {
+        match item {
+            Loaded::Package(package) => definitions.add_package(package),
+            Loaded::Resource(source, resource) => definitions.add_resource(&source, resource),
         }
     }
     Ok(definitions)
+}
+
+/// The profiles package in use: the first `--ig` package that replaces the bundled one, else the bundled one,
+/// with a label for messages (`profiles/` or the path given).
+fn profiles_package(igs: &[String], cache: Option<&Path>) -> Result<(String, Package), String> {
+    let bundled = Package::bundled();
+    for ig in igs.iter().filter(|ig| !(Path::new(ig).is_file() && (ig.ends_with(".json") || ig.ends_with(".xml")))) {
+        let package = load_package(ig, cache)?;
+        if package.name == bundled.name {
+            return Ok((ig.trim_end_matches('/').to_string(), package));
+        }
+    }
+    Ok(("profiles".to_string(), bundled))
+}
+
+/// A package given as a path (`.tgz` or folder) or as `id#version` from the FHIR package cache.
+fn load_package(reference: &str, cache: Option<&Path>) -> Result<Package, String> {
+    let path = Path::new(reference);
+    let package = if path.exists() {
+        Package::load(path)
+    } else if let Some((id, version)) = reference.split_once('#') {
+        let cache = cache.map(Path::to_path_buf).or_else(Package::default_cache_dir).unwrap_or_default();
+        Package::from_cache(id, version, &cache)
+    } else {
+        return Err(format!("cannot load {reference}: no such file, and not an id#version reference"));
+    };
+    package.map_err(|e| format!("cannot load {reference}: {e}"))
 }
 
 /// Every file below `dir` whose extension is one of `extensions`, in a stable order.

@@ -56,11 +56,26 @@ impl std::fmt::Debug for RecordSchema {
     }
 }
 
+/// Whether `text` is a local time of day, `hh:mm:ss` with an optional fraction of a second (FHIR `time`).
+fn is_local_time(text: &str) -> bool {
+    let (clock, fraction) = text.split_once('.').map_or((text, None), |(c, f)| (c, Some(f)));
+    let fields: Vec<&str> = clock.split(':').collect();
+    let field_below = |field: &str, limit: u32| field.len() == 2 && field.bytes().all(|b| b.is_ascii_digit()) && field.parse::<u32>().is_ok_and(|n| n < limit);
+    fields.len() == 3
+        && field_below(fields[0], 24)
+        && field_below(fields[1], 60)
+        && field_below(fields[2], 60)
+        && fraction.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl RecordSchema {
     /// Compiles a schema document for `record_type`.
     pub fn compile(record_type: &str, document: serde_json::Value, file: PathBuf) -> Result<RecordSchema, LoadSchemasError> {
         let validator = jsonschema::options()
             .should_validate_formats(true)
+            // A record's time is a local time of day (a track's start), as FHIR's `time` is; JSON Schema's own
+            // `time` format wants an offset, which a clinic's timetable does not have.
+            .with_format("time", is_local_time)
             .build(&document)
             .map_err(|e| LoadSchemasError::BadSchema { path: file.clone(), message: e.to_string() })?;
         Ok(RecordSchema { record_type: record_type.to_string(), document, file, validator })

@@ -110,8 +110,9 @@ pub fn run(args: Args) -> ExitCode {
     };
     let mut stdout = std::io::stdout().lock();
     if writeln!(stdout, "{}", output.to_string_pretty()).is_err() {
-        // stdout closed (piped into `head`): nothing more to say.
-        return ExitCode::from(EXIT_USAGE);
+        // A caller that closed stdout early (piped into `head`) did not get the whole Bundle or record list,
+        // so it must not look like success; 1, not 2, because the command line itself was fine.
+        return ExitCode::from(1);
     }
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }

@@ -35,3 +35,13 @@ fn pointers_become_dotted_paths() {
     assert_eq!(pointer_to_path(""), "");
     assert_eq!(pointer_to_path("/contacts/0/name/given/1"), "contacts[0].name.given[1]");
 }
+
+#[test]
+fn a_time_is_a_local_time_of_day() {
+    for good in ["07:00:00", "23:59:59", "16:30:00.5"] {
+        assert!(is_local_time(good), "{good}");
+    }
+    for bad in ["7:00:00", "24:00:00", "07:60:00", "07:00", "07:00:00Z", "07:00:00+01:00", "07:00:00.", "ab:cd:ef"] {
+        assert!(!is_local_time(bad), "{bad}");
+    }
+}

@@ -196,8 +196,21 @@ fn merge(base: &mut Json, patch: &Json) {
                 }
             }
         }
+        // A list of References gains the patch's references: a discharge adds its summary to a referral's
+        // supportingInfo without dropping the consent the referral record put there.
+        (Json::Array(base), Json::Array(patch)) if is_reference_list(patch) && is_reference_list(base) => {
+            for element in patch {
+                if !base.iter().any(|b| b.get("reference") == element.get("reference")) {
+                    base.push(element.clone());
+                }
+            }
+        }
         (base, patch) => *base = patch.clone(),
     }
+}
+
+fn is_reference_list(items: &[Json]) -> bool {
+    !items.is_empty() && items.iter().all(|i| i.get("reference").and_then(Json::as_str).is_some())
 }
 
 fn is_extension_list(items: &[Json]) -> bool {
@@ -226,6 +239,21 @@ mod tests {
             r#"{"resourceType":"EpisodeOfCare","id":"e","status":"finished","period":{"start":"2026-01-12","end":"2026-03-06"},"extension":[{"url":"a","valueString":"x"},{"url":"b","valueString":"new"}],"type":[{"text":"t"}]}"#
         );
         let (_, assembly) = transaction(vec![produced(r#"{"resourceType":"Goal","id":"g","lifecycleStatus":"completed"}"#, Role::Merge)]);
+        assert_eq!(assembly.incomplete.len(), 1, "{assembly:?}");
+    }
+
+    #[test]
+    fn reference_lists_merge_by_reference_and_other_lists_are_replaced() {
+        let (bundle, _) = transaction(vec![
+            produced(r#"{"resourceType":"ServiceRequest","id":"s","supportingInfo":[{"reference":"urn:uuid:b"},{"reference":"urn:uuid:c"}],"note":[{"text":"new"}]}"#, Role::Merge),
+            produced(r#"{"resourceType":"ServiceRequest","id":"s","supportingInfo":[{"reference":"urn:uuid:a"},{"reference":"urn:uuid:b"}],"note":[{"text":"old"},{"text":"older"}]}"#, Role::Whole),
+        ]);
+        let merged = &bundle["entry"].as_array().unwrap()[0]["resource"];
+        assert_eq!(
+            merged.to_string_compact(),
+            r#"{"resourceType":"ServiceRequest","id":"s","supportingInfo":[{"reference":"urn:uuid:a"},{"reference":"urn:uuid:b"},{"reference":"urn:uuid:c"}],"note":[{"text":"new"}]}"#
+        );
+        let (_, assembly) = transaction(vec![produced(r#"{"resourceType":"Goal","id":"g2","lifecycleStatus":"completed"}"#, Role::Merge)]);
         assert_eq!(assembly.incomplete.len(), 1, "{assembly:?}");
     }
 

@@ -322,7 +322,9 @@ impl Compiler<'_, '_> {
                 }
             }
         }
-        // The most constrained view (the last profile) decides types; bindings from any profile apply.
+        // Types come from the last structure (the last claimed profile, else the base type): each profile can
+        // only narrow the base's types, and two profiles that narrow differently are caught when the output is
+        // validated. A required binding of any of them applies, so a fixed code must satisfy all of them.
         let leaf = leaves.last()?.clone();
         let required: Vec<String> = leaves.iter().filter_map(|l| l.required_value_set.clone()).collect();
         let when = spec.when.as_ref().and_then(|w| self.condition(w.span(), w.get_ref(), each));
@@ -728,7 +730,8 @@ impl Compiler<'_, '_> {
             targets.push(target.to_string());
             plan.rules.push(Rule { line, target, source, when });
         }
-        // Required record members must be filled by some rule.
+        // Rules guarded by `when` count as filling a member: this catches a forgotten member at load, while a
+        // record whose conditions leave a required member empty is caught by the schema check of the output.
         let required = self.context.schema.document.get("required").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
         for member in required.iter().filter_map(serde_json::Value::as_str) {
             if member == RECORD_TYPE_MEMBER {

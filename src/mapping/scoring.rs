@@ -195,6 +195,30 @@ mod tests {
     }
 
     #[test]
+    fn gad7_bands_change_between_4_and_5_9_and_10_14_and_15() {
+        for (answers, total, band) in [
+            ([1, 1, 1, 1, 0, 0, 0], "4", "minimal"),
+            ([1, 1, 1, 1, 1, 0, 0], "5", "mild"),
+            ([2, 2, 2, 2, 1, 0, 0], "9", "mild"),
+            ([2, 2, 2, 2, 2, 0, 0], "10", "moderate"),
+            ([2, 2, 2, 2, 2, 2, 2], "14", "moderate"),
+            ([3, 3, 3, 2, 2, 1, 1], "15", "severe"),
+        ] {
+            assert_eq!(total_and_band(&screening("gad7", &answers, None)), (Some(total.into()), Some(band.into())), "{answers:?}");
+        }
+    }
+
+    #[test]
+    fn pcl5_is_positive_from_33() {
+        let answers_adding_to = |total: u32| -> Vec<u32> { (0..20).map(|i| (total / 20 + u32::from(i < total % 20)).min(4)).collect() };
+        for (total, band) in [(0, "negative"), (32, "negative"), (33, "positive"), (80, "positive")] {
+            let answers = answers_adding_to(total);
+            assert_eq!(answers.iter().sum::<u32>(), total);
+            assert_eq!(total_and_band(&screening("pcl5", &answers, None)), (Some(total.to_string()), Some(band.into())), "{answers:?}");
+        }
+    }
+
+    #[test]
     fn ranges_of_the_other_instruments() {
         assert_eq!(total_and_band(&screening("gad7", &[3; 7], None)), (Some("21".into()), Some("severe".into())));
         assert_eq!(total_and_band(&screening("pcl5", &[4; 20], None)).0, Some("80".into()));

@@ -231,6 +231,26 @@ fn the_full_episode_is_one_self_contained_bundle() {
         .collect();
     assert_eq!(positive.len(), 1);
     assert_eq!(positive[0]["code"]["coding"].as_array().map(|c| c[0]["code"].as_str()), Some(Some("3427-2")));
+    // Weekly PHQ-9 and GAD-7 totals, as the gateway computed them, improve over the 8 weeks: a drop of at
+    // least 5 points (the change usually taken as clinically meaningful), no week more than 1 point worse
+    // than the one before, and the severity band moves from moderate or worse to mild or better.
+    for (code, first_bands, last_bands) in [("44261-6", ["moderate", "moderately-severe"], ["minimal", "mild"]), ("70274-6", ["moderate", "severe"], ["minimal", "mild"])] {
+        let mut weekly: Vec<(&str, i64, &str)> = entries
+            .iter()
+            .map(|e| &e["resource"])
+            .filter(|r| pick(r, "code.coding.0.code").as_str() == Some(code))
+            .map(|r| {
+                let total = r["valueQuantity"]["value"].to_string().parse::<i64>().unwrap();
+                (r["effectiveDateTime"].as_str().unwrap(), total, pick(r, "interpretation.0.coding.0.code").as_str().unwrap())
+            })
+            .collect();
+        weekly.sort();
+        assert_eq!(weekly.len(), 8, "{code}: {weekly:?}");
+        let totals: Vec<i64> = weekly.iter().map(|(_, total, _)| *total).collect();
+        assert!(totals[0] - totals[7] >= 5, "{code}: {totals:?}");
+        assert!(totals.windows(2).all(|w| w[1] <= w[0] + 1), "{code}: {totals:?}");
+        assert!(first_bands.contains(&weekly[0].2) && last_bands.contains(&weekly[7].2), "{code}: {weekly:?}");
+    }
     // PHQ-9 panel + 9 items + total and GAD-7 panel + 7 items + total, 8 weeks; 4 drug screens × 5 results;
     // the discharge attendance.
     assert_eq!(count("Observation"), 8 * (11 + 9) + 4 * 5 + 1);
@@ -240,6 +260,15 @@ fn the_full_episode_is_one_self_contained_bundle() {
     let extension_urls: Vec<&str> = episode["extension"].as_array().unwrap().iter().filter_map(|e| e["url"].as_str()).collect();
     assert!(extension_urls.contains(&"http://iop-gateway.org/fhir/StructureDefinition/iop-track"), "{extension_urls:?}");
     assert!(extension_urls.contains(&"http://iop-gateway.org/fhir/StructureDefinition/iop-discharge-disposition"), "{extension_urls:?}");
+    // The step-down referral keeps its Part 2 consent beside the discharge summary the discharge added.
+    let outbound = entries.iter().map(|e| &e["resource"]).find(|r| r["resourceType"].as_str() == Some("ServiceRequest") && pick(r, "category.0.coding.0.code").as_str() == Some("outbound")).unwrap();
+    let supporting: Vec<&str> = outbound["supportingInfo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| entries.iter().find(|e| e["fullUrl"] == r["reference"]).unwrap()["resource"]["resourceType"].as_str().unwrap())
+        .collect();
+    assert_eq!(supporting, ["Consent", "Bundle"]);
     // The extension request quotes the first certification.
     let claims: Vec<&Json> = entries.iter().map(|e| &e["resource"]).filter(|r| r["resourceType"].as_str() == Some("Claim")).collect();
     let quoted: Vec<Option<&str>> = claims.iter().map(|c| pick(c, "item.0.extension").as_array().unwrap().iter().find(|e| e["url"].as_str().is_some_and(|u| u.ends_with("extension-authorizationNumber"))).and_then(|e| e["valueString"].as_str())).collect();
@@ -256,7 +285,7 @@ fn mapping_is_deterministic_and_re_sending_updates_the_same_resources() {
     let mut session = records(&Path::new(ROOT).join("tests/fixtures/iop/session/attended.json")).remove(0);
     let before = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
     if let Json::Object(object) = &mut session {
-        object.insert("end", Json::string("2026-01-05T11:45:00-06:00"));
+        object.insert("end_at", Json::string("2026-01-05T11:45:00-06:00"));
     }
     let after = mappings().records_to_fhir(std::slice::from_ref(&session)).output;
     assert_eq!(before["entry"].as_array().unwrap()[0]["fullUrl"], after["entry"].as_array().unwrap()[0]["fullUrl"]);
@@ -273,12 +302,8 @@ fn round_trip_keeps_every_mapped_referral_field() {
         let bundle = mappings().records_to_fhir(&with_client).output;
         let back = mappings().fhir_to_records(&bundle);
         assert!(!back.has_errors(), "{:#?}", back.issues);
-        let as_set = |records: &[Json]| -> Vec<String> {
-            let mut texts: Vec<String> = records.iter().map(|r| serde_json::Value::from(r).to_string()).collect();
-            texts.sort();
-            texts
-        };
-        assert_eq!(as_set(&back.output), as_set(&sent), "{}", file.display());
+        // A referral's consents travel with it as records of their own; only the referrals come back.
+        assert_eq!(records_of(&back.output, "referral"), records_of(&sent, "referral"), "{}", file.display());
     }
 }
 
@@ -304,7 +329,7 @@ fn flags_reach_the_caller() {
 
 #[test]
 fn a_bad_record_is_reported_with_its_path() {
-    let record = json::parse(br#"{"record_type": "session", "id": "S-1", "client_id": "C-1", "start": "2026-01-05T09:00:00Z", "end": "2026-01-05T12:00:00Z",
+    let record = json::parse(br#"{"record_type": "session", "id": "S-1", "client_id": "C-1", "start_at": "2026-01-05T09:00:00Z", "end_at": "2026-01-05T12:00:00Z",
         "modality": "group_therapy", "setting": "on_the_moon", "attendance": "attended", "cpt": "90853"}"#)
     .unwrap();
     let mapped = mappings().records_to_fhir(&[record]);
@@ -343,9 +368,9 @@ const SESSION_HEAD: &str = "record = \"session\"\ndirection = \"to-fhir\"\n\n[[r
 #[test]
 fn load_errors_name_file_line_and_path() {
     // Line 14: a target path the profile does not have.
-    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start\" }},\n]\n"));
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.begin\", from = \"start_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: period.begin: 'Encounter.period' has no element 'begin'"), "{message}");
-    // A type that does not fit: a date-time cannot fill a boolean.
+    // A type that does not fit: `setting`, an enumerated string, cannot fill the dateTime period.start.
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"setting\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: period.start: a string cannot fill a FHIR dateTime"), "{message}");
     // A fixed code outside a required binding.
@@ -356,7 +381,7 @@ fn load_errors_name_file_line_and_path() {
     let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", from = \"starts_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14: starts_at: the schema has no member 'starts_at'"), "{message}");
     // TOML syntax and unknown keys are located too.
-    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", form = \"start\" }},\n]\n"));
+    let message = load_error("session.to-fhir.toml", &format!("{SESSION_HEAD}{{ path = \"period.start\", form = \"start_at\" }},\n]\n"));
     assert!(message.contains("session.to-fhir.toml:14:") && message.contains("form"), "{message}");
     // A required element no rule sets.
     let text = SESSION_HEAD.replace("{ path = \"status\", value = \"finished\" },\n", "");
@@ -393,6 +418,64 @@ fn the_commands_map_and_check() {
     let _ = std::fs::remove_file(&bad_file);
     assert_eq!(failed.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&failed.stderr).contains("client C-1001 birth_date"), "{}", String::from_utf8_lossy(&failed.stderr));
+}
+
+/// Copies `dir` (flat, files only) into `into`.
+fn copy_folder(dir: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, into.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// Replaces `old` by `new` in a file, insisting that `old` is there.
+fn edit(file: &Path, old: &str, new: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(old), "{}: {old}", file.display());
+    std::fs::write(file, text.replacen(old, new, 1)).unwrap();
+}
+
+/// The worked example of mappings/README.md: a new session modality is a new code in an edited copy of
+/// profiles/, used with `--ig`, with no rebuild; the bundled profiles keep refusing it.
+#[test]
+fn an_edited_copy_of_the_profiles_changes_codes_without_a_rebuild() {
+    let binary = env!("CARGO_BIN_EXE_iop-gateway");
+    let work = std::env::temp_dir().join(format!("iop-edited-profiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let (profiles, mappings_dir) = (work.join("profiles"), work.join("mappings"));
+    copy_folder(&Path::new(ROOT).join("profiles"), &profiles);
+    copy_folder(&Path::new(ROOT).join("mappings"), &mappings_dir);
+    edit(&profiles.join("CodeSystem-session-modality.json"), "    {\n      \"code\": \"expressive-therapy\",", "    {\n      \"code\": \"peer-support\",\n      \"display\": \"Peer support group\"\n    },\n    {\n      \"code\": \"expressive-therapy\",");
+    edit(&mappings_dir.join("session.schema.json"), "\"expressive_therapy\"]", "\"expressive_therapy\", \"peer_support\"]");
+    edit(&mappings_dir.join("session.to-fhir.toml"), "[codes.modality]\n", "[codes.modality]\npeer_support = { system = \"http://iop-gateway.org/fhir/CodeSystem/session-modality\", code = \"peer-support\" }\n");
+    let session = work.join("session.json");
+    let text = std::fs::read_to_string(Path::new(ROOT).join("tests/fixtures/iop/session/attended.json")).unwrap().replace("\"group_therapy\"", "\"peer_support\"");
+    std::fs::write(&session, text).unwrap();
+    let run = |args: &[&str]| Command::new(binary).current_dir(ROOT).args(args).output().unwrap();
+    let (mappings_arg, profiles_arg, session_arg) = (mappings_dir.to_str().unwrap(), profiles.to_str().unwrap(), session.to_str().unwrap());
+    // With the bundled profiles the new code is outside the session-modality ValueSet, refused at load.
+    let bundled = run(&["mappings", "check", "--mappings", mappings_arg]);
+    let stdout = String::from_utf8_lossy(&bundled.stdout);
+    assert_eq!(bundled.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("session.to-fhir.toml") && stdout.contains("'peer-support' is not in the required ValueSet"), "{stdout}");
+    // The edited copy replaces the bundled package: the check passes, on that copy, and the session maps.
+    let edited = run(&["mappings", "check", "--mappings", mappings_arg, "--ig", profiles_arg]);
+    let stdout = String::from_utf8_lossy(&edited.stdout);
+    assert_eq!(edited.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(&format!("in {profiles_arg}")), "{stdout}");
+    let mapped = run(&["map", "--from", "iop", "--to", "fhir", "--mappings", mappings_arg, "--ig", profiles_arg, session_arg]);
+    assert_eq!(mapped.status.code(), Some(0), "{}", String::from_utf8_lossy(&mapped.stderr));
+    assert!(String::from_utf8_lossy(&mapped.stdout).contains("\"peer-support\""));
+    // A syntax error in the edited copy is named rather than the file silently left out.
+    edit(&profiles.join("CodeSystem-session-modality.json"), "\"peer-support\",", "\"peer-support\"");
+    let broken = run(&["mappings", "check", "--mappings", mappings_arg, "--ig", profiles_arg]);
+    let stdout = String::from_utf8_lossy(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("CodeSystem-session-modality.json"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&work);
 }
 
 /// The profiles of `profiles/` and the implementation guides each kind of mapped resource must claim
@@ -489,6 +572,16 @@ fn the_iop_profiles_reject_what_they_exist_to_reject() {
     let mut panel = mapped_resource("screening/phq9.json", has_code("44249-1"));
     *at(&mut panel, &["code", "coding", "0", "code"]) = Json::string("69737-5");
     assert!(!profile_errors(&panel, &profile).is_empty());
+    // A positive C-SSRS screener that lost its critical flag.
+    let mut cssrs = mapped_resource("screening/cssrs-positive.json", |r| r.get("hasMember").is_some());
+    let profile = format!("{IOP}iop-screening-cssrs");
+    assert_eq!(profile_errors(&cssrs, &profile), Vec::<String>::new());
+    assert_eq!(pick(&cssrs, "interpretation.1.coding.0.code").as_str(), Some("AA"));
+    if let Json::Array(interpretations) = at(&mut cssrs, &["interpretation"]) {
+        interpretations.pop();
+    }
+    let errors = profile_errors(&cssrs, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-cssrs-1")), "{errors:#?}");
     // A session without its attendance.
     let mut encounter = mapped_resource("session/attended.json", |r| r["resourceType"].as_str() == Some("Encounter"));
     let profile = format!("{IOP}iop-session");
@@ -514,6 +607,21 @@ fn the_iop_profiles_reject_what_they_exist_to_reject() {
     *at(&mut schedule, &["occurrenceTiming", "repeat", "duration"]) = Json::Number("4".into());
     let errors = profile_errors(&schedule, &profile);
     assert!(errors.iter().any(|e| e.contains("iop-sched-1")), "{errors:#?}");
+    // A custom track without its end time, and one that ends before it starts.
+    let mut custom = mapped_resource("enrollment/discharged-sud.json", |r| r["resourceType"].as_str() == Some("EpisodeOfCare"));
+    let profile = format!("{IOP}iop-enrollment");
+    assert_eq!(profile_errors(&custom, &profile), Vec::<String>::new());
+    let track_index = custom["extension"].as_array().unwrap().iter().position(|e| e["url"].as_str() == Some(&format!("{IOP}iop-track"))).unwrap().to_string();
+    let mut backwards = custom.clone();
+    *at(&mut backwards, &["extension", &track_index, "extension", "2", "valueTime"]) = Json::string("15:00:00");
+    assert_eq!(pick(&backwards, &format!("extension.{track_index}.extension.2.url")).as_str(), Some("end"));
+    let errors = profile_errors(&backwards, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-track-2")), "{errors:#?}");
+    if let Json::Array(parts) = at(&mut custom, &["extension", &track_index, "extension"]) {
+        parts.pop();
+    }
+    let errors = profile_errors(&custom, &profile);
+    assert!(errors.iter().any(|e| e.contains("iop-track-1")), "{errors:#?}");
     // An enrollment without its level of care.
     let mut enrollment = mapped_resource("enrollment/active.json", |r| r["resourceType"].as_str() == Some("EpisodeOfCare"));
     let profile = format!("{IOP}iop-enrollment");
@@ -634,6 +742,31 @@ fn round_trip_keeps_every_mapped_authorization_field() {
         assert!(!back.has_errors(), "{:#?}", back.issues);
         assert_eq!(records_of(&back.output, "authorization"), records_of(&sent, "authorization"), "{}", file.display());
     }
+}
+
+/// An inbound referral as another hospital's EHR writes it: its own ids and identifier systems, absolute
+/// RESTful full URLs with relative references, another entry order, the HCPCS code with text beside it,
+/// and a Consent among supportingInfo. BSeR-conformant, and read into one referral record.
+#[test]
+fn a_referral_written_by_another_hospital_is_read() {
+    let file = Path::new(ROOT).join("tests/fixtures/bser/referral-from-northfield.json");
+    let input = json::parse(&std::fs::read(&file).unwrap()).unwrap();
+    let report = Validator::new(definitions()).validate_json(&input, &[]);
+    assert_eq!(errors_of(&report), Vec::<String>::new());
+    assert!(!profile_not_loaded(&report), "{:#?}", report.issues);
+    let mapped = mappings().fhir_to_records(&input);
+    assert!(!mapped.has_errors(), "{:#?}", mapped.issues);
+    assert_eq!(mapped.output.len(), 1, "{:#?}", mapped.output);
+    let referral = &mapped.output[0];
+    // The sender knows no client id of ours, writes no direction category, and names us by its own identifier.
+    assert!(referral.get("client_id").is_none());
+    assert_eq!(
+        (referral["id"].as_str(), referral["direction"].as_str(), referral["status"].as_str(), referral["program"].as_str(), referral["urgency"].as_str()),
+        (Some("NF-RX-88213"), Some("inbound"), Some("requested"), Some("mental_health_iop"), Some("asap"))
+    );
+    assert_eq!(pick(referral, "consent_ids.0").as_str(), Some("NF-ROI-2026-0311"));
+    assert_eq!(pick(referral, "sending_facility.contact_phone").as_str(), Some("555-0177"));
+    insta::assert_json_snapshot!("referral__from-northfield", serde_json::Value::from(referral));
 }
 
 // ----- payer decisions (PAS ClaimResponse) -----
