@@ -165,6 +165,9 @@ fn map_files(files: &[PathBuf]) -> Json {
     let all: Vec<Json> = files.iter().flat_map(|f| records(f)).collect();
     let mapped = mappings().records_to_fhir(&all);
     assert!(!mapped.has_errors(), "{:?}: {:#?}", files, mapped.issues);
+    // Fixtures of one folder are different records: two of them making the same resource would be a copy-paste id.
+    let conflicts: Vec<String> = mapped.issues.iter().map(ToString::to_string).filter(|m| m.contains("different content")).collect();
+    assert!(conflicts.is_empty(), "{files:?}: {conflicts:#?}");
     mapped.output
 }
 
