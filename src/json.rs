@@ -301,7 +301,10 @@ pub struct ParseError {
 /// Parses a complete JSON document. A UTF-8 byte-order mark is accepted and skipped.
 pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut parser = Parser { bytes, pos: 0, path: Vec::new(), root_type: None, members: Vec::new(), items: Vec::new() };
+    // One check of the whole document is much cheaper than one per string; a document that fails
+    // it is read again checking each string, so that the error names the member it is in.
+    let text = std::str::from_utf8(bytes).ok();
+    let mut parser = Parser { bytes, text, pos: 0, path: Vec::new(), root_type: None, members: Vec::new(), items: Vec::new() };
     parser.skip_whitespace();
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -319,6 +322,8 @@ enum PathStep {
 
 struct Parser<'a> {
     bytes: &'a [u8],
+    /// The same bytes, when they are valid UTF-8 as a whole.
+    text: Option<&'a str>,
     pos: usize,
     path: Vec<PathStep>,
     /// The top-level `resourceType`, once read, so error paths read `Patient.name[0]` like validation issues.
@@ -329,7 +334,7 @@ struct Parser<'a> {
     items: Vec<Json>,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn error(&self, message: impl Into<String>) -> ParseError {
         let upto = &self.bytes[..self.pos.min(self.bytes.len())];
         let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -499,8 +504,17 @@ impl Parser<'_> {
             }
         }
         // The slice holds only ASCII digits, signs, '.', 'e' and 'E'.
-        let text = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or("0");
+        let text = self.utf8(start..self.pos).unwrap_or("0");
         Ok(Json::Number(text.into()))
+    }
+
+    /// The bytes of `range` as text. Ranges start and end next to ASCII bytes (quotes, backslashes,
+    /// digits), so they are character boundaries.
+    fn utf8(&self, range: std::ops::Range<usize>) -> Result<&'a str, std::str::Utf8Error> {
+        match self.text.and_then(|text| text.get(range.clone())) {
+            Some(text) => Ok(text),
+            None => std::str::from_utf8(&self.bytes[range]),
+        }
     }
 
     /// Moves to the next byte of a string that needs attention (`"`, `\\` or a control
@@ -536,7 +550,7 @@ impl Parser<'_> {
         let start = self.pos;
         self.skip_plain();
         if self.bytes.get(self.pos) == Some(&b'"') {
-            return match std::str::from_utf8(&self.bytes[start..self.pos]) {
+            return match self.utf8(start..self.pos) {
                 Ok(s) => {
                     self.pos += 1;
                     Ok(s.into())
@@ -553,7 +567,7 @@ impl Parser<'_> {
             let run_start = self.pos;
             self.skip_plain();
             if run_start < self.pos {
-                match std::str::from_utf8(&self.bytes[run_start..self.pos]) {
+                match self.utf8(run_start..self.pos) {
                     Ok(s) => out.push_str(s),
                     Err(e) => {
                         self.pos = run_start + e.valid_up_to();
