@@ -69,6 +69,9 @@ pub struct Expansion {
     pub unchecked_systems: HashSet<String>,
     /// Why the expansion is incomplete, if it is (a missing nested ValueSet, an unsupported filter).
     pub incomplete: Option<String>,
+    /// The systems of each code in `codes`, built on first use: a membership check then neither
+    /// allocates nor scans.
+    by_code: std::sync::OnceLock<foldhash::HashMap<String, Vec<String>>>,
 }
 
 /// What a membership check found.
@@ -81,10 +84,21 @@ pub enum Membership {
 }
 
 impl Expansion {
+    fn systems_of(&self, code: &str) -> Option<&[String]> {
+        let by_code = self.by_code.get_or_init(|| {
+            let mut by_code: foldhash::HashMap<String, Vec<String>> = foldhash::HashMap::default();
+            for (system, code) in &self.codes {
+                by_code.entry(code.clone()).or_default().push(system.clone());
+            }
+            by_code
+        });
+        by_code.get(code).map(Vec::as_slice)
+    }
+
     pub fn contains(&self, system: Option<&str>, code: &str) -> Membership {
         match system {
             Some(system) => {
-                if self.codes.contains(&(system.to_string(), code.to_string())) {
+                if self.systems_of(code).is_some_and(|systems| systems.iter().any(|s| s == system)) {
                     Membership::In
                 } else if self.unchecked_systems.contains(system) {
                     Membership::Unknown(format!("the code system {system} is not available here"))
@@ -96,7 +110,7 @@ impl Expansion {
             }
             // A bare `code` element: its system is implied by the binding.
             None => {
-                if self.codes.iter().any(|(_, c)| c == code) {
+                if self.systems_of(code).is_some() {
                     Membership::In
                 } else if let Some(why) = &self.incomplete {
                     Membership::Unknown(why.clone())

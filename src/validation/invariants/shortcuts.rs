@@ -36,6 +36,13 @@ fn shortcut(key: &str) -> Option<(&'static str, fn(&Object) -> bool)> {
         "bdl-3" => ("entry.all(request.exists() = (%resource.type = 'batch' or %resource.type = 'transaction' or %resource.type = 'history'))", bdl_3),
         "bdl-4" => ("entry.all(response.exists() = (%resource.type = 'batch-response' or %resource.type = 'transaction-response' or %resource.type = 'history'))", bdl_4),
         "bdl-7" => ("(type = 'history') or entry.where(fullUrl.exists()).select(fullUrl&resource.meta.versionId).isDistinct()", bdl_7),
+        "nsd-0" => ("name.matches('[A-Z]([A-Za-z0-9_]){0,254}')", nsd_0),
+        "nsd-1" => ("kind != 'root' or uniqueId.all(type != 'uuid')", nsd_1),
+        "nsd-2" => ("uniqueId.where(preferred = true).select(type).isDistinct()", nsd_2),
+        "que-1" => ("(type='group' implies item.empty().not()) and (type.trace('type')='display' implies item.trace('item').empty())", que_1),
+        "que-5" => ("(type ='choice' or type = 'open-choice' or type = 'decimal' or type = 'integer' or type = 'date' or type = 'dateTime' or type = 'time' or type = 'string' or type = 'quantity') or (answerValueSet.empty() and answerOption.empty())", que_5),
+        "que-10" => ("(type in ('boolean' | 'decimal' | 'integer' | 'string' | 'text' | 'url' | 'open-choice')) or maxLength.empty()", que_10),
+        "cmd-1" => ("comment.exists() or equivalence.empty() or ((equivalence != 'narrower') and (equivalence != 'inexact'))", cmd_1),
         _ => return None,
     })
 }
@@ -258,6 +265,76 @@ fn bdl_7(bundle: &Object) -> bool {
     true
 }
 
+/// A name that matches the pattern as a whole also matches it anywhere.
+fn nsd_0(naming_system: &Object) -> bool {
+    match naming_system.get("name") {
+        None => absent(naming_system, "name"),
+        Some(Json::String(name)) => {
+            let mut bytes = name.bytes();
+            name.len() <= 255 && bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }
+        Some(_) => false,
+    }
+}
+
+fn nsd_1(naming_system: &Object) -> bool {
+    if matches!(naming_system.get("kind"), Some(Json::String(kind)) if kind != "root") {
+        return true;
+    }
+    match naming_system.get("uniqueId") {
+        None => true,
+        Some(Json::Array(ids)) => ids.iter().all(|id| matches!(id.get("type"), Some(Json::String(t)) if t != "uuid")),
+        Some(_) => false,
+    }
+}
+
+fn nsd_2(naming_system: &Object) -> bool {
+    let Some(ids) = naming_system.get("uniqueId") else { return true };
+    let Json::Array(ids) = ids else { return false };
+    let mut types: Vec<&str> = Vec::new();
+    for id in ids {
+        match id.get("preferred") {
+            None | Some(Json::Bool(false)) => continue,
+            Some(Json::Bool(true)) => {}
+            Some(_) => return false,
+        }
+        match id.get("type") {
+            Some(Json::String(t)) if !types.contains(&&**t) => types.push(t),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The item's `type` value, when it is a plain string.
+fn item_type(item: &Object) -> Option<&str> {
+    item.get("type")?.as_str()
+}
+
+fn que_1(item: &Object) -> bool {
+    match item_type(item) {
+        Some("group") => matches!(item.get("item"), Some(Json::Array(items)) if !items.is_empty()),
+        Some("display") => item.get("item").is_none(),
+        Some(_) => true,
+        None => false,
+    }
+}
+
+fn que_5(item: &Object) -> bool {
+    matches!(item_type(item), Some("choice" | "open-choice" | "decimal" | "integer" | "date" | "dateTime" | "time" | "string" | "quantity"))
+        || (absent(item, "answerValueSet") && item.get("answerOption").is_none())
+}
+
+fn que_10(item: &Object) -> bool {
+    matches!(item_type(item), Some("boolean" | "decimal" | "integer" | "string" | "text" | "url" | "open-choice")) || absent(item, "maxLength")
+}
+
+fn cmd_1(target: &Object) -> bool {
+    has_string(target, "comment")
+        || absent(target, "equivalence")
+        || matches!(target.get("equivalence"), Some(Json::String(e)) if e != "narrower" && e != "inexact")
+}
+
 fn has_string(object: &Object, name: &str) -> bool {
     matches!(object.get(name), Some(Json::String(s)) if !s.is_empty())
 }
@@ -331,6 +408,10 @@ mod tests {
             r##"{"resourceType":"Bundle","type":"transaction","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"response":{"status":"200"}},{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}]}"##,
             r##"{"resourceType":"Bundle","type":"history","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"},"response":{"status":"201"}},{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient/1"},"response":{"status":"200"}}]}"##,
             r##"{"resourceType":"Patient","text":{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>x</script></div>"}}"##,
+            r##"{"resourceType":"NamingSystem","name":"bad name","status":"active","kind":"root","date":"2020-01-01","uniqueId":[{"type":"uuid","value":"a","preferred":true},{"type":"uuid","value":"b","preferred":true}]}"##,
+            r##"{"resourceType":"NamingSystem","name":"Good_Name1","status":"active","kind":"identifier","date":"2020-01-01","uniqueId":[{"type":"uri","value":"http://a","preferred":true},{"type":"oid","value":"1.2","preferred":true}]}"##,
+            r##"{"resourceType":"Questionnaire","status":"draft","item":[{"linkId":"1","type":"group"},{"linkId":"2","type":"display","item":[{"linkId":"3","type":"string"}]},{"linkId":"4","type":"boolean","maxLength":3,"answerValueSet":"http://example.org/vs"},{"linkId":"5","type":"date","maxLength":3}]}"##,
+            r##"{"resourceType":"ConceptMap","status":"draft","group":[{"element":[{"code":"a","target":[{"code":"b","equivalence":"narrower"},{"code":"c","equivalence":"inexact","comment":"why"},{"code":"d","equivalence":"equal"}]}]}]}"##,
         ];
         documents.extend(crafted.iter().map(|d| (d.to_string(), d.as_bytes().to_vec())));
         let validator = Validator::new(Arc::new(Definitions::new_default()));
