@@ -71,7 +71,7 @@ pub struct Expansion {
     pub incomplete: Option<String>,
     /// The systems of each code in `codes`, built on first use: a membership check then neither
     /// allocates nor scans.
-    by_code: std::sync::OnceLock<foldhash::HashMap<String, Vec<String>>>,
+    by_code: std::sync::OnceLock<HashMap<String, Vec<String>>>,
 }
 
 /// What a membership check found.
@@ -86,7 +86,7 @@ pub enum Membership {
 impl Expansion {
     fn systems_of(&self, code: &str) -> Option<&[String]> {
         let by_code = self.by_code.get_or_init(|| {
-            let mut by_code: foldhash::HashMap<String, Vec<String>> = foldhash::HashMap::default();
+            let mut by_code: HashMap<String, Vec<String>> = HashMap::new();
             for (system, code) in &self.codes {
                 by_code.entry(code.clone()).or_default().push(system.clone());
             }
