@@ -145,7 +145,7 @@ pub(super) fn resolve<'a>(walker: &Walker<'_, 'a>, reference: &str, entry_full_u
     let base = entry_full_url.and_then(|url| {
         let (url_type, url_id) = restful_type_and_id(walker, url)?;
         let without_history = url.split("/_history/").next().unwrap_or(url);
-        without_history.strip_suffix(&format!("{url_type}/{url_id}"))
+        without_history.strip_suffix(url_id)?.strip_suffix('/')?.strip_suffix(url_type)
     });
     match base {
         Some(base) => match entries.get(&format!("{base}{reference}")) {

@@ -242,7 +242,7 @@ fn bdl_7(bundle: &Object) -> bool {
         return true;
     }
     let Some(entries) = entries(bundle) else { return false };
-    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    let mut keys: Vec<(&str, &str)> = Vec::with_capacity(entries.len());
     for entry in entries {
         if entry.get("_fullUrl").is_some() {
             return false;
@@ -258,11 +258,16 @@ fn bdl_7(bundle: &Object) -> bool {
             },
             Some(_) => return false,
         };
-        if !seen.insert(format!("{url}{version}")) {
-            return false;
-        }
+        keys.push((url, version));
     }
-    true
+    // Without versions the concatenations are the URLs themselves, and need not be built.
+    if keys.iter().all(|(_, version)| version.is_empty()) {
+        let mut seen = foldhash::HashSet::with_capacity_and_hasher(keys.len(), Default::default());
+        keys.iter().all(|(url, _)| seen.insert(*url))
+    } else {
+        let mut seen = foldhash::HashSet::with_capacity_and_hasher(keys.len(), Default::default());
+        keys.iter().all(|(url, version)| seen.insert(format!("{url}{version}")))
+    }
 }
 
 /// A name that matches the pattern as a whole also matches it anywhere.
