@@ -168,9 +168,9 @@ fn obs_7(observation: &Object) -> bool {
     observation.get("component").is_none() || !observation.iter().any(|(name, _)| name.starts_with("value") || name.starts_with("_value"))
 }
 
-/// The contained resources, when `contained` is an array of objects (or absent).
-fn contained(resource: &Object) -> Option<Vec<&Object>> {
-    match resource.get("contained") {
+/// The items of the array member `name`, when they are all objects (none when it is absent).
+fn objects<'o>(object: &'o Object, name: &str) -> Option<Vec<&'o Object>> {
+    match object.get(name) {
         None => Some(Vec::new()),
         Some(Json::Array(items)) => items.iter().map(Json::as_object).collect(),
         Some(_) => None,
@@ -178,12 +178,12 @@ fn contained(resource: &Object) -> Option<Vec<&Object>> {
 }
 
 fn dom_2(resource: &Object) -> bool {
-    contained(resource).is_some_and(|items| items.iter().all(|c| c.get("contained").is_none()))
+    objects(resource, "contained").is_some_and(|items| items.iter().all(|c| c.get("contained").is_none()))
 }
 
 /// The `meta` of every contained resource (absent counts as empty) passes `proof`.
 fn contained_meta(resource: &Object, proof: impl Fn(&Object) -> bool) -> bool {
-    contained(resource).is_some_and(|items| {
+    objects(resource, "contained").is_some_and(|items| {
         items.iter().all(|c| match c.get("meta") {
             None => true,
             Some(Json::Object(meta)) => proof(meta),
@@ -204,28 +204,19 @@ fn dom_6(resource: &Object) -> bool {
     matches!(resource.get("text"), Some(Json::Object(text)) if matches!(text.get("div"), Some(Json::String(div)) if !div.is_empty()))
 }
 
-/// The entries, when `entry` is an array of objects (or absent).
-fn entries(bundle: &Object) -> Option<Vec<&Object>> {
-    match bundle.get("entry") {
-        None => Some(Vec::new()),
-        Some(Json::Array(items)) => items.iter().map(Json::as_object).collect(),
-        Some(_) => None,
-    }
-}
-
 fn bundle_type(bundle: &Object) -> Option<&str> {
     bundle.get("type")?.as_str()
 }
 
 fn bdl_2(bundle: &Object) -> bool {
-    bundle_type(bundle) == Some("searchset") || entries(bundle).is_some_and(|entries| entries.iter().all(|e| e.get("search").is_none()))
+    bundle_type(bundle) == Some("searchset") || objects(bundle, "entry").is_some_and(|entries| entries.iter().all(|e| e.get("search").is_none()))
 }
 
 /// Every entry has `member` exactly when the Bundle type is one of `types`.
 fn entries_have_when(bundle: &Object, member: &str, types: &[&str]) -> bool {
     let Some(kind) = bundle_type(bundle) else { return false };
     let wanted = types.contains(&kind);
-    entries(bundle).is_some_and(|entries| entries.iter().all(|e| matches!(e.get(member), Some(Json::Object(o)) if !o.is_empty()) == wanted && (wanted || e.get(member).is_none())))
+    objects(bundle, "entry").is_some_and(|entries| entries.iter().all(|e| matches!(e.get(member), Some(Json::Object(o)) if !o.is_empty()) == wanted && (wanted || e.get(member).is_none())))
 }
 
 fn bdl_3(bundle: &Object) -> bool {
@@ -241,7 +232,7 @@ fn bdl_7(bundle: &Object) -> bool {
     if bundle_type(bundle) == Some("history") {
         return true;
     }
-    let Some(entries) = entries(bundle) else { return false };
+    let Some(entries) = objects(bundle, "entry") else { return false };
     let mut keys: Vec<(&str, &str)> = Vec::with_capacity(entries.len());
     for entry in entries {
         if entry.get("_fullUrl").is_some() {
