@@ -83,10 +83,8 @@ fn load_definitions(igs: &[String], cache: Option<&Path>) -> Result<Definitions,
     }
     let mut loaded = Vec::new();
     for ig in igs {
-        let path = Path::new(ig);
-        let is_single_resource = path.is_file() && (ig.ends_with(".json") || ig.ends_with(".xml"));
-        if is_single_resource {
-            let bytes = std::fs::read(path).map_err(|e| format!("cannot read {ig}: {e}"))?;
+        if is_single_resource(ig) {
+            let bytes = std::fs::read(ig).map_err(|e| format!("cannot read {ig}: {e}"))?;
             let (resource, _) = Validator::new(Definitions::base()).read(&bytes).map_err(|issue| format!("{ig}: {}", issue.message))?;
             loaded.push(Loaded::Resource(ig.clone(), resource));
         } else {
@@ -109,7 +107,7 @@ fn load_definitions(igs: &[String], cache: Option<&Path>) -> Result<Definitions,
 /// with a label for messages (`profiles/` or the path given).
 fn profiles_package(igs: &[String], cache: Option<&Path>) -> Result<(String, Package), String> {
     let bundled = Package::bundled();
-    for ig in igs.iter().filter(|ig| !(Path::new(ig).is_file() && (ig.ends_with(".json") || ig.ends_with(".xml")))) {
+    for ig in igs.iter().filter(|ig| !is_single_resource(ig)) {
         let package = load_package(ig, cache)?;
         if package.name == bundled.name {
             return Ok((ig.trim_end_matches('/').to_string(), package));
@@ -118,18 +116,13 @@ fn profiles_package(igs: &[String], cache: Option<&Path>) -> Result<(String, Pac
     Ok(("profiles".to_string(), bundled))
 }
 
-/// A package given as a path (`.tgz` or folder) or as `id#version` from the FHIR package cache.
 fn load_package(reference: &str, cache: Option<&Path>) -> Result<Package, String> {
-    let path = Path::new(reference);
-    let package = if path.exists() {
-        Package::load(path)
-    } else if let Some((id, version)) = reference.split_once('#') {
-        let cache = cache.map(Path::to_path_buf).or_else(Package::default_cache_dir).unwrap_or_default();
-        Package::from_cache(id, version, &cache)
-    } else {
-        return Err(format!("cannot load {reference}: no such file, and not an id#version reference"));
-    };
-    package.map_err(|e| format!("cannot load {reference}: {e}"))
+    Package::from_reference(reference, cache).map_err(|e| format!("cannot load {reference}: {e}"))
+}
+
+/// `--ig` names a single conformance resource file rather than a package.
+fn is_single_resource(ig: &str) -> bool {
+    Path::new(ig).is_file() && (ig.ends_with(".json") || ig.ends_with(".xml"))
 }
 
 /// Every file below `dir` whose extension is one of `extensions`, in a stable order.

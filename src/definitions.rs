@@ -128,19 +128,7 @@ impl Definitions {
 
     /// Loads a package given as a path (`.tgz` or folder) or as `id#version` from the FHIR package cache.
     pub fn load_package_reference(&mut self, reference: &str, cache: Option<&Path>) -> Result<(), LoadPackageError> {
-        let path = Path::new(reference);
-        let package = if path.exists() {
-            Package::load(path)?
-        } else if let Some((id, version)) = reference.split_once('#') {
-            let cache = cache.map(Path::to_path_buf).or_else(Package::default_cache_dir).unwrap_or_default();
-            Package::from_cache(id, version, &cache)?
-        } else {
-            return Err(LoadPackageError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file, and not an id#version reference"),
-            });
-        };
-        self.add_package(package);
+        self.add_package(Package::from_reference(reference, cache)?);
         Ok(())
     }
 

@@ -114,6 +114,23 @@ impl Package {
         }
     }
 
+    /// A package given as a path (`.tgz` or folder) or as `id#version` from the package cache
+    /// (`cache`, else [`Package::default_cache_dir`]).
+    pub fn from_reference(reference: &str, cache: Option<&Path>) -> Result<Package, LoadPackageError> {
+        let path = Path::new(reference);
+        if path.exists() {
+            Package::load(path)
+        } else if let Some((id, version)) = reference.split_once('#') {
+            let cache = cache.map(Path::to_path_buf).or_else(Package::default_cache_dir).unwrap_or_default();
+            Package::from_cache(id, version, &cache)
+        } else {
+            Err(LoadPackageError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file, and not an id#version reference"),
+            })
+        }
+    }
+
     /// Finds `id#version` in the FHIR package cache (`~/.fhir/packages`, or `FHIR_PACKAGE_CACHE`).
     pub fn from_cache(id: &str, version: &str, cache: &Path) -> Result<Package, LoadPackageError> {
         let folder = cache.join(format!("{id}#{version}"));
