@@ -304,7 +304,17 @@ pub fn parse(bytes: &[u8]) -> Result<Json, ParseError> {
     // One check of the whole document is much cheaper than one per string; a document that fails
     // it is read again checking each string, so that the error names the member it is in.
     let text = std::str::from_utf8(bytes).ok();
-    let mut parser = Parser { bytes, text, pos: 0, path: Vec::new(), root_type: None, members: Vec::new(), items: Vec::new() };
+    // Sized for a typical resource, so that a small document's parse does not grow them step by step.
+    let mut parser = Parser {
+        bytes,
+        text,
+        pos: 0,
+        path: Vec::with_capacity(16),
+        root_type: None,
+        members: Vec::with_capacity(64),
+        items: Vec::with_capacity(64),
+        unescaped: String::new(),
+    };
     parser.skip_whitespace();
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -332,6 +342,8 @@ struct Parser<'a> {
     /// object or array is then allocated once, at its final size.
     members: Vec<(Text, Json)>,
     items: Vec<Json>,
+    /// Where a string with escapes is decoded, so that its final storage is allocated once.
+    unescaped: String,
 }
 
 impl<'a> Parser<'a> {
@@ -565,11 +577,17 @@ impl<'a> Parser<'a> {
                 }
             };
         }
-        self.pos = start;
-        let mut out = String::new();
+        let mut out = std::mem::take(&mut self.unescaped);
+        out.clear();
+        let decoded = self.unescape(start, &mut out).map(|()| Text::from(out.as_str()));
+        self.unescaped = out;
+        decoded
+    }
+
+    /// Decodes the rest of a string that has escapes into `out`; `start` is where its content starts.
+    fn unescape(&mut self, start: usize, out: &mut String) -> Result<(), ParseError> {
+        let mut run_start = start;
         loop {
-            let run_start = self.pos;
-            self.skip_plain();
             if run_start < self.pos {
                 match self.utf8(run_start..self.pos) {
                     Ok(s) => out.push_str(s),
@@ -583,7 +601,7 @@ impl<'a> Parser<'a> {
                 None => return Err(self.error("unterminated string")),
                 Some(b'"') => {
                     self.pos += 1;
-                    return Ok(out.into());
+                    return Ok(());
                 }
                 Some(b'\\') => {
                     self.pos += 1;
@@ -600,6 +618,8 @@ impl<'a> Parser<'a> {
                             self.pos += 1;
                             let c = self.unicode_escape()?;
                             out.push(c);
+                            run_start = self.pos;
+                            self.skip_plain();
                             continue;
                         }
                         _ => return Err(self.error("invalid escape sequence in a string")),
@@ -609,6 +629,8 @@ impl<'a> Parser<'a> {
                 }
                 Some(_) => return Err(self.error("control character inside a string (must be escaped)")),
             }
+            run_start = self.pos;
+            self.skip_plain();
         }
     }
 
