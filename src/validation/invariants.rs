@@ -21,6 +21,8 @@ use super::{Validator, xhtml};
 
 mod shortcuts;
 
+use shortcuts::{Place, Verdict};
+
 /// Constraints not evaluated as FHIRPath, each with the reason.
 const SKIPPED: &[(&str, &str)] = &[
     // The walk refuses empty objects, arrays and strings itself, with a clearer message.
@@ -153,6 +155,8 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
             }
             (context, Rc::<str>::from(type_name))
         };
+        let root_resource = || walker.root_resource();
+        let place = Place { node_is_resource: walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node)), root_resource: &root_resource };
         for constraint in &definition.constraints {
             if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
                 continue;
@@ -162,9 +166,13 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
             if source == "htmlChecks()" && walker.scope.checked_xhtml.get() == super::walk::address(node) {
                 continue;
             }
-            let node_is_resource = walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node));
-            if shortcuts::holds(&constraint.key, source, node, node_is_resource) {
-                continue;
+            match shortcuts::verdict(&constraint.key, source, node, &place) {
+                Verdict::Holds => continue,
+                Verdict::Fails => {
+                    failures.push((constraint, Some(Ok(Some(false)))));
+                    continue;
+                }
+                Verdict::Unknown => {}
             }
             let Some(expression) = state.compiled(source) else {
                 failures.push((constraint, None));

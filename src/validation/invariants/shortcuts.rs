@@ -1,65 +1,101 @@
-//! Proofs that a base invariant holds, read straight off the JSON, so that the FHIRPath evaluation can be skipped.
+//! Verdicts on the hot base invariants read straight off the JSON, so that the FHIRPath evaluation can be skipped.
 //!
 //! The hot base constraints (ref-1 on every Reference, dom-3 on every resource with contained
-//! resources, bdl-5 and bdl-8 on every Bundle entry, …) mostly hold for a reason visible in one
-//! or two members. A shortcut applies only to the exact R4 expression text under its key, so a
-//! profile that redefines a key is evaluated as written. A shortcut never fails a constraint: it
-//! answers "holds" or "don't know", and "don't know" falls back to FHIRPath. The test below
-//! checks each shortcut against the FHIRPath result over the corpus.
+//! resources, bdl-5 and bdl-8 on every Bundle entry, …) mostly hold, or fail, for a reason
+//! visible in one or two members. A shortcut applies only to the exact R4 expression text under
+//! its key, so a profile that redefines a key is evaluated as written. A shortcut answers
+//! "holds", "fails" (only where the answer is as plain as the expression) or "don't know", and
+//! "don't know" falls back to FHIRPath. The test below checks each shortcut against the FHIRPath
+//! result over the corpus and crafted cases.
 
 use crate::json::{Json, Object};
+
+/// What a shortcut can tell about a constraint on one element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Holds,
+    Fails,
+    Unknown,
+}
+
+/// `Holds` when the proof succeeds, else `Unknown`.
+fn holds_if(proof: bool) -> Verdict {
+    if proof { Verdict::Holds } else { Verdict::Unknown }
+}
+
+/// Where the element stands: what the constraints that read `%resource` or `%rootResource` need.
+pub(super) struct Place<'j> {
+    /// The element is `%resource` itself (dom-3, bdl-3 and bdl-4 read it as such).
+    pub node_is_resource: bool,
+    /// `%rootResource`, found on demand (only ref-1 asks).
+    pub root_resource: &'j dyn Fn() -> Option<&'j Json>,
+}
+
+type Proof = fn(&Object, &Place<'_>) -> Verdict;
 
 /// The shortcut for the constraint `key`: its exact R4 expression, and the proof.
 ///
 /// A `match`, not a table: it compiles to a few inline comparisons, and it runs for every
 /// constraint of every element.
-fn shortcut(key: &str) -> Option<(&'static str, fn(&Object) -> bool)> {
+fn shortcut(key: &str) -> Option<(&'static str, Proof)> {
     Some(match key {
         "ref-1" => ("reference.startsWith('#').not() or (reference.substring(1).trace('url') in %rootResource.contained.id.trace('ids'))", ref_1),
-        "dom-3" => ("contained.where((('#'+id in (%resource.descendants().reference | %resource.descendants().as(canonical) | %resource.descendants().as(uri) | %resource.descendants().as(url))) or descendants().where(reference = '#').exists() or descendants().where(as(canonical) = '#').exists() or descendants().where(as(canonical) = '#').exists()).not()).trace('unmatched', id).empty()", dom_3),
-        "bdl-5" => ("resource.exists() or request.exists() or response.exists()", bdl_5),
-        "bdl-8" => ("fullUrl.contains('/_history/').not()", bdl_8),
-        "obs-6" => ("dataAbsentReason.empty() or value.empty()", obs_6),
-        "qty-3" => ("code.empty() or system.exists()", qty_3),
-        "cpt-2" => ("value.empty() or system.exists()", cpt_2),
-        "sqty-1" => ("comparator.empty()", sqty_1),
-        "att-1" => ("data.empty() or contentType.exists()", att_1),
-        "per-1" => ("start.hasValue().not() or end.hasValue().not() or (start <= end)", per_1),
-        "ext-1" => ("extension.exists() != value.exists()", ext_1),
-        "obs-3" => ("low.exists() or high.exists() or text.exists()", obs_3),
-        "obs-7" => ("value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists()).empty()", obs_7),
-        "dom-2" => ("contained.contained.empty()", dom_2),
-        "dom-4" => ("contained.meta.versionId.empty() and contained.meta.lastUpdated.empty()", dom_4),
-        "dom-5" => ("contained.meta.security.empty()", dom_5),
+        "dom-3" => ("contained.where((('#'+id in (%resource.descendants().reference | %resource.descendants().as(canonical) | %resource.descendants().as(uri) | %resource.descendants().as(url))) or descendants().where(reference = '#').exists() or descendants().where(as(canonical) = '#').exists() or descendants().where(as(canonical) = '#').exists()).not()).trace('unmatched', id).empty()", |o, p| holds_if(p.node_is_resource && dom_3(o))),
+        "bdl-5" => ("resource.exists() or request.exists() or response.exists()", |o, _| holds_if(bdl_5(o))),
+        "bdl-8" => ("fullUrl.contains('/_history/').not()", |o, _| holds_if(bdl_8(o))),
+        "obs-6" => ("dataAbsentReason.empty() or value.empty()", |o, _| holds_if(obs_6(o))),
+        "qty-3" => ("code.empty() or system.exists()", |o, _| holds_if(qty_3(o))),
+        "cpt-2" => ("value.empty() or system.exists()", |o, _| holds_if(cpt_2(o))),
+        "sqty-1" => ("comparator.empty()", |o, _| holds_if(sqty_1(o))),
+        "att-1" => ("data.empty() or contentType.exists()", |o, _| holds_if(att_1(o))),
+        "per-1" => ("start.hasValue().not() or end.hasValue().not() or (start <= end)", |o, _| holds_if(per_1(o))),
+        "ext-1" => ("extension.exists() != value.exists()", |o, _| holds_if(ext_1(o))),
+        "obs-3" => ("low.exists() or high.exists() or text.exists()", |o, _| holds_if(obs_3(o))),
+        "obs-7" => ("value.empty() or component.code.where(coding.intersect(%resource.code.coding).exists()).empty()", |o, _| holds_if(obs_7(o))),
+        "dom-2" => ("contained.contained.empty()", |o, _| holds_if(dom_2(o))),
+        "dom-4" => ("contained.meta.versionId.empty() and contained.meta.lastUpdated.empty()", |o, _| holds_if(dom_4(o))),
+        "dom-5" => ("contained.meta.security.empty()", |o, _| holds_if(dom_5(o))),
         "dom-6" => ("text.`div`.exists()", dom_6),
-        "bdl-2" => ("entry.search.empty() or (type = 'searchset')", bdl_2),
-        "bdl-3" => ("entry.all(request.exists() = (%resource.type = 'batch' or %resource.type = 'transaction' or %resource.type = 'history'))", bdl_3),
-        "bdl-4" => ("entry.all(response.exists() = (%resource.type = 'batch-response' or %resource.type = 'transaction-response' or %resource.type = 'history'))", bdl_4),
-        "bdl-7" => ("(type = 'history') or entry.where(fullUrl.exists()).select(fullUrl&resource.meta.versionId).isDistinct()", bdl_7),
-        "nsd-0" => ("name.matches('[A-Z]([A-Za-z0-9_]){0,254}')", nsd_0),
-        "nsd-1" => ("kind != 'root' or uniqueId.all(type != 'uuid')", nsd_1),
-        "nsd-2" => ("uniqueId.where(preferred = true).select(type).isDistinct()", nsd_2),
-        "que-1" => ("(type='group' implies item.empty().not()) and (type.trace('type')='display' implies item.trace('item').empty())", que_1),
-        "que-5" => ("(type ='choice' or type = 'open-choice' or type = 'decimal' or type = 'integer' or type = 'date' or type = 'dateTime' or type = 'time' or type = 'string' or type = 'quantity') or (answerValueSet.empty() and answerOption.empty())", que_5),
-        "que-10" => ("(type in ('boolean' | 'decimal' | 'integer' | 'string' | 'text' | 'url' | 'open-choice')) or maxLength.empty()", que_10),
-        "cmd-1" => ("comment.exists() or equivalence.empty() or ((equivalence != 'narrower') and (equivalence != 'inexact'))", cmd_1),
+        "bdl-1" => ("total.empty() or (type = 'searchset') or (type = 'history')", |o, _| holds_if(absent(o, "total") || matches!(bundle_type(o), Some("searchset" | "history")))),
+        "bdl-2" => ("entry.search.empty() or (type = 'searchset')", |o, _| holds_if(bdl_2(o))),
+        "bdl-3" => ("entry.all(request.exists() = (%resource.type = 'batch' or %resource.type = 'transaction' or %resource.type = 'history'))", |o, p| holds_if(p.node_is_resource && bdl_3(o))),
+        "bdl-4" => ("entry.all(response.exists() = (%resource.type = 'batch-response' or %resource.type = 'transaction-response' or %resource.type = 'history'))", |o, p| holds_if(p.node_is_resource && bdl_4(o))),
+        "bdl-7" => ("(type = 'history') or entry.where(fullUrl.exists()).select(fullUrl&resource.meta.versionId).isDistinct()", |o, _| holds_if(bdl_7(o))),
+        "bdl-9" => ("type = 'document' implies (identifier.system.exists() and identifier.value.exists())", |o, _| holds_if(bundle_type_is_not(o, "document"))),
+        "bdl-10" => ("type = 'document' implies (timestamp.hasValue())", |o, _| holds_if(bundle_type_is_not(o, "document"))),
+        "bdl-11" => ("type = 'document' implies entry.first().resource.is(Composition)", |o, _| holds_if(bundle_type_is_not(o, "document"))),
+        "bdl-12" => ("type = 'message' implies entry.first().resource.is(MessageHeader)", |o, _| holds_if(bundle_type_is_not(o, "message"))),
+        "nsd-0" | "cmd-0" => ("name.matches('[A-Z]([A-Za-z0-9_]){0,254}')", name_has_capital),
+        "nsd-1" => ("kind != 'root' or uniqueId.all(type != 'uuid')", |o, _| holds_if(nsd_1(o))),
+        "nsd-2" => ("uniqueId.where(preferred = true).select(type).isDistinct()", |o, _| holds_if(nsd_2(o))),
+        "que-1" => ("(type='group' implies item.empty().not()) and (type.trace('type')='display' implies item.trace('item').empty())", |o, _| holds_if(que_1(o))),
+        "que-2" => ("descendants().linkId.isDistinct()", |o, _| holds_if(que_2(o))),
+        "que-3" => ("type!='display' or code.empty()", |o, _| holds_if(item_type_is_not(o, &["display"]) || o.get("code").is_none())),
+        "que-5" => ("(type ='choice' or type = 'open-choice' or type = 'decimal' or type = 'integer' or type = 'date' or type = 'dateTime' or type = 'time' or type = 'string' or type = 'quantity') or (answerValueSet.empty() and answerOption.empty())", |o, _| holds_if(que_5(o))),
+        "que-6" => ("type!='display' or (required.empty() and repeats.empty())", |o, _| holds_if(item_type_is_not(o, &["display"]) || (absent(o, "required") && absent(o, "repeats")))),
+        "que-8" => ("(type!='group' and type!='display') or initial.empty()", |o, _| holds_if(item_type_is_not(o, &["group", "display"]) || o.get("initial").is_none())),
+        "que-9" => ("type!='display' or readOnly.empty()", |o, _| holds_if(item_type_is_not(o, &["display"]) || absent(o, "readOnly"))),
+        "que-10" => ("(type in ('boolean' | 'decimal' | 'integer' | 'string' | 'text' | 'url' | 'open-choice')) or maxLength.empty()", |o, _| holds_if(que_10(o))),
+        "qrs-1" => ("(answer.exists() and item.exists()).not()", |o, _| holds_if(o.get("answer").is_none() || o.get("item").is_none())),
+        "exp-1" => ("expression.exists() or reference.exists()", |o, _| holds_if(has_string(o, "expression") || has_string(o, "reference"))),
+        "rat-1" => ("(numerator.empty() xor denominator.exists()) and (numerator.exists() or extension.exists())", |o, _| holds_if(has_object(o, "numerator") && has_object(o, "denominator"))),
+        "org-1" => ("(identifier.count() + name.count()) > 0", |o, _| holds_if(has_string(o, "name") || matches!(o.get("identifier"), Some(Json::Array(ids)) if ids.iter().any(|id| matches!(id, Json::Object(i) if !i.is_empty()))))),
+        "cmd-1" => ("comment.exists() or equivalence.empty() or ((equivalence != 'narrower') and (equivalence != 'inexact'))", |o, _| holds_if(cmd_1(o))),
         _ => return None,
     })
 }
 
-/// Whether the constraint `key` with expression `source` certainly holds on `node`;
-/// `node_is_resource`: the node is `%resource` (dom-3 reads it).
-pub(super) fn holds(key: &str, source: &str, node: &Json, node_is_resource: bool) -> bool {
+/// What the shortcut for the constraint `key` with expression `source` tells about `node`.
+pub(super) fn verdict(key: &str, source: &str, node: &Json, place: &Place<'_>) -> Verdict {
     #[cfg(test)]
     if tests::DISABLED.get() {
-        return false;
+        return Verdict::Unknown;
     }
-    let Json::Object(object) = node else { return false };
-    // These read `%resource` as the node itself.
-    if matches!(key, "dom-3" | "bdl-3" | "bdl-4") && !node_is_resource {
-        return false;
+    let Json::Object(object) = node else { return Verdict::Unknown };
+    match shortcut(key) {
+        Some((expression, proof)) if expression == source => proof(object, place),
+        _ => Verdict::Unknown,
     }
-    shortcut(key).is_some_and(|(expression, proof)| expression == source && proof(object))
 }
 
 /// Neither `name` nor its `_name` sibling is present, so FHIRPath sees no `name` at all.
@@ -67,12 +103,19 @@ fn absent(object: &Object, name: &str) -> bool {
     !object.iter().any(|(member, _)| member.strip_prefix('_').unwrap_or(member) == name)
 }
 
-/// A reference that is absent or does not start with `#` is not a contained reference.
-fn ref_1(reference: &Object) -> bool {
+/// A reference that is absent or does not start with `#` is not a contained reference; one
+/// that does holds when the root resource contains a resource with that id.
+fn ref_1(reference: &Object, place: &Place<'_>) -> Verdict {
     match reference.get("reference") {
-        Some(Json::String(text)) => !text.starts_with('#'),
-        None => reference.get("_reference").is_none(),
-        Some(_) => false,
+        Some(Json::String(text)) => match text.strip_prefix('#') {
+            None => Verdict::Holds,
+            Some(id) => {
+                let contained = (place.root_resource)().and_then(|root| root.get("contained")).and_then(Json::as_array).unwrap_or_default();
+                holds_if(!id.is_empty() && contained.iter().any(|c| c.get("id").and_then(Json::as_str) == Some(id)))
+            }
+        },
+        None => holds_if(reference.get("_reference").is_none()),
+        Some(_) => Verdict::Unknown,
     }
 }
 
@@ -200,12 +243,26 @@ fn dom_5(resource: &Object) -> bool {
     contained_meta(resource, |meta| meta.get("security").is_none())
 }
 
-fn dom_6(resource: &Object) -> bool {
-    matches!(resource.get("text"), Some(Json::Object(text)) if matches!(text.get("div"), Some(Json::String(div)) if !div.is_empty()))
+/// A resource without `text`, or whose `text` has no `div`, fails.
+fn dom_6(resource: &Object, _: &Place<'_>) -> Verdict {
+    match resource.get("text") {
+        None => Verdict::Fails,
+        Some(Json::Object(text)) => match text.get("div") {
+            Some(Json::String(div)) if !div.is_empty() => Verdict::Holds,
+            None if text.get("_div").is_none() => Verdict::Fails,
+            _ => Verdict::Unknown,
+        },
+        Some(_) => Verdict::Unknown,
+    }
 }
 
 fn bundle_type(bundle: &Object) -> Option<&str> {
     bundle.get("type")?.as_str()
+}
+
+/// The Bundle's type is given, and is not `kind`: the `implies` of bdl-9 to bdl-12 then holds.
+fn bundle_type_is_not(bundle: &Object, kind: &str) -> bool {
+    bundle_type(bundle).is_some_and(|t| t != kind)
 }
 
 fn bdl_2(bundle: &Object) -> bool {
@@ -261,15 +318,14 @@ fn bdl_7(bundle: &Object) -> bool {
     }
 }
 
-/// A name that matches the pattern as a whole also matches it anywhere.
-fn nsd_0(naming_system: &Object) -> bool {
-    match naming_system.get("name") {
-        None => absent(naming_system, "name"),
-        Some(Json::String(name)) => {
-            let mut bytes = name.bytes();
-            name.len() <= 255 && bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        }
-        Some(_) => false,
+/// FHIRPath's `matches()` finds the pattern anywhere, and `{0,254}` allows nothing after the
+/// capital: a name matches exactly when it has an ASCII capital letter.
+fn name_has_capital(resource: &Object, _: &Place<'_>) -> Verdict {
+    match resource.get("name") {
+        None => holds_if(absent(resource, "name")),
+        Some(Json::String(name)) if name.bytes().any(|b| b.is_ascii_uppercase()) => Verdict::Holds,
+        Some(Json::String(_)) => Verdict::Fails,
+        Some(_) => Verdict::Unknown,
     }
 }
 
@@ -307,6 +363,33 @@ fn item_type(item: &Object) -> Option<&str> {
     item.get("type")?.as_str()
 }
 
+/// The item's `type` is given and is none of `types`.
+fn item_type_is_not(item: &Object, types: &[&str]) -> bool {
+    item_type(item).is_some_and(|t| !types.contains(&t))
+}
+
+/// Every `linkId` at any depth is a plain string, and no two are equal.
+fn que_2(questionnaire: &Object) -> bool {
+    fn collect<'j>(object: &'j Object, out: &mut Vec<&'j str>) -> bool {
+        object.iter().all(|(name, value)| match (name, value) {
+            ("linkId", Json::String(id)) => {
+                out.push(id);
+                true
+            }
+            ("linkId" | "_linkId", _) => false,
+            (_, Json::Object(child)) => collect(child, out),
+            (_, Json::Array(items)) => items.iter().all(|item| !matches!(item, Json::Object(child) if !collect(child, out))),
+            _ => true,
+        })
+    }
+    let mut ids = Vec::new();
+    if !collect(questionnaire, &mut ids) {
+        return false;
+    }
+    ids.sort_unstable();
+    ids.windows(2).all(|pair| pair[0] != pair[1])
+}
+
 fn que_1(item: &Object) -> bool {
     match item_type(item) {
         Some("group") => matches!(item.get("item"), Some(Json::Array(items)) if !items.is_empty()),
@@ -333,6 +416,10 @@ fn cmd_1(target: &Object) -> bool {
 
 fn has_string(object: &Object, name: &str) -> bool {
     matches!(object.get(name), Some(Json::String(s)) if !s.is_empty())
+}
+
+fn has_object(object: &Object, name: &str) -> bool {
+    matches!(object.get(name), Some(Json::Object(o)) if !o.is_empty())
 }
 
 /// A value FHIRPath sees as present: not null, not an empty string, array or object.
@@ -408,6 +495,19 @@ mod tests {
             r##"{"resourceType":"NamingSystem","name":"Good_Name1","status":"active","kind":"identifier","date":"2020-01-01","uniqueId":[{"type":"uri","value":"http://a","preferred":true},{"type":"oid","value":"1.2","preferred":true}]}"##,
             r##"{"resourceType":"Questionnaire","status":"draft","item":[{"linkId":"1","type":"group"},{"linkId":"2","type":"display","item":[{"linkId":"3","type":"string"}]},{"linkId":"4","type":"boolean","maxLength":3,"answerValueSet":"http://example.org/vs"},{"linkId":"5","type":"date","maxLength":3}]}"##,
             r##"{"resourceType":"ConceptMap","status":"draft","group":[{"element":[{"code":"a","target":[{"code":"b","equivalence":"narrower"},{"code":"c","equivalence":"inexact","comment":"why"},{"code":"d","equivalence":"equal"}]}]}]}"##,
+            r##"{"resourceType":"ConceptMap","name":"lower case","status":"draft"}"##,
+            r##"{"resourceType":"ConceptMap","name":"Has Capital","status":"draft","text":{"status":"generated"}}"##,
+            r##"{"resourceType":"Patient","contained":[{"resourceType":"Organization","id":"o1","name":"x"},{"resourceType":"Practitioner","id":"p1","extension":[{"url":"http://example.org/x","valueReference":{"reference":"#o1"}}]}],"generalPractitioner":[{"reference":"#p1"},{"reference":"#"},{"reference":"#nowhere"}]}"##,
+            r##"{"resourceType":"Questionnaire","status":"draft","item":[{"linkId":"1","type":"display","code":[{"code":"c"}],"required":true,"readOnly":true,"initialString":"x"},{"linkId":"1","type":"group","initial":[{"valueString":"x"}],"item":[{"linkId":"2","type":"string"}]}]}"##,
+            r##"{"resourceType":"Questionnaire","status":"draft","item":[{"linkId":"1","type":"display","repeats":false},{"linkId":"2","type":"string","code":[{"code":"c"}],"initial":[{"valueString":"x"}]}]}"##,
+            r##"{"resourceType":"QuestionnaireResponse","status":"completed","item":[{"linkId":"1","answer":[{"valueString":"a"}],"item":[{"linkId":"2"}]},{"linkId":"3","answer":[{"valueString":"b"}]}]}"##,
+            r##"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueRatio":{"numerator":{"value":1}},"component":[{"code":{"text":"y"},"valueRatio":{"numerator":{"value":1},"denominator":{"value":2}}},{"code":{"text":"z"},"valueRatio":{"denominator":{"value":2}}}]}"##,
+            r##"{"resourceType":"PlanDefinition","status":"draft","action":[{"condition":[{"kind":"applicability","expression":{"language":"text/cql"}},{"kind":"start","expression":{"language":"text/cql","expression":"true"}}]}]}"##,
+            r##"{"resourceType":"Bundle","type":"collection","total":3}"##,
+            r##"{"resourceType":"Bundle","type":"document","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"}}]}"##,
+            r##"{"resourceType":"Bundle","type":"message","entry":[{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"}}]}"##,
+            r##"{"resourceType":"Organization","active":true}"##,
+            r##"{"resourceType":"Organization","identifier":[{"value":"1"}]}"##,
         ];
         documents.extend(crafted.iter().map(|d| (d.to_string(), d.as_bytes().to_vec())));
         let validator = Validator::new(Arc::new(Definitions::new_default()));
