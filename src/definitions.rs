@@ -194,6 +194,10 @@ impl Definitions {
 
     /// The base StructureDefinition of a FHIR type (`Patient`, `HumanName`, `string`).
     pub fn type_structure(&self, type_name: &str) -> Option<Arc<Structure>> {
+        // The walk asks for the type of elements that have none (backbone elements) often.
+        if type_name.is_empty() {
+            return None;
+        }
         if type_name.starts_with("http:") || type_name.starts_with("https:") {
             return self.structure(type_name);
         }

@@ -148,12 +148,12 @@ pub(super) fn resolve<'a>(walker: &Walker<'_, 'a>, reference: &str, entry_full_u
         without_history.strip_suffix(url_id)?.strip_suffix('/')?.strip_suffix(url_type)
     });
     match base {
-        Some(base) => match entries.get(&format!("{base}{reference}")) {
+        Some(base) => match entries.get([base, reference].concat().as_str()) {
             Some(found) => Resolution::Found(found),
             None => Resolution::Missing,
         },
         // Without a RESTful base, the resource's own `Type/id` identifies it.
-        None => match walker.scope.bundle_ids.get(reference) {
+        None => match walker.scope.bundle_id(reference) {
             Some(found) => Resolution::Found(found),
             None => Resolution::Missing,
         },

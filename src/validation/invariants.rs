@@ -243,7 +243,7 @@ struct ValidatorEnvironment<'w, 'a> {
 
 impl<'s, 'w: 's, 'a: 's> Environment<'s> for ValidatorEnvironment<'w, 'a> {
     fn resolve(&self, reference: &str) -> Option<Node<'s>> {
-        let found = self.scope.bundle_entries.get(reference).or_else(|| self.scope.bundle_ids.get(reference))?;
+        let found = self.scope.bundle_entries.get(reference).copied().or_else(|| self.scope.bundle_id(reference))?;
         Some(Node::resource(found))
     }
 

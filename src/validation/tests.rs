@@ -527,3 +527,12 @@ fn measure_reports_report_what_their_measure_defines() {
     assert!(has("MeasureReport.group[0].population[1]", "'numerator' is not defined"), "{found:#?}");
     assert!(has("MeasureReport.group[0].measureScore", "cohort"), "{found:#?}");
 }
+
+#[test]
+fn indexes_are_written_in_decimal() {
+    for i in [0, 7, 10, 99, 12_345, usize::MAX] {
+        let mut path = String::from("Bundle.entry");
+        super::walk::push_index(&mut path, i);
+        assert_eq!(path, format!("Bundle.entry[{i}]"));
+    }
+}

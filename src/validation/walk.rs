@@ -23,9 +23,9 @@ const MAX_RESOURCE_DEPTH: usize = 16;
 #[derive(Default)]
 pub(super) struct Scope<'a> {
     /// `fullUrl` → resource, for the Bundle being walked.
-    pub bundle_entries: HashMap<String, &'a Json>,
-    /// `Type/id` → resource, for Bundle entries with an id.
-    pub bundle_ids: HashMap<String, &'a Json>,
+    pub bundle_entries: HashMap<&'a str, &'a Json>,
+    /// (type, id) → resource, for Bundle entries with an id: what a `Type/id` reference names.
+    pub bundle_ids: HashMap<(&'a str, &'a str), &'a Json>,
     /// The type of the Bundle being walked.
     pub bundle_type: Option<&'a str>,
     /// Each entry resource (by address) → its entry's fullUrl, to resolve the references it makes.
@@ -33,6 +33,14 @@ pub(super) struct Scope<'a> {
     /// The address of the last narrative `div` whose XHTML passed its check, so that txt-1 and
     /// txt-2 (`htmlChecks()`, evaluated right after on the same node) need not parse it again.
     pub checked_xhtml: std::cell::Cell<usize>,
+}
+
+impl<'a> Scope<'a> {
+    /// The Bundle entry a relative `Type/id` reference names by the resource's own type and id.
+    pub fn bundle_id(&self, reference: &str) -> Option<&'a Json> {
+        let (type_name, id) = reference.split_once('/')?;
+        self.bundle_ids.get(&(type_name, id)).copied()
+    }
 }
 
 pub(super) struct Walker<'v, 'a> {
@@ -180,10 +188,10 @@ impl<'v, 'a> Walker<'v, 'a> {
             let full_url = entry.get("fullUrl").and_then(Json::as_str);
             self.scope.entry_urls.insert(address(resource), full_url);
             if let Some(full_url) = full_url {
-                self.scope.bundle_entries.insert(full_url.to_string(), resource);
+                self.scope.bundle_entries.insert(full_url, resource);
             }
             if let (Some(t), Some(id)) = (resource.get("resourceType").and_then(Json::as_str), resource.get("id").and_then(Json::as_str)) {
-                self.scope.bundle_ids.insert(format!("{t}/{id}"), resource);
+                self.scope.bundle_ids.insert((t, id), resource);
             }
         }
     }
@@ -872,8 +880,21 @@ fn is_tolerated_extension_url(url: &str, allow_example_urls: bool) -> bool {
 
 /// Appends `[i]` to a path without a temporary string.
 pub(super) fn push_index(path: &mut String, i: usize) {
-    use std::fmt::Write;
-    let _ = write!(path, "[{i}]");
+    // Digits by hand: `write!` costs more than the rest of the walk step for a small value.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut n = i;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    path.push('[');
+    path.extend(digits[start..].iter().map(|&d| char::from(d)));
+    path.push(']');
 }
 
 /// A value's address, which identifies a node of the document being walked.
