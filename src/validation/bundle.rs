@@ -108,7 +108,7 @@ pub(super) fn restful_type_and_id<'u>(walker: &Walker<'_, '_>, url: &'u str) -> 
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return None;
     }
-    let url = url.split("/_history/").next().unwrap_or(url);
+    let url = without_history(url);
     let mut segments = url.rsplit('/');
     let id = segments.next()?;
     let type_name = segments.next()?;
@@ -125,9 +125,18 @@ pub(super) enum Resolution<'a> {
     Outside,
 }
 
+/// `url` without its `/_history/…` version part.
+pub(super) fn without_history(url: &str) -> &str {
+    // Most references have no underscore at all, which one byte search tells.
+    if !url.as_bytes().contains(&b'_') {
+        return url;
+    }
+    url.split("/_history/").next().unwrap_or(url)
+}
+
 /// Resolves a reference made inside the entry whose fullUrl is `entry_full_url`.
 pub(super) fn resolve<'a>(walker: &Walker<'_, 'a>, reference: &str, entry_full_url: Option<&str>) -> Resolution<'a> {
-    let reference = reference.split("/_history/").next().unwrap_or(reference);
+    let reference = without_history(reference);
     let entries = &walker.scope.bundle_entries;
     if is_absolute(reference) {
         return match entries.get(reference) {
@@ -144,8 +153,7 @@ pub(super) fn resolve<'a>(walker: &Walker<'_, 'a>, reference: &str, entry_full_u
     }
     let base = entry_full_url.and_then(|url| {
         let (url_type, url_id) = restful_type_and_id(walker, url)?;
-        let without_history = url.split("/_history/").next().unwrap_or(url);
-        without_history.strip_suffix(url_id)?.strip_suffix('/')?.strip_suffix(url_type)
+        without_history(url).strip_suffix(url_id)?.strip_suffix('/')?.strip_suffix(url_type)
     });
     match base {
         Some(base) => match entries.get([base, reference].concat().as_str()) {

@@ -229,7 +229,7 @@ fn evaluate<'a>(expression: &Expression, node: &'a Json, type_name: &Rc<str>, co
 /// The FHIRPath type of the node: anonymous backbone elements are named by their path.
 fn node_type<'d>(definition: &'d ElementDefinition, type_code: &'d str) -> &'d str {
     if type_code.is_empty() || type_code == "BackboneElement" || (type_code == "Element" && definition.path.contains('.')) {
-        definition.path.trim_end_matches("[x]")
+        definition.path.strip_suffix("[x]").unwrap_or(&definition.path)
     } else {
         type_code
     }

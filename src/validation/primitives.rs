@@ -62,7 +62,7 @@ pub fn check_text(type_code: &str, text: &str) -> Result<(), String> {
         }
         "code" => is_code(text),
         "id" => text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
-        "uri" | "url" | "canonical" => !text.chars().any(char::is_whitespace),
+        "uri" | "url" | "canonical" => has_no_whitespace(text),
         "oid" => is_oid(text),
         "uuid" => is_uuid(text),
         "base64Binary" => is_base64(text),
@@ -93,6 +93,11 @@ fn is_code(text: &str) -> bool {
     !text.starts_with(char::is_whitespace)
         && !text.ends_with(char::is_whitespace)
         && !text.as_bytes().windows(2).any(|w| (w[0] as char).is_whitespace() && (w[1] as char).is_whitespace())
+}
+
+/// Most URIs are printable ASCII, which is checked a byte at a time; the rest by Unicode's rules.
+fn has_no_whitespace(text: &str) -> bool {
+    text.bytes().all(|b| b > b' ' && b < 0x7f) || !text.chars().any(char::is_whitespace)
 }
 
 fn is_oid(text: &str) -> bool {
@@ -162,8 +167,12 @@ pub(super) fn base64_decoded_len(text: &str) -> Option<u64> {
     Some(significant / 4 * 3 - padding)
 }
 
+/// The value of exactly `n` ASCII digits (`n` ≤ 9, so that it cannot overflow).
 fn digits(text: &str, n: usize) -> Option<u32> {
-    if text.len() == n && text.bytes().all(|b| b.is_ascii_digit()) { text.parse().ok() } else { None }
+    if text.len() != n {
+        return None;
+    }
+    text.bytes().try_fold(0u32, |value, b| b.is_ascii_digit().then(|| value * 10 + u32::from(b - b'0')))
 }
 
 fn days_in_month(year: u32, month: u32) -> u32 {
@@ -197,8 +206,8 @@ fn is_time(text: &str) -> bool {
     if fraction.is_some_and(|f| f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit())) {
         return false;
     }
-    let parts: Vec<&str> = main.split(':').collect();
-    let [h, m, s] = parts.as_slice() else { return false };
+    let mut parts = main.split(':');
+    let (Some(h), Some(m), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return false };
     matches!((digits(h, 2), digits(m, 2), digits(s, 2)), (Some(h), Some(m), Some(s)) if h <= 23 && m <= 59 && s <= 60)
 }
 
@@ -255,6 +264,8 @@ mod tests {
         assert_eq!((base64_decoded_len("aGVsbG8="), base64_decoded_len("aGVs\nbG8h"), base64_decoded_len("aA==")), (Some(5), Some(6), Some(1)));
         assert!(ok("time", "10:00:00") && ok("time", "10:00:00.5") && !ok("time", "10:00"));
         assert!(!ok("uri", "a b") && !ok("string", "") && !ok("string", "   "));
+        assert!(ok("uri", "http://example.org/ä") && !ok("uri", "http://example.org/\u{a0}x") && !ok("uri", "a\tb"));
+        assert!(!ok("time", "10:00:00:00") && !ok("date", "2024-+1") && ok("date", "2024-09-30"));
     }
 
     #[test]

@@ -373,7 +373,7 @@ fn reference_answer(walker: &mut Walker<'_, '_>, q_item: &Json, value: &Json) {
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return;
     }
-    let without_history = reference.split("/_history/").next().unwrap_or(reference);
+    let without_history = super::bundle::without_history(reference);
     let mut segments = without_history.rsplit('/');
     let (Some(_id), Some(type_name)) = (segments.next(), segments.next()) else { return };
     let definitions = &walker.validator.definitions;

@@ -701,7 +701,7 @@ impl<'v, 'a> Walker<'v, 'a> {
 
     /// The resource type the text of a `Type/id` reference (relative or RESTful absolute) names.
     fn stated_type<'r>(&self, reference: &'r str) -> Option<&'r str> {
-        let without_history = reference.split("/_history/").next().unwrap_or(reference);
+        let without_history = super::bundle::without_history(reference);
         let mut parts = without_history.rsplit('/');
         let _id = parts.next()?;
         let type_name = parts.next()?;
