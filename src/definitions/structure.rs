@@ -1,5 +1,8 @@
 //! A StructureDefinition snapshot compiled for fast lookups: elements with parsed cardinality, types, bindings, constraints, slicing and a child index.
 
+use std::any::Any;
+use std::sync::OnceLock;
+
 use foldhash::{HashMap, HashMapExt};
 
 use crate::json::Json;
@@ -106,6 +109,34 @@ pub struct Constraint {
     pub human: String,
     pub expression: Option<String>,
     pub source: Option<String>,
+    /// What the validator works out from this constraint the first time it checks it.
+    pub prepared: Prepared,
+}
+
+/// Where the user of a definition keeps what it worked out from it on first use: the validator
+/// keeps a constraint's compiled expression and shortcut here, because constraints are checked on
+/// every element of every instance and live as long as their definitions. The slot holds one
+/// type (its user's); it is empty in a clone, so an edited copy never carries stale work.
+#[derive(Default)]
+pub struct Prepared(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl Prepared {
+    /// The value kept here, made by `init` the first time; `None` if a value of another type is kept.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref()
+    }
+}
+
+impl Clone for Prepared {
+    fn clone(&self) -> Self {
+        Prepared::default()
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Prepared(..)" } else { "Prepared(empty)" })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -370,6 +401,7 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
                         human: c.get("human").and_then(Json::as_str).unwrap_or_default().to_string(),
                         expression: c.get("expression").and_then(Json::as_str).map(str::to_string),
                         source: c.get("source").and_then(Json::as_str).map(str::to_string),
+                        prepared: Prepared::default(),
                     })
                 })
                 .collect()

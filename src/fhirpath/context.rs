@@ -41,6 +41,9 @@ pub struct TypeMemo {
     lineages: RefCell<HashMap<Box<str>, Rc<[Rc<str>]>>>,
     /// Whether the model knows any resource type, asked for every type test.
     populated: Cell<Option<bool>>,
+    /// How many answers the maps above hold, counted as they are added: summing them would
+    /// touch every entry.
+    size: Cell<usize>,
 }
 
 /// A [`TypeModel`] with memoized answers.
@@ -66,8 +69,7 @@ impl<'m> TypeCache<'m> {
     /// How many answers are memoized, for callers that keep a memo and must bound it (names
     /// come from the data being evaluated, too).
     pub fn memo_size(&self) -> usize {
-        let memo = &self.memo;
-        memo.children.borrow().values().map(|m| m.len() + 1).sum::<usize>() + memo.bases.borrow().len() + memo.lineages.borrow().len()
+        self.memo.size.get()
     }
 
     /// The answers memoized so far, to hand to [`TypeCache::with_memo`].
@@ -97,6 +99,7 @@ impl<'m> TypeCache<'m> {
             let types = c.types.iter().map(|t| Rc::from(fhir_type_name(t, name, self.is_a(parent, "Resource")))).collect();
             Rc::new(ChildInfo { types, is_choice: c.is_choice })
         });
+        self.memo.size.set(self.memo.size.get() + 1);
         self.memo.children.borrow_mut().entry(parent.into()).or_default().insert(name.into(), info.clone());
         info
     }
@@ -106,6 +109,7 @@ impl<'m> TypeCache<'m> {
             return hit.clone();
         }
         let base = self.model.base_type(type_name).map(|b| Rc::from(b.as_str()));
+        self.memo.size.set(self.memo.size.get() + 1);
         self.memo.bases.borrow_mut().insert(type_name.into(), base.clone());
         base
     }
@@ -129,6 +133,7 @@ impl<'m> TypeCache<'m> {
             lineage.push(t);
         }
         let lineage: Rc<[Rc<str>]> = lineage.into();
+        self.memo.size.set(self.memo.size.get() + 1);
         self.memo.lineages.borrow_mut().insert(type_name.into(), lineage.clone());
         lineage
     }

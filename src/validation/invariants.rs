@@ -131,6 +131,30 @@ fn compiled(expression: &str) -> Option<Arc<Expression>> {
     parsed
 }
 
+/// What [`check`] does with one constraint, worked out the first time it meets it and kept
+/// with the constraint, so that checking it again reads neither its key nor its expression.
+enum Plan {
+    /// Not evaluated: listed in [`SKIPPED`], or without an expression.
+    Skip,
+    Run {
+        /// The expression is `htmlChecks()` (txt-1, txt-2).
+        html_checks: bool,
+        shortcut: Option<shortcuts::Proof>,
+        /// `None`: the expression does not parse.
+        expression: Option<Arc<Expression>>,
+    },
+}
+
+impl Plan {
+    fn of(constraint: &Constraint) -> Plan {
+        let Some(source) = constraint.expression.as_deref() else { return Plan::Skip };
+        if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
+            return Plan::Skip;
+        }
+        Plan::Run { html_checks: source == "htmlChecks()", shortcut: shortcuts::find(&constraint.key, source), expression: compiled(source) }
+    }
+}
+
 /// Stands in for an element that has none of the members an expression looks at.
 static EMPTY_OBJECT: LazyLock<Json> = LazyLock::new(|| Json::Object(Object::new()));
 
@@ -158,28 +182,35 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         let root_resource = || walker.root_resource();
         let place = Place { node_is_resource: walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node)), root_resource: &root_resource };
         for constraint in &definition.constraints {
-            if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
-                continue;
-            }
-            let Some(source) = constraint.expression.as_deref() else { continue };
-            // txt-1 and txt-2 ask whether the div passed the XHTML check the walk has just run on it.
-            if source == "htmlChecks()" && walker.scope.checked_xhtml.get() == super::walk::address(node) {
-                continue;
-            }
-            match shortcuts::verdict(&constraint.key, source, node, &place) {
-                Verdict::Holds => continue,
-                Verdict::Fails => {
-                    failures.push((constraint, Some(Ok(Some(false)))));
-                    continue;
+            let fresh;
+            let plan = match constraint.prepared.get_or_init(|| Plan::of(constraint)) {
+                Some(plan) => plan,
+                None => {
+                    fresh = Plan::of(constraint);
+                    &fresh
                 }
-                Verdict::Unknown => {}
+            };
+            let Plan::Run { html_checks, shortcut, expression } = plan else { continue };
+            // txt-1 and txt-2 ask whether the div passed the XHTML check the walk has just run on it.
+            if *html_checks && walker.scope.checked_xhtml.get() == super::walk::address(node) {
+                continue;
             }
-            let Some(expression) = state.compiled(source) else {
+            if let Some(proof) = shortcut {
+                match shortcuts::apply(*proof, node, &place) {
+                    Verdict::Holds => continue,
+                    Verdict::Fails => {
+                        failures.push((constraint, Some(Ok(Some(false)))));
+                        continue;
+                    }
+                    Verdict::Unknown => {}
+                }
+            }
+            let Some(expression) = expression else {
                 failures.push((constraint, None));
                 continue;
             };
             let result = if expression.sees_nothing_of(node) {
-                let key = Arc::as_ptr(&expression) as usize;
+                let key = Arc::as_ptr(expression) as usize;
                 let known = state.on_empty.borrow().get(&key).and_then(|by_type| by_type.iter().find(|(t, _)| **t == *type_name).map(|(_, r)| r.clone()));
                 match known {
                     Some(result) => result,

@@ -31,7 +31,7 @@ pub(super) struct Place<'j> {
     pub root_resource: &'j dyn Fn() -> Option<&'j Json>,
 }
 
-type Proof = fn(&Object, &Place<'_>) -> Verdict;
+pub(super) type Proof = fn(&Object, &Place<'_>) -> Verdict;
 
 /// The shortcut for the constraint `key`: its exact R4 expression, and the proof.
 ///
@@ -85,15 +85,19 @@ fn shortcut(key: &str) -> Option<(&'static str, Proof)> {
     })
 }
 
-/// What the shortcut for the constraint `key` with expression `source` tells about `node`.
-pub(super) fn verdict(key: &str, source: &str, node: &Json, place: &Place<'_>) -> Verdict {
+/// The shortcut for the constraint `key` when its expression is exactly `source`.
+pub(super) fn find(key: &str, source: &str) -> Option<Proof> {
+    shortcut(key).filter(|(expression, _)| *expression == source).map(|(_, proof)| proof)
+}
+
+/// What `proof` tells about `node`.
+pub(super) fn apply(proof: Proof, node: &Json, place: &Place<'_>) -> Verdict {
     #[cfg(test)]
     if tests::DISABLED.get() {
         return Verdict::Unknown;
     }
-    let Json::Object(object) = node else { return Verdict::Unknown };
-    match shortcut(key) {
-        Some((expression, proof)) if expression == source => proof(object, place),
+    match node {
+        Json::Object(object) => proof(object, place),
         _ => Verdict::Unknown,
     }
 }
