@@ -32,7 +32,7 @@ pub struct Definitions {
     structures: RwLock<HashMap<String, Option<Arc<Structure>>>>,
     /// Base structures by type name: the walk asks per element, and building the canonical URL
     /// for each question was a tenth of validation time. Only loaded types are kept.
-    types: RwLock<HashMap<String, Arc<Structure>>>,
+    types: RwLock<HashMap<compact_str::CompactString, Arc<Structure>>>,
     children: RwLock<HashMap<(String, String), Option<ChildElement>>>,
     /// Type or backbone path → child element names in definition order, for the XML reader.
     orders: RwLock<HashMap<String, Option<Arc<Vec<String>>>>>,
@@ -206,7 +206,7 @@ impl Definitions {
         }
         let structure = self.structure(&format!("{CORE_SD_BASE}{type_name}"))?;
         if let Ok(mut types) = self.types.write() {
-            types.insert(type_name.to_string(), structure.clone());
+            types.insert(type_name.into(), structure.clone());
         }
         Some(structure)
     }

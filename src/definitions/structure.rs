@@ -5,6 +5,10 @@ use std::sync::OnceLock;
 
 use foldhash::{HashMap, HashMapExt};
 
+/// A member name as JSON writes it: stored inline (names are short), so that comparing a
+/// lookup's key reads the table's own memory rather than another allocation.
+type JsonName = compact_str::CompactString;
+
 use crate::json::Json;
 
 /// What a StructureDefinition describes.
@@ -40,7 +44,7 @@ pub struct Structure {
     by_path: HashMap<String, usize>,
     /// For each element, its unsliced children by JSON member name (`valueQuantity` too), with the
     /// index of the type a choice suffix selects: the walk looks up every member of every object here.
-    json_children: Vec<HashMap<Box<str>, (usize, Option<usize>)>>,
+    json_children: Vec<HashMap<JsonName, (usize, Option<usize>)>>,
     /// For each element, its unsliced children whose number of values is limited: a minimum above
     /// zero, or a maximum on a repeating element. Only these need counting on every object.
     counted_children: Vec<Vec<usize>>,
@@ -469,23 +473,23 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
 
 /// The JSON member names of each element's unsliced children; for a choice, one name per type.
 /// The first child to claim a name keeps it, as a linear search in snapshot order would find it.
-fn index_json_names(elements: &[ElementDefinition], children: &[Vec<usize>]) -> Vec<HashMap<Box<str>, (usize, Option<usize>)>> {
+fn index_json_names(elements: &[ElementDefinition], children: &[Vec<usize>]) -> Vec<HashMap<JsonName, (usize, Option<usize>)>> {
     children
         .iter()
         .map(|kids| {
-            let mut names: HashMap<Box<str>, (usize, Option<usize>)> = HashMap::new();
+            let mut names: HashMap<JsonName, (usize, Option<usize>)> = HashMap::new();
             for &c in kids {
                 let e = &elements[c];
                 if e.slice_name.is_some() {
                     continue;
                 }
                 if !e.is_choice() {
-                    names.entry(e.name.as_str().into()).or_insert((c, None));
+                    names.entry(JsonName::from(e.name.as_str())).or_insert((c, None));
                     continue;
                 }
                 for (t, element_type) in e.types.iter().enumerate() {
                     let name = format!("{}{}", e.name, type_suffix(&element_type.code));
-                    names.entry(name.into_boxed_str()).or_insert((c, Some(t)));
+                    names.entry(JsonName::from(name)).or_insert((c, Some(t)));
                 }
             }
             names

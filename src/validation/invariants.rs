@@ -166,10 +166,9 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         let walker: &Walker<'_, 'a> = walker;
         let state = &walker.invariants;
         let environment = ValidatorEnvironment { validator: walker.validator, scope: &walker.scope };
-        let type_name = node_type(definition, type_code);
-        // Most elements have only skipped or precomputed constraints: set up evaluation on demand.
+        // Most elements have only skipped or shortcut constraints: set up evaluation on demand.
         let mut setup: Option<(Context<'_>, Rc<str>)> = None;
-        let make_setup = || {
+        let make_setup = |type_name: &str| {
             let mut context = Context::new(&state.types).with_environment(&environment);
             if let Some(resource) = walker.resources.last() {
                 context = context.with_resource(Node::resource(resource));
@@ -209,20 +208,21 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
                 failures.push((constraint, None));
                 continue;
             };
+            let type_name = node_type(definition, type_code);
             let result = if expression.sees_nothing_of(node) {
                 let key = Arc::as_ptr(expression) as usize;
                 let known = state.on_empty.borrow().get(&key).and_then(|by_type| by_type.iter().find(|(t, _)| **t == *type_name).map(|(_, r)| r.clone()));
                 match known {
                     Some(result) => result,
                     None => {
-                        let (context, shared_type) = &*setup.get_or_insert_with(&make_setup);
+                        let (context, shared_type) = &*setup.get_or_insert_with(|| make_setup(type_name));
                         let result = evaluate(&expression, &EMPTY_OBJECT, shared_type, context);
                         state.on_empty.borrow_mut().entry(key).or_default().push((type_name.into(), result.clone()));
                         result
                     }
                 }
             } else {
-                let (context, shared_type) = &*setup.get_or_insert_with(&make_setup);
+                let (context, shared_type) = &*setup.get_or_insert_with(|| make_setup(type_name));
                 evaluate(&expression, node, shared_type, context)
             };
             if !matches!(result, Ok(Some(true) | None)) {
