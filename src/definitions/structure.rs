@@ -93,6 +93,8 @@ pub struct ElementDefinition {
     pub must_support: bool,
     /// Represented as an XML attribute (`id`, `url`, primitive `value`).
     pub xml_attribute: bool,
+    /// What the validator works out from this element the first time it checks it.
+    pub prepared: Prepared,
 }
 
 /// One allowed type of an element.
@@ -118,8 +120,9 @@ pub struct Constraint {
 }
 
 /// Where the user of a definition keeps what it worked out from it on first use: the validator
-/// keeps a constraint's compiled expression and shortcut here, because constraints are checked on
-/// every element of every instance and live as long as their definitions. The slot holds one
+/// keeps a constraint's compiled expression and shortcut here, and which of an element's
+/// constraints it runs, because constraints are checked on every element of every instance and
+/// live as long as their definitions. The slot holds one
 /// type (its user's); it is empty in a clone, so an edited copy never carries stale work.
 #[derive(Default)]
 pub struct Prepared(OnceLock<Box<dyn Any + Send + Sync>>);
@@ -468,6 +471,7 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
         is_modifier: element.get("isModifier").and_then(Json::as_bool).unwrap_or(false),
         must_support: element.get("mustSupport").and_then(Json::as_bool).unwrap_or(false),
         xml_attribute,
+        prepared: Prepared::default(),
     })
 }
 

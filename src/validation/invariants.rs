@@ -131,27 +131,37 @@ fn compiled(expression: &str) -> Option<Arc<Expression>> {
     parsed
 }
 
-/// What [`check`] does with one constraint, worked out the first time it meets it and kept
-/// with the constraint, so that checking it again reads neither its key nor its expression.
-enum Plan {
-    /// Not evaluated: listed in [`SKIPPED`], or without an expression.
-    Skip,
-    Run {
-        /// The expression is `htmlChecks()` (txt-1, txt-2).
-        html_checks: bool,
-        shortcut: Option<shortcuts::Proof>,
-        /// `None`: the expression does not parse.
-        expression: Option<Arc<Expression>>,
-    },
+/// How [`check`] runs one constraint, worked out the first time it meets it and kept with the
+/// constraint, so that checking it again reads neither its key nor its expression.
+struct Plan {
+    /// The expression is `htmlChecks()` (txt-1, txt-2).
+    html_checks: bool,
+    shortcut: Option<shortcuts::Proof>,
+    /// `None`: the expression does not parse.
+    expression: Option<Arc<Expression>>,
+}
+
+/// The positions of an element's constraints that [`check`] runs (those not skipped), kept with
+/// the element.
+struct Live(Box<[usize]>);
+
+impl Live {
+    fn of(definition: &ElementDefinition) -> Live {
+        Live(definition.constraints.iter().enumerate().filter(|(_, c)| source_to_run(c).is_some()).map(|(i, _)| i).collect())
+    }
+}
+
+/// The expression of a constraint that is run: not listed in [`SKIPPED`], and with an expression.
+fn source_to_run(constraint: &Constraint) -> Option<&str> {
+    let source = constraint.expression.as_deref()?;
+    (!SKIPPED.iter().any(|(key, _)| *key == constraint.key)).then_some(source)
 }
 
 impl Plan {
+    /// The plan of a constraint that is run (see [`Live`]).
     fn of(constraint: &Constraint) -> Plan {
-        let Some(source) = constraint.expression.as_deref() else { return Plan::Skip };
-        if SKIPPED.iter().any(|(key, _)| *key == constraint.key) {
-            return Plan::Skip;
-        }
-        Plan::Run { html_checks: source == "htmlChecks()", shortcut: shortcuts::find(&constraint.key, source), expression: compiled(source) }
+        let source = constraint.expression.as_deref().unwrap_or_default();
+        Plan { html_checks: source == "htmlChecks()", shortcut: shortcuts::find(&constraint.key, source), expression: compiled(source) }
     }
 }
 
@@ -160,6 +170,18 @@ static EMPTY_OBJECT: LazyLock<Json> = LazyLock::new(|| Json::Object(Object::new(
 
 /// Evaluates the constraints of `definition` on `node` (of FHIR type `type_code`).
 pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinition, node: &'a Json, type_code: &str) {
+    let fresh_live;
+    let live = match definition.prepared.get_or_init(|| Live::of(definition)) {
+        Some(live) => live,
+        None => {
+            fresh_live = Live::of(definition);
+            &fresh_live
+        }
+    };
+    // Most elements, every primitive among them, have only ele-1, which the walk enforces.
+    if live.0.is_empty() {
+        return;
+    }
     // Reported after the evaluations, which borrow the walker.
     let mut failures: Vec<(&Constraint, Option<Result<Option<bool>, String>>)> = Vec::new();
     {
@@ -180,7 +202,8 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         };
         let root_resource = || walker.root_resource();
         let place = Place { node_is_resource: walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node)), root_resource: &root_resource };
-        for constraint in &definition.constraints {
+        for &index in &live.0 {
+            let constraint = &definition.constraints[index];
             let fresh;
             let plan = match constraint.prepared.get_or_init(|| Plan::of(constraint)) {
                 Some(plan) => plan,
@@ -189,7 +212,7 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
                     &fresh
                 }
             };
-            let Plan::Run { html_checks, shortcut, expression } = plan else { continue };
+            let Plan { html_checks, shortcut, expression } = plan;
             // txt-1 and txt-2 ask whether the div passed the XHTML check the walk has just run on it.
             if *html_checks && walker.scope.checked_xhtml.get() == super::walk::address(node) {
                 continue;
