@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock};
 
 pub use structure::{
-    Binding, BindingStrength, Constraint, ContextKind, Discriminator, ExtensionContext, ElementDefinition, ElementType, Slicing, SlicingRules, Structure, StructureKind, type_suffix,
+    Binding, BindingStrength, Constraint, ContextKind, Discriminator, ExtensionContext, ElementDefinition, ElementType, Prepared, Slicing, SlicingRules, Structure, StructureKind, type_suffix,
 };
 
 use crate::fhirpath::{ChildElement, TypeModel};

@@ -10,7 +10,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock, Weak};
 
-use crate::definitions::{Constraint, Definitions, ElementDefinition};
+use crate::definitions::{Constraint, Definitions, ElementDefinition, Prepared};
 use crate::fhirpath::{self, Context, Environment, Expression, Node, TypeCache, TypeMemo, Value};
 use crate::json::{Json, Object};
 use crate::outcome::{IssueCode, Severity};
@@ -165,19 +165,22 @@ impl Plan {
     }
 }
 
+/// What `slot` keeps, made by `make` on first use; made into `fresh` instead if the slot
+/// holds a value of another type (it never does: the validator is the slots' only user).
+fn kept<'d, T: std::any::Any + Send + Sync>(slot: &'d Prepared, fresh: &'d mut Option<T>, make: impl Fn() -> T) -> &'d T {
+    match slot.get_or_init(&make) {
+        Some(value) => value,
+        None => fresh.insert(make()),
+    }
+}
+
 /// Stands in for an element that has none of the members an expression looks at.
 static EMPTY_OBJECT: LazyLock<Json> = LazyLock::new(|| Json::Object(Object::new()));
 
 /// Evaluates the constraints of `definition` on `node` (of FHIR type `type_code`).
 pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinition, node: &'a Json, type_code: &str) {
-    let fresh_live;
-    let live = match definition.prepared.get_or_init(|| Live::of(definition)) {
-        Some(live) => live,
-        None => {
-            fresh_live = Live::of(definition);
-            &fresh_live
-        }
-    };
+    let mut fresh_live = None;
+    let live = kept(&definition.prepared, &mut fresh_live, || Live::of(definition));
     // Most elements, every primitive among them, have only ele-1, which the walk enforces.
     if live.0.is_empty() {
         return;
@@ -204,15 +207,8 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         let place = Place { node_is_resource: walker.resources.last().is_some_and(|r| std::ptr::eq(*r, node)), root_resource: &root_resource };
         for &index in &live.0 {
             let constraint = &definition.constraints[index];
-            let fresh;
-            let plan = match constraint.prepared.get_or_init(|| Plan::of(constraint)) {
-                Some(plan) => plan,
-                None => {
-                    fresh = Plan::of(constraint);
-                    &fresh
-                }
-            };
-            let Plan { html_checks, shortcut, expression } = plan;
+            let mut fresh_plan = None;
+            let Plan { html_checks, shortcut, expression } = kept(&constraint.prepared, &mut fresh_plan, || Plan::of(constraint));
             // txt-1 and txt-2 ask whether the div passed the XHTML check the walk has just run on it.
             if *html_checks && walker.scope.checked_xhtml.get() == super::walk::address(node) {
                 continue;
