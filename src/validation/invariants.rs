@@ -235,14 +235,14 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
                     Some(result) => result,
                     None => {
                         let (context, shared_type) = &*setup.get_or_insert_with(|| make_setup(type_name));
-                        let result = evaluate(&expression, &EMPTY_OBJECT, shared_type, context);
+                        let result = evaluate(expression, &EMPTY_OBJECT, shared_type, context);
                         state.on_empty.borrow_mut().entry(key).or_default().push((type_name.into(), result.clone()));
                         result
                     }
                 }
             } else {
                 let (context, shared_type) = &*setup.get_or_insert_with(|| make_setup(type_name));
-                evaluate(&expression, node, shared_type, context)
+                evaluate(expression, node, shared_type, context)
             };
             if !matches!(result, Ok(Some(true) | None)) {
                 failures.push((constraint, Some(result)));
