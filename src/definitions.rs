@@ -310,10 +310,10 @@ impl TypeModel for Definitions {
         }
         let computed = self.compute_child(parent, name);
         // Element names come from input; unknown ones are not remembered (see `structure`).
-        if computed.is_some() {
-            if let Ok(mut cache) = self.children.write() {
-                cache.insert(key, computed.clone());
-            }
+        if computed.is_some()
+            && let Ok(mut cache) = self.children.write()
+        {
+            cache.insert(key, computed.clone());
         }
         computed
     }

@@ -442,10 +442,10 @@ impl<'a> Parser<'a> {
             self.path.push(PathStep::Member(name_range));
             let value = self.value(depth)?;
             self.path.pop();
-            if depth == 1 && &*name == "resourceType" {
-                if let Json::String(t) = &value {
-                    self.root_type = Some(t.clone());
-                }
+            if depth == 1 && &*name == "resourceType"
+                && let Json::String(t) = &value
+            {
+                self.root_type = Some(t.clone());
             }
             self.members.push((name, value));
             self.skip_whitespace();

@@ -31,10 +31,10 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
         .unwrap_or_default();
     for element in &mut elements {
         // Every element keeps an id so the differential can address it.
-        if element.get("id").is_none() {
-            if let Some(path) = element.get("path").cloned() {
-                element.insert("id", path);
-            }
+        if element.get("id").is_none()
+            && let Some(path) = element.get("path").cloned()
+        {
+            element.insert("id", path);
         }
     }
     let differential =

@@ -31,6 +31,9 @@ pub(crate) struct ChildInfo {
 
 type ChildMap = HashMap<Box<str>, Option<Rc<ChildInfo>>>;
 
+/// A type's ancestors, nearest first.
+type Lineage = Rc<[Rc<str>]>;
+
 /// The memoized answers of one model, which a caller may keep beyond one [`TypeCache`] (see
 /// [`TypeCache::with_memo`]).
 #[derive(Default)]
@@ -38,7 +41,7 @@ pub struct TypeMemo {
     children: RefCell<HashMap<Box<str>, ChildMap>>,
     bases: RefCell<HashMap<Box<str>, Option<Rc<str>>>>,
     /// Each type's ancestors, nearest first, for `is_a` in one lookup.
-    lineages: RefCell<HashMap<Box<str>, Rc<[Rc<str>]>>>,
+    lineages: RefCell<HashMap<Box<str>, Lineage>>,
     /// Whether the model knows any resource type, asked for every type test.
     populated: Cell<Option<bool>>,
     /// How many answers the maps above hold, counted as they are added: summing them would
@@ -119,7 +122,7 @@ impl<'m> TypeCache<'m> {
         type_name == ancestor || self.lineage(type_name).iter().any(|t| &**t == ancestor)
     }
 
-    fn lineage(&self, type_name: &str) -> Rc<[Rc<str>]> {
+    fn lineage(&self, type_name: &str) -> Lineage {
         if let Some(hit) = self.memo.lineages.borrow().get(type_name) {
             return hit.clone();
         }
@@ -132,7 +135,7 @@ impl<'m> TypeCache<'m> {
             current = self.base(&t);
             lineage.push(t);
         }
-        let lineage: Rc<[Rc<str>]> = lineage.into();
+        let lineage: Lineage = lineage.into();
         self.memo.size.set(self.memo.size.get() + 1);
         self.memo.lineages.borrow_mut().insert(type_name.into(), lineage.clone());
         lineage

@@ -498,6 +498,8 @@ fn generated_expressions_never_panic() {
     let json = json::parse(PATIENT.as_bytes()).expect("valid JSON");
     let mut seed: u64 = 7;
     let mut rnd = move |n: usize| { seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (seed >> 33) as usize % n };
+    // The grammar's word lists, one argument each, read best at the call.
+    #[allow(clippy::too_many_arguments)]
     fn generate(depth: u32, rnd: &mut dyn FnMut(usize) -> usize, l: &[&str], p: &[&str], f0: &[&str], f1: &[&str], o: &[&str], t: &[&str]) -> String {
         if depth == 0 { return if rnd(2) == 0 { l[rnd(l.len())].to_string() } else { p[rnd(p.len())].to_string() }; }
         match rnd(7) {

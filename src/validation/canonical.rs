@@ -13,18 +13,18 @@ use super::walk::Walker;
 
 /// Checks a resource's own rules; the walker's path is the resource's.
 pub(super) fn check(walker: &mut Walker<'_, '_>, resource_type: &str, resource: &Object, contained: bool) {
-    if let Some(url) = resource.get("url").and_then(Json::as_str) {
-        if has_canonical_url(resource_type) && !is_absolute(url) && !url.starts_with('#') {
-            let base_len = walker.path.len();
-            walker.path.push_str(".url");
-            let message = if contained {
-                format!("the canonical URL '{url}' must be absolute, even in a contained resource")
-            } else {
-                format!("the canonical URL '{url}' must be absolute")
-            };
-            walker.error(IssueCode::Invalid, message);
-            walker.path.truncate(base_len);
-        }
+    if let Some(url) = resource.get("url").and_then(Json::as_str)
+        && has_canonical_url(resource_type) && !is_absolute(url) && !url.starts_with('#')
+    {
+        let base_len = walker.path.len();
+        walker.path.push_str(".url");
+        let message = if contained {
+            format!("the canonical URL '{url}' must be absolute, even in a contained resource")
+        } else {
+            format!("the canonical URL '{url}' must be absolute")
+        };
+        walker.error(IssueCode::Invalid, message);
+        walker.path.truncate(base_len);
     }
     match resource_type {
         "CodeSystem" => code_system(walker, resource),

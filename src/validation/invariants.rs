@@ -53,6 +53,15 @@ impl Hasher for AddressHasher {
 
 type AddressMap<K, V> = HashMap<K, V, BuildHasherDefault<AddressHasher>>;
 
+/// An expression compiled, or `None` when it does not parse.
+type Compiled = Option<Arc<Expression>>;
+
+/// What evaluating a constraint gave: true, false or empty, or why it could not be evaluated.
+type Outcome = Result<Option<bool>, String>;
+
+/// An expression's outcome on an empty object, by the FHIRPath type of the object.
+type ByType = Vec<(Box<str>, Outcome)>;
+
 /// How many type-model answers are kept from one walk for the next; beyond this (names in the
 /// data are asked about too) the next walk starts afresh.
 const MAX_KEPT_TYPE_ANSWERS: usize = 50_000;
@@ -70,10 +79,10 @@ pub(super) struct State<'v> {
     /// Compiled expressions by the address and length of their source text, which the
     /// definitions keep alive; a hit is confirmed by comparing the text, so a reused address
     /// cannot pick up another expression.
-    compiled: RefCell<AddressMap<(usize, usize), Option<Arc<Expression>>>>,
+    compiled: RefCell<AddressMap<(usize, usize), Compiled>>,
     /// Results on an empty object, by expression (kept alive by the global cache) and type, for
     /// elements the expression sees nothing of ([`Expression::sees_nothing_of`]).
-    on_empty: RefCell<AddressMap<usize, Vec<(Box<str>, Result<Option<bool>, String>)>>>,
+    on_empty: RefCell<AddressMap<usize, ByType>>,
 }
 
 impl<'v> State<'v> {
@@ -186,7 +195,8 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, definition: &ElementDefinit
         return;
     }
     // Reported after the evaluations, which borrow the walker.
-    let mut failures: Vec<(&Constraint, Option<Result<Option<bool>, String>>)> = Vec::new();
+    // (constraint, outcome); no outcome: the expression does not parse.
+    let mut failures: Vec<(&Constraint, Option<Outcome>)> = Vec::new();
     {
         let walker: &Walker<'_, 'a> = walker;
         let state = &walker.invariants;

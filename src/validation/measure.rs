@@ -48,10 +48,10 @@ pub(super) fn check(walker: &mut Walker<'_, '_>, report: &Object) {
 /// The Measure group a report group reports on: the one with the same code, else the one at the same position.
 fn matching_group<'m>(measure_groups: &'m [Json], n_report_groups: usize, index: usize, group: &Json) -> Option<&'m Json> {
     let wanted = codes(group.get("code"));
-    if !wanted.is_empty() {
-        if let Some(found) = measure_groups.iter().find(|g| codes(g.get("code")).iter().any(|c| wanted.contains(c))) {
-            return Some(found);
-        }
+    if !wanted.is_empty()
+        && let Some(found) = measure_groups.iter().find(|g| codes(g.get("code")).iter().any(|c| wanted.contains(c)))
+    {
+        return Some(found);
     }
     (measure_groups.len() == n_report_groups || measure_groups.len() == 1).then(|| measure_groups.get(index.min(measure_groups.len() - 1))).flatten()
 }

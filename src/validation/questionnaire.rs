@@ -187,10 +187,10 @@ fn item<'a>(walker: &mut Walker<'_, 'a>, context: &mut Context<'_, 'a>, q_item: 
     if !repeats && answers.len() > 1 {
         walker.error(IssueCode::Structure, format!("item '{link_id}' does not repeat, so it can have only one answer (found {})", answers.len()));
     }
-    if let Some(max) = extension_value(q_item, EXT_MAX_OCCURS).and_then(as_number) {
-        if answers.len() as f64 > max {
-            walker.error(IssueCode::Structure, format!("item '{link_id}' allows at most {max} answers, but has {}", answers.len()));
-        }
+    if let Some(max) = extension_value(q_item, EXT_MAX_OCCURS).and_then(as_number)
+        && answers.len() as f64 > max
+    {
+        walker.error(IssueCode::Structure, format!("item '{link_id}' allows at most {max} answers, but has {}", answers.len()));
     }
     if !children.is_empty() {
         walker.error(IssueCode::Structure, format!("items nested in the question '{link_id}' belong in its answers (answer.item), not in item.item"));
@@ -289,15 +289,15 @@ fn answer_check(walker: &mut Walker<'_, '_>, context: &Context<'_, '_>, q_item: 
 fn string_answer(walker: &mut Walker<'_, '_>, q_item: &Json, kind: &str, value: &Json) {
     let Some(text) = value.as_str() else { return };
     let length = text.chars().count();
-    if let Some(max) = q_item.get("maxLength").and_then(as_number) {
-        if length as f64 > max {
-            walker.error(IssueCode::TooLong, format!("the answer is {length} characters long, more than the allowed maximum of {max}"));
-        }
+    if let Some(max) = q_item.get("maxLength").and_then(as_number)
+        && length as f64 > max
+    {
+        walker.error(IssueCode::TooLong, format!("the answer is {length} characters long, more than the allowed maximum of {max}"));
     }
-    if let Some(min) = extension_value(q_item, EXT_MIN_LENGTH).and_then(as_number) {
-        if (length as f64) < min {
-            walker.error(IssueCode::Value, format!("the answer is {length} characters long, less than the required minimum of {min}"));
-        }
+    if let Some(min) = extension_value(q_item, EXT_MIN_LENGTH).and_then(as_number)
+        && (length as f64) < min
+    {
+        walker.error(IssueCode::Value, format!("the answer is {length} characters long, less than the required minimum of {min}"));
     }
     if kind == "string" && text.contains(['\n', '\r']) {
         walker.report(Severity::Warning, IssueCode::Value, "a string answer should not contain line breaks (use a text question for those)");
@@ -316,13 +316,13 @@ fn limits(walker: &mut Walker<'_, '_>, q_item: &Json, value_type: &str, value: &
             walker.error(IssueCode::Value, format!("{} is greater than the allowed maximum of {}", describe(value), describe(limit)));
         }
     }
-    if value_type == "Decimal" {
-        if let (Some(places), Json::Number(text)) = (extension_value(q_item, EXT_MAX_DECIMALS).and_then(as_number), value) {
-            let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
-            let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len());
-            if decimals as f64 > places {
-                walker.error(IssueCode::Value, format!("{text} has {decimals} decimal places, more than the allowed {places}"));
-            }
+    if value_type == "Decimal"
+        && let (Some(places), Json::Number(text)) = (extension_value(q_item, EXT_MAX_DECIMALS).and_then(as_number), value)
+    {
+        let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
+        let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len());
+        if decimals as f64 > places {
+            walker.error(IssueCode::Value, format!("{text} has {decimals} decimal places, more than the allowed {places}"));
         }
     }
 }

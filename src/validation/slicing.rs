@@ -59,13 +59,13 @@ pub(super) fn check<'a>(walker: &mut Walker<'_, 'a>, structure: &Arc<Structure>,
                 format!("slice '{}' of '{name}' requires at least {} value(s) but found {count}", slice_name(structure, slice), definition.min),
             );
         }
-        if let Some(max) = definition.max {
-            if count as u64 > u64::from(max) {
-                walker.error(
-                    IssueCode::Structure,
-                    format!("slice '{}' of '{name}' allows at most {max} value(s) but found {count}", slice_name(structure, slice)),
-                );
-            }
+        if let Some(max) = definition.max
+            && count as u64 > u64::from(max)
+        {
+            walker.error(
+                IssueCode::Structure,
+                format!("slice '{}' of '{name}' allows at most {max} value(s) but found {count}", slice_name(structure, slice)),
+            );
         }
     }
 }

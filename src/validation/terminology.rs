@@ -310,10 +310,10 @@ fn build_code_system(resource: &Json) -> CodeSystemCodes {
     for c in resource["concept"].as_array().unwrap_or_default() {
         let Some(code) = c["code"].as_str() else { continue };
         for p in c["property"].as_array().unwrap_or_default() {
-            if p["code"].as_str() == Some("subsumedBy") {
-                if let (Some(parent), Some(entry)) = (p["valueCode"].as_str(), codes.concepts.get_mut(code)) {
-                    entry.parents.push(parent.to_string());
-                }
+            if p["code"].as_str() == Some("subsumedBy")
+                && let (Some(parent), Some(entry)) = (p["valueCode"].as_str(), codes.concepts.get_mut(code))
+            {
+                entry.parents.push(parent.to_string());
             }
         }
     }

@@ -155,10 +155,10 @@ impl<'v, 'a> Walker<'v, 'a> {
 
         let mut profiles: Vec<(String, bool)> = extra_profiles.iter().map(|p| (p.clone(), true)).collect();
         for p in object.get("meta").and_then(|m| m.get("profile")).and_then(Json::as_array).unwrap_or_default() {
-            if let Some(url) = p.as_str() {
-                if !profiles.iter().any(|(q, _)| q == url) {
-                    profiles.push((url.to_string(), false));
-                }
+            if let Some(url) = p.as_str()
+                && !profiles.iter().any(|(q, _)| q == url)
+            {
+                profiles.push((url.to_string(), false));
             }
         }
         for (url, asked) in profiles {
@@ -237,15 +237,15 @@ impl<'v, 'a> Walker<'v, 'a> {
                 continue;
             };
             let definition = &structure.elements[child];
-            if let Some(existing) = seen.iter().find(|(c, _, _)| *c == child) {
-                if existing.2 != name {
-                    self.path.push('.');
-                    self.path.push_str(name);
-                    let first = existing.2;
-                    self.error(IssueCode::Structure, format!("only one of '{first}' and '{name}' may be given (choice element {}[x])", definition.name));
-                    self.path.truncate(base_len);
-                    continue;
-                }
+            if let Some(existing) = seen.iter().find(|(c, _, _)| *c == child)
+                && existing.2 != name
+            {
+                self.path.push('.');
+                self.path.push_str(name);
+                let first = existing.2;
+                self.error(IssueCode::Structure, format!("only one of '{first}' and '{name}' may be given (choice element {}[x])", definition.name));
+                self.path.truncate(base_len);
+                continue;
             }
             // R4 types `Resource.id` as a plain string, but the spec requires the id format.
             let type_code = if is_resource_root && name == "id" { "id" } else { choice_type.or(definition.single_type()).unwrap_or("") };
@@ -488,15 +488,15 @@ impl<'v, 'a> Walker<'v, 'a> {
                 }
             }
         }
-        if let Some(fixed) = &definition.fixed {
-            if !crate::json::same_value(value, fixed) {
-                self.error(IssueCode::Value, format!("value must be exactly {}", fixed.to_string_compact()));
-            }
+        if let Some(fixed) = &definition.fixed
+            && !crate::json::same_value(value, fixed)
+        {
+            self.error(IssueCode::Value, format!("value must be exactly {}", fixed.to_string_compact()));
         }
-        if let Some(pattern) = &definition.pattern {
-            if !matches_pattern(value, pattern) {
-                self.error(IssueCode::Value, format!("value must match the pattern {}", pattern.to_string_compact()));
-            }
+        if let Some(pattern) = &definition.pattern
+            && !matches_pattern(value, pattern)
+        {
+            self.error(IssueCode::Value, format!("value must match the pattern {}", pattern.to_string_compact()));
         }
         if matches!(kind, Kind::Primitive) && !definition.constraints.is_empty() {
             super::invariants::check(self, definition, value, type_code);
@@ -511,28 +511,28 @@ impl<'v, 'a> Walker<'v, 'a> {
         if type_code == "xhtml" {
             self.scope.checked_xhtml.set(address(value));
         }
-        if let (Some(max), Json::String(s)) = (definition.max_length, value) {
-            if s.chars().count() > max {
-                self.error(IssueCode::TooLong, format!("the value is longer than the allowed {max} characters"));
-            }
+        if let (Some(max), Json::String(s)) = (definition.max_length, value)
+            && s.chars().count() > max
+        {
+            self.error(IssueCode::TooLong, format!("the value is longer than the allowed {max} characters"));
         }
         if let Json::String(text) = value {
             self.text_policy(type_code, text);
         }
-        if let Some(binding) = &definition.binding {
-            if matches!(type_code, "code" | "string" | "uri") {
-                self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
-            }
+        if let Some(binding) = &definition.binding
+            && matches!(type_code, "code" | "string" | "uri")
+        {
+            self.binding(binding.strength, binding.value_set.as_deref(), type_code, value);
         }
-        if let Some(min) = &definition.min_value {
-            if compare_values(value, min).is_some_and(|o| o.is_lt()) {
-                self.error(IssueCode::Value, format!("the value is below the minimum {}", min.to_string_compact()));
-            }
+        if let Some(min) = &definition.min_value
+            && compare_values(value, min).is_some_and(|o| o.is_lt())
+        {
+            self.error(IssueCode::Value, format!("the value is below the minimum {}", min.to_string_compact()));
         }
-        if let Some(max) = &definition.max_value {
-            if compare_values(value, max).is_some_and(|o| o.is_gt()) {
-                self.error(IssueCode::Value, format!("the value is above the maximum {}", max.to_string_compact()));
-            }
+        if let Some(max) = &definition.max_value
+            && compare_values(value, max).is_some_and(|o| o.is_gt())
+        {
+            self.error(IssueCode::Value, format!("the value is above the maximum {}", max.to_string_compact()));
         }
     }
 
@@ -683,10 +683,10 @@ impl<'v, 'a> Walker<'v, 'a> {
     /// The resource type a `targetProfile` stands for: the type itself for core types, else the profile's type.
     fn target_type(&self, target: &str) -> Option<String> {
         let url = target.split('|').next().unwrap_or(target);
-        if let Some(name) = url.strip_prefix(crate::definitions::CORE_SD_BASE) {
-            if self.validator.definitions.is_resource_type(name) || name == "Resource" || name == "DomainResource" {
-                return Some(name.to_string());
-            }
+        if let Some(name) = url.strip_prefix(crate::definitions::CORE_SD_BASE)
+            && (self.validator.definitions.is_resource_type(name) || name == "Resource" || name == "DomainResource")
+        {
+            return Some(name.to_string());
         }
         self.validator.definitions.structure(target).map(|s| s.type_name.clone())
     }
@@ -786,12 +786,12 @@ impl<'v, 'a> Walker<'v, 'a> {
         match code_system.lookup(code) {
             None => self.error(IssueCode::CodeInvalid, format!("unknown code '{code}' in the code system {system}")),
             Some(concept) => {
-                if let (Some(display), Some(expected)) = (coding.get("display").and_then(Json::as_str), concept.display.as_deref()) {
-                    if !display.eq_ignore_ascii_case(expected) && !display.trim().eq_ignore_ascii_case(expected.trim()) {
-                        // A display the code system does not give the code makes the coding contradict itself.
-                        let severity = self.validator.policy.wrong_display;
-                        self.report(severity, IssueCode::Invalid, format!("wrong display '{display}' for {system}#{code}: it should be '{expected}'"));
-                    }
+                if let (Some(display), Some(expected)) = (coding.get("display").and_then(Json::as_str), concept.display.as_deref())
+                    && !display.eq_ignore_ascii_case(expected) && !display.trim().eq_ignore_ascii_case(expected.trim())
+                {
+                    // A display the code system does not give the code makes the coding contradict itself.
+                    let severity = self.validator.policy.wrong_display;
+                    self.report(severity, IssueCode::Invalid, format!("wrong display '{display}' for {system}#{code}: it should be '{expected}'"));
                 }
             }
         }
@@ -808,10 +808,10 @@ impl<'v, 'a> Walker<'v, 'a> {
                     format!("'{name}' is required: minimum {} but found {count} ({})", definition.min, definition.path),
                 );
             }
-            if let Some(max) = definition.max {
-                if count as u64 > u64::from(max) && definition_is_array(definition) {
-                    self.error(IssueCode::Structure, format!("'{}' allows at most {max} values but found {count}", definition.name));
-                }
+            if let Some(max) = definition.max
+                && count as u64 > u64::from(max) && definition_is_array(definition)
+            {
+                self.error(IssueCode::Structure, format!("'{}' allows at most {max} values but found {count}", definition.name));
             }
         }
     }
