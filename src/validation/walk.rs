@@ -632,7 +632,7 @@ impl<'v, 'a> Walker<'v, 'a> {
                     if let Some(stated) = self.stated_type(reference).filter(|t| *t != found_type) {
                         self.error(IssueCode::Structure, format!("'{reference}' names a {stated}, but the bundle entry it resolves to is a {found_type}"));
                     }
-                    target_type = Some(found_type.to_string());
+                    target_type = Some(found_type);
                 }
                 Resolution::Missing => {
                     if let Some(kind @ ("document" | "message")) = self.scope.bundle_type {
@@ -643,23 +643,13 @@ impl<'v, 'a> Walker<'v, 'a> {
             }
         }
         let Some(target_type) = target_type.or_else(|| self.referenced_type(reference)) else { return };
-        let targets: Vec<&str> =
-            definition.types.iter().filter(|t| t.code == "Reference").flat_map(|t| t.target_profiles.iter()).map(String::as_str).collect();
-        if targets.is_empty() {
+        let targets = || definition.types.iter().filter(|t| t.code == "Reference").flat_map(|t| t.target_profiles.iter());
+        // A profile the validator cannot load gives no type to compare with, so it cannot refuse the reference.
+        let allowed = |target: &String| self.target_type(target).is_none_or(|t| t == target_type || t == "Resource" || t == "DomainResource");
+        if targets().next().is_none() || targets().any(allowed) {
             return;
         }
-        let mut allowed = false;
-        for target in &targets {
-            // A profile the validator cannot load gives no type to compare with, so it cannot refuse the reference.
-            match self.target_type(target) {
-                Some(t) => allowed |= t == target_type || t == "Resource" || t == "DomainResource",
-                None => allowed = true,
-            }
-            if allowed {
-                return;
-            }
-        }
-        let names: Vec<&str> = targets.iter().map(|p| p.split('|').next().unwrap_or(p)).map(|p| p.rsplit('/').next().unwrap_or(p)).collect();
+        let names: Vec<&str> = targets().map(|p| p.split('|').next().unwrap_or(p)).map(|p| p.rsplit('/').next().unwrap_or(p)).collect();
         self.error(IssueCode::Structure, format!("a reference to a {target_type} is not allowed here (allowed: {})", names.join(", ")));
     }
 
@@ -681,22 +671,22 @@ impl<'v, 'a> Walker<'v, 'a> {
     }
 
     /// The resource type a `targetProfile` stands for: the type itself for core types, else the profile's type.
-    fn target_type(&self, target: &str) -> Option<String> {
+    fn target_type<'t>(&self, target: &'t str) -> Option<std::borrow::Cow<'t, str>> {
         let url = target.split('|').next().unwrap_or(target);
         if let Some(name) = url.strip_prefix(crate::definitions::CORE_SD_BASE)
             && (self.validator.definitions.is_resource_type(name) || name == "Resource" || name == "DomainResource")
         {
-            return Some(name.to_string());
+            return Some(std::borrow::Cow::Borrowed(name));
         }
-        self.validator.definitions.structure(target).map(|s| s.type_name.clone())
+        self.validator.definitions.structure(target).map(|s| std::borrow::Cow::Owned(s.type_name.clone()))
     }
 
     /// The resource type a literal reference points to, from the bundle or from its `Type/id` form.
-    fn referenced_type(&self, reference: &str) -> Option<String> {
+    fn referenced_type(&self, reference: &'a str) -> Option<&'a str> {
         if let Some(resource) = self.scope.bundle_entries.get(reference) {
-            return resource.get("resourceType").and_then(Json::as_str).map(str::to_string);
+            return resource.get("resourceType").and_then(Json::as_str);
         }
-        self.stated_type(reference).map(str::to_string)
+        self.stated_type(reference)
     }
 
     /// The resource type the text of a `Type/id` reference (relative or RESTful absolute) names.
