@@ -141,6 +141,7 @@ async fn bench_backend(label: &str, store_toml: &str, clients: usize, seconds: u
                     parties: vec![],
                     labels: vec![],
                     created_by: "bench".into(),
+                    owner: "Organization/bench".into(),
                     method: "POST".into(),
                 };
                 store.bare_insert(&stored).await.is_ok()

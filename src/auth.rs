@@ -3,10 +3,12 @@
 //! - [`scopes`]: SMART v1/v2 `system/` scopes as permissions per type.
 //! - [`assertion`]: verifying a `private_key_jwt` client assertion (RS384/ES384) against the client's JWKS.
 //! - [`keys`]: generating a partner key pair and its JWKS (`iop-gateway clients add`).
+//! - [`labels`]: security labels normalised when stored (42 CFR Part 2 however it is spelt).
 //! - [`policy`]: which partner may do what to which resource, and the one disclosure check every outgoing resource passes.
 
 pub mod assertion;
 pub mod keys;
+pub mod labels;
 pub mod policy;
 pub mod scopes;
 

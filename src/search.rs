@@ -285,18 +285,6 @@ pub fn addressed_organizations(resource: &Json) -> Vec<String> {
     out
 }
 
-/// `meta.security` codings as `system|code`.
-pub fn security_labels(resource: &Json) -> Vec<String> {
-    let mut out = Vec::new();
-    for coding in resource.get("meta").and_then(|m| m.get("security")).and_then(Json::as_array).unwrap_or_default() {
-        let system = coding.get("system").and_then(Json::as_str).unwrap_or_default();
-        if let Some(code) = coding.get("code").and_then(Json::as_str) {
-            out.push(format!("{system}|{code}"));
-        }
-    }
-    out
-}
-
 /// `Type/id` from a relative or absolute literal reference; `None` for contained, `urn:` and versioned-only forms.
 pub fn normalize_reference(reference: &str) -> Option<String> {
     if reference.starts_with('#') || reference.starts_with("urn:") {

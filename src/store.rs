@@ -83,18 +83,33 @@ pub struct Stored {
     pub parties: Vec<String>,
     pub labels: Vec<String>,
     pub created_by: String,
+    /// `Organization/<id>` that owns the resource: its creator's; the same in every version.
+    pub owner: String,
     /// `POST` or `PUT`: how this version was written (history entries).
     pub method: String,
 }
 
 impl Stored {
     pub fn facts(&self) -> crate::auth::policy::Facts<'_> {
-        crate::auth::policy::Facts { resource_type: &self.resource_type, parties: &self.parties, labels: &self.labels, created_by: &self.created_by }
+        crate::auth::policy::Facts { resource_type: &self.resource_type, parties: &self.parties, labels: &self.labels, owner: &self.owner }
     }
 
     pub fn reference(&self) -> String {
         format!("{}/{}", self.resource_type, self.id)
     }
+}
+
+/// Which stored resources a search may return. The authorization model ([`crate::auth::Principal::visibility`])
+/// fills it with the conditions of its disclosure check that SQL can evaluate, so that totals and
+/// pages count only what will be served; every result still passes the disclosure check itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    /// Only resources this Organization is party to.
+    pub party: String,
+    /// Leave out resources carrying this label (`system|code`) unless `party` owns them.
+    pub withheld_label: Option<String>,
+    /// Only resources `party` may write: owned by it, or a Task whose `owner` it is (conditional operations).
+    pub writable_only: bool,
 }
 
 /// One audit trail row: indexed columns plus the AuditEvent JSON.
@@ -133,7 +148,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const COLUMNS: &str = "type, id, version, last_updated, body, parties, labels, created_by";
+const COLUMNS: &str = "type, id, version, last_updated, body, parties, labels, created_by, owner";
 
 fn stored(row: &AnyRow, method: Option<String>) -> Result<Stored, sqlx::Error> {
     let split = |s: String| s.split(' ').filter(|p| !p.is_empty()).map(str::to_string).collect();
@@ -146,9 +161,10 @@ fn stored(row: &AnyRow, method: Option<String>) -> Result<Stored, sqlx::Error> {
         parties: split(row.try_get(5)?),
         labels: split(row.try_get(6)?),
         created_by: row.try_get(7)?,
+        owner: row.try_get(8)?,
         method: match method {
             Some(m) => m,
-            None => row.try_get(8)?,
+            None => row.try_get(9)?,
         },
     })
 }
@@ -253,11 +269,11 @@ impl Store {
         Ok((total, rows.iter().map(|r| stored(r, None)).collect::<Result<_, _>>()?))
     }
 
-    /// Runs a search; `party`, when given, keeps only resources that Organization is party to.
-    pub async fn search(&self, resource_type: &str, query: &Query, party: Option<&str>) -> Result<(i64, Vec<Stored>), StoreError> {
+    /// Runs a search; `visibility`, when given, keeps only what it lets through.
+    pub async fn search(&self, resource_type: &str, query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
         let started = Instant::now();
         let mut conn = self.reader.acquire().await?;
-        let result = query::search(&mut conn, resource_type, query, party, true).await;
+        let result = query::search(&mut conn, resource_type, query, visibility, true).await;
         self.observe("search", started);
         result
     }
@@ -411,8 +427,8 @@ impl Tx {
     }
 
     /// A search inside the transaction (conditional create and update).
-    pub async fn search(&mut self, resource_type: &str, query: &Query, party: Option<&str>) -> Result<(i64, Vec<Stored>), StoreError> {
-        query::search(&mut self.inner, resource_type, query, party, false).await
+    pub async fn search(&mut self, resource_type: &str, query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
+        query::search(&mut self.inner, resource_type, query, visibility, false).await
     }
 
     /// Writes a version and its search index: version 1 must not exist yet; version n replaces exactly version n-1.
@@ -443,7 +459,7 @@ impl Tx {
             sqlx::query("DELETE FROM search_dates WHERE type = $1 AND id = $2").bind(w.resource_type.as_str()).bind(w.id.as_str()).execute(&mut *self.inner).await?;
         }
         sqlx::query(
-            "INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(w.resource_type.as_str())
         .bind(w.id.as_str())
@@ -454,6 +470,7 @@ impl Tx {
         .bind(parties.as_str())
         .bind(labels.as_str())
         .bind(w.created_by.as_str())
+        .bind(w.owner.as_str())
         .execute(&mut *self.inner)
         .await?;
         query::insert_index(&mut self.inner, w, index).await

@@ -2,8 +2,9 @@
 //!
 //! In a transaction, `urn:uuid:` fullUrls of POST entries get server ids and every reference to
 //! them is rewritten; entries may be conditional (`ifNoneExist`, `PUT Type?criteria`). Every
-//! resource is validated before anything is written, and the whole Bundle is addressed as one
-//! exchange: each stored resource is visible to every Organization any entry is addressed to.
+//! resource is validated before anything is written; ids in `request.url` are checked like ids in
+//! bodies. Each entry goes through the one write path on its own terms (owner, parties of its own
+//! version); the Bundle's security labels are kept on every entry.
 
 use std::collections::HashMap;
 
@@ -19,7 +20,7 @@ use super::fhir::{self, BundleText, Return, entry_response, prefer_return, query
 use super::rest::{finish, known_type};
 use super::state::AppState;
 use super::write::{self, ATTEMPTS, Change, Failure};
-use crate::auth::{Permission, Principal};
+use crate::auth::{Permission, Principal, labels};
 use crate::json::Json;
 use crate::outcome::operation_outcome;
 use crate::store::Stored;
@@ -55,6 +56,13 @@ pub fn parse_entries(bundle: &Json) -> Result<Vec<Entry>, ApiError> {
         let id = segments.next().map(str::to_string);
         if segments.next().is_some() {
             return Err(at("request.url must be Type, Type/id or Type?criteria"));
+        }
+        if let Some(id) = &id {
+            write::check_id(id).map_err(|e| at(&format!("request.url: {e}")))?;
+            let body_id = entry.get("resource").and_then(|r| r.get("id")).and_then(Json::as_str);
+            if let Some(body_id) = body_id.filter(|b| b != id) {
+                return Err(at(&format!("the resource's id '{body_id}' is not the id in request.url '{id}'")));
+            }
         }
         let text = |k: &str| request.get(k).and_then(Json::as_str).map(str::to_string);
         let if_match = match text("ifMatch") {
@@ -139,8 +147,9 @@ async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit,
         }
     }
     // The Bundle is validated as a whole, so in-Bundle references and fullUrls are checked too.
+    let inherited_labels = labels::of(&bundle);
     write::validate(state, bundle, Vec::new()).await?;
-    let written = run_transaction(state, principal, &entries).await?;
+    let written = run_transaction(state, principal, &entries, &inherited_labels).await?;
     // The transaction's own audit event was committed with it.
     audit.recorded = true;
     let mut response = BundleText::new("transaction-response", None, &[]);
@@ -181,34 +190,38 @@ pub fn status_line(e: &ApiError) -> String {
 /// Runs the writes of a transaction atomically, retrying from scratch when a concurrent writer won a race.
 /// Per entry: the version written (or found by `ifNoneExist`) and whether it was created; `None`
 /// for an entry that is read after the commit (`GET`).
-async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry]) -> Result<Vec<Option<(Stored, bool)>>, ApiError> {
+async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry], inherited_labels: &[String]) -> Result<Vec<Option<(Stored, bool)>>, ApiError> {
     'attempt: for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
         // Resolve every entry's id first so references can be rewritten before anything is written.
-        let mut ids: Vec<Option<(String, bool)>> = Vec::new();
+        // Per entry: the id to write and how it was chosen (`POST`: by the gateway; `PUT`: by the client).
+        let mut ids: Vec<Option<(String, &'static str)>> = Vec::new();
         let mut existing_for: HashMap<usize, Stored> = HashMap::new();
         for (i, entry) in entries.iter().enumerate() {
             let resolved = match (entry.method.as_str(), &entry.id, &entry.criteria) {
                 ("GET", _, _) => None,
                 ("POST", _, _) => match &entry.if_none_exist {
-                    Some(criteria) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
-                        Ok(m) if m.is_empty() => Some((write::new_id(), true)),
+                    Some(criteria) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
+                        Ok(m) if m.is_empty() => Some((write::new_id(), "POST")),
                         Ok(m) if m.len() == 1 => {
                             let found = m.into_iter().next().expect("one match");
                             let id = found.id.clone();
                             existing_for.insert(i, found);
-                            Some((id, false))
+                            Some((id, "PUT"))
                         }
                         Ok(_) => return Err(ApiError::PreconditionFailed(format!("Bundle.entry[{i}]: ifNoneExist matches more than one resource"))),
                         Err(Failure::Retry) => continue 'attempt,
                         Err(Failure::Api(e)) => return Err(e),
                     },
-                    None => Some((write::new_id(), true)),
+                    None => Some((write::new_id(), "POST")),
                 },
-                ("PUT", Some(id), _) => Some((id.clone(), true)),
-                ("PUT", None, Some(criteria)) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
-                    Ok(m) if m.is_empty() => Some((entry.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str).map(str::to_string).unwrap_or_else(write::new_id), true)),
-                    Ok(m) if m.len() == 1 => Some((m[0].id.clone(), true)),
+                ("PUT", Some(id), _) => Some((id.clone(), "PUT")),
+                ("PUT", None, Some(criteria)) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
+                    Ok(m) if m.is_empty() => Some(match entry.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str) {
+                        Some(id) => (id.to_string(), "PUT"),
+                        None => (write::new_id(), "POST"),
+                    }),
+                    Ok(m) if m.len() == 1 => Some((m[0].id.clone(), "PUT")),
                     Ok(_) => return Err(ApiError::PreconditionFailed(format!("Bundle.entry[{i}]: the criteria match more than one resource"))),
                     Err(Failure::Retry) => continue 'attempt,
                     Err(Failure::Api(e)) => return Err(e),
@@ -232,14 +245,6 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                 })
             })
             .collect();
-        let mut addressed: Vec<String> = Vec::new();
-        for r in resources.iter().flatten() {
-            for org in crate::search::addressed_organizations(r) {
-                if !addressed.contains(&org) {
-                    addressed.push(org);
-                }
-            }
-        }
         let mut written: Vec<Option<(Stored, bool)>> = (0..entries.len()).map(|_| None).collect();
         // FHIR's processing order: POST, then PUT, then GET.
         for method in ["POST", "PUT"] {
@@ -248,14 +253,9 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                     written[i] = Some((existing, false));
                     continue;
                 }
-                let Some((id, _)) = ids[i].clone() else { continue };
-                let Some(mut resource) = resources[i].take() else { continue };
-                if method == "PUT"
-                    && let Some(object) = resource.as_object_mut()
-                {
-                    object.insert("id", Json::string(id.as_str()));
-                }
-                let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, addressed: &addressed, method };
+                let Some((id, id_from)) = ids[i].clone() else { continue };
+                let Some(resource) = resources[i].take() else { continue };
+                let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, inherited_labels, method: id_from };
                 match write::write(&mut tx, state, principal, change).await {
                     Ok((stored, created)) => written[i] = Some((stored, created)),
                     Err(Failure::Retry) => continue 'attempt,
@@ -284,9 +284,10 @@ fn prefix_entry(i: usize, e: ApiError) -> ApiError {
 
 async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
     let entries = parse_entries(&bundle)?;
+    let inherited_labels = labels::of(&bundle);
     let mut response = BundleText::new("batch-response", None, &[]);
     for entry in &entries {
-        let result = batch_entry(state, principal, audit, entry).await;
+        let result = batch_entry(state, principal, audit, entry, &inherited_labels).await;
         match result {
             Ok((stored, status)) => {
                 let body = (prefer == Return::Representation || status == "200 OK" && entry.method == "GET").then_some(stored.body.as_str());
@@ -300,7 +301,7 @@ async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundl
     Ok(fhir::json_response(StatusCode::OK, response.finish()))
 }
 
-async fn batch_entry(state: &AppState, principal: &Principal, audit: &mut Audit, entry: &Entry) -> Result<(Stored, &'static str), ApiError> {
+async fn batch_entry(state: &AppState, principal: &Principal, audit: &mut Audit, entry: &Entry, inherited_labels: &[String]) -> Result<(Stored, &'static str), ApiError> {
     known_type(state, &entry.resource_type)?;
     if entry.resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("AuditEvent is read through GET /AuditEvent".into()));
@@ -315,26 +316,24 @@ async fn batch_entry(state: &AppState, principal: &Principal, audit: &mut Audit,
     let resource = write::validate(state, resource, Vec::new()).await?;
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
-        let id = match (entry.method.as_str(), &entry.id, &entry.criteria, &entry.if_none_exist) {
-            ("POST", _, _, Some(criteria)) | ("PUT", None, Some(criteria), _) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
-                Ok(m) if m.is_empty() => write::new_id(),
+        // The id to write and how it was chosen (`POST`: by the gateway; `PUT`: by the client).
+        let (id, id_from) = match (entry.method.as_str(), &entry.id, &entry.criteria, &entry.if_none_exist) {
+            ("POST", _, _, Some(criteria)) | ("PUT", None, Some(criteria), _) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
+                Ok(m) if m.is_empty() => match resource.get("id").and_then(Json::as_str).filter(|_| entry.method == "PUT") {
+                    Some(id) => (id.to_string(), "PUT"),
+                    None => (write::new_id(), "POST"),
+                },
                 Ok(m) if m.len() == 1 && entry.method == "POST" => return Ok((m.into_iter().next().expect("one match"), "200 OK")),
-                Ok(m) if m.len() == 1 => m[0].id.clone(),
+                Ok(m) if m.len() == 1 => (m[0].id.clone(), "PUT"),
                 Ok(_) => return Err(ApiError::PreconditionFailed("the criteria match more than one resource".into())),
                 Err(Failure::Retry) => continue,
                 Err(Failure::Api(e)) => return Err(e),
             },
-            ("POST", _, _, None) => write::new_id(),
-            ("PUT", Some(id), _, _) => id.clone(),
+            ("POST", _, _, None) => (write::new_id(), "POST"),
+            ("PUT", Some(id), _, _) => (id.clone(), "PUT"),
             _ => return Err(ApiError::BadRequest("cannot tell which resource to write".into())),
         };
-        let mut resource = resource.clone();
-        if entry.method == "PUT"
-            && let Some(object) = resource.as_object_mut()
-        {
-            object.insert("id", Json::string(id.as_str()));
-        }
-        let change = Change { resource_type: &entry.resource_type, id, resource, if_match: entry.if_match, addressed: &[], method: if entry.method == "POST" { "POST" } else { "PUT" } };
+        let change = Change { resource_type: &entry.resource_type, id, resource: resource.clone(), if_match: entry.if_match, inherited_labels, method: id_from };
         match write::write(&mut tx, state, principal, change).await {
             Ok((stored, created)) => {
                 let mut entry_audit = Audit::new(&principal.client_id, if created { "create" } else { "update" }, if created { "C" } else { "U" }, None);

@@ -145,3 +145,21 @@ pub fn disclose_all(principal: &Principal, found: Vec<Stored>, audit: &mut Audit
     }
     kept
 }
+
+/// The disclosure check for one version of a resource, decided by its current version (who is a
+/// party) and the labels of both; `None` when the version does not exist or is withheld, which
+/// callers answer alike.
+pub fn disclose_version(principal: &Principal, current: &Stored, version: Option<Stored>, audit: &mut Audit) -> Option<Stored> {
+    let version = version?;
+    match principal.disclosure_of_version(current.facts(), version.facts()) {
+        Disclosure::Allow => Some(version),
+        Disclosure::Deny(reason) => {
+            let note = format!("withheld {}/_history/{}: {reason}", version.reference(), version.version);
+            audit.description = Some(match audit.description.take() {
+                Some(d) => format!("{d}; {note}"),
+                None => note,
+            });
+            None
+        }
+    }
+}

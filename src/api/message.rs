@@ -63,6 +63,7 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: U
             audit.description = Some("duplicate message; the recorded response was sent again".into());
             return Ok(fhir::json_response(StatusCode::OK, previous));
         }
+        let inherited_labels = crate::auth::labels::of(&bundle);
         write::validate(&state, bundle.clone(), Vec::new()).await?;
         for _ in 0..ATTEMPTS {
             let mut tx = state.store.begin().await?;
@@ -79,20 +80,14 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: U
                 }
             }
             let mut resources: Vec<Json> = entries.iter().map(|(_, r)| r.clone()).collect();
-            let mut addressed = Vec::new();
             for r in &mut resources {
                 rewrite_references(r, &map);
-                for org in crate::search::addressed_organizations(r) {
-                    if !addressed.contains(&org) {
-                        addressed.push(org);
-                    }
-                }
             }
             let mut stored = Vec::new();
             let mut failed = None;
             for (resource, id) in resources.into_iter().zip(&ids) {
                 let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string();
-                let change = Change { resource_type: &resource_type, id: id.clone(), resource, if_match: None, addressed: &addressed, method: "POST" };
+                let change = Change { resource_type: &resource_type, id: id.clone(), resource, if_match: None, inherited_labels: &inherited_labels, method: "POST" };
                 match write::write(&mut tx, &state, &caller.principal, change).await {
                     Ok((s, _)) => stored.push(s),
                     Err(f) => {

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::{Audit, AuditOutcome};
-use super::caller::{Caller, disclose, disclose_all, record};
+use super::caller::{Caller, disclose, disclose_all, disclose_version, record};
 use super::error::ApiError;
 use super::fhir::{self, BundleText, Return, object, prefer_return, query_pairs, resource_response};
 use super::state::AppState;
@@ -62,7 +62,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     forbid(principal.may(resource_type, Permission::Search))?;
     let config = &state.loaded.config.server;
     let query = search::parse_query(resource_type, &pairs, config.default_page_size, config.max_page_size).map_err(|e| ApiError::BadRequest(e.0))?;
-    let (total, found) = state.store.search(resource_type, &query, Some(principal.search_party())).await?;
+    let (total, found) = state.store.search(resource_type, &query, Some(&principal.visibility(false))).await?;
     let found = disclose_all(principal, found, audit);
     let mut included = Vec::new();
     for (param, target) in &query.includes {
@@ -135,10 +135,12 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
         fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
+        // One answer for a missing resource, a missing version and a withheld one, so neither existence nor the version count leaks.
         let not_found = || ApiError::NotFound(format!("{resource_type}/{id}/_history/{version} is not known"));
         let number: i64 = version.parse().map_err(|_| not_found())?;
-        let stored = state.store.vread(&resource_type, &id, number).await?.ok_or_else(not_found)?;
-        disclose(&caller.principal, &stored, &mut audit)?;
+        let current = state.store.read(&resource_type, &id).await?.ok_or_else(not_found)?;
+        let stored = state.store.vread(&resource_type, &id, number).await?;
+        let stored = disclose_version(&caller.principal, &current, stored, &mut audit).ok_or_else(not_found)?;
         Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
     }
     .await;
@@ -166,7 +168,8 @@ pub async fn history(State(state): State<AppState>, caller: Caller, Path((resour
         let current = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
         disclose(&caller.principal, &current, &mut audit)?;
         let (total, versions) = state.store.history(&resource_type, &id, count, offset).await?;
-        let versions = disclose_all(&caller.principal, versions, &mut audit);
+        // The current version decided above; each older one can only add a label of its own.
+        let versions: Vec<_> = versions.into_iter().filter_map(|v| disclose_version(&caller.principal, &current, Some(v), &mut audit)).collect();
         let base = &state.base_url;
         let mut links = vec![("self", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={offset}"))];
         if offset + count < total as usize {
@@ -210,7 +213,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
         if let Some(criteria) = &criteria {
-            let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
+            let matches = match write::conditional_matches(&mut tx, principal, resource_type, criteria).await {
                 Ok(m) => m,
                 Err(Failure::Retry) => continue,
                 Err(Failure::Api(e)) => return Err(e),
@@ -224,7 +227,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                 _ => return Err(ApiError::PreconditionFailed("If-None-Exist matches more than one resource".into())),
             }
         }
-        let change = Change { resource_type, id: write::new_id(), resource: resource.clone(), if_match: None, addressed: &[], method: "POST" };
+        let change = Change { resource_type, id: write::new_id(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "POST" };
         match write::write(&mut tx, state, principal, change).await {
             Ok((stored, _)) => {
                 audit.entities.push(stored.reference());
@@ -302,28 +305,32 @@ async fn update_inner(
     let prefer = prefer_return(headers);
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
-        let id = match (&path_id, &criteria) {
-            (Some(id), _) => id.clone(),
+        // A conditional update that matches nothing creates at the body's id (update as create) or at a server id.
+        let (id, method) = match (&path_id, &criteria) {
+            (Some(id), _) => (id.clone(), "PUT"),
             (None, Some(criteria)) => {
-                let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
+                let matches = match write::conditional_matches(&mut tx, principal, resource_type, criteria).await {
                     Ok(m) => m,
                     Err(Failure::Retry) => continue,
                     Err(Failure::Api(e)) => return Err(e),
                 };
                 match matches.as_slice() {
-                    [] => body_id.clone().unwrap_or_else(write::new_id),
+                    [] => match &body_id {
+                        Some(id) => (id.clone(), "PUT"),
+                        None => (write::new_id(), "POST"),
+                    },
                     [existing] => {
                         if body_id.as_ref().is_some_and(|b| *b != existing.id) {
                             return Err(ApiError::BadRequest(format!("the body's id is not the id of the resource the criteria match ({})", existing.reference())));
                         }
-                        existing.id.clone()
+                        (existing.id.clone(), "PUT")
                     }
                     _ => return Err(ApiError::PreconditionFailed("the criteria match more than one resource".into())),
                 }
             }
             (None, None) => return Err(ApiError::BadRequest("no id and no criteria".into())),
         };
-        let change = Change { resource_type, id, resource: resource.clone(), if_match, addressed: &[], method: "PUT" };
+        let change = Change { resource_type, id, resource: resource.clone(), if_match, inherited_labels: &[], method };
         match write::write(&mut tx, state, principal, change).await {
             Ok((stored, created)) => {
                 audit.entities = vec![stored.reference()];

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::fhir::now_instant;
 use super::state::AppState;
-use crate::auth::policy::parties_for_write;
+use crate::auth::labels;
+use crate::auth::policy::parties_for_version;
 use crate::auth::{Disclosure, Permission, Principal};
 use crate::json::{Json, Object};
 use crate::search::{self, Query};
@@ -73,53 +74,64 @@ pub struct Change<'a> {
     pub resource: Json,
     /// `If-Match` version, if the client sent one.
     pub if_match: Option<i64>,
-    /// Organizations the surrounding transaction or message is addressed to.
-    pub addressed: &'a [String],
-    /// `POST`: a new resource (its id is fresh); `PUT`: update, or create with the client's id.
+    /// Security labels of the enclosing Bundle (transaction, batch, message), kept on each entry.
+    pub inherited_labels: &'a [String],
+    /// `POST`: a new resource at a fresh server id; `PUT`: the client chose the id (update, or update as create).
     pub method: &'static str,
+}
+
+/// The answer to a write at an id the caller may not create and cannot see: the same whether the
+/// id is free or another party's, so that ids cannot be probed.
+fn not_creatable(resource_type: &str, id: &str) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{resource_type}/{id} is not a resource this client may update, and partners cannot create resources at ids they choose: create with POST (the gateway assigns the id)"
+    ))
 }
 
 /// Writes one version in `tx`; returns it and whether it was created.
 pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change: Change<'_>) -> Result<(Stored, bool), Failure> {
-    let Change { resource_type, id, mut resource, if_match, addressed, method } = change;
+    let Change { resource_type, id, mut resource, if_match, inherited_labels, method } = change;
+    check_id(&id)?;
     let current = if method == "POST" { None } else { tx.current(resource_type, &id).await? };
-    let (version, previous_parties, created_by) = match &current {
-        Some(current) => {
-            // A resource the client may not see is, to that client, not there to be updated.
-            if let Disclosure::Deny(_) = principal.disclosure(current.facts()) {
-                return Err(ApiError::NotFound(format!("{resource_type}/{id} is not known")).into());
-            }
+    let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()) == Disclosure::Allow);
+    let (version, owner, created_by) = match (&current, visible) {
+        (Some(_), Some(current)) => {
             principal.may(resource_type, Permission::Update).map_err(ApiError::Forbidden)?;
+            let before = crate::json::parse(current.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
+            principal.may_write(current.facts(), &before, &resource).map_err(|m| ApiError::Forbidden(format!("{resource_type}/{id}: {m}")))?;
             if let Some(expected) = if_match
                 && expected != current.version
             {
                 return Err(ApiError::PreconditionFailed(format!("If-Match names version {expected} but the current version is {}", current.version)).into());
             }
-            (current.version + 1, current.parties.clone(), current.created_by.clone())
+            (current.version + 1, current.owner.clone(), current.created_by.clone())
         }
-        None => {
+        _ if method == "PUT" && !principal.may_choose_ids(state.program()) => return Err(not_creatable(resource_type, &id).into()),
+        // The program is a party to everything, so an id it cannot see exists only as another owner's withheld record.
+        (Some(_), None) => return Err(ApiError::Forbidden(format!("{resource_type}/{id} belongs to another party; only its owner may change it")).into()),
+        (None, _) => {
             if if_match.is_some() {
                 return Err(ApiError::PreconditionFailed(format!("If-Match was sent but {resource_type}/{id} does not exist")).into());
             }
             principal.may(resource_type, Permission::Create).map_err(ApiError::Forbidden)?;
-            (1, Vec::new(), principal.client_id.clone())
+            (1, principal.organization.clone(), principal.client_id.clone())
         }
     };
     let last_updated = now_instant();
     set_meta(&mut resource, &id, version, &last_updated);
-    let mut addressed_here = search::addressed_organizations(&resource);
-    addressed_here.extend(addressed.iter().cloned());
-    let parties = parties_for_write(principal, state.program(), &addressed_here, &previous_parties);
+    let labels = labels::normalise(&mut resource, inherited_labels);
+    let parties = parties_for_version(&owner, state.program(), principal, &search::addressed_organizations(&resource));
     let index = search::extract(resource_type, &resource, &last_updated);
     let stored = Stored {
         resource_type: resource_type.to_string(),
         id,
         version,
         last_updated,
-        labels: search::security_labels(&resource),
+        labels,
         body: resource.to_string_compact(),
         parties,
         created_by,
+        owner,
         method: if version == 1 { "POST" } else { "PUT" }.to_string(),
     };
     match tx.write(&stored, &index).await {
@@ -133,6 +145,20 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         Err(e) => return Err(e.into()),
     }
     Ok((stored, version == 1))
+}
+
+/// Checks an id from a URL (`PUT Type/id`, a Bundle entry's `request.url`) as the validator checks
+/// one in a body, and refuses ids of dots alone, which URL handling would resolve as path steps.
+pub fn check_id(id: &str) -> Result<(), ApiError> {
+    let shown: String = id.chars().take(70).collect::<String>().escape_default().to_string();
+    let valid = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid {
+        return Err(ApiError::BadRequest(format!("'{shown}' is not a valid FHIR id (1 to 64 of A-Z, a-z, 0-9, '-' and '.')")));
+    }
+    if id.bytes().all(|b| b == b'.') {
+        return Err(ApiError::BadRequest(format!("'{shown}' cannot be an id: it would be read as a path step")));
+    }
+    Ok(())
 }
 
 /// Sets `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and member order.
@@ -171,8 +197,8 @@ fn set_meta(resource: &mut Json, id: &str, version: i64, last_updated: &str) {
     *object = rebuilt;
 }
 
-/// Resolves a conditional operation's criteria to matches the client can see, under the type lock.
-pub async fn conditional_matches(tx: &mut Tx, state: &AppState, principal: &Principal, resource_type: &str, criteria: &str) -> Result<Vec<Stored>, Failure> {
+/// Resolves a conditional operation's criteria to the resources the client may write, under the type lock.
+pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_type: &str, criteria: &str) -> Result<Vec<Stored>, Failure> {
     let pairs = super::fhir::query_pairs(Some(criteria));
     if pairs.is_empty() {
         return Err(ApiError::BadRequest("a conditional operation needs search criteria".into()).into());
@@ -181,14 +207,23 @@ pub async fn conditional_matches(tx: &mut Tx, state: &AppState, principal: &Prin
     query.count = 2;
     query.offset = 0;
     tx.lock_type(resource_type).await?;
-    let (_, found) = tx.search(resource_type, &query, Some(principal.search_party())).await?;
-    let _ = state;
+    // Only what the client may write is matched: a resource another party planted with the same
+    // identifier is not the one the client means, and matching it would reveal it exists.
+    let (_, found) = tx.search(resource_type, &query, Some(&principal.visibility(true))).await?;
     Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()) == Disclosure::Allow).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_from_urls_are_checked_like_ids_in_bodies() {
+        assert!(check_id("abc-1.2").is_ok());
+        for bad in ["..", ".", "a b <script>", "%2e%2e", "\u{202e}abc", "\u{420}atient", "", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn meta_goes_after_id_and_keeps_other_members() {

@@ -1,16 +1,24 @@
-//! Who may do what: role and scope checks per resource type, the parties a stored resource belongs to, and [`Principal::disclosure`], the one check every resource leaving the gateway passes.
+//! Who may do what: role and scope checks per resource type, who owns and may write a resource, the parties a stored version belongs to, and [`Principal::disclosure`], the one check every resource leaving the gateway passes.
 //!
-//! The model: every stored resource records the Organizations that are party to it (its author's,
-//! the program's, and any Organization it is addressed to: requester, performer, owner, insurer,
-//! …; for a transaction or message, the union over all its entries). A partner sees a resource
-//! when its Organization is a party. A resource labelled 42 CFR Part 2 is further disclosed only
-//! to its author or to clients configured as allowed to receive it — this is where a Consent
-//! check plugs in.
+//! The model:
+//! - **Owner.** The Organization whose client created a resource owns it, in every version. Only
+//!   its owner writes it; the one exception is a Task, whose `owner` (the performer) may move its
+//!   status and outputs but nothing else. Conditional operations match only what the caller may write.
+//! - **Client-chosen ids.** Only the program's own clients may create a resource at an id they
+//!   choose (update as create: the mappings' deterministic ids). Partners create with POST and get
+//!   a server id, so no partner can take an id the program (or another partner) is going to use.
+//! - **Parties.** Each version records the Organizations party to it, computed from that version
+//!   alone: its owner's, the program's, the writer's, and any Organization it is addressed to
+//!   (requester, performer, owner, insurer, …). A partner sees a resource when its Organization is
+//!   a party to the current version; dropping an address drops the party.
+//! - **Part 2.** A resource labelled 42 CFR Part 2 (in its current or the served version) is
+//!   disclosed only to its owner or to clients configured as allowed to receive it; this is where
+//!   a Consent check plugs in.
 
+use super::labels::{self, PART2_LABEL};
 use super::{Permission, Role, ScopeSet};
-
-/// The security label that marks a 42 CFR Part 2 record (`meta.security`).
-pub const PART2_LABEL: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode|42CFRPart2";
+use crate::json::Json;
+use crate::store::Visibility;
 
 /// Resource types a payer may touch: prior-authorization data.
 const PAYER_TYPES: &[&str] = &["Claim", "ClaimResponse", "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "Task", "Communication", "Patient"];
@@ -32,9 +40,10 @@ pub struct Principal {
 pub struct Facts<'a> {
     pub resource_type: &'a str,
     pub parties: &'a [String],
-    /// `meta.security` codings as `system|code`.
+    /// Security labels as stored (canonical `system|code`).
     pub labels: &'a [String],
-    pub created_by: &'a str,
+    /// `Organization/<id>` that owns the resource.
+    pub owner: &'a str,
 }
 
 /// The answer of the disclosure check.
@@ -75,24 +84,66 @@ impl Principal {
         if !facts.parties.contains(&self.organization) {
             return Disclosure::Deny("not a party to this resource");
         }
-        if facts.labels.iter().any(|l| l == PART2_LABEL) && facts.created_by != self.client_id && !self.part2_disclosure {
+        if labels::is_part2(facts.labels) && facts.owner != self.organization && !self.part2_disclosure {
             return Disclosure::Deny("42 CFR Part 2 record without consent to disclose");
         }
         Disclosure::Allow
     }
 
-    /// Whether this client's role sees everything party to its organization in searches; admins search only audit.
-    pub fn search_party(&self) -> &str {
-        &self.organization
+    /// The disclosure check for an earlier version: the current version decides who is a party,
+    /// and a label on either applies (a later Part 2 label covers the whole history).
+    pub fn disclosure_of_version(&self, current: Facts<'_>, version: Facts<'_>) -> Disclosure {
+        let mut labels = current.labels.to_vec();
+        labels.extend(version.labels.iter().cloned());
+        self.disclosure(Facts { labels: &labels, ..current })
+    }
+
+    /// The conditions of [`Principal::disclosure`] a search can apply in the store, so totals and
+    /// pages count only what is served. `writable_only` narrows to what [`Principal::may_write`] allows.
+    pub fn visibility(&self, writable_only: bool) -> Visibility {
+        Visibility {
+            party: self.organization.clone(),
+            withheld_label: (!self.part2_disclosure).then(|| PART2_LABEL.to_string()),
+            writable_only,
+        }
+    }
+
+    /// Whether the client may create resources at ids it chooses (update as create): only the program's own clients.
+    pub fn may_choose_ids(&self, program: &str) -> bool {
+        self.organization == program
+    }
+
+    /// Whether the client may write a new version over `current` (whose facts are `facts`) with
+    /// `next`; the error says why, for a caller that can see the resource.
+    pub fn may_write(&self, facts: Facts<'_>, current: &Json, next: &Json) -> Result<(), String> {
+        if facts.owner == self.organization {
+            return Ok(());
+        }
+        let task_owner = facts.resource_type == "Task" && reference(current, "owner") == Some(self.organization.as_str());
+        if !task_owner {
+            return Err(format!("{} belongs to {}; only its owner may change it", facts.resource_type, facts.owner));
+        }
+        for (member, _) in current.as_object().into_iter().flat_map(|o| o.iter()).chain(next.as_object().into_iter().flat_map(|o| o.iter())) {
+            if !TASK_PERFORMER_MEMBERS.contains(&member) && current.get(member) != next.get(member) {
+                return Err(format!("the Task's owner may change only {}; '{member}' differs", TASK_PERFORMER_MEMBERS[3..].join(", ")));
+            }
+        }
+        Ok(())
     }
 }
 
-/// The parties of a resource being written: its author's organization, the program's, the
-/// Organizations it (or its transaction) is addressed to, and every earlier party (an update
-/// never takes a resource away from anyone who could see it).
-pub fn parties_for_write(author: &Principal, program: &str, addressed: &[String], previous: &[String]) -> Vec<String> {
+/// What the Organization a Task is assigned to (`Task.owner`) may change: its progress, not the request.
+const TASK_PERFORMER_MEMBERS: &[&str] = &["id", "meta", "text", "status", "statusReason", "businessStatus", "executionPeriod", "lastModified", "note", "output"];
+
+fn reference<'a>(resource: &'a Json, member: &str) -> Option<&'a str> {
+    resource.get(member).and_then(|r| r.get("reference")).and_then(Json::as_str)
+}
+
+/// The parties of a version being written, from that version alone: its owner's Organization,
+/// the program's, the writer's, and the Organizations it is addressed to.
+pub fn parties_for_version(owner: &str, program: &str, writer: &Principal, addressed: &[String]) -> Vec<String> {
     let mut parties: Vec<String> = Vec::new();
-    for p in previous.iter().map(String::as_str).chain([author.organization.as_str(), program]).chain(addressed.iter().map(String::as_str)) {
+    for p in [owner, program, writer.organization.as_str()].into_iter().chain(addressed.iter().map(String::as_str)) {
         if !parties.iter().any(|q| q == p) {
             parties.push(p.to_string());
         }
@@ -124,25 +175,49 @@ mod tests {
     fn only_parties_see_a_resource_and_part2_needs_consent() {
         let unit = principal(Role::InpatientUnit, "unit-a");
         let other = principal(Role::InpatientUnit, "unit-b");
-        let parties = parties_for_write(&unit, "Organization/program", &[], &[]);
-        let facts = Facts { resource_type: "ServiceRequest", parties: &parties, labels: &[], created_by: "unit-a" };
+        let parties = parties_for_version("Organization/unit-a", "Organization/program", &unit, &[]);
+        let facts = Facts { resource_type: "ServiceRequest", parties: &parties, labels: &[], owner: "Organization/unit-a" };
         assert_eq!(unit.disclosure(facts), Disclosure::Allow);
         assert!(matches!(other.disclosure(facts), Disclosure::Deny(_)));
         let clinic = principal(Role::Clinic, "program");
         assert_eq!(clinic.disclosure(facts), Disclosure::Allow);
         let labels = vec![PART2_LABEL.to_string()];
-        let part2 = Facts { labels: &labels, created_by: "unit-a", ..facts };
-        assert_eq!(unit.disclosure(part2), Disclosure::Allow, "the author always sees its own record");
+        let part2 = Facts { labels: &labels, ..facts };
+        assert_eq!(unit.disclosure(part2), Disclosure::Allow, "the owner always sees its own record");
         assert!(matches!(clinic.disclosure(part2), Disclosure::Deny(_)));
+        assert!(matches!(clinic.disclosure_of_version(part2, facts), Disclosure::Deny(_)), "a later label covers earlier versions");
         let consented = Principal { part2_disclosure: true, ..clinic };
         assert_eq!(consented.disclosure(part2), Disclosure::Allow);
     }
 
     #[test]
-    fn updates_never_remove_a_party() {
+    fn parties_come_from_the_version_alone() {
+        let payer = principal(Role::Payer, "payer-x");
+        let parties = parties_for_version("Organization/payer-x", "Organization/program", &payer, &["Organization/unit-b".into()]);
+        assert_eq!(parties, ["Organization/payer-x", "Organization/program", "Organization/unit-b"]);
+        assert_eq!(parties_for_version("Organization/payer-x", "Organization/program", &payer, &[]), ["Organization/payer-x", "Organization/program"]);
+    }
+
+    #[test]
+    fn only_the_owner_writes_and_a_task_owner_only_its_progress() {
+        let parse = |t: &str| crate::json::parse(t.as_bytes()).unwrap();
+        let unit_b = principal(Role::InpatientUnit, "unit-b");
+        let task = parse(r#"{"resourceType":"Task","id":"t","status":"requested","intent":"order","owner":{"reference":"Organization/unit-b"}}"#);
+        let facts = Facts { resource_type: "Task", parties: &[], labels: &[], owner: "Organization/unit-a" };
+        let accepted = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"Organization/unit-b"},"businessStatus":{"text":"seen"}}"#);
+        assert_eq!(unit_b.may_write(facts, &task, &accepted), Ok(()));
+        let reassigned = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"Organization/unit-c"}}"#);
+        assert!(unit_b.may_write(facts, &task, &reassigned).unwrap_err().contains("'owner' differs"));
+        let observation = Facts { resource_type: "Observation", ..facts };
+        assert!(unit_b.may_write(observation, &task, &accepted).is_err(), "only a Task has a performer who may write");
+        assert!(principal(Role::InpatientUnit, "unit-a").may_write(observation, &task, &reassigned).is_ok());
+    }
+
+    #[test]
+    fn only_the_program_chooses_ids_and_conditional_matches_are_writable_only() {
+        assert!(principal(Role::Clinic, "program").may_choose_ids("Organization/program"));
+        assert!(!principal(Role::InpatientUnit, "unit-a").may_choose_ids("Organization/program"));
         let unit = principal(Role::InpatientUnit, "unit-a");
-        let previous = vec!["Organization/payer-x".to_string()];
-        let parties = parties_for_write(&unit, "Organization/program", &["Organization/unit-a".into()], &previous);
-        assert_eq!(parties, ["Organization/payer-x", "Organization/unit-a", "Organization/program"]);
+        assert_eq!(unit.visibility(true), Visibility { party: "Organization/unit-a".into(), withheld_label: Some(PART2_LABEL.into()), writable_only: true });
     }
 }

@@ -9,13 +9,11 @@ use sqlx::{AnyPool, Executor};
 use super::StoreError;
 
 pub(super) fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::SqlStr::from_static(include_str!("../../migrations/postgres/0001_init.sql")),
-        false,
-    )])
+    let migration = |version, name: &str, sql: &'static str| Migration::new(version, name.to_string().into(), MigrationType::Simple, sqlx::SqlStr::from_static(sql), false);
+    Migrator::with_migrations(vec![
+        migration(1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+        migration(2, "owner", include_str!("../../migrations/postgres/0002_owner.sql")),
+    ])
 }
 
 pub(super) async fn connect(url: &str, schema: Option<&str>, max: u32, acquire_timeout_secs: u64) -> Result<AnyPool, StoreError> {

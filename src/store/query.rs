@@ -4,7 +4,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Executor, Row};
 
-use super::{AuditRow, COLUMNS, Store, StoreError, Stored, stored};
+use super::{AuditRow, COLUMNS, Store, StoreError, Stored, Visibility, stored};
 use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query};
 
 /// A value to bind to a `$n` placeholder.
@@ -59,13 +59,27 @@ impl Sql {
     }
 }
 
-fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, party: Option<&str>) {
+fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: Option<&Visibility>) {
     sql.push(" WHERE r.type = ");
     sql.text(resource_type);
-    if let Some(party) = party {
+    if let Some(visibility) = visibility {
         sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
-        sql.text(party);
+        sql.text(&visibility.party);
         sql.push(")");
+        if let Some(label) = &visibility.withheld_label {
+            sql.push(" AND (r.owner = ");
+            sql.text(&visibility.party);
+            sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
+            sql.text(label);
+            sql.push("))");
+        }
+        if visibility.writable_only {
+            sql.push(" AND (r.owner = ");
+            sql.text(&visibility.party);
+            sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
+            sql.text(&visibility.party);
+            sql.push(")))");
+        }
     }
     for clause in &query.clauses {
         match clause {
@@ -145,13 +159,13 @@ pub(super) async fn search(
     conn: &mut AnyConnection,
     resource_type: &str,
     query: &Query,
-    party: Option<&str>,
+    visibility: Option<&Visibility>,
     with_total: bool,
 ) -> Result<(i64, Vec<Stored>), StoreError> {
     let total = if with_total {
         let mut sql = Sql::default();
         sql.push("SELECT COUNT(*) FROM resources r");
-        where_clause(&mut sql, resource_type, query, party);
+        where_clause(&mut sql, resource_type, query, visibility);
         let row = sql.into_query().fetch_one(&mut *conn).await?;
         row.try_get::<i64, _>(0)?
     } else {
@@ -159,7 +173,7 @@ pub(super) async fn search(
     };
     let mut sql = Sql::default();
     sql.push(&format!("SELECT {} FROM resources r", COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")));
-    where_clause(&mut sql, resource_type, query, party);
+    where_clause(&mut sql, resource_type, query, visibility);
     sql.push(" ORDER BY ");
     match &query.sort {
         Some(sort) if sort.param == "_lastUpdated" => sql.push("r.last_updated"),
@@ -286,7 +300,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
 
 /// Inserts the first version of a resource into `resources` (not its history or index).
 pub(super) async fn insert_resource<'e, E: Executor<'e, Database = Any>>(executor: E, w: &'e Stored) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+    sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
         .bind(w.resource_type.as_str())
         .bind(w.id.as_str())
         .bind(w.version)
@@ -295,6 +309,7 @@ pub(super) async fn insert_resource<'e, E: Executor<'e, Database = Any>>(executo
         .bind(w.parties.join(" "))
         .bind(w.labels.join(" "))
         .bind(w.created_by.as_str())
+        .bind(w.owner.as_str())
         .execute(executor)
         .await?;
     Ok(())

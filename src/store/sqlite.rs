@@ -16,13 +16,11 @@ use super::StoreError;
 pub const FILE_NAME: &str = "gateway.db";
 
 pub(super) fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::SqlStr::from_static(include_str!("../../migrations/sqlite/0001_init.sql")),
-        false,
-    )])
+    let migration = |version, name: &str, sql: &'static str| Migration::new(version, name.to_string().into(), MigrationType::Simple, sqlx::SqlStr::from_static(sql), false);
+    Migrator::with_migrations(vec![
+        migration(1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+        migration(2, "owner", include_str!("../../migrations/sqlite/0002_owner.sql")),
+    ])
 }
 
 pub(super) async fn connect(data_dir: &Path, readers: u32, acquire_timeout_secs: u64) -> Result<(AnyPool, AnyPool), StoreError> {

@@ -3,6 +3,7 @@
 mod support;
 mod auth;
 mod durability;
+mod isolation;
 mod malformed;
 mod postgres;
 mod rest;

@@ -146,10 +146,10 @@ async fn authorization_matrix_across_partners() {
             assert_eq!(body["total"], *count as u64, "{client} GET {path}: {body}");
         }
     }
-    // Writes to another partner's resource do not reveal it; writes to one's own succeed.
+    // Writes to another partner's resource do not reveal it (the answer to a free id: partners do not choose ids); writes to one's own succeed.
     let mut sr = gw.get(&tokens["unit-a"], &sr_ref).await.1;
     sr["priority"] = json!("routine");
-    assert_eq!(gw.put(&tokens["unit-b"], &sr_ref, &sr).await.0, 404);
+    assert_eq!(gw.put(&tokens["unit-b"], &sr_ref, &sr).await.0, 405);
     assert_eq!(gw.put(&tokens["unit-a"], &sr_ref, &sr).await.0, 200);
     // Including a resource the caller may not see leaves it out.
     let (_, tasks) = gw.get(&tokens["payer-x"], "Task?_include=Task:based-on").await;
