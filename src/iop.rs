@@ -7,7 +7,7 @@
 //! and every problem comes back with the JSON path of the offending value.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::json::Json;
 
@@ -81,11 +81,9 @@ impl RecordSchema {
         Ok(RecordSchema { record_type: record_type.to_string(), document, file, validator })
     }
 
-    /// Reads `<dir>/<record_type>.schema.json`.
-    pub fn load(dir: &Path, record_type: &str) -> Result<RecordSchema, LoadSchemasError> {
-        let file = dir.join(format!("{record_type}.schema.json"));
-        let bytes = std::fs::read(&file).map_err(|source| LoadSchemasError::Io { path: file.clone(), source })?;
-        let document: serde_json::Value = serde_json::from_slice(&bytes)
+    /// Compiles the text of a schema file (`file` names it in errors).
+    pub fn parse(record_type: &str, bytes: &[u8], file: PathBuf) -> Result<RecordSchema, LoadSchemasError> {
+        let document: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| LoadSchemasError::NotJson { path: file.clone(), line: e.line(), message: e.to_string() })?;
         RecordSchema::compile(record_type, document, file)
     }
@@ -107,15 +105,14 @@ pub struct RecordSchemas {
 }
 
 impl RecordSchemas {
-    /// Loads `<record_type>.schema.json` for every known record type that has one in `dir`.
-    pub fn load_dir(dir: &Path) -> Result<RecordSchemas, Vec<LoadSchemasError>> {
+    /// The schemas among files given as (path, contents), e.g. the mappings compiled into the binary.
+    pub fn from_files(files: &[(PathBuf, Vec<u8>)]) -> Result<RecordSchemas, Vec<LoadSchemasError>> {
         let mut schemas = RecordSchemas::default();
         let mut problems = Vec::new();
         for record_type in RECORD_TYPES {
-            if !dir.join(format!("{record_type}.schema.json")).exists() {
-                continue;
-            }
-            match RecordSchema::load(dir, record_type) {
+            let name = format!("{record_type}.schema.json");
+            let Some((path, bytes)) = files.iter().find(|(p, _)| p.file_name().is_some_and(|n| n.to_str() == Some(name.as_str()))) else { continue };
+            match RecordSchema::parse(record_type, bytes, path.clone()) {
                 Ok(schema) => {
                     schemas.by_type.insert((*record_type).to_string(), schema);
                 }

@@ -28,6 +28,8 @@ use crate::validation::Terminology;
 pub use compile::{Direction, Plan, Problem};
 pub use eval::EvalError;
 
+include!(concat!(env!("OUT_DIR"), "/bundled_mappings.rs"));
+
 /// Why `mappings/` could not be loaded: every problem found, each with file, line and path.
 #[derive(Debug, thiserror::Error)]
 #[error("{} problem(s) in the mappings:\n{}", problems.len(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -83,23 +85,40 @@ impl MappingSet {
     /// Loads and checks every mapping in `dir` against the record schemas beside them and the
     /// profiles in `definitions` (load implementation guides into it first to check against them too).
     pub fn load(dir: &Path, definitions: &Definitions) -> Result<MappingSet, LoadMappingsError> {
+        let problem = |message: String| LoadMappingsError { problems: vec![Problem { file: dir.to_path_buf(), line: 1, path: String::new(), message }] };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| problem(e.to_string()))?.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "toml" || x == "json") {
+                let bytes = std::fs::read(&path).map_err(|e| problem(format!("{}: {e}", path.display())))?;
+                files.push((path, bytes));
+            }
+        }
+        MappingSet::from_files(dir, files, definitions)
+    }
+
+    /// The mappings compiled into the binary (the repository's `mappings/` at build time).
+    pub fn bundled(definitions: &Definitions) -> Result<MappingSet, LoadMappingsError> {
+        let dir = Path::new("mappings");
+        let files = BUNDLED_MAPPINGS.iter().map(|(name, bytes)| (dir.join(name), bytes.to_vec())).collect();
+        MappingSet::from_files(dir, files, definitions)
+    }
+
+    /// Checks and compiles mapping files and record schemas given as (path, contents); `dir` names the set in errors.
+    pub fn from_files(dir: &Path, mut files: Vec<(PathBuf, Vec<u8>)>, definitions: &Definitions) -> Result<MappingSet, LoadMappingsError> {
         let mut problems = Vec::new();
-        let schemas = match RecordSchemas::load_dir(dir) {
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        let schemas = match RecordSchemas::from_files(&files) {
             Ok(schemas) => schemas,
             Err(errors) => {
                 let problems = errors.into_iter().map(|e| Problem { file: dir.to_path_buf(), line: 1, path: String::new(), message: e.to_string() }).collect();
                 return Err(LoadMappingsError { problems });
             }
         };
-        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-            Ok(entries) => entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect(),
-            Err(e) => return Err(LoadMappingsError { problems: vec![Problem { file: dir.to_path_buf(), line: 1, path: String::new(), message: e.to_string() }] }),
-        };
-        files.sort();
         let terminology = Terminology::default();
         let computed_screening = scoring::computed_schema();
         let mut set = MappingSet { dir: dir.to_path_buf(), to_fhir: BTreeMap::new(), from_fhir: BTreeMap::new(), schemas, namespace: ids::DEFAULT_NAMESPACE.to_string() };
-        for file in files {
+        for (file, bytes) in files.into_iter().filter(|(p, _)| p.extension().is_some_and(|x| x == "toml")) {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
             let Some((record_type, direction)) = name.strip_suffix(".toml").and_then(|stem| stem.rsplit_once('.')) else {
                 problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: "a mapping file is named <record>.to-fhir.toml or <record>.from-fhir.toml".into() });
@@ -109,7 +128,7 @@ impl MappingSet {
                 problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: format!("no schema {record_type}.schema.json beside the mapping") });
                 continue;
             };
-            let text = match std::fs::read_to_string(&file) {
+            let text = match String::from_utf8(bytes) {
                 Ok(text) => text,
                 Err(e) => {
                     problems.push(Problem { file: file.clone(), line: 1, path: String::new(), message: e.to_string() });

@@ -924,3 +924,17 @@ fn collect_merge_and_position_are_checked_at_load() {
     let message = load_error("authorization.to-fhir.toml", &format!("{head}{{ path = \"supportingInfo[0].valueReference\", ref = \"Observation\", id = \"screening:{{supporting_scores[*].screening_id}}:total\" }},\n]\n"));
     assert!(message.contains("authorization.to-fhir.toml:19:") && message.contains("unbound [*]"), "{message}");
 }
+
+/// The mappings compiled into the binary are the folder's: `serve` maps with them when no folder is configured.
+#[test]
+fn bundled_mappings_are_the_folder() {
+    let definitions = Definitions::new_default();
+    let folder = MappingSet::load(&Path::new(ROOT).join("mappings"), &definitions).unwrap_or_else(|e| panic!("{e}"));
+    let bundled = MappingSet::bundled(&definitions).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bundled.to_fhir.keys().collect::<Vec<_>>(), folder.to_fhir.keys().collect::<Vec<_>>());
+    assert_eq!(bundled.from_fhir.keys().collect::<Vec<_>>(), folder.from_fhir.keys().collect::<Vec<_>>());
+    assert_eq!(bundled.schemas.by_type.keys().collect::<Vec<_>>(), folder.schemas.by_type.keys().collect::<Vec<_>>());
+    let records = records(&Path::new(ROOT).join("tests/fixtures/iop/authorization/initial.json"));
+    assert_eq!(bundled.records_to_fhir(&records).output, folder.records_to_fhir(&records).output);
+    assert!(!bundled.to_fhir.is_empty());
+}
