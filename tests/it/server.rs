@@ -3,6 +3,7 @@
 mod support;
 mod auth;
 mod durability;
+mod limits;
 mod malformed;
 mod postgres;
 mod rest;
