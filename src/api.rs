@@ -5,13 +5,17 @@
 //! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path.
 //! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
 //! - [`error`]: `ApiError` → status + OperationOutcome; [`fhir`]: FHIR HTTP conventions; [`audit`]: AuditEvents.
+//! - [`limits`]: the two request budgets, time limits, and the outcome and audit of every refusal;
+//!   [`connection`]: hyper's bare protocol refusals (400/414/431) rewritten as OperationOutcomes.
 
 pub mod audit;
 pub mod audit_search;
 pub mod bundle;
 pub mod caller;
+pub mod connection;
 pub mod error;
 pub mod fhir;
+pub mod limits;
 pub mod message;
 pub mod metadata;
 pub mod rest;
@@ -20,8 +24,7 @@ pub mod token;
 pub mod validate;
 pub mod write;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -29,17 +32,14 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 pub use state::AppState;
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let config = &state.loaded.config.server;
-    let global = Arc::new(Semaphore::new(config.max_concurrent_requests));
-    let timeout = Duration::from_secs(config.request_timeout_secs);
-    let metrics = state.metrics.clone();
+    let budgets = limits::Limits::new(&state);
+    let limits_state = state.clone();
     Router::new()
         .route("/", post(bundle::transaction_or_batch))
         .route("/metadata", get(metadata::metadata))
@@ -57,27 +57,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::Internal("a handler panicked".into()).into_response()))
         .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
-            let (global, metrics) = (global.clone(), metrics.clone());
-            async move { limits(request, next, global, timeout, metrics).await }
+            let (state, budgets) = (limits_state.clone(), budgets.clone());
+            async move { limits::limits(state, budgets, request, next).await }
         }))
 }
 
-/// Concurrency limit (503), time limit (408), then request metrics and the request log line.
-async fn limits(request: Request, next: Next, global: Arc<Semaphore>, timeout: Duration, metrics: Arc<crate::telemetry::Metrics>) -> Response {
-    let started = Instant::now();
-    let method = request.method().to_string();
-    let route = route_template(request.uri().path());
-    let response = match global.try_acquire() {
-        Err(_) => ApiError::Unavailable("the gateway is at its concurrency limit".into()).into_response(),
-        Ok(_permit) => match tokio::time::timeout(timeout, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => ApiError::Timeout.into_response(),
-        },
-    };
-    let status = response.status().as_u16();
-    metrics.observe_request(route, &method, status, started.elapsed());
-    tracing::info!(method = %method, route = route, status = status, latency_ms = started.elapsed().as_millis() as u64, "Request handled.");
-    response
+/// Audits a request refused before it reached the router (hyper could not parse it, or its head
+/// did not arrive in time), with the status it was answered with.
+pub async fn audit_protocol_refusal(state: &AppState, peer: SocketAddr, status: u16, why: &str) {
+    let mut audit = audit::Audit::new("anonymous", "operation", "E", Some(peer.ip().to_string()));
+    let reason = StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+    audit.description = Some(format!("refused: {status} {reason}: {why}"));
+    caller::record(state, &audit, audit::AuditOutcome::from_status(status)).await;
 }
 
 /// The route template of a path, for logs and metric labels: never the path itself, which may carry identifiers.

@@ -56,8 +56,18 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Time a request may take before it is answered with 408.
     pub request_timeout_secs: u64,
-    /// Requests handled at once; more get 503 at once rather than queueing.
+    /// Authenticated requests (a valid bearer token) handled at once; more get 503 at once rather than queueing.
     pub max_concurrent_requests: usize,
+    /// Unauthenticated requests (the token endpoint, discovery, anything without a valid bearer token)
+    /// handled at once; a budget of their own, so anonymous traffic cannot take the partners' slots. More get 503.
+    pub max_unauthenticated_requests: usize,
+    /// Connections held open at once; beyond it new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also how long an idle keep-alive connection stays open);
+    /// a slower connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// Time a client has to send a request's body, from the end of its headers; a slower sender gets 408.
+    pub body_read_timeout_secs: u64,
     /// Requests one client may have in flight; more get 429.
     pub max_concurrent_requests_per_client: usize,
     /// After a shutdown signal, how long in-flight requests may take to finish.
@@ -78,6 +88,10 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout_secs: 30,
             max_concurrent_requests: 256,
+            max_unauthenticated_requests: 32,
+            max_connections: 1024,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 15,
             max_concurrent_requests_per_client: 32,
             shutdown_grace_secs: 20,
             max_page_size: 200,
@@ -124,13 +138,16 @@ impl Default for StoreConfig {
 pub struct AuthConfig {
     /// Lifetime of access tokens issued by the token endpoint.
     pub access_token_lifetime_secs: u64,
-    /// Clock skew tolerated when checking a client assertion's `exp`.
+    /// Clock skew tolerated when checking a client assertion's `exp`, `nbf` and `iat`.
     pub clock_skew_secs: u64,
+    /// How long a running instance trusts an access token it looked up before asking the store again;
+    /// a revoked token (`iop-gateway clients revoke`) stops working on every instance within it. 0: no cache.
+    pub token_cache_ttl_secs: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { access_token_lifetime_secs: 300, clock_skew_secs: 30 }
+        AuthConfig { access_token_lifetime_secs: 300, clock_skew_secs: 30, token_cache_ttl_secs: 30 }
     }
 }
 
@@ -327,6 +344,10 @@ impl Config {
             ("server.request_timeout_secs", self.server.request_timeout_secs),
             ("server.max_concurrent_requests", self.server.max_concurrent_requests as u64),
             ("server.max_concurrent_requests_per_client", self.server.max_concurrent_requests_per_client as u64),
+            ("server.max_unauthenticated_requests", self.server.max_unauthenticated_requests as u64),
+            ("server.max_connections", self.server.max_connections as u64),
+            ("server.header_read_timeout_secs", self.server.header_read_timeout_secs),
+            ("server.body_read_timeout_secs", self.server.body_read_timeout_secs),
             ("server.max_page_size", self.server.max_page_size as u64),
             ("server.default_page_size", self.server.default_page_size as u64),
             ("store.max_connections", u64::from(self.store.max_connections)),
@@ -340,6 +361,15 @@ impl Config {
         }
         if self.server.default_page_size > self.server.max_page_size {
             problems.push("server.default_page_size: must not exceed server.max_page_size".into());
+        }
+        if self.server.max_unauthenticated_requests > self.server.max_connections {
+            problems.push("server.max_unauthenticated_requests: must not exceed server.max_connections".into());
+        }
+        if self.auth.token_cache_ttl_secs > 300 {
+            problems.push("auth.token_cache_ttl_secs: revocation must reach running instances quickly; at most 300".into());
+        }
+        if self.auth.clock_skew_secs > 300 {
+            problems.push("auth.clock_skew_secs: at most 300".into());
         }
         if self.auth.access_token_lifetime_secs > 3600 {
             problems.push("auth.access_token_lifetime_secs: backend-services tokens should be short-lived; at most 3600".into());
@@ -553,6 +583,19 @@ mod tests {
         let e = Config::from_toml("[[clients]]\nid = 'x'\nrole = 'payer'\nscopes = ['user/Patient.read']\njwks = '{\"keys\":[]}'\n", Path::new(""))
             .unwrap_err();
         assert!(e.to_string().contains("scopes"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_and_cache_time_are_checked() {
+        let e = Config::from_toml("[server]\nheader_read_timeout_secs = 0\nbody_read_timeout_secs = 0\nmax_connections = 0\n[auth]\ntoken_cache_ttl_secs = 3600\n", Path::new(""))
+            .unwrap_err()
+            .to_string();
+        for needle in ["header_read_timeout_secs", "body_read_timeout_secs", "server.max_connections", "token_cache_ttl_secs"] {
+            assert!(e.contains(needle), "{needle} missing from {e}");
+        }
+        let loaded = Config::from_toml("[auth]\ntoken_cache_ttl_secs = 0\n", Path::new("")).unwrap();
+        assert_eq!(loaded.config.auth.token_cache_ttl_secs, 0);
+        assert_eq!(loaded.config.server.max_unauthenticated_requests, 32);
     }
 
     #[test]

@@ -526,6 +526,13 @@ pub struct Sort {
 #[error("{0}")]
 pub struct QueryError(pub String);
 
+/// Most comma-separated values one search parameter may carry. Each value is a condition in SQL;
+/// this bound (with [`MAX_PARAMETERS`]) keeps every query far inside SQLite's and PostgreSQL's limits.
+pub const MAX_VALUES_PER_PARAMETER: usize = 100;
+
+/// Most parameters (repeats counted) one search or conditional operation may carry.
+pub const MAX_PARAMETERS: usize = 30;
+
 /// Parameters the HTTP layer handles and the query ignores.
 pub const RESULT_PARAMS: &[&str] = &["_format", "_pretty"];
 
@@ -534,11 +541,17 @@ pub const RESULT_PARAMS: &[&str] = &["_format", "_pretty"];
 pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_count: usize, max_count: usize) -> Result<Query, QueryError> {
     let mut query = Query { count: default_count, ..Query::default() };
     let defs = params(resource_type);
-    for (name, raw) in pairs {
+    for (position, (name, raw)) in pairs.iter().enumerate() {
+        let err = |msg: &str| QueryError(format!("search parameter '{name}': {msg}"));
+        if position >= MAX_PARAMETERS {
+            return Err(err(&format!("a search takes at most {MAX_PARAMETERS} parameters")));
+        }
+        if raw.split(',').nth(MAX_VALUES_PER_PARAMETER).is_some() {
+            return Err(err(&format!("at most {MAX_VALUES_PER_PARAMETER} comma-separated values")));
+        }
         if RESULT_PARAMS.contains(&name.as_str()) {
             continue;
         }
-        let err = |msg: &str| QueryError(format!("search parameter '{name}': {msg}"));
         match name.as_str() {
             "_count" => query.count = raw.parse::<usize>().map_err(|_| err("not a non-negative integer"))?.min(max_count),
             "_offset" => {
@@ -676,6 +689,21 @@ mod tests {
         for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "status"), ("_include", "Observation:performer")] {
             assert!(parse_query("Observation", &pairs(&[bad]), 50, 200).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn values_and_parameters_are_bounded_and_named() {
+        let many = (0..=MAX_VALUES_PER_PARAMETER).map(|i| format!("v{i}")).collect::<Vec<_>>().join(",");
+        for name in ["identifier", "_id", "date"] {
+            let e = parse_query("Observation", &[(name.to_string(), many.clone())], 50, 200).unwrap_err();
+            assert!(e.0.contains(&format!("'{name}'")), "{e}");
+        }
+        let most = (0..MAX_VALUES_PER_PARAMETER).map(|i| format!("v{i}")).collect::<Vec<_>>().join(",");
+        assert!(parse_query("Observation", &[("identifier".to_string(), most)], 50, 200).is_ok());
+        let repeated = vec![("status".to_string(), "final".to_string()); MAX_PARAMETERS + 1];
+        let e = parse_query("Observation", &repeated, 50, 200).unwrap_err();
+        assert!(e.0.contains("'status'") && e.0.contains("at most"), "{e}");
+        assert!(parse_query("Observation", &repeated[..MAX_PARAMETERS], 50, 200).is_ok());
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Running the gateway: open the store, bind the listener (plain TCP or TLS with optional client certificates), serve the router, and on a shutdown signal stop accepting, drain in-flight requests and close the store.
+//! Running the gateway: open the store, bind the listener (plain TCP or TLS with optional client certificates), serve the router over our own bounded accept loop, and on a shutdown signal stop accepting, drain in-flight requests and close the store.
 //!
 //! [`start`] takes an already validated configuration and returns a handle, so the command line,
-//! the tests (port 0) and the benchmark all run the same server.
+//! the tests (port 0) and the benchmark all run the same server. The accept loop is ours rather than
+//! `axum::serve` because that offers neither a time limit on request heads nor a bound on connections.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
+use tower::ServiceExt as _;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -133,16 +135,84 @@ impl Listener for TlsListener {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
+/// What the accept loop needs besides the listener.
+struct Serving {
+    app: axum::Router,
+    state: AppState,
+    /// One permit per open connection.
+    connections: Arc<tokio::sync::Semaphore>,
+    header_timeout: Duration,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+/// Accepts connections until `signal` resolves, each holding a connection permit, and serves each
+/// with HTTP/1.1 (as `axum::serve` did; TLS offers only `http/1.1`). After the signal, open
+/// connections finish their request in flight and close; this resolves when all of them have.
+async fn serve<L>(mut listener: L, serving: Serving, signal: impl Future<Output = ()> + Send + 'static) -> io::Result<()>
+where
+    L: Listener<Addr = SocketAddr>,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a clone of `open_rx`; `open_tx.closed()` resolves when all ended.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            permit = serving.connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = &mut signal => break,
+        };
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut signal => break,
+        };
+        let (app, state, mut stop, open) = (serving.app.clone(), serving.state.clone(), stop_rx.clone(), open_rx.clone());
+        let header_timeout = serving.header_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _open = open;
+            let refusal_state = state.clone();
+            let guarded = api::connection::GuardedIo::new(
+                io,
+                Box::new(move |status| {
+                    let state = refusal_state.clone();
+                    tokio::spawn(async move { api::audit_protocol_refusal(&state, peer, status, "the request could not be parsed").await });
+                }),
+            );
+            let unanswered = guarded.unanswered.clone();
+            let service = hyper_util::service::TowerToHyperService::new(app.map_request(move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(PeerAddr(peer)));
+                request
+            }));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(guarded), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = async { stop.wait_for(|stopping| *stopping).await.map(|_| ()) } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            };
+            if let Err(e) = result
+                && e.is_timeout()
+                && unanswered.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // A head that began but did not end in time: the client is dropped without an answer (it
+                // never finished asking), and the refusal is audited.
+                let description = format!("the request head did not arrive within {} s; the connection was closed", header_timeout.as_secs());
+                api::audit_protocol_refusal(&state, peer, 408, &description).await;
+            }
+        });
     }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
+    Ok(())
 }
 
 /// A running server.
@@ -186,8 +256,13 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let scheme = if tls.is_some() { "https" } else { "http" };
     let base_url = loaded.config.server.base_url.clone().unwrap_or_else(|| format!("{scheme}://{local_addr}"));
     let grace = Duration::from_secs(loaded.config.server.shutdown_grace_secs);
-    let state = AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator);
-    let app = api::router(state).into_make_service_with_connect_info::<PeerAddr>();
+    let serving = Serving {
+        connections: Arc::new(tokio::sync::Semaphore::new(loaded.config.server.max_connections)),
+        header_timeout: Duration::from_secs(loaded.config.server.header_read_timeout_secs),
+        state: AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator),
+        app: axum::Router::new(),
+    };
+    let serving = Serving { app: api::router(serving.state.clone()), ..serving };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stopped = async move {
         tokio::select! {
@@ -214,9 +289,9 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let serving: tokio::task::JoinHandle<io::Result<()>> = match tls {
         Some(config) => {
             let listener = TlsListener::new(tcp, config).map_err(ServeError::Serve)?;
-            tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(signal).into_future())
+            tokio::spawn(serve(listener, serving, signal))
         }
-        None => tokio::spawn(axum::serve(tcp, app).with_graceful_shutdown(signal).into_future()),
+        None => tokio::spawn(serve(tcp, serving, signal)),
     };
     tracing::info!(address = %local_addr, base_url = %base_url, backend = store.backend().as_str(), "Serving FHIR.");
     let closing_store = store.clone();

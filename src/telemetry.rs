@@ -66,10 +66,26 @@ pub struct Metrics {
     token_denials: Mutex<BTreeMap<String, u64>>,
 }
 
+/// The method label of a request: a known method, or `other`. A method is whatever token the client
+/// sends, so using it as sent would let anyone grow the metrics without bound.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
 impl Metrics {
+    /// Records a request; the method is reduced to [`method_label`] here, whatever the caller passes.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, latency: Duration) {
         if let Ok(mut map) = self.requests.lock() {
-            map.entry((route.to_string(), method.to_string(), status)).or_default().observe(latency.as_secs_f64());
+            map.entry((route.to_string(), method_label(method).to_string(), status)).or_default().observe(latency.as_secs_f64());
         }
     }
 
@@ -146,5 +162,17 @@ mod tests {
         assert!(text.contains("iop_http_request_duration_seconds_bucket{route=\"/{type}/{id}\",method=\"GET\",status=\"200\",le=\"0.0025\"} 0"));
         assert!(text.contains("iop_token_denials_total{reason=\"invalid_client\"} 1"));
         assert!(text.contains("iop_validation_failures_total 1"));
+    }
+
+    #[test]
+    fn made_up_methods_share_one_label() {
+        let m = Metrics::default();
+        for i in 0..100 {
+            m.observe_request("/{type}", &format!("X{i}"), 405, Duration::from_millis(1));
+        }
+        m.observe_request("/{type}", "get", 405, Duration::from_millis(1));
+        let text = m.render();
+        assert!(!text.contains("X1") && !text.contains("\"get\""), "{text}");
+        assert_eq!(text.matches("method=\"other\",status=\"405\",le=\"+Inf\"} 101").count(), 1, "{text}");
     }
 }

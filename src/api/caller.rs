@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::audit::{Audit, AuditOutcome};
 use super::error::ApiError;
-use super::state::AppState;
+use super::state::{AppState, CachedToken};
 use crate::auth::{Disclosure, Principal, ScopeSet};
 use crate::store::Stored;
 
@@ -41,12 +41,20 @@ pub fn peer_address(parts: &Parts) -> Option<String> {
     parts.extensions.get::<ConnectInfo<crate::server::PeerAddr>>().map(|c| c.0.0.ip().to_string())
 }
 
+/// The principal the limits layer already authenticated (it decides the request's budget by it).
+#[derive(Clone, Debug)]
+pub struct Authenticated(pub Principal);
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let address = peer_address(parts);
-        let principal = match authenticate(parts, state).await {
+        let checked = match parts.extensions.get::<Authenticated>() {
+            Some(Authenticated(principal)) => Ok(principal.clone()),
+            None => authenticate(parts, state).await,
+        };
+        let principal = match checked {
             Ok(principal) => principal,
             Err(e) => {
                 let (subtype, action) = match parts.method.as_str() {
@@ -69,22 +77,31 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+fn bearer_token(parts: &Parts) -> Option<&str> {
     let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::Unauthorized("send an access token from the token endpoint as 'Authorization: Bearer <token>'".into()))?;
+    header.strip_prefix("Bearer ").or_else(|| header.strip_prefix("bearer ")).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// The principal of a request's token if this instance looked it up within `auth.token_cache_ttl_secs`.
+pub fn cached_principal(parts: &Parts, state: &AppState) -> Option<Principal> {
+    let hash = token_hash(bearer_token(parts)?);
+    let now = now_secs();
+    let ttl = state.loaded.config.auth.token_cache_ttl_secs as i64;
+    let cache = state.token_cache.lock().ok()?;
+    let cached = cache.get(&hash)?;
+    (cached.expires_at > now && now < cached.cached_at + ttl).then(|| cached.principal.clone())
+}
+
+/// The principal of a request's bearer token: from the cache while fresh, else from the store.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let token =
+        bearer_token(parts).ok_or_else(|| ApiError::Unauthorized("send an access token from the token endpoint as 'Authorization: Bearer <token>'".into()))?;
+    if let Some(principal) = cached_principal(parts, state) {
+        return Ok(principal);
+    }
     let hash = token_hash(token);
     let now = now_secs();
-    if let Ok(cache) = state.token_cache.lock()
-        && let Some((principal, expires_at)) = cache.get(&hash)
-        && *expires_at > now
-    {
-        return Ok(principal.clone());
-    }
+    let ttl = state.loaded.config.auth.token_cache_ttl_secs as i64;
     let record = state.store.find_token(&hash).await?.ok_or_else(|| ApiError::Unauthorized("the access token is not valid".into()))?;
     if record.expires_at <= now {
         return Err(ApiError::Unauthorized("the access token has expired".into()));
@@ -98,17 +115,21 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiE
         scopes: ScopeSet::parse(&record.scope).unwrap_or_default().intersect(&client.allowed),
         part2_disclosure: client.config.part2_disclosure,
     };
-    if let Ok(mut cache) = state.token_cache.lock() {
+    if ttl > 0
+        && let Ok(mut cache) = state.token_cache.lock()
+    {
         if cache.len() > 10_000 {
-            cache.retain(|_, (_, exp)| *exp > now);
+            cache.retain(|_, c| c.expires_at > now && now < c.cached_at + ttl);
         }
-        cache.insert(hash, (principal.clone(), record.expires_at));
+        cache.insert(hash, CachedToken { principal: principal.clone(), expires_at: record.expires_at, cached_at: now });
     }
     Ok(principal)
 }
 
 /// Appends an audit record outside any transaction; a failure to audit is logged (the response is already decided).
 pub async fn record(state: &AppState, audit: &Audit, outcome: AuditOutcome) {
+    // Tells the limits layer this request has its AuditEvent (outside a request there is no flag).
+    let _ = super::limits::AUDITED.try_with(|audited| audited.set(true));
     if audit.recorded {
         return;
     }

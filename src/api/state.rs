@@ -22,6 +22,14 @@ pub struct Client {
     pub in_flight: Arc<Semaphore>,
 }
 
+/// A token lookup kept in memory.
+#[derive(Clone, Debug)]
+pub struct CachedToken {
+    pub principal: Principal,
+    pub expires_at: i64,
+    pub cached_at: i64,
+}
+
 /// Shared state; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -38,8 +46,12 @@ pub struct Shared {
     pub clients: HashMap<String, Client>,
     /// Concrete resource types of FHIR R4.
     pub resource_types: HashSet<String>,
-    /// Access tokens already looked up: SHA-256 of the token → (principal, expiry).
-    pub token_cache: Mutex<HashMap<String, (Principal, i64)>>,
+    /// Access tokens already looked up: SHA-256 of the token → (principal, expiry, when looked up).
+    /// An entry is trusted for `auth.token_cache_ttl_secs` only, so a revocation in the store reaches this instance.
+    pub token_cache: Mutex<HashMap<String, CachedToken>>,
+    /// Keys no client holds: an assertion naming an unknown client is verified against them, so it is
+    /// refused exactly as a registered client's assertion with a wrong key (`None` if generation failed).
+    pub unknown_client_keys: Option<ClientKeys>,
     /// The CapabilityStatement, built once.
     pub capability_statement: String,
 }
@@ -84,6 +96,9 @@ impl AppState {
                 clients,
                 resource_types,
                 token_cache: Mutex::new(HashMap::new()),
+                unknown_client_keys: crate::auth::keys::KeyPair::generate_es384("unknown")
+                    .ok()
+                    .and_then(|pair| ClientKeys::parse(&pair.jwks_json()).ok()),
                 capability_statement,
             }),
         }

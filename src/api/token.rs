@@ -46,7 +46,9 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Body
         }
         Err(e) => {
             state.metrics.token_denied(e.error);
-            audit.description = Some(format!("{}: {}", e.error, e.description));
+            // The audit may know more than the client is told (which of two alike answers it was).
+            let detail = audit.description.take().map(|d| format!(" ({d})")).unwrap_or_default();
+            audit.description = Some(format!("{}: {}{detail}", e.error, e.description));
             record(&state, &audit, AuditOutcome::MinorFailure).await;
             e.into_response()
         }
@@ -70,9 +72,18 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Au
     let assertion = field("client_assertion").ok_or_else(|| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "client_assertion is missing"))?;
     let invalid_client = |e: AssertionError| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", e.to_string());
     let client_id = unverified_issuer(assertion).map_err(invalid_client)?;
-    let client = state.clients.get(&client_id).ok_or_else(|| invalid_client(AssertionError::UnknownClient))?;
     let now = now_secs().max(0) as u64;
-    let claims = client.keys.verify(assertion, &client_id, &state.token_url(), state.loaded.config.auth.clock_skew_secs, now).map_err(invalid_client)?;
+    let skew = state.loaded.config.auth.clock_skew_secs;
+    let Some(client) = state.clients.get(&client_id) else {
+        // An unknown client is verified against keys nobody holds, so it fails where and as a registered
+        // client with a wrong key fails: same answer, similar time; client ids cannot be enumerated.
+        audit.description = Some("the client assertion names no registered client".into());
+        let e = state.unknown_client_keys.as_ref().map_or(AssertionError::Signature, |keys| {
+            keys.verify(assertion, &client_id, &state.token_url(), skew, now).err().unwrap_or(AssertionError::Signature)
+        });
+        return Err(invalid_client(e));
+    };
+    let claims = client.keys.verify(assertion, &client_id, &state.token_url(), skew, now).map_err(invalid_client)?;
     audit.client = client_id.clone();
     let jti = claims.jti.unwrap_or_default();
     let fresh = state.store.remember_assertion(&client_id, &jti, claims.exp as i64).await.map_err(|_| OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store is not available"))?;

@@ -1,4 +1,4 @@
-//! Verifying a SMART Backend Services client assertion: a JWT signed RS384 or ES384 with a key from the client's JWKS, `iss` = `sub` = client id, `aud` = the token URL, `exp` at most five minutes ahead, and a `jti`.
+//! Verifying a SMART Backend Services client assertion: a JWT signed RS384 or ES384 with a key from the client's JWKS, `iss` = `sub` = client id, `aud` = the token URL, `exp` at most five minutes ahead, `nbf`/`iat` not in the future, and a `jti`.
 //!
 //! Replay of a `jti` is checked by the caller against the store (it must hold across instances).
 
@@ -37,6 +37,10 @@ pub enum AssertionError {
     Expired,
     #[error("the client assertion's exp is more than five minutes ahead")]
     TooLong,
+    #[error("the client assertion is not valid yet (nbf is in the future)")]
+    NotYetValid,
+    #[error("the client assertion was issued in the future (iat)")]
+    IssuedInFuture,
     #[error("the client assertion's aud is not this token endpoint")]
     Audience,
     #[error("the client assertion's iss and sub must both be the client id")]
@@ -55,6 +59,10 @@ pub struct AssertionClaims {
     pub exp: u64,
     #[serde(default)]
     pub jti: Option<String>,
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    #[serde(default)]
+    pub iat: Option<u64>,
 }
 
 impl ClientKeys {
@@ -95,6 +103,13 @@ impl ClientKeys {
                     let claims = data.claims;
                     if claims.exp > now + MAX_ASSERTION_LIFETIME_SECS + skew_secs {
                         return Err(AssertionError::TooLong);
+                    }
+                    // jsonwebtoken checks neither by default; an assertion minted for later use must not work now.
+                    if claims.nbf.is_some_and(|nbf| nbf > now + skew_secs) {
+                        return Err(AssertionError::NotYetValid);
+                    }
+                    if claims.iat.is_some_and(|iat| iat > now + skew_secs) {
+                        return Err(AssertionError::IssuedInFuture);
                     }
                     match &claims.jti {
                         Some(jti) if !jti.is_empty() && jti.len() <= 256 => return Ok(claims),
@@ -181,6 +196,21 @@ mod tests {
         let jwt = sign_assertion(&other, "unit-a", TOKEN_URL, "j", now + 60).unwrap();
         assert_eq!(keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Signature);
         assert_eq!(keys.verify("not.a.jwt", "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Malformed);
+    }
+
+    #[test]
+    fn future_nbf_and_iat_are_refused_within_the_skew() {
+        let (pair, keys) = keys();
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"iss": "unit-a", "sub": "unit-a", "aud": TOKEN_URL, "exp": now + 120, "jti": "j"});
+            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            crate::auth::keys::sign_claims(&pair, &c).unwrap()
+        };
+        assert_eq!(keys.verify(&claims(serde_json::json!({"nbf": now + 3600})), "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::NotYetValid);
+        assert_eq!(keys.verify(&claims(serde_json::json!({"iat": now + 3600})), "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::IssuedInFuture);
+        assert!(keys.verify(&claims(serde_json::json!({"nbf": now + 20, "iat": now + 20})), "unit-a", TOKEN_URL, 30, now).is_ok());
+        assert!(keys.verify(&claims(serde_json::json!({"nbf": now - 60, "iat": now - 60})), "unit-a", TOKEN_URL, 30, now).is_ok());
     }
 
     #[test]

@@ -68,11 +68,15 @@ impl KeyPair {
 
 /// Signs a SMART Backend Services client assertion.
 pub fn sign_assertion(pair: &KeyPair, client_id: &str, token_url: &str, jti: &str, exp: u64) -> Result<String, KeyError> {
+    sign_claims(pair, &serde_json::json!({ "iss": client_id, "sub": client_id, "aud": token_url, "exp": exp, "jti": jti }))
+}
+
+/// Signs any claims as a JWT with the pair's key and kid (tests use it for assertions with `nbf`/`iat`).
+pub fn sign_claims(pair: &KeyPair, claims: &serde_json::Value) -> Result<String, KeyError> {
     let mut header = Header::new(pair.algorithm);
     header.kid = Some(pair.kid.clone());
     header.typ = Some("JWT".into());
-    let claims = serde_json::json!({ "iss": client_id, "sub": client_id, "aud": token_url, "exp": exp, "jti": jti });
-    jsonwebtoken::encode(&header, &claims, &pair.key).map_err(|e| KeyError::Sign(e.to_string()))
+    jsonwebtoken::encode(&header, claims, &pair.key).map_err(|e| KeyError::Sign(e.to_string()))
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {

@@ -1,4 +1,4 @@
-//! `iop-gateway clients add NAME --role ROLE`: registers a partner — writes its key pair and JWKS under the data folder and appends its `[[clients]]` entry to the configuration file.
+//! `iop-gateway clients add NAME --role ROLE`: registers a partner — writes its key pair and JWKS under the data folder and appends its `[[clients]]` entry to the configuration file. `iop-gateway clients revoke NAME`: deletes the partner's access tokens from the store.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,22 @@ pub struct Args {
 enum Command {
     /// Register a partner: generate its ES384 key pair, write NAME.key.pem and NAME.jwks.json, add it to the configuration.
     Add(AddArgs),
+    /// Revoke a partner's access tokens: delete them from the store. Running instances stop honouring
+    /// them within auth.token_cache_ttl_secs. The partner can still ask for new tokens unless its
+    /// [[clients]] entry (or key) is removed and the gateway restarted.
+    Revoke(RevokeArgs),
+}
+
+#[derive(clap::Args)]
+struct RevokeArgs {
+    /// The client id.
+    name: String,
+    /// Configuration file naming the store. Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml if it exists.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder of the embedded SQLite store (overrides store.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -42,6 +58,13 @@ struct AddArgs {
 
 pub fn run(args: Args) -> ExitCode {
     match args.command {
+        Command::Revoke(revoke) => match self::revoke(revoke) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("iop-gateway clients revoke: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Add(add) => match self::add(add) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -87,6 +110,26 @@ fn add(args: AddArgs) -> Result<(), String> {
     println!("registered '{}' ({}) in {}", args.name, role.as_str(), path.display());
     println!("  private key  {} (give it to the partner; keep it secret)", key_file.display());
     println!("  public JWKS  {}", jwks_file.display());
+    Ok(())
+}
+
+fn revoke(args: RevokeArgs) -> Result<(), String> {
+    let env = |name: &str| std::env::var(name).ok();
+    let file = Config::locate(args.config.as_deref(), &env);
+    let overrides = Overrides { listen: None, data_dir: args.data_dir };
+    let loaded = Config::load(file.as_deref(), &config::process_env(), &overrides).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let revoked = runtime.block_on(async {
+        let store = crate::store::Store::open(&loaded.config.store, std::sync::Arc::new(crate::telemetry::Metrics::default())).await.map_err(|e| e.to_string())?;
+        let revoked = store.revoke_tokens(&args.name).await.map_err(|e| e.to_string());
+        store.close().await;
+        revoked
+    })?;
+    let ttl = loaded.config.auth.token_cache_ttl_secs;
+    println!("revoked {revoked} access token(s) of '{}'; running gateways stop honouring them within {ttl} s", args.name);
+    if !loaded.config.clients.iter().any(|c| c.id == args.name) {
+        println!("  note: '{}' is not registered in this configuration", args.name);
+    }
     Ok(())
 }
 

@@ -46,6 +46,23 @@ impl Sql {
         }
     }
 
+    /// Appends the items joined by `operator` as a balanced tree of parentheses: the expression is
+    /// log2(n) deep rather than n, so no number of values reaches the databases' expression-depth limits.
+    pub(super) fn push_balanced<T>(&mut self, items: &[T], operator: &str, each: &mut impl FnMut(&mut Sql, &T)) {
+        match items {
+            [] => self.push("(1 = 0)"),
+            [one] => each(self, one),
+            _ => {
+                let (left, right) = items.split_at(items.len() / 2);
+                self.push("(");
+                self.push_balanced(left, operator, each);
+                self.push(operator);
+                self.push_balanced(right, operator, each);
+                self.push(")");
+            }
+        }
+    }
+
     /// The statement with its values bound.
     pub(super) fn into_query(self) -> sqlx::query::Query<'static, Any, AnyArguments> {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(self.text));
@@ -91,8 +108,8 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: O
             Clause::Token { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND t.param = ");
                 sql.text(param);
-                sql.push(" AND (");
-                sql.push_joined(any, " OR ", |sql, m| {
+                sql.push(" AND ");
+                sql.push_balanced(any, " OR ", &mut |sql, m| {
                     sql.push("(1 = 1");
                     if let Some(system) = &m.system {
                         sql.push(" AND t.system = ");
@@ -104,14 +121,18 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: O
                     }
                     sql.push(")");
                 });
-                sql.push("))");
+                sql.push(")");
             }
             Clause::Date { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_dates d WHERE d.type = r.type AND d.id = r.id AND d.param = ");
                 sql.text(param);
-                sql.push(" AND (");
-                sql.push_joined(any, " OR ", date_condition);
-                sql.push("))");
+                sql.push(" AND ");
+                sql.push_balanced(any, " OR ", &mut |sql, m| {
+                    sql.push("(");
+                    date_condition(sql, m);
+                    sql.push(")");
+                });
+                sql.push(")");
             }
         }
     }
@@ -319,5 +340,39 @@ impl Store {
     /// Inserts a row into `resources` alone, outside any transaction (the benchmark's bare-insert baseline).
     pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
         insert_resource(&self.writer, table_row).await
+    }
+}
+
+impl Store {
+    /// Deletes every access token of a client (`iop-gateway clients revoke`); returns how many there were.
+    /// Instances that cached one stop honouring it within `auth.token_cache_ttl_secs`.
+    pub async fn revoke_tokens(&self, client: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM access_tokens WHERE client = $1").bind(client).execute(&self.writer).await?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sql;
+
+    #[test]
+    fn balanced_joins_stay_shallow_whatever_the_number_of_values() {
+        let values: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+        let mut sql = Sql::default();
+        sql.push_balanced(&values, " OR ", &mut |sql, v| sql.text(v));
+        let (mut depth, mut deepest) = (0i32, 0i32);
+        for c in sql.text.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            deepest = deepest.max(depth);
+        }
+        assert_eq!(depth, 0);
+        assert!(deepest <= 10, "{deepest}");
+        assert_eq!(sql.binds.len(), 1000);
+        assert_eq!(sql.text.matches(" OR ").count(), 999);
     }
 }

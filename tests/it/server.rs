@@ -4,6 +4,7 @@ mod support;
 mod auth;
 mod durability;
 mod isolation;
+mod limits;
 mod malformed;
 mod postgres;
 mod rest;

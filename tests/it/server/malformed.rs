@@ -127,13 +127,16 @@ async fn limits_answer_413_408_429_and_503_with_outcomes() {
     assert!(answer.contains("OperationOutcome"), "{answer}");
     gw.stop().await;
 
+    // Partners and strangers have budgets of their own: a full one refuses with 503, the other still serves.
     let gw = Gateway::start_with("max_concurrent_requests = 1\nrequest_timeout_secs = 2\n").await;
     let token = gw.token("clinic").await;
+    let other = gw.token("unit-a").await;
     let _held = stalled_request(&gw, &token).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let busy = gw.http.get(gw.url("metadata")).send().await.unwrap();
+    let busy = gw.http.get(gw.url("Patient")).bearer_auth(&other).send().await.unwrap();
     assert_eq!(busy.status(), 503);
     assert!(busy.headers().contains_key("retry-after"));
     assert_outcome(&busy.json().await.unwrap());
+    assert_eq!(gw.http.get(gw.url("metadata")).send().await.unwrap().status(), 200);
     gw.stop().await;
 }
