@@ -18,6 +18,7 @@ pub mod fhir;
 pub mod limits;
 pub mod message;
 pub mod metadata;
+pub mod records;
 pub mod rest;
 pub mod state;
 pub mod token;
@@ -48,6 +49,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/iop/records", get(records::list).post(records::post))
+        .route("/iop/records/{record_type}/{id}", get(records::read))
+        .route("/admin/outbox", get(records::outbox_list))
+        .route("/admin/outbox/{id}", get(records::outbox_show))
+        .route("/admin/outbox/{id}/{operation}", post(records::outbox_replay))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
         .route("/{type}/{id}", get(rest::read).put(rest::update).post(validate::type_operation))
         .route("/{type}/{id}/_history", get(rest::history))
@@ -82,6 +88,11 @@ fn route_template(path: &str) -> &'static str {
         ["healthz"] => "/healthz",
         ["readyz"] => "/readyz",
         ["metrics"] => "/metrics",
+        ["iop", "records"] => "/iop/records",
+        ["iop", "records", _, _] => "/iop/records/{record_type}/{id}",
+        ["admin", "outbox"] => "/admin/outbox",
+        ["admin", "outbox", _] => "/admin/outbox/{id}",
+        ["admin", "outbox", _, _] => "/admin/outbox/{id}/{operation}",
         [t] if t.starts_with('$') => "/$operation",
         [_] => "/{type}",
         [_, op] if op.starts_with('$') => "/{type}/$operation",
@@ -104,7 +115,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let mut response = (StatusCode::OK, state.metrics.render()).into_response();
+    let mut text = state.metrics.render();
+    // The queue is read from the store: it is shared by every instance, so any instance reports it whole.
+    if let Ok(depth) = state.store.outbox_depth().await {
+        text.push_str(&crate::telemetry::Metrics::render_queue(&depth, crate::exchange::now_ms()));
+    }
+    let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
 }

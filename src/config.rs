@@ -37,6 +37,118 @@ pub struct Config {
     pub log: LogConfig,
     /// Registered partners (SMART Backend Services clients).
     pub clients: Vec<ClientConfig>,
+    /// Partners the gateway sends to (payers, inpatient units, outpatient providers).
+    pub partners: Vec<PartnerConfig>,
+    /// Outbound delivery.
+    pub outbox: OutboxConfig,
+    /// Where the mappings come from.
+    pub mappings: MappingsConfig,
+}
+
+/// What a partner the gateway sends to is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartnerKind {
+    Payer,
+    InpatientUnit,
+    OutpatientProvider,
+}
+
+/// How the gateway authenticates at a partner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartnerAuth {
+    /// SMART Backend Services, the gateway as the client (`private_key_jwt` with our key pair).
+    #[default]
+    Smart,
+    /// A static bearer token, read from an environment variable.
+    Bearer,
+    /// No authentication (a partner on a private network, or tests).
+    None,
+}
+
+/// A partner the gateway sends to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// The partner's name in the configuration, logs, metrics and the outbox.
+    pub name: String,
+    pub kind: PartnerKind,
+    /// The partner's FHIR base URL (`https://…/fhir`).
+    pub fhir_base: String,
+    /// The record values that send a record to this partner: for a payer, the `payer_id` of authorization records.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub auth: PartnerAuth,
+    /// The id the partner knows us by (`iss` and `sub` of our client assertions). Default: the partner's name.
+    pub client_id: Option<String>,
+    /// Our private key for this partner (PEM; relative to the configuration file). Default: `<data_dir>/partners/NAME.key.pem`.
+    pub key_file: Option<PathBuf>,
+    /// The partner's token endpoint. Default: discovered from `<fhir_base>/.well-known/smart-configuration`.
+    pub token_endpoint: Option<String>,
+    /// Scopes to ask the partner for. Default: `system/Claim.c system/ClaimResponse.r` for a payer, `system/*.cruds` otherwise.
+    pub scopes: Option<String>,
+    /// For `auth = "bearer"`: the environment variable holding the token (never the token itself in the file).
+    pub bearer_token_env: Option<String>,
+    /// Inbound clients (`[[clients]]` ids) that speak for the same organization.
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// A PEM CA certificate to trust for this partner (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate and key for mutual TLS with this partner.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Seconds an attempt may take before it counts as a timeout (retried).
+    #[serde(default = "default_partner_timeout")]
+    pub timeout_secs: u64,
+    /// Milliseconds before the first retry; each later one waits twice as long, up to `max_backoff_secs`.
+    #[serde(default = "default_first_retry")]
+    pub first_retry_ms: u64,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: u64,
+    /// A message older than this many seconds becomes a dead letter instead of being retried (default: retried without limit).
+    pub max_age_secs: Option<u64>,
+}
+
+fn default_partner_timeout() -> u64 {
+    30
+}
+
+fn default_first_retry() -> u64 {
+    1000
+}
+
+fn default_max_backoff() -> u64 {
+    60
+}
+
+/// The delivery worker inside `serve`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Whether `serve` runs the delivery worker (several instances over one PostgreSQL may all run it).
+    pub enabled: bool,
+    /// Milliseconds between looks at the queue when nothing woke the worker.
+    pub poll_interval_ms: u64,
+    /// Seconds a worker holds a message it is sending before another instance may take it over.
+    pub lease_secs: u64,
+    /// Messages sent at once, over all partners.
+    pub concurrency: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 60, concurrency: 16 }
+    }
+}
+
+/// Where the mappings come from.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MappingsConfig {
+    /// A mappings folder (record schemas and mapping files) to use instead of the ones compiled into the binary.
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -305,6 +417,14 @@ impl Config {
                 resolve(file);
             }
         }
+        for partner in &mut self.partners {
+            for file in [&mut partner.key_file, &mut partner.ca_file, &mut partner.client_cert, &mut partner.client_key].into_iter().flatten() {
+                resolve(file);
+            }
+        }
+        if let Some(dir) = &mut self.mappings.dir {
+            resolve(dir);
+        }
     }
 
     fn validate(self, file: Option<&Path>) -> Result<Loaded, ConfigError> {
@@ -440,10 +560,93 @@ impl Config {
                 None => client_keys.push(String::new()),
             }
         }
+        self.check_partners(&mut problems);
+        if self.outbox.poll_interval_ms == 0 || self.outbox.lease_secs == 0 || self.outbox.concurrency == 0 {
+            problems.push("outbox: poll_interval_ms, lease_secs and concurrency must be greater than 0".into());
+        }
         match (problems.is_empty(), listen) {
             (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys }),
             _ => Err(ConfigError::Invalid(problems)),
         }
+    }
+}
+
+impl Config {
+    fn check_partners(&self, problems: &mut Vec<String>) {
+        let mut names = BTreeSet::new();
+        for (i, partner) in self.partners.iter().enumerate() {
+            let at = format!("partners[{i}] ({})", partner.name);
+            if partner.name.is_empty() || partner.name.len() > 64 || !partner.name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+                problems.push(format!("{at}.name: must be 1-64 letters, digits, '-', '.' or '_'"));
+            }
+            if !names.insert(partner.name.clone()) {
+                problems.push(format!("{at}.name: configured twice"));
+            }
+            match reqwest::Url::parse(&partner.fhir_base) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!("{at}.fhir_base: '{}' must be an http(s) URL", partner.fhir_base)),
+            }
+            if let Some(endpoint) = &partner.token_endpoint
+                && reqwest::Url::parse(endpoint).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true)
+            {
+                problems.push(format!("{at}.token_endpoint: '{endpoint}' must be an http(s) URL"));
+            }
+            match partner.auth {
+                PartnerAuth::Smart => {
+                    let key = partner.key_path(&self.store.data_dir);
+                    match std::fs::read_to_string(&key) {
+                        Ok(pem) => {
+                            if let Err(e) = crate::auth::keys::KeyPair::from_pem(&pem, "check") {
+                                problems.push(format!("{at}.key_file: {}: {e}", key.display()));
+                            }
+                        }
+                        Err(e) => problems.push(format!("{at}.key_file: cannot read {} ({e}); `iop-gateway partners add` writes it", key.display())),
+                    }
+                }
+                PartnerAuth::Bearer => match &partner.bearer_token_env {
+                    Some(var) if std::env::var(var).is_ok_and(|v| !v.is_empty()) => {}
+                    Some(var) => problems.push(format!("{at}.bearer_token_env: the environment variable {var} is not set")),
+                    None => problems.push(format!("{at}: auth = \"bearer\" needs bearer_token_env, the environment variable holding the token")),
+                },
+                PartnerAuth::None => {}
+            }
+            for file in [&partner.ca_file, &partner.client_cert, &partner.client_key].into_iter().flatten() {
+                if !file.is_file() {
+                    problems.push(format!("{at}: {} is not a readable file", file.display()));
+                }
+            }
+            if partner.client_cert.is_some() != partner.client_key.is_some() {
+                problems.push(format!("{at}: client_cert and client_key go together"));
+            }
+            for client in &partner.clients {
+                if !self.clients.iter().any(|c| &c.id == client) {
+                    problems.push(format!("{at}.clients: '{client}' is not a registered client"));
+                }
+            }
+            if partner.timeout_secs == 0 || partner.first_retry_ms == 0 || partner.max_backoff_secs == 0 {
+                problems.push(format!("{at}: timeout_secs, first_retry_ms and max_backoff_secs must be greater than 0"));
+            }
+        }
+        let mut routed = BTreeSet::new();
+        for partner in self.partners.iter().filter(|p| p.kind == PartnerKind::Payer) {
+            for route in &partner.routes {
+                if !routed.insert(route.clone()) {
+                    problems.push(format!("partners: payer_id '{route}' is routed to more than one payer"));
+                }
+            }
+        }
+    }
+}
+
+impl PartnerConfig {
+    /// Our private key for this partner.
+    pub fn key_path(&self, data_dir: &Path) -> PathBuf {
+        self.key_file.clone().unwrap_or_else(|| data_dir.join("partners").join(format!("{}.key.pem", self.name)))
+    }
+
+    /// The id the partner knows us by.
+    pub fn client_id(&self) -> &str {
+        self.client_id.as_deref().unwrap_or(&self.name)
     }
 }
 

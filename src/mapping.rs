@@ -63,6 +63,8 @@ impl std::fmt::Display for MapIssue {
 pub struct Mapped<T> {
     pub output: T,
     pub issues: Vec<MapIssue>,
+    /// Records → FHIR: per input record (by position), the `Type/id` of every resource it produced.
+    pub produced: Vec<Vec<String>>,
 }
 
 impl<T> Mapped<T> {
@@ -178,6 +180,7 @@ impl MappingSet {
     pub fn records_to_fhir(&self, records: &[Json]) -> Mapped<Json> {
         let mut issues = Vec::new();
         let mut resources = Vec::new();
+        let mut by_record = vec![Vec::new(); records.len()];
         for (i, record) in records.iter().enumerate() {
             let label = record_label(record, i);
             let mut error = |path: String, message: String| issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path, message });
@@ -204,7 +207,16 @@ impl MappingSet {
                 continue;
             }
             match eval::to_fhir(plan, &self.namespace, record, &computed) {
-                Ok(mut produced) => resources.append(&mut produced),
+                Ok(mut produced) => {
+                    for p in &produced {
+                        let text = |k: &str| p.resource.get(k).and_then(Json::as_str).unwrap_or_default().to_string();
+                        let reference = format!("{}/{}", text("resourceType"), text("id"));
+                        if !by_record[i].contains(&reference) {
+                            by_record[i].push(reference);
+                        }
+                    }
+                    resources.append(&mut produced)
+                }
                 Err(e) => issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path: e.path, message: e.message }),
             }
         }
@@ -222,7 +234,7 @@ impl MappingSet {
         for incomplete in assembly.incomplete {
             issues.push(MapIssue { severity: Severity::Error, source: incomplete.reference, path: String::new(), message: incomplete.message });
         }
-        Mapped { output: bundle, issues }
+        Mapped { output: bundle, issues, produced: by_record }
     }
 
     /// Maps FHIR input (a Bundle or one resource) to IOP records with every `from-fhir` mapping;
@@ -247,7 +259,12 @@ impl MappingSet {
                 Err(e) => issues.push(MapIssue { severity: Severity::Error, source: record_type.clone(), path: e.path, message: e.message }),
             }
         }
-        Mapped { output: records, issues }
+        Mapped { output: records, issues, produced: Vec::new() }
+    }
+
+    /// The id mapping gives the resource of `resource_type` with this identity (`authorization:{id}:request`).
+    pub fn resource_id(&self, resource_type: &str, identity: &str) -> String {
+        ids::resource_id(&self.namespace, resource_type, identity)
     }
 }
 

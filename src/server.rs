@@ -32,6 +32,8 @@ pub enum ServeError {
     Tls(String),
     #[error("the store cannot be opened: {0}")]
     Store(#[from] StoreError),
+    #[error("the exchange cannot start: {0}")]
+    Exchange(String),
     #[error("the server failed: {0}")]
     Serve(io::Error),
 }
@@ -251,6 +253,7 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let metrics = Arc::new(Metrics::default());
     let store = Store::open(&loaded.config.store, metrics.clone()).await?;
     let validator = api::state::default_validator();
+    let exchange = exchange(&loaded, &validator)?;
     let tcp = TcpListener::bind(loaded.listen).await.map_err(|source| ServeError::Bind { addr: loaded.listen, source })?;
     let local_addr = tcp.local_addr().map_err(ServeError::Serve)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -259,7 +262,7 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let serving = Serving {
         connections: Arc::new(tokio::sync::Semaphore::new(loaded.config.server.max_connections)),
         header_timeout: Duration::from_secs(loaded.config.server.header_read_timeout_secs),
-        state: AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator),
+        state: AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator, exchange),
         app: axum::Router::new(),
     };
     let serving = Serving { app: api::router(serving.state.clone()), ..serving };
@@ -286,6 +289,7 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
             }
         }
     });
+    let worker = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::outbox::spawn(serving.state.clone()));
     let serving: tokio::task::JoinHandle<io::Result<()>> = match tls {
         Some(config) => {
             let listener = TlsListener::new(tcp, config).map_err(ServeError::Serve)?;
@@ -313,6 +317,10 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
             },
         };
         purger.abort();
+        // A message in flight when the worker stops is sent again after its lease, with the same identity.
+        if let Some(worker) = worker {
+            worker.abort();
+        }
         closing_store.close().await;
         tracing::info!("Stopped; the store is closed.");
         match result {
@@ -322,6 +330,18 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         }
     });
     Ok(Running { local_addr, base_url, store, metrics, stop: Some(stop_tx), task })
+}
+
+/// Loads the mappings (the configured folder, else those compiled in) and sets up the partners, before anything binds.
+fn exchange(loaded: &Loaded, validator: &crate::validation::Validator) -> Result<api::state::Exchange, ServeError> {
+    let definitions = validator.definitions();
+    let mappings = match &loaded.config.mappings.dir {
+        Some(dir) => crate::mapping::MappingSet::load(dir, definitions),
+        None => crate::mapping::MappingSet::bundled(definitions),
+    }
+    .map_err(|e| ServeError::Exchange(e.to_string()))?;
+    let partners = crate::partner::Partners::new(&loaded.config).map_err(|e| ServeError::Exchange(e.to_string()))?;
+    Ok(api::state::Exchange { mappings: Arc::new(mappings), partners: Arc::new(partners) })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

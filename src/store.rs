@@ -11,6 +11,7 @@
 //! same ETag cannot both win; conditional creates take a per-type lock (PostgreSQL advisory lock;
 //! SQLite writes go through a single connection).
 
+mod exchange;
 mod postgres;
 mod query;
 mod sqlite;
@@ -25,6 +26,7 @@ use crate::config::StoreConfig;
 use crate::search::{IndexEntry, Query};
 use crate::telemetry::Metrics;
 
+pub use exchange::{Attempt, Message, MessageStatus, NewMessage, RecordFilter, RecordRow};
 pub use query::{AuditQuery, Bind};
 
 /// Which database is behind the store.

@@ -64,6 +64,10 @@ pub struct Metrics {
     token_grants: AtomicU64,
     /// Reason → count.
     token_denials: Mutex<BTreeMap<String, u64>>,
+    /// (partner, outcome: delivered | retry | refused) → attempt duration histogram.
+    deliveries: Mutex<BTreeMap<(String, &'static str), Histogram>>,
+    /// Partner → time from queueing to the partner's acceptance.
+    delivery_latency: Mutex<BTreeMap<String, Histogram>>,
 }
 
 /// The method label of a request: a known method, or `other`. A method is whatever token the client
@@ -81,7 +85,37 @@ pub fn method_label(method: &str) -> &'static str {
     }
 }
 
+/// The outbox as it stands: (partner, status) → (messages, creation time of the oldest in ms), read from the store when metrics are served.
+pub type QueueDepth = Vec<(String, String, i64, i64)>;
+
 impl Metrics {
+    /// Records one delivery attempt. Partner names come from the configuration, so the labels are bounded.
+    pub fn observe_delivery(&self, partner: &str, outcome: &'static str, duration: Duration) {
+        if let Ok(mut map) = self.deliveries.lock() {
+            map.entry((partner.to_string(), outcome)).or_default().observe(duration.as_secs_f64());
+        }
+    }
+
+    /// Records the time a message took from being queued to being accepted by its partner.
+    pub fn observe_delivered(&self, partner: &str, latency: Duration) {
+        if let Ok(mut map) = self.delivery_latency.lock() {
+            map.entry(partner.to_string()).or_default().observe(latency.as_secs_f64());
+        }
+    }
+
+    /// The outbox gauges in the Prometheus text format (queue depth by partner and status, age of the oldest pending message).
+    pub fn render_queue(depth: &QueueDepth, now_ms: i64) -> String {
+        let mut out = String::from("# HELP iop_outbox_messages Outbound messages by partner and status.\n# TYPE iop_outbox_messages gauge\n");
+        for (partner, status, count, _) in depth {
+            let _ = writeln!(out, "iop_outbox_messages{{partner=\"{}\",status=\"{}\"}} {count}", escape(partner), escape(status));
+        }
+        out.push_str("# HELP iop_outbox_oldest_pending_seconds Age of the oldest message waiting for each partner.\n# TYPE iop_outbox_oldest_pending_seconds gauge\n");
+        for (partner, _, _, oldest) in depth.iter().filter(|(_, status, _, _)| status == "pending" || status == "in-flight") {
+            let _ = writeln!(out, "iop_outbox_oldest_pending_seconds{{partner=\"{}\"}} {:.3}", escape(partner), (now_ms - oldest).max(0) as f64 / 1000.0);
+        }
+        out
+    }
+
     /// Records a request; the method is reduced to [`method_label`] here, whatever the caller passes.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, latency: Duration) {
         if let Ok(mut map) = self.requests.lock() {
@@ -132,6 +166,20 @@ impl Metrics {
         let _ = writeln!(out, "iop_validation_failures_total {}", self.validation_failures.load(Ordering::Relaxed));
         out.push_str("# HELP iop_token_grants_total Access tokens issued.\n# TYPE iop_token_grants_total counter\n");
         let _ = writeln!(out, "iop_token_grants_total {}", self.token_grants.load(Ordering::Relaxed));
+        out.push_str("# HELP iop_outbox_attempt_duration_seconds Delivery attempts by partner and outcome.\n");
+        out.push_str("# TYPE iop_outbox_attempt_duration_seconds histogram\n");
+        if let Ok(map) = self.deliveries.lock() {
+            for ((partner, outcome), histogram) in map.iter() {
+                histogram.render(&mut out, "iop_outbox_attempt_duration_seconds", &format!("partner=\"{}\",outcome=\"{outcome}\"", escape(partner)));
+            }
+        }
+        out.push_str("# HELP iop_outbox_delivery_latency_seconds Time from queueing to the partner's acceptance.\n");
+        out.push_str("# TYPE iop_outbox_delivery_latency_seconds histogram\n");
+        if let Ok(map) = self.delivery_latency.lock() {
+            for (partner, histogram) in map.iter() {
+                histogram.render(&mut out, "iop_outbox_delivery_latency_seconds", &format!("partner=\"{}\"", escape(partner)));
+            }
+        }
         out.push_str("# HELP iop_token_denials_total Token requests refused, by reason.\n# TYPE iop_token_denials_total counter\n");
         if let Ok(map) = self.token_denials.lock() {
             for (reason, count) in map.iter() {

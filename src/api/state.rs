@@ -8,9 +8,20 @@ use tokio::sync::Semaphore;
 use crate::auth::{ClientKeys, Principal, ScopeSet};
 use crate::config::{ClientConfig, Loaded};
 use crate::definitions::Definitions;
+use crate::mapping::MappingSet;
+use crate::partner::Partners;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::validation::Validator;
+
+/// The client id the gateway records as the author of what it stores itself (partners' answers).
+pub const GATEWAY_CLIENT: &str = "iop-gateway";
+
+/// What the exchange needs, prepared (and checked) before the server binds its port.
+pub struct Exchange {
+    pub mappings: Arc<MappingSet>,
+    pub partners: Arc<Partners>,
+}
 
 /// A registered partner as the running server knows it.
 pub struct Client {
@@ -54,6 +65,14 @@ pub struct Shared {
     pub unknown_client_keys: Option<ClientKeys>,
     /// The CapabilityStatement, built once.
     pub capability_statement: String,
+    /// The IOP ↔ FHIR mappings (compiled in, or the configured folder).
+    pub mappings: Arc<MappingSet>,
+    /// The partners the gateway sends to.
+    pub partners: Arc<Partners>,
+    /// Wakes the delivery worker when a message was queued.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// The gateway itself, as the author of what it stores from partners' answers (payer decisions).
+    pub gateway_principal: Principal,
 }
 
 impl std::ops::Deref for AppState {
@@ -66,7 +85,7 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     /// Builds the state for a server whose public base URL is known.
-    pub fn new(loaded: Loaded, base_url: String, store: Store, metrics: Arc<Metrics>, validator: Arc<Validator>) -> AppState {
+    pub fn new(loaded: Loaded, base_url: String, store: Store, metrics: Arc<Metrics>, validator: Arc<Validator>, exchange: Exchange) -> AppState {
         let per_client = loaded.config.server.max_concurrent_requests_per_client;
         let mut clients = HashMap::new();
         for (client, jwks) in loaded.config.clients.iter().zip(&loaded.client_keys) {
@@ -85,6 +104,7 @@ impl AppState {
         }
         let resource_types = resource_types(validator.definitions());
         let base_url = base_url.trim_end_matches('/').to_string();
+        let loaded_organization = loaded.config.gateway.organization.clone();
         let capability_statement = super::metadata::capability_statement(&base_url, &resource_types, validator.definitions());
         AppState {
             inner: Arc::new(Shared {
@@ -100,6 +120,16 @@ impl AppState {
                     .ok()
                     .and_then(|pair| ClientKeys::parse(&pair.jwks_json()).ok()),
                 capability_statement,
+                gateway_principal: Principal {
+                    client_id: GATEWAY_CLIENT.to_string(),
+                    role: crate::auth::Role::Clinic,
+                    organization: loaded_organization,
+                    scopes: ScopeSet::parse("system/*.cruds").unwrap_or_default(),
+                    part2_disclosure: true,
+                },
+                mappings: exchange.mappings,
+                partners: exchange.partners,
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }

@@ -20,6 +20,7 @@ pub(super) fn migrator() -> Migrator {
     Migrator::with_migrations(vec![
         migration(1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
         migration(2, "owner", include_str!("../../migrations/sqlite/0002_owner.sql")),
+        migration(3, "exchange", include_str!("../../migrations/sqlite/0003_exchange.sql")),
     ])
 }
 

@@ -3,6 +3,7 @@
 mod support;
 mod auth;
 mod durability;
+mod exchange;
 mod isolation;
 mod limits;
 mod malformed;

@@ -1,0 +1,18 @@
+//! The exchange: IOP records in from the clinic, FHIR out to partners through the outbox, partners' answers back as records.
+//!
+//! - [`intake`]: a clinic's records → schema check → mapping → validation → one store transaction
+//!   holding the FHIR resources (through the one write path), the records and every outbound
+//!   message they cause.
+//! - [`outbox`]: the delivery worker inside `serve`: claims due messages, sends them through the
+//!   [`crate::partner`] layer, retries with backoff, keeps dead letters.
+//! - [`pas`]: Da Vinci PAS: what an authorization record sends, and what the payer's answer becomes
+//!   (a stored ClaimResponse and a decision record).
+
+pub mod intake;
+pub mod outbox;
+pub mod pas;
+
+/// Milliseconds since the Unix epoch, the outbox's clock.
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}

@@ -1,0 +1,193 @@
+//! Intake of IOP records from the clinic: every record checked and mapped, the FHIR validated, then one store transaction with the resources, the records and the messages they cause — or nothing at all.
+
+use crate::api::ApiError;
+use crate::api::state::AppState;
+use crate::api::write::{self, ATTEMPTS, Change, Failure};
+use crate::auth::Principal;
+use crate::iop::RECORD_TYPE_MEMBER;
+use crate::json::Json;
+use crate::outcome::{Issue, IssueCode};
+use crate::store::{NewMessage, RecordRow};
+
+/// What intake did with one record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RecordSummary {
+    pub record_type: String,
+    pub id: String,
+    /// `Type/id` of every resource the record was mapped to.
+    pub resources: Vec<String>,
+    /// Ids of the outbound messages it caused (a resend of an unchanged record causes none).
+    pub messages: Vec<String>,
+}
+
+/// A message intake will queue, before the transaction.
+struct Planned {
+    record: usize,
+    message: NewMessage,
+}
+
+/// Takes the clinic's records: all of them are stored and their messages queued, or none (422 with every problem located as `records[i].path`).
+pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
+    if records.is_empty() {
+        return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
+    }
+    let mut issues = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        for problem in state.mappings.schemas.check(record) {
+            issues.push(Issue::error(IssueCode::Invalid, located(i, &problem.path), problem.message));
+        }
+    }
+    if !issues.is_empty() {
+        return Err(ApiError::Unprocessable(issues));
+    }
+    let mapped = state.mappings.records_to_fhir(&records);
+    for issue in mapped.issues.iter().filter(|i| i.severity.is_error()) {
+        let index = records.iter().position(|r| label(r) == issue.source);
+        let expression = index.map(|i| located(i, &issue.path)).unwrap_or_default();
+        issues.push(Issue::error(IssueCode::Processing, expression, format!("{}: {}", issue.source, issue.message)));
+    }
+    let plan = plan_messages(state, &records, &mapped.output, &mut issues);
+    if !issues.is_empty() {
+        return Err(ApiError::Unprocessable(issues));
+    }
+    let bundle = write::validate(state, mapped.output, Vec::new()).await?;
+    let entries: Vec<(String, String, Json)> = bundle
+        .get("entry")
+        .and_then(Json::as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let resource = e.get("resource")?;
+            let text = |k: &str| resource.get(k).and_then(Json::as_str).map(str::to_string);
+            Some((text("resourceType")?, text("id")?, resource.clone()))
+        })
+        .collect();
+    let now = crate::api::fhir::now_instant();
+    for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        let mut failed = None;
+        for (resource_type, id, resource) in &entries {
+            let change = Change { resource_type, id: id.clone(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "PUT" };
+            if let Err(f) = write::write(&mut tx, state, principal, change).await {
+                failed = Some(f);
+                break;
+            }
+        }
+        match failed {
+            Some(Failure::Retry) => continue,
+            Some(Failure::Api(e)) => return Err(e),
+            None => {}
+        }
+        let mut summaries: Vec<RecordSummary> = records
+            .iter()
+            .zip(&mapped.produced)
+            .map(|(r, produced)| RecordSummary { record_type: text(r, RECORD_TYPE_MEMBER), id: text(r, "id"), resources: produced.clone(), messages: Vec::new() })
+            .collect();
+        for record in &records {
+            tx.put_record(&row(record, "outbound", &now)).await?;
+        }
+        for planned in &plan {
+            // A message already queued for the record: the same payload is a resend of the same change.
+            let earlier = tx.messages_for_record(&planned.message.record_type, &planned.message.record_id).await?;
+            if let Some(sent) = earlier.iter().find(|m| m.new.partner == planned.message.partner) {
+                if sent.new.payload != planned.message.payload {
+                    let at = located(planned.record, "");
+                    return Err(ApiError::Conflict(format!(
+                        "{at}: authorization {} was already submitted (message {}); a change goes to the payer as a PAS Claim update, which this gateway does not send yet",
+                        planned.message.record_id, sent.new.id
+                    )));
+                }
+                continue;
+            }
+            tx.enqueue(&planned.message, super::now_ms()).await?;
+            summaries[planned.record].messages.push(planned.message.id.clone());
+        }
+        tx.commit().await?;
+        if !plan.is_empty() {
+            state.outbox_wake.notify_one();
+        }
+        return Ok(summaries);
+    }
+    Err(ApiError::Conflict("the records' resources are being changed by others; retry".into()))
+}
+
+/// The outbound messages the records cause: for every authorization, its PAS request to the payer that `payer_id` routes to.
+fn plan_messages(state: &AppState, records: &[Json], bundle: &Json, issues: &mut Vec<Issue>) -> Vec<Planned> {
+    let mut plan = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        if text(record, RECORD_TYPE_MEMBER) != "authorization" {
+            continue;
+        }
+        let (id, payer_id) = (text(record, "id"), text(record, "payer_id"));
+        let Some(payer) = state.partners.payer_for(&payer_id) else {
+            issues.push(Issue::error(IssueCode::NotFound, located(i, "payer_id"), format!("no payer partner routes payer_id '{payer_id}' (configure [[partners]] with kind = \"payer\" and routes)")));
+            continue;
+        };
+        match super::pas::request_bundle(&state.mappings, bundle, &id) {
+            Some(request) => plan.push(Planned {
+                record: i,
+                message: NewMessage {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    partner: payer.config.name.clone(),
+                    subject: format!("authorization:{id}"),
+                    kind: super::pas::SUBMIT.to_string(),
+                    record_type: "authorization".into(),
+                    record_id: id,
+                    payload: request.to_string_compact(),
+                },
+            }),
+            None => issues.push(Issue::error(IssueCode::Processing, located(i, ""), "the mapping made no PAS request Bundle for this authorization")),
+        }
+    }
+    plan
+}
+
+/// The row an IOP record is stored as.
+pub fn row(record: &Json, direction: &str, updated: &str) -> RecordRow {
+    let authorization_id = match text(record, RECORD_TYPE_MEMBER).as_str() {
+        "authorization" => text(record, "id"),
+        _ => text(record, "authorization_id"),
+    };
+    RecordRow {
+        record_type: text(record, RECORD_TYPE_MEMBER),
+        id: text(record, "id"),
+        direction: direction.to_string(),
+        client_id: text(record, "client_id"),
+        authorization_id,
+        status: text(record, "status"),
+        updated: updated.to_string(),
+        body: record.to_string_compact(),
+    }
+}
+
+fn text(record: &Json, member: &str) -> String {
+    record.get(member).and_then(Json::as_str).unwrap_or_default().to_string()
+}
+
+/// How mapping labels a record in its issues.
+fn label(record: &Json) -> String {
+    format!("{} {}", text(record, RECORD_TYPE_MEMBER), text(record, "id"))
+}
+
+/// `records[i].path`, the expression of a problem in the request body.
+fn located(index: usize, path: &str) -> String {
+    if path.is_empty() { format!("records[{index}]") } else { format!("records[{index}].{path}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_are_located_by_record_index_and_path() {
+        assert_eq!(located(2, "items[3].answer"), "records[2].items[3].answer");
+        assert_eq!(located(0, ""), "records[0]");
+    }
+
+    #[test]
+    fn a_record_row_carries_its_keys() {
+        let record = crate::json::parse(br#"{"record_type":"decision","authorization_id":"A-1","outcome":"certified","decided_at":"2026-01-01T00:00:00Z"}"#).unwrap();
+        let r = row(&record, "inbound", "2026-01-01T00:00:00.000Z");
+        assert_eq!((r.record_type.as_str(), r.authorization_id.as_str(), r.direction.as_str()), ("decision", "A-1", "inbound"));
+    }
+}

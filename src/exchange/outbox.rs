@@ -1,0 +1,155 @@
+//! The delivery worker inside `serve`: claims due messages under a lease, sends each through its partner, and records the outcome — delivered (with the answer read), retried later with backoff, or a dead letter.
+//!
+//! Exactly-once effect rests on three things: a message is built once and every attempt sends the
+//! same bytes (so a partner that processed a request whose answer was lost recognises the resend);
+//! a message and its answer are recorded in one transaction; and a worker only records an outcome
+//! while it still holds the message's lease. A crash between sending and recording means the
+//! message is sent again after its lease runs out, with the same identity.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::now_ms;
+use super::pas;
+use crate::api::state::AppState;
+use crate::partner::Delivery;
+use crate::store::{Attempt, Message};
+
+/// Runs the worker until the task is aborted.
+pub fn spawn(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { run(state).await })
+}
+
+async fn run(state: AppState) {
+    let config = state.loaded.config.outbox.clone();
+    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4());
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let health = Arc::new(Health::default());
+    let poll = Duration::from_millis(config.poll_interval_ms);
+    loop {
+        let free = slots.available_permits();
+        if free > 0 {
+            let now = now_ms();
+            let lease_until = now + (config.lease_secs as i64) * 1000;
+            match state.store.claim_due(now, lease_until, &owner, free).await {
+                Ok(claimed) => {
+                    for message in claimed {
+                        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                        let (state, owner, health) = (state.clone(), owner.clone(), health.clone());
+                        tokio::spawn(async move {
+                            deliver(&state, &owner, &health, message).await;
+                            drop(permit);
+                            // A finished message may unblock the next one of its subject.
+                            state.outbox_wake.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "The outbox could not be read; trying again."),
+            }
+        }
+        tokio::select! {
+            _ = state.outbox_wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Which partners are failing, so a failure is logged when it starts and when it ends, not on every attempt.
+#[derive(Default)]
+struct Health {
+    failing: Mutex<HashMap<String, bool>>,
+}
+
+impl Health {
+    fn report(&self, partner: &str, ok: bool, error: &str) {
+        let Ok(mut failing) = self.failing.lock() else { return };
+        let was_failing = failing.insert(partner.to_string(), !ok).unwrap_or(false);
+        match (was_failing, ok) {
+            (false, false) => tracing::warn!(partner = partner, error = error, "A partner started failing; its messages wait and are retried."),
+            (true, true) => tracing::info!(partner = partner, "A partner recovered; its messages flow again."),
+            _ => {}
+        }
+    }
+}
+
+/// One attempt at one message, and what follows from its outcome.
+async fn deliver(state: &AppState, owner: &str, health: &Health, message: Message) {
+    let Some(partner) = state.partners.get(&message.new.partner) else {
+        // The partner left the configuration: the message waits for it to come back (or for an operator).
+        let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
+        return;
+    };
+    let started = Instant::now();
+    let delivery = match message.new.kind.as_str() {
+        pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
+        other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
+    };
+    let elapsed = started.elapsed();
+    let (status, error) = match &delivery {
+        Delivery::Accepted { status, .. } => (*status, String::new()),
+        Delivery::Retry { status, error, .. } => (*status, error.clone()),
+        Delivery::Refused { status, .. } => (*status, format!("the partner refused the message ({status})")),
+    };
+    let attempt = Attempt { attempt: message.attempts, at: now_ms(), status_code: i64::from(status), error: error.clone(), duration_ms: elapsed.as_millis() as i64 };
+    if let Err(e) = state.store.record_attempt(&message.new.id, &attempt).await {
+        tracing::warn!(error = %e, "An attempt could not be recorded.");
+    }
+    let outcome = match &delivery {
+        Delivery::Accepted { .. } => "delivered",
+        Delivery::Retry { .. } => "retry",
+        Delivery::Refused { .. } => "refused",
+    };
+    state.metrics.observe_delivery(&message.new.partner, outcome, elapsed);
+    health.report(&message.new.partner, !matches!(delivery, Delivery::Retry { .. }), &error);
+    let recorded = match delivery {
+        Delivery::Accepted { status, body } => {
+            state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((now_ms() - message.created_at).max(0) as u64));
+            pas::accept(state, &message, owner, status, &body).await
+        }
+        Delivery::Refused { status, body } => pas::refuse(state, &message, owner, status, &body, &error).await,
+        Delivery::Retry { status, error, after } => {
+            let config = &partner.config;
+            let age = now_ms() - message.created_at;
+            if config.max_age_secs.is_some_and(|max| age > (max as i64) * 1000) {
+                pas::refuse(state, &message, owner, status, "", &format!("given up after {} attempts: {error}", message.attempts)).await
+            } else {
+                let wait = after.unwrap_or_else(|| backoff(config.first_retry_ms, config.max_backoff_secs, message.attempts));
+                state.store.retry_later(&message.new.id, owner, now_ms() + wait.as_millis() as i64, i64::from(status), &error).await.map_err(Into::into)
+            }
+        }
+    };
+    match recorded {
+        Ok(true) => {}
+        // Another worker took the message over after our lease ran out; its outcome stands.
+        Ok(false) => tracing::info!(message = %message.new.id, "The lease on a message ran out before its outcome was recorded; another worker has it."),
+        Err(e) => {
+            // Nothing was recorded: the lease runs out and the message is sent again with the same identity.
+            tracing::warn!(message = %message.new.id, error = %e, "A delivery outcome could not be recorded; the message will be sent again.");
+        }
+    }
+}
+
+/// The wait before retry number `attempts` (1-based): `first`, doubling, capped, with up to a fifth of jitter so retries of many messages spread out.
+fn backoff(first_ms: u64, max_secs: u64, attempts: i64) -> Duration {
+    let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
+    let base = first_ms.saturating_mul(1u64 << exponent).min(max_secs.saturating_mul(1000));
+    let jitter = base / 5 * u64::from(uuid::Uuid::new_v4().as_bytes()[0]) / 255;
+    Duration::from_millis(base.saturating_sub(base / 10) + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+
+    #[test]
+    fn backoff_doubles_from_the_first_retry_up_to_the_cap() {
+        let ms = |attempts| backoff(1000, 60, attempts).as_millis() as u64;
+        for (attempts, nominal) in [(1, 1000), (2, 2000), (3, 4000), (7, 60_000), (40, 60_000)] {
+            let wait = ms(attempts);
+            assert!(wait >= nominal * 9 / 10 && wait <= nominal * 11 / 10, "attempt {attempts}: {wait} ms, nominal {nominal}");
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The partners the gateway sends to, and the only place that makes outbound network calls: one HTTP client per partner (its CA, its client certificate), its authentication (SMART Backend Services as a client, a bearer token, or none), and the classification of every answer into delivered, retry later, or refused.
+//!
+//! What is retried: no answer (connection refused or dropped, timeout), 408, 429 and 5xx, with
+//! `Retry-After` honoured. A 401 gets one fresh token and one more try within the same attempt.
+//! Anything else is the partner's final word on that message.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::auth::keys::{KeyPair, sign_assertion};
+use crate::config::{Config, PartnerAuth, PartnerConfig};
+
+/// Why a partner could not be set up (files named in the configuration were checked before, so this is rare).
+#[derive(Debug, thiserror::Error)]
+#[error("partner {partner}: {message}")]
+pub struct PartnerError {
+    pub partner: String,
+    pub message: String,
+}
+
+/// What one attempt to deliver a message came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// 2xx: the partner took the message; its answer.
+    Accepted { status: u16, body: String },
+    /// No answer, or an answer that says "later": try again (after `after`, when the partner said).
+    Retry { status: u16, error: String, after: Option<Duration> },
+    /// A 4xx other than 408/429 (or a 401 that a fresh token did not cure): do not send this again.
+    Refused { status: u16, body: String },
+}
+
+/// Everything the gateway knows about the partners it sends to.
+pub struct Partners {
+    by_name: HashMap<String, Partner>,
+}
+
+/// One partner: configuration, HTTP client, credentials.
+pub struct Partner {
+    pub config: PartnerConfig,
+    http: reqwest::Client,
+    credentials: Credentials,
+    /// The access token in use and when to stop using it (a little before it expires).
+    token: tokio::sync::Mutex<Option<(String, Instant)>>,
+    /// The discovered token endpoint.
+    token_endpoint: Mutex<Option<String>>,
+}
+
+enum Credentials {
+    None,
+    Bearer(String),
+    Smart { key: KeyPair, client_id: String, scopes: String },
+}
+
+/// How long before its expiry a cached partner token is dropped.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30);
+
+impl Partners {
+    /// Sets up every configured partner; fails only on what the configuration check could not see.
+    pub fn new(config: &Config) -> Result<Partners, PartnerError> {
+        let mut by_name = HashMap::new();
+        for partner in &config.partners {
+            by_name.insert(partner.name.clone(), Partner::new(partner, &config.store.data_dir)?);
+        }
+        Ok(Partners { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Partner> {
+        self.by_name.get(name)
+    }
+
+    /// The payer an authorization for `payer_id` goes to.
+    pub fn payer_for(&self, payer_id: &str) -> Option<&Partner> {
+        let mut payers = self.by_name.values().filter(|p| p.config.kind == crate::config::PartnerKind::Payer);
+        payers.find(|p| p.config.routes.iter().any(|r| r == payer_id))
+    }
+}
+
+impl Partner {
+    pub fn new(config: &PartnerConfig, data_dir: &std::path::Path) -> Result<Partner, PartnerError> {
+        let fail = |message: String| PartnerError { partner: config.name.clone(), message };
+        let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())));
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(config.timeout_secs)).user_agent(concat!("iop-gateway/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &config.ca_file {
+            let cert = reqwest::Certificate::from_pem(&read(ca)?).map_err(|e| fail(format!("{}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
+            let mut pem = read(cert)?;
+            pem.extend_from_slice(b"\n");
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| fail(format!("client certificate: {e}")))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder.build().map_err(|e| fail(e.to_string()))?;
+        let credentials = match config.auth {
+            PartnerAuth::None => Credentials::None,
+            PartnerAuth::Bearer => {
+                let var = config.bearer_token_env.as_deref().unwrap_or_default();
+                Credentials::Bearer(std::env::var(var).map_err(|_| fail(format!("the environment variable {var} is not set")))?)
+            }
+            PartnerAuth::Smart => {
+                let path = config.key_path(data_dir);
+                let pem = String::from_utf8(read(&path)?).map_err(|_| fail(format!("{} is not PEM text", path.display())))?;
+                let key = KeyPair::from_pem(&pem, &key_id(&config.name)).map_err(|e| fail(e.to_string()))?;
+                let scopes = config.scopes.clone().unwrap_or_else(|| default_scopes(config.kind).to_string());
+                Credentials::Smart { key, client_id: config.client_id().to_string(), scopes }
+            }
+        };
+        Ok(Partner {
+            config: config.clone(),
+            http,
+            credentials,
+            token: tokio::sync::Mutex::new(None),
+            token_endpoint: Mutex::new(config.token_endpoint.clone()),
+        })
+    }
+
+    /// `POST {fhir_base}/{path}` with a FHIR JSON body: one attempt (plus one on a 401 with a fresh token).
+    pub async fn post(&self, path: &str, body: &str) -> Delivery {
+        let url = format!("{}/{}", self.config.fhir_base.trim_end_matches('/'), path.trim_start_matches('/'));
+        let mut renewed = false;
+        loop {
+            let token = match self.access_token(renewed).await {
+                Ok(token) => token,
+                Err(delivery) => return delivery,
+            };
+            let mut request = self
+                .http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
+                .header(reqwest::header::ACCEPT, "application/fhir+json")
+                .body(body.to_string());
+            if let Some(token) = &token {
+                request = request.bearer_auth(token);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => return Delivery::Retry { status: 0, error: describe(&e), after: None },
+            };
+            let status = response.status().as_u16();
+            let after = retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            match status {
+                200..=299 => return Delivery::Accepted { status, body: text },
+                401 if token.is_some() && !renewed && matches!(self.credentials, Credentials::Smart { .. }) => {
+                    renewed = true;
+                    *self.token.lock().await = None;
+                }
+                408 | 429 | 500..=599 => return Delivery::Retry { status, error: format!("the partner answered {status}"), after },
+                _ => return Delivery::Refused { status, body: text },
+            }
+        }
+    }
+
+    /// The token to send: none, the static one, or a SMART token (cached; fetched anew when `renew`).
+    async fn access_token(&self, renew: bool) -> Result<Option<String>, Delivery> {
+        let (key, client_id, scopes) = match &self.credentials {
+            Credentials::None => return Ok(None),
+            Credentials::Bearer(token) => return Ok(Some(token.clone())),
+            Credentials::Smart { key, client_id, scopes } => (key, client_id, scopes),
+        };
+        let mut cached = self.token.lock().await;
+        if !renew
+            && let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(Some(token.clone()));
+        }
+        let endpoint = self.token_endpoint().await?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let assertion = sign_assertion(key, client_id, &endpoint, &uuid::Uuid::new_v4().to_string(), now + 240)
+            .map_err(|e| Delivery::Retry { status: 0, error: format!("cannot sign the client assertion: {e}"), after: None })?;
+        let form = crate::auth::token_request_form(&assertion, scopes);
+        let response = self
+            .http
+            .post(&endpoint)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| Delivery::Retry { status: 0, error: format!("token endpoint: {}", describe(&e)), after: None })?;
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let error = format!("the token endpoint answered {status} {}", body["error"].as_str().unwrap_or_default());
+            // A refused client assertion will be refused again: a configuration problem, not a message problem.
+            return Err(Delivery::Retry { status, error, after: None });
+        }
+        let token = body["access_token"].as_str().ok_or_else(|| Delivery::Retry { status, error: "the token endpoint sent no access_token".into(), after: None })?.to_string();
+        let lifetime = Duration::from_secs(body["expires_in"].as_u64().unwrap_or(300));
+        *cached = Some((token.clone(), Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN)));
+        Ok(Some(token))
+    }
+
+    /// The token endpoint: configured, or read once from the partner's SMART configuration.
+    async fn token_endpoint(&self) -> Result<String, Delivery> {
+        if let Some(endpoint) = self.token_endpoint.lock().ok().and_then(|e| e.clone()) {
+            return Ok(endpoint);
+        }
+        let url = format!("{}/.well-known/smart-configuration", self.config.fhir_base.trim_end_matches('/'));
+        let unavailable = |error: String| Delivery::Retry { status: 0, error, after: None };
+        let response = self.http.get(&url).send().await.map_err(|e| unavailable(format!("SMART discovery: {}", describe(&e))))?;
+        let body: serde_json::Value = response.json().await.map_err(|e| unavailable(format!("SMART discovery did not answer JSON: {e}")))?;
+        let endpoint = body["token_endpoint"].as_str().ok_or_else(|| unavailable("SMART discovery names no token_endpoint".into()))?.to_string();
+        if let Ok(mut slot) = self.token_endpoint.lock() {
+            *slot = Some(endpoint.clone());
+        }
+        Ok(endpoint)
+    }
+}
+
+/// The key id our key for a partner is published under.
+pub fn key_id(partner: &str) -> String {
+    format!("{partner}-1")
+}
+
+/// What to ask a partner for when the configuration does not say.
+pub fn default_scopes(kind: crate::config::PartnerKind) -> &'static str {
+    match kind {
+        crate::config::PartnerKind::Payer => "system/Claim.c system/ClaimResponse.r",
+        _ => "system/*.cruds",
+    }
+}
+
+/// A transport error in a few words, without the URL (which logs and the outbox keep apart).
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else {
+        "no answer"
+    };
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from FHIR servers and is treated as absent).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(3600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_is_read_and_capped() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(reqwest::header::RETRY_AFTER, "999999".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3600)));
+        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! The exchange's tables: IOP records the gateway holds, and the outbox (messages, leases, attempts) every outbound message goes through.
+//!
+//! A message is claimed by compare-and-set on its lease (`lease_until`), which works the same on
+//! SQLite and on PostgreSQL shared by several instances: of two workers that read the same due
+//! message, only the one whose `UPDATE … WHERE lease_until <= now` changes a row sends it. Every
+//! later change of a claimed message names the lease owner, so a worker whose lease ran out cannot
+//! overwrite what the next one recorded. Messages of one partner and subject are claimed in order.
+
+use sqlx::any::AnyRow;
+use sqlx::{Any, Executor, Row};
+
+use super::{Store, StoreError, Tx};
+
+/// A message to queue: built once, sent as is on every attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub id: String,
+    pub partner: String,
+    /// Ordering key: messages of one partner and subject are delivered in the order queued.
+    pub subject: String,
+    /// What the message is (`pas-submit`), which decides how it is sent and how its answer is read.
+    pub kind: String,
+    /// The record that caused it.
+    pub record_type: String,
+    pub record_id: String,
+    pub payload: String,
+}
+
+/// Where a message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageStatus {
+    Pending,
+    InFlight,
+    Delivered,
+    Dead,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Pending => "pending",
+            MessageStatus::InFlight => "in-flight",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MessageStatus> {
+        [MessageStatus::Pending, MessageStatus::InFlight, MessageStatus::Delivered, MessageStatus::Dead].into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// A queued message with its delivery state. Times are milliseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub new: NewMessage,
+    pub status: MessageStatus,
+    pub attempts: i64,
+    pub created_at: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: i64,
+    /// The HTTP status of the last attempt (0: no answer).
+    pub last_status: i64,
+    pub last_error: String,
+    /// The partner's answer to the delivering (or final failing) attempt.
+    pub response: String,
+}
+
+/// One delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub attempt: i64,
+    pub at: i64,
+    pub status_code: i64,
+    pub error: String,
+    pub duration_ms: i64,
+}
+
+/// An IOP record as the gateway holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordRow {
+    pub record_type: String,
+    pub id: String,
+    /// `outbound`: sent by the clinic, going out as FHIR; `inbound`: made from a partner's FHIR.
+    pub direction: String,
+    pub client_id: String,
+    pub authorization_id: String,
+    pub status: String,
+    pub updated: String,
+    pub body: String,
+}
+
+/// A filter on the records; every field narrows.
+#[derive(Clone, Debug, Default)]
+pub struct RecordFilter {
+    pub record_type: Option<String>,
+    pub direction: Option<String>,
+    pub client_id: Option<String>,
+    pub authorization_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: usize,
+}
+
+const MESSAGE_COLUMNS: &str =
+    "id, partner, subject, kind, record_type, record_id, payload, status, attempts, created_at, next_attempt_at, delivered_at, last_status, last_error, response";
+
+fn message(row: &AnyRow) -> Result<Message, sqlx::Error> {
+    let status: String = row.try_get(7)?;
+    Ok(Message {
+        new: NewMessage {
+            id: row.try_get(0)?,
+            partner: row.try_get(1)?,
+            subject: row.try_get(2)?,
+            kind: row.try_get(3)?,
+            record_type: row.try_get(4)?,
+            record_id: row.try_get(5)?,
+            payload: row.try_get(6)?,
+        },
+        status: MessageStatus::parse(&status).unwrap_or(MessageStatus::Pending),
+        attempts: row.try_get(8)?,
+        created_at: row.try_get(9)?,
+        next_attempt_at: row.try_get(10)?,
+        delivered_at: row.try_get(11)?,
+        last_status: row.try_get(12)?,
+        last_error: row.try_get(13)?,
+        response: row.try_get(14)?,
+    })
+}
+
+fn record(row: &AnyRow) -> Result<RecordRow, sqlx::Error> {
+    Ok(RecordRow {
+        record_type: row.try_get(0)?,
+        id: row.try_get(1)?,
+        direction: row.try_get(2)?,
+        client_id: row.try_get(3)?,
+        authorization_id: row.try_get(4)?,
+        status: row.try_get(5)?,
+        updated: row.try_get(6)?,
+        body: row.try_get(7)?,
+    })
+}
+
+async fn put_record<'e, E: Executor<'e, Database = Any>>(executor: E, r: &'e RecordRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO iop_records (record_type, id, direction, client_id, authorization_id, status, updated, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (record_type, id, direction) DO UPDATE SET client_id = $4, authorization_id = $5, status = $6, updated = $7, body = $8",
+    )
+    .bind(r.record_type.as_str())
+    .bind(r.id.as_str())
+    .bind(r.direction.as_str())
+    .bind(r.client_id.as_str())
+    .bind(r.authorization_id.as_str())
+    .bind(r.status.as_str())
+    .bind(r.updated.as_str())
+    .bind(r.body.as_str())
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+impl Tx {
+    /// Queues a message in this transaction; `false` when a message with its id is already queued (a resend of the same change).
+    pub async fn enqueue(&mut self, m: &NewMessage, now_ms: i64) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO outbox (id, partner, subject, kind, record_type, record_id, payload, status, attempts, created_at, next_attempt_at, lease_until, lease_owner, delivered_at, last_status, last_error, response) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, 0, '', 0, 0, '', '')",
+        )
+        .bind(m.id.as_str())
+        .bind(m.partner.as_str())
+        .bind(m.subject.as_str())
+        .bind(m.kind.as_str())
+        .bind(m.record_type.as_str())
+        .bind(m.record_id.as_str())
+        .bind(m.payload.as_str())
+        .bind(now_ms)
+        .execute(&mut *self.inner)
+        .await;
+        match result.map_err(StoreError::from) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Duplicate) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores (or replaces) an IOP record.
+    pub async fn put_record(&mut self, r: &RecordRow) -> Result<(), StoreError> {
+        put_record(&mut *self.inner, r).await
+    }
+
+    /// The messages already queued for a record (newest last).
+    pub async fn messages_for_record(&mut self, record_type: &str, record_id: &str) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MESSAGE_COLUMNS} FROM outbox WHERE record_type = $1 AND record_id = $2 ORDER BY seq")))
+            .bind(record_type)
+            .bind(record_id)
+            .fetch_all(&mut *self.inner)
+            .await?;
+        Ok(rows.iter().map(message).collect::<Result<_, _>>()?)
+    }
+
+    /// Records the final outcome of a claimed message (delivered or dead) if `owner` still holds its
+    /// lease; `false` when the lease was lost (the caller rolls back: the next holder decides).
+    pub async fn finish_message(&mut self, id: &str, owner: &str, status: MessageStatus, now_ms: i64, http_status: i64, error: &str, response: &str) -> Result<bool, StoreError> {
+        let delivered_at = if status == MessageStatus::Delivered { now_ms } else { 0 };
+        let done = sqlx::query(
+            "UPDATE outbox SET status = $3, delivered_at = $4, last_status = $5, last_error = $6, response = $7, lease_until = 0, lease_owner = '' \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'in-flight'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(status.as_str())
+        .bind(delivered_at)
+        .bind(http_status)
+        .bind(error)
+        .bind(response)
+        .execute(&mut *self.inner)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` due messages for `owner` until `lease_until`; never one whose
+    /// predecessor (same partner and subject) is not yet delivered or dead.
+    pub async fn claim_due(&self, now_ms: i64, lease_until: i64, owner: &str, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM outbox o WHERE o.status IN ('pending', 'in-flight') AND o.next_attempt_at <= $1 AND o.lease_until <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.partner = o.partner AND e.subject = o.subject AND e.seq < o.seq AND e.status IN ('pending', 'in-flight')) \
+             ORDER BY o.next_attempt_at, o.seq LIMIT $2"
+        )))
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut claimed = Vec::new();
+        for row in &rows {
+            let mut m = message(row)?;
+            let done = sqlx::query(
+                "UPDATE outbox SET status = 'in-flight', lease_until = $2, lease_owner = $3, attempts = attempts + 1 \
+                 WHERE id = $1 AND status IN ('pending', 'in-flight') AND lease_until <= $4",
+            )
+            .bind(m.new.id.as_str())
+            .bind(lease_until)
+            .bind(owner)
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await?;
+            if done.rows_affected() == 1 {
+                m.status = MessageStatus::InFlight;
+                m.attempts += 1;
+                claimed.push(m);
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Records one attempt of a message (its number is the message's attempt count when claimed).
+    pub async fn record_attempt(&self, id: &str, a: &Attempt) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO outbox_attempts (message_id, attempt, at, status_code, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(id)
+            .bind(a.attempt)
+            .bind(a.at)
+            .bind(a.status_code)
+            .bind(a.error.as_str())
+            .bind(a.duration_ms)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a claimed message back to wait until `next_attempt_at`, if `owner` still holds its lease.
+    pub async fn retry_later(&self, id: &str, owner: &str, next_attempt_at: i64, http_status: i64, error: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', next_attempt_at = $3, last_status = $4, last_error = $5, lease_until = 0, lease_owner = '' \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'in-flight'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(next_attempt_at)
+        .bind(http_status)
+        .bind(error)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sends a dead letter back to the queue (operators, after fixing what the partner refused); `false` if it is not dead.
+    pub async fn replay(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE outbox SET status = 'pending', next_attempt_at = $2, last_error = '' WHERE id = $1 AND status = 'dead'")
+            .bind(id)
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Messages, newest first, optionally of one status and partner.
+    pub async fn messages(&self, status: Option<MessageStatus>, partner: Option<&str>, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM outbox WHERE ($1 = '' OR status = $1) AND ($2 = '' OR partner = $2) ORDER BY seq DESC LIMIT $3"
+        )))
+        .bind(status.map(MessageStatus::as_str).unwrap_or_default())
+        .bind(partner.unwrap_or_default())
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(message).collect::<Result<_, _>>()?)
+    }
+
+    /// One message and its attempts.
+    pub async fn message(&self, id: &str) -> Result<Option<(Message, Vec<Attempt>)>, StoreError> {
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MESSAGE_COLUMNS} FROM outbox WHERE id = $1"))).bind(id).fetch_optional(&self.reader).await? else {
+            return Ok(None);
+        };
+        let attempts = sqlx::query("SELECT attempt, at, status_code, error, duration_ms FROM outbox_attempts WHERE message_id = $1 ORDER BY attempt")
+            .bind(id)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(|r| -> Result<Attempt, sqlx::Error> { Ok(Attempt { attempt: r.try_get(0)?, at: r.try_get(1)?, status_code: r.try_get(2)?, error: r.try_get(3)?, duration_ms: r.try_get(4)? }) })
+            .collect::<Result<_, _>>()?;
+        Ok(Some((message(&row)?, attempts)))
+    }
+
+    /// Queue depth by partner and status, with the creation time of the oldest message in each (metrics).
+    pub async fn outbox_depth(&self) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT partner, status, COUNT(*), MIN(created_at) FROM outbox WHERE status IN ('pending', 'in-flight', 'dead') GROUP BY partner, status")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(|r| -> Result<_, sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)) }).collect::<Result<_, _>>()?)
+    }
+
+    /// Stores (or replaces) an IOP record outside a resource transaction.
+    pub async fn put_record(&self, r: &RecordRow) -> Result<(), StoreError> {
+        put_record(&self.writer, r).await
+    }
+
+    /// Records matching a filter, newest first.
+    pub async fn records(&self, f: &RecordFilter) -> Result<Vec<RecordRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT record_type, id, direction, client_id, authorization_id, status, updated, body FROM iop_records \
+             WHERE ($1 = '' OR record_type = $1) AND ($2 = '' OR direction = $2) AND ($3 = '' OR client_id = $3) AND ($4 = '' OR authorization_id = $4) AND ($5 = '' OR status = $5) \
+             ORDER BY updated DESC, seq DESC LIMIT $6",
+        )
+        .bind(f.record_type.clone().unwrap_or_default())
+        .bind(f.direction.clone().unwrap_or_default())
+        .bind(f.client_id.clone().unwrap_or_default())
+        .bind(f.authorization_id.clone().unwrap_or_default())
+        .bind(f.status.clone().unwrap_or_default())
+        .bind(f.limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,234 @@
+//! The exchange end to end: the clinic posts IOP records, the gateway submits PAS requests to a payer (a wiremock server answering in the shapes of the PAS examples), and the decision comes back as a record — through retries, refusals, replays and token renewal. Each test counts what reached the payer.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use super::support::{Gateway, assert_outcome};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The records of a fixture under tests/fixtures/iop.
+fn records(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/tests/fixtures/iop/{name}")).unwrap()).unwrap()
+}
+
+/// A payer that answers `$submit` like a PAS server: the response Bundle of a fixture decision, echoing the submitted authorization's identifier.
+struct Payer {
+    decision: &'static str,
+}
+
+impl Respond for Payer {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let submitted: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let claim = &submitted["entry"][0]["resource"];
+        let authorization_id = claim["identifier"][0]["value"].as_str().unwrap_or_default();
+        let text = std::fs::read_to_string(format!("{ROOT}/tests/fixtures/pas/decision-{}.json", self.decision)).unwrap();
+        let fixture: Value = serde_json::from_str(&text).unwrap();
+        let fixture_id = fixture["entry"].as_array().unwrap().iter().find(|e| e["resource"]["resourceType"] == "ClaimResponse").unwrap()["resource"]["identifier"][0]["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(text.replace(&fixture_id, authorization_id))
+    }
+}
+
+/// Gateway configuration for one payer at `base`, routed for the fixtures' payer ids.
+fn payer_config(base: &str, extra: &str) -> String {
+    format!(
+        "[outbox]\npoll_interval_ms = 50\n\n[[partners]]\nname = \"synthetic-health\"\nkind = \"payer\"\nfhir_base = \"{base}\"\nroutes = [\"PAYER-77\", \"PAYER-12\"]\nauth = \"none\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n{extra}\n"
+    )
+}
+
+async fn post_records(gw: &Gateway, token: &str, body: &Value) -> (u16, Value) {
+    let response = gw.http.post(gw.url("iop/records")).bearer_auth(token).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits (bounded) for the decision on an authorization to reach the given outcome.
+async fn decision(gw: &Gateway, token: &str, authorization_id: &str, outcome: &str) -> Value {
+    for _ in 0..200 {
+        let (status, found) = gw.get(token, &format!("iop/records?record_type=decision&authorization_id={authorization_id}")).await;
+        assert_eq!(status, 200, "{found}");
+        if let Some(d) = found.as_array().and_then(|a| a.first()).filter(|d| d["outcome"] == outcome) {
+            return d.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, found) = gw.get(token, "iop/records?record_type=decision").await;
+    panic!("no {outcome} decision for {authorization_id}: {found}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_goes_to_the_payer_once_and_its_decision_comes_back() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let input = records("authorization/initial.json");
+    let (status, summary) = post_records(&gw, &clinic, &input).await;
+    assert_eq!(status, 200, "{summary}");
+    let authorization = &summary["records"][2];
+    assert_eq!((authorization["record_type"].as_str(), authorization["messages"].as_array().map(Vec::len)), (Some("authorization"), Some(1)), "{summary}");
+    assert!(authorization["resources"].as_array().unwrap().iter().any(|r| r.as_str().unwrap().starts_with("Claim/")), "{summary}");
+
+    let certified = decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    assert!(certified["certification_number"].is_string(), "{certified}");
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    let sent: Value = serde_json::from_slice(&received[0].body).unwrap();
+    assert_eq!(sent["type"], "collection");
+    assert_eq!(sent["entry"][0]["resource"]["resourceType"], "Claim", "the Claim comes first");
+    let (_, responses) = gw.get(&clinic, "ClaimResponse").await;
+    assert_eq!(responses["total"], 1, "the payer's ClaimResponse is stored for the clinic: {responses}");
+
+    // The same records again: the resources are updated in place and nothing is sent twice.
+    let (status, again) = post_records(&gw, &clinic, &input).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["records"][2]["messages"], json!([]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1);
+    let (_, claims) = gw.get(&clinic, "Claim").await;
+    assert_eq!(claims["total"], 1);
+    let (_, sent_records) = gw.get(&clinic, "iop/records?direction=outbound").await;
+    assert_eq!(sent_records.as_array().unwrap().len(), 3, "{sent_records}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payer_that_fails_and_times_out_gets_the_same_request_until_it_answers() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(ResponseTemplate::new(503)).up_to_n_times(2).with_priority(1).mount(&payer).await;
+    // The third attempt is processed but its answer comes too late: the lost response.
+    Mock::given(method("POST"))
+        .and(path("/Claim/$submit"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(4)))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&payer)
+        .await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "not-certified" }).with_priority(3).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    let denied = decision(&gw, &clinic, "AUTH-1001-1", "not_certified").await;
+    assert!(denied["reason"].is_string() || denied["reason_code"].is_string(), "{denied}");
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 4, "two 503s, one lost answer, one decision");
+    assert!(received.windows(2).all(|w| w[0].body == w[1].body), "every attempt sends the same bytes (same Bundle.identifier)");
+    let ops = gw.token("ops").await;
+    let message_id = summary["records"][2]["messages"][0].as_str().unwrap();
+    let (status, shown) = gw.get(&ops, &format!("admin/outbox/{message_id}")).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["status"], "delivered");
+    assert_eq!(shown["attempts_detail"].as_array().unwrap().len(), 4, "{shown}");
+    assert_eq!(shown["attempts_detail"][0]["status_code"], 503);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_a_dead_letter_with_the_payers_issues_and_can_be_replayed() {
+    let payer = MockServer::start().await;
+    let refusal = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "required", "details": {"text": "Subscriber member id not on file"}, "expression": ["Claim.insurance[0]"]}]});
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(ResponseTemplate::new(400).set_body_json(&refusal)).up_to_n_times(1).with_priority(1).mount(&payer).await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).with_priority(2).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let (clinic, ops) = (gw.token("clinic").await, gw.token("ops").await);
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    let error = decision(&gw, &clinic, "AUTH-1001-1", "error").await;
+    assert_eq!(error["issues"][0]["text"], "Subscriber member id not on file", "{error}");
+    assert_eq!(error["issues"][0]["expression"], "Claim.insurance[0]");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1, "a 400 is not retried");
+
+    let (status, dead) = gw.get(&ops, "admin/outbox?status=dead").await;
+    assert_eq!(status, 200);
+    assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
+    assert!(dead[0].get("payload").is_none(), "operators see no patient data");
+    let id = dead[0]["id"].as_str().unwrap();
+    assert_eq!(gw.get(&clinic, "admin/outbox").await.0, 403);
+    let (status, replayed) = gw.post(&ops, &format!("admin/outbox/{id}/$replay"), &json!({})).await;
+    assert_eq!(status, 200, "{replayed}");
+    decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 2);
+    let (status, body) = gw.post(&ops, &format!("admin/outbox/{id}/$replay"), &json!({})).await;
+    assert_eq!(status, 409, "only a dead letter is replayed: {body}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_authenticates_at_the_payer_with_smart_and_renews_a_refused_token() {
+    let payer = MockServer::start().await;
+    let dir = super::support::TempDir::new("partner-key");
+    let key = iop_gateway::auth::keys::KeyPair::generate_es384("synthetic-health-1").unwrap();
+    let key_file = dir.0.join("payer.key.pem");
+    std::fs::write(&key_file, &key.private_pem).unwrap();
+    let tokens = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let issued = tokens.clone();
+    Mock::given(method("POST"))
+        .and(path("/auth/token"))
+        .respond_with(move |request: &Request| {
+            let form: Vec<(String, String)> = form_urlencoded::parse(&request.body).into_owned().collect();
+            assert!(form.iter().any(|(k, v)| k == "client_assertion_type" && v.ends_with("jwt-bearer")), "{form:?}");
+            let n = issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ResponseTemplate::new(200).set_body_json(json!({"access_token": format!("token-{n}"), "token_type": "bearer", "expires_in": 300}))
+        })
+        .mount(&payer)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/.well-known/smart-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"token_endpoint": format!("{}/auth/token", payer.uri())})))
+        .mount(&payer)
+        .await;
+    // The payer forgets the first token (a restart on its side): 401, then the renewed token works.
+    Mock::given(method("POST")).and(path("/Claim/$submit")).and(header("authorization", "Bearer token-0")).respond_with(ResponseTemplate::new(401)).mount(&payer).await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).and(header("authorization", "Bearer token-1")).respond_with(Payer { decision: "pended" }).mount(&payer).await;
+    let config = payer_config(&payer.uri(), &format!("key_file = {:?}", key_file.display().to_string())).replace("auth = \"none\"", "auth = \"smart\"");
+    let gw = Gateway::start_with(&config).await;
+    let clinic = gw.token("clinic").await;
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    let pended = decision(&gw, &clinic, "AUTH-1001-1", "pended").await;
+    assert!(pended["pending_reference"].is_string() || pended["reason"].is_string(), "{pended}");
+    assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 2, "one token, then one renewal after the 401");
+    let submits = payer.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/Claim/$submit").count();
+    assert_eq!(submits, 2);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_refused_whole_with_located_issues_and_nothing_is_queued() {
+    let payer = MockServer::start().await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let (clinic, ops, unit) = (gw.token("clinic").await, gw.token("ops").await, gw.token("unit-a").await);
+    let mut input = records("authorization/initial.json");
+    input[2]["units"] = json!("twelve");
+    let (status, outcome) = post_records(&gw, &clinic, &input).await;
+    assert_eq!(status, 422, "{outcome}");
+    assert_outcome(&outcome);
+    assert_eq!(outcome["issue"][0]["expression"][0], "records[2].units", "{outcome}");
+
+    let mut unrouted = records("authorization/initial.json");
+    unrouted[2]["payer_id"] = json!("PAYER-NOWHERE");
+    unrouted[0]["coverage"]["payer_id"] = json!("PAYER-NOWHERE");
+    let (status, outcome) = post_records(&gw, &clinic, &unrouted).await;
+    assert_eq!(status, 422, "{outcome}");
+    assert_eq!(outcome["issue"][0]["expression"][0], "records[2].payer_id", "{outcome}");
+
+    let (_, stored) = gw.get(&clinic, "iop/records").await;
+    assert_eq!(stored, json!([]), "nothing stored");
+    let (_, patients) = gw.get(&clinic, "Patient").await;
+    assert_eq!(patients["total"], 0);
+    let (_, queued) = gw.get(&ops, "admin/outbox").await;
+    assert_eq!(queued, json!([]), "nothing queued");
+    assert_eq!(post_records(&gw, &unit, &records("authorization/initial.json")).await.0, 403, "records are the program's");
+    let (status, outcome) = post_records(&gw, &clinic, &json!([])).await;
+    assert_eq!(status, 400, "{outcome}");
+    assert!(payer.received_requests().await.unwrap().is_empty());
+    gw.stop().await;
+}
