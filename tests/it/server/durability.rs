@@ -8,11 +8,11 @@ use serde_json::Value;
 
 use super::support::{TempDir, partner_keys, phq9};
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn spawn(config: &std::path::Path) -> Child {
+pub(super) fn spawn(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_iop-gateway"))
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -22,7 +22,7 @@ fn spawn(config: &std::path::Path) -> Child {
         .expect("start iop-gateway serve")
 }
 
-async fn wait_ready(http: &reqwest::Client, base: &str) {
+pub(super) async fn wait_ready(http: &reqwest::Client, base: &str) {
     for _ in 0..200 {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await
             && r.status() == 200

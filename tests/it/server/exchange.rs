@@ -232,3 +232,137 @@ async fn bad_records_are_refused_whole_with_located_issues_and_nothing_is_queued
     assert!(payer.received_requests().await.unwrap().is_empty());
     gw.stop().await;
 }
+
+/// A real `serve` process with one payer at `payer`, on a fresh port; returns its folder, configuration path, base URL and the clinic's key.
+fn serve_config(payer: &str, label: &str) -> (super::support::TempDir, std::path::PathBuf, String, iop_gateway::auth::keys::KeyPair) {
+    let dir = super::support::TempDir::new(label);
+    let port = super::durability::free_port();
+    let keys = super::support::partner_keys();
+    let extra = format!("{}\n[outbox]\npoll_interval_ms = 50\nlease_secs = 1\n", payer_config(payer, "").replace("[outbox]\npoll_interval_ms = 50\n", ""));
+    let text = super::support::config_text(&dir.0, &keys, "").replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")) + &extra;
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(&config, text).unwrap();
+    let clinic = keys.into_iter().find(|(id, _)| id == "clinic").unwrap().1;
+    (dir, config, format!("http://127.0.0.1:{port}"), clinic)
+}
+
+async fn clinic_token(http: &reqwest::Client, base: &str, key: &iop_gateway::auth::keys::KeyPair) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let assertion = iop_gateway::auth::keys::sign_assertion(key, "clinic", &format!("{base}/auth/token"), &uuid::Uuid::new_v4().to_string(), now + 120).unwrap();
+    let granted: Value = http.post(format!("{base}/auth/token")).form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds")).send().await.unwrap().json().await.unwrap();
+    granted["access_token"].as_str().unwrap().to_string()
+}
+
+async fn decisions(http: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
+    let found: Value = http.get(format!("{base}/iop/records?record_type=decision")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    found.as_array().cloned().unwrap_or_default()
+}
+
+/// SIGKILL after the payer got the request and before the gateway recorded the answer: after the restart the request goes again, byte for byte, and the authorization ends with one decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_sending_and_recording_resends_the_same_request_once() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30))).up_to_n_times(1).with_priority(1).mount(&payer).await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).with_priority(2).mount(&payer).await;
+    let (_dir, config, base, clinic_key) = serve_config(&payer.uri(), "crash-send");
+    let http = reqwest::Client::new();
+    let mut child = super::durability::spawn(&config);
+    super::durability::wait_ready(&http, &base).await;
+    let token = clinic_token(&http, &base, &clinic_key).await;
+    let response = http.post(format!("{base}/iop/records")).bearer_auth(&token).header("content-type", "application/json").body(records("authorization/initial.json").to_string()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    for _ in 0..200 {
+        if !payer.received_requests().await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1, "the payer has the request");
+    child.kill().expect("SIGKILL the gateway");
+    child.wait().unwrap();
+
+    let mut child = super::durability::spawn(&config);
+    super::durability::wait_ready(&http, &base).await;
+    let mut found = Vec::new();
+    for _ in 0..200 {
+        found = decisions(&http, &base, &token).await;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["outcome"], "certified");
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2, "sent once more after the restart, not more");
+    assert_eq!(received[0].body, received[1].body, "with the same identity and content");
+    let responses: Value = http.get(format!("{base}/ClaimResponse")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(responses["total"], 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A payer that is down until `up` is set, then decides every request once and counts, per authorization, how many decisions it gave.
+struct Flaky {
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    decided: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Respond for Flaky {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            return ResponseTemplate::new(503);
+        }
+        let submitted: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let id = submitted["entry"][0]["resource"]["identifier"][0]["value"].as_str().unwrap_or_default().to_string();
+        *self.decided.lock().unwrap().entry(id).or_default() += 1;
+        Payer { decision: "certified" }.respond(request)
+    }
+}
+
+/// SIGKILL while 200 messages wait for a payer that is down: after the restart all 200 arrive, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_200_messages_queued_loses_none_and_sends_none_twice() {
+    let payer = MockServer::start().await;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let decided = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Flaky { up: up.clone(), decided: decided.clone() }).mount(&payer).await;
+    let (_dir, config, base, clinic_key) = serve_config(&payer.uri(), "crash-queue");
+    let http = reqwest::Client::new();
+    let mut child = super::durability::spawn(&config);
+    super::durability::wait_ready(&http, &base).await;
+    let token = clinic_token(&http, &base, &clinic_key).await;
+    let fixture = records("authorization/initial.json");
+    let mut input = vec![fixture[0].clone()];
+    for i in 0..200 {
+        let mut authorization = fixture[2].clone();
+        authorization.as_object_mut().unwrap().remove("supporting_scores");
+        authorization["id"] = json!(format!("AUTH-Q-{i:03}"));
+        input.push(authorization);
+    }
+    let response = http.post(format!("{base}/iop/records")).bearer_auth(&token).header("content-type", "application/json").body(Value::Array(input).to_string()).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!payer.received_requests().await.unwrap().is_empty(), "the worker was trying");
+    child.kill().expect("SIGKILL the gateway");
+    child.wait().unwrap();
+
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut child = super::durability::spawn(&config);
+    super::durability::wait_ready(&http, &base).await;
+    let mut found = Vec::new();
+    for _ in 0..600 {
+        found = decisions(&http, &base, &token).await;
+        if found.len() >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found.len(), 200, "every queued authorization was decided");
+    assert!(found.iter().all(|d| d["outcome"] == "certified"));
+    let decided = decided.lock().unwrap().clone();
+    assert_eq!(decided.len(), 200);
+    assert!(decided.values().all(|n| *n == 1), "none twice: {:?}", decided.iter().filter(|(_, n)| **n != 1).collect::<Vec<_>>());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
