@@ -1,7 +1,16 @@
-//! Generates `definitions/hl7.fhir.r4.core.tgz`, the compiled-in R4 base package, from the official `hl7.fhir.r4.core` 4.0.1 package.
+//! Generates the compiled-in, prose-free FHIR packages of `definitions/` (the R4 base and the exchange IGs) from official packages.
 //!
-//! Usage: `cargo run --example generate_base_package -- PATH/TO/hl7.fhir.r4.core-4.0.1.tgz`
-//! (defaults to `../shared/corpus/definitions/packages/hl7.fhir.r4.core-4.0.1.tgz`).
+//! Usage: `cargo run --example generate_base_package -- PATH/TO/PACKAGE.tgz [OUTPUT.tgz]`
+//! (the source defaults to `../shared/corpus/definitions/packages/hl7.fhir.r4.core-4.0.1.tgz`).
+//! The output defaults to `definitions/hl7.fhir.r4.core.tgz` for the R4 base, whose name the
+//! build has always used, and to `definitions/<name>-<version>.tgz` for any other package, since
+//! several versions of one IG (US Core) may be bundled side by side.
+//!
+//! The same reduction serves the base and implementation guides: an IG's profiles, extensions,
+//! ValueSets, CodeSystems and SearchParameters are read exactly like the base's, and its
+//! CapabilityStatements, ImplementationGuide, examples and other documentation are dropped.
+//! An IG's `package.json` keeps its `dependencies`, so a reader can see what the IG declares even
+//! where the gateway bundles only part of it (see `definitions/README.md`).
 //!
 //! The output keeps only what software reads: snapshots without their prose (`short`,
 //! `definition`, `comment`, `requirements`, mappings, examples), ValueSet composes, CodeSystem
@@ -25,11 +34,12 @@ fn main() {
     let source = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "../shared/corpus/definitions/packages/hl7.fhir.r4.core-4.0.1.tgz".to_string());
-    let output = std::env::args().nth(2).unwrap_or_else(|| "definitions/hl7.fhir.r4.core.tgz".to_string());
+    let output = std::env::args().nth(2);
     let bytes = std::fs::read(&source).unwrap_or_else(|e| panic!("cannot read {source}: {e}"));
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut n_read = 0;
+    let mut manifest = None;
     for entry in archive.entries().expect("tar entries") {
         let mut entry = entry.expect("tar entry");
         let path = entry.path().expect("tar path").to_string_lossy().into_owned();
@@ -40,7 +50,7 @@ fn main() {
         let mut content = Vec::new();
         entry.read_to_end(&mut content).expect("tar read");
         if name == "package.json" {
-            files.push((name.to_string(), strip_manifest(&content).into_bytes()));
+            manifest = Some(json::parse(&content).expect("package.json is JSON"));
             continue;
         }
         n_read += 1;
@@ -52,6 +62,11 @@ fn main() {
         let Some(stripped) = strip_resource(resource_type, &resource) else { continue };
         files.push((name.to_string(), Json::Object(stripped).to_string_compact().into_bytes()));
     }
+    let manifest = manifest.unwrap_or_else(|| panic!("{source} has no package/package.json"));
+    let text = |key: &str| manifest.get(key).and_then(Json::as_str).unwrap_or_else(|| panic!("package.json has no {key}")).to_string();
+    let (name, version) = (text("name"), text("version"));
+    let output = output.unwrap_or_else(|| default_output(&name, &version));
+    files.push(("package.json".to_string(), strip_manifest(&manifest, &name, &version).into_bytes()));
     files.sort();
     let index = build_index(&files);
     files.insert(0, (".index.json".to_string(), index.into_bytes()));
@@ -73,17 +88,21 @@ fn main() {
     eprintln!("read {n_read} resources, wrote {} files ({n_bytes} bytes before compression) to {output}", files.len());
 }
 
-fn strip_manifest(content: &[u8]) -> String {
-    let manifest = json::parse(content).expect("package.json is JSON");
+/// Where a package is written when no output is given: the R4 base keeps the name `src/package.rs` embeds.
+fn default_output(name: &str, version: &str) -> String {
+    if name == "hl7.fhir.r4.core" { "definitions/hl7.fhir.r4.core.tgz".to_string() } else { format!("definitions/{name}-{version}.tgz") }
+}
+
+fn strip_manifest(manifest: &Json, name: &str, version: &str) -> String {
     let mut out = Object::new();
-    for key in ["name", "version", "fhirVersions", "type", "license", "canonical", "url"] {
+    for key in ["name", "version", "fhirVersions", "type", "license", "canonical", "url", "dependencies"] {
         if let Some(v) = manifest.get(key) {
             out.insert(key, v.clone());
         }
     }
     out.insert(
         "description",
-        Json::string("hl7.fhir.r4.core 4.0.1 reduced to machine-readable content by iop-gateway (examples/generate_base_package.rs)"),
+        Json::string(format!("{name} {version} reduced to machine-readable content by iop-gateway (examples/generate_base_package.rs)")),
     );
     Json::Object(out).to_string_pretty()
 }

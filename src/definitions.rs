@@ -61,6 +61,19 @@ impl Definitions {
         definitions
     }
 
+    /// What the gateway exchanges with partners under: the R4 base, the bundled IOP profiles, and the
+    /// compiled-in US Core 6.1.0 and Da Vinci PAS 2.2.1 packages, so every PAS request Bundle, Claim
+    /// and US Core resource the gateway sends or accepts is checked against the profiles it claims
+    /// with no package cache and no network. The server validates with this; the `validate` command
+    /// and the benchmarks keep [`Definitions::new_default`], so their figures stay comparable.
+    pub fn new_with_exchange_packages() -> Definitions {
+        let mut definitions = Definitions::new_default();
+        for package in Package::exchange() {
+            definitions.add_package(package);
+        }
+        definitions
+    }
+
     /// A shared instance holding only the R4 base, for callers that need types but no profiles.
     pub fn base() -> Arc<Definitions> {
         static BASE: OnceLock<Arc<Definitions>> = OnceLock::new();
@@ -379,6 +392,30 @@ mod tests {
         let contact = definitions.element_order("Patient.contact").expect("Patient.contact");
         assert!(contact.iter().position(|n| n == "relationship") < contact.iter().position(|n| n == "name"));
         assert_eq!(definitions.element_order("Questionnaire.item.item"), definitions.element_order("Questionnaire.item"));
+    }
+
+    #[test]
+    fn exchange_packages_compile_and_win_unversioned_canonicals() {
+        let definitions = Definitions::new_with_exchange_packages();
+        assert!(definitions.packages().ends_with(&["hl7.fhir.us.core#6.1.0".to_string(), "hl7.fhir.us.davinci-pas#2.2.1".to_string()]));
+        // Every profile and extension of the IGs compiles from its prose-free snapshot.
+        let urls: Vec<String> = definitions
+            .resources_of_type("StructureDefinition")
+            .filter(|r| r.source.starts_with("hl7.fhir.us."))
+            .filter_map(|r| r.url.clone())
+            .collect();
+        assert!(urls.len() > 130, "{} structures", urls.len());
+        for url in &urls {
+            assert!(definitions.structure(url).is_some(), "{url} does not compile");
+        }
+        assert_eq!(definitions.compile_problems(), Vec::<String>::new());
+        // The mappings claim US Core without a version: that is 6.1.0, the version PAS 2.2.1 complies with.
+        let patient = definitions.resolve_entry("http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient").expect("US Core Patient");
+        assert_eq!(patient.version.as_deref(), Some("6.1.0"));
+        let request = definitions.structure("http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-pas-request-bundle|2.2.1");
+        assert_eq!(request.map(|s| s.type_name.clone()).as_deref(), Some("Bundle"));
+        // The R4-only and default sets are untouched.
+        assert!(Definitions::new_default().resolve("http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim").is_none());
     }
 
     #[test]

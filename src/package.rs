@@ -15,6 +15,14 @@ use crate::json::{self, Json};
 /// `examples/generate_base_package.rs`.
 const BASE_PACKAGE: &[u8] = include_bytes!("../definitions/hl7.fhir.r4.core.tgz");
 
+/// The compiled-in implementation guides the gateway exchanges with payers (PAS 2.2.1 and the US Core
+/// it and our mappings build on), generated without prose by the same tool as the base; dependencies
+/// come before what depends on them. `definitions/README.md` says what each leaves out.
+const EXCHANGE_PACKAGES: &[(&str, &[u8])] = &[
+    ("hl7.fhir.us.core#6.1.0", include_bytes!("../definitions/hl7.fhir.us.core-6.1.0.tgz")),
+    ("hl7.fhir.us.davinci-pas#2.2.1", include_bytes!("../definitions/hl7.fhir.us.davinci-pas-2.2.1.tgz")),
+];
+
 include!(concat!(env!("OUT_DIR"), "/bundled_profiles.rs"));
 
 /// Why a package or resource could not be loaded.
@@ -100,6 +108,18 @@ impl Package {
         let files = BUNDLED_PROFILES.iter().map(|(name, bytes)| (name.to_string(), bytes.to_vec())).collect();
         // `profiles/package.json` is checked by the test suite, so failure here is a build defect.
         Package::from_files(files, Path::new("<compiled-in profiles/>")).expect("profiles/ is a valid FHIR package")
+    }
+
+    /// The compiled-in exchange packages (US Core 6.1.0, then Da Vinci PAS 2.2.1), in load order.
+    pub fn exchange() -> Vec<Package> {
+        EXCHANGE_PACKAGES
+            .iter()
+            .map(|(label, bytes)| {
+                // Like the base, these archives are generated and checked by the test suite: failure is a build defect.
+                Package::from_tgz_bytes(bytes, Path::new(&format!("<compiled-in {label}>")))
+                    .unwrap_or_else(|e| panic!("the compiled-in {label} is a valid FHIR package: {e}"))
+            })
+            .collect()
     }
 
     /// Loads a package from a `.tgz` file or an unpacked folder (with or without the `package/` level).
@@ -259,6 +279,40 @@ mod tests {
         let package = Package::bundled();
         assert_eq!(package.name, "iop-gateway.profiles");
         assert_eq!(package.dependencies.get("hl7.fhir.r4.core").map(String::as_str), Some("4.0.1"));
+    }
+
+    #[test]
+    fn exchange_packages_are_the_labelled_prose_free_igs() {
+        let packages = Package::exchange();
+        let labels: Vec<String> = packages.iter().map(|p| format!("{}#{}", p.name, p.version)).collect();
+        assert_eq!(labels, EXCHANGE_PACKAGES.iter().map(|(label, _)| label.to_string()).collect::<Vec<_>>());
+        for package in &packages {
+            assert_eq!(package.fhir_versions, ["4.0.1"], "{}", package.name);
+            // Every file is in the index (so nothing is parsed at start-up), and only machine-read types are kept.
+            for resource in &package.resources {
+                assert!(resource.parsed.get().is_none(), "{} was parsed while loading", resource.source);
+                assert!(
+                    ["StructureDefinition", "ValueSet", "CodeSystem", "SearchParameter", "OperationDefinition"].contains(&resource.resource_type.as_str()),
+                    "{}",
+                    resource.source
+                );
+            }
+        }
+        let pas = &packages[1];
+        assert_eq!(pas.dependencies.get("hl7.fhir.us.core.v610").map(String::as_str), Some("6.1.0"));
+        let claim = pas
+            .resources
+            .iter()
+            .find(|r| r.url.as_deref() == Some("http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim"))
+            .and_then(PackageResource::resource)
+            .expect("the PAS Claim profile is in the package");
+        // Snapshot kept, prose dropped: no narrative, description or differential on the profile, no prose on its elements.
+        assert!(claim.get("snapshot").is_some());
+        for member in ["text", "description", "differential", "mapping", "contact"] {
+            assert!(claim.get(member).is_none(), "{member} was kept");
+        }
+        let elements = claim.get("snapshot").and_then(|s| s.get("element")).and_then(Json::as_array).expect("elements");
+        assert!(elements.iter().all(|e| e.get("short").is_none() && e.get("definition").is_none() && e.get("comment").is_none()));
     }
 
     #[test]

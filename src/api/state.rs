@@ -159,7 +159,8 @@ fn resource_types(definitions: &Definitions) -> HashSet<String> {
     out
 }
 
-/// The validator the server uses: R4 base plus the bundled profiles.
+/// The validator the server uses: R4 base, the bundled profiles, and the compiled-in US Core and PAS
+/// packages, so a resource claiming a PAS or US Core profile is checked against it, not waved through.
 pub fn default_validator() -> Arc<Validator> {
-    Arc::new(Validator::new(Arc::new(Definitions::new_default())))
+    Arc::new(Validator::new(Arc::new(Definitions::new_with_exchange_packages())))
 }

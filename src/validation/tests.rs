@@ -536,3 +536,32 @@ fn indexes_are_written_in_decimal() {
         assert_eq!(path, format!("Bundle.entry[{i}]"));
     }
 }
+
+#[test]
+fn exchange_packages_check_what_the_default_set_only_warns_about() {
+    // A Patient claiming US Core and a Claim claiming PAS, both missing what those profiles require.
+    let patient = r#"{"resourceType":"Patient","id":"p1","meta":{"profile":["http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"]},
+        "name":[{"family":"Everywoman"}]}"#;
+    let claim = r#"{"resourceType":"Claim","id":"c1","meta":{"profile":["http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim"]},
+        "status":"active","type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/claim-type","code":"institutional"}]},
+        "use":"preauthorization","patient":{"reference":"Patient/p1"},"created":"2024-05-02","provider":{"reference":"Organization/o1"},
+        "priority":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/processpriority","code":"normal"}]},
+        "insurance":[{"sequence":1,"focal":true,"coverage":{"reference":"Coverage/v1"}}]}"#;
+    let default = Validator::new(Arc::new(Definitions::new_default()));
+    let exchange = Validator::new(Arc::new(Definitions::new_with_exchange_packages()));
+    for text in [patient, claim] {
+        let before = default.validate_bytes(text.as_bytes(), &[]);
+        assert!(before.is_valid(), "{:#?}", before.issues);
+        assert!(before.issues.iter().any(|i| i.message.contains("is not loaded")));
+        let after = exchange.validate_bytes(text.as_bytes(), &[]);
+        assert!(!after.is_valid(), "{text}");
+        assert!(!after.issues.iter().any(|i| i.message.starts_with("the profile") && i.message.contains("is not loaded")), "{:#?}", after.issues);
+    }
+    let errors = |text: &str| -> Vec<String> {
+        exchange.validate_bytes(text.as_bytes(), &[]).issues.iter().filter(|i| i.severity.is_error()).map(|i| format!("{}: {}", i.expression, i.message)).collect()
+    };
+    // US Core 6.1.0 requires an identifier and a gender; PAS requires at least one item.
+    let found = errors(patient);
+    assert!(found.iter().any(|e| e.contains("(Patient.identifier)")) && found.iter().any(|e| e.contains("(Patient.gender)")), "{found:#?}");
+    assert!(errors(claim).iter().any(|e| e.contains("(Claim.item)")), "{:#?}", errors(claim));
+}

@@ -1,7 +1,8 @@
-//! The one integration test binary: the command line, hostile input, the public corpora, mappings, the server, and repository tidiness.
+//! The one integration test binary: the command line, hostile input, the public corpora, the compiled-in exchange packages, mappings, the server, and repository tidiness.
 
 mod cli;
 mod corpus;
+mod exchange;
 mod hostile;
 mod mapping;
 mod server;

@@ -176,6 +176,33 @@ async fn transactions_resolve_references_and_batches_answer_per_entry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_us_core_and_pas_profiles_are_enforced_with_the_compiled_in_packages() {
+    let gw = Gateway::start().await;
+    let token = gw.token("clinic").await;
+    let us_core = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient";
+    // US Core 6.1.0 needs an identifier; plain R4 does not, so only the compiled-in package can refuse this.
+    let mut claimed = patient("MRN-U");
+    claimed["meta"] = json!({"profile": [us_core]});
+    claimed.as_object_mut().unwrap().remove("identifier");
+    let (status, body) = gw.post(&token, "Patient", &claimed).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("Patient.identifier") && !body.to_string().contains("is not loaded"), "{body}");
+    let mut conformant = patient("MRN-U");
+    conformant["meta"] = json!({"profile": [us_core]});
+    let (status, body) = gw.post(&token, "Patient", &conformant).await;
+    assert_eq!(status, 201, "{body}");
+    // $validate against PAS by name: a Claim without items is no PAS Claim.
+    let claim = json!({"resourceType": "Claim", "status": "active", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "institutional"}]},
+        "use": "preauthorization", "patient": {"reference": "Patient/p"}, "created": "2026-03-02", "provider": {"reference": "Organization/o"},
+        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"reference": "Coverage/c"}}]});
+    let (status, outcome) = gw.post(&token, "Claim/$validate?profile=http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim", &claim).await;
+    assert_eq!(status, 200);
+    assert!(outcome["issue"].as_array().unwrap().iter().any(|i| i["severity"] == "error" && i.to_string().contains("Claim.item")), "{outcome}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_operation_answers_with_an_outcome_and_stores_nothing() {
     let gw = Gateway::start().await;
     let token = gw.token("clinic").await;
