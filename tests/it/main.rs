@@ -2,8 +2,8 @@
 
 mod cli;
 mod corpus;
-mod exchange;
 mod hostile;
 mod mapping;
+mod packages;
 mod server;
 mod tidy;
