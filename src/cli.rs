@@ -5,6 +5,8 @@ mod clients;
 mod fhirpath;
 mod map;
 mod mappings;
+mod outbox;
+mod partners;
 mod serve;
 mod token;
 mod validate;
@@ -46,6 +48,10 @@ enum Command {
     Clients(clients::Args),
     /// Get an access token for a registered client from the running gateway's token endpoint.
     Token(token::Args),
+    /// Register partners the gateway sends to (payers, inpatient units, outpatient providers).
+    Partners(partners::Args),
+    /// Inspect the outbox and replay dead letters (`outbox list|show|replay`).
+    Outbox(outbox::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -66,6 +72,8 @@ pub fn run() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(args),
         Command::Clients(args) => clients::run(args),
         Command::Token(args) => token::run(args),
+        Command::Partners(args) => partners::run(args),
+        Command::Outbox(args) => outbox::run(args),
     }
 }
 

@@ -43,5 +43,15 @@ pub fn run(args: Args) -> ExitCode {
     for client in &c.clients {
         println!("    {} ({}, {})", client.id, client.role, client.organization(&c.gateway));
     }
+    println!("  partners   {}", c.partners.len());
+    for p in &c.partners {
+        let kind = serde_json::to_value(p.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let auth = serde_json::to_value(p.auth).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let routes = if p.routes.is_empty() { String::new() } else { format!(", routes {}", p.routes.join(" ")) };
+        println!("    {} ({kind}, {}, auth {auth}{routes})", p.name, p.fhir_base);
+    }
+    let mappings = c.mappings.dir.as_ref().map_or("compiled in".to_string(), |d| d.display().to_string());
+    println!("  mappings   {mappings}");
+    println!("  outbox     {}", if c.outbox.enabled { "delivering" } else { "not delivering (outbox.enabled = false)" });
     ExitCode::SUCCESS
 }

@@ -133,7 +133,7 @@ fn revoke(args: RevokeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn write_private(path: &Path, pem: &str) -> Result<(), String> {
+pub(super) fn write_private(path: &Path, pem: &str) -> Result<(), String> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -145,12 +145,12 @@ fn write_private(path: &Path, pem: &str) -> Result<(), String> {
     file.write_all(pem.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn relative_to(path: &Path, base: &Path) -> PathBuf {
+pub(super) fn relative_to(path: &Path, base: &Path) -> PathBuf {
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let (path, base) = (absolute(path), absolute(base));
     path.strip_prefix(&base).map(Path::to_path_buf).unwrap_or(path)
 }
 
-fn toml_string(text: &str) -> String {
+pub(super) fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }

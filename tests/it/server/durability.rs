@@ -155,3 +155,53 @@ async fn the_token_command_gets_a_token_from_the_running_server() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partners_add_and_the_outbox_commands() {
+    let dir = TempDir::new("outbox-cli");
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_iop-gateway")).current_dir(&dir.0).args(args).env_remove("IOP_GATEWAY_CONFIG").output().unwrap();
+    let added = run(&["partners", "add", "synthetic-health", "--kind", "payer", "--fhir-base", "https://payer.example/fhir", "--route", "PAYER-77", "--client-id", "iop-northside"]);
+    assert_eq!(added.status.code(), Some(0), "{}", String::from_utf8_lossy(&added.stderr));
+    let printed = String::from_utf8_lossy(&added.stdout);
+    assert!(printed.contains("\"kty\": \"EC\"") && printed.contains("iop-northside"), "prints the JWKS to register: {printed}");
+    assert!(dir.0.join("data/partners/synthetic-health.key.pem").is_file());
+    assert_eq!(run(&["partners", "add", "synthetic-health", "--kind", "payer", "--fhir-base", "https://x.example"]).status.code(), Some(2), "a name is configured once");
+    assert_eq!(run(&["partners", "add", "other", "--kind", "pharmacy", "--fhir-base", "https://x.example"]).status.code(), Some(2));
+    let checked = run(&["check-config"]);
+    assert_eq!(checked.status.code(), Some(0), "{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("synthetic-health (payer, https://payer.example/fhir, auth smart, routes PAYER-77)"), "{}", String::from_utf8_lossy(&checked.stdout));
+
+    // A dead letter, made through the store as the delivery worker would.
+    let loaded = iop_gateway::config::Config::load(Some(&dir.0.join("gateway.toml")), &[], &Default::default()).unwrap();
+    let mut store_config = loaded.config.store.clone();
+    store_config.data_dir = dir.0.join("data");
+    let store = iop_gateway::store::Store::open(&store_config, Default::default()).await.unwrap();
+    let message = iop_gateway::store::NewMessage {
+        id: "4a1f-dead".into(),
+        partner: "synthetic-health".into(),
+        subject: "authorization:A-1".into(),
+        kind: "pas-submit".into(),
+        record_type: "authorization".into(),
+        record_id: "A-1".into(),
+        payload: "{}".into(),
+    };
+    let mut tx = store.begin().await.unwrap();
+    assert!(tx.enqueue(&message, 1).await.unwrap());
+    tx.commit().await.unwrap();
+    let claimed = store.claim_due(2, 60_000, "test", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let mut tx = store.begin().await.unwrap();
+    assert!(tx.finish_message("4a1f-dead", "test", iop_gateway::store::MessageStatus::Dead, 3, 400, "the partner refused the message (400)", "{\"resourceType\":\"OperationOutcome\"}").await.unwrap());
+    tx.commit().await.unwrap();
+    store.close().await;
+
+    let listed = run(&["outbox", "list", "--status", "dead"]);
+    assert_eq!(listed.status.code(), Some(0), "{}", String::from_utf8_lossy(&listed.stderr));
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("4a1f-dead") && text.contains("dead") && text.contains("1 message(s)"), "{text}");
+    let shown = run(&["outbox", "show", "4a1f-dead"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("OperationOutcome"), "{}", String::from_utf8_lossy(&shown.stdout));
+    assert_eq!(run(&["outbox", "replay", "4a1f-dead"]).status.code(), Some(0));
+    assert_eq!(run(&["outbox", "replay", "4a1f-dead"]).status.code(), Some(1), "only a dead letter is replayed");
+    assert!(String::from_utf8_lossy(&run(&["outbox", "list", "--status", "pending"]).stdout).contains("4a1f-dead"));
+}
