@@ -139,7 +139,7 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 60, concurrency: 16 }
+        OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 120, concurrency: 16 }
     }
 }
 
@@ -623,6 +623,10 @@ impl Config {
                     problems.push(format!("{at}.clients: '{client}' is not a registered client"));
                 }
             }
+            // An attempt (a token request, then the message) must end before its lease does, or the message could be sent twice at once.
+            if partner.timeout_secs.saturating_mul(2) >= self.outbox.lease_secs {
+                problems.push(format!("{at}.timeout_secs: twice it ({} s) must be less than outbox.lease_secs ({} s)", partner.timeout_secs * 2, self.outbox.lease_secs));
+            }
             if partner.timeout_secs == 0 || partner.first_retry_ms == 0 || partner.max_backoff_secs == 0 {
                 problems.push(format!("{at}: timeout_secs, first_retry_ms and max_backoff_secs must be greater than 0"));
             }
@@ -733,6 +737,20 @@ mod tests {
         assert_eq!(loaded.config.store.data_dir, PathBuf::from("data"));
         assert!(loaded.config.store.url.is_none());
         assert!(loaded.config.server.tls.is_none());
+    }
+
+    #[test]
+    fn partners_are_checked_before_anything_binds() {
+        let partner = |extra: &str| format!("[[partners]]\nname = \"payer-x\"\nkind = \"payer\"\nfhir_base = \"https://payer.example/fhir\"\nauth = \"none\"\nroutes = [\"P-1\"]\n{extra}");
+        assert!(Config::from_toml(&partner(""), Path::new("")).is_ok());
+        let problems = |text: &str| Config::from_toml(text, Path::new("")).unwrap_err().to_string();
+        assert!(problems(&partner("timeout_secs = 60")).contains("must be less than outbox.lease_secs"));
+        assert!(problems(&partner("").replace("https://payer.example/fhir", "payer.example")).contains("fhir_base"));
+        assert!(problems(&partner("").replace("\"none\"", "\"smart\"")).contains("partners add"), "a SMART partner needs our key");
+        assert!(problems(&partner("").replace("\"none\"", "\"bearer\"")).contains("bearer_token_env"));
+        assert!(problems(&partner("clients = [\"nobody\"]")).contains("not a registered client"));
+        let twice = format!("{}\n{}", partner(""), partner("").replace("payer-x", "payer-y"));
+        assert!(problems(&twice).contains("routed to more than one payer"));
     }
 
     #[test]

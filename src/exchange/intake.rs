@@ -124,22 +124,33 @@ fn plan_messages(state: &AppState, records: &[Json], bundle: &Json, issues: &mut
             continue;
         };
         match super::pas::request_bundle(&state.mappings, bundle, &id) {
-            Some(request) => plan.push(Planned {
-                record: i,
-                message: NewMessage {
-                    id: uuid::Uuid::new_v4().to_string(),
+            Some(request) => {
+                let mut message = NewMessage {
+                    id: String::new(),
                     partner: payer.config.name.clone(),
                     subject: format!("authorization:{id}"),
                     kind: super::pas::SUBMIT.to_string(),
                     record_type: "authorization".into(),
                     record_id: id,
                     payload: request.to_string_compact(),
-                },
-            }),
+                };
+                message.id = message_id(&message);
+                plan.push(Planned { record: i, message })
+            }
             None => issues.push(Issue::error(IssueCode::Processing, located(i, ""), "the mapping made no PAS request Bundle for this authorization")),
         }
     }
     plan
+}
+
+/// A message's id is derived from what it is, so two intakes of the same change (a client's retry
+/// racing the original on another instance) queue one message, not two.
+fn message_id(m: &NewMessage) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest([m.partner.as_str(), m.kind.as_str(), m.record_type.as_str(), m.record_id.as_str(), m.payload.as_str()].join("\n"));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
 }
 
 /// The row an IOP record is stored as.
@@ -182,6 +193,14 @@ mod tests {
     fn problems_are_located_by_record_index_and_path() {
         assert_eq!(located(2, "items[3].answer"), "records[2].items[3].answer");
         assert_eq!(located(0, ""), "records[0]");
+    }
+
+    #[test]
+    fn the_same_change_has_the_same_message_id() {
+        let m = NewMessage { id: String::new(), partner: "p".into(), subject: "s".into(), kind: "pas-submit".into(), record_type: "authorization".into(), record_id: "A".into(), payload: "{}".into() };
+        assert_eq!(message_id(&m), message_id(&m.clone()));
+        assert_ne!(message_id(&m), message_id(&NewMessage { payload: "{ }".into(), ..m.clone() }));
+        assert_ne!(message_id(&m), message_id(&NewMessage { partner: "q".into(), ..m }));
     }
 
     #[test]

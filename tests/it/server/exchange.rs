@@ -95,6 +95,19 @@ async fn an_authorization_goes_to_the_payer_once_and_its_decision_comes_back() {
     assert_eq!(claims["total"], 1);
     let (_, sent_records) = gw.get(&clinic, "iop/records?direction=outbound").await;
     assert_eq!(sent_records.as_array().unwrap().len(), 3, "{sent_records}");
+    let (status, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
+    assert_eq!((status, &one["units"]), (200, &json!(12)), "{one}");
+
+    // A change to a submitted authorization is not silently resent as a new $submit.
+    let mut changed = input.clone();
+    changed[2]["units"] = json!(15);
+    let (status, outcome) = post_records(&gw, &clinic, &changed).await;
+    assert_eq!(status, 409, "{outcome}");
+    assert_outcome(&outcome);
+    assert!(outcome["issue"][0]["details"]["text"].as_str().unwrap().contains("records[2]"), "{outcome}");
+    let (_, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
+    assert_eq!(one["units"], 12, "nothing of the refused request was stored");
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1);
     gw.stop().await;
 }
 
@@ -238,7 +251,9 @@ fn serve_config(payer: &str, label: &str) -> (super::support::TempDir, std::path
     let dir = super::support::TempDir::new(label);
     let port = super::durability::free_port();
     let keys = super::support::partner_keys();
-    let extra = format!("{}\n[outbox]\npoll_interval_ms = 50\nlease_secs = 1\n", payer_config(payer, "").replace("[outbox]\npoll_interval_ms = 50\n", ""));
+    // A short lease so the restarted gateway takes over the message the killed one held.
+    let partner = payer_config(payer, "").replace("[outbox]\npoll_interval_ms = 50\n", "").replace("timeout_secs = 2", "timeout_secs = 1");
+    let extra = format!("{partner}\n[outbox]\npoll_interval_ms = 50\nlease_secs = 3\n");
     let text = super::support::config_text(&dir.0, &keys, "").replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")) + &extra;
     let config = dir.0.join("gateway.toml");
     std::fs::write(&config, text).unwrap();
