@@ -26,7 +26,7 @@ use crate::config::StoreConfig;
 use crate::search::{IndexEntry, Query};
 use crate::telemetry::Metrics;
 
-pub use exchange::{Attempt, Message, MessageStatus, NewMessage, RecordFilter, RecordRow};
+pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordFilter, RecordRow};
 pub use query::{AuditQuery, Bind};
 
 /// Which database is behind the store.

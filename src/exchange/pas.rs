@@ -6,7 +6,7 @@ use crate::api::write::{self, Change, Failure};
 use crate::json::Json;
 use crate::mapping::MappingSet;
 use crate::outcome::Issue;
-use crate::store::{Message, MessageStatus, StoreError};
+use crate::store::{Ending, Message, MessageStatus, StoreError};
 
 /// The outbox kind of a PAS request.
 pub const SUBMIT: &str = "pas-submit";
@@ -50,7 +50,8 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
         for decision in &decisions {
             tx.put_record(&decision_row(decision, authorization_id, &now)).await?;
         }
-        if !tx.finish_message(&message.new.id, owner, outcome_status, super::now_ms(), i64::from(status), &error, body).await? {
+        let end = Ending { status: outcome_status, at_ms: super::now_ms(), http_status: i64::from(status), error: &error, response: body };
+        if !tx.finish_message(&message.new.id, owner, &end).await? {
             return Ok(false);
         }
         match tx.commit().await {
@@ -69,7 +70,8 @@ pub async fn refuse(state: &AppState, message: &Message, owner: &str, status: u1
     let decision = error_decision(&message.new.record_id, &now, &issues);
     let mut tx = state.store.begin().await?;
     tx.put_record(&decision_row(&decision, &message.new.record_id, &now)).await?;
-    if !tx.finish_message(&message.new.id, owner, MessageStatus::Dead, super::now_ms(), i64::from(status), reason, body).await? {
+    let end = Ending { status: MessageStatus::Dead, at_ms: super::now_ms(), http_status: i64::from(status), error: reason, response: body };
+    if !tx.finish_message(&message.new.id, owner, &end).await? {
         return Ok(false);
     }
     tx.commit().await?;

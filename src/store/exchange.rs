@@ -66,6 +66,19 @@ pub struct Message {
     pub response: String,
 }
 
+/// How a claimed message ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Ending<'a> {
+    /// Delivered or dead.
+    pub status: MessageStatus,
+    pub at_ms: i64,
+    /// The HTTP status of the partner's last answer (0: none).
+    pub http_status: i64,
+    pub error: &'a str,
+    /// The partner's answer, kept for operators.
+    pub response: &'a str,
+}
+
 /// One delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
@@ -163,7 +176,7 @@ impl Tx {
     pub async fn enqueue(&mut self, m: &NewMessage, now_ms: i64) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "INSERT INTO outbox (id, partner, subject, kind, record_type, record_id, payload, status, attempts, created_at, next_attempt_at, lease_until, lease_owner, delivered_at, last_status, last_error, response) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, 0, '', 0, 0, '', '')",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, 0, '', 0, 0, '', '') ON CONFLICT (id) DO NOTHING",
         )
         .bind(m.id.as_str())
         .bind(m.partner.as_str())
@@ -174,12 +187,9 @@ impl Tx {
         .bind(m.payload.as_str())
         .bind(now_ms)
         .execute(&mut *self.inner)
-        .await;
-        match result.map_err(StoreError::from) {
-            Ok(_) => Ok(true),
-            Err(StoreError::Duplicate) => Ok(false),
-            Err(e) => Err(e),
-        }
+        .await?;
+        // ON CONFLICT rather than catching the unique violation: on PostgreSQL a failed statement aborts the whole transaction.
+        Ok(result.rows_affected() == 1)
     }
 
     /// Stores (or replaces) an IOP record.
@@ -199,7 +209,8 @@ impl Tx {
 
     /// Records the final outcome of a claimed message (delivered or dead) if `owner` still holds its
     /// lease; `false` when the lease was lost (the caller rolls back: the next holder decides).
-    pub async fn finish_message(&mut self, id: &str, owner: &str, status: MessageStatus, now_ms: i64, http_status: i64, error: &str, response: &str) -> Result<bool, StoreError> {
+    pub async fn finish_message(&mut self, id: &str, owner: &str, end: &Ending<'_>) -> Result<bool, StoreError> {
+        let Ending { status, at_ms: now_ms, http_status, error, response } = *end;
         let delivered_at = if status == MessageStatus::Delivered { now_ms } else { 0 };
         let done = sqlx::query(
             "UPDATE outbox SET status = $3, delivered_at = $4, last_status = $5, last_error = $6, response = $7, lease_until = 0, lease_owner = '' \

@@ -191,7 +191,14 @@ async fn partners_add_and_the_outbox_commands() {
     let claimed = store.claim_due(2, 60_000, "test", 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let mut tx = store.begin().await.unwrap();
-    assert!(tx.finish_message("4a1f-dead", "test", iop_gateway::store::MessageStatus::Dead, 3, 400, "the partner refused the message (400)", "{\"resourceType\":\"OperationOutcome\"}").await.unwrap());
+    let end = iop_gateway::store::Ending {
+        status: iop_gateway::store::MessageStatus::Dead,
+        at_ms: 3,
+        http_status: 400,
+        error: "the partner refused the message (400)",
+        response: "{\"resourceType\":\"OperationOutcome\"}",
+    };
+    assert!(tx.finish_message("4a1f-dead", "test", &end).await.unwrap());
     tx.commit().await.unwrap();
     store.close().await;
 
