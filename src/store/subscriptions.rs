@@ -52,9 +52,11 @@ impl Tx {
     }
 
     /// Records a new Subscription; `false` when the partner already has one (another transaction was first).
+    /// `ON CONFLICT DO NOTHING` rather than catching the violation: on PostgreSQL a failed statement aborts the whole transaction.
     pub async fn insert_subscription(&mut self, s: &SubscriptionRow) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO pas_subscriptions (partner, message_id, remote_id, secret_hash, status, last_event, last_notification_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        let done = sqlx::query(
+            "INSERT INTO pas_subscriptions (partner, message_id, remote_id, secret_hash, status, last_event, last_notification_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (partner) DO NOTHING",
         )
         .bind(s.partner.as_str())
         .bind(s.message_id.as_str())
@@ -65,12 +67,8 @@ impl Tx {
         .bind(s.last_notification_at)
         .bind(s.created_at)
         .execute(&mut *self.inner)
-        .await;
-        match result.map_err(StoreError::from) {
-            Ok(_) => Ok(true),
-            Err(StoreError::Duplicate) => Ok(false),
-            Err(e) => Err(e),
-        }
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records the payer's answer to the create: its id for the Subscription and the status it gave.

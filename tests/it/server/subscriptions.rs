@@ -167,8 +167,29 @@ async fn pended_authorizations_are_decided_through_one_subscription_and_a_duplic
     gw.stop().await;
 }
 
+/// A gateway for the payer, on SQLite or, given a schema, on the PostgreSQL the server tests use.
+async fn gateway(payer: &MockServer, schema: Option<&str>) -> Gateway {
+    let Some(schema) = schema else { return Gateway::start_with(&payer_config(&payer.uri(), "")).await };
+    let dir = super::support::TempDir::new("subs-pg");
+    let keys = super::support::partner_keys();
+    let url = super::postgres::PG_URL;
+    let text = super::support::config_text(&dir.0, &keys, &payer_config(&payer.uri(), "")).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    Gateway::start_loaded(super::support::load(&text, &dir.0), keys, dir).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_in_event_numbers_is_filled_from_the_payers_events_first() {
+    gap_filled_from_events(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_event_numbers_is_filled_from_the_payers_events_first_on_postgres() {
+    let schema = super::postgres::schema_name("subs");
+    gap_filled_from_events(Some(&schema)).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn gap_filled_from_events(schema: Option<&str>) {
     let payer = pending_payer().await;
     let missed = notification(&payer, "query-event", &[(1, pas_response("certified", "AUTH-1001-1"))]);
     Mock::given(method("GET"))
@@ -178,7 +199,7 @@ async fn a_gap_in_event_numbers_is_filled_from_the_payers_events_first() {
         .respond_with(ResponseTemplate::new(200).set_body_json(&missed))
         .mount(&payer)
         .await;
-    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let gw = gateway(&payer, schema).await;
     let clinic = gw.token("clinic").await;
     let secret = pended(&gw, &payer, &clinic, &two_authorizations(), &["AUTH-1001-1", "AUTH-1001-2"]).await;
 
