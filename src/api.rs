@@ -1,7 +1,7 @@
 //! The HTTP layer: the axum router of the FHIR endpoint, the token endpoint, discovery and operations endpoints, and the limits every request passes. The only module that knows HTTP status codes.
 //!
 //! - [`rest`]: create, read, vread, update, history, search; [`bundle`]: transaction and batch;
-//!   [`message`]: `$process-message`; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
+//!   [`message`]: `$process-message`; [`notifications`]: payers' subscription notifications; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
 //! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path.
 //! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
 //! - [`error`]: `ApiError` → status + OperationOutcome; [`fhir`]: FHIR HTTP conventions; [`audit`]: AuditEvents.
@@ -18,6 +18,7 @@ pub mod fhir;
 pub mod limits;
 pub mod message;
 pub mod metadata;
+pub mod notifications;
 pub mod records;
 pub mod rest;
 pub mod state;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/outbox", get(records::outbox_list))
         .route("/admin/outbox/{id}", get(records::outbox_show))
         .route("/admin/outbox/{id}/{operation}", post(records::outbox_replay))
+        .route("/notifications/{partner}", post(notifications::receive))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
         .route("/{type}/{id}", get(rest::read).put(rest::update).post(validate::type_operation))
         .route("/{type}/{id}/_history", get(rest::history))
@@ -93,6 +95,7 @@ fn route_template(path: &str) -> &'static str {
         ["admin", "outbox"] => "/admin/outbox",
         ["admin", "outbox", _] => "/admin/outbox/{id}",
         ["admin", "outbox", _, _] => "/admin/outbox/{id}/{operation}",
+        ["notifications", _] => "/notifications/{partner}",
         [t] if t.starts_with('$') => "/$operation",
         [_] => "/{type}",
         [_, op] if op.starts_with('$') => "/{type}/$operation",

@@ -87,7 +87,7 @@ pub struct PartnerConfig {
     pub key_file: Option<PathBuf>,
     /// The partner's token endpoint. Default: discovered from `<fhir_base>/.well-known/smart-configuration`.
     pub token_endpoint: Option<String>,
-    /// Scopes to ask the partner for. Default: `system/Claim.c system/ClaimResponse.r` for a payer, `system/*.cruds` otherwise.
+    /// Scopes to ask the partner for. Default: `system/Claim.c system/ClaimResponse.r system/Subscription.cr` for a payer (the PAS Subscription for pended decisions), `system/*.cruds` otherwise.
     pub scopes: Option<String>,
     /// For `auth = "bearer"`: the environment variable holding the token (never the token itself in the file).
     pub bearer_token_env: Option<String>,

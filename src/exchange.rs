@@ -7,10 +7,13 @@
 //!   [`crate::partner`] layer, retries with backoff, keeps dead letters.
 //! - [`pas`]: Da Vinci PAS: what an authorization record sends, and what the payer's answer becomes
 //!   (a stored ClaimResponse and a decision record).
+//! - [`subscription`]: pended decisions: the one PAS Subscription per payer, and the notifications
+//!   that bring the final decisions (event numbers tracked, gaps filled from `$events`).
 
 pub mod intake;
 pub mod outbox;
 pub mod pas;
+pub mod subscription;
 
 /// Milliseconds since the Unix epoch, the outbox's clock.
 pub fn now_ms() -> i64 {

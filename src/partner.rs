@@ -22,8 +22,8 @@ pub struct PartnerError {
 /// What one attempt to deliver a message came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// 2xx: the partner took the message; its answer.
-    Accepted { status: u16, body: String },
+    /// 2xx: the partner took the message; its answer (and its `Location`, where a create names what it made).
+    Accepted { status: u16, body: String, location: Option<String> },
     /// No answer, or an answer that says "later": try again (after `after`, when the partner said).
     Retry { status: u16, error: String, after: Option<Duration> },
     /// A 4xx other than 408/429 (or a 401 that a fresh token did not cure): do not send this again.
@@ -118,6 +118,15 @@ impl Partner {
 
     /// `POST {fhir_base}/{path}` with a FHIR JSON body: one attempt (plus one on a 401 with a fresh token).
     pub async fn post(&self, path: &str, body: &str) -> Delivery {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// `GET {fhir_base}/{path_and_query}` (a read or an operation such as a Subscription's `$events`), answered and classified like a post.
+    pub async fn get(&self, path_and_query: &str) -> Delivery {
+        self.send(reqwest::Method::GET, path_and_query, None).await
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> Delivery {
         let url = format!("{}/{}", self.config.fhir_base.trim_end_matches('/'), path.trim_start_matches('/'));
         let mut renewed = false;
         loop {
@@ -125,12 +134,10 @@ impl Partner {
                 Ok(token) => token,
                 Err(delivery) => return delivery,
             };
-            let mut request = self
-                .http
-                .post(&url)
-                .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
-                .header(reqwest::header::ACCEPT, "application/fhir+json")
-                .body(body.to_string());
+            let mut request = self.http.request(method.clone(), &url).header(reqwest::header::ACCEPT, "application/fhir+json");
+            if let Some(body) = body {
+                request = request.header(reqwest::header::CONTENT_TYPE, "application/fhir+json").body(body.to_string());
+            }
             if let Some(token) = &token {
                 request = request.bearer_auth(token);
             }
@@ -140,9 +147,10 @@ impl Partner {
             };
             let status = response.status().as_u16();
             let after = retry_after(response.headers());
+            let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
             let text = response.text().await.unwrap_or_default();
             match status {
-                200..=299 => return Delivery::Accepted { status, body: text },
+                200..=299 => return Delivery::Accepted { status, body: text, location },
                 401 if token.is_some() && !renewed && matches!(self.credentials, Credentials::Smart { .. }) => {
                     renewed = true;
                     *self.token.lock().await = None;
@@ -217,7 +225,7 @@ pub fn key_id(partner: &str) -> String {
 /// What to ask a partner for when the configuration does not say.
 pub fn default_scopes(kind: crate::config::PartnerKind) -> &'static str {
     match kind {
-        crate::config::PartnerKind::Payer => "system/Claim.c system/ClaimResponse.r",
+        crate::config::PartnerKind::Payer => "system/Claim.c system/ClaimResponse.r system/Subscription.cr",
         _ => "system/*.cruds",
     }
 }

@@ -15,6 +15,7 @@ mod exchange;
 mod postgres;
 mod query;
 mod sqlite;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +29,7 @@ use crate::telemetry::Metrics;
 
 pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordFilter, RecordRow};
 pub use query::{AuditQuery, Bind};
+pub use subscriptions::SubscriptionRow;
 
 /// Which database is behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::pas;
+use super::{pas, subscription};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -85,6 +85,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
     let started = Instant::now();
     let delivery = match message.new.kind.as_str() {
         pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
+        subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -105,16 +106,19 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
     state.metrics.observe_delivery(&message.new.partner, outcome, elapsed);
     health.report(&message.new.partner, !matches!(delivery, Delivery::Retry { .. }), &error);
     let recorded = match delivery {
-        Delivery::Accepted { status, body } => {
+        Delivery::Accepted { status, body, location } => {
             state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((now_ms() - message.created_at).max(0) as u64));
-            pas::accept(state, &message, owner, status, &body).await
+            match message.new.kind.as_str() {
+                subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,
+                _ => pas::accept(state, &message, owner, status, &body).await,
+            }
         }
-        Delivery::Refused { status, body } => pas::refuse(state, &message, owner, status, &body, &error).await,
+        Delivery::Refused { status, body } => refuse(state, &message, owner, status, &body, &error).await,
         Delivery::Retry { status, error, after } => {
             let config = &partner.config;
             let age = now_ms() - message.created_at;
             if config.max_age_secs.is_some_and(|max| age > (max as i64) * 1000) {
-                pas::refuse(state, &message, owner, status, "", &format!("given up after {} attempts: {error}", message.attempts)).await
+                refuse(state, &message, owner, status, "", &format!("given up after {} attempts: {error}", message.attempts)).await
             } else {
                 let wait = after.unwrap_or_else(|| backoff(config.first_retry_ms, config.max_backoff_secs, message.attempts));
                 state.store.retry_later(&message.new.id, owner, now_ms() + wait.as_millis() as i64, i64::from(status), &error).await.map_err(Into::into)
@@ -129,6 +133,14 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
             // Nothing was recorded: the lease runs out and the message is sent again with the same identity.
             tracing::warn!(message = %message.new.id, error = %e, "A delivery outcome could not be recorded; the message will be sent again.");
         }
+    }
+}
+
+/// A message that will not be delivered becomes a dead letter, with what that means for its kind.
+async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, body: &str, reason: &str) -> Result<bool, crate::api::ApiError> {
+    match message.new.kind.as_str() {
+        subscription::CREATE => subscription::refused(state, message, owner, status, body, reason).await,
+        _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::api::write::{self, Change, Failure};
 use crate::json::Json;
 use crate::mapping::MappingSet;
 use crate::outcome::Issue;
-use crate::store::{Ending, Message, MessageStatus, StoreError};
+use crate::store::{Ending, Message, MessageStatus, StoreError, Tx};
 
 /// The outbox kind of a PAS request.
 pub const SUBMIT: &str = "pas-submit";
@@ -22,45 +22,109 @@ pub fn request_bundle(mappings: &MappingSet, transaction: &Json, authorization_i
     }).cloned()
 }
 
-/// Reads a 2xx answer and records it, in one transaction with the message's completion; `Ok(false)` when the lease was lost (nothing recorded).
+/// A PAS response Bundle as the gateway reads it, whether it answered `$submit` or came in a subscription notification.
+#[derive(Clone, Debug)]
+pub struct Response {
+    /// The validated PAS response Bundle.
+    pub bundle: Json,
+    /// Its ClaimResponse, stored for the clinic.
+    pub claim_response: Json,
+    /// The decision records it maps to (none when it names no review action the gateway knows).
+    pub decisions: Vec<Json>,
+}
+
+impl Response {
+    /// Whether the payer pended the request (A4): the final decision comes later, by subscription.
+    pub fn pended(&self) -> bool {
+        self.decisions.iter().any(|d| d.get("outcome").and_then(Json::as_str) == Some("pended"))
+    }
+
+    /// The authorization the response decides on: as the decision names it, else as the ClaimResponse does.
+    pub fn authorization_id(&self) -> Option<String> {
+        let from_decision = self.decisions.iter().find_map(|d| d.get("authorization_id").and_then(Json::as_str));
+        let from_claim_response = || {
+            let identifiers = self.claim_response.get("identifier")?.as_array()?;
+            identifiers.iter().find(|i| i.get("system").and_then(Json::as_str) == Some(AUTHORIZATION_ID_SYSTEM))?.get("value")?.as_str()
+        };
+        from_decision.or_else(from_claim_response).filter(|id| !id.is_empty()).map(str::to_string)
+    }
+}
+
+/// The identifier system the mappings give an authorization's Claim and the payer echoes in its ClaimResponse.
+const AUTHORIZATION_ID_SYSTEM: &str = "http://iop-gateway.org/fhir/sid/authorization-id";
+
+/// Reads a 2xx `$submit` answer and records it, in one transaction with the message's completion; `Ok(false)` when the lease was lost (nothing recorded).
+/// A pended decision also creates the payer's PAS Subscription when the gateway has none there yet.
 pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u16, body: &str) -> Result<bool, ApiError> {
     let authorization_id = message.new.record_id.as_str();
     let read = read_response(state, body).await;
+    // Built (and validated) before the transaction, used only if the payer has no Subscription yet.
+    let subscription = match &read {
+        Ok(response) if response.pended() && state.store.subscription(&message.new.partner).await?.is_none() => {
+            match super::subscription::prepare(state, &message.new.partner, &message.new.payload, &response.bundle).await {
+                Ok(prepared) => Some(prepared),
+                Err(why) => {
+                    // The decision is recorded all the same; the next pended decision tries again.
+                    tracing::warn!(partner = %message.new.partner, reason = %why, "No PAS Subscription could be built for the payer.");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     for _ in 0..write::ATTEMPTS {
         let mut tx = state.store.begin().await?;
         let now = crate::api::fhir::now_instant();
-        let (decisions, outcome_status, error) = match &read {
-            Ok((response, claim_response)) => {
-                let change = Change { resource_type: "ClaimResponse", id: write::new_id(), resource: claim_response.clone(), if_match: None, inherited_labels: &[], method: "POST" };
-                match write::write(&mut tx, state, &state.gateway_principal, change).await {
-                    Ok(_) => {}
+        let (outcome_status, error) = match &read {
+            Ok(response) => {
+                match record(&mut tx, state, authorization_id, response, &now).await {
+                    Ok(()) => {}
                     Err(Failure::Retry) => continue,
                     Err(Failure::Api(e)) => return Err(e),
                 }
-                let mut decisions = state.mappings.fhir_to_records(response).output;
-                decisions.retain(|r| r.get("record_type").and_then(Json::as_str) == Some("decision"));
-                if decisions.is_empty() {
-                    let issue = Issue::error(crate::outcome::IssueCode::Processing, "ClaimResponse", "the payer's ClaimResponse names no review action the gateway knows (A1, A3, A4)");
-                    decisions.push(error_decision(authorization_id, &now, &[issue]));
+                if let Some(subscription) = &subscription {
+                    super::subscription::create(&mut tx, subscription).await?;
                 }
-                (decisions, MessageStatus::Delivered, String::new())
+                (MessageStatus::Delivered, String::new())
             }
-            Err(issues) => (vec![error_decision(authorization_id, &now, issues)], MessageStatus::Dead, "the answer is not a valid PAS response".to_string()),
+            Err(issues) => {
+                tx.put_record(&decision_row(&error_decision(authorization_id, &now, issues), authorization_id, &now)).await?;
+                (MessageStatus::Dead, "the answer is not a valid PAS response".to_string())
+            }
         };
-        for decision in &decisions {
-            tx.put_record(&decision_row(decision, authorization_id, &now)).await?;
-        }
         let end = Ending { status: outcome_status, at_ms: super::now_ms(), http_status: i64::from(status), error: &error, response: body };
         if !tx.finish_message(&message.new.id, owner, &end).await? {
             return Ok(false);
         }
         match tx.commit().await {
-            Ok(()) => return Ok(true),
+            Ok(()) => {
+                if subscription.is_some() {
+                    state.outbox_wake.notify_one();
+                }
+                return Ok(true);
+            }
             Err(StoreError::Duplicate) => continue,
             Err(e) => return Err(e.into()),
         }
     }
     Err(ApiError::Conflict("the answer could not be recorded; it will be read again".into()))
+}
+
+/// Records a read PAS response for an authorization in `tx`: its ClaimResponse through the one write
+/// path, and its decision (a final decision replaces a pended one: one decision record per authorization).
+/// The one path for `$submit` answers and subscription notifications alike.
+pub async fn record(tx: &mut Tx, state: &AppState, authorization_id: &str, response: &Response, now: &str) -> Result<(), Failure> {
+    let change = Change { resource_type: "ClaimResponse", id: write::new_id(), resource: response.claim_response.clone(), if_match: None, inherited_labels: &[], method: "POST" };
+    write::write(tx, state, &state.gateway_principal, change).await?;
+    let mut decisions = response.decisions.clone();
+    if decisions.is_empty() {
+        let issue = Issue::error(crate::outcome::IssueCode::Processing, "ClaimResponse", "the payer's ClaimResponse names no review action the gateway knows (A1, A3, A4)");
+        decisions.push(error_decision(authorization_id, now, &[issue]));
+    }
+    for decision in &decisions {
+        tx.put_record(&decision_row(decision, authorization_id, now)).await.map_err(ApiError::from)?;
+    }
+    Ok(())
 }
 
 /// Records a payer's refusal (or a message given up on): the message becomes a dead letter and the clinic gets an error decision with the payer's issues.
@@ -78,19 +142,23 @@ pub async fn refuse(state: &AppState, message: &Message, owner: &str, status: u1
     Ok(true)
 }
 
-/// The PAS response Bundle (validated) and its ClaimResponse, or why the answer is unusable.
-async fn read_response(state: &AppState, body: &str) -> Result<(Json, Json), Vec<Issue>> {
-    let unusable = |message: &str| vec![Issue::error(crate::outcome::IssueCode::Invalid, "", message.to_string())];
+/// A payer's answer read as a PAS response (parsed, validated, mapped), or why it is unusable.
+pub async fn read_response(state: &AppState, body: &str) -> Result<Response, Vec<Issue>> {
     let response = crate::json::parse(body.as_bytes()).map_err(|e| unusable(&format!("the payer's answer is not JSON: {e}")))?;
+    read_bundle(state, response).await
+}
+
+/// A PAS response Bundle already parsed (a notification carries it inside its own Bundle), read as [`read_response`] reads an answer.
+pub async fn read_bundle(state: &AppState, response: Json) -> Result<Response, Vec<Issue>> {
     if response.get("resourceType").and_then(Json::as_str) != Some("Bundle") {
         return Err(unusable("the payer's answer is not a PAS response Bundle"));
     }
-    let response = match write::validate(state, response, Vec::new()).await {
+    let bundle = match write::validate(state, response, Vec::new()).await {
         Ok(response) => response,
         Err(ApiError::Unprocessable(issues)) => return Err(issues),
         Err(e) => return Err(unusable(&e.to_string())),
     };
-    let claim_response = response
+    let claim_response = bundle
         .get("entry")
         .and_then(Json::as_array)
         .unwrap_or_default()
@@ -99,7 +167,13 @@ async fn read_response(state: &AppState, body: &str) -> Result<(Json, Json), Vec
         .find(|r| r.get("resourceType").and_then(Json::as_str) == Some("ClaimResponse"))
         .cloned()
         .ok_or_else(|| unusable("the payer's answer holds no ClaimResponse"))?;
-    Ok((response, claim_response))
+    let mut decisions = state.mappings.fhir_to_records(&bundle).output;
+    decisions.retain(|r| r.get("record_type").and_then(Json::as_str) == Some("decision"));
+    Ok(Response { bundle, claim_response, decisions })
+}
+
+fn unusable(message: &str) -> Vec<Issue> {
+    vec![Issue::error(crate::outcome::IssueCode::Invalid, "", message.to_string())]
 }
 
 /// The issues of an OperationOutcome in a partner's answer.

@@ -14,6 +14,7 @@ pub(super) fn migrator() -> Migrator {
         migration(1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
         migration(2, "owner", include_str!("../../migrations/postgres/0002_owner.sql")),
         migration(3, "exchange", include_str!("../../migrations/postgres/0003_exchange.sql")),
+        migration(4, "subscriptions", include_str!("../../migrations/postgres/0004_subscriptions.sql")),
     ])
 }
 

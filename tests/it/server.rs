@@ -9,4 +9,5 @@ mod limits;
 mod malformed;
 mod postgres;
 mod rest;
+mod subscriptions;
 mod tls;

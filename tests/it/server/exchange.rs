@@ -11,13 +11,24 @@ use super::support::{Gateway, assert_outcome};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The records of a fixture under tests/fixtures/iop.
-fn records(name: &str) -> Value {
+pub(super) fn records(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/tests/fixtures/iop/{name}")).unwrap()).unwrap()
 }
 
 /// A payer that answers `$submit` like a PAS server: the response Bundle of a fixture decision, echoing the submitted authorization's identifier.
-struct Payer {
-    decision: &'static str,
+pub(super) struct Payer {
+    pub(super) decision: &'static str,
+}
+
+/// The PAS response Bundle of a fixture decision, deciding on `authorization_id`.
+pub(super) fn pas_response(decision: &str, authorization_id: &str) -> String {
+    let text = std::fs::read_to_string(format!("{ROOT}/tests/fixtures/pas/decision-{decision}.json")).unwrap();
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let fixture_id = fixture["entry"].as_array().unwrap().iter().find(|e| e["resource"]["resourceType"] == "ClaimResponse").unwrap()["resource"]["identifier"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    text.replace(&fixture_id, authorization_id)
 }
 
 impl Respond for Payer {
@@ -25,31 +36,25 @@ impl Respond for Payer {
         let submitted: Value = serde_json::from_slice(&request.body).unwrap_or_default();
         let claim = &submitted["entry"][0]["resource"];
         let authorization_id = claim["identifier"][0]["value"].as_str().unwrap_or_default();
-        let text = std::fs::read_to_string(format!("{ROOT}/tests/fixtures/pas/decision-{}.json", self.decision)).unwrap();
-        let fixture: Value = serde_json::from_str(&text).unwrap();
-        let fixture_id = fixture["entry"].as_array().unwrap().iter().find(|e| e["resource"]["resourceType"] == "ClaimResponse").unwrap()["resource"]["identifier"][0]["value"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(text.replace(&fixture_id, authorization_id))
+        ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(pas_response(self.decision, authorization_id))
     }
 }
 
 /// Gateway configuration for one payer at `base`, routed for the fixtures' payer ids.
-fn payer_config(base: &str, extra: &str) -> String {
+pub(super) fn payer_config(base: &str, extra: &str) -> String {
     format!(
         "[outbox]\npoll_interval_ms = 50\n\n[[partners]]\nname = \"synthetic-health\"\nkind = \"payer\"\nfhir_base = \"{base}\"\nroutes = [\"PAYER-77\", \"PAYER-12\"]\nauth = \"none\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n{extra}\n"
     )
 }
 
-async fn post_records(gw: &Gateway, token: &str, body: &Value) -> (u16, Value) {
+pub(super) async fn post_records(gw: &Gateway, token: &str, body: &Value) -> (u16, Value) {
     let response = gw.http.post(gw.url("iop/records")).bearer_auth(token).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// Waits (bounded) for the decision on an authorization to reach the given outcome.
-async fn decision(gw: &Gateway, token: &str, authorization_id: &str, outcome: &str) -> Value {
+pub(super) async fn decision(gw: &Gateway, token: &str, authorization_id: &str, outcome: &str) -> Value {
     for _ in 0..200 {
         let (status, found) = gw.get(token, &format!("iop/records?record_type=decision&authorization_id={authorization_id}")).await;
         assert_eq!(status, 200, "{found}");
