@@ -230,7 +230,7 @@ async fn two_instances_share_one_outbox_and_deliver_every_message_once() {
         *per_instance.entry(instance.as_str()).or_default() += n;
     }
     let twice: Vec<_> = per_authorization.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "authorizations answered other than once: {twice:?}");
+    assert!(twice.is_empty(), "{} authorizations answered other than once, e.g. {:?}", twice.len(), &twice[..twice.len().min(5)]);
     assert_eq!(per_authorization.len(), AUTHORIZATIONS, "every authorization reached the payer");
     assert!(ids.iter().all(|id| per_authorization.contains_key(id.as_str())));
     let received = payer.received_requests().await.unwrap().len();
