@@ -245,23 +245,33 @@ impl Store {
         let mut claimed = Vec::new();
         for row in &rows {
             let mut m = message(row)?;
-            let done = sqlx::query(
-                "UPDATE outbox SET status = 'in-flight', lease_until = $2, lease_owner = $3, attempts = attempts + 1 \
-                 WHERE id = $1 AND status IN ('pending', 'in-flight') AND lease_until <= $4",
-            )
-            .bind(m.new.id.as_str())
-            .bind(lease_until)
-            .bind(owner)
-            .bind(now_ms)
-            .execute(&self.writer)
-            .await?;
-            if done.rows_affected() == 1 {
+            if self.claim(&m.new.id, now_ms, lease_until, owner).await? {
                 m.status = MessageStatus::InFlight;
                 m.attempts += 1;
                 claimed.push(m);
             }
         }
         Ok(claimed)
+    }
+
+    /// The compare-and-set that makes a message `owner`'s until `lease_until`; `false` when it is no longer due.
+    ///
+    /// Every condition that made the row due is checked again here: what `claim_due` read may be stale
+    /// (another instance may have tried the message meanwhile and put it back for a later retry,
+    /// which `lease_until <= now` alone would let this worker send again at once). On PostgreSQL the
+    /// UPDATE waits for a concurrent claim of the row and re-evaluates the condition on its result.
+    async fn claim(&self, id: &str, now_ms: i64, lease_until: i64, owner: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'in-flight', lease_until = $2, lease_owner = $3, attempts = attempts + 1 \
+             WHERE id = $1 AND status IN ('pending', 'in-flight') AND lease_until <= $4 AND next_attempt_at <= $4",
+        )
+        .bind(id)
+        .bind(lease_until)
+        .bind(owner)
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records one attempt of a message (its number is the message's attempt count when claimed).
@@ -361,5 +371,43 @@ impl Store {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    async fn store(label: &str) -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("iop-gw-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::StoreConfig { data_dir: dir.clone(), ..Default::default() };
+        (Store::open(&config, Arc::new(crate::telemetry::Metrics::default())).await.unwrap(), dir)
+    }
+
+    fn new_message(id: &str) -> NewMessage {
+        NewMessage { id: id.into(), partner: "payer".into(), subject: format!("authorization:{id}"), kind: "pas-submit".into(), record_type: "authorization".into(), record_id: id.into(), payload: "{}".into() }
+    }
+
+    /// A worker that read a message as due, then lost the race to one that tried it and put it back for later, must not send it before its retry time.
+    #[tokio::test]
+    async fn a_stale_read_claims_neither_a_leased_nor_a_backed_off_message() {
+        let (store, dir) = store("claim").await;
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.enqueue(&new_message("m-1"), 1_000).await.unwrap());
+        tx.commit().await.unwrap();
+
+        let claimed = store.claim_due(1_000, 61_000, "a", 8).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(!store.claim("m-1", 1_000, 61_000, "b").await.unwrap(), "the lease of a holds");
+        assert!(store.retry_later("m-1", "a", 5_000, 503, "the partner answered 503").await.unwrap());
+        assert!(!store.claim("m-1", 1_001, 61_001, "b").await.unwrap(), "put back until 5000: not due at 1001");
+        assert!(store.claim_due(1_001, 61_001, "b", 8).await.unwrap().is_empty());
+        let retried = store.claim_due(5_000, 65_000, "b", 8).await.unwrap();
+        assert_eq!((retried.len(), retried[0].attempts), (1, 2));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

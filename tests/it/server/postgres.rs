@@ -1,8 +1,14 @@
-//! Two gateway instances over one PostgreSQL (the one on this machine, a fresh schema per test): concurrent writers lose no update (stale ETags get 412), conditional creates never duplicate, and tokens and assertion ids are shared.
+//! Two gateway instances over one PostgreSQL (the one on this machine, a fresh schema per test): concurrent writers lose no update (stale ETags get 412), conditional creates never duplicate, tokens and assertion ids are shared, and one outbox is drained by both delivery workers with every message delivered once.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sqlx::Row;
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use super::support::{Gateway, TempDir, config_text, load, partner_keys, patient};
 
@@ -22,13 +28,19 @@ pub async fn drop_schema(schema: &str) {
 
 /// Two gateways sharing one schema and one public base URL (so a token's audience is the same for both).
 async fn two_instances(schema: &str) -> (Gateway, Gateway) {
+    two_instances_with(schema, |_| String::new()).await
+}
+
+/// [`two_instances`] with configuration tables appended for instance 0 and instance 1.
+async fn two_instances_with(schema: &str, tables: impl Fn(usize) -> String) -> (Gateway, Gateway) {
     let keys_a = partner_keys();
     let mut instances = Vec::new();
-    for _ in 0..2 {
+    for instance in 0..2 {
         let dir = TempDir::new("pg");
         let keys: Vec<_> = keys_a.iter().map(|(id, k)| (id.clone(), iop_gateway::auth::keys::KeyPair::from_pem(&k.private_pem, &k.kid).unwrap())).collect();
         let text = config_text(&dir.0, &keys, "base_url = \"http://gateway.test\"")
-            .replacen("[store]\n", &format!("[store]\nurl = \"{PG_URL}\"\nschema = \"{schema}\"\nmax_connections = 16\n"), 1);
+            .replacen("[store]\n", &format!("[store]\nurl = \"{PG_URL}\"\nschema = \"{schema}\"\nmax_connections = 16\n"), 1)
+            + &tables(instance);
         instances.push(Gateway::start_loaded(load(&text, &dir.0), keys, dir).await);
     }
     let b = instances.pop().unwrap();
@@ -111,6 +123,133 @@ async fn two_instances_lose_no_updates_and_create_no_duplicates() {
     let tx: Value = b.http.post(direct(&b, "")).bearer_auth(&token).header("content-type", "application/fhir+json").body(super::support::referral("PG-TX").to_string()).send().await.unwrap().json().await.unwrap();
     let sr = tx["entry"][1]["resource"]["id"].as_str().unwrap();
     assert_eq!(a.http.get(direct(&a, &format!("ServiceRequest/{sr}"))).bearer_auth(&token).send().await.unwrap().status(), 200);
+    a.stop().await;
+    b.stop().await;
+    drop_schema(&schema).await;
+}
+
+/// A payer answering every `$submit` with the certified fixture for the submitted authorization, counting its 200s per (instance, `Bundle.identifier`); the instance is the first segment of the path, because each instance is configured with its own base path on this one server.
+struct CountingPayer {
+    answered: Arc<Mutex<HashMap<(String, String), usize>>>,
+    fixture: String,
+    fixture_id: String,
+}
+
+impl Respond for CountingPayer {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let submitted: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let bundle_id = submitted["identifier"]["value"].as_str().unwrap_or_default().to_string();
+        let claim_id = submitted["entry"][0]["resource"]["identifier"][0]["value"].as_str().unwrap_or_default();
+        if bundle_id.is_empty() || bundle_id != claim_id {
+            // Counted under its own key so the exactly-once check below fails loudly.
+            return ResponseTemplate::new(400).set_body_string(format!("Bundle.identifier {bundle_id:?} does not name the Claim {claim_id:?}"));
+        }
+        let instance = request.url.path().trim_start_matches('/').split('/').next().unwrap_or_default().to_string();
+        *self.answered.lock().unwrap().entry((instance, bundle_id.clone())).or_default() += 1;
+        ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(self.fixture.replace(&self.fixture_id, &bundle_id))
+    }
+}
+
+/// 500 authorizations queued through both instances of one PostgreSQL schema, both running the delivery worker to the same payer: every authorization reaches the payer exactly once, gets one ClaimResponse and one decision, and both workers took part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_outbox_and_deliver_every_message_once() {
+    const AUTHORIZATIONS: usize = 500;
+    const BATCH: usize = 50;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let fixture = std::fs::read_to_string(format!("{root}/tests/fixtures/pas/decision-certified.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&fixture).unwrap();
+    let fixture_id = parsed["identifier"]["value"].as_str().unwrap().to_string();
+    let answered = Arc::new(Mutex::new(HashMap::new()));
+    let payer = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/(a|b)/Claim/\$submit$"))
+        .respond_with(CountingPayer { answered: answered.clone(), fixture, fixture_id })
+        .mount(&payer)
+        .await;
+
+    let schema = schema_name("outbox");
+    let uri = payer.uri();
+    // One partner name (the outbox row names the partner), reached under a different base path per instance so the payer can tell who sent what.
+    let (a, b) = two_instances_with(&schema, |instance| {
+        format!(
+            "[outbox]\npoll_interval_ms = 50\nconcurrency = 16\n\n[[partners]]\nname = \"synthetic-health\"\nkind = \"payer\"\nfhir_base = \"{uri}/{}\"\nroutes = [\"PAYER-77\"]\nauth = \"none\"\ntimeout_secs = 10\n",
+            ["a", "b"][instance]
+        )
+    })
+    .await;
+    let granted = a.http.post(direct(&a, "auth/token")).form(&iop_gateway::auth::token_request_form(a.assertion("clinic").as_str(), "system/*.cruds")).send().await.unwrap();
+    assert_eq!(granted.status(), 200);
+    let token = granted.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_string();
+
+    let fixture_records: Value = serde_json::from_str(&std::fs::read_to_string(format!("{root}/tests/fixtures/iop/authorization/initial.json")).unwrap()).unwrap();
+    let ids: Vec<String> = (0..AUTHORIZATIONS).map(|i| format!("AUTH-PG-{i:04}")).collect();
+    // Batches alternate between the instances; each carries the client and screening its authorizations reference (unchanged resends).
+    let started = Instant::now();
+    for (n, batch) in ids.chunks(BATCH).enumerate() {
+        let mut body = vec![fixture_records[0].clone(), fixture_records[1].clone()];
+        for id in batch {
+            let mut authorization = fixture_records[2].clone();
+            authorization["id"] = json!(id);
+            body.push(authorization);
+        }
+        let gw = if n % 2 == 0 { &a } else { &b };
+        let response = gw.http.post(direct(gw, "iop/records")).bearer_auth(&token).header("content-type", "application/json").body(Value::Array(body).to_string()).send().await.unwrap();
+        let status = response.status().as_u16();
+        let summary: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 200, "batch {n}: {summary}");
+        let queued = summary["records"].as_array().unwrap().iter().filter(|r| r["record_type"] == "authorization" && r["messages"].as_array().map(Vec::len) == Some(1)).count();
+        assert_eq!(queued, batch.len(), "batch {n}: one message per authorization");
+    }
+    let queued_in = started.elapsed();
+
+    let pool = sqlx::PgPool::connect(PG_URL).await.unwrap();
+    let count = |sql: String| {
+        let pool = pool.clone();
+        async move { sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(&pool).await.unwrap().try_get::<i64, _>(0).unwrap() }
+    };
+    let decisions_sql = format!("SELECT COUNT(*) FROM \"{schema}\".iop_records WHERE record_type = 'decision' AND direction = 'inbound' AND status = 'certified'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut decided = 0;
+    while Instant::now() < deadline {
+        decided = count(decisions_sql.clone()).await;
+        if decided as usize >= AUTHORIZATIONS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_in = started.elapsed();
+    assert_eq!(decided as usize, AUTHORIZATIONS, "certified decisions after {drained_in:?}");
+    // Give a duplicate claim time to reach the payer before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let answered = answered.lock().unwrap().clone();
+    let mut per_authorization: HashMap<&str, usize> = HashMap::new();
+    let mut per_instance: HashMap<&str, usize> = HashMap::new();
+    for ((instance, id), n) in &answered {
+        *per_authorization.entry(id.as_str()).or_default() += n;
+        *per_instance.entry(instance.as_str()).or_default() += n;
+    }
+    let twice: Vec<_> = per_authorization.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "{} authorizations answered other than once, e.g. {:?}", twice.len(), &twice[..twice.len().min(5)]);
+    assert_eq!(per_authorization.len(), AUTHORIZATIONS, "every authorization reached the payer");
+    assert!(ids.iter().all(|id| per_authorization.contains_key(id.as_str())));
+    let received = payer.received_requests().await.unwrap().len();
+    assert_eq!(received, AUTHORIZATIONS, "no request beyond the 200s (a 400 means a bad identifier)");
+    let (from_a, from_b) = (per_instance.get("a").copied().unwrap_or(0), per_instance.get("b").copied().unwrap_or(0));
+    assert!(from_a > 0 && from_b > 0, "both instances delivered: a {from_a}, b {from_b}");
+
+    let decided_ids = count(format!("SELECT COUNT(DISTINCT authorization_id) FROM \"{schema}\".iop_records WHERE record_type = 'decision'")).await;
+    assert_eq!(decided_ids as usize, AUTHORIZATIONS, "one decision per authorization");
+    let claim_responses = count(format!("SELECT COUNT(*) FROM \"{schema}\".resources WHERE type = 'ClaimResponse'")).await;
+    assert_eq!(claim_responses as usize, AUTHORIZATIONS, "one stored ClaimResponse per answer: an answer recorded twice would add one");
+    let delivered_once = count(format!("SELECT COUNT(*) FROM \"{schema}\".outbox WHERE status = 'delivered' AND attempts = 1")).await;
+    let messages = count(format!("SELECT COUNT(*) FROM \"{schema}\".outbox")).await;
+    assert_eq!((messages as usize, delivered_once as usize), (AUTHORIZATIONS, AUTHORIZATIONS), "each message delivered on its first and only claim");
+    let attempts = count(format!("SELECT COUNT(*) FROM \"{schema}\".outbox_attempts")).await;
+    assert_eq!(attempts as usize, AUTHORIZATIONS);
+    println!("queued {AUTHORIZATIONS} in {queued_in:?}, all decided after {drained_in:?}; instance a sent {from_a}, b sent {from_b}");
+
+    pool.close().await;
     a.stop().await;
     b.stop().await;
     drop_schema(&schema).await;
