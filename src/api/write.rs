@@ -94,16 +94,18 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     check_id(&id)?;
     let current = if method == "POST" { None } else { tx.current(resource_type, &id).await? };
     let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()) == Disclosure::Allow);
+    let mut before = None;
     let (version, owner, created_by) = match (&current, visible) {
         (Some(_), Some(current)) => {
             principal.may(resource_type, Permission::Update).map_err(ApiError::Forbidden)?;
-            let before = crate::json::parse(current.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
-            principal.may_write(current.facts(), &before, &resource).map_err(|m| ApiError::Forbidden(format!("{resource_type}/{id}: {m}")))?;
+            let before_json = crate::json::parse(current.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
+            principal.may_write(current.facts(), &before_json, &resource).map_err(|m| ApiError::Forbidden(format!("{resource_type}/{id}: {m}")))?;
             if let Some(expected) = if_match
                 && expected != current.version
             {
                 return Err(ApiError::PreconditionFailed(format!("If-Match names version {expected} but the current version is {}", current.version)).into());
             }
+            before = Some(before_json);
             (current.version + 1, current.owner.clone(), current.created_by.clone())
         }
         _ if method == "PUT" && !principal.may_choose_ids(state.program()) => return Err(not_creatable(resource_type, &id).into()),
@@ -120,6 +122,13 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     let last_updated = now_instant();
     set_meta(&mut resource, &id, version, &last_updated);
     let labels = labels::normalise(&mut resource, inherited_labels);
+    // An update that changes nothing makes no new version: re-sent records (every intake re-writes the
+    // payer's and the program's Organizations) then neither grow the history nor contend for one row.
+    if let (Some(before), Some(current)) = (&before, &current)
+        && same_content(before, &resource)
+    {
+        return Ok((current.clone(), false));
+    }
     let parties = parties_for_version(&owner, state.program(), principal, &search::addressed_organizations(&resource));
     let index = search::extract(resource_type, &resource, &last_updated);
     let stored = Stored {
@@ -145,6 +154,19 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         Err(e) => return Err(e.into()),
     }
     Ok((stored, version == 1))
+}
+
+/// Whether two versions of a resource differ only in `meta.versionId` and `meta.lastUpdated`.
+fn same_content(a: &Json, b: &Json) -> bool {
+    let strip = |r: &Json| {
+        let mut r = r.clone();
+        if let Some(Json::Object(meta)) = r.as_object_mut().and_then(|o| o.get_mut("meta")) {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+        }
+        r
+    };
+    strip(a) == strip(b)
 }
 
 /// Checks an id from a URL (`PUT Type/id`, a Bundle entry's `request.url`) as the validator checks
@@ -223,6 +245,15 @@ mod tests {
         for bad in ["..", ".", "a b <script>", "%2e%2e", "\u{202e}abc", "\u{420}atient", "", &"x".repeat(65)] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_identical_version_is_the_same_content() {
+        let a = crate::json::parse(br#"{"resourceType":"Patient","id":"p","meta":{"versionId":"1","lastUpdated":"2026-01-01T00:00:00.000Z"},"active":true}"#).unwrap();
+        let b = crate::json::parse(br#"{"resourceType":"Patient","id":"p","meta":{"versionId":"2","lastUpdated":"2026-02-01T00:00:00.000Z"},"active":true}"#).unwrap();
+        let c = crate::json::parse(br#"{"resourceType":"Patient","id":"p","meta":{"versionId":"2","lastUpdated":"2026-02-01T00:00:00.000Z"},"active":false}"#).unwrap();
+        assert!(same_content(&a, &b));
+        assert!(!same_content(&a, &c));
     }
 
     #[test]

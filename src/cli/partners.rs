@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::clients::{relative_to, toml_string, write_private};
+use super::clients::{append_entry, relative_to, toml_string, write_private};
 use crate::auth::keys::KeyPair;
 use crate::config::{self, Config, Overrides};
 
@@ -110,18 +110,8 @@ fn add(args: AddArgs) -> Result<(), String> {
         entry.push_str(&format!("key_file = {}\n", toml_string(&relative_to(&key_file, &config_dir).display().to_string())));
         key = Some((key_file, jwks_file, pair.jwks_json()));
     }
-    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    if text.is_empty() {
-        text.push_str("# iop-gateway configuration; see config/gateway.example.toml for every setting.\n");
-    }
-    text.push_str(&entry);
-    // The new configuration must load before it replaces the old one (a bearer token variable may be set only where the gateway runs).
-    if let Err(e) = Config::from_toml(&text, &config_dir)
-        && !(args.auth == "bearer" && e.to_string().contains("bearer_token_env"))
-    {
-        return Err(format!("the new configuration would not be valid: {e}"));
-    }
-    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // A bearer token's variable may be set only where the gateway runs.
+    append_entry(&path, &config_dir, &entry, |problem| args.auth == "bearer" && problem.contains("bearer_token_env"))?;
     println!("added partner '{}' ({}, {}) to {}", args.name, args.kind, args.fhir_base, path.display());
     if let Some((key_file, jwks_file, jwks)) = key {
         println!("  our private key  {} (stays here; keep it secret)", key_file.display());

@@ -98,6 +98,7 @@ async fn an_authorization_goes_to_the_payer_once_and_its_decision_comes_back() {
     assert_eq!(payer.received_requests().await.unwrap().len(), 1);
     let (_, claims) = gw.get(&clinic, "Claim").await;
     assert_eq!(claims["total"], 1);
+    assert_eq!(claims["entry"][0]["resource"]["meta"]["versionId"], "1", "an unchanged resource gets no new version");
     let (_, sent_records) = gw.get(&clinic, "iop/records?direction=outbound").await;
     assert_eq!(sent_records.as_array().unwrap().len(), 3, "{sent_records}");
     let (status, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
