@@ -163,7 +163,9 @@ pub async fn review(state: &AppState, principal: &Principal, clients: &BTreeSet<
 /// What the rule reads of one client: the client, enrollments, sessions, authorizations (both directions, proposals included) and the decisions on them.
 async fn client_records(state: &AppState, client: &str) -> Result<Vec<Value>, ApiError> {
     let mut rows = Vec::new();
-    for record_type in ["client", "enrollment", "session", "authorization"] {
+    let client_record = RecordFilter { record_type: Some("client".into()), id: Some(client.into()), direction: Some("outbound".into()), limit: 1, ..RecordFilter::default() };
+    rows.extend(state.store.records(&client_record).await?);
+    for record_type in ["enrollment", "session", "authorization"] {
         let filter = RecordFilter { record_type: Some(record_type.into()), client_id: Some(client.into()), limit: LIMIT, ..RecordFilter::default() };
         rows.extend(state.store.records(&filter).await?);
     }
