@@ -43,6 +43,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Where the mappings come from.
     pub mappings: MappingsConfig,
+    /// When the gateway proposes extending a certification.
+    pub utilization: UtilizationConfig,
 }
 
 /// What a partner the gateway sends to is.
@@ -109,6 +111,9 @@ pub struct PartnerConfig {
     pub max_backoff_secs: u64,
     /// A message older than this many seconds becomes a dead letter instead of being retried (default: retried without limit).
     pub max_age_secs: Option<u64>,
+    /// Payers only: send the extension requests the utilization rule makes at once, instead of holding them for the clinic to confirm.
+    #[serde(default)]
+    pub auto_extend: bool,
 }
 
 fn default_partner_timeout() -> u64 {
@@ -140,6 +145,24 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 120, concurrency: 16 }
+    }
+}
+
+/// The utilization rule ([`crate::exchange::utilization`]): attended session days counted against each certification.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UtilizationConfig {
+    /// Whether intake looks at certifications at all.
+    pub enabled: bool,
+    /// Propose an extension when fewer certified days than this remain.
+    pub remaining_days_below: u32,
+    /// Propose an extension when the certified end is this many days or fewer after the client's latest session.
+    pub days_before_end: u32,
+}
+
+impl Default for UtilizationConfig {
+    fn default() -> Self {
+        UtilizationConfig { enabled: true, remaining_days_below: 3, days_before_end: 5 }
     }
 }
 
@@ -564,6 +587,10 @@ impl Config {
         if self.outbox.poll_interval_ms == 0 || self.outbox.lease_secs == 0 || self.outbox.concurrency == 0 {
             problems.push("outbox: poll_interval_ms, lease_secs and concurrency must be greater than 0".into());
         }
+        // A certification is at most a year of days; larger thresholds would propose an extension with every first session.
+        if self.utilization.remaining_days_below > 366 || self.utilization.days_before_end > 366 {
+            problems.push("utilization: remaining_days_below and days_before_end must be at most 366".into());
+        }
         match (problems.is_empty(), listen) {
             (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys }),
             _ => Err(ConfigError::Invalid(problems)),
@@ -626,6 +653,9 @@ impl Config {
             // An attempt (a token request, then the message) must end before its lease does, or the message could be sent twice at once.
             if partner.timeout_secs.saturating_mul(2) >= self.outbox.lease_secs {
                 problems.push(format!("{at}.timeout_secs: twice it ({} s) must be less than outbox.lease_secs ({} s)", partner.timeout_secs * 2, self.outbox.lease_secs));
+            }
+            if partner.auto_extend && partner.kind != PartnerKind::Payer {
+                problems.push(format!("{at}.auto_extend: only a payer receives extension requests"));
             }
             if partner.timeout_secs == 0 || partner.first_retry_ms == 0 || partner.max_backoff_secs == 0 {
                 problems.push(format!("{at}: timeout_secs, first_retry_ms and max_backoff_secs must be greater than 0"));
@@ -749,6 +779,10 @@ mod tests {
         assert!(problems(&partner("").replace("\"none\"", "\"smart\"")).contains("partners add"), "a SMART partner needs our key");
         assert!(problems(&partner("").replace("\"none\"", "\"bearer\"")).contains("bearer_token_env"));
         assert!(problems(&partner("clients = [\"nobody\"]")).contains("not a registered client"));
+        assert!(problems(&partner("auto_extend = true").replace("\"payer\"", "\"inpatient-unit\"")).contains("only a payer"));
+        assert!(Config::from_toml(&partner("auto_extend = true"), Path::new("")).is_ok());
+        assert!(problems("[utilization]\nremaining_days_below = 400\n").contains("at most 366"));
+        assert!(problems("[utilization]\nremaining_day_below = 3\n").contains("remaining_day_below"), "a misspelt key is refused");
         let twice = format!("{}\n{}", partner(""), partner("").replace("payer-x", "payer-y"));
         assert!(problems(&twice).contains("routed to more than one payer"));
     }

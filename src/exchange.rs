@@ -9,11 +9,14 @@
 //!   (a stored ClaimResponse and a decision record).
 //! - [`subscription`]: pended decisions: the one PAS Subscription per payer, and the notifications
 //!   that bring the final decisions (event numbers tracked, gaps filled from `$events`).
+//! - [`utilization`]: attended session days against each certification; the extension request
+//!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
 pub mod intake;
 pub mod outbox;
 pub mod pas;
 pub mod subscription;
+pub mod utilization;
 
 /// Milliseconds since the Unix epoch, the outbox's clock.
 pub fn now_ms() -> i64 {

@@ -27,7 +27,20 @@ struct Planned {
 }
 
 /// Takes the clinic's records: all of them are stored and their messages queued, or none (422 with every problem located as `records[i].path`).
+/// Then the [`utilization`](super::utilization) rule looks at the certifications of the clients the records name.
 pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
+    let clients: std::collections::BTreeSet<String> = records.iter().map(|r| text(r, "client_id")).filter(|c| !c.is_empty()).collect();
+    let posted: Vec<String> = records.iter().filter(|r| text(r, RECORD_TYPE_MEMBER) == "authorization").map(|r| text(r, "id")).collect();
+    let summaries = accept(state, principal, records).await?;
+    // The records are committed and acknowledged whatever the rule finds: a proposal that cannot be made is the gateway's problem, not the clinic's request's.
+    if let Err(e) = super::utilization::review(state, principal, &clients, &posted).await {
+        tracing::warn!(error = %e, "The utilization rule could not look at the posted clients' certifications.");
+    }
+    Ok(summaries)
+}
+
+/// Stores and queues records, all or none: the clinic's and the extension requests the utilization rule sends.
+pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
     if records.is_empty() {
         return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
     }

@@ -107,6 +107,8 @@ pub struct RecordRow {
 #[derive(Clone, Debug, Default)]
 pub struct RecordFilter {
     pub record_type: Option<String>,
+    /// The record's own id (a client record names its client only so).
+    pub id: Option<String>,
     pub direction: Option<String>,
     pub client_id: Option<String>,
     pub authorization_id: Option<String>,
@@ -359,7 +361,7 @@ impl Store {
     pub async fn records(&self, f: &RecordFilter) -> Result<Vec<RecordRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT record_type, id, direction, client_id, authorization_id, status, updated, body FROM iop_records \
-             WHERE ($1 = '' OR record_type = $1) AND ($2 = '' OR direction = $2) AND ($3 = '' OR client_id = $3) AND ($4 = '' OR authorization_id = $4) AND ($5 = '' OR status = $5) \
+             WHERE ($1 = '' OR record_type = $1) AND ($2 = '' OR direction = $2) AND ($3 = '' OR client_id = $3) AND ($4 = '' OR authorization_id = $4) AND ($5 = '' OR status = $5) AND ($7 = '' OR id = $7) \
              ORDER BY updated DESC, seq DESC LIMIT $6",
         )
         .bind(f.record_type.clone().unwrap_or_default())
@@ -368,6 +370,7 @@ impl Store {
         .bind(f.authorization_id.clone().unwrap_or_default())
         .bind(f.status.clone().unwrap_or_default())
         .bind(f.limit as i64)
+        .bind(f.id.clone().unwrap_or_default())
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.iter().map(record).collect::<Result<_, _>>()?)

@@ -387,3 +387,94 @@ async fn a_crash_with_200_messages_queued_loses_none_and_sends_none_twice() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The clinic's attended sessions of client C-1001 on the first `n` weekdays from 2026-01-12, the first day of its certification.
+fn attended_sessions(n: usize) -> Value {
+    let template = records("session/attended.json");
+    let days = (12..=31).map(|d| format!("2026-01-{d:02}")).filter(|d| !["2026-01-17", "2026-01-18", "2026-01-24", "2026-01-25", "2026-01-31"].contains(&d.as_str()));
+    days.take(n)
+        .enumerate()
+        .map(|(i, day)| {
+            let mut s = template.clone();
+            s["id"] = json!(format!("SES-1001-U{i:02}"));
+            s["start_at"] = json!(format!("{day}T09:00:00-06:00"));
+            s["end_at"] = json!(format!("{day}T12:00:00-06:00"));
+            s
+        })
+        .collect()
+}
+
+/// The extension requests the gateway holds for the clinic.
+async fn proposed(gw: &Gateway, token: &str) -> Vec<Value> {
+    let (status, found) = gw.get(token, "iop/records?record_type=authorization&status=proposed").await;
+    assert_eq!(status, 200, "{found}");
+    found.as_array().unwrap().clone()
+}
+
+/// A certified authorization, an active enrollment, then attended sessions: at ten of twelve certified days the gateway proposes an extension.
+async fn certified_then_sessions(gw: &Gateway, clinic: &str) -> String {
+    let mut input = records("authorization/initial.json");
+    input.as_array_mut().unwrap().push(records("enrollment/active.json"));
+    let (status, summary) = post_records(gw, clinic, &input).await;
+    assert_eq!(status, 200, "{summary}");
+    let certified = decision(gw, clinic, "AUTH-1001-1", "certified").await;
+    assert_eq!((&certified["certified_units"], &certified["certified_end"]), (&json!(12), &json!("2026-02-06")), "{certified}");
+    let (status, summary) = post_records(gw, clinic, &attended_sessions(9)).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(proposed(gw, clinic).await, Vec::<Value>::new(), "three certified days left is not under the threshold");
+    let (status, summary) = post_records(gw, clinic, &attended_sessions(10)).await;
+    assert_eq!(status, 200, "{summary}");
+    certified["certification_number"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certification_running_low_gets_one_extension_request_held_for_the_clinic() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let certification = certified_then_sessions(&gw, &clinic).await;
+    let held = proposed(&gw, &clinic).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    let extension = &held[0];
+    assert_eq!((&extension["id"], &extension["extends_certification"], &extension["client_id"]), (&json!("AUTH-1001-1-EXT"), &json!(certification), &json!("C-1001")), "{extension}");
+    assert_eq!((&extension["start"], &extension["units"]), (&json!("2026-02-07"), &json!(12)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1, "a proposal is not sent");
+
+    // Sessions again, and one more day: still one proposal for the certification.
+    let (status, _) = post_records(&gw, &clinic, &attended_sessions(11)).await;
+    assert_eq!(status, 200);
+    assert_eq!(proposed(&gw, &clinic).await.len(), 1);
+
+    // The clinic confirms by posting it as its own: it goes to the payer and is no longer held.
+    let (status, summary) = post_records(&gw, &clinic, &json!([records("authorization/initial.json")[0].clone(), extension.clone()])).await;
+    assert_eq!(status, 200, "{summary}");
+    decision(&gw, &clinic, "AUTH-1001-1-EXT", "certified").await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 2);
+    assert_eq!(proposed(&gw, &clinic).await, Vec::<Value>::new());
+    let (_, confirmed) = gw.get(&clinic, "iop/records?record_type=authorization&status=confirmed").await;
+    assert_eq!(confirmed.as_array().map(Vec::len), Some(1), "{confirmed}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_extend_the_payer_gets_the_extension_request_once() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "auto_extend = true")).await;
+    let clinic = gw.token("clinic").await;
+    let certification = certified_then_sessions(&gw, &clinic).await;
+    decision(&gw, &clinic, "AUTH-1001-1-EXT", "certified").await;
+    let (status, summary) = post_records(&gw, &clinic, &attended_sessions(11)).await;
+    assert_eq!(status, 200, "{summary}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2, "the initial request and one extension");
+    let sent: Value = serde_json::from_slice(&received[1].body).unwrap();
+    assert_eq!(sent["entry"][0]["resource"]["identifier"][0]["value"], "AUTH-1001-1-EXT");
+    assert_eq!(proposed(&gw, &clinic).await, Vec::<Value>::new(), "nothing held");
+    let (_, sent_record) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1-EXT").await;
+    assert_eq!(sent_record["extends_certification"], json!(certification), "{sent_record}");
+    gw.stop().await;
+}
