@@ -111,7 +111,7 @@ async fn start_gateway(label: &str, store_toml: &str, payer_base: &str, partner_
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_requests_per_client = 1024\n[store]\ndata_dir = {:?}\n{store_toml}\n[log]\nlevel = \"error\"\n\
          [[clients]]\nid = \"bench\"\nrole = \"clinic\"\norganization = \"Organization/iop-program\"\njwks_file = \"bench.jwks.json\"\n\
-         [[partners]]\nname = \"bench-payer\"\nkind = \"payer\"\nfhir_base = \"{payer_base}\"\nroutes = [\"PAYER-77\"]\nauth = \"none\"\ntimeout_secs = 60\n{partner_extra}\n",
+         [[partners]]\nname = \"bench-payer\"\nkind = \"payer\"\nfhir_base = \"{payer_base}\"\nroutes = [\"PAYER-77\"]\nauth = \"none\"\ntimeout_secs = 30\n{partner_extra}\n",
         dir.join("data").display().to_string()
     );
     let loaded = Config::from_toml(&text, &dir).unwrap();
