@@ -83,24 +83,18 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: U
             for r in &mut resources {
                 rewrite_references(r, &map);
             }
-            let mut stored = Vec::new();
-            let mut failed = None;
-            for (resource, id) in resources.into_iter().zip(&ids) {
-                let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string();
-                let change = Change { resource_type: &resource_type, id: id.clone(), resource, if_match: None, inherited_labels: &inherited_labels, method: "POST" };
-                match write::write(&mut tx, &state, &caller.principal, change).await {
-                    Ok((s, _)) => stored.push(s),
-                    Err(f) => {
-                        failed = Some(f);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                Some(Failure::Retry) => continue,
-                Some(Failure::Api(e)) => return Err(e),
-                None => {}
-            }
+            let types: Vec<String> = resources.iter().map(|r| r.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string()).collect();
+            let changes = resources
+                .into_iter()
+                .zip(&ids)
+                .zip(&types)
+                .map(|((resource, id), resource_type)| Change { resource_type, id: id.clone(), resource, if_match: None, inherited_labels: &inherited_labels, method: "POST" })
+                .collect();
+            let stored = match write::write_each(&mut tx, &state, &caller.principal, changes).await {
+                Ok(stored) => stored,
+                Err(Failure::Retry) => continue,
+                Err(Failure::Api(e)) => return Err(e),
+            };
             let response = response_message(&state.base_url, &header, header_id.as_deref().unwrap_or_default(), &stored);
             match tx.claim_message(&keys, &response, &now_instant()).await {
                 Ok(()) => {}

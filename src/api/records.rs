@@ -91,9 +91,10 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((record_ty
     let mut audit = caller.audit("read", "R");
     let result = async {
         clinic_only(&state, &caller.principal)?;
-        let filter = RecordFilter { record_type: Some(record_type.clone()), limit: 10, ..RecordFilter::default() };
+        // At most one row per direction: the one the clinic sent wins over the one the gateway made.
+        let filter = RecordFilter { record_type: Some(record_type.clone()), id: Some(id.clone()), limit: 2, ..RecordFilter::default() };
         let rows = state.store.records(&filter).await?;
-        let found = rows.iter().filter(|r| r.id == id).min_by_key(|r| r.direction != "outbound").ok_or_else(|| ApiError::NotFound(format!("no {record_type} record '{id}'")))?;
+        let found = rows.iter().min_by_key(|r| r.direction != "outbound").ok_or_else(|| ApiError::NotFound(format!("no {record_type} record '{id}'")))?;
         let value: Value = serde_json::from_str(&found.body).map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(json(StatusCode::OK, &value))
     }

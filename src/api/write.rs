@@ -183,6 +183,15 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Writes several versions in `tx`, in order; the first failure stops (the caller retries or answers it).
+pub async fn write_each(tx: &mut Tx, state: &AppState, principal: &Principal, changes: Vec<Change<'_>>) -> Result<Vec<Stored>, Failure> {
+    let mut stored = Vec::with_capacity(changes.len());
+    for change in changes {
+        stored.push(write(tx, state, principal, change).await?.0);
+    }
+    Ok(stored)
+}
+
 /// Sets `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and member order.
 fn set_meta(resource: &mut Json, id: &str, version: i64, last_updated: &str) {
     let Some(object) = resource.as_object_mut() else { return };

@@ -78,18 +78,14 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
     let now = crate::api::fhir::now_instant();
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
-        let mut failed = None;
-        for (resource_type, id, resource) in &entries {
-            let change = Change { resource_type, id: id.clone(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "PUT" };
-            if let Err(f) = write::write(&mut tx, state, principal, change).await {
-                failed = Some(f);
-                break;
-            }
-        }
-        match failed {
-            Some(Failure::Retry) => continue,
-            Some(Failure::Api(e)) => return Err(e),
-            None => {}
+        let changes = entries
+            .iter()
+            .map(|(resource_type, id, resource)| Change { resource_type, id: id.clone(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "PUT" })
+            .collect();
+        match write::write_each(&mut tx, state, principal, changes).await {
+            Ok(_) => {}
+            Err(Failure::Retry) => continue,
+            Err(Failure::Api(e)) => return Err(e),
         }
         let mut summaries: Vec<RecordSummary> = records
             .iter()

@@ -380,6 +380,8 @@ async fn a_crash_with_200_messages_queued_loses_none_and_sends_none_twice() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(found.len(), 200, "every queued authorization was decided");
+    let first: Value = http.get(format!("{base}/iop/records/authorization/AUTH-Q-000")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["id"], "AUTH-Q-000", "one record is found among many of its type: {first}");
     assert!(found.iter().all(|d| d["outcome"] == "certified"));
     let decided = decided.lock().unwrap().clone();
     assert_eq!(decided.len(), 200);
