@@ -7,7 +7,10 @@ use crate::auth::Principal;
 use crate::iop::RECORD_TYPE_MEMBER;
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
-use crate::store::{NewMessage, RecordRow};
+use crate::store::{Message, MessageStatus, NewMessage, RecordRow, Tx};
+
+/// The authorization status that withdraws a request.
+const CANCELLED: &str = "cancelled";
 
 /// What intake did with one record.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -92,32 +95,73 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
             .zip(&mapped.produced)
             .map(|(r, produced)| RecordSummary { record_type: text(r, RECORD_TYPE_MEMBER), id: text(r, "id"), resources: produced.clone(), messages: Vec::new() })
             .collect();
+        // What each authorization sends is decided against what was stored before, so before the records are replaced.
+        let mut outgoing = Vec::new();
+        for planned in &plan {
+            if let Some(message) = outgoing_message(&mut tx, state, planned, &records[planned.record]).await? {
+                outgoing.push((planned.record, message));
+            }
+        }
         for record in &records {
             tx.put_record(&row(record, "outbound", &now)).await?;
         }
-        for planned in &plan {
-            // A message already queued for the record: the same payload is a resend of the same change.
-            let earlier = tx.messages_for_record(&planned.message.record_type, &planned.message.record_id).await?;
-            if let Some(sent) = earlier.iter().find(|m| m.new.partner == planned.message.partner) {
-                if sent.new.payload != planned.message.payload {
-                    let at = located(planned.record, "");
-                    return Err(ApiError::Conflict(format!(
-                        "{at}: authorization {} was already submitted (message {}); a change goes to the payer as a PAS Claim update, which this gateway does not send yet",
-                        planned.message.record_id, sent.new.id
-                    )));
-                }
-                continue;
+        for (index, message) in &outgoing {
+            // A message with the same id is already queued: the same change sent twice.
+            if tx.enqueue(message, super::now_ms()).await? {
+                summaries[*index].messages.push(message.id.clone());
             }
-            tx.enqueue(&planned.message, super::now_ms()).await?;
-            summaries[planned.record].messages.push(planned.message.id.clone());
         }
         tx.commit().await?;
-        if !plan.is_empty() {
+        if !outgoing.is_empty() {
             state.outbox_wake.notify_one();
         }
         return Ok(summaries);
     }
     Err(ApiError::Conflict("the records' resources are being changed by others; retry".into()))
+}
+
+/// What an authorization sends now, given what its payer has had of it: its PAS request the first
+/// time (or when every earlier one was refused), a PAS Claim update when the re-sent record differs
+/// from the stored one, a cancel when it says `cancelled`, and nothing when it is unchanged or was
+/// cancelled before anything went out. Checked like every outbound payload before it is queued.
+async fn outgoing_message(tx: &mut Tx, state: &AppState, planned: &Planned, record: &Json) -> Result<Option<NewMessage>, ApiError> {
+    let new = &planned.message;
+    let cancelled = text(record, "status") == CANCELLED;
+    let earlier: Vec<Message> = tx.messages_for_record(&new.record_type, &new.record_id).await?.into_iter().filter(|m| m.new.partner == new.partner && m.new.kind == new.kind).collect();
+    let Some(submitted) = earlier.iter().find(|m| m.status != MessageStatus::Dead) else {
+        return Ok((!cancelled).then(|| new.clone()));
+    };
+    let stored = tx.record(&new.record_type, &new.record_id, "outbound").await?;
+    let stored: Option<serde_json::Value> = stored.and_then(|r| serde_json::from_str(&r.body).ok());
+    let as_sent = |r: &serde_json::Value| {
+        let mut r = r.clone();
+        // The submission time alone changes nothing the payer reviews.
+        r.as_object_mut().map(|o| o.remove("submitted_at"));
+        r
+    };
+    let current = serde_json::Value::from(record);
+    if stored.as_ref().map(as_sent) == Some(as_sent(&current)) {
+        return Ok(None);
+    }
+    let at = located(planned.record, "");
+    if stored.as_ref().is_some_and(|s| s["status"] == CANCELLED) {
+        return Err(ApiError::Conflict(format!("{at}: authorization {} was cancelled; ask again under a new id", new.record_id)));
+    }
+    let certification = tx.record("decision", &new.record_id, "inbound").await?.and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok());
+    let certification = certification.as_ref().and_then(|d| d["certification_number"].as_str());
+    let revision = if cancelled { super::pas::Revision::Cancel } else { super::pas::Revision::Update };
+    let parse = |payload: &str| serde_json::from_str::<serde_json::Value>(payload).map_err(|e| ApiError::Internal(format!("a queued PAS request is not JSON: {e}")));
+    let bundle = super::pas::revision_bundle(&state.mappings, &parse(&submitted.new.payload)?, &parse(&new.payload)?, &new.record_id, earlier.len(), certification, revision)
+        .map_err(|why| ApiError::Unprocessable(vec![Issue::error(IssueCode::Processing, at.clone(), why)]))?;
+    let bundle = write::validate(state, Json::from(&bundle), Vec::new()).await.map_err(|e| match e {
+        ApiError::Unprocessable(issues) => ApiError::Unprocessable(
+            issues.into_iter().map(|i| Issue { message: format!("the PAS Claim update, at {}: {}", i.expression, i.message), expression: at.clone(), ..i }).collect(),
+        ),
+        other => other,
+    })?;
+    let mut message = NewMessage { id: String::new(), payload: bundle.to_string_compact(), ..new.clone() };
+    message.id = message_id(&message);
+    Ok(Some(message))
 }
 
 /// The outbound messages the records cause: for every authorization, its PAS request to the payer that `payer_id` routes to.

@@ -22,6 +22,106 @@ pub fn request_bundle(mappings: &MappingSet, transaction: &Json, authorization_i
     }).cloned()
 }
 
+/// How a re-sent authorization differs from the one the payer already has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revision {
+    /// Units, dates or anything else of the request changed: a PAS Claim update.
+    Update,
+    /// The clinic withdrew the request (`status: cancelled`): a PAS Claim update with certification type 3 (cancel).
+    Cancel,
+}
+
+const CLAIM_UPDATE_PROFILE: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim-update";
+const CLAIM_PROFILE: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim";
+const CERTIFICATION_TYPE: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/extension-certificationType";
+const AUTHORIZATION_NUMBER: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/extension-authorizationNumber";
+const INFO_CHANGED: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/extension-infoChanged";
+const INFO_CANCELLED: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/modifierextension-infoCancelled";
+const CERTIFICATION_TYPES: &str = "https://codesystem.x12.org/005010/1322";
+/// X12 1322 (UM02) "Cancel".
+const CANCEL: &str = "3";
+
+/// The PAS request Bundle that revises an authorization already submitted (`profile-claim-update`).
+///
+/// `submitted` is the request the payer first accepted for processing, `current` the request the
+/// re-sent record maps to, `sequence` the how-manieth message for this authorization this is (so
+/// every revision has its own transaction identifier and ids, and the same revision built twice is
+/// the same message). The update Claim is the current Claim with a new id, `related.claim` naming
+/// the submitted Claim (carried in the Bundle too, as PAS's examples do), the service line flagged
+/// `changed` when it differs, and the earlier certification number kept on the line. A cancel
+/// also says so at the Claim and on the line (certification type 3, the line flagged cancelled);
+/// the Claim stays `active`, which PAS fixes for every instance it sends.
+pub fn revision_bundle(
+    mappings: &MappingSet,
+    submitted: &serde_json::Value,
+    current: &serde_json::Value,
+    authorization_id: &str,
+    sequence: usize,
+    certification: Option<&str>,
+    revision: Revision,
+) -> Result<serde_json::Value, String> {
+    use serde_json::{Value, json};
+    let first = |bundle: &Value| -> Option<Value> { bundle.get("entry")?.as_array()?.first().cloned().filter(|e| e["resource"]["resourceType"] == "Claim") };
+    let prior = first(submitted).ok_or("the submitted PAS request does not start with its Claim")?;
+    let mut claim = first(current).ok_or("the mapped PAS request does not start with its Claim")?["resource"].clone();
+    let identity = format!("authorization:{authorization_id}:revision:{sequence}");
+    let claim_id = mappings.resource_id("Claim", &identity);
+    claim["id"] = json!(claim_id);
+    claim["meta"]["profile"] = json!(claim["meta"]["profile"]
+        .as_array()
+        .map(|p| p.iter().map(|u| if u == CLAIM_PROFILE { json!(CLAIM_UPDATE_PROFILE) } else { u.clone() }).collect::<Vec<_>>())
+        .unwrap_or_else(|| vec![json!(CLAIM_UPDATE_PROFILE)]));
+    claim["related"] = json!([{
+        "claim": { "reference": prior["fullUrl"] },
+        "relationship": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/ex-relatedclaimrelationship", "code": "prior" }] }
+    }]);
+    let prior_item = prior["resource"]["item"].get(0).cloned().unwrap_or(Value::Null);
+    let item = claim["item"].get_mut(0).ok_or("the mapped Claim has no service line")?;
+    let without_extensions = |i: &Value| {
+        let mut i = i.clone();
+        if let Some(o) = i.as_object_mut() {
+            o.remove("extension");
+            o.remove("modifierExtension");
+        }
+        i
+    };
+    let changed = without_extensions(item) != without_extensions(&prior_item);
+    let extensions = item["extension"].as_array_mut().ok_or("the service line has no PAS extensions")?;
+    extensions.retain(|e| e["url"] != AUTHORIZATION_NUMBER);
+    if let Some(number) = certification {
+        extensions.push(json!({ "url": AUTHORIZATION_NUMBER, "valueString": number }));
+    }
+    if changed || revision == Revision::Cancel {
+        extensions.push(json!({ "url": INFO_CHANGED, "valueCode": "changed" }));
+    }
+    if revision == Revision::Cancel {
+        let cancel = json!({ "coding": [{ "system": CERTIFICATION_TYPES, "code": CANCEL }] });
+        for e in extensions.iter_mut().filter(|e| e["url"] == CERTIFICATION_TYPE) {
+            e["valueCodeableConcept"] = cancel.clone();
+        }
+        item["modifierExtension"] = json!([{ "url": INFO_CANCELLED, "valueBoolean": true }]);
+        let claim_extensions = claim["extension"].as_array_mut().ok_or("the mapped Claim has no extensions")?;
+        claim_extensions.push(json!({ "url": CERTIFICATION_TYPE, "valueCodeableConcept": cancel }));
+    }
+    let mut bundle = current.clone();
+    bundle["id"] = json!(mappings.resource_id("Bundle", &identity));
+    bundle["identifier"]["value"] = json!(format!("{authorization_id}.r{sequence}"));
+    let rest = current["entry"].as_array().map(|e| e[1..].to_vec()).unwrap_or_default();
+    let mut entries = vec![json!({ "fullUrl": format!("urn:uuid:{claim_id}"), "resource": claim }), prior];
+    entries.extend(rest);
+    bundle["entry"] = Value::Array(entries);
+    Ok(bundle)
+}
+
+/// Whether a PAS request cancels its authorization (its Claim says certification type 3).
+pub fn cancels(payload: &str) -> bool {
+    let Ok(request) = serde_json::from_str::<serde_json::Value>(payload) else { return false };
+    let claim = &request["entry"][0]["resource"];
+    claim["extension"].as_array().is_some_and(|extensions| {
+        extensions.iter().any(|e| e["url"] == CERTIFICATION_TYPE && e["valueCodeableConcept"]["coding"][0]["code"] == CANCEL)
+    })
+}
+
 /// A PAS response Bundle as the gateway reads it, whether it answered `$submit` or came in a subscription notification.
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -77,7 +177,12 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
         let now = crate::api::fhir::now_instant();
         let (outcome_status, error) = match &read {
             Ok(response) => {
-                match record(&mut tx, state, authorization_id, response, &now).await {
+                let recorded = if cancels(&message.new.payload) {
+                    record_cancel(&mut tx, state, authorization_id, response, &now).await
+                } else {
+                    record(&mut tx, state, authorization_id, response, &now).await
+                };
+                match recorded {
                     Ok(()) => {}
                     Err(Failure::Retry) => continue,
                     Err(Failure::Api(e)) => return Err(e),
@@ -114,8 +219,7 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
 /// path, and its decision (a final decision replaces a pended one: one decision record per authorization).
 /// The one path for `$submit` answers and subscription notifications alike.
 pub async fn record(tx: &mut Tx, state: &AppState, authorization_id: &str, response: &Response, now: &str) -> Result<(), Failure> {
-    let change = Change { resource_type: "ClaimResponse", id: write::new_id(), resource: response.claim_response.clone(), if_match: None, inherited_labels: &[], method: "POST" };
-    write::write(tx, state, &state.gateway_principal, change).await?;
+    store_claim_response(tx, state, response).await?;
     let mut decisions = response.decisions.clone();
     if decisions.is_empty() {
         let issue = Issue::error(crate::outcome::IssueCode::Processing, "ClaimResponse", "the payer's ClaimResponse names no review action the gateway knows (A1, A3, A4)");
@@ -124,6 +228,34 @@ pub async fn record(tx: &mut Tx, state: &AppState, authorization_id: &str, respo
     for decision in &decisions {
         tx.put_record(&decision_row(decision, authorization_id, now)).await.map_err(ApiError::from)?;
     }
+    Ok(())
+}
+
+/// Records the payer's answer to a cancel: its ClaimResponse, and the decision `cancelled`, which
+/// keeps the certification number the authorization had (whatever review action the answer names:
+/// the clinic withdrew the request, and the payer took the withdrawal).
+async fn record_cancel(tx: &mut Tx, state: &AppState, authorization_id: &str, response: &Response, now: &str) -> Result<(), Failure> {
+    store_claim_response(tx, state, response).await?;
+    let earlier = tx.record("decision", authorization_id, "inbound").await.map_err(ApiError::from)?;
+    let earlier: Option<serde_json::Value> = earlier.and_then(|r| serde_json::from_str(&r.body).ok());
+    let mut members = vec![
+        ("record_type", Json::string("decision")),
+        ("authorization_id", Json::string(authorization_id)),
+        ("outcome", Json::string("cancelled")),
+        ("decided_at", Json::string(now)),
+    ];
+    if let Some(number) = earlier.as_ref().and_then(|d| d["certification_number"].as_str()) {
+        members.push(("certification_number", Json::string(number)));
+    }
+    let decision = crate::api::fhir::object(&members);
+    tx.put_record(&decision_row(&decision, authorization_id, now)).await.map_err(ApiError::from)?;
+    Ok(())
+}
+
+/// The payer's ClaimResponse, stored through the one write path for the clinic to read.
+async fn store_claim_response(tx: &mut Tx, state: &AppState, response: &Response) -> Result<(), Failure> {
+    let change = Change { resource_type: "ClaimResponse", id: write::new_id(), resource: response.claim_response.clone(), if_match: None, inherited_labels: &[], method: "POST" };
+    write::write(tx, state, &state.gateway_principal, change).await?;
     Ok(())
 }
 
@@ -225,4 +357,62 @@ fn decision_row(decision: &Json, authorization_id: &str, now: &str) -> crate::st
     row.authorization_id = authorization_id.to_string();
     row.status = decision.get("outcome").and_then(Json::as_str).unwrap_or_default().to_string();
     row
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn request(claim_id: &str, units: i64) -> serde_json::Value {
+        json!({
+            "resourceType": "Bundle", "id": "b", "type": "collection",
+            "identifier": { "system": "http://iop-gateway.org/fhir/sid/authorization-submission", "value": "A-1" },
+            "entry": [
+                { "fullUrl": format!("urn:uuid:{claim_id}"), "resource": {
+                    "resourceType": "Claim", "id": claim_id, "status": "active",
+                    "meta": { "profile": ["http://iop-gateway.org/fhir/StructureDefinition/iop-authorization", CLAIM_PROFILE] },
+                    "extension": [{ "url": "http://iop-gateway.org/fhir/StructureDefinition/iop-level-of-care", "valueCoding": { "code": "php" } }],
+                    "item": [{ "sequence": 1, "quantity": { "value": units },
+                               "extension": [{ "url": CERTIFICATION_TYPE, "valueCodeableConcept": { "coding": [{ "system": CERTIFICATION_TYPES, "code": "I" }] } }] }]
+                } },
+                { "fullUrl": "urn:uuid:p", "resource": { "resourceType": "Patient", "id": "p" } }
+            ]
+        })
+    }
+
+    fn revise(units: i64, revision: Revision) -> serde_json::Value {
+        let mappings = MappingSet::bundled(&crate::definitions::Definitions::new_with_exchange_packages()).unwrap();
+        revision_bundle(&mappings, &request("c-1", 12), &request("c-1", units), "A-1", 1, Some("CERT-9"), revision).unwrap()
+    }
+
+    #[test]
+    fn an_update_is_a_new_claim_related_to_the_submitted_one_with_the_line_flagged() {
+        let bundle = revise(15, Revision::Update);
+        let entries = bundle["entry"].as_array().unwrap();
+        let (claim, prior) = (&entries[0]["resource"], &entries[1]["resource"]);
+        assert_eq!((prior["id"].as_str(), entries[2]["resource"]["resourceType"].as_str()), (Some("c-1"), Some("Patient")));
+        assert_ne!(claim["id"], "c-1");
+        assert_eq!(entries[0]["fullUrl"], format!("urn:uuid:{}", claim["id"].as_str().unwrap()));
+        assert_eq!(claim["related"][0]["claim"]["reference"], "urn:uuid:c-1");
+        assert_eq!(claim["meta"]["profile"][1], CLAIM_UPDATE_PROFILE);
+        let urls: Vec<&str> = claim["item"][0]["extension"].as_array().unwrap().iter().map(|e| e["url"].as_str().unwrap()).collect();
+        assert!(urls.contains(&INFO_CHANGED) && urls.contains(&AUTHORIZATION_NUMBER), "{urls:?}");
+        assert_eq!(bundle["identifier"]["value"], "A-1.r1");
+        assert!(!cancels(&bundle.to_string()));
+        let unchanged_line = revise(12, Revision::Update);
+        assert!(!unchanged_line["entry"][0]["resource"]["item"][0].to_string().contains(INFO_CHANGED), "a line that did not change is not flagged");
+    }
+
+    #[test]
+    fn a_cancel_says_so_at_the_claim_and_on_the_line() {
+        let bundle = revise(12, Revision::Cancel);
+        let claim = &bundle["entry"][0]["resource"];
+        assert!(cancels(&bundle.to_string()));
+        assert_eq!(claim["status"], "active");
+        assert_eq!(claim["item"][0]["modifierExtension"][0]["url"], INFO_CANCELLED);
+        assert!(claim["item"][0]["extension"].to_string().contains("\"code\":\"3\""));
+        assert!(!cancels(&request("c-1", 12).to_string()));
+    }
 }

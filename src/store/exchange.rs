@@ -199,6 +199,17 @@ impl Tx {
         put_record(&mut *self.inner, r).await
     }
 
+    /// One stored IOP record, read in this transaction (what a change is compared with).
+    pub async fn record(&mut self, record_type: &str, id: &str, direction: &str) -> Result<Option<RecordRow>, StoreError> {
+        let row = sqlx::query("SELECT record_type, id, direction, client_id, authorization_id, status, updated, body FROM iop_records WHERE record_type = $1 AND id = $2 AND direction = $3")
+            .bind(record_type)
+            .bind(id)
+            .bind(direction)
+            .fetch_optional(&mut *self.inner)
+            .await?;
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
     /// The messages already queued for a record (newest last).
     pub async fn messages_for_record(&mut self, record_type: &str, record_id: &str) -> Result<Vec<Message>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MESSAGE_COLUMNS} FROM outbox WHERE record_type = $1 AND record_id = $2 ORDER BY seq")))

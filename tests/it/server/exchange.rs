@@ -104,16 +104,98 @@ async fn an_authorization_goes_to_the_payer_once_and_its_decision_comes_back() {
     let (status, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
     assert_eq!((status, &one["units"]), (200, &json!(12)), "{one}");
 
-    // A change to a submitted authorization is not silently resent as a new $submit.
+    gw.stop().await;
+}
+
+/// The requests the payer got, parsed.
+async fn submitted(payer: &MockServer) -> Vec<Value> {
+    payer.received_requests().await.unwrap().iter().map(|r| serde_json::from_slice(&r.body).unwrap()).collect()
+}
+
+fn extension<'a>(element: &'a Value, url_end: &str) -> Option<&'a Value> {
+    element["extension"].as_array()?.iter().find(|e| e["url"].as_str().is_some_and(|u| u.ends_with(url_end)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_authorization_goes_as_a_pas_update_and_a_cancelled_one_as_a_cancel() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let input = records("authorization/initial.json");
+    assert_eq!(post_records(&gw, &clinic, &input).await.0, 200);
+    let certification = decision(&gw, &clinic, "AUTH-1001-1", "certified").await["certification_number"].as_str().unwrap().to_string();
+
+    // More days, later end, a new submission time: an update of the submitted Claim.
     let mut changed = input.clone();
     changed[2]["units"] = json!(15);
-    let (status, outcome) = post_records(&gw, &clinic, &changed).await;
+    changed[2]["end"] = json!("2026-02-13");
+    changed[2]["submitted_at"] = json!("2026-01-20T09:00:00-06:00");
+    let (status, summary) = post_records(&gw, &clinic, &changed).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["records"][2]["messages"].as_array().map(Vec::len), Some(1), "{summary}");
+    for _ in 0..100 {
+        if payer.received_requests().await.unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = submitted(&payer).await;
+    assert_eq!(sent.len(), 2);
+    let (first, update) = (&sent[0], &sent[1]);
+    assert_ne!(update["identifier"]["value"], first["identifier"]["value"], "a new transaction identifier");
+    let claim = &update["entry"][0]["resource"];
+    assert!(claim["meta"]["profile"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().ends_with("/profile-claim-update")), "{claim}");
+    assert_eq!(claim["identifier"], first["entry"][0]["resource"]["identifier"], "the same authorization");
+    assert_ne!(claim["id"], first["entry"][0]["resource"]["id"]);
+    assert_eq!(claim["related"][0]["claim"]["reference"], first["entry"][0]["fullUrl"], "related.claim names the submitted Claim");
+    assert_eq!(claim["related"][0]["relationship"]["coding"][0]["code"], "prior");
+    assert_eq!(update["entry"][1]["resource"], first["entry"][0]["resource"], "the submitted Claim travels with its update");
+    let item = &claim["item"][0];
+    assert_eq!((&item["quantity"]["value"], &item["servicedPeriod"]["end"]), (&json!(15), &json!("2026-02-13")));
+    assert_eq!(extension(item, "/extension-infoChanged").map(|e| &e["valueCode"]), Some(&json!("changed")), "{item}");
+    assert_eq!(extension(item, "/extension-authorizationNumber").map(|e| &e["valueString"]), Some(&json!(certification)), "the earlier certification number is kept");
+    assert!(extension(claim, "/extension-certificationType").is_none(), "an update is no cancel");
+
+    // The same change again, even with another submission time: nothing more goes out.
+    changed[2]["submitted_at"] = json!("2026-01-21T09:00:00-06:00");
+    let (status, again) = post_records(&gw, &clinic, &changed).await;
+    assert_eq!((status, &again["records"][2]["messages"]), (200, &json!([])), "{again}");
+
+    // Cancelled: a cancel (certification type 3), and the decision says so with the certification number.
+    let mut cancelled = changed.clone();
+    cancelled[2]["status"] = json!("cancelled");
+    let (status, summary) = post_records(&gw, &clinic, &cancelled).await;
+    assert_eq!((status, summary["records"][2]["messages"].as_array().map(Vec::len)), (200, Some(1)), "{summary}");
+    let done = decision(&gw, &clinic, "AUTH-1001-1", "cancelled").await;
+    assert_eq!(done["certification_number"], json!(certification), "{done}");
+    let sent = submitted(&payer).await;
+    assert_eq!(sent.len(), 3);
+    let cancel = &sent[2]["entry"][0]["resource"];
+    let code = |e: Option<&Value>| e.map(|e| e["valueCodeableConcept"]["coding"][0]["code"].clone());
+    assert_eq!(code(extension(cancel, "/extension-certificationType")), Some(json!("3")), "{cancel}");
+    assert_eq!(code(extension(&cancel["item"][0], "/extension-certificationType")), Some(json!("3")));
+    assert_eq!(cancel["status"], "active", "PAS keeps every Claim instance active");
+    assert_eq!(sent[2]["entry"][1]["resource"], sent[0]["entry"][0]["resource"], "related to the first submission");
+
+    // A cancelled authorization is not revived by a change.
+    let mut revived = cancelled.clone();
+    revived[2]["units"] = json!(20);
+    let (status, outcome) = post_records(&gw, &clinic, &revived).await;
     assert_eq!(status, 409, "{outcome}");
     assert_outcome(&outcome);
     assert!(outcome["issue"][0]["details"]["text"].as_str().unwrap().contains("records[2]"), "{outcome}");
-    let (_, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
-    assert_eq!(one["units"], 12, "nothing of the refused request was stored");
-    assert_eq!(payer.received_requests().await.unwrap().len(), 1);
+    let (status, same) = post_records(&gw, &clinic, &cancelled).await;
+    assert_eq!((status, &same["records"][2]["messages"]), (200, &json!([])), "{same}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 3);
+
+    // Cancelled before anything was sent: nothing is sent.
+    let mut never = input.clone();
+    never[2]["id"] = json!("AUTH-1001-9");
+    never[2]["status"] = json!("cancelled");
+    let (status, summary) = post_records(&gw, &clinic, &never).await;
+    assert_eq!((status, &summary["records"][2]["messages"]), (200, &json!([])), "{summary}");
     gw.stop().await;
 }
 
