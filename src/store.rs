@@ -27,7 +27,7 @@ use crate::config::StoreConfig;
 use crate::search::{IndexEntry, Query};
 use crate::telemetry::Metrics;
 
-pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordFilter, RecordRow};
+pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCursor, RecordFilter, RecordRow};
 pub use query::{AuditQuery, Bind};
 pub use subscriptions::SubscriptionRow;
 

@@ -17,10 +17,13 @@ use super::rest::finish;
 use super::state::AppState;
 use crate::auth::{Principal, Role};
 use crate::json::Json;
-use crate::store::{Message, MessageStatus, RecordFilter};
+use crate::store::{Message, MessageStatus, RecordCursor, RecordFilter};
 
-/// The most records one listing returns.
+/// The most records one page of a listing holds.
 const MAX_RECORDS: usize = 1000;
+
+/// Records on a page when the clinic names no `limit`.
+const DEFAULT_RECORDS: usize = 100;
 
 fn clinic_only(state: &AppState, principal: &Principal) -> Result<(), ApiError> {
     if principal.role == Role::Clinic && principal.organization == state.program() {
@@ -59,14 +62,17 @@ pub async fn post(State(state): State<AppState>, caller: Caller, headers: Header
     finish(&state, audit, result).await
 }
 
-/// `GET /iop/records?record_type=…&direction=…&client_id=…&authorization_id=…&status=…`: newest first.
+/// `GET /iop/records?record_type=…&direction=…&client_id=…&authorization_id=…&status=…&limit=…`:
+/// newest first, `limit` a page (default [`DEFAULT_RECORDS`]); a `Link: <…&cursor=…>; rel="next"`
+/// header names the next page while there is one.
 pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> Response {
     let mut audit = caller.audit("search-type", "E");
     audit.query = uri.query().map(str::to_string);
     let result = async {
         clinic_only(&state, &caller.principal)?;
-        let mut filter = RecordFilter { limit: MAX_RECORDS, ..RecordFilter::default() };
-        for (key, value) in query_pairs(uri.query()) {
+        let mut filter = RecordFilter { limit: DEFAULT_RECORDS, ..RecordFilter::default() };
+        let pairs = query_pairs(uri.query());
+        for (key, value) in &pairs {
             let slot = match key.as_str() {
                 "record_type" => &mut filter.record_type,
                 "direction" if value == "inbound" || value == "outbound" => &mut filter.direction,
@@ -74,16 +80,40 @@ pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> Re
                 "authorization_id" => &mut filter.authorization_id,
                 "status" => &mut filter.status,
                 "direction" => return Err(ApiError::BadRequest("direction is inbound or outbound".into())),
-                other => return Err(ApiError::BadRequest(format!("unknown filter '{other}' (known: record_type, direction, client_id, authorization_id, status)"))),
+                "limit" => {
+                    filter.limit = value.parse().ok().filter(|n| (1..=MAX_RECORDS).contains(n)).ok_or_else(|| ApiError::BadRequest(format!("limit is a number from 1 to {MAX_RECORDS}")))?;
+                    continue;
+                }
+                "cursor" => {
+                    filter.after = Some(parse_cursor(value).ok_or_else(|| ApiError::BadRequest("cursor is not one this server gave (take it from the Link header)".into()))?);
+                    continue;
+                }
+                other => return Err(ApiError::BadRequest(format!("unknown filter '{other}' (known: record_type, direction, client_id, authorization_id, status, limit, cursor)"))),
             };
-            *slot = Some(value);
+            *slot = Some(value.clone());
         }
-        let rows = state.store.records(&filter).await?;
+        let (rows, next) = state.store.record_page(&filter).await?;
         let items: Vec<Value> = rows.iter().filter_map(|r| serde_json::from_str(&r.body).ok()).collect();
-        Ok(json(StatusCode::OK, &Value::Array(items)))
+        let mut response = json(StatusCode::OK, &Value::Array(items));
+        if let Some(next) = next {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.extend_pairs(pairs.iter().filter(|(k, _)| k != "cursor"));
+            query.append_pair("cursor", &format!("{}~{}", next.updated, next.seq));
+            let link = format!("<{}/iop/records?{}>; rel=\"next\"", state.base_url, query.finish());
+            if let Ok(value) = header::HeaderValue::from_str(&link) {
+                response.headers_mut().insert(header::LINK, value);
+            }
+        }
+        Ok(response)
     }
     .await;
     finish(&state, audit, result).await
+}
+
+/// `updated~seq`, the cursor [`list`] hands out.
+fn parse_cursor(text: &str) -> Option<RecordCursor> {
+    let (updated, seq) = text.rsplit_once('~')?;
+    Some(RecordCursor { updated: updated.to_string(), seq: seq.parse().ok()? })
 }
 
 /// `GET /iop/records/{record_type}/{id}`: the record the clinic sent, else the one the gateway made.

@@ -114,6 +114,16 @@ pub struct RecordFilter {
     pub authorization_id: Option<String>,
     pub status: Option<String>,
     pub limit: usize,
+    /// Only records listed after this one (newest first): the next page.
+    pub after: Option<RecordCursor>,
+}
+
+/// Where a listing of records stopped: the last record's update time and store sequence, which
+/// order the listing, so a page never repeats or skips a record that was there before the first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordCursor {
+    pub updated: String,
+    pub seq: i64,
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -370,9 +380,16 @@ impl Store {
 
     /// Records matching a filter, newest first.
     pub async fn records(&self, f: &RecordFilter) -> Result<Vec<RecordRow>, StoreError> {
+        Ok(self.record_page(f).await?.0)
+    }
+
+    /// Up to `f.limit` records matching a filter, newest first, and the cursor of the next page when there is one.
+    pub async fn record_page(&self, f: &RecordFilter) -> Result<(Vec<RecordRow>, Option<RecordCursor>), StoreError> {
+        let (after_updated, after_seq) = f.after.as_ref().map(|c| (c.updated.clone(), c.seq)).unwrap_or_default();
         let rows = sqlx::query(
-            "SELECT record_type, id, direction, client_id, authorization_id, status, updated, body FROM iop_records \
+            "SELECT record_type, id, direction, client_id, authorization_id, status, updated, body, seq FROM iop_records \
              WHERE ($1 = '' OR record_type = $1) AND ($2 = '' OR direction = $2) AND ($3 = '' OR client_id = $3) AND ($4 = '' OR authorization_id = $4) AND ($5 = '' OR status = $5) AND ($7 = '' OR id = $7) \
+             AND ($8 = '' OR updated < $8 OR (updated = $8 AND seq < $9)) \
              ORDER BY updated DESC, seq DESC LIMIT $6",
         )
         .bind(f.record_type.clone().unwrap_or_default())
@@ -380,11 +397,19 @@ impl Store {
         .bind(f.client_id.clone().unwrap_or_default())
         .bind(f.authorization_id.clone().unwrap_or_default())
         .bind(f.status.clone().unwrap_or_default())
-        .bind(f.limit as i64)
+        .bind(f.limit as i64 + 1)
         .bind(f.id.clone().unwrap_or_default())
+        .bind(after_updated)
+        .bind(after_seq)
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+        let more = rows.len() > f.limit;
+        let rows = &rows[..rows.len().min(f.limit)];
+        let next = match rows.last() {
+            Some(last) if more => Some(RecordCursor { updated: last.try_get(6)?, seq: last.try_get(8)? }),
+            _ => None,
+        };
+        Ok((rows.iter().map(record).collect::<Result<_, _>>()?, next))
     }
 }
 

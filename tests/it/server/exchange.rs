@@ -101,6 +101,26 @@ async fn an_authorization_goes_to_the_payer_once_and_its_decision_comes_back() {
     assert_eq!(claims["entry"][0]["resource"]["meta"]["versionId"], "1", "an unchanged resource gets no new version");
     let (_, sent_records) = gw.get(&clinic, "iop/records?direction=outbound").await;
     assert_eq!(sent_records.as_array().unwrap().len(), 3, "{sent_records}");
+    // Paged: two, then the one left through the Link header, and every record once.
+    let page = gw.http.get(gw.url("iop/records?direction=outbound&limit=2")).bearer_auth(&clinic).send().await.unwrap();
+    let link = page.headers().get("link").map(|l| l.to_str().unwrap().to_string()).expect("a next link");
+    let first: Value = page.json().await.unwrap();
+    let next = link.strip_prefix('<').and_then(|l| l.split_once(">; rel=\"next\"")).map(|(url, _)| url.to_string()).expect(&link);
+    assert!(next.contains("direction=outbound") && next.contains("limit=2"), "{next}");
+    let page = gw.http.get(&next).bearer_auth(&clinic).send().await.unwrap();
+    assert!(page.headers().get("link").is_none(), "the last page names no next one");
+    let second: Value = page.json().await.unwrap();
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap_or_default().to_string()).collect::<Vec<_>>();
+    let mut all = [ids(&first), ids(&second)].concat();
+    assert_eq!((ids(&first).len(), ids(&second).len()), (2, 1));
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 3, "{first} {second}");
+    for bad in ["limit=0", "limit=1001", "cursor=nonsense"] {
+        let (status, outcome) = gw.get(&clinic, &format!("iop/records?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {outcome}");
+        assert_outcome(&outcome);
+    }
     let (status, one) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1").await;
     assert_eq!((status, &one["units"]), (200, &json!(12)), "{one}");
 
