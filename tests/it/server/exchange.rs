@@ -251,6 +251,101 @@ async fn a_payer_that_fails_and_times_out_gets_the_same_request_until_it_answers
     gw.stop().await;
 }
 
+/// Reads one HTTP/1.1 message (head, then a `Content-Length` body) from a stream; `None` at end of stream.
+async fn read_message(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut message = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = message.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&message[..end]).to_ascii_lowercase();
+            let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if message.len() >= end + 4 + length {
+                return Some(message);
+            }
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        message.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A loopback relay in front of the payer that passes the first `drop` requests on, reads the
+/// payer's answer, and closes the gateway's connection without a word: the payer processed the
+/// request, the gateway never heard. Later requests are relayed both ways.
+async fn dropping_relay(payer: String, drop: usize) -> String {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (payer, dropped) = (payer.clone(), dropped.clone());
+            tokio::spawn(async move {
+                while let Some(request) = read_message(&mut client).await {
+                    let mut upstream = tokio::net::TcpStream::connect(&payer).await.unwrap();
+                    upstream.write_all(&request).await.unwrap();
+                    let answer = read_message(&mut upstream).await.unwrap_or_default();
+                    if dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < drop {
+                        return; // the connection closes with the answer unsent
+                    }
+                    if client.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_after_the_payer_processed_the_request_resends_it_once_the_same() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let relay = dropping_relay(payer.address().to_string(), 1).await;
+    let gw = Gateway::start_with(&payer_config(&relay, "")).await;
+    let clinic = gw.token("clinic").await;
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2, "processed once with the answer lost, then once more");
+    assert_eq!(received[0].body, received[1].body, "the resend carries the same Bundle.identifier and content");
+    let (_, decisions) = gw.get(&clinic, "iop/records?record_type=decision").await;
+    assert_eq!(decisions.as_array().map(Vec::len), Some(1), "{decisions}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payer_down_for_30_seconds_gets_the_request_once_when_it_is_back() {
+    // Nothing listens at the payer's address for 30 s: every attempt is refused at connect.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = reserved.local_addr().unwrap();
+    drop(reserved);
+    let gw = Gateway::start_with(&payer_config(&format!("http://{address}"), "")).await;
+    let clinic = gw.token("clinic").await;
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    let message_id = summary["records"][2]["messages"][0].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let ops = gw.token("ops").await;
+    let (_, waiting) = gw.get(&ops, &format!("admin/outbox/{message_id}")).await;
+    assert_eq!(waiting["status"], "pending", "still waiting, never given up: {waiting}");
+    assert!(waiting["attempts"].as_i64().unwrap() >= 10, "retried all along (backoff capped at 1 s here): {waiting}");
+
+    let listener = std::net::TcpListener::bind(address).unwrap();
+    let payer = MockServer::builder().listener(listener).start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    assert_eq!(payer.received_requests().await.unwrap().len(), 1, "once it is back, the request arrives once");
+    let (_, delivered) = gw.get(&ops, &format!("admin/outbox/{message_id}")).await;
+    assert_eq!(delivered["status"], "delivered", "{delivered}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_is_a_dead_letter_with_the_payers_issues_and_can_be_replayed() {
     let payer = MockServer::start().await;
@@ -376,9 +471,18 @@ async fn clinic_token(http: &reqwest::Client, base: &str, key: &iop_gateway::aut
     granted["access_token"].as_str().unwrap().to_string()
 }
 
+/// Every decision record, page after page (the listing's `Link: rel="next"`).
 async fn decisions(http: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
-    let found: Value = http.get(format!("{base}/iop/records?record_type=decision")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
-    found.as_array().cloned().unwrap_or_default()
+    let mut found = Vec::new();
+    let mut next = Some(format!("{base}/iop/records?record_type=decision"));
+    while let Some(url) = next.take() {
+        let page = http.get(&url).bearer_auth(token).send().await.unwrap();
+        let link = page.headers().get("link").and_then(|l| l.to_str().ok()).map(str::to_string);
+        next = link.and_then(|l| l.strip_prefix('<').and_then(|l| l.split_once(">; rel=\"next\"")).map(|(url, _)| url.to_string()));
+        let items: Value = page.json().await.unwrap();
+        found.extend(items.as_array().cloned().unwrap_or_default());
+    }
+    found
 }
 
 /// SIGKILL after the payer got the request and before the gateway recorded the answer: after the restart the request goes again, byte for byte, and the authorization ends with one decision.
