@@ -36,5 +36,7 @@ pub mod search;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod test_corpus;
 pub mod validation;
 pub mod xml;

@@ -1,13 +1,9 @@
 //! The validator over public corpora: every official R4 example and the peer harness samples get a verdict without a crash.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use iop_gateway::definitions::Definitions;
 use iop_gateway::validation::Validator;
-
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
-const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers");
 
 fn validator() -> Validator {
     Validator::new(Arc::new(Definitions::new_default()))
@@ -15,8 +11,9 @@ fn validator() -> Validator {
 
 #[test]
 fn official_examples_are_almost_all_valid() {
+    let Some(corpus) = super::need::corpus("corpus::official_examples_are_almost_all_valid") else { return };
     let validator = validator();
-    let folder = Path::new(CORPUS).join("hl7-examples/resources");
+    let folder = corpus.join("hl7-examples/resources");
     let mut n_files = 0;
     let mut invalid = Vec::new();
     for entry in std::fs::read_dir(folder).expect("hl7-examples") {
@@ -38,14 +35,15 @@ fn official_examples_are_almost_all_valid() {
 
 #[test]
 fn peer_samples_match_their_expected_verdicts() {
+    let Some(peers) = super::need::peers("corpus::peer_samples_match_their_expected_verdicts") else { return };
     let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(Path::new(PEERS).join("samples-expected.json")).expect("samples-expected.json")).expect("json");
+        serde_json::from_slice(&std::fs::read(peers.join("samples-expected.json")).expect("samples-expected.json")).expect("json");
     let validator = validator();
     let mut wrong = Vec::new();
     let entries = expected.as_object().expect("object");
     for (file, expectation) in entries {
         let Some(want_valid) = expectation["valid"].as_bool() else { continue };
-        let bytes = std::fs::read(Path::new(PEERS).join("samples").join(file)).expect("sample");
+        let bytes = std::fs::read(peers.join("samples").join(file)).expect("sample");
         let report = validator.validate_bytes(&bytes, &[]);
         if report.is_valid() != want_valid {
             wrong.push(format!("{file} ({})", expectation["category"]));

@@ -4,6 +4,7 @@ mod cli;
 mod corpus;
 mod hostile;
 mod mapping;
+mod need;
 mod packages;
 mod server;
 mod tidy;

@@ -8,16 +8,14 @@ use std::sync::{Arc, OnceLock};
 use iop_gateway::definitions::Definitions;
 use iop_gateway::json::{self, Json};
 use iop_gateway::mapping::MappingSet;
-use iop_gateway::package::Package;
 use iop_gateway::validation::Validator;
 use iop_gateway::xml::XmlOptions;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const PACKAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/definitions/packages");
-const BSER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/bser/legacy-xml-2.0.0-pre-fsh");
+const BSER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bser/profiles");
 
-/// The BSeR profiles the referral mappings claim and the Task business status they bind (the corpus has
-/// no BSeR package, only the XML differentials from before BSeR moved to FSH).
+/// The BSeR profiles the referral mappings claim and the Task business status they bind (BSeR has
+/// no package, only the XML differentials from before it moved to FSH; copied under tests/fixtures).
 const BSER_PROFILES: &[&str] = &[
     "structuredefinition/ReferralServiceRequest.xml",
     "structuredefinition/ReferralTask.xml",
@@ -31,10 +29,7 @@ fn definitions() -> Arc<Definitions> {
     static DEFINITIONS: OnceLock<Arc<Definitions>> = OnceLock::new();
     DEFINITIONS
         .get_or_init(|| {
-            let mut definitions = Definitions::new_default();
-            for package in ["hl7.fhir.us.core-6.1.0.tgz", "hl7.fhir.us.davinci-pas-2.2.1.tgz"] {
-                definitions.add_package(Package::load(&Path::new(PACKAGES).join(package)).expect("load package"));
-            }
+            let mut definitions = Definitions::new_with_exchange_packages();
             let options = XmlOptions { allow_xsi_schema_location: true };
             for file in BSER_PROFILES {
                 let bytes = std::fs::read(Path::new(BSER).join(file)).expect("read BSeR profile");

@@ -10,8 +10,6 @@ use iop_gateway::package::Package;
 use iop_gateway::validation::{Report, Validator};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const PACKAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/definitions/packages");
-const PAS_EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/davinci-pas/examples");
 const PAS: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/";
 const US_CORE: &str = "http://hl7.org/fhir/us/core/StructureDefinition/";
 
@@ -50,21 +48,19 @@ fn json_files(folder: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn pas_examples_get_the_same_report_from_the_bundled_packages_as_from_the_official_ones() {
-    let examples = Path::new(PAS_EXAMPLES);
-    if !examples.is_dir() || !Path::new(PACKAGES).is_dir() {
-        println!("skipped: the shared corpus (PAS examples and official packages) is not beside this repository");
-        return;
-    }
+    let test = "packages::pas_examples_get_the_same_report_from_the_bundled_packages_as_from_the_official_ones";
+    let Some(corpus) = super::need::corpus(test) else { return };
+    let (examples, packages) = (corpus.join("davinci-pas/examples"), corpus.join("definitions/packages"));
     let mut official = Definitions::new_default();
     for package in ["hl7.fhir.us.core-6.1.0.tgz", "hl7.fhir.us.davinci-pas-2.2.1.tgz"] {
-        official.add_package(Package::load(&Path::new(PACKAGES).join(package)).expect("load official package"));
+        official.add_package(Package::load(&packages.join(package)).expect("load official package"));
     }
     let official = Validator::new(Arc::new(official));
     let bundled = Validator::new(Arc::new(Definitions::new_with_exchange_packages()));
     let mut compared = 0;
     let mut kinds = (0, 0);
     let mut unchecked = Vec::new();
-    for path in json_files(examples) {
+    for path in json_files(&examples) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let bytes = std::fs::read(&path).expect("read example");
         let expected = official.validate_bytes(&bytes, &[]);
