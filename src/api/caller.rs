@@ -102,11 +102,11 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     let hash = token_hash(token);
     let now = now_secs();
     let ttl = state.loaded.config.auth.token_cache_ttl_secs as i64;
-    let record = state.store.find_token(&hash).await?.ok_or_else(|| ApiError::Unauthorized("the access token is not valid".into()))?;
+    let record = state.store.find_token(&hash).await?.ok_or_else(|| ApiError::InvalidToken("the access token is not valid".into()))?;
     if record.expires_at <= now {
-        return Err(ApiError::Unauthorized("the access token has expired".into()));
+        return Err(ApiError::InvalidToken("the access token has expired".into()));
     }
-    let client = state.clients.get(&record.client).ok_or_else(|| ApiError::Unauthorized("the access token's client is no longer registered".into()))?;
+    let client = state.clients.get(&record.client).ok_or_else(|| ApiError::InvalidToken("the access token's client is no longer registered".into()))?;
     let principal = Principal {
         client_id: record.client.clone(),
         role: client.config.role,

@@ -13,6 +13,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("authentication required: {0}")]
     Unauthorized(String),
+    /// A bearer token was sent but is unknown, expired or revoked (RFC 6750 `invalid_token`).
+    #[error("{0}")]
+    InvalidToken(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -57,7 +60,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -78,7 +81,7 @@ impl ApiError {
     pub fn issues(&self) -> Vec<Issue> {
         let code = match self {
             ApiError::BadRequest(_) => IssueCode::Invalid,
-            ApiError::Unauthorized(_) => IssueCode::Login,
+            ApiError::Unauthorized(_) | ApiError::InvalidToken(_) => IssueCode::Login,
             ApiError::Forbidden(_) => IssueCode::Forbidden,
             ApiError::NotFound(_) => IssueCode::NotFound,
             ApiError::MethodNotAllowed(_) | ApiError::NotAcceptable(_) | ApiError::UnsupportedMediaType(_) => IssueCode::NotSupported,
@@ -115,6 +118,10 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"iop-gateway\""));
+            }
+            ApiError::InvalidToken(_) => {
+                let challenge = HeaderValue::from_static("Bearer realm=\"iop-gateway\", error=\"invalid_token\"");
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
             }
             ApiError::TooManyRequests | ApiError::Unavailable(_) => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

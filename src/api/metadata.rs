@@ -70,9 +70,17 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         members.push(("operation", Json::Array(vec![validate_op.clone()])));
         resources.push(object(&members));
     }
-    // The oauth-uris extension would require an `authorize` endpoint, which backend services do not
-    // have; SMART discovery is `/.well-known/smart-configuration`, named in the description.
+    // SMART 2 keeps the oauth-uris extension for older clients (Python fhirclient, fhir-kit-client
+    // read the token endpoint there); backend services have no `authorize` endpoint to name.
+    let oauth_uris = object(&[
+        ("url", Json::string("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
+        (
+            "extension",
+            Json::Array(vec![object(&[("url", Json::string("token")), ("valueUri", Json::string(format!("{base}{}", crate::auth::TOKEN_PATH)))])]),
+        ),
+    ]);
     let security = object(&[
+        ("extension", Json::Array(vec![oauth_uris])),
         (
             "service",
             Json::Array(vec![object(&[(
@@ -132,6 +140,8 @@ pub async fn smart_configuration(State(state): State<AppState>) -> Response {
         ("token_endpoint_auth_methods_supported", Json::Array(vec![Json::string("private_key_jwt")])),
         ("token_endpoint_auth_signing_alg_values_supported", Json::Array(vec![Json::string("RS384"), Json::string("ES384")])),
         ("grant_types_supported", Json::Array(vec![Json::string("client_credentials")])),
+        // Required by SMART 2; PKCE belongs to the authorization code flow, which backend services do not use.
+        ("code_challenge_methods_supported", Json::Array(Vec::new())),
         ("scopes_supported", Json::Array(vec![Json::string("system/*.cruds"), Json::string("system/*.read"), Json::string("system/*.write")])),
         ("capabilities", Json::Array(["client-confidential-asymmetric", "permission-v1", "permission-v2"].iter().map(|c| Json::string(*c)).collect())),
     ]);

@@ -90,11 +90,18 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Au
     if !fresh {
         return Err(OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", "the client assertion's jti was used before"));
     }
-    let requested = field("scope").ok_or_else(|| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", "scope is required"))?;
-    let requested = ScopeSet::parse(requested).map_err(|e| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", e.to_string()))?;
-    let granted = requested.intersect(&client.allowed);
+    // No scope asked for: the client's registered scopes (RFC 6749 §3.3, the server's default).
+    // Otherwise what may be granted of what was asked; the answer's `scope` says what that is.
+    let granted = match field("scope").filter(|s| !s.trim().is_empty()) {
+        None => client.allowed.clone(),
+        Some(text) => ScopeSet::parse_requested(text, |t| state.resource_types.contains(t)).0.intersect(&client.allowed),
+    };
     if granted.is_empty() {
-        return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", "none of the requested scopes may be granted to this client"));
+        return Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            format!("none of the requested scopes may be granted to this client (it may have: {})", client.allowed),
+        ));
     }
     let mut raw = [0u8; 32];
     aws_lc_rs::rand::fill(&mut raw).map_err(|_| OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no randomness"))?;

@@ -84,6 +84,27 @@ impl ScopeSet {
         Ok(set)
     }
 
+    /// What a token request's `scope` may be granted from: the SMART system scopes it names on
+    /// resource types that exist (`is_type`), and the scopes it names that are left out (other kinds
+    /// such as `launch/patient` or `openid`, unknown types, malformed ones). OAuth lets a server grant
+    /// less than was asked and say so in the answer's `scope`; refusing the whole request for one
+    /// scope breaks clients that always ask for a few extra.
+    pub fn parse_requested(text: &str, is_type: impl Fn(&str) -> bool) -> (ScopeSet, Vec<String>) {
+        let mut set = ScopeSet::default();
+        let mut declined = Vec::new();
+        for scope in text.split_ascii_whitespace() {
+            match ScopeSet::parse(scope) {
+                Ok(one) if one.by_type.keys().all(|t| t == "*" || is_type(t)) => {
+                    for (resource_type, bits) in one.by_type {
+                        *set.by_type.entry(resource_type).or_default() |= bits;
+                    }
+                }
+                _ => declined.push(scope.to_string()),
+            }
+        }
+        (set, declined)
+    }
+
     /// Whether `permission` on `resource_type` is granted.
     pub fn allows(&self, resource_type: &str, permission: Permission) -> bool {
         let bits = self.by_type.get(resource_type).copied().unwrap_or(0) | self.by_type.get("*").copied().unwrap_or(0);
@@ -164,6 +185,14 @@ mod tests {
         for bad in ["user/Patient.read", "patient/*.read", "system/Patient", "system/Patient.x", "system/Patient.rc", "system/Patient.rr", "system/pat.read"] {
             assert!(ScopeSet::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_request_keeps_the_system_scopes_on_known_types_and_names_the_rest() {
+        let (set, declined) = ScopeSet::parse_requested("launch/patient system/Patient.rs openid system/Foo.read system/*.r system/Task.x", |t| t == "Patient" || t == "Task");
+        assert_eq!(set.to_string(), "system/*.r system/Patient.rs");
+        assert_eq!(declined, ["launch/patient", "openid", "system/Foo.read", "system/Task.x"]);
+        assert!(ScopeSet::parse_requested("openid", |_| true).0.is_empty());
     }
 
     #[test]

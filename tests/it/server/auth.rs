@@ -44,6 +44,54 @@ async fn the_token_endpoint_refuses_forged_expired_replayed_and_overreaching_req
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_grants_what_it_may_of_what_was_asked_and_says_so() {
+    let gw = Gateway::start().await;
+    let grant = |scope: Option<&'static str>| {
+        let assertion = gw.assertion("unit-a");
+        let url = gw.token_url();
+        let http = gw.http.clone();
+        async move {
+            let mut form = vec![("grant_type", "client_credentials"), ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")];
+            form.push(("client_assertion", assertion.as_str()));
+            if let Some(scope) = scope {
+                form.push(("scope", scope));
+            }
+            let response = http.post(&url).form(&form).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    // Python fhirclient adds launch/patient; other kinds and unknown types are left out, the rest granted.
+    let (status, granted) = grant(Some("launch/patient openid system/Foo.read system/ServiceRequest.read")).await;
+    assert_eq!((status, granted["scope"].as_str()), (200, Some("system/ServiceRequest.rs")), "{granted}");
+    // Medplum's JWT assertion login sends no scope: the client's registered scopes.
+    let (status, registered) = grant(None).await;
+    assert_eq!(status, 200, "{registered}");
+    assert!(registered["scope"].as_str().unwrap().contains("system/ServiceRequest."), "{registered}");
+    assert!(!registered["scope"].as_str().unwrap().contains("Foo"));
+    // Nothing grantable is still invalid_scope.
+    let (status, refused) = grant(Some("system/Foo.read launch/patient")).await;
+    assert_eq!((status, refused["error"].as_str()), (400, Some("invalid_scope")), "{refused}");
+
+    // A bad token is invalid_token in the challenge; no token at all is a bare challenge.
+    let bad = gw.http.get(gw.url("Patient")).bearer_auth("not-a-token").send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    let challenge = bad.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(challenge.starts_with("Bearer ") && challenge.contains("error=\"invalid_token\""), "{challenge}");
+    let none = gw.http.get(gw.url("Patient")).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert!(!none.headers()["www-authenticate"].to_str().unwrap().contains("error="));
+
+    // Discovery as SMART 2 and older clients read it.
+    let smart: Value = gw.http.get(gw.url(".well-known/smart-configuration")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(smart["code_challenge_methods_supported"], json!([]));
+    let metadata: Value = gw.http.get(gw.url("metadata")).send().await.unwrap().json().await.unwrap();
+    let oauth = metadata["rest"][0]["security"]["extension"].as_array().unwrap().iter().find(|e| e["url"].as_str().unwrap().ends_with("/oauth-uris")).cloned().expect("oauth-uris");
+    assert_eq!(oauth["extension"][0]["url"], "token");
+    assert_eq!(oauth["extension"][0]["valueUri"], json!(gw.token_url()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs384_client_keys_are_accepted() {
     let rsa = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
     let pair = KeyPair::from_pem(&rsa.serialize_pem(), "rsa-1").unwrap();
