@@ -3,7 +3,9 @@
 //! PostgreSQL at 127.0.0.1:5432, database `test`, is used when it answers (a fresh schema is
 //! created and dropped); otherwise a line says it was skipped. Knobs: `BENCH_SECONDS` (sustained
 //! phase, default 5), `BENCH_CLIENTS` (default 8), `BENCH_DRAIN` (backlog size, default 2000),
-//! `BENCH_WAITING` (messages for the memory figure, default 10000).
+//! `BENCH_WAITING` (messages for the memory figure, default 10000), `BENCH_PER_CLIENT` (authorizations
+//! per client in the drain and memory phases, default 5; 10000 puts them all on one client),
+//! `BENCH_ONLY=memory` (only the memory figure: the 10,000 queued, time to queue them and peak memory).
 //!
 //! Per backend, with one gateway (delivery worker on, default outbox settings) and the payer below:
 //! - sustained: `BENCH_CLIENTS` clinic clients each POST one client + one authorization at a time
@@ -161,6 +163,26 @@ fn records(template: &[Value], label: &str, n: usize) -> Vec<Value> {
     vec![client, authorization]
 }
 
+/// Authorizations `range` as one intake batch, `per_client` authorizations to a client: each client's record
+/// comes with its first authorization in the batch (its PAS request Bundle references it), never twice.
+fn batch(template: &[Value], label: &str, range: std::ops::Range<usize>, per_client: usize) -> Vec<Value> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for n in range {
+        let [client, mut authorization]: [Value; 2] = records(template, label, n / per_client.max(1)).try_into().unwrap();
+        authorization["id"] = json!(format!("AUTH-{label}-{n}"));
+        if seen.insert(client["id"].as_str().unwrap_or_default().to_string()) {
+            out.push(client);
+        }
+        out.push(authorization);
+    }
+    out
+}
+
+fn per_client() -> usize {
+    std::env::var("BENCH_PER_CLIENT").ok().and_then(|s| s.parse().ok()).unwrap_or(5)
+}
+
 fn template() -> Vec<Value> {
     serde_json::from_str::<Value>(&std::fs::read_to_string(format!("{ROOT}/tests/fixtures/iop/authorization/initial.json")).unwrap()).unwrap().as_array().unwrap().clone()
 }
@@ -239,8 +261,7 @@ async fn drain(bench: &Arc<Bench>, payer: &Payer, label: &str, clients: usize, n
                 if from >= n {
                     break;
                 }
-                let batch: Vec<Value> = (from..(from + per_post).min(n)).flat_map(|i| records(&template, &label, i)).collect();
-                bench.intake(&batch).await;
+                bench.intake(&batch(&template, &label, from..(from + per_post).min(n), per_client())).await;
             }
         }));
     }
@@ -326,8 +347,7 @@ async fn memory_child(waiting: usize) {
                 if from >= waiting {
                     break;
                 }
-                let batch: Vec<Value> = (from..(from + 100).min(waiting)).flat_map(|i| records(&template, "M", i)).collect();
-                bench.intake(&batch).await;
+                bench.intake(&batch(&template, "M", from..(from + 100).min(waiting), per_client())).await;
             }
         }));
     }
@@ -367,7 +387,11 @@ fn main() {
         runtime.block_on(memory_child(waiting));
         return;
     }
+    let only_memory = std::env::var("BENCH_ONLY").is_ok_and(|s| s == "memory");
     runtime.block_on(async {
+        if only_memory {
+            return;
+        }
         println!("outbox to a loopback payer that answers at once: {clients} clinic clients, {seconds} s sustained, backlog of {drain_n}; default outbox settings (concurrency 16)");
         let (payer, payer_base) = Payer::start().await;
         let mut rows = Vec::new();
@@ -399,8 +423,8 @@ fn main() {
     let text = String::from_utf8_lossy(&output.stdout);
     match text.lines().find_map(|l| l.strip_prefix("memory ")).map(|l| l.split_whitespace().collect::<Vec<_>>()) {
         Some(f) if f.len() == 7 => println!(
-            "\npeak memory, sqlite, payer down (closed loopback port): idle after start {} MB peak; {} messages queued in {} s, {} waiting ({} tried once and refused): peak {} MB, resident {} MB (whole process: gateway + load generator)",
-            f[3], f[0], f[6], f[1], f[2], f[4], f[5]
+            "\npeak memory, sqlite, payer down (closed loopback port), {} authorizations per client: idle after start {} MB peak; {} messages queued in {} s, {} waiting ({} tried once and refused): peak {} MB, resident {} MB (whole process: gateway + load generator)",
+            per_client(), f[3], f[0], f[6], f[1], f[2], f[4], f[5]
         ),
         _ => println!("\nthe memory child failed: {}\n{}", output.status, String::from_utf8_lossy(&output.stderr)),
     }

@@ -219,6 +219,7 @@ pub fn row(record: &Json, direction: &str, updated: &str) -> RecordRow {
         client_id: text(record, "client_id"),
         authorization_id,
         status: text(record, "status"),
+        extends_certification: text(record, "extends_certification"),
         updated: updated.to_string(),
         body: record.to_string_compact(),
     }

@@ -193,7 +193,8 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
                 (MessageStatus::Delivered, String::new())
             }
             Err(issues) => {
-                tx.put_record(&decision_row(&error_decision(authorization_id, &now, issues), authorization_id, &now)).await?;
+                let client_id = tx.authorization_client(authorization_id).await?;
+                tx.put_record(&decision_row(&error_decision(authorization_id, &now, issues), authorization_id, &client_id, &now)).await?;
                 (MessageStatus::Dead, "the answer is not a valid PAS response".to_string())
             }
         };
@@ -205,6 +206,9 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
             Ok(()) => {
                 if subscription.is_some() {
                     state.outbox_wake.notify_one();
+                }
+                if let Ok(response) = &read {
+                    super::utilization::after_decisions(state, &response.decisions).await;
                 }
                 return Ok(true);
             }
@@ -225,8 +229,9 @@ pub async fn record(tx: &mut Tx, state: &AppState, authorization_id: &str, respo
         let issue = Issue::error(crate::outcome::IssueCode::Processing, "ClaimResponse", "the payer's ClaimResponse names no review action the gateway knows (A1, A3, A4)");
         decisions.push(error_decision(authorization_id, now, &[issue]));
     }
+    let client_id = tx.authorization_client(authorization_id).await.map_err(ApiError::from)?;
     for decision in &decisions {
-        tx.put_record(&decision_row(decision, authorization_id, now)).await.map_err(ApiError::from)?;
+        tx.put_record(&decision_row(decision, authorization_id, &client_id, now)).await.map_err(ApiError::from)?;
     }
     Ok(())
 }
@@ -248,7 +253,8 @@ async fn record_cancel(tx: &mut Tx, state: &AppState, authorization_id: &str, re
         members.push(("certification_number", Json::string(number)));
     }
     let decision = crate::api::fhir::object(&members);
-    tx.put_record(&decision_row(&decision, authorization_id, now)).await.map_err(ApiError::from)?;
+    let client_id = tx.authorization_client(authorization_id).await.map_err(ApiError::from)?;
+    tx.put_record(&decision_row(&decision, authorization_id, &client_id, now)).await.map_err(ApiError::from)?;
     Ok(())
 }
 
@@ -265,7 +271,8 @@ pub async fn refuse(state: &AppState, message: &Message, owner: &str, status: u1
     let issues = outcome_issues(body).unwrap_or_else(|| vec![Issue::error(crate::outcome::IssueCode::Exception, "", reason.to_string())]);
     let decision = error_decision(&message.new.record_id, &now, &issues);
     let mut tx = state.store.begin().await?;
-    tx.put_record(&decision_row(&decision, &message.new.record_id, &now)).await?;
+    let client_id = tx.authorization_client(&message.new.record_id).await?;
+    tx.put_record(&decision_row(&decision, &message.new.record_id, &client_id, &now)).await?;
     let end = Ending { status: MessageStatus::Dead, at_ms: super::now_ms(), http_status: i64::from(status), error: reason, response: body };
     if !tx.finish_message(&message.new.id, owner, &end).await? {
         return Ok(false);
@@ -350,11 +357,13 @@ fn error_decision(authorization_id: &str, now: &str, issues: &[Issue]) -> Json {
     ])
 }
 
-/// A decision is kept once per authorization: the final decision replaces a pended one.
-fn decision_row(decision: &Json, authorization_id: &str, now: &str) -> crate::store::RecordRow {
+/// A decision is kept once per authorization: the final decision replaces a pended one. Its row
+/// names the client of the authorization it decides, so a client's certifications are found by the client.
+fn decision_row(decision: &Json, authorization_id: &str, client_id: &str, now: &str) -> crate::store::RecordRow {
     let mut row = super::intake::row(decision, "inbound", now);
     row.id = authorization_id.to_string();
     row.authorization_id = authorization_id.to_string();
+    row.client_id = client_id.to_string();
     row.status = decision.get("outcome").and_then(Json::as_str).unwrap_or_default().to_string();
     row
 }

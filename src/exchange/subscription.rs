@@ -371,12 +371,12 @@ pub async fn receive(state: &AppState, row: &SubscriptionRow, notification: Noti
         let Some(current) = tx.subscription(partner).await? else { return Err(ApiError::NotFound("the payer has no Subscription here".into())) };
         let plan = plan(current.last_event, &read.iter().map(|(n, _)| *n).collect::<Vec<_>>());
         let now = crate::api::fhir::now_instant();
-        let mut applied = 0;
+        let mut applied = Vec::new();
         let mut retry = false;
         for (number, response) in read.iter().filter(|(n, _)| plan.apply.contains(n)) {
             match response {
                 Ok(response) => match record_event(&mut tx, state, partner, response, &now).await {
-                    Ok(true) => applied += 1,
+                    Ok(true) => applied.push(response),
                     Ok(false) => {}
                     Err(Failure::Retry) => {
                         retry = true;
@@ -396,7 +396,9 @@ pub async fn receive(state: &AppState, row: &SubscriptionRow, notification: Noti
         }
         match tx.commit().await {
             Ok(()) => {
-                received.applied = applied;
+                received.applied = applied.len();
+                let decisions: Vec<Json> = applied.iter().flat_map(|r| r.decisions.iter().cloned()).collect();
+                super::utilization::after_decisions(state, &decisions).await;
                 received.duplicates = numbers.iter().filter(|n| **n <= current.last_event).count();
                 if !plan.missing.is_empty() {
                     tracing::warn!(partner = partner, missing = ?plan.missing, "Events of the payer's Subscription are missing and $events did not return them.");

@@ -3,9 +3,15 @@
 //! [`proposals`] is pure: from a client's records (authorizations, their decisions, sessions,
 //! enrollments) to the extension requests the rule asks for. "Near the end" is measured from the
 //! client's latest session date, never the wall clock, so the same records always give the same
-//! answer. [`review`] runs it after an intake: a proposal is stored as an inbound authorization
-//! record with status `proposed` (held for the clinic to confirm by posting it), or, for a payer
-//! with `auto_extend`, goes through intake like any authorization the clinic sends.
+//! answer. [`review`] runs it after an intake, and [`after_decisions`] when a certification arrives
+//! (a `$submit` answer or a notification): a proposal is stored as an inbound authorization record
+//! with status `proposed` (held for the clinic to confirm by posting it), or, for a payer with
+//! `auto_extend`, goes through intake like any authorization the clinic sends.
+//!
+//! A review reads what can change its answer and no more: the client's certified decisions (one
+//! indexed query, and nothing else when there are none), the authorizations they decide, the
+//! extensions naming their certification numbers, the client's enrollments and sessions. Its cost
+//! does not grow with the client's undecided or refused authorizations.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,7 +23,7 @@ use crate::api::state::AppState;
 use crate::auth::Principal;
 use crate::config::UtilizationConfig;
 use crate::json::Json;
-use crate::store::RecordFilter;
+use crate::store::{RecordRow, Store, StoreError};
 
 /// The row status of an extension request held for the clinic to confirm.
 pub const PROPOSED: &str = "proposed";
@@ -28,7 +34,7 @@ pub const CONFIRMED: &str = "confirmed";
 /// Attendance values that count as a program day used (the client was there, if only for part of it).
 const ATTENDED: [&str; 3] = ["attended", "late", "left_early"];
 
-/// How many records of one kind a review reads per client; a client's records are far fewer.
+/// How many enrollments or sessions a review reads per client; a client's records are far fewer.
 const LIMIT: usize = 10_000;
 
 fn text<'a>(record: &'a Value, member: &str) -> &'a str {
@@ -121,8 +127,7 @@ fn extension(authorization: &Value, number: &str, certified_units: i64, start: D
 /// Returns the ids of the extension requests made.
 pub async fn review(state: &AppState, principal: &Principal, clients: &BTreeSet<String>, confirmed: &[String]) -> Result<Vec<String>, ApiError> {
     for id in confirmed {
-        let filter = RecordFilter { record_type: Some("authorization".into()), direction: Some("inbound".into()), authorization_id: Some(id.clone()), status: Some(PROPOSED.into()), limit: 1, ..RecordFilter::default() };
-        for mut row in state.store.records(&filter).await? {
+        if let Some(mut row) = state.store.record("authorization", id, "inbound").await?.filter(|r| r.status == PROPOSED) {
             row.status = CONFIRMED.into();
             state.store.put_record(&row).await?;
         }
@@ -133,7 +138,7 @@ pub async fn review(state: &AppState, principal: &Principal, clients: &BTreeSet<
         return Ok(made);
     }
     for client in clients {
-        let records = client_records(state, client).await?;
+        let Some(records) = client_records(&state.store, client).await? else { continue };
         let now = crate::api::fhir::now_instant();
         for proposal in proposals(&records, rule, &now) {
             let request = crate::json::parse(proposal.to_string().as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -160,22 +165,57 @@ pub async fn review(state: &AppState, principal: &Principal, clients: &BTreeSet<
     Ok(made)
 }
 
-/// What the rule reads of one client: the client, enrollments, sessions, authorizations (both directions, proposals included) and the decisions on them.
-async fn client_records(state: &AppState, client: &str) -> Result<Vec<Value>, ApiError> {
-    let mut rows = Vec::new();
-    let client_record = RecordFilter { record_type: Some("client".into()), id: Some(client.into()), direction: Some("outbound".into()), limit: 1, ..RecordFilter::default() };
-    rows.extend(state.store.records(&client_record).await?);
-    for record_type in ["enrollment", "session", "authorization"] {
-        let filter = RecordFilter { record_type: Some(record_type.into()), client_id: Some(client.into()), limit: LIMIT, ..RecordFilter::default() };
-        rows.extend(state.store.records(&filter).await?);
+/// After decisions were recorded (their transaction committed): reviews the clients whose
+/// authorizations were certified, so a certification already low when granted (sessions attended
+/// while it was pended) gets its proposal at once. Decisions have no principal; what a review sends
+/// is the gateway's own (the program's Organization, which owns the clinic's records). A failure is
+/// logged: the decision stays recorded, and the client's next intake reviews it again.
+pub async fn after_decisions(state: &AppState, decisions: &[Json]) {
+    let certified = decisions.iter().filter(|d| d.get("outcome").and_then(Json::as_str) == Some("certified"));
+    let mut clients = BTreeSet::new();
+    for authorization_id in certified.filter_map(|d| d.get("authorization_id").and_then(Json::as_str)) {
+        match state.store.record("authorization", authorization_id, "outbound").await {
+            Ok(Some(row)) if !row.client_id.is_empty() => {
+                clients.insert(row.client_id);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "The utilization rule could not find the client of a certified authorization."),
+        }
     }
-    let authorization_ids: BTreeSet<String> = rows.iter().filter(|r| r.record_type == "authorization").map(|r| r.id.clone()).collect();
-    for id in authorization_ids {
-        // Decisions carry no client id; they are found through the authorization they decide on.
-        let filter = RecordFilter { record_type: Some("decision".into()), authorization_id: Some(id), limit: 1, ..RecordFilter::default() };
-        rows.extend(state.store.records(&filter).await?);
+    if clients.is_empty() {
+        return;
     }
-    Ok(rows.iter().filter_map(|r| serde_json::from_str(&r.body).ok()).collect())
+    if let Err(e) = review(state, &state.gateway_principal, &clients, &[]).await {
+        tracing::warn!(error = %e, "The utilization rule could not look at the certifications that arrived.");
+    }
+}
+
+/// What the rule reads of one client, `None` when the client has no certification (then nothing
+/// else is read): the certified decisions, the authorizations they decide (as the clinic sent them),
+/// the authorizations extending their certification numbers (the clinic's and proposals), the
+/// client's enrollments and sessions, and the client record (an extension sent with `auto_extend`
+/// goes with it).
+async fn client_records(store: &Store, client: &str) -> Result<Option<Vec<Value>>, StoreError> {
+    let decisions = store.client_records(client, "decision", Some("certified"), LIMIT).await?;
+    if decisions.is_empty() {
+        return Ok(None);
+    }
+    let mut rows: Vec<RecordRow> = Vec::new();
+    rows.extend(store.record("client", client, "outbound").await?);
+    for record_type in ["enrollment", "session"] {
+        rows.extend(store.client_records(client, record_type, None, LIMIT).await?);
+    }
+    let numbers: BTreeSet<String> = decisions.iter().filter_map(|d| serde_json::from_str::<Value>(&d.body).ok()).map(|b| text(&b, "certification_number").to_string()).collect();
+    for number in numbers.iter().filter(|n| !n.is_empty()) {
+        rows.extend(store.extensions(client, number).await?);
+    }
+    // After the extensions: an authorization that is both keeps the body the clinic sent (the rule takes the last of an id).
+    for decision in &decisions {
+        // Its client was copied from this authorization when the decision was recorded; another client's now is not this client's.
+        rows.extend(store.record("authorization", &decision.authorization_id, "outbound").await?.filter(|a| a.client_id == client));
+    }
+    rows.extend(decisions);
+    Ok(Some(rows.iter().filter_map(|r| serde_json::from_str(&r.body).ok()).collect()))
 }
 
 #[cfg(test)]
@@ -261,6 +301,76 @@ mod tests {
         let mut clinic_sent = sessions(11, "attended");
         clinic_sent.push(json!({"record_type": "authorization", "id": "AUTH-1-2", "client_id": "C-1", "extends_certification": "CERT-1"}));
         assert!(run(clinic_sent).is_empty(), "the clinic's own extension counts");
+    }
+
+    async fn put(store: &Store, record: &Value, direction: &str) {
+        let record = crate::json::parse(record.to_string().as_bytes()).unwrap();
+        store.put_record(&crate::exchange::intake::row(&record, direction, "2026-01-20T00:00:00.000Z")).await.unwrap();
+    }
+
+    /// A decision row as `pas` records it: by authorization, naming the client the store says the authorization names.
+    async fn decide(store: &Store, decision: &Value) {
+        let authorization_id = text(decision, "authorization_id");
+        let mut tx = store.begin().await.unwrap();
+        let client = tx.authorization_client(authorization_id).await.unwrap();
+        let mut row = crate::exchange::intake::row(&crate::json::parse(decision.to_string().as_bytes()).unwrap(), "inbound", "2026-01-21T00:00:00.000Z");
+        (row.id, row.client_id, row.status) = (authorization_id.to_string(), client, text(decision, "outcome").to_string());
+        tx.put_record(&row).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// A review's reads do not grow with the client's undecided authorizations: with none certified it
+    /// reads nothing more than the certified decisions; with one, that one authorization and not the 299 others,
+    /// and its proposals are those of all the client's records.
+    #[tokio::test]
+    async fn a_review_reads_no_undecided_authorization() {
+        let dir = std::env::temp_dir().join(format!("iop-gw-utilization-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::StoreConfig { data_dir: dir.clone(), ..Default::default() };
+        let store = Store::open(&config, std::sync::Arc::new(crate::telemetry::Metrics::default())).await.unwrap();
+        let [enrollment, authorization, certified]: [Value; 3] = base().try_into().unwrap();
+        let mut everything = vec![json!({"record_type": "client", "id": "C-1"}), enrollment.clone()];
+        everything.extend(sessions(10, "attended"));
+        for n in 0..300 {
+            let mut a = authorization.clone();
+            a["id"] = json!(format!("AUTH-{n}"));
+            everything.push(a);
+            if n % 2 == 0 {
+                everything.push(json!({"record_type": "decision", "authorization_id": format!("AUTH-{n}"), "outcome": "pended", "decided_at": "2026-01-09T15:20:00-06:00"}));
+            }
+        }
+        // Another client's certification is not this one's.
+        everything.push(json!({"record_type": "authorization", "id": "AUTH-OTHER", "client_id": "C-2", "program": "mental_health_iop"}));
+        for record in &everything {
+            if text(record, "record_type") == "decision" {
+                decide(&store, record).await;
+            } else {
+                put(&store, record, "outbound").await;
+            }
+        }
+        decide(&store, &json!({"record_type": "decision", "authorization_id": "AUTH-OTHER", "outcome": "certified", "certification_number": "CERT-9",
+                               "certified_units": 1, "certified_start": "2026-01-12", "certified_end": "2026-01-13"})).await;
+        assert!(client_records(&store, "C-1").await.unwrap().is_none(), "no certification: nothing read");
+
+        let mut decision = certified.clone();
+        decision["authorization_id"] = json!("AUTH-7");
+        decide(&store, &decision).await;
+        everything.push(decision);
+        let read = client_records(&store, "C-1").await.unwrap().expect("a certification");
+        let authorizations: Vec<&str> = read.iter().filter(|r| text(r, "record_type") == "authorization").map(|r| text(r, "id")).collect();
+        assert_eq!(authorizations, ["AUTH-7"]);
+        assert_eq!(read.len(), 1 + 1 + 10 + 1 + 1, "client, enrollment, sessions, the authorization, its decision");
+        let made = proposals(&read, &RULE, "t");
+        assert_eq!((made.len(), text(&made[0], "id")), (1, "AUTH-7-EXT"));
+        assert_eq!(made, proposals(&everything, &RULE, "t"));
+
+        // The proposal, held for the clinic, is read back as the certification's extension: no second one.
+        put(&store, &made[0], "inbound").await;
+        let read = client_records(&store, "C-1").await.unwrap().unwrap();
+        assert!(read.iter().any(|r| text(r, "id") == "AUTH-7-EXT"));
+        assert!(proposals(&read, &RULE, "t").is_empty());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct RecordRow {
     pub client_id: String,
     pub authorization_id: String,
     pub status: String,
+    /// The certification an authorization asks to extend (its `extends_certification`; '' for the rest).
+    pub extends_certification: String,
     pub updated: String,
     pub body: String,
 }
@@ -162,13 +164,16 @@ fn record(row: &AnyRow) -> Result<RecordRow, sqlx::Error> {
         status: row.try_get(5)?,
         updated: row.try_get(6)?,
         body: row.try_get(7)?,
+        extends_certification: row.try_get(8)?,
     })
 }
 
+const RECORD_COLUMNS: &str = "record_type, id, direction, client_id, authorization_id, status, updated, body, extends_certification";
+
 async fn put_record<'e, E: Executor<'e, Database = Any>>(executor: E, r: &'e RecordRow) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO iop_records (record_type, id, direction, client_id, authorization_id, status, updated, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (record_type, id, direction) DO UPDATE SET client_id = $4, authorization_id = $5, status = $6, updated = $7, body = $8",
+        "INSERT INTO iop_records (record_type, id, direction, client_id, authorization_id, status, updated, body, extends_certification) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (record_type, id, direction) DO UPDATE SET client_id = $4, authorization_id = $5, status = $6, updated = $7, body = $8, extends_certification = $9",
     )
     .bind(r.record_type.as_str())
     .bind(r.id.as_str())
@@ -178,6 +183,7 @@ async fn put_record<'e, E: Executor<'e, Database = Any>>(executor: E, r: &'e Rec
     .bind(r.status.as_str())
     .bind(r.updated.as_str())
     .bind(r.body.as_str())
+    .bind(r.extends_certification.as_str())
     .execute(executor)
     .await?;
     Ok(())
@@ -211,13 +217,18 @@ impl Tx {
 
     /// One stored IOP record, read in this transaction (what a change is compared with).
     pub async fn record(&mut self, record_type: &str, id: &str, direction: &str) -> Result<Option<RecordRow>, StoreError> {
-        let row = sqlx::query("SELECT record_type, id, direction, client_id, authorization_id, status, updated, body FROM iop_records WHERE record_type = $1 AND id = $2 AND direction = $3")
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RECORD_COLUMNS} FROM iop_records WHERE record_type = $1 AND id = $2 AND direction = $3")))
             .bind(record_type)
             .bind(id)
             .bind(direction)
             .fetch_optional(&mut *self.inner)
             .await?;
         Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    /// The client an authorization the clinic sent names ('' for one the gateway does not hold), which its decision rows carry.
+    pub async fn authorization_client(&mut self, authorization_id: &str) -> Result<String, StoreError> {
+        Ok(self.record("authorization", authorization_id, "outbound").await?.map(|r| r.client_id).unwrap_or_default())
     }
 
     /// The messages already queued for a record (newest last).
@@ -386,12 +397,12 @@ impl Store {
     /// Up to `f.limit` records matching a filter, newest first, and the cursor of the next page when there is one.
     pub async fn record_page(&self, f: &RecordFilter) -> Result<(Vec<RecordRow>, Option<RecordCursor>), StoreError> {
         let (after_updated, after_seq) = f.after.as_ref().map(|c| (c.updated.clone(), c.seq)).unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT record_type, id, direction, client_id, authorization_id, status, updated, body, seq FROM iop_records \
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS}, seq FROM iop_records \
              WHERE ($1 = '' OR record_type = $1) AND ($2 = '' OR direction = $2) AND ($3 = '' OR client_id = $3) AND ($4 = '' OR authorization_id = $4) AND ($5 = '' OR status = $5) AND ($7 = '' OR id = $7) \
              AND ($8 = '' OR updated < $8 OR (updated = $8 AND seq < $9)) \
-             ORDER BY updated DESC, seq DESC LIMIT $6",
-        )
+             ORDER BY updated DESC, seq DESC LIMIT $6"
+        )))
         .bind(f.record_type.clone().unwrap_or_default())
         .bind(f.direction.clone().unwrap_or_default())
         .bind(f.client_id.clone().unwrap_or_default())
@@ -406,10 +417,46 @@ impl Store {
         let more = rows.len() > f.limit;
         let rows = &rows[..rows.len().min(f.limit)];
         let next = match rows.last() {
-            Some(last) if more => Some(RecordCursor { updated: last.try_get(6)?, seq: last.try_get(8)? }),
+            Some(last) if more => Some(RecordCursor { updated: last.try_get(6)?, seq: last.try_get(9)? }),
             _ => None,
         };
         Ok((rows.iter().map(record).collect::<Result<_, _>>()?, next))
+    }
+
+    /// One record by its key (the unique index).
+    pub async fn record(&self, record_type: &str, id: &str, direction: &str) -> Result<Option<RecordRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RECORD_COLUMNS} FROM iop_records WHERE record_type = $1 AND id = $2 AND direction = $3")))
+            .bind(record_type)
+            .bind(id)
+            .bind(direction)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    /// A client's records of one type (of one status, if given), newest first, at most `limit`: by the client index, never a scan of the type.
+    pub async fn client_records(&self, client_id: &str, record_type: &str, status: Option<&str>, limit: usize) -> Result<Vec<RecordRow>, StoreError> {
+        // A condition only when asked for, rather than `($4 = '' OR status = $4)`, which keeps the planner off the index's last column.
+        let by_status = if status.is_some() { " AND status = $4" } else { "" };
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM iop_records WHERE client_id = $1 AND record_type = $2{by_status} ORDER BY updated DESC, seq DESC LIMIT $3");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(client_id).bind(record_type).bind(limit as i64);
+        if let Some(status) = status {
+            query = query.bind(status);
+        }
+        let rows = query.fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+    }
+
+    /// A client's authorizations (either direction: the clinic's and the gateway's proposals) that extend certification `number`.
+    pub async fn extensions(&self, client_id: &str, number: &str) -> Result<Vec<RecordRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM iop_records WHERE extends_certification = $1 AND record_type = 'authorization' AND client_id = $2 ORDER BY updated DESC, seq DESC"
+        )))
+        .bind(number)
+        .bind(client_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
     }
 }
 
@@ -428,6 +475,58 @@ mod tests {
 
     fn new_message(id: &str) -> NewMessage {
         NewMessage { id: id.into(), partner: "payer".into(), subject: format!("authorization:{id}"), kind: "pas-submit".into(), record_type: "authorization".into(), record_id: id.into(), payload: "{}".into() }
+    }
+
+    /// Migration 5 on rows written before it: decision rows get the client of the authorization the
+    /// clinic sent, authorization rows the certification they extend; then they are found by the new reads.
+    async fn backfill(backend: super::super::Backend, pool: &sqlx::AnyPool, migrations: Vec<sqlx::migrate::Migration>) {
+        let before: Vec<_> = migrations.iter().filter(|m| m.version < 5).cloned().collect();
+        sqlx::migrate::Migrator::with_migrations(before).run(pool).await.unwrap();
+        let rows = [
+            ("authorization", "A-1", "outbound", "C-1", "A-1", r#"{"record_type":"authorization","id":"A-1","client_id":"C-1"}"#),
+            ("authorization", "A-1-EXT", "inbound", "C-1", "A-1-EXT", r#"{"record_type":"authorization","id":"A-1-EXT","client_id":"C-1","extends_certification":"CERT-1"}"#),
+            ("authorization", "A-2", "outbound", "C-2", "A-2", r#"{"record_type":"authorization","id":"A-2","client_id":"C-2"}"#),
+            ("decision", "A-1", "inbound", "", "A-1", r#"{"record_type":"decision","authorization_id":"A-1","outcome":"certified","certification_number":"CERT-1"}"#),
+            ("decision", "A-2", "inbound", "", "A-2", r#"{"record_type":"decision","authorization_id":"A-2","outcome":"pended"}"#),
+            ("decision", "A-9", "inbound", "", "A-9", r#"{"record_type":"decision","authorization_id":"A-9","outcome":"error"}"#),
+        ];
+        for (record_type, id, direction, client, authorization, body) in rows {
+            let status = if record_type == "decision" { body.split("\"outcome\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or_default() } else { "" };
+            sqlx::query("INSERT INTO iop_records (record_type, id, direction, client_id, authorization_id, status, updated, body) VALUES ($1, $2, $3, $4, $5, $6, '2026-01-01', $7)")
+                .bind(record_type).bind(id).bind(direction).bind(client).bind(authorization).bind(status).bind(body)
+                .execute(pool).await.unwrap();
+        }
+        sqlx::migrate::Migrator::with_migrations(migrations).run(pool).await.unwrap();
+        let store = Store { backend, writer: pool.clone(), reader: pool.clone(), metrics: Arc::new(crate::telemetry::Metrics::default()) };
+        let certified = store.client_records("C-1", "decision", Some("certified"), 10).await.unwrap();
+        assert_eq!(certified.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["A-1"]);
+        assert_eq!(store.client_records("C-2", "decision", None, 10).await.unwrap().len(), 1);
+        assert_eq!(store.record("decision", "A-9", "inbound").await.unwrap().unwrap().client_id, "", "no authorization, no client");
+        let extensions = store.extensions("C-1", "CERT-1").await.unwrap();
+        assert_eq!(extensions.iter().map(|r| (r.id.as_str(), r.extends_certification.as_str())).collect::<Vec<_>>(), [("A-1-EXT", "CERT-1")]);
+        assert!(store.extensions("C-2", "CERT-1").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn migration_5_gives_existing_decisions_their_client_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("iop-gw-store-backfill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        sqlx::any::install_default_drivers();
+        let (writer, _) = super::super::sqlite::connect(&dir, 1, 5).await.unwrap();
+        backfill(super::super::Backend::Sqlite, &writer, super::super::sqlite::migrations()).await;
+        writer.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn migration_5_gives_existing_decisions_their_client_on_postgres() {
+        const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+        let schema = format!("unit_backfill_{}", std::process::id());
+        sqlx::any::install_default_drivers();
+        let pool = super::super::postgres::connect(PG_URL, Some(&schema), 2, 5).await.expect("PostgreSQL at 127.0.0.1:5432 (database test)");
+        backfill(super::super::Backend::Postgres, &pool, super::super::postgres::migrations()).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(&pool).await.unwrap();
+        pool.close().await;
     }
 
     /// A worker that read a message as due, then lost the race to one that tried it and put it back for later, must not send it before its retry time.

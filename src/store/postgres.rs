@@ -9,13 +9,19 @@ use sqlx::{AnyPool, Executor};
 use super::StoreError;
 
 pub(super) fn migrator() -> Migrator {
+    Migrator::with_migrations(migrations())
+}
+
+/// The schema's migrations in order (a test runs them up to a version to check what a later one does to existing rows).
+pub(super) fn migrations() -> Vec<Migration> {
     let migration = |version, name: &str, sql: &'static str| Migration::new(version, name.to_string().into(), MigrationType::Simple, sqlx::SqlStr::from_static(sql), false);
-    Migrator::with_migrations(vec![
+    vec![
         migration(1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
         migration(2, "owner", include_str!("../../migrations/postgres/0002_owner.sql")),
         migration(3, "exchange", include_str!("../../migrations/postgres/0003_exchange.sql")),
         migration(4, "subscriptions", include_str!("../../migrations/postgres/0004_subscriptions.sql")),
-    ])
+        migration(5, "utilization", include_str!("../../migrations/postgres/0005_utilization.sql")),
+    ]
 }
 
 pub(super) async fn connect(url: &str, schema: Option<&str>, max: u32, acquire_timeout_secs: u64) -> Result<AnyPool, StoreError> {

@@ -597,7 +597,7 @@ async fn a_crash_with_200_messages_queued_loses_none_and_sends_none_twice() {
 }
 
 /// The clinic's attended sessions of client C-1001 on the first `n` weekdays from 2026-01-12, the first day of its certification.
-fn attended_sessions(n: usize) -> Value {
+pub(super) fn attended_sessions(n: usize) -> Value {
     let template = records("session/attended.json");
     let days = (12..=31).map(|d| format!("2026-01-{d:02}")).filter(|d| !["2026-01-17", "2026-01-18", "2026-01-24", "2026-01-25", "2026-01-31"].contains(&d.as_str()));
     days.take(n)
@@ -613,7 +613,7 @@ fn attended_sessions(n: usize) -> Value {
 }
 
 /// The extension requests the gateway holds for the clinic.
-async fn proposed(gw: &Gateway, token: &str) -> Vec<Value> {
+pub(super) async fn proposed(gw: &Gateway, token: &str) -> Vec<Value> {
     let (status, found) = gw.get(token, "iop/records?record_type=authorization&status=proposed").await;
     assert_eq!(status, 200, "{found}");
     found.as_array().unwrap().clone()

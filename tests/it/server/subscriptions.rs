@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use super::exchange::{Payer, decision, pas_response, payer_config, post_records, records};
+use super::exchange::{Payer, attended_sessions, decision, pas_response, payer_config, post_records, proposed, records};
 use super::support::{Gateway, assert_outcome};
 
 const PARTNER: &str = "synthetic-health";
@@ -245,5 +245,64 @@ async fn a_notification_without_the_subscriptions_secret_is_refused_and_changes_
     // The right secret still works afterwards.
     assert_eq!(notify(&gw, PARTNER, Some(&secret), &event).await.0, 200);
     assert_eq!(decisions_for(&gw, &clinic, "AUTH-1001-1").await[0]["outcome"], "certified");
+    gw.stop().await;
+}
+
+/// Sessions attended while the authorization is pended; the certification the notification brings is
+/// already low (two of twelve days left), so the utilization rule acts on the decision itself, with no further intake.
+async fn pended_then_certified_with_sessions_attended(gw: &Gateway, payer: &MockServer, clinic: &str) -> String {
+    let mut input = records("authorization/initial.json");
+    input.as_array_mut().unwrap().push(records("enrollment/active.json"));
+    let secret = pended(gw, payer, clinic, &input, &["AUTH-1001-1"]).await;
+    let (status, summary) = post_records(gw, clinic, &attended_sessions(10)).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(proposed(gw, clinic).await, Vec::<Value>::new(), "pended: nothing to extend yet");
+    let event = notification(payer, "event-notification", &[(1, pas_response("certified", "AUTH-1001-1"))]);
+    let (status, body) = notify(gw, PARTNER, Some(&secret), &event).await;
+    assert_eq!(status, 200, "{body}");
+    let certified = decision(gw, clinic, "AUTH-1001-1", "certified").await;
+    certified["certification_number"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certification_already_low_when_it_arrives_gets_its_extension_request_at_once() {
+    let payer = pending_payer().await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let certification = pended_then_certified_with_sessions_attended(&gw, &payer, &clinic).await;
+    // The notification was answered after the rule ran: the proposal is there already.
+    let held = proposed(&gw, &clinic).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!((&held[0]["id"], &held[0]["extends_certification"], &held[0]["client_id"]), (&json!("AUTH-1001-1-EXT"), &json!(certification), &json!("C-1001")), "{}", held[0]);
+    assert_eq!((&held[0]["start"], &held[0]["units"]), (&json!("2026-02-07"), &json!(12)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let submits = payer.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/Claim/$submit").count();
+    assert_eq!(submits, 1, "a held proposal is not sent");
+
+    // The next intake finds the same certification already extended: still one proposal.
+    let (status, _) = post_records(&gw, &clinic, &attended_sessions(11)).await;
+    assert_eq!(status, 200);
+    assert_eq!(proposed(&gw, &clinic).await.len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_extend_a_certification_already_low_when_it_arrives_is_extended_at_the_payer_once() {
+    let payer = pending_payer().await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "auto_extend = true")).await;
+    let clinic = gw.token("clinic").await;
+    let certification = pended_then_certified_with_sessions_attended(&gw, &payer, &clinic).await;
+    // Sent as the gateway's own, through intake: queued, delivered, and pended in turn by this payer.
+    decision(&gw, &clinic, "AUTH-1001-1-EXT", "pended").await;
+    let (status, _) = post_records(&gw, &clinic, &attended_sessions(11)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let submits: Vec<Value> = payer.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/Claim/$submit").map(|r| serde_json::from_slice(&r.body).unwrap()).collect();
+    assert_eq!(submits.len(), 2, "the initial request and one extension");
+    assert_eq!(submits[1]["entry"][0]["resource"]["identifier"][0]["value"], "AUTH-1001-1-EXT");
+    assert_eq!(proposed(&gw, &clinic).await, Vec::<Value>::new(), "nothing held");
+    let (status, sent) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1-EXT").await;
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["extends_certification"], json!(certification), "{sent}");
     gw.stop().await;
 }
