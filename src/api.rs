@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metadata", get(metadata::metadata))
         .route("/.well-known/smart-configuration", get(metadata::smart_configuration))
         .route(crate::auth::TOKEN_PATH, post(token::token))
+        .route(crate::auth::AUTHORIZE_PATH, get(token::authorize).post(token::authorize))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -21,6 +21,10 @@ pub use scopes::{Permission, ScopeError, ScopeSet};
 /// The path of the token endpoint under the base URL.
 pub const TOKEN_PATH: &str = "/auth/token";
 
+/// The authorization endpoint's path: it exists only to refuse, since backend services never use it
+/// (SMART's `oauth-uris` extension, which older clients read the token endpoint from, requires one).
+pub const AUTHORIZE_PATH: &str = "/auth/authorize";
+
 /// `client_assertion_type` of SMART Backend Services (a signed JWT proves the client's identity).
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 

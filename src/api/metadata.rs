@@ -71,13 +71,11 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         resources.push(object(&members));
     }
     // SMART 2 keeps the oauth-uris extension for older clients (Python fhirclient, fhir-kit-client
-    // read the token endpoint there); backend services have no `authorize` endpoint to name.
+    // read the token endpoint there). It requires `authorize`: that endpoint refuses every request.
+    let uri = |name: &str, path: &str| object(&[("url", Json::string(name)), ("valueUri", Json::string(format!("{base}{path}")))]);
     let oauth_uris = object(&[
         ("url", Json::string("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
-        (
-            "extension",
-            Json::Array(vec![object(&[("url", Json::string("token")), ("valueUri", Json::string(format!("{base}{}", crate::auth::TOKEN_PATH)))])]),
-        ),
+        ("extension", Json::Array(vec![uri("authorize", crate::auth::AUTHORIZE_PATH), uri("token", crate::auth::TOKEN_PATH)])),
     ]);
     let security = object(&[
         ("extension", Json::Array(vec![oauth_uris])),

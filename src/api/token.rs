@@ -119,3 +119,10 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Au
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }
+
+/// `GET|POST /auth/authorize`: the authorization code flow is not offered (SMART Backend Services
+/// only), said the OAuth way (RFC 6749 §4.1.2.1) and without redirecting anywhere, since no client
+/// has a redirect URI registered here.
+pub async fn authorize() -> Response {
+    OAuthError::new(StatusCode::BAD_REQUEST, "unsupported_response_type", "this server offers SMART Backend Services only: get tokens with client_credentials and a client assertion at the token endpoint").into_response()
+}

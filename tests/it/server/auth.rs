@@ -86,8 +86,11 @@ async fn the_token_endpoint_grants_what_it_may_of_what_was_asked_and_says_so() {
     assert_eq!(smart["code_challenge_methods_supported"], json!([]));
     let metadata: Value = gw.http.get(gw.url("metadata")).send().await.unwrap().json().await.unwrap();
     let oauth = metadata["rest"][0]["security"]["extension"].as_array().unwrap().iter().find(|e| e["url"].as_str().unwrap().ends_with("/oauth-uris")).cloned().expect("oauth-uris");
-    assert_eq!(oauth["extension"][0]["url"], "token");
-    assert_eq!(oauth["extension"][0]["valueUri"], json!(gw.token_url()));
+    let uri = |name: &str| oauth["extension"].as_array().unwrap().iter().find(|e| e["url"] == name).map(|e| e["valueUri"].as_str().unwrap().to_string());
+    assert_eq!(uri("token"), Some(gw.token_url()));
+    let authorize = gw.http.get(uri("authorize").expect("authorize, which the extension requires")).send().await.unwrap();
+    assert_eq!(authorize.status(), 400);
+    assert_eq!(authorize.json::<Value>().await.unwrap()["error"], "unsupported_response_type");
     gw.stop().await;
 }
 
