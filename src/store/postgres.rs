@@ -15,6 +15,7 @@ pub(super) fn migrator() -> Migrator {
         migration(2, "owner", include_str!("../../migrations/postgres/0002_owner.sql")),
         migration(3, "exchange", include_str!("../../migrations/postgres/0003_exchange.sql")),
         migration(4, "subscriptions", include_str!("../../migrations/postgres/0004_subscriptions.sql")),
+        migration(5, "inquiries", include_str!("../../migrations/postgres/0005_inquiries.sql")),
     ])
 }
 
