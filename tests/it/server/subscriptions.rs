@@ -169,11 +169,16 @@ async fn pended_authorizations_are_decided_through_one_subscription_and_a_duplic
 
 /// A gateway for the payer, on SQLite or, given a schema, on the PostgreSQL the server tests use.
 async fn gateway(payer: &MockServer, schema: Option<&str>) -> Gateway {
-    let Some(schema) = schema else { return Gateway::start_with(&payer_config(&payer.uri(), "")).await };
+    gateway_with(payer, schema, "").await
+}
+
+/// As [`gateway`], with more keys for the payer's `[[partners]]` entry.
+async fn gateway_with(payer: &MockServer, schema: Option<&str>, extra: &str) -> Gateway {
+    let Some(schema) = schema else { return Gateway::start_with(&payer_config(&payer.uri(), extra)).await };
     let dir = super::support::TempDir::new("subs-pg");
     let keys = super::support::partner_keys();
     let url = super::postgres::PG_URL;
-    let text = super::support::config_text(&dir.0, &keys, &payer_config(&payer.uri(), "")).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    let text = super::support::config_text(&dir.0, &keys, &payer_config(&payer.uri(), extra)).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
     Gateway::start_loaded(super::support::load(&text, &dir.0), keys, dir).await
 }
 
@@ -310,13 +315,24 @@ fn with_status(mut notification: Value, status: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscription_makes_the_gateway_inquire_at_the_interval_until_the_final_decision() {
+    inquired_while_in_error(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_makes_the_gateway_inquire_at_the_interval_until_the_final_decision_on_postgres() {
+    let schema = super::postgres::schema_name("inquire");
+    inquired_while_in_error(Some(&schema)).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn inquired_while_in_error(schema: Option<&str>) {
     let payer = MockServer::start().await;
     Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "pended" }).mount(&payer).await;
     let refusal = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "details": {"text": "Subscriptions are not offered"}}]});
     Mock::given(method("POST")).and(path("/Subscription")).respond_with(ResponseTemplate::new(400).set_body_json(&refusal)).mount(&payer).await;
     let inquirer = Inquirer::new(&["pended", "certified"], true);
     inquirer.mount(&payer).await;
-    let gw = Gateway::start_with(&payer_config(&payer.uri(), "inquire_interval_secs = 1")).await;
+    let gw = gateway_with(&payer, schema, "inquire_interval_secs = 1").await;
     let clinic = gw.token("clinic").await;
     let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
     assert_eq!(status, 200, "{summary}");
