@@ -114,6 +114,9 @@ pub struct PartnerConfig {
     /// Payers only: send the extension requests the utilization rule makes at once, instead of holding them for the clinic to confirm.
     #[serde(default)]
     pub auto_extend: bool,
+    /// Payers only: while the gateway's PAS Subscription there is in error, seconds between `Claim/$inquire` calls for each pended authorization.
+    #[serde(default = "default_inquire_interval")]
+    pub inquire_interval_secs: u64,
 }
 
 fn default_partner_timeout() -> u64 {
@@ -126,6 +129,10 @@ fn default_first_retry() -> u64 {
 
 fn default_max_backoff() -> u64 {
     60
+}
+
+fn default_inquire_interval() -> u64 {
+    900
 }
 
 /// The delivery worker inside `serve`.
@@ -660,6 +667,10 @@ impl Config {
             if partner.timeout_secs == 0 || partner.first_retry_ms == 0 || partner.max_backoff_secs == 0 {
                 problems.push(format!("{at}: timeout_secs, first_retry_ms and max_backoff_secs must be greater than 0"));
             }
+            // PAS asks clients not to poll; even the fallback may not hammer a payer, nor wait so long a pended request is forgotten.
+            if !(1..=86_400).contains(&partner.inquire_interval_secs) {
+                problems.push(format!("{at}.inquire_interval_secs: {} is outside 1..=86400 seconds", partner.inquire_interval_secs));
+            }
         }
         let mut routed = BTreeSet::new();
         for partner in self.partners.iter().filter(|p| p.kind == PartnerKind::Payer) {
@@ -781,6 +792,9 @@ mod tests {
         assert!(problems(&partner("clients = [\"nobody\"]")).contains("not a registered client"));
         assert!(problems(&partner("auto_extend = true").replace("\"payer\"", "\"inpatient-unit\"")).contains("only a payer"));
         assert!(Config::from_toml(&partner("auto_extend = true"), Path::new("")).is_ok());
+        assert!(problems(&partner("inquire_interval_secs = 0")).contains("inquire_interval_secs"));
+        assert!(problems(&partner("inquire_interval_secs = 86401")).contains("inquire_interval_secs"));
+        assert_eq!(Config::from_toml(&partner(""), Path::new("")).unwrap().config.partners[0].inquire_interval_secs, 900);
         assert!(problems("[utilization]\nremaining_days_below = 400\n").contains("at most 366"));
         assert!(problems("[utilization]\nremaining_day_below = 3\n").contains("remaining_day_below"), "a misspelt key is refused");
         let twice = format!("{}\n{}", partner(""), partner("").replace("payer-x", "payer-y"));

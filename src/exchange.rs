@@ -9,9 +9,12 @@
 //!   (a stored ClaimResponse and a decision record).
 //! - [`subscription`]: pended decisions: the one PAS Subscription per payer, and the notifications
 //!   that bring the final decisions (event numbers tracked, gaps filled from `$events`).
+//! - [`inquiry`]: `Claim/$inquire` for pended authorizations, only while the payer's Subscription is
+//!   in error (at a configured interval) or after missed events `$events` did not return.
 //! - [`utilization`]: attended session days against each certification; the extension request
 //!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
+pub mod inquiry;
 pub mod intake;
 pub mod outbox;
 pub mod pas;

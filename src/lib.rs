@@ -36,7 +36,10 @@ pub mod search;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+// The integration tests' rule for what lies outside the repository, shared so there is one.
 #[cfg(test)]
-mod test_corpus;
+#[allow(dead_code)]
+#[path = "../tests/it/need.rs"]
+mod need;
 pub mod validation;
 pub mod xml;

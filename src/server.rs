@@ -290,6 +290,8 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         }
     });
     let worker = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::outbox::spawn(serving.state.clone()));
+    // Inquiries are outbox messages: an instance that sends none has no business queueing them.
+    let inquirer = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::inquiry::spawn(serving.state.clone()));
     let serving: tokio::task::JoinHandle<io::Result<()>> = match tls {
         Some(config) => {
             let listener = TlsListener::new(tcp, config).map_err(ServeError::Serve)?;
@@ -320,6 +322,9 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         // A message in flight when the worker stops is sent again after its lease, with the same identity.
         if let Some(worker) = worker {
             worker.abort();
+        }
+        if let Some(inquirer) = inquirer {
+            inquirer.abort();
         }
         closing_store.close().await;
         tracing::info!("Stopped; the store is closed.");

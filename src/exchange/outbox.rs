@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{pas, subscription};
+use super::{inquiry, pas, subscription};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -86,6 +86,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
     let delivery = match message.new.kind.as_str() {
         pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
         subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
+        inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, &message.new.payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -110,6 +111,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
             state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((now_ms() - message.created_at).max(0) as u64));
             match message.new.kind.as_str() {
                 subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,
+                inquiry::INQUIRE => inquiry::answered(state, &message, owner, status, &body).await,
                 _ => pas::accept(state, &message, owner, status, &body).await,
             }
         }
@@ -140,6 +142,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
 async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, body: &str, reason: &str) -> Result<bool, crate::api::ApiError> {
     match message.new.kind.as_str() {
         subscription::CREATE => subscription::refused(state, message, owner, status, body, reason).await,
+        inquiry::INQUIRE => inquiry::refused(state, message, owner, status, body, reason).await,
         _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
 }

@@ -8,7 +8,9 @@
 //!   checks it; this module reads what an authenticated notification says.
 //! - Events are applied in event-number order, each through the same code as a `$submit` answer
 //!   ([`super::pas::record`]). A number at or below the last applied is a duplicate and changes
-//!   nothing; numbers missing before a new one are fetched from the payer's `$events` first.
+//!   nothing; numbers missing before a new one are fetched from the payer's `$events` first, and
+//!   those `$events` does not return are made up for by one `$inquire` per pended authorization
+//!   ([`super::inquiry`]), queued with the notification's changes.
 //!
 //! PAS names the filter `org-identifier = [sending system identifier]` (its requirement spec-58 and
 //! the test kit's examples), while its SubscriptionTopic's `canFilterBy` and its own example say
@@ -327,6 +329,8 @@ pub struct Received {
     pub duplicates: usize,
     /// Events fetched from the payer's `$events` to fill a gap.
     pub fetched: usize,
+    /// Inquiries queued because `$events` did not return every missing event.
+    pub inquired: usize,
 }
 
 /// Acts on an authenticated notification from `partner`'s Subscription `row`.
@@ -351,9 +355,11 @@ pub async fn receive(state: &AppState, row: &SubscriptionRow, notification: Noti
     let mut events = notification.events;
     let numbers: Vec<i64> = events.iter().map(|e| e.number).collect();
     let first = plan(row.last_event, &numbers);
+    let mut unfilled = Vec::new();
     if !first.missing.is_empty() {
         let fetched = fetch_events(state, row, &first.missing).await;
         received.fetched = fetched.len();
+        unfilled = first.missing.iter().copied().filter(|n| !fetched.iter().any(|e| e.number == *n)).collect();
         events.extend(fetched);
         events.sort_by_key(|e| e.number);
     }
@@ -366,6 +372,14 @@ pub async fn receive(state: &AppState, row: &SubscriptionRow, notification: Noti
         };
         read.push((event.number, response));
     }
+    // Events `$events` did not return would stay missing once the number moves past them: what they
+    // may have decided is asked for instead, with `$inquire`, in the transaction that moves it.
+    let inquiries = if unfilled.is_empty() {
+        Vec::new()
+    } else {
+        let decided: Vec<String> = read.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| !r.pended()).filter_map(pas::Response::authorization_id).collect();
+        super::inquiry::for_missed_events(state, partner, &unfilled, &decided).await
+    };
     for _ in 0..write::ATTEMPTS {
         let mut tx = state.store.begin().await?;
         let Some(current) = tx.subscription(partner).await? else { return Err(ApiError::NotFound("the payer has no Subscription here".into())) };
@@ -394,14 +408,21 @@ pub async fn receive(state: &AppState, row: &SubscriptionRow, notification: Noti
         if !tx.advance_events(partner, current.last_event, newest, &status, super::now_ms()).await? {
             continue;
         }
+        for inquiry in &inquiries {
+            tx.enqueue(inquiry, super::now_ms()).await?;
+        }
         match tx.commit().await {
             Ok(()) => {
+                if !inquiries.is_empty() {
+                    state.outbox_wake.notify_one();
+                }
                 received.applied = applied.len();
+                received.inquired = inquiries.len();
                 let decisions: Vec<Json> = applied.iter().flat_map(|r| r.decisions.iter().cloned()).collect();
                 super::utilization::after_decisions(state, &decisions).await;
                 received.duplicates = numbers.iter().filter(|n| **n <= current.last_event).count();
                 if !plan.missing.is_empty() {
-                    tracing::warn!(partner = partner, missing = ?plan.missing, "Events of the payer's Subscription are missing and $events did not return them.");
+                    tracing::warn!(partner = partner, missing = ?plan.missing, inquiries = inquiries.len(), "Events of the payer's Subscription are missing and $events did not return them; pended authorizations are inquired.");
                 }
                 return Ok(received);
             }
@@ -439,7 +460,7 @@ async fn fetch_events(state: &AppState, row: &SubscriptionRow, missing: &[i64]) 
     let body = match partner.get(&path).await {
         crate::partner::Delivery::Accepted { body, .. } => body,
         other => {
-            tracing::warn!(partner = %row.partner, answer = ?delivery_status(&other), "The payer's $events did not answer; the missing events stay missing.");
+            tracing::warn!(partner = %row.partner, answer = ?delivery_status(&other), "The payer's $events did not answer; the pended authorizations are inquired instead.");
             return Vec::new();
         }
     };

@@ -403,7 +403,7 @@ mod suite_inputs {
 
     /// A suite input from the corpus; `None` when the corpus is absent (`test` is then skipped).
     fn corpus(test: &str, file: &str) -> Option<json::Json> {
-        let path = crate::test_corpus::corpus(test)?.join("fhir-test-cases/r4").join(file);
+        let path = crate::need::corpus(test)?.join("fhir-test-cases/r4").join(file);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Some(json::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
     }

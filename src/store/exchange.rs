@@ -520,10 +520,10 @@ mod tests {
 
     #[tokio::test]
     async fn migration_5_gives_existing_decisions_their_client_on_postgres() {
-        const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+        let Some(url) = crate::need::postgres("store::exchange::tests::migration_5_gives_existing_decisions_their_client_on_postgres") else { return };
         let schema = format!("unit_backfill_{}", std::process::id());
         sqlx::any::install_default_drivers();
-        let pool = super::super::postgres::connect(PG_URL, Some(&schema), 2, 5).await.expect("PostgreSQL at 127.0.0.1:5432 (database test)");
+        let pool = super::super::postgres::connect(&url, Some(&schema), 2, 5).await.expect("the PostgreSQL of the tests");
         backfill(super::super::Backend::Postgres, &pool, super::super::postgres::migrations()).await;
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(&pool).await.unwrap();
         pool.close().await;

@@ -111,6 +111,14 @@ impl Store {
         Ok(row.as_ref().map(subscription).transpose()?)
     }
 
+    /// The Subscriptions in error (`error` or `off`): while there are none, this is all the `$inquire` fallback asks of the store.
+    pub async fn subscriptions_in_error(&self) -> Result<Vec<SubscriptionRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM pas_subscriptions WHERE status IN ('error', 'off') ORDER BY partner")))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(subscription).collect::<Result<_, _>>()?)
+    }
+
     /// Notes a notification that carries no event (handshake, heartbeat): the status the payer reports and when it was heard from.
     pub async fn subscription_heard(&self, partner: &str, status: &str, now_ms: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE pas_subscriptions SET status = $2, last_notification_at = $3 WHERE partner = $1").bind(partner).bind(status).bind(now_ms).execute(&self.writer).await?;

@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn well_formedness_agrees_with_quick_xml_on_the_corpus() {
-        let Some(corpus) = crate::test_corpus::corpus("validation::xhtml::tests::well_formedness_agrees_with_quick_xml_on_the_corpus") else { return };
+        let Some(corpus) = crate::need::corpus("validation::xhtml::tests::well_formedness_agrees_with_quick_xml_on_the_corpus") else { return };
         let entries = std::fs::read_dir(corpus.join("hl7-examples/resources")).expect("the corpus' official examples");
         let mut divs = Vec::new();
         for entry in entries.flatten() {

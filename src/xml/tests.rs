@@ -456,12 +456,12 @@ fn never_panics_on_truncated_or_mangled_input() {
 
 /// The corpus' R4 FHIRPath test inputs, or `None` (the test is skipped).
 fn r4_cases(test: &str) -> Option<std::path::PathBuf> {
-    Some(crate::test_corpus::corpus(test)?.join("fhir-test-cases/r4"))
+    Some(crate::need::corpus(test)?.join("fhir-test-cases/r4"))
 }
 
 /// The corpus' validator test cases, or `None` (the test is skipped).
 fn validator_cases(test: &str) -> Option<std::path::PathBuf> {
-    Some(crate::test_corpus::corpus(test)?.join("fhir-test-cases/validator"))
+    Some(crate::need::corpus(test)?.join("fhir-test-cases/validator"))
 }
 
 fn read_r4(cases: &std::path::Path, file: &str) -> (Json, Vec<Issue>) {

@@ -2,6 +2,7 @@
 //!
 //! A fresh clone with only Rust passes the suite: these tests skip. `.ci/run` provides both and
 //! sets `IOP_TEST_REQUIRE_ALL=1`, which turns a skip into a failure, so CI never silently loses them.
+//! The library's unit tests include this same file (`src/lib.rs`), so both follow one rule.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -431,7 +431,7 @@ mod tests {
     /// same report with and without the shortcuts.
     #[test]
     fn shortcuts_agree_with_fhirpath_on_the_corpus() {
-        let Some(corpus) = crate::test_corpus::corpus("validation::invariants::shortcuts::tests::shortcuts_agree_with_fhirpath_on_the_corpus") else { return };
+        let Some(corpus) = crate::need::corpus("validation::invariants::shortcuts::tests::shortcuts_agree_with_fhirpath_on_the_corpus") else { return };
         let mut documents: Vec<(String, Vec<u8>)> = Vec::new();
         for entry in std::fs::read_dir(corpus.join("hl7-examples/resources")).expect("hl7-examples") {
             let path = entry.expect("entry").path();

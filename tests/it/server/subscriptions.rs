@@ -1,4 +1,4 @@
-//! Pended PAS decisions end to end: the payer (wiremock) pends, the gateway creates its one PAS Subscription there, and the final decisions arrive as notifications — with duplicates, a gap filled from `$events`, and a notification without the secret. Each test counts what reached the payer.
+//! Pended PAS decisions end to end: the payer (wiremock) pends, the gateway creates its one PAS Subscription there, and the final decisions arrive as notifications — with duplicates, a gap filled from `$events`, and a notification without the secret — or, while the Subscription is in error or `$events` fails, by `Claim/$inquire`. Each test counts what reached the payer.
 
 use std::time::Duration;
 
@@ -169,11 +169,16 @@ async fn pended_authorizations_are_decided_through_one_subscription_and_a_duplic
 
 /// A gateway for the payer, on SQLite or, given a schema, on the PostgreSQL the server tests use.
 async fn gateway(payer: &MockServer, schema: Option<&str>) -> Gateway {
-    let Some(schema) = schema else { return Gateway::start_with(&payer_config(&payer.uri(), "")).await };
+    gateway_with(payer, schema, "").await
+}
+
+/// As [`gateway`], with more keys for the payer's `[[partners]]` entry.
+async fn gateway_with(payer: &MockServer, schema: Option<&str>, extra: &str) -> Gateway {
+    let Some(schema) = schema else { return Gateway::start_with(&payer_config(&payer.uri(), extra)).await };
     let dir = super::support::TempDir::new("subs-pg");
     let keys = super::support::partner_keys();
     let url = crate::need::postgres_url();
-    let text = super::support::config_text(&dir.0, &keys, &payer_config(&payer.uri(), "")).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    let text = super::support::config_text(&dir.0, &keys, &payer_config(&payer.uri(), extra)).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
     Gateway::start_loaded(super::support::load(&text, &dir.0), keys, dir).await
 }
 
@@ -229,7 +234,8 @@ async fn a_notification_without_the_subscriptions_secret_is_refused_and_changes_
     let secret = pended(&gw, &payer, &clinic, &input, &["AUTH-1001-1"]).await;
 
     let event = notification(&payer, "event-notification", &[(1, pas_response("certified", "AUTH-1001-1"))]);
-    let wrong = format!("{}0", &secret[..secret.len() - 1]);
+    // The last hex digit changed (appending a fixed '0' left the secret right one time in sixteen).
+    let wrong = format!("{}{}", &secret[..secret.len() - 1], if secret.ends_with('0') { '1' } else { '0' });
     for (partner, presented) in [(PARTNER, Some(wrong.as_str())), (PARTNER, None), (PARTNER, Some(clinic.as_str())), ("no-such-payer", Some(secret.as_str()))] {
         let (status, body) = notify(&gw, partner, presented, &event).await;
         assert_eq!(status, 401, "{partner} {presented:?}: {body}");
@@ -304,5 +310,191 @@ async fn with_auto_extend_a_certification_already_low_when_it_arrives_is_extende
     let (status, sent) = gw.get(&clinic, "iop/records/authorization/AUTH-1001-1-EXT").await;
     assert_eq!(status, 200, "{sent}");
     assert_eq!(sent["extends_certification"], json!(certification), "{sent}");
+    gw.stop().await;
+}
+
+const INQUIRY_REQUEST_BUNDLE: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-pas-inquiry-request-bundle";
+const CLAIM_INQUIRY: &str = "http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claim-inquiry";
+
+/// A fixture decision as a PAS inquiry response Bundle, inside the operation's Parameters (`wrapped`) or alone.
+fn inquiry_response(decision: &str, authorization_id: &str, wrapped: bool) -> Value {
+    let mut bundle: Value = serde_json::from_str(&pas_response(decision, authorization_id)).unwrap();
+    bundle["meta"]["profile"] = json!(["http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-pas-inquiry-response-bundle"]);
+    bundle["entry"][0]["resource"]["meta"]["profile"] = json!(["http://hl7.org/fhir/us/davinci-pas/StructureDefinition/profile-claiminquiryresponse"]);
+    if wrapped { json!({"resourceType": "Parameters", "parameter": [{"name": "return", "resource": bundle}]}) } else { bundle }
+}
+
+/// A payer's `$inquire`: the n-th inquiry is answered with the n-th decision (the last one repeated) about the authorization it asks about; each inquiry is kept with when it arrived.
+#[derive(Clone)]
+struct Inquirer {
+    decisions: Vec<&'static str>,
+    wrapped: bool,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, Value)>>>,
+}
+
+impl Inquirer {
+    fn new(decisions: &[&'static str], wrapped: bool) -> Inquirer {
+        Inquirer { decisions: decisions.to_vec(), wrapped, received: Default::default() }
+    }
+
+    fn inquiries(&self) -> Vec<(std::time::Instant, Value)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    async fn mount(&self, payer: &MockServer) {
+        Mock::given(method("POST")).and(path("/Claim/$inquire")).respond_with(self.clone()).mount(payer).await;
+    }
+}
+
+impl wiremock::Respond for Inquirer {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let inquiry: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let authorization_id = inquiry["entry"][0]["resource"]["identifier"][0]["value"].as_str().unwrap_or_default().to_string();
+        let mut received = self.received.lock().unwrap();
+        let decision = self.decisions[received.len().min(self.decisions.len() - 1)];
+        received.push((std::time::Instant::now(), inquiry));
+        ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_json(inquiry_response(decision, &authorization_id, self.wrapped))
+    }
+}
+
+/// Waits (bounded) until the payer got at least `n` inquiries.
+async fn inquired(inquirer: &Inquirer, n: usize) -> Vec<(std::time::Instant, Value)> {
+    for _ in 0..200 {
+        if inquirer.inquiries().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let got = inquirer.inquiries();
+    assert!(got.len() >= n, "{} inquiries, expected {n}", got.len());
+    got
+}
+
+fn with_status(mut notification: Value, status: &str) -> Value {
+    notification["entry"][0]["resource"]["parameter"][2] = json!({"name": "status", "valueCode": status});
+    notification
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_makes_the_gateway_inquire_at_the_interval_until_the_final_decision() {
+    inquired_while_in_error(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_makes_the_gateway_inquire_at_the_interval_until_the_final_decision_on_postgres() {
+    if crate::need::postgres("server::subscriptions::a_refused_subscription_makes_the_gateway_inquire_at_the_interval_until_the_final_decision_on_postgres").is_none() {
+        return;
+    }
+    let schema = super::postgres::schema_name("inquire");
+    inquired_while_in_error(Some(&schema)).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn inquired_while_in_error(schema: Option<&str>) {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "pended" }).mount(&payer).await;
+    let refusal = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "details": {"text": "Subscriptions are not offered"}}]});
+    Mock::given(method("POST")).and(path("/Subscription")).respond_with(ResponseTemplate::new(400).set_body_json(&refusal)).mount(&payer).await;
+    let inquirer = Inquirer::new(&["pended", "certified"], true);
+    inquirer.mount(&payer).await;
+    let gw = gateway_with(&payer, schema, "inquire_interval_secs = 1").await;
+    let clinic = gw.token("clinic").await;
+    let (status, summary) = post_records(&gw, &clinic, &records("authorization/initial.json")).await;
+    assert_eq!(status, 200, "{summary}");
+
+    let certified = decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    assert!(certified["certification_number"].is_string(), "{certified}");
+    let store = &gw.running.as_ref().unwrap().store;
+    assert_eq!(store.subscription(PARTNER).await.unwrap().unwrap().status, "error", "the refused create leaves the Subscription in error");
+    let inquiries = inquirer.inquiries();
+    assert_eq!(inquiries.len(), 2, "one inquiry answered pended, the next one a final decision");
+    let gap = inquiries[1].0 - inquiries[0].0;
+    assert!(gap >= Duration::from_millis(800), "inquiries come at the configured interval, not back to back: {gap:?}");
+    for (_, inquiry) in &inquiries {
+        assert_eq!(inquiry["meta"]["profile"][0], INQUIRY_REQUEST_BUNDLE);
+        assert_eq!(inquiry["type"], "collection");
+        let claim = &inquiry["entry"][0]["resource"];
+        assert_eq!((claim["resourceType"].as_str(), claim["meta"]["profile"][0].as_str()), (Some("Claim"), Some(CLAIM_INQUIRY)), "{claim}");
+        assert_eq!(claim["identifier"], json!([{"system": "http://iop-gateway.org/fhir/sid/authorization-id", "value": "AUTH-1001-1"}]));
+        assert!(claim.get("supportingInfo").is_none(), "a query by example carries no supporting information");
+    }
+    assert_ne!(inquiries[0].1["identifier"], inquiries[1].1["identifier"], "each inquiry is a transaction of its own");
+    assert_eq!(decisions_for(&gw, &clinic, "AUTH-1001-1").await.len(), 1, "exactly one decision record");
+    assert_eq!(claim_responses(&gw, &clinic).await, 2, "the pended and the final ClaimResponse; a still-pended inquiry answer changes nothing");
+
+    // Decided: nothing is pended any more, so nothing more is asked.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(inquirer.inquiries().len(), 2);
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.iter().filter(|r| r.url.path() == "/Claim/$submit").count(), 1);
+    assert_eq!(received.iter().filter(|r| r.url.path() == "/Subscription").count(), 1, "a refused create is a dead letter, not retried");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_inquired_while_the_subscription_is_active_and_inquiries_stop_when_it_is_active_again() {
+    let payer = pending_payer().await;
+    let inquirer = Inquirer::new(&["pended"], true);
+    inquirer.mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "inquire_interval_secs = 1")).await;
+    let clinic = gw.token("clinic").await;
+    let secret = pended(&gw, &payer, &clinic, &two_authorizations(), &["AUTH-1001-1", "AUTH-1001-2"]).await;
+    assert_eq!(notify(&gw, PARTNER, Some(&secret), &notification(&payer, "handshake", &[])).await.0, 200);
+
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(inquirer.inquiries().len(), 0, "PAS asks clients not to poll a pended request while the subscription works");
+
+    let (status, body) = notify(&gw, PARTNER, Some(&secret), &with_status(notification(&payer, "heartbeat", &[]), "error")).await;
+    assert_eq!(status, 200, "{body}");
+    let asked = inquired(&inquirer, 2).await;
+    let mut about: Vec<String> = asked.iter().map(|(_, i)| i["entry"][0]["resource"]["identifier"][0]["value"].as_str().unwrap().to_string()).collect();
+    about.sort();
+    assert_eq!(about[..2], ["AUTH-1001-1", "AUTH-1001-2"], "every pended authorization at the payer is asked about");
+
+    assert_eq!(notify(&gw, PARTNER, Some(&secret), &notification(&payer, "heartbeat", &[])).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = inquirer.inquiries().len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(inquirer.inquiries().len(), settled, "active again: the inquiries stop");
+    for id in ["AUTH-1001-1", "AUTH-1001-2"] {
+        let decided = decisions_for(&gw, &clinic, id).await;
+        assert_eq!((decided.len(), decided[0]["outcome"].as_str()), (1, Some("pended")), "a still-pended answer changes nothing");
+    }
+    assert_eq!(claim_responses(&gw, &clinic).await, 2);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_events_that_events_cannot_return_are_made_up_for_by_one_inquiry() {
+    let payer = pending_payer().await;
+    Mock::given(method("GET")).and(path(format!("/Subscription/{REMOTE_ID}/$events"))).respond_with(ResponseTemplate::new(500)).mount(&payer).await;
+    let inquirer = Inquirer::new(&["certified"], false);
+    inquirer.mount(&payer).await;
+    let gw = Gateway::start_with(&payer_config(&payer.uri(), "")).await;
+    let clinic = gw.token("clinic").await;
+    let secret = pended(&gw, &payer, &clinic, &two_authorizations(), &["AUTH-1001-1", "AUTH-1001-2"]).await;
+    assert_eq!(notify(&gw, PARTNER, Some(&secret), &notification(&payer, "handshake", &[])).await.0, 200);
+
+    // Event 1 never arrived and $events fails; event 2 decides the second authorization.
+    let event = notification(&payer, "event-notification", &[(2, pas_response("not-certified", "AUTH-1001-2"))]);
+    let (status, body) = notify(&gw, PARTNER, Some(&secret), &event).await;
+    assert_eq!(status, 200, "{body}");
+    let certified = decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    assert!(certified["certification_number"].is_string(), "{certified}");
+    assert_eq!(decisions_for(&gw, &clinic, "AUTH-1001-2").await[0]["outcome"], "not_certified");
+    let asked = inquirer.inquiries();
+    assert_eq!(asked.len(), 1, "one inquiry, for the authorization the notification left pended");
+    assert_eq!(asked[0].1["entry"][0]["resource"]["identifier"][0]["value"], "AUTH-1001-1");
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.iter().filter(|r| r.url.path().ends_with("/$events")).count(), 1);
+
+    // The same notification again is a duplicate: nothing is missing any more, nothing is asked.
+    assert_eq!(notify(&gw, PARTNER, Some(&secret), &event).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(inquirer.inquiries().len(), 1);
+    for id in ["AUTH-1001-1", "AUTH-1001-2"] {
+        assert_eq!(decisions_for(&gw, &clinic, id).await.len(), 1);
+    }
+    assert_eq!(claim_responses(&gw, &clinic).await, 4, "two pended, one by event, one by inquiry");
     gw.stop().await;
 }
