@@ -291,7 +291,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     };
     if let Some(criteria) = &criteria {
         // Refused before the body is read, so that a misspelt parameter is not reported as a body problem.
-        search::parse_query(resource_type, &query_pairs(Some(criteria)), 2, 2).map_err(|e| ApiError::BadRequest(format!("conditional create: {e}")))?;
+        write::parse_criteria(resource_type, criteria)?;
     }
     let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
     write::check_type(&resource, resource_type)?;

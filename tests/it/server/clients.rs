@@ -51,6 +51,9 @@ async fn a_create_with_a_query_string_is_a_conditional_create() {
     let (status, body) = gw.post(&clinic, "Patient?no-such-param=1", &patient("MRN-X")).await;
     assert_eq!(status, 400, "{body}");
     assert!(outcome_text(&body).contains("no-such-param"), "{body}");
+    let (status, body) = gw.post(&clinic, "Patient?_count=1", &patient("MRN-X")).await;
+    assert_eq!(status, 400, "criteria that filter nothing would match any Patient: {body}");
+    assert!(outcome_text(&body).contains("filter nothing"), "{body}");
     let both = gw
         .http
         .post(gw.url(&format!("Patient?identifier={MRN_SYSTEM}|MRN-BOTH")))
