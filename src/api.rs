@@ -1,6 +1,6 @@
 //! The HTTP layer: the axum router of the FHIR endpoint, the token endpoint, discovery and operations endpoints, and the limits every request passes. The only module that knows HTTP status codes.
 //!
-//! - [`rest`]: create, read, vread, update, history, search; [`bundle`]: transaction and batch;
+//! - [`rest`]: create, read, vread, update, history, search (`GET /{type}`, `GET`/`POST /{type}/_search`); [`bundle`]: transaction and batch;
 //!   [`message`]: `$process-message`; [`notifications`]: payers' subscription notifications; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
 //! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path.
 //! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -58,11 +58,13 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/outbox/{id}/{operation}", post(records::outbox_replay))
         .route("/notifications/{partner}", post(notifications::receive))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
+        .route("/{type}/_search", get(rest::search_type).post(rest::search_post))
         .route("/{type}/{id}", get(rest::read).put(rest::update).post(validate::type_operation))
         .route("/{type}/{id}/_history", get(rest::history))
+        .route("/{type}/{id}/{operation}", post(validate::instance_operation))
         .route("/{type}/{id}/_history/{vid}", get(rest::vread))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("this method is not supported on this endpoint".into()) })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move { ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path())) })
         .with_state(state)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::Internal("a handler panicked".into()).into_response()))
         .layer(axum::middleware::from_fn(move |request: Request, next: Next| {
@@ -100,8 +102,10 @@ fn route_template(path: &str) -> &'static str {
         [t] if t.starts_with('$') => "/$operation",
         [_] => "/{type}",
         [_, op] if op.starts_with('$') => "/{type}/$operation",
+        [_, "_search"] => "/{type}/_search",
         [_, _] => "/{type}/{id}",
         [_, _, "_history"] => "/{type}/{id}/_history",
+        [_, _, op] if op.starts_with('$') => "/{type}/{id}/$operation",
         [_, _, "_history", _] => "/{type}/{id}/_history/{vid}",
         _ => "unmatched",
     }
@@ -138,6 +142,8 @@ mod tests {
         assert_eq!(route_template("/Patient/123"), "/{type}/{id}");
         assert_eq!(route_template("/Patient/123/_history/2"), "/{type}/{id}/_history/{vid}");
         assert_eq!(route_template("/Observation"), "/{type}");
+        assert_eq!(route_template("/Observation/_search"), "/{type}/_search");
+        assert_eq!(route_template("/Patient/123/$validate"), "/{type}/{id}/$operation");
         assert_eq!(route_template("/$process-message"), "/$operation");
         assert_eq!(route_template("/a/b/c/d/e"), "unmatched");
     }

@@ -32,6 +32,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The body is not well-formed JSON (400); the issues say where it stops being JSON.
+    #[error("the body could not be read as JSON")]
+    Unreadable(Vec<Issue>),
     /// The resource did not validate; the issues are the validator's.
     #[error("the resource is not valid")]
     Unprocessable(Vec<Issue>),
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unreadable(_) => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
@@ -87,7 +91,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) | ApiError::NotAcceptable(_) | ApiError::UnsupportedMediaType(_) => IssueCode::NotSupported,
             ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => IssueCode::Conflict,
             ApiError::PayloadTooLarge(_) => IssueCode::TooLong,
-            ApiError::Unprocessable(issues) => return issues.clone(),
+            ApiError::Unprocessable(issues) | ApiError::Unreadable(issues) => return issues.clone(),
             ApiError::Timeout => IssueCode::Timeout,
             ApiError::TooManyRequests => IssueCode::Throttled,
             ApiError::Unavailable(_) => IssueCode::Throttled,

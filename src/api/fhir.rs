@@ -78,10 +78,11 @@ pub async fn read_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result
     })
 }
 
-/// Parses bytes as a JSON object with a `resourceType`.
+/// Parses bytes as a JSON object with a `resourceType`. Bytes that are not JSON are the client's
+/// malformed request (400); well-formed JSON that is not valid FHIR is for the validator (422).
 pub fn parse_resource(bytes: &[u8]) -> Result<Json, ApiError> {
     let resource = json::parse(bytes).map_err(|e| {
-        ApiError::Unprocessable(vec![Issue::new(crate::outcome::Severity::Fatal, IssueCode::Structure, e.path.clone(), format!("the body is not valid JSON: {}", e.message)).with_position(e.line, e.column)])
+        ApiError::Unreadable(vec![Issue::new(crate::outcome::Severity::Fatal, IssueCode::Structure, e.path.clone(), format!("the body is not valid JSON: {}", e.message)).with_position(e.line, e.column)])
     })?;
     match resource.get("resourceType").and_then(Json::as_str) {
         Some(_) => Ok(resource),
@@ -127,6 +128,47 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let text = value.to_str().unwrap_or_default().trim();
     let inner = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
     inner.parse::<i64>().map(Some).map_err(|_| ApiError::BadRequest(format!("If-Match '{text}' is not a version ETag such as W/\"3\"")))
+}
+
+/// Whether a read's `If-None-Match` or `If-Modified-Since` says the client already holds `stored`.
+/// `If-None-Match` decides when present (RFC 9110 §13.2.2); an unreadable date is ignored, as HTTP says.
+pub fn not_modified(headers: &HeaderMap, stored: &Stored) -> bool {
+    if let Some(value) = headers.get(header::IF_NONE_MATCH) {
+        let current = stored.version.to_string();
+        return value.to_str().unwrap_or_default().split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).trim_matches('"') == current);
+    }
+    let since = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()).and_then(parse_http_date);
+    let updated = time::OffsetDateTime::parse(&stored.last_updated, &time::format_description::well_known::Rfc3339).ok();
+    match (since, updated) {
+        // HTTP dates have whole seconds: the `Last-Modified` a client got back must count as "not older".
+        (Some(since), Some(updated)) => updated.unix_timestamp() <= since.unix_timestamp(),
+        _ => false,
+    }
+}
+
+/// Reads an HTTP date in its one current form, IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn parse_http_date(text: &str) -> Option<time::OffsetDateTime> {
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, clock, "GMT"] = parts.as_slice() else { return None };
+    let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let month = time::Month::try_from(months.iter().position(|m| m == month)? as u8 + 1).ok()?;
+    let date = time::Date::from_calendar_date(year.parse().ok()?, month, day.parse().ok()?).ok()?;
+    let mut hms = clock.split(':').map(|n| n.parse::<u8>().ok());
+    let clock = time::Time::from_hms(hms.next()??, hms.next()??, hms.next()??).ok()?;
+    Some(date.with_time(clock).assume_utc())
+}
+
+/// The 304 of a conditional read: no body, the validators of the version the client holds.
+pub fn not_modified_response(stored: &Stored) -> Response {
+    let mut response = StatusCode::NOT_MODIFIED.into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag(stored.version)) {
+        headers.insert(header::ETAG, v);
+    }
+    if let Some(v) = http_date(&stored.last_updated).and_then(|d| HeaderValue::from_str(&d).ok()) {
+        headers.insert(header::LAST_MODIFIED, v);
+    }
+    response
 }
 
 /// The response to a read or a write of one resource.
@@ -275,7 +317,12 @@ mod tests {
     }
 
     #[test]
-    fn http_dates_use_gmt() {
+    fn http_dates_use_gmt_and_read_back() {
         assert_eq!(http_date("2026-11-25T17:04:05.123Z").unwrap(), "Wed, 25 Nov 2026 17:04:05 GMT");
+        let read = parse_http_date("Wed, 25 Nov 2026 17:04:05 GMT").unwrap();
+        assert_eq!(read.unix_timestamp(), time::OffsetDateTime::parse("2026-11-25T17:04:05Z", &time::format_description::well_known::Rfc3339).unwrap().unix_timestamp());
+        for bad in ["yesterday", "Wed, 25 Nov 2026 17:04:05 CET", "Wed, 31 Feb 2026 17:04:05 GMT", "Wed, 25 Nov 2026 17:04 GMT"] {
+            assert!(parse_http_date(bad).is_none(), "{bad}");
+        }
     }
 }

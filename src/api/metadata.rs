@@ -34,7 +34,15 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
     types.sort();
     let code = |c: &str| object(&[("code", Json::string(c))]);
     let param = |name: &str, kind: &str, definition: &str| object(&[("name", Json::string(name)), ("definition", Json::string(definition)), ("type", Json::string(kind))]);
-    let validate_op = object(&[("name", Json::string("validate")), ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/Resource-validate"))]);
+    let validate_op = object(&[
+        ("name", Json::string("validate")),
+        ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/Resource-validate")),
+        (
+            "documentation",
+            Json::string("POST [base]/[type]/$validate and POST [base]/[type]/[id]/$validate (the resource's id, if any, must be the instance's); the body is the resource or a Parameters with `resource` and `profile`; nothing is stored."),
+        ),
+    ]);
+    let search_documentation = "GET [base]/[type]?…, GET [base]/[type]/_search?…, or POST [base]/[type]/_search with an application/x-www-form-urlencoded body (combined with the URL's parameters); paging links are GET links.";
     let mut resources = Vec::new();
     for t in types {
         let audit = t == "AuditEvent";
@@ -43,12 +51,21 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             members.push(("supportedProfile", Json::Array(list.iter().map(|p| Json::string(p.as_str())).collect())));
         }
         let interactions: &[&str] = if audit { &["read", "search-type"] } else { &["read", "vread", "update", "history-instance", "create", "search-type"] };
-        members.push(("interaction", Json::Array(interactions.iter().map(|c| code(c)).collect())));
+        let interactions = interactions
+            .iter()
+            .map(|c| match *c {
+                "search-type" if !audit => object(&[("code", Json::string(*c)), ("documentation", Json::string(search_documentation))]),
+                "create" => object(&[("code", Json::string(*c)), ("documentation", Json::string("Conditional by If-None-Exist, or by search parameters in the URL (POST [base]/[type]?identifier=…); not both."))]),
+                _ => code(c),
+            })
+            .collect();
+        members.push(("interaction", Json::Array(interactions)));
         if !audit {
             members.push(("versioning", Json::string("versioned-update")));
             members.push(("readHistory", Json::Bool(true)));
             members.push(("updateCreate", Json::Bool(true)));
             members.push(("conditionalCreate", Json::Bool(true)));
+            members.push(("conditionalRead", Json::string("full-support")));
             members.push(("conditionalUpdate", Json::Bool(true)));
         }
         let includes: Vec<Json> = INCLUDES.iter().filter(|(s, _, _)| s == t).map(|(s, p, target)| Json::string(format!("{s}:{p}:{target}"))).collect();

@@ -1,8 +1,8 @@
-//! The FHIR RESTful interactions: create (with `If-None-Exist`), read, vread, update (with `If-Match`, and conditional by search criteria), history, and search (with paging, `_sort` and `_include`).
+//! The FHIR RESTful interactions: create (conditional by `If-None-Exist` or by query string), read (conditional by `If-None-Match`/`If-Modified-Since`), vread, update (with `If-Match`, and conditional by search criteria), history, and search (`GET /{type}`, `GET`/`POST /{type}/_search`; paging, `_sort`, `_include`).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::{Audit, AuditOutcome};
@@ -41,6 +41,71 @@ pub fn known_type(state: &AppState, resource_type: &str) -> Result<(), ApiError>
 
 fn forbid(result: Result<(), String>) -> Result<(), ApiError> {
     result.map_err(ApiError::Forbidden)
+}
+
+/// The search criteria a query string carries for a conditional create or update: every
+/// parameter but those about the response format; `None` when there are none.
+fn criteria_from_query(pairs: &[(String, String)]) -> Option<String> {
+    let criteria: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| !search::RESULT_PARAMS.contains(&k.as_str())).collect();
+    (!criteria.is_empty()).then(|| form_urlencoded::Serializer::new(String::new()).extend_pairs(criteria).finish())
+}
+
+/// The answer to a word where an id goes (`GET /Patient/_history`, `/Patient/$everything`): FHIR ids
+/// never start with `_` or `$`, so these are requests for interactions or operations, and the client
+/// learns which one is missing rather than that a resource of that "id" does not exist.
+fn reserved_word(method: &str, resource_type: &str, word: &str) -> ApiError {
+    match word {
+        "$validate" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/$validate: $validate takes a POST with the resource (or a Parameters) in the body")),
+        "_history" => ApiError::MethodNotAllowed(format!(
+            "{method} /{resource_type}/_history: type-level history is not supported; history is kept per resource (GET /{resource_type}/[id]/_history)"
+        )),
+        "_search" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/_search: a search is a GET or a POST with a form body")),
+        operation if operation.starts_with('$') => ApiError::MethodNotAllowed(format!(
+            "{method} /{resource_type}/{operation}: the operation {operation} is not supported (operations here: $validate by POST on a type or an instance, $process-message)"
+        )),
+        other => ApiError::BadRequest(format!(
+            "{method} /{resource_type}/{other}: '{other}' is neither a resource id (ids have only A-Z, a-z, 0-9, '-' and '.') nor an interaction (_search, and _history on an instance)"
+        )),
+    }
+}
+
+/// Whether a path segment in the id position is a reserved word rather than an id.
+pub fn is_reserved_word(segment: &str) -> bool {
+    segment.starts_with('_') || segment.starts_with('$')
+}
+
+/// `POST /{type}/_search`: the parameters of the form body and of the URL, searched as `GET /{type}?…`,
+/// so the answer, its audit record and its paging links (plain GET links) are those of that search.
+pub async fn search_post(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    let combined = match search_form(&state, &resource_type, &headers, &uri, body).await {
+        Ok(combined) => combined,
+        Err(e) => {
+            let mut audit = caller.audit("search-type", "E");
+            audit.query = uri.query().map(str::to_string);
+            return finish(&state, audit, Err(e)).await;
+        }
+    };
+    search_type(State(state), caller, Path(resource_type), headers, combined).await
+}
+
+/// The URI of the GET search equivalent to a POST search: URL parameters first, then the body's.
+async fn search_form(state: &AppState, resource_type: &str, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Uri, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or_default().to_string());
+    let essence = content_type.as_deref().map(|c| c.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    let bytes = fhir::read_bytes(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    // A search with all its parameters in the URL may come with no body at all.
+    let form_ok = essence.as_deref() == Some("application/x-www-form-urlencoded") || (content_type.is_none() && bytes.is_empty());
+    if !form_ok {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "POST /{resource_type}/_search: Content-Type '{}' is not supported; send the parameters as application/x-www-form-urlencoded",
+            content_type.unwrap_or_default()
+        )));
+    }
+    let mut pairs = query_pairs(uri.query());
+    pairs.extend(form_urlencoded::parse(&bytes).into_owned());
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(&pairs).finish();
+    // The serializer percent-encodes everything a URI may not carry, so this only fails on a bug.
+    Uri::try_from(format!("/{resource_type}?{query}")).map_err(|e| ApiError::Internal(format!("a re-encoded search does not form a URI: {e}")))
 }
 
 /// `GET /{type}`: search.
@@ -86,9 +151,11 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     let base = &state.base_url;
     let page_url = |offset: usize| {
         let mut serializer = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset") {
+        for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset" && k != "_count") {
             serializer.append_pair(k, v);
         }
+        // The page size used, which may be less than the one asked for (`max_page_size`).
+        serializer.append_pair("_count", &query.count.to_string());
         serializer.append_pair("_offset", &offset.to_string());
         format!("{base}/{resource_type}?{}", serializer.finish())
     };
@@ -118,9 +185,16 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
     let result = async {
         fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
+        if is_reserved_word(&id) {
+            return Err(reserved_word("GET", &resource_type, &id));
+        }
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
         let stored = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
         disclose(&caller.principal, &stored, &mut audit)?;
+        // Decided after disclosure, so a 304 never confirms what a 404 would have hidden.
+        if fhir::not_modified(&headers, &stored) {
+            return Ok(fhir::not_modified_response(&stored));
+        }
         Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
     }
     .await;
@@ -198,17 +272,30 @@ pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource
 }
 
 async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Response, ApiError> {
-    fhir::negotiate(headers, &query_pairs(uri.query()))?;
+    let pairs = query_pairs(uri.query());
+    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     if resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("the audit trail is written by the gateway only".into()));
     }
     let principal = &caller.principal;
     forbid(principal.may(resource_type, Permission::Create))?;
+    // A create with search parameters in its URL (fhirpy's `get_or_create`) is a conditional create
+    // exactly as with `If-None-Exist`: ignoring them would store a duplicate on every call.
+    let header_criteria = headers.get("if-none-exist").map(|v| v.to_str().map(str::to_string).map_err(|_| ApiError::BadRequest("If-None-Exist is not text".into()))).transpose()?;
+    let criteria = match (header_criteria, criteria_from_query(&pairs)) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest("a conditional create takes its criteria from If-None-Exist or from the query string, not from both".into()));
+        }
+        (header_criteria, query_criteria) => header_criteria.or(query_criteria),
+    };
+    if let Some(criteria) = &criteria {
+        // Refused before the body is read, so that a misspelt parameter is not reported as a body problem.
+        write::parse_criteria(resource_type, criteria)?;
+    }
     let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
     write::check_type(&resource, resource_type)?;
     let resource = write::validate(state, resource, Vec::new()).await?;
-    let criteria = headers.get("if-none-exist").map(|v| v.to_str().map(str::to_string).map_err(|_| ApiError::BadRequest("If-None-Exist is not text".into()))).transpose()?;
     let prefer = prefer_return(headers);
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
@@ -224,7 +311,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                     audit.entities.push(existing.reference());
                     return Ok(resource_response(StatusCode::OK, existing, &state.base_url, prefer, true));
                 }
-                _ => return Err(ApiError::PreconditionFailed("If-None-Exist matches more than one resource".into())),
+                _ => return Err(ApiError::PreconditionFailed("the conditional create's criteria match more than one resource".into())),
             }
         }
         let change = Change { resource_type, id: write::new_id(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "POST" };
@@ -294,13 +381,10 @@ async fn update_inner(
     let resource = write::validate(state, resource, Vec::new()).await?;
     let criteria: Option<String> = match &path_id {
         Some(_) => None,
-        None => {
-            let criteria: Vec<(String, String)> = pairs.iter().filter(|(k, _)| !search::RESULT_PARAMS.contains(&k.as_str())).cloned().collect();
-            if criteria.is_empty() {
-                return Err(ApiError::MethodNotAllowed("PUT on a type needs search criteria (conditional update) or an id in the URL".into()));
-            }
-            Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(criteria).finish())
-        }
+        None => match criteria_from_query(&pairs) {
+            Some(criteria) => Some(criteria),
+            None => return Err(ApiError::MethodNotAllowed("PUT on a type needs search criteria (conditional update) or an id in the URL".into())),
+        },
     };
     let prefer = prefer_return(headers);
     for _ in 0..ATTEMPTS {

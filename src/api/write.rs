@@ -228,13 +228,20 @@ fn set_meta(resource: &mut Json, id: &str, version: i64, last_updated: &str) {
     *object = rebuilt;
 }
 
+/// Reads a conditional operation's criteria as a search that filters: criteria with no filter
+/// (`_count=1` alone) would match whatever the caller may write, not the resource it means.
+pub fn parse_criteria(resource_type: &str, criteria: &str) -> Result<Query, ApiError> {
+    let pairs = super::fhir::query_pairs(Some(criteria));
+    let query: Query = search::parse_query(resource_type, &pairs, 2, 2).map_err(|e| ApiError::BadRequest(format!("conditional criteria: {e}")))?;
+    if query.clauses.is_empty() {
+        return Err(ApiError::BadRequest(format!("conditional criteria '{criteria}' filter nothing: name at least one search parameter such as identifier")));
+    }
+    Ok(query)
+}
+
 /// Resolves a conditional operation's criteria to the resources the client may write, under the type lock.
 pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_type: &str, criteria: &str) -> Result<Vec<Stored>, Failure> {
-    let pairs = super::fhir::query_pairs(Some(criteria));
-    if pairs.is_empty() {
-        return Err(ApiError::BadRequest("a conditional operation needs search criteria".into()).into());
-    }
-    let mut query: Query = search::parse_query(resource_type, &pairs, 2, 2).map_err(|e| ApiError::BadRequest(e.0))?;
+    let mut query = parse_criteria(resource_type, criteria)?;
     query.count = 2;
     query.offset = 0;
     tx.lock_type(resource_type).await?;

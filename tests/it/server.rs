@@ -2,6 +2,7 @@
 
 mod support;
 mod auth;
+mod clients;
 mod durability;
 mod exchange;
 mod isolation;

@@ -24,14 +24,14 @@ async fn malformed_requests_are_refused_with_an_outcome() {
     deep.push('1');
     let nested_resource = format!("{{\"resourceType\":\"Patient\",\"extension\":[{}]}}", "[".repeat(300) + &"]".repeat(300));
     let cases: Vec<(&str, String, &str, Vec<u8>, u16)> = vec![
-        ("bad JSON", "Patient".into(), fhir, b"{\"resourceType\": \"Patient\",".to_vec(), 422),
+        ("bad JSON", "Patient".into(), fhir, b"{\"resourceType\": \"Patient\",".to_vec(), 400),
         ("not an object", "Patient".into(), fhir, b"[1,2,3]".to_vec(), 400),
-        ("duplicate keys", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"gender\":\"male\",\"gender\":\"female\"}".to_vec(), 422),
-        ("invalid UTF-8", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec(), 422),
+        ("duplicate keys", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"gender\":\"male\",\"gender\":\"female\"}".to_vec(), 400),
+        ("invalid UTF-8", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec(), 400),
         ("wrong content type", "Patient".into(), "text/plain", patient("X").to_string().into_bytes(), 415),
         ("XML content type", "Patient".into(), "application/fhir+xml", b"<Patient xmlns=\"http://hl7.org/fhir\"/>".to_vec(), 415),
-        ("deep nesting", "Patient".into(), fhir, deep.into_bytes(), 422),
-        ("deep arrays", "Patient".into(), fhir, nested_resource.into_bytes(), 422),
+        ("deep nesting", "Patient".into(), fhir, deep.into_bytes(), 400),
+        ("deep arrays", "Patient".into(), fhir, nested_resource.into_bytes(), 400),
         ("unknown resource type", "Frobnicator".into(), fhir, b"{\"resourceType\":\"Frobnicator\"}".to_vec(), 404),
         ("type mismatch", "Observation".into(), fhir, patient("X").to_string().into_bytes(), 400),
         ("unknown operation", "Patient/$everything".into(), fhir, b"{}".to_vec(), 405),
