@@ -190,8 +190,8 @@ pub async fn after_decisions(state: &AppState, decisions: &[Json]) {
     }
 }
 
-/// What the rule reads of one client, `None` when the client has no certification (then nothing
-/// else is read): the certified decisions, the authorizations they decide (as the clinic sent them),
+/// What the rule reads of one client, `None` when the client has no certification, no active
+/// enrollment or no session (then nothing more is read): the certified decisions, the authorizations they decide (as the clinic sent them),
 /// the authorizations extending their certification numbers (the clinic's and proposals), the
 /// client's enrollments and sessions, and the client record (an extension sent with `auto_extend`
 /// goes with it).
@@ -200,11 +200,19 @@ async fn client_records(store: &Store, client: &str) -> Result<Option<Vec<Value>
     if decisions.is_empty() {
         return Ok(None);
     }
-    let mut rows: Vec<RecordRow> = Vec::new();
-    rows.extend(store.record("client", client, "outbound").await?);
-    for record_type in ["enrollment", "session"] {
-        rows.extend(store.client_records(client, record_type, None, LIMIT).await?);
+    // The rule proposes nothing for a client without an active enrollment or without a session, so
+    // those are read next and nothing more is read without them: most certifications arrive so.
+    let enrollments = store.client_records(client, "enrollment", None, LIMIT).await?;
+    if !enrollments.iter().any(|e| e.status == "active") {
+        return Ok(None);
     }
+    let sessions = store.client_records(client, "session", None, LIMIT).await?;
+    if sessions.is_empty() {
+        return Ok(None);
+    }
+    let mut rows: Vec<RecordRow> = enrollments;
+    rows.extend(sessions);
+    rows.extend(store.record("client", client, "outbound").await?);
     let numbers: BTreeSet<String> = decisions.iter().filter_map(|d| serde_json::from_str::<Value>(&d.body).ok()).map(|b| text(&b, "certification_number").to_string()).collect();
     for number in numbers.iter().filter(|n| !n.is_empty()) {
         rows.extend(store.extensions(client, number).await?);
@@ -351,6 +359,7 @@ mod tests {
         decide(&store, &json!({"record_type": "decision", "authorization_id": "AUTH-OTHER", "outcome": "certified", "certification_number": "CERT-9",
                                "certified_units": 1, "certified_start": "2026-01-12", "certified_end": "2026-01-13"})).await;
         assert!(client_records(&store, "C-1").await.unwrap().is_none(), "no certification: nothing read");
+        assert!(client_records(&store, "C-2").await.unwrap().is_none(), "certified but never enrolled: nothing more read");
 
         let mut decision = certified.clone();
         decision["authorization_id"] = json!("AUTH-7");
