@@ -84,6 +84,23 @@ pub fn run() -> ExitCode {
 /// `profiles/`) is used instead of the compiled-in copy rather than beside it: two versions of the
 /// same canonicals would otherwise both be loaded, and an integration engineer's changed code must
 /// take effect without rebuilding the binary.
+/// Loads the configuration as `serve` would (file, environment, `--data-dir`), opens its store, runs
+/// `work` with both, and closes the store: what the operator commands on the store share.
+fn with_store<T>(config: Option<&Path>, data_dir: Option<PathBuf>, work: impl AsyncFnOnce(&crate::config::Loaded, &crate::store::Store) -> Result<T, String>) -> Result<T, String> {
+    let env = |name: &str| std::env::var(name).ok();
+    let file = crate::config::Config::locate(config, &env);
+    let overrides = crate::config::Overrides { listen: None, data_dir };
+    let loaded = crate::config::Config::load(file.as_deref(), &crate::config::process_env(), &overrides).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+        let store = crate::store::Store::open(&loaded.config.store, metrics).await.map_err(|e| e.to_string())?;
+        let result = work(&loaded, &store).await;
+        store.close().await;
+        result
+    })
+}
+
 fn load_definitions(igs: &[String], cache: Option<&Path>) -> Result<Definitions, String> {
     enum Loaded {
         Package(Package),

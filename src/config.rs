@@ -547,7 +547,7 @@ impl Config {
         let mut client_keys = Vec::new();
         for (i, client) in self.clients.iter().enumerate() {
             let at = format!("clients[{i}] ({})", client.id);
-            if client.id.is_empty() || client.id.len() > 64 || !client.id.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+            if !is_name(&client.id) {
                 problems.push(format!("{at}.id: must be 1-64 letters, digits, '-', '.' or '_'"));
             }
             if !seen.insert(client.id.clone()) {
@@ -605,12 +605,17 @@ impl Config {
     }
 }
 
+/// A client id or partner name: 1-64 letters, digits, '-', '.' or '_' (it names files and metric labels).
+fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
 impl Config {
     fn check_partners(&self, problems: &mut Vec<String>) {
         let mut names = BTreeSet::new();
         for (i, partner) in self.partners.iter().enumerate() {
             let at = format!("partners[{i}] ({})", partner.name);
-            if partner.name.is_empty() || partner.name.len() > 64 || !partner.name.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+            if !is_name(&partner.name) {
                 problems.push(format!("{at}.name: must be 1-64 letters, digits, '-', '.' or '_'"));
             }
             if !names.insert(partner.name.clone()) {

@@ -8,7 +8,7 @@ use clap::Subcommand;
 
 use crate::auth::Role;
 use crate::auth::keys::KeyPair;
-use crate::config::{self, Config, Overrides};
+use crate::config::{self, Config, Loaded, Overrides};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -77,21 +77,12 @@ pub fn run(args: Args) -> ExitCode {
 
 fn add(args: AddArgs) -> Result<(), String> {
     let role = Role::parse(&args.role).ok_or_else(|| format!("unknown role '{}' (inpatient-unit, payer, clinic, admin)", args.role))?;
-    let env = |name: &str| std::env::var(name).ok();
-    let path = Config::locate(args.config.as_deref(), &env).unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
-    let existing = if path.is_file() { Some(path.as_path()) } else { None };
-    let loaded = Config::load(existing, &[], &Overrides::default()).map_err(|e| e.to_string())?;
+    let (path, config_dir, loaded) = config_to_edit(args.config.as_deref())?;
     if loaded.config.clients.iter().any(|c| c.id == args.name) {
         return Err(format!("a client named '{}' is already registered in {}", args.name, path.display()));
     }
-    let config_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let keys_dir = args.keys_dir.unwrap_or_else(|| loaded.config.store.data_dir.join("clients"));
-    std::fs::create_dir_all(&keys_dir).map_err(|e| format!("cannot create {}: {e}", keys_dir.display()))?;
-    let pair = KeyPair::generate_es384(&format!("{}-1", args.name)).map_err(|e| e.to_string())?;
-    let key_file = keys_dir.join(format!("{}.key.pem", args.name));
-    let jwks_file = keys_dir.join(format!("{}.jwks.json", args.name));
-    write_private(&key_file, &pair.private_pem)?;
-    std::fs::write(&jwks_file, pair.jwks_json()).map_err(|e| format!("cannot write {}: {e}", jwks_file.display()))?;
+    let (_, key_file, jwks_file) = write_key_pair(&keys_dir, &args.name, &format!("{}-1", args.name))?;
     let jwks_ref = relative_to(&jwks_file, &config_dir);
     let mut entry = format!("\n[[clients]]\nid = {}\nrole = \"{}\"\n", toml_string(&args.name), role.as_str());
     if let Some(org) = &args.organization {
@@ -106,23 +97,39 @@ fn add(args: AddArgs) -> Result<(), String> {
 }
 
 fn revoke(args: RevokeArgs) -> Result<(), String> {
+    super::with_store(args.config.as_deref(), args.data_dir, async |loaded, store| {
+        let revoked = store.revoke_tokens(&args.name).await.map_err(|e| e.to_string())?;
+        let ttl = loaded.config.auth.token_cache_ttl_secs;
+        println!("revoked {revoked} access token(s) of '{}'; running gateways stop honouring them within {ttl} s", args.name);
+        if !loaded.config.clients.iter().any(|c| c.id == args.name) {
+            println!("  note: '{}' is not registered in this configuration", args.name);
+        }
+        Ok(())
+    })
+}
+
+/// The configuration file `add` commands edit (`--config`, else `$IOP_GATEWAY_CONFIG`, else
+/// `./gateway.toml`; it may not exist yet), the folder its relative paths start from, and what it
+/// holds now.
+pub(super) fn config_to_edit(config: Option<&Path>) -> Result<(PathBuf, PathBuf, Loaded), String> {
     let env = |name: &str| std::env::var(name).ok();
-    let file = Config::locate(args.config.as_deref(), &env);
-    let overrides = Overrides { listen: None, data_dir: args.data_dir };
-    let loaded = Config::load(file.as_deref(), &config::process_env(), &overrides).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let revoked = runtime.block_on(async {
-        let store = crate::store::Store::open(&loaded.config.store, std::sync::Arc::new(crate::telemetry::Metrics::default())).await.map_err(|e| e.to_string())?;
-        let revoked = store.revoke_tokens(&args.name).await.map_err(|e| e.to_string());
-        store.close().await;
-        revoked
-    })?;
-    let ttl = loaded.config.auth.token_cache_ttl_secs;
-    println!("revoked {revoked} access token(s) of '{}'; running gateways stop honouring them within {ttl} s", args.name);
-    if !loaded.config.clients.iter().any(|c| c.id == args.name) {
-        println!("  note: '{}' is not registered in this configuration", args.name);
-    }
-    Ok(())
+    let path = Config::locate(config, &env).unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
+    let existing = if path.is_file() { Some(path.as_path()) } else { None };
+    let loaded = Config::load(existing, &[], &Overrides::default()).map_err(|e| e.to_string())?;
+    let config_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    Ok((path, config_dir, loaded))
+}
+
+/// A new ES384 key pair with key id `kid`, written to `dir` as `NAME.key.pem` (private, owner-only)
+/// and `NAME.jwks.json`; returns it with the two paths.
+pub(super) fn write_key_pair(dir: &Path, name: &str, kid: &str) -> Result<(KeyPair, PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let pair = KeyPair::generate_es384(kid).map_err(|e| e.to_string())?;
+    let key_file = dir.join(format!("{name}.key.pem"));
+    let jwks_file = dir.join(format!("{name}.jwks.json"));
+    write_private(&key_file, &pair.private_pem)?;
+    std::fs::write(&jwks_file, pair.jwks_json()).map_err(|e| format!("cannot write {}: {e}", jwks_file.display()))?;
+    Ok((pair, key_file, jwks_file))
 }
 
 /// Appends an entry to the configuration file (created if missing), after checking that the result

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::config::{self, Config, Overrides};
 use crate::store::{Message, MessageStatus, Store};
 
 #[derive(clap::Args)]
@@ -51,17 +50,7 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 fn execute(args: Args) -> Result<(), String> {
-    let env = |name: &str| std::env::var(name).ok();
-    let file = Config::locate(args.config.as_deref(), &env);
-    let overrides = Overrides { listen: None, data_dir: args.data_dir };
-    let loaded = Config::load(file.as_deref(), &config::process_env(), &overrides).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
-        let store = Store::open(&loaded.config.store, std::sync::Arc::new(crate::telemetry::Metrics::default())).await.map_err(|e| e.to_string())?;
-        let result = command(&store, args.command).await;
-        store.close().await;
-        result
-    })
+    super::with_store(args.config.as_deref(), args.data_dir, async |_, store| command(store, args.command).await)
 }
 
 async fn command(store: &Store, command: Command) -> Result<(), String> {

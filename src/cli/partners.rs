@@ -1,13 +1,11 @@
 //! `iop-gateway partners add NAME --kind KIND --fhir-base URL`: registers a partner the gateway sends to — writes our key pair for it under `<data_dir>/partners/`, appends its `[[partners]]` entry to the configuration, and prints the public JWKS the partner registers for us.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::clients::{append_entry, relative_to, toml_string, write_private};
-use crate::auth::keys::KeyPair;
-use crate::config::{self, Config, Overrides};
+use super::clients::{append_entry, config_to_edit, relative_to, toml_string, write_key_pair};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,14 +68,10 @@ fn add(args: AddArgs) -> Result<(), String> {
     if !matches!(args.auth.as_str(), "smart" | "bearer" | "none") {
         return Err(format!("unknown auth '{}' (smart, bearer, none)", args.auth));
     }
-    let env = |name: &str| std::env::var(name).ok();
-    let path = Config::locate(args.config.as_deref(), &env).unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
-    let existing = if path.is_file() { Some(path.as_path()) } else { None };
-    let loaded = Config::load(existing, &[], &Overrides::default()).map_err(|e| e.to_string())?;
+    let (path, config_dir, loaded) = config_to_edit(args.config.as_deref())?;
     if loaded.config.partners.iter().any(|p| p.name == args.name) {
         return Err(format!("a partner named '{}' is already configured in {}", args.name, path.display()));
     }
-    let config_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let mut entry = format!(
         "\n[[partners]]\nname = {}\nkind = \"{}\"\nfhir_base = {}\nauth = \"{}\"\n",
         toml_string(&args.name),
@@ -101,12 +95,7 @@ fn add(args: AddArgs) -> Result<(), String> {
     let mut key = None;
     if args.auth == "smart" {
         let dir = loaded.config.store.data_dir.join("partners");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let pair = KeyPair::generate_es384(&crate::partner::key_id(&args.name)).map_err(|e| e.to_string())?;
-        let key_file = dir.join(format!("{}.key.pem", args.name));
-        let jwks_file = dir.join(format!("{}.jwks.json", args.name));
-        write_private(&key_file, &pair.private_pem)?;
-        std::fs::write(&jwks_file, pair.jwks_json()).map_err(|e| format!("cannot write {}: {e}", jwks_file.display()))?;
+        let (pair, key_file, jwks_file) = write_key_pair(&dir, &args.name, &crate::partner::key_id(&args.name))?;
         entry.push_str(&format!("key_file = {}\n", toml_string(&relative_to(&key_file, &config_dir).display().to_string())));
         key = Some((key_file, jwks_file, pair.jwks_json()));
     }
