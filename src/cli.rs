@@ -2,6 +2,7 @@
 
 mod check_config;
 mod clients;
+mod export;
 mod fhirpath;
 mod map;
 mod mappings;
@@ -52,6 +53,8 @@ enum Command {
     Partners(partners::Args),
     /// Inspect the outbox and replay dead letters (`outbox list|show|replay`).
     Outbox(outbox::Args),
+    /// Export from a Bulk Data server (this gateway or any other with SMART Backend Services) into NDJSON files.
+    Export(export::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -74,6 +77,7 @@ pub fn run() -> ExitCode {
         Command::Token(args) => token::run(args),
         Command::Partners(args) => partners::run(args),
         Command::Outbox(args) => outbox::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 

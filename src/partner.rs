@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod bulk;
+
 use crate::auth::keys::{KeyPair, sign_assertion};
 use crate::config::{Config, PartnerAuth, PartnerConfig};
 
@@ -35,21 +37,40 @@ pub struct Partners {
     by_name: HashMap<String, Partner>,
 }
 
-/// One partner: configuration, HTTP client, credentials.
+/// One partner: its configuration and its client.
 pub struct Partner {
     pub config: PartnerConfig,
+    client: FhirClient,
+}
+
+/// An HTTP client of one FHIR server with its credentials: the connection a partner is sent through,
+/// and what the operator commands (`iop-gateway export`) use to talk to any SMART Backend Services server.
+pub struct FhirClient {
+    fhir_base: String,
     http: reqwest::Client,
     credentials: Credentials,
     /// The access token in use and when to stop using it (a little before it expires).
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
-    /// The discovered token endpoint.
+    /// The configured or discovered token endpoint.
     token_endpoint: Mutex<Option<String>>,
 }
 
-enum Credentials {
+/// How a client proves itself to the server.
+pub enum Credentials {
     None,
     Bearer(String),
+    /// SMART Backend Services: a client assertion signed with `key` for `client_id`, asking for `scopes`.
     Smart { key: KeyPair, client_id: String, scopes: String },
+}
+
+/// How a [`FhirClient`] connects: timeout and the TLS material beyond the system's roots.
+#[derive(Default)]
+pub struct Transport<'a> {
+    pub timeout: Option<Duration>,
+    /// A PEM CA certificate to trust.
+    pub ca_file: Option<&'a std::path::Path>,
+    /// A PEM client certificate and its key, for mutual TLS.
+    pub client_identity: Option<(&'a std::path::Path, &'a std::path::Path)>,
 }
 
 /// How long before its expiry a cached partner token is dropped.
@@ -79,20 +100,6 @@ impl Partners {
 impl Partner {
     pub fn new(config: &PartnerConfig, data_dir: &std::path::Path) -> Result<Partner, PartnerError> {
         let fail = |message: String| PartnerError { partner: config.name.clone(), message };
-        let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())));
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(config.timeout_secs)).user_agent(concat!("iop-gateway/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &config.ca_file {
-            let cert = reqwest::Certificate::from_pem(&read(ca)?).map_err(|e| fail(format!("{}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
-            let mut pem = read(cert)?;
-            pem.extend_from_slice(b"\n");
-            pem.extend(read(key)?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| fail(format!("client certificate: {e}")))?;
-            builder = builder.identity(identity);
-        }
-        let http = builder.build().map_err(|e| fail(e.to_string()))?;
         let credentials = match config.auth {
             PartnerAuth::None => Credentials::None,
             PartnerAuth::Bearer => {
@@ -101,63 +108,109 @@ impl Partner {
             }
             PartnerAuth::Smart => {
                 let path = config.key_path(data_dir);
-                let pem = String::from_utf8(read(&path)?).map_err(|_| fail(format!("{} is not PEM text", path.display())))?;
+                let pem = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
                 let key = KeyPair::from_pem(&pem, &key_id(&config.name)).map_err(|e| fail(e.to_string()))?;
                 let scopes = config.scopes.clone().unwrap_or_else(|| default_scopes(config.kind).to_string());
                 Credentials::Smart { key, client_id: config.client_id().to_string(), scopes }
             }
         };
-        Ok(Partner {
-            config: config.clone(),
-            http,
-            credentials,
-            token: tokio::sync::Mutex::new(None),
-            token_endpoint: Mutex::new(config.token_endpoint.clone()),
-        })
+        let transport = Transport {
+            timeout: Some(Duration::from_secs(config.timeout_secs)),
+            ca_file: config.ca_file.as_deref(),
+            client_identity: config.client_cert.as_deref().zip(config.client_key.as_deref()),
+        };
+        let client = FhirClient::new(&config.fhir_base, credentials, config.token_endpoint.clone(), &transport).map_err(fail)?;
+        Ok(Partner { config: config.clone(), client })
     }
 
     /// `POST {fhir_base}/{path}` with a FHIR JSON body: one attempt (plus one on a 401 with a fresh token).
     pub async fn post(&self, path: &str, body: &str) -> Delivery {
-        self.send(reqwest::Method::POST, path, Some(body)).await
+        self.client.send(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// `GET {fhir_base}/{path_and_query}` (a read or an operation such as a Subscription's `$events`), answered and classified like a post.
     pub async fn get(&self, path_and_query: &str) -> Delivery {
-        self.send(reqwest::Method::GET, path_and_query, None).await
+        self.client.send(reqwest::Method::GET, path_and_query, None).await
+    }
+}
+
+impl FhirClient {
+    /// A client of the FHIR server at `fhir_base`; `token_endpoint` is discovered from its SMART configuration when not given.
+    pub fn new(fhir_base: &str, credentials: Credentials, token_endpoint: Option<String>, transport: &Transport) -> Result<FhirClient, String> {
+        let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+        let mut builder = reqwest::Client::builder().user_agent(concat!("iop-gateway/", env!("CARGO_PKG_VERSION")));
+        if let Some(timeout) = transport.timeout {
+            builder = builder.timeout(timeout);
+        }
+        if let Some(ca) = transport.ca_file {
+            let cert = reqwest::Certificate::from_pem(&read(ca)?).map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = transport.client_identity {
+            let mut pem = read(cert)?;
+            pem.extend_from_slice(b"\n");
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| format!("client certificate: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
+        Ok(FhirClient {
+            fhir_base: fhir_base.trim_end_matches('/').to_string(),
+            http,
+            credentials,
+            token: tokio::sync::Mutex::new(None),
+            token_endpoint: Mutex::new(token_endpoint),
+        })
+    }
+
+    /// The server's FHIR base URL, without a trailing slash.
+    pub fn fhir_base(&self) -> &str {
+        &self.fhir_base
     }
 
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> Delivery {
-        let url = format!("{}/{}", self.config.fhir_base.trim_end_matches('/'), path.trim_start_matches('/'));
+        let url = format!("{}/{}", self.fhir_base, path.trim_start_matches('/'));
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::ACCEPT, reqwest::header::HeaderValue::from_static("application/fhir+json"));
+        if body.is_some() {
+            headers.insert(reqwest::header::CONTENT_TYPE, reqwest::header::HeaderValue::from_static("application/fhir+json"));
+        }
+        let response = match self.request(method, &url, headers, body, true).await {
+            Ok(response) => response,
+            Err(delivery) => return delivery,
+        };
+        let status = response.status().as_u16();
+        let after = retry_after(response.headers());
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = response.text().await.unwrap_or_default();
+        match status {
+            200..=299 => Delivery::Accepted { status, body: text, location },
+            408 | 429 | 500..=599 => Delivery::Retry { status, error: format!("the partner answered {status}"), after },
+            _ => Delivery::Refused { status, body: text },
+        }
+    }
+
+    /// One request to an absolute URL with this partner's credentials (when `authorize`), answered raw so
+    /// the caller can read headers and stream the body. A 401 gets one fresh token and one more try; no
+    /// answer, or no token to be had, is a `Delivery::Retry`.
+    pub async fn request(&self, method: reqwest::Method, url: &str, headers: reqwest::header::HeaderMap, body: Option<&str>, authorize: bool) -> Result<reqwest::Response, Delivery> {
         let mut renewed = false;
         loop {
-            let token = match self.access_token(renewed).await {
-                Ok(token) => token,
-                Err(delivery) => return delivery,
-            };
-            let mut request = self.http.request(method.clone(), &url).header(reqwest::header::ACCEPT, "application/fhir+json");
+            let token = if authorize { self.access_token(renewed).await? } else { None };
+            let mut request = self.http.request(method.clone(), url).headers(headers.clone());
             if let Some(body) = body {
-                request = request.header(reqwest::header::CONTENT_TYPE, "application/fhir+json").body(body.to_string());
+                request = request.body(body.to_string());
             }
             if let Some(token) = &token {
                 request = request.bearer_auth(token);
             }
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(e) => return Delivery::Retry { status: 0, error: describe(&e), after: None },
-            };
-            let status = response.status().as_u16();
-            let after = retry_after(response.headers());
-            let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let text = response.text().await.unwrap_or_default();
-            match status {
-                200..=299 => return Delivery::Accepted { status, body: text, location },
-                401 if token.is_some() && !renewed && matches!(self.credentials, Credentials::Smart { .. }) => {
-                    renewed = true;
-                    *self.token.lock().await = None;
-                }
-                408 | 429 | 500..=599 => return Delivery::Retry { status, error: format!("the partner answered {status}"), after },
-                _ => return Delivery::Refused { status, body: text },
+            let response = request.send().await.map_err(|e| Delivery::Retry { status: 0, error: describe(&e), after: None })?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED && token.is_some() && !renewed && matches!(self.credentials, Credentials::Smart { .. }) {
+                renewed = true;
+                *self.token.lock().await = None;
+                continue;
             }
+            return Ok(response);
         }
     }
 
@@ -205,7 +258,7 @@ impl Partner {
         if let Some(endpoint) = self.token_endpoint.lock().ok().and_then(|e| e.clone()) {
             return Ok(endpoint);
         }
-        let url = format!("{}/.well-known/smart-configuration", self.config.fhir_base.trim_end_matches('/'));
+        let url = format!("{}/.well-known/smart-configuration", self.fhir_base);
         let unavailable = |error: String| Delivery::Retry { status: 0, error, after: None };
         let response = self.http.get(&url).send().await.map_err(|e| unavailable(format!("SMART discovery: {}", describe(&e))))?;
         let body: serde_json::Value = response.json().await.map_err(|e| unavailable(format!("SMART discovery did not answer JSON: {e}")))?;

@@ -1,5 +1,6 @@
-//! The one integration test binary: the command line, hostile input, the public corpora, the compiled-in exchange packages, mappings, the server, and repository tidiness.
+//! The one integration test binary: the command line, the Bulk Data export client, hostile input, the public corpora, the compiled-in exchange packages, mappings, the server, and repository tidiness.
 
+mod bulk_client;
 mod cli;
 mod corpus;
 mod hostile;

@@ -1,6 +1,6 @@
 //! The gateway server end to end: a real listener on port 0, a real HTTP client (reqwest with rustls), real tokens.
 
-mod support;
+pub(crate) mod support;
 mod auth;
 mod clients;
 mod durability;
