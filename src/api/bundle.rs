@@ -313,7 +313,10 @@ fn entry_request(state: &AppState, i: usize, entry: &Json, inherited_labels: &[S
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| at("request.method is not an HTTP method"))?;
     let url = request.get("url").and_then(Json::as_str).ok_or_else(|| at("no request.url"))?;
     let url = url.strip_prefix(state.base_url.as_str()).unwrap_or(url);
-    let uri = Uri::try_from(format!("/{}", url.trim_start_matches('/'))).map_err(|_| at("request.url is not a relative URL"))?;
+    // The query is re-encoded, so what a client leaves unescaped in a Bundle (`system|code`) still forms a URI.
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(form_urlencoded::parse(query.as_bytes())).finish();
+    let uri = Uri::try_from(format!("/{}?{query}", path.trim_start_matches('/'))).map_err(|_| at("request.url is not a relative URL"))?;
     let mut headers = HeaderMap::new();
     if let Some(prefer) = batch_headers.get("prefer") {
         headers.insert("prefer", prefer.clone());

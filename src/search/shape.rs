@@ -96,7 +96,7 @@ mod tests {
         let parse = |s: String| json::parse(s.as_bytes()).unwrap();
         let summary = parse(apply(&definitions, body, &Subset::Summary));
         let members: Vec<&str> = summary.as_object().unwrap().iter().map(|(k, _)| k).collect();
-        assert_eq!(members, ["resourceType", "id", "meta", "status", "_status", "category", "code", "subject", "valueInteger"]);
+        assert_eq!(members, ["resourceType", "id", "meta", "status", "_status", "code", "subject", "valueInteger"], "category and note are not summary elements");
         assert_eq!(summary["meta"]["tag"].as_array().unwrap()[0]["code"].as_str(), Some("SUBSETTED"));
         assert_eq!(summary["meta"]["versionId"].as_str(), Some("1"));
         let text = parse(apply(&definitions, body, &Subset::Text));
