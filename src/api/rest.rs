@@ -206,7 +206,8 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
     let across = scope.path.is_empty();
     let resource_type = if across { "" } else { scope.types[0].as_str() };
     let config = &state.loaded.config.server;
-    let mut query = search::parse_query(resource_type, pairs, config.default_page_size, config.max_page_size, fhir::lenient(headers)).map_err(|e| ApiError::BadRequest(e.0))?;
+    let lenient = fhir::lenient(headers);
+    let mut query = search::parse_query(resource_type, pairs, config.default_page_size, config.max_page_size, lenient).map_err(|e| ApiError::BadRequest(e.0))?;
     query.clauses.extend(scope.compartment.clone());
     let types: Vec<&str> = scope.types.iter().map(String::as_str).collect();
     let visibility = principal.visibility(false);
@@ -235,8 +236,15 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
         }
     }
     // `_revinclude`: what points at this page's matches, found and disclosed like matches of a search of its own.
-    for (source, param) in &query.revincludes {
-        if principal.may(source, Permission::Search).is_err() {
+    for (source, param) in query.revincludes.clone() {
+        // A type the token does not grant is refused like a search of it, or named under lenient handling.
+        if let Err(why) = principal.may(source, Permission::Search) {
+            if !lenient {
+                return Err(ApiError::Forbidden(format!("_revinclude={source}:{param}: {why}")));
+            }
+            query.ignored.push(format!("search parameter '_revinclude': {source}:{param}: {why}"));
+            let asked = format!("{source}:{param}");
+            query.used.retain(|(k, v)| !(k == "_revinclude" && (*v == asked || v.starts_with(&format!("{asked}:")))));
             continue;
         }
         let references: Vec<search::TokenMatch> = found.iter().map(|s| search::TokenMatch { system: None, value: Some(s.reference()) }).collect();

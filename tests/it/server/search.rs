@@ -139,33 +139,41 @@ async fn lenient_handling_names_what_it_left_out() {
 async fn revincludes_bring_provenance_and_tasks_through_disclosure() {
     let w = world().await;
     let (gw, unit_a, unit_b) = (&w.gw, &w.unit_a, &w.unit_b);
+    let clinic = gw.token("clinic").await;
     let target = format!("Patient/{}", w.patient_a);
-    let provenance = |org: &str| {
-        json!({"resourceType": "Provenance", "target": [{"reference": target}], "recorded": "2026-03-02T10:00:00Z",
-            "agent": [{"who": {"reference": format!("Organization/{org}")}}]})
-    };
+    let provenance = json!({"resourceType": "Provenance", "target": [{"reference": target}], "recorded": "2026-03-02T10:00:00Z",
+        "agent": [{"who": {"reference": "Organization/iop-program"}}]});
     let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "focus": {"reference": target}, "authoredOn": "2026-03-02T10:00:00Z"});
-    let own_provenance = create(gw, unit_a, "Provenance", &provenance("unit-a")).await;
+    let provenance_id = create(gw, &clinic, "Provenance", &provenance).await;
     let own_task = create(gw, unit_a, "Task", &task).await;
-    // unit-b points its own records at unit-a's patient: unit-a must not be shown them.
-    let foreign_provenance = create(gw, unit_b, "Provenance", &provenance("unit-b")).await;
+    // unit-b points its own Task at unit-a's patient: unit-a must not be shown it.
     let foreign_task = create(gw, unit_b, "Task", &task).await;
+    let search = format!("Patient?_id={}&_revinclude=Provenance:target&_revinclude=Task:focus", w.patient_a);
 
-    let (status, found) = gw.get(unit_a, &format!("Patient?_id={}&_revinclude=Provenance:target&_revinclude=Task:focus", w.patient_a)).await;
-    assert_eq!(status, 200, "{found}");
-    assert_eq!(references(&found, "match"), [target.clone()]);
-    let mut included = references(&found, "include");
+    let (status, for_clinic) = gw.get(&clinic, &search).await;
+    assert_eq!(status, 200, "{for_clinic}");
+    assert_eq!(references(&for_clinic, "match"), [target.clone()]);
+    let mut included = references(&for_clinic, "include");
     included.sort();
-    let mut expected = vec![format!("Provenance/{own_provenance}"), format!("Task/{own_task}")];
+    let mut expected = vec![format!("Provenance/{provenance_id}"), format!("Task/{own_task}"), format!("Task/{foreign_task}")];
     expected.sort();
-    assert_eq!(included, expected, "{found}");
-    let text = found.to_string();
-    assert!(!text.contains(&foreign_provenance) && !text.contains(&foreign_task));
+    assert_eq!(included, expected, "the program is party to all of them: {for_clinic}");
+
+    let (status, for_a) = gw.get(unit_a, &format!("Patient?_id={}&_revinclude=Task:focus", w.patient_a)).await;
+    assert_eq!(status, 200, "{for_a}");
+    assert_eq!(references(&for_a, "include"), [format!("Task/{own_task}")], "not unit-b's Task: {for_a}");
+    // Provenance is not in an inpatient unit's scopes: refused, or named and left out under lenient handling.
+    let (status, refused) = gw.get(unit_a, &search).await;
+    assert_eq!(status, 403, "{refused}");
+    let lenient: Value = gw.http.get(gw.url(&search)).bearer_auth(unit_a).header("prefer", "handling=lenient").send().await.unwrap().json().await.unwrap();
+    assert_eq!(references(&lenient, "include"), [format!("Task/{own_task}")], "{lenient}");
+    assert!(!lenient.to_string().contains(&provenance_id) && lenient.to_string().contains("Provenance:target"), "{lenient}");
+    assert!(!link(&lenient, "self").unwrap().contains("Provenance"), "{lenient}");
     // unit-b asking about the same patient sees neither the patient nor anything through it.
-    let (_, for_b) = gw.get(unit_b, &format!("Patient?_id={}&_revinclude=Provenance:target", w.patient_a)).await;
+    let (_, for_b) = gw.get(unit_b, &format!("Patient?_id={}&_revinclude=Task:focus", w.patient_a)).await;
     assert_eq!(for_b["total"], 0);
     assert!(for_b.get("entry").is_none(), "{for_b}");
-    assert_eq!(gw.get(unit_a, "Patient?_revinclude=Provenance:nothing").await.0, 400);
+    assert_eq!(gw.get(unit_a, "Patient?_revinclude=Task:nothing").await.0, 400);
     w.gw.stop().await;
 }
 
