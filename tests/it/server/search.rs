@@ -366,3 +366,46 @@ async fn the_capability_statement_lists_these_features() {
     assert!(revincludes.contains(&json!("Provenance:target")) && revincludes.contains(&json!("Task:focus")), "{patient}");
     gw.stop().await;
 }
+
+/// A version labelled 42 CFR Part 2 neither shows nor counts in another client's type and system
+/// history (the label test runs in SQL), on SQLite and on PostgreSQL; search across types and several sort keys run on both.
+async fn part2_versions_stay_out_of_history(gw: &Gateway) {
+    let (unit_a, clinic) = (gw.token("unit-a").await, gw.token("clinic").await);
+    let patient_id = create(gw, &unit_a, "Patient", &patient("MRN-S-P2")).await;
+    let mut screen = phq9(&format!("Patient/{patient_id}"), 3, "2026-03-05");
+    screen["meta"] = json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "42CFRPart2"}]});
+    let labelled = create(gw, &unit_a, "Observation", &screen).await;
+    let plain = create(gw, &unit_a, "Observation", &phq9(&format!("Patient/{patient_id}"), 8, "2026-03-06")).await;
+    let (_, own) = gw.get(&unit_a, "Observation/_history").await;
+    assert_eq!(own["total"], 2, "the owner sees its own Part 2 record: {own}");
+    for path in ["Observation/_history", "_history"] {
+        let (status, seen) = gw.get(&clinic, path).await;
+        assert_eq!(status, 200, "{seen}");
+        assert_eq!(seen["total"].as_u64().unwrap() as usize, entries(&seen).len(), "{path}: the total counts only what is served: {seen}");
+        assert!(!seen.to_string().contains(&labelled) && seen.to_string().contains(&plain), "{path}: {seen}");
+    }
+    let (_, across) = gw.get(&clinic, "?_type=Patient,Observation&_sort=-_lastUpdated,_id&_lastUpdated=ge2026").await;
+    assert_eq!(across["total"], 2, "{across}");
+    let (_, compartment) = gw.get(&clinic, &format!("Patient/{patient_id}/Observation?_sort=-date,status")).await;
+    assert_eq!(references(&compartment, "match"), [format!("Observation/{plain}")], "{compartment}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part2_versions_stay_out_of_history_on_sqlite() {
+    let gw = Gateway::start().await;
+    part2_versions_stay_out_of_history(&gw).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part2_versions_stay_out_of_history_on_postgres() {
+    let Some(url) = crate::need::postgres("server::search::part2_versions_stay_out_of_history_on_postgres") else { return };
+    let schema = super::postgres::schema_name("search");
+    let dir = super::support::TempDir::new("pg-search");
+    let keys = super::support::partner_keys();
+    let text = super::support::config_text(&dir.0, &keys, "").replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    let gw = Gateway::start_loaded(super::support::load(&text, &dir.0), keys, dir).await;
+    part2_versions_stay_out_of_history(&gw).await;
+    gw.stop().await;
+    super::postgres::drop_schema(&schema).await;
+}
