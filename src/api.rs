@@ -43,7 +43,8 @@ pub fn router(state: AppState) -> Router {
     let budgets = limits::Limits::new(&state);
     let limits_state = state.clone();
     Router::new()
-        .route("/", post(bundle::transaction_or_batch))
+        .route("/", get(rest::search_system).post(bundle::transaction_or_batch))
+        .route("/_history", get(rest::history_system))
         .route("/metadata", get(metadata::metadata))
         .route("/.well-known/smart-configuration", get(metadata::smart_configuration))
         .route(crate::auth::TOKEN_PATH, post(token::token))
@@ -59,9 +60,10 @@ pub fn router(state: AppState) -> Router {
         .route("/notifications/{partner}", post(notifications::receive))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
         .route("/{type}/_search", get(rest::search_type).post(rest::search_post))
+        .route("/{type}/_history", get(rest::history_type))
         .route("/{type}/{id}", get(rest::read).put(rest::update).post(validate::type_operation))
         .route("/{type}/{id}/_history", get(rest::history))
-        .route("/{type}/{id}/{operation}", post(validate::instance_operation))
+        .route("/{type}/{id}/{operation}", get(rest::compartment_search).post(validate::instance_operation))
         .route("/{type}/{id}/_history/{vid}", get(rest::vread))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path())) })
@@ -87,6 +89,7 @@ fn route_template(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
         [] => "/",
+        ["_history"] => "/_history",
         ["metadata"] => "/metadata",
         [".well-known", "smart-configuration"] => "/.well-known/smart-configuration",
         ["auth", "token"] => "/auth/token",
@@ -103,10 +106,12 @@ fn route_template(path: &str) -> &'static str {
         [_] => "/{type}",
         [_, op] if op.starts_with('$') => "/{type}/$operation",
         [_, "_search"] => "/{type}/_search",
+        [_, "_history"] => "/{type}/_history",
         [_, _] => "/{type}/{id}",
         [_, _, "_history"] => "/{type}/{id}/_history",
         [_, _, op] if op.starts_with('$') => "/{type}/{id}/$operation",
         [_, _, "_history", _] => "/{type}/{id}/_history/{vid}",
+        [_, _, _] => "/{type}/{id}/{compartment}",
         _ => "unmatched",
     }
 }

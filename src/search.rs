@@ -5,6 +5,9 @@
 
 use crate::json::Json;
 
+pub mod compartment;
+pub mod shape;
+
 /// How a parameter's values are matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -160,6 +163,11 @@ static GOAL_PARAMS: &[ParamDef] = &[
     p!("patient", Reference, ["subject"], PATIENT, "clinical-patient"),
     p!("subject", Reference, ["subject"], None, "Goal-subject"),
 ];
+static PROVENANCE_PARAMS: &[ParamDef] = &[
+    p!("target", Reference, ["target"], None, "Provenance-target"),
+    p!("patient", Reference, ["target"], PATIENT, "Provenance-patient"),
+    p!("recorded", Date, ["recorded"], None, "Provenance-recorded"),
+];
 static IDENTIFIER_ONLY: &[ParamDef] = &[p!("identifier", Token, ["identifier"], None, "Organization-identifier")];
 static PRACTITIONER_PARAMS: &[ParamDef] = &[p!("identifier", Token, ["identifier"], None, "Practitioner-identifier")];
 static NONE: &[ParamDef] = &[];
@@ -184,11 +192,36 @@ pub fn params(resource_type: &str) -> &'static [ParamDef] {
         "Procedure" => PROCEDURE_PARAMS,
         "Communication" => COMMUNICATION_PARAMS,
         "Goal" => GOAL_PARAMS,
+        "Provenance" => PROVENANCE_PARAMS,
         "Organization" => IDENTIFIER_ONLY,
         "Practitioner" => PRACTITIONER_PARAMS,
         _ => NONE,
     }
 }
+
+/// The types with search parameters of their own (those [`params`] knows).
+pub const SEARCHABLE_TYPES: &[&str] = &[
+    "Patient",
+    "Observation",
+    "ServiceRequest",
+    "Task",
+    "Encounter",
+    "EpisodeOfCare",
+    "CarePlan",
+    "Condition",
+    "QuestionnaireResponse",
+    "Claim",
+    "ClaimResponse",
+    "Coverage",
+    "Consent",
+    "DocumentReference",
+    "Procedure",
+    "Communication",
+    "Goal",
+    "Provenance",
+    "Organization",
+    "Practitioner",
+];
 
 /// The first date parameter of a type: what `_sort=date` sorts by.
 pub fn sort_date_param(resource_type: &str) -> Option<&'static ParamDef> {
@@ -475,10 +508,23 @@ fn split_zone(time_text: &str) -> Option<(&str, time::UtcOffset)> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Query {
     pub clauses: Vec<Clause>,
-    pub sort: Option<Sort>,
+    /// `_sort` keys, most significant first.
+    pub sort: Vec<Sort>,
     pub count: usize,
     pub offset: usize,
     pub includes: Vec<(&'static str, &'static str)>,
+    /// `_revinclude`: (source type, reference parameter) of resources that point at the matches.
+    pub revincludes: Vec<(&'static str, &'static str)>,
+    /// `_summary=count`: the total alone.
+    pub count_only: bool,
+    /// `_summary` or `_elements`: which elements of each match are returned.
+    pub subset: Option<Subset>,
+    /// `_total=none`: no total (and no count query).
+    pub no_total: bool,
+    /// The parameters honoured, in order (what the `self` link shows).
+    pub used: Vec<(String, String)>,
+    /// Under `handling=lenient`, why each parameter left out was left out.
+    pub ignored: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -486,6 +532,8 @@ pub enum Clause {
     Id(Vec<String>),
     Token { param: String, any: Vec<TokenMatch> },
     Date { param: String, any: Vec<DateMatch> },
+    /// A compartment: any of these reference parameters holds `reference`.
+    Compartment { params: &'static [&'static str], reference: String },
 }
 
 /// `system|code`, `|code`, `system|` or `code`; `None` means "any".
@@ -514,11 +562,32 @@ pub struct DateMatch {
     pub high: String,
 }
 
+/// One `_sort` key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sort {
-    /// `_lastUpdated` or a date parameter name.
-    pub param: String,
+    pub key: SortKey,
     pub descending: bool,
+}
+
+/// What a `_sort` key orders by: a column, or the least indexed value of a parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    LastUpdated,
+    Id,
+    /// A date parameter (its earliest instant).
+    Date(&'static str),
+    /// A token or reference parameter (its least value).
+    Token(&'static str),
+}
+
+/// Which elements of a resource are returned (`_summary=true|text|data`, `_elements`); the rest are
+/// left out and the resource is tagged SUBSETTED.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subset {
+    Summary,
+    Text,
+    Data,
+    Elements(Vec<String>),
 }
 
 /// Why a search was refused (400).
@@ -536,11 +605,33 @@ pub const MAX_PARAMETERS: usize = 30;
 /// Parameters the HTTP layer handles and the query ignores.
 pub const RESULT_PARAMS: &[&str] = &["_format", "_pretty"];
 
-/// Parses query-string pairs for a search on `resource_type`. Unknown parameters and modifiers are
-/// refused rather than ignored, so a client never mistakes an unfiltered result for a filtered one.
-pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_count: usize, max_count: usize) -> Result<Query, QueryError> {
+/// Parameters that shape the result rather than filter it, accepted by every search (and `_summary`/`_elements` by read).
+pub const CONTROL_PARAMS: &[&str] = &["_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total"];
+
+/// Reads `_summary` or `_elements`: `Ok(None)` for `_summary=false`; `count` is the caller's to handle.
+pub fn subset(name: &str, raw: &str) -> Result<Option<Subset>, String> {
+    match (name, raw) {
+        ("_summary", "true") => Ok(Some(Subset::Summary)),
+        ("_summary", "text") => Ok(Some(Subset::Text)),
+        ("_summary", "data") => Ok(Some(Subset::Data)),
+        ("_summary", "false") => Ok(None),
+        ("_summary", _) => Err("expected true, false, text, data or count".into()),
+        (_, raw) => {
+            let names: Vec<String> = raw.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+            if names.is_empty() || names.iter().any(|n| !n.chars().all(|c| c.is_ascii_alphanumeric())) {
+                return Err("expected a comma-separated list of element names".into());
+            }
+            Ok(Some(Subset::Elements(names)))
+        }
+    }
+}
+
+/// Parses query-string pairs for a search on `resource_type` (`""` for a search across types, which
+/// takes only the parameters common to all). Unknown parameters, modifiers and values are refused,
+/// so a client never mistakes an unfiltered result for a filtered one; with `lenient`
+/// (`Prefer: handling=lenient`) they are left out and named in [`Query::ignored`] instead.
+pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_count: usize, max_count: usize, lenient: bool) -> Result<Query, QueryError> {
     let mut query = Query { count: default_count, ..Query::default() };
-    let defs = params(resource_type);
     for (position, (name, raw)) in pairs.iter().enumerate() {
         let err = |msg: &str| QueryError(format!("search parameter '{name}': {msg}"));
         if position >= MAX_PARAMETERS {
@@ -552,59 +643,100 @@ pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_coun
         if RESULT_PARAMS.contains(&name.as_str()) {
             continue;
         }
-        match name.as_str() {
-            "_count" => query.count = raw.parse::<usize>().map_err(|_| err("not a non-negative integer"))?.min(max_count),
-            "_offset" => {
-                query.offset = raw.parse::<usize>().ok().filter(|n| *n <= 1_000_000).ok_or_else(|| err("not an offset between 0 and 1000000"))?
-            }
-            "_sort" => {
-                let (descending, key) = match raw.strip_prefix('-') {
-                    Some(key) => (true, key),
-                    None => (false, raw.as_str()),
-                };
-                let param = match key {
-                    "_lastUpdated" => "_lastUpdated".to_string(),
-                    "date" => sort_date_param(resource_type).map(|p| p.name.to_string()).ok_or_else(|| err("this type has no date to sort by"))?,
-                    other => defs
-                        .iter()
-                        .find(|p| p.name == other && p.kind == Kind::Date)
-                        .map(|p| p.name.to_string())
-                        .ok_or_else(|| err("only _lastUpdated, date and date parameters can be sorted on"))?,
-                };
-                query.sort = Some(Sort { param, descending });
-            }
-            "_include" => {
-                let mut parts = raw.split(':');
-                let (source, param, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next());
-                let found = INCLUDES
-                    .iter()
-                    .find(|(s, p, t)| *s == source && *p == param && source == resource_type && target.is_none_or(|x| x == *t))
-                    .ok_or_else(|| err("not a supported _include for this type"))?;
-                query.includes.push((found.1, found.2));
-            }
-            "_id" => query.clauses.push(Clause::Id(raw.split(',').map(str::to_string).collect())),
-            "_lastUpdated" => query.clauses.push(Clause::Date { param: "_lastUpdated".into(), any: date_matches(raw).map_err(|m| err(&m))? }),
-            _ => {
-                if name.contains(':') {
-                    return Err(err("modifiers are not supported"));
-                }
-                let def = defs.iter().find(|d| d.name == name).ok_or_else(|| err(&format!("not supported on {resource_type}")))?;
-                let clause = match def.kind {
-                    Kind::Token => Clause::Token { param: def.name.into(), any: raw.split(',').map(token_match).collect() },
-                    Kind::Reference => {
-                        let any = raw
-                            .split(',')
-                            .map(|v| reference_match(v, def.target).ok_or_else(|| err("expected Type/id (or an id for a typed parameter)")))
-                            .collect::<Result<_, _>>()?;
-                        Clause::Token { param: def.name.into(), any }
-                    }
-                    Kind::Date => Clause::Date { param: def.name.into(), any: date_matches(raw).map_err(|m| err(&m))? },
-                };
-                query.clauses.push(clause);
-            }
+        match apply(&mut query, resource_type, name, raw, max_count) {
+            Ok(()) => query.used.push((name.clone(), raw.clone())),
+            Err(msg) if lenient => query.ignored.push(err(&msg).0),
+            Err(msg) => return Err(err(&msg)),
         }
     }
+    if query.count_only {
+        query.count = 0;
+        query.no_total = false;
+    }
     Ok(query)
+}
+
+/// Applies one parameter to the query; the error says what is wrong with it.
+fn apply(query: &mut Query, resource_type: &str, name: &str, raw: &str, max_count: usize) -> Result<(), String> {
+    let defs = params(resource_type);
+    let on = if resource_type.is_empty() { "a search across types" } else { resource_type };
+    match name {
+        "_count" => query.count = raw.parse::<usize>().map_err(|_| "not a non-negative integer")?.min(max_count),
+        "_offset" => query.offset = raw.parse::<usize>().ok().filter(|n| *n <= 1_000_000).ok_or("not an offset between 0 and 1000000")?,
+        "_sort" => {
+            for key in raw.split(',') {
+                let (descending, key) = match key.strip_prefix('-') {
+                    Some(key) => (true, key),
+                    None => (false, key),
+                };
+                let key = match key {
+                    "_lastUpdated" => SortKey::LastUpdated,
+                    "_id" => SortKey::Id,
+                    "date" if !defs.iter().any(|p| p.name == "date") => {
+                        SortKey::Date(sort_date_param(resource_type).map(|p| p.name).ok_or_else(|| format!("{on} has no date to sort by"))?)
+                    }
+                    other => match defs.iter().find(|p| p.name == other) {
+                        Some(p) if p.kind == Kind::Date => SortKey::Date(p.name),
+                        Some(p) => SortKey::Token(p.name),
+                        None => return Err(format!("'{other}' is not a search parameter of {on} to sort by (_lastUpdated and _id sort any type)")),
+                    },
+                };
+                query.sort.push(Sort { key, descending });
+            }
+        }
+        "_include" => {
+            let mut parts = raw.split(':');
+            let (source, param, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next());
+            let found = INCLUDES
+                .iter()
+                .find(|(s, p, t)| *s == source && *p == param && source == resource_type && target.is_none_or(|x| x == *t))
+                .ok_or("not a supported _include for this type")?;
+            query.includes.push((found.1, found.2));
+        }
+        "_revinclude" => {
+            let mut parts = raw.split(':');
+            let (source, param, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next());
+            let def = params(source)
+                .iter()
+                .find(|p| p.name == param && p.kind == Kind::Reference && !resource_type.is_empty() && p.target.is_none_or(|t| t == resource_type))
+                .filter(|_| target.is_none_or(|t| t == resource_type) && parts.next().is_none())
+                .ok_or_else(|| format!("'{raw}' is not a reference from a stored type to {on} (Type:parameter, such as Provenance:target)"))?;
+            let source = SEARCHABLE_TYPES.iter().find(|t| **t == source).ok_or("unknown source type")?;
+            query.revincludes.push((source, def.name));
+        }
+        "_summary" if raw == "count" => query.count_only = true,
+        "_summary" | "_elements" => {
+            if query.subset.is_some() {
+                return Err("_summary and _elements cannot be combined".into());
+            }
+            query.subset = subset(name, raw)?;
+        }
+        "_total" => {
+            query.no_total = match raw {
+                "none" => true,
+                "estimate" | "accurate" => false,
+                _ => return Err("expected none, estimate or accurate".into()),
+            }
+        }
+        "_id" => query.clauses.push(Clause::Id(raw.split(',').map(str::to_string).collect())),
+        "_lastUpdated" => query.clauses.push(Clause::Date { param: "_lastUpdated".into(), any: date_matches(raw)? }),
+        _ => {
+            if name.contains(':') {
+                return Err("modifiers are not supported".into());
+            }
+            let def = defs.iter().find(|d| d.name == name).ok_or_else(|| format!("not supported on {on}"))?;
+            let clause = match def.kind {
+                Kind::Token => Clause::Token { param: def.name.into(), any: raw.split(',').map(token_match).collect() },
+                Kind::Reference => {
+                    let any = raw.split(',').map(|v| reference_match(v, def.target).ok_or("expected Type/id (or an id for a typed parameter)")).collect::<Result<_, _>>()?;
+                    Clause::Token { param: def.name.into(), any }
+                }
+                Kind::Date => Clause::Date { param: def.name.into(), any: date_matches(raw)? },
+            };
+            query.clauses.push(clause);
+        }
+    }
+    Ok(())
 }
 
 fn token_match(value: &str) -> TokenMatch {
@@ -682,28 +814,47 @@ mod tests {
     #[test]
     fn queries_refuse_what_they_cannot_honour() {
         let pairs = |p: &[(&str, &str)]| p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
-        let q = parse_query("Observation", &pairs(&[("patient", "p1"), ("date", "ge2026-03-01"), ("_sort", "-date"), ("_count", "500")]), 50, 200).unwrap();
+        let q = parse_query("Observation", &pairs(&[("patient", "p1"), ("date", "ge2026-03-01"), ("_sort", "-date"), ("_count", "500")]), 50, 200, false).unwrap();
         assert_eq!(q.count, 200);
-        assert_eq!(q.sort, Some(Sort { param: "date".into(), descending: true }));
+        assert_eq!(q.sort, [Sort { key: SortKey::Date("date"), descending: true }]);
         assert!(matches!(&q.clauses[0], Clause::Token { any, .. } if any[0].value.as_deref() == Some("Patient/p1")));
-        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "status"), ("_include", "Observation:performer")] {
-            assert!(parse_query("Observation", &pairs(&[bad]), 50, 200).is_err(), "{bad:?}");
+        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "name"), ("_include", "Observation:performer"), ("_revinclude", "Observation:patient"), ("_revinclude", "Task:nothing"), ("_summary", "all"), ("_total", "some")] {
+            assert!(parse_query("Observation", &pairs(&[bad]), 50, 200, false).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn lenient_queries_leave_out_what_they_cannot_honour_and_say_so() {
+        let pairs = |p: &[(&str, &str)]| p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let asked = pairs(&[("status", "final"), ("name", "x"), ("_sort", "-date,_id,status"), ("_revinclude", "Provenance:target"), ("_summary", "count"), ("_total", "none")]);
+        assert!(parse_query("Observation", &asked, 50, 200, false).unwrap_err().0.contains("'name'"));
+        let q = parse_query("Observation", &asked, 50, 200, true).unwrap();
+        assert_eq!(q.ignored.len(), 1, "{:?}", q.ignored);
+        assert!(q.ignored[0].contains("'name'"));
+        assert_eq!(q.used.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["status", "_sort", "_revinclude", "_summary", "_total"]);
+        let keys: Vec<SortKey> = q.sort.iter().map(|s| s.key).collect();
+        assert_eq!(keys, [SortKey::Date("date"), SortKey::Id, SortKey::Token("status")]);
+        assert_eq!(q.revincludes, [("Provenance", "target")]);
+        assert!(q.count_only && q.count == 0 && !q.no_total, "a count always has its total");
+        // Across types only the common parameters apply.
+        assert!(parse_query("", &pairs(&[("_lastUpdated", "ge2026"), ("_sort", "-_lastUpdated")]), 50, 200, false).is_ok());
+        assert!(parse_query("", &pairs(&[("status", "final")]), 50, 200, false).is_err());
+        assert!(parse_query("", &pairs(&[("_sort", "date")]), 50, 200, false).is_err());
     }
 
     #[test]
     fn values_and_parameters_are_bounded_and_named() {
         let many = (0..=MAX_VALUES_PER_PARAMETER).map(|i| format!("v{i}")).collect::<Vec<_>>().join(",");
         for name in ["identifier", "_id", "date"] {
-            let e = parse_query("Observation", &[(name.to_string(), many.clone())], 50, 200).unwrap_err();
+            let e = parse_query("Observation", &[(name.to_string(), many.clone())], 50, 200, false).unwrap_err();
             assert!(e.0.contains(&format!("'{name}'")), "{e}");
         }
         let most = (0..MAX_VALUES_PER_PARAMETER).map(|i| format!("v{i}")).collect::<Vec<_>>().join(",");
-        assert!(parse_query("Observation", &[("identifier".to_string(), most)], 50, 200).is_ok());
+        assert!(parse_query("Observation", &[("identifier".to_string(), most)], 50, 200, false).is_ok());
         let repeated = vec![("status".to_string(), "final".to_string()); MAX_PARAMETERS + 1];
-        let e = parse_query("Observation", &repeated, 50, 200).unwrap_err();
+        let e = parse_query("Observation", &repeated, 50, 200, false).unwrap_err();
         assert!(e.0.contains("'status'") && e.0.contains("at most"), "{e}");
-        assert!(parse_query("Observation", &repeated[..MAX_PARAMETERS], 50, 200).is_ok());
+        assert!(parse_query("Observation", &repeated[..MAX_PARAMETERS], 50, 200, false).is_ok());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::telemetry::Metrics;
 
 pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCursor, RecordFilter, RecordRow};
 pub use inquiries::Pended;
-pub use query::{AuditQuery, Bind};
+pub use query::{AuditQuery, Bind, HistoryScope};
 pub use subscriptions::SubscriptionRow;
 
 /// Which database is behind the store.
@@ -253,33 +253,26 @@ impl Store {
         Ok(row.map(|r| stored(&r, None)).transpose()?)
     }
 
-    /// Versions of a resource, newest first, with the total number of versions.
-    pub async fn history(&self, resource_type: &str, id: &str, count: usize, offset: usize) -> Result<(i64, Vec<Stored>), StoreError> {
+    /// Versions newest first, with their number: of one resource, or of every resource of some
+    /// types (`since`: written at or after that instant). `visibility`, when given, keeps only the
+    /// versions of resources it lets through whose own labels withhold nothing.
+    pub async fn history(&self, scope: HistoryScope<'_>, since: Option<&str>, count: usize, offset: usize, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
         let started = Instant::now();
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM resource_versions WHERE type = $1 AND id = $2")
-            .bind(resource_type)
-            .bind(id)
-            .fetch_one(&self.reader)
-            .await?
-            .try_get(0)?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS}, method FROM resource_versions WHERE type = $1 AND id = $2 ORDER BY version DESC LIMIT $3 OFFSET $4"
-        )))
-        .bind(resource_type)
-        .bind(id)
-        .bind(count as i64)
-        .bind(offset as i64)
-        .fetch_all(&self.reader)
-        .await?;
+        let result = query::history(&self.reader, scope, since, count, offset, visibility).await;
         self.observe("history", started);
-        Ok((total, rows.iter().map(|r| stored(r, None)).collect::<Result<_, _>>()?))
+        result
     }
 
     /// Runs a search; `visibility`, when given, keeps only what it lets through.
     pub async fn search(&self, resource_type: &str, query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
+        self.search_types(&[resource_type], query, visibility).await
+    }
+
+    /// Runs a search over several types at once (only parameters common to all of them).
+    pub async fn search_types(&self, types: &[&str], query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
         let started = Instant::now();
         let mut conn = self.reader.acquire().await?;
-        let result = query::search(&mut conn, resource_type, query, visibility, true).await;
+        let result = query::search(&mut conn, types, query, visibility, !query.no_total).await;
         self.observe("search", started);
         result
     }
@@ -434,7 +427,7 @@ impl Tx {
 
     /// A search inside the transaction (conditional create and update).
     pub async fn search(&mut self, resource_type: &str, query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
-        query::search(&mut self.inner, resource_type, query, visibility, false).await
+        query::search(&mut self.inner, &[resource_type], query, visibility, false).await
     }
 
     /// Writes a version and its search index: version 1 must not exist yet; version n replaces exactly version n-1.

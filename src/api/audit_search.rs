@@ -41,7 +41,7 @@ pub async fn search(state: AppState, caller: Caller, headers: HeaderMap, uri: Ur
                 "action" => filter.action = Some(value),
                 "date" => {
                     let pairs = vec![("_lastUpdated".to_string(), value)];
-                    let query = crate::search::parse_query("AuditEvent", &pairs, 1, 1).map_err(|e| ApiError::BadRequest(e.0.replace("_lastUpdated", "date")))?;
+                    let query = crate::search::parse_query("AuditEvent", &pairs, 1, 1, false).map_err(|e| ApiError::BadRequest(e.0.replace("_lastUpdated", "date")))?;
                     for clause in query.clauses {
                         if let crate::search::Clause::Date { any, .. } = clause {
                             filter.dates.extend(any);

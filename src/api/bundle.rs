@@ -9,15 +9,16 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::{Audit, AuditOutcome};
 use super::caller::{Caller, disclose};
 use super::error::ApiError;
-use super::fhir::{self, BundleText, Return, entry_response, prefer_return, query_pairs};
-use super::rest::{finish, known_type};
+use super::fhir::{self, BundleText, Return, entry_response, object, prefer_return, query_pairs};
+use super::rest::{self, finish, known_type};
+use super::validate;
 use super::state::AppState;
 use super::write::{self, ATTEMPTS, Change, Failure};
 use crate::auth::{Permission, Principal, labels};
@@ -124,7 +125,7 @@ pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller,
             Some("transaction") => transaction(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await,
             Some("batch") => {
                 audit.subtype = "batch";
-                batch(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await
+                batch(&state, &caller, &mut audit, bundle, &headers).await
             }
             _ => Err(ApiError::BadRequest("POST to the base needs a Bundle of type transaction or batch (messages go to $process-message)".into())),
         }
@@ -183,8 +184,7 @@ async fn read_entry(state: &AppState, principal: &Principal, audit: &mut Audit, 
 }
 
 pub fn status_line(e: &ApiError) -> String {
-    let status = e.status();
-    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or_default())
+    status_line_of(e.status())
 }
 
 /// Runs the writes of a transaction atomically, retrying from scratch when a concurrent writer won a race.
@@ -282,71 +282,131 @@ fn prefix_entry(i: usize, e: ApiError) -> ApiError {
     }
 }
 
-async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
-    let entries = parse_entries(&bundle)?;
+/// A batch: each entry is answered by the handler that answers the same request sent alone (search,
+/// history, read, vread, compartment search, create, update, conditional forms, `$validate`), with
+/// the caller's token and the batch's `Prefer`; its status, `Location`, `ETag`, `Last-Modified` and
+/// body (or OperationOutcome) become the entry's `response`. One entry's failure is that entry's answer.
+async fn batch(state: &AppState, caller: &Caller, audit: &mut Audit, bundle: Json, headers: &HeaderMap) -> Result<Response, ApiError> {
     let inherited_labels = labels::of(&bundle);
     let mut response = BundleText::new("batch-response", None, &[]);
-    for entry in &entries {
-        let result = batch_entry(state, principal, audit, entry, &inherited_labels).await;
-        match result {
-            Ok((stored, status)) => {
-                let body = (prefer == Return::Representation || status == "200 OK" && entry.method == "GET").then_some(stored.body.as_str());
-                let url = format!("{}/{}", state.base_url, stored.reference());
-                response.entry(Some(&url), body, &[("response", entry_response(status, Some(&stored), None))]);
-                audit.entities.push(stored.reference());
-            }
-            Err(e) => response.entry(None, None, &[("response", entry_response(&status_line(&e), None, Some(operation_outcome(&e.issues()))))]),
+    for (i, entry) in bundle.get("entry").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
+        let answer = match entry_request(state, i, entry, &inherited_labels, headers) {
+            Ok((method, uri, headers, body)) => dispatch(state, caller.part(), method, uri, headers, body).await,
+            Err(e) => e.into_response(),
+        };
+        let (full_url, body, member) = entry_answer(&state.base_url, answer).await;
+        if let Some(reference) = full_url.as_deref().and_then(|u| u.strip_prefix(&format!("{}/", state.base_url))) {
+            audit.entities.push(reference.to_string());
         }
+        response.entry(full_url.as_deref(), body.as_deref(), &[("response", member)]);
     }
     Ok(fhir::json_response(StatusCode::OK, response.finish()))
 }
 
-async fn batch_entry(state: &AppState, principal: &Principal, audit: &mut Audit, entry: &Entry, inherited_labels: &[String]) -> Result<(Stored, &'static str), ApiError> {
-    known_type(state, &entry.resource_type)?;
-    if entry.resource_type == "AuditEvent" {
-        return Err(ApiError::MethodNotAllowed("AuditEvent is read through GET /AuditEvent".into()));
+/// The HTTP request a batch entry stands for: `request.method` and `request.url` (relative, or
+/// absolute under this server's base), `ifMatch`/`ifNoneMatch`/`ifNoneExist`/`ifModifiedSince` as
+/// headers, the resource (with the Bundle's labels) as the body.
+fn entry_request(state: &AppState, i: usize, entry: &Json, inherited_labels: &[String], batch_headers: &HeaderMap) -> Result<(Method, Uri, HeaderMap, Body), ApiError> {
+    let at = |m: &str| ApiError::BadRequest(format!("Bundle.entry[{i}]: {m}"));
+    let request = entry.get("request").ok_or_else(|| at("no request"))?;
+    let method = request.get("method").and_then(Json::as_str).ok_or_else(|| at("no request.method"))?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| at("request.method is not an HTTP method"))?;
+    let url = request.get("url").and_then(Json::as_str).ok_or_else(|| at("no request.url"))?;
+    let url = url.strip_prefix(state.base_url.as_str()).unwrap_or(url);
+    // The query is re-encoded, so what a client leaves unescaped in a Bundle (`system|code`) still forms a URI.
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(form_urlencoded::parse(query.as_bytes())).finish();
+    let uri = Uri::try_from(format!("/{}?{query}", path.trim_start_matches('/'))).map_err(|_| at("request.url is not a relative URL"))?;
+    let mut headers = HeaderMap::new();
+    if let Some(prefer) = batch_headers.get("prefer") {
+        headers.insert("prefer", prefer.clone());
     }
-    principal.may(&entry.resource_type, permission_for(&entry.method)?).map_err(ApiError::Forbidden)?;
-    if entry.method == "GET" {
-        let id = entry.id.as_deref().ok_or_else(|| ApiError::BadRequest("only GET Type/id is supported in a batch".into()))?;
-        return Ok((read_entry(state, principal, audit, &entry.resource_type, id).await?, "200 OK"));
-    }
-    let resource = entry.resource.clone().ok_or_else(|| ApiError::BadRequest(format!("a {} entry needs a resource", entry.method)))?;
-    write::check_type(&resource, &entry.resource_type)?;
-    let resource = write::validate(state, resource, Vec::new()).await?;
-    for _ in 0..ATTEMPTS {
-        let mut tx = state.store.begin().await?;
-        // The id to write and how it was chosen (`POST`: by the gateway; `PUT`: by the client).
-        let (id, id_from) = match (entry.method.as_str(), &entry.id, &entry.criteria, &entry.if_none_exist) {
-            ("POST", _, _, Some(criteria)) | ("PUT", None, Some(criteria), _) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
-                Ok(m) if m.is_empty() => match resource.get("id").and_then(Json::as_str).filter(|_| entry.method == "PUT") {
-                    Some(id) => (id.to_string(), "PUT"),
-                    None => (write::new_id(), "POST"),
-                },
-                Ok(m) if m.len() == 1 && entry.method == "POST" => return Ok((m.into_iter().next().expect("one match"), "200 OK")),
-                Ok(m) if m.len() == 1 => (m[0].id.clone(), "PUT"),
-                Ok(_) => return Err(ApiError::PreconditionFailed("the criteria match more than one resource".into())),
-                Err(Failure::Retry) => continue,
-                Err(Failure::Api(e)) => return Err(e),
-            },
-            ("POST", _, _, None) => (write::new_id(), "POST"),
-            ("PUT", Some(id), _, _) => (id.clone(), "PUT"),
-            _ => return Err(ApiError::BadRequest("cannot tell which resource to write".into())),
-        };
-        let change = Change { resource_type: &entry.resource_type, id, resource: resource.clone(), if_match: entry.if_match, inherited_labels, method: id_from };
-        match write::write(&mut tx, state, principal, change).await {
-            Ok((stored, created)) => {
-                let mut entry_audit = Audit::new(&principal.client_id, if created { "create" } else { "update" }, if created { "C" } else { "U" }, None);
-                entry_audit.entities.push(stored.reference());
-                tx.append_audit(&entry_audit.row(&state.base_url, AuditOutcome::Success)).await?;
-                tx.commit().await?;
-                return Ok((stored, if created { "201 Created" } else { "200 OK" }));
-            }
-            Err(Failure::Retry) => continue,
-            Err(Failure::Api(e)) => return Err(e),
+    let text = |k: &str| request.get(k).and_then(Json::as_str);
+    let since = text("ifModifiedSince").map(|instant| fhir::http_date(instant).ok_or_else(|| at("request.ifModifiedSince is not an instant"))).transpose()?;
+    for (name, value) in [(header::IF_MATCH, text("ifMatch")), (header::IF_NONE_MATCH, text("ifNoneMatch")), (HeaderName::from_static("if-none-exist"), text("ifNoneExist")), (header::IF_MODIFIED_SINCE, since.as_deref())] {
+        if let Some(value) = value {
+            headers.insert(name.clone(), HeaderValue::from_str(value).map_err(|_| at(&format!("request {name} is not a header value")))?);
         }
     }
-    Err(ApiError::Conflict("the resource is being changed by others; retry".into()))
+    let body = match entry.get("resource") {
+        Some(resource) => {
+            let mut resource = resource.clone();
+            if !inherited_labels.is_empty() {
+                labels::normalise(&mut resource, inherited_labels);
+            }
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(fhir::FHIR_JSON));
+            Body::from(resource.to_string_compact())
+        }
+        None => Body::empty(),
+    };
+    Ok((method, uri, headers, body))
+}
+
+/// Routes a batch entry to the handler of the same request made alone (the router's table, less
+/// what has no place in a batch: Bundles and messages at the base).
+async fn dispatch(state: &AppState, caller: Caller, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let st = State(state.clone());
+    let segments: Vec<String> = uri.path().split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let s: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let owned = |x: &str| x.to_string();
+    match (method.as_str(), s.as_slice()) {
+        ("GET", []) => rest::search_system(st, caller, headers, uri).await,
+        ("GET", ["_history"]) => rest::history_system(st, caller, headers, uri).await,
+        ("GET", [t]) | ("GET", [t, "_search"]) => rest::search_type(st, caller, Path(owned(t)), headers, uri).await,
+        ("GET", [t, "_history"]) => rest::history_type(st, caller, Path(owned(t)), headers, uri).await,
+        ("GET", [t, id]) => rest::read(st, caller, Path((owned(t), owned(id))), headers, uri).await,
+        ("GET", [t, id, "_history"]) => rest::history(st, caller, Path((owned(t), owned(id))), headers, uri).await,
+        ("GET", [t, id, "_history", vid]) => rest::vread(st, caller, Path((owned(t), owned(id), owned(vid))), headers, uri).await,
+        ("GET", [compartment, id, t]) => rest::compartment_search(st, caller, Path((owned(compartment), owned(id), owned(t))), headers, uri).await,
+        ("POST", [t]) if !t.starts_with('$') => rest::create(st, caller, Path(owned(t)), headers, uri, body).await,
+        ("POST", [t, op]) if op.starts_with('$') => validate::type_operation(st, caller, Path((owned(t), owned(op))), headers, uri, body).await,
+        ("POST", [t, id, op]) => validate::instance_operation(st, caller, Path((owned(t), owned(id), owned(op))), headers, uri, body).await,
+        ("PUT", [t]) => rest::conditional_update(st, caller, Path(owned(t)), headers, uri, body).await,
+        ("PUT", [t, id]) => rest::update(st, caller, Path((owned(t), owned(id))), headers, uri, body).await,
+        _ => ApiError::MethodNotAllowed(format!("{method} {} is not supported in a batch (Bundles and messages go to the base on their own)", uri.path())).into_response(),
+    }
+}
+
+/// A handler's answer as a batch entry: `fullUrl` and resource of a stored resource, and the `response`.
+async fn entry_answer(base: &str, answer: Response) -> (Option<String>, Option<String>, Json) {
+    let status = answer.status();
+    let (location, etag, last_modified) = {
+        let header = |name: header::HeaderName| answer.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        (header(header::LOCATION), header(header::ETAG), header(header::LAST_MODIFIED))
+    };
+    // The handler already bounded what it answers (a resource, a page).
+    let bytes = axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap_or_default();
+    let body = crate::json::parse(&bytes).ok().filter(|b| b.get("resourceType").is_some());
+    let mut members = vec![("status", Json::string(status_line_of(status)))];
+    if let Some(location) = location {
+        let relative = location.strip_prefix(&format!("{base}/")).map(str::to_string).unwrap_or(location);
+        members.push(("location", Json::string(relative)));
+    }
+    if let Some(etag) = etag {
+        members.push(("etag", Json::string(etag)));
+    }
+    let updated = body.as_ref().and_then(|b| b.get("meta")).and_then(|m| m.get("lastUpdated")).and_then(Json::as_str).map(str::to_string);
+    if let Some(instant) = updated.filter(|_| last_modified.is_some()).or_else(|| last_modified.as_deref().and_then(fhir::instant_of_http_date)) {
+        members.push(("lastModified", Json::string(instant)));
+    }
+    match body {
+        Some(outcome) if !status.is_success() => {
+            members.push(("outcome", outcome));
+            (None, None, object(&members))
+        }
+        Some(resource) => {
+            let stored_at = match (resource.get("resourceType").and_then(Json::as_str), resource.get("id").and_then(Json::as_str)) {
+                (Some(t), Some(id)) if t != "Bundle" && t != "OperationOutcome" => Some(format!("{base}/{t}/{id}")),
+                _ => None,
+            };
+            (stored_at, Some(resource.to_string_compact()), object(&members))
+        }
+        None => (None, None, object(&members)),
+    }
+}
+
+fn status_line_of(status: StatusCode) -> String {
+    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or_default())
 }
 
 /// A response for a request the router could not place.

@@ -3,6 +3,8 @@
 //! Also the disclosure choke point: [`disclose`] and [`disclose_all`] are the only way a stored
 //! resource reaches a response body; every handler that returns resources goes through them.
 
+use std::sync::Arc;
+
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -19,10 +21,15 @@ use crate::store::Stored;
 pub struct Caller {
     pub principal: Principal,
     pub address: Option<String>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl Caller {
+    /// The same caller for a part of its request (a batch entry), holding the same in-flight permit.
+    pub fn part(&self) -> Caller {
+        Caller { principal: self.principal.clone(), address: self.address.clone(), _permit: self._permit.clone() }
+    }
+
     pub fn audit(&self, subtype: &'static str, action: &'static str) -> Audit {
         Audit::new(&self.principal.client_id, subtype, action, self.address.clone())
     }
@@ -73,7 +80,7 @@ impl FromRequestParts<AppState> for Caller {
             Some(Ok(permit)) => permit,
             _ => return Err(ApiError::TooManyRequests),
         };
-        Ok(Caller { principal, address, _permit: permit })
+        Ok(Caller { principal, address, _permit: Arc::new(permit) })
     }
 }
 

@@ -111,6 +111,12 @@ pub fn prefer_return(headers: &HeaderMap) -> Return {
     Return::Representation
 }
 
+/// `Prefer: handling=lenient`: a search leaves out the parameters it cannot honour (and says so)
+/// instead of refusing them; `handling=strict`, or no preference, refuses them.
+pub fn lenient(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split([',', ';'])).any(|p| p.trim().eq_ignore_ascii_case("handling=lenient"))
+}
+
 /// A JSON response with the FHIR content type.
 pub fn json_response(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
@@ -144,6 +150,11 @@ pub fn not_modified(headers: &HeaderMap, stored: &Stored) -> bool {
         (Some(since), Some(updated)) => updated.unix_timestamp() <= since.unix_timestamp(),
         _ => false,
     }
+}
+
+/// The FHIR instant of an HTTP date (`Last-Modified` → a batch entry's `lastModified`).
+pub fn instant_of_http_date(text: &str) -> Option<String> {
+    parse_http_date(text)?.format(&time::format_description::well_known::Rfc3339).ok()
 }
 
 /// Reads an HTTP date in its one current form, IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).

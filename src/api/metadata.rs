@@ -42,7 +42,7 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             Json::string("POST [base]/[type]/$validate and POST [base]/[type]/[id]/$validate (the resource's id, if any, must be the instance's); the body is the resource or a Parameters with `resource` and `profile`; nothing is stored."),
         ),
     ]);
-    let search_documentation = "GET [base]/[type]?…, GET [base]/[type]/_search?…, or POST [base]/[type]/_search with an application/x-www-form-urlencoded body (combined with the URL's parameters); paging links are GET links.";
+    let search_documentation = "GET [base]/[type]?…, GET [base]/[type]/_search?…, or POST [base]/[type]/_search with an application/x-www-form-urlencoded body (combined with the URL's parameters); paging links are GET links. Also _count, _offset, _sort (several keys: _lastUpdated, _id and the type's search parameters, - for descending), _include, _revinclude, _summary (true, text, data, count, false), _elements, _total (none, estimate, accurate). Unknown parameters are refused (400) unless Prefer: handling=lenient, which leaves them out and names them in an OperationOutcome entry (search.mode outcome). Patient compartment: GET [base]/Patient/[id]/[type]?….";
     let mut resources = Vec::new();
     for t in types {
         let audit = t == "AuditEvent";
@@ -50,11 +50,13 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         if let Some(list) = profiles.get(t.as_str()) {
             members.push(("supportedProfile", Json::Array(list.iter().map(|p| Json::string(p.as_str())).collect())));
         }
-        let interactions: &[&str] = if audit { &["read", "search-type"] } else { &["read", "vread", "update", "history-instance", "create", "search-type"] };
+        let interactions: &[&str] = if audit { &["read", "search-type"] } else { &["read", "vread", "update", "history-instance", "history-type", "create", "search-type"] };
         let interactions = interactions
             .iter()
             .map(|c| match *c {
                 "search-type" if !audit => object(&[("code", Json::string(*c)), ("documentation", Json::string(search_documentation))]),
+                "read" if !audit => object(&[("code", Json::string(*c)), ("documentation", Json::string("_summary (true, text, data, false) and _elements subset the resource (tagged SUBSETTED)."))]),
+                "history-instance" | "history-type" => object(&[("code", Json::string(*c)), ("documentation", Json::string("_since, _count, _offset; newest first."))]),
                 "create" => object(&[("code", Json::string(*c)), ("documentation", Json::string("Conditional by If-None-Exist, or by search parameters in the URL (POST [base]/[type]?identifier=…); not both."))]),
                 _ => code(c),
             })
@@ -71,6 +73,15 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         let includes: Vec<Json> = INCLUDES.iter().filter(|(s, _, _)| s == t).map(|(s, p, target)| Json::string(format!("{s}:{p}:{target}"))).collect();
         if !includes.is_empty() {
             members.push(("searchInclude", Json::Array(includes)));
+        }
+        let revincludes: Vec<Json> = search::SEARCHABLE_TYPES
+            .iter()
+            .flat_map(|source| search::params(source).iter().map(move |p| (source, p)))
+            .filter(|(_, p)| !audit && p.kind == search::Kind::Reference && p.target.is_none_or(|target| target == t.as_str()))
+            .map(|(source, p)| Json::string(format!("{source}:{}", p.name)))
+            .collect();
+        if !revincludes.is_empty() {
+            members.push(("searchRevInclude", Json::Array(revincludes)));
         }
         let mut params = vec![param("_id", "token", "http://hl7.org/fhir/SearchParameter/Resource-id")];
         if audit {
@@ -118,7 +129,17 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         ("mode", Json::string("server")),
         ("security", security),
         ("resource", Json::Array(resources)),
-        ("interaction", Json::Array(vec![code("transaction"), code("batch")])),
+        (
+            "interaction",
+            Json::Array(vec![
+                code("transaction"),
+                object(&[("code", Json::string("batch")), ("documentation", Json::string("Every entry an interaction of its own, answered as it would be alone (search, history, read, vread, create, update, conditional forms, $validate); one entry's failure is its own response."))]),
+                object(&[("code", Json::string("search-system")), ("documentation", Json::string("GET [base]?_type=A,B&… with the parameters common to all types: _id, _lastUpdated, _sort by those, _count, _offset, _summary, _elements, _total."))]),
+                object(&[("code", Json::string("history-system")), ("documentation", Json::string("GET [base]/_history: _since, _count, _offset; newest first."))]),
+            ]),
+        ),
+        ("searchParam", Json::Array(vec![param("_id", "token", "http://hl7.org/fhir/SearchParameter/Resource-id"), param("_lastUpdated", "date", "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated")])),
+        ("compartment", Json::Array(vec![Json::string("http://hl7.org/fhir/CompartmentDefinition/patient")])),
         (
             "operation",
             Json::Array(vec![object(&[
@@ -181,5 +202,12 @@ mod tests {
         let observation = resources.iter().find(|r| r["type"].as_str() == Some("Observation")).unwrap();
         let names: Vec<&str> = observation["searchParam"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
         assert_eq!(names, ["_id", "_lastUpdated", "identifier", "patient", "subject", "status", "code", "date"]);
+        let patient = resources.iter().find(|r| r["type"].as_str() == Some("Patient")).unwrap();
+        let revincludes: Vec<&str> = patient["searchRevInclude"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
+        assert!(revincludes.contains(&"Provenance:target") && revincludes.contains(&"Observation:patient") && !revincludes.contains(&"ClaimResponse:request"), "{revincludes:?}");
+        let task = resources.iter().find(|r| r["type"].as_str() == Some("Task")).unwrap();
+        assert!(task["searchRevInclude"].as_array().unwrap().iter().any(|r| r.as_str() == Some("Task:focus")));
+        let interactions: Vec<&str> = parsed["rest"].as_array().unwrap()[0]["interaction"].as_array().unwrap().iter().filter_map(|i| i["code"].as_str()).collect();
+        assert_eq!(interactions, ["transaction", "batch", "search-system", "history-system"]);
     }
 }

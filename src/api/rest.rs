@@ -13,7 +13,9 @@ use super::state::AppState;
 use super::write::{self, ATTEMPTS, Change, Failure};
 use crate::auth::Permission;
 use crate::json::Json;
+use crate::outcome::{Issue, IssueCode, operation_outcome};
 use crate::search;
+use crate::store::HistoryScope;
 
 /// Records the audit event for a finished request and turns the result into the response.
 pub async fn finish(state: &AppState, mut audit: Audit, result: Result<Response, ApiError>) -> Response {
@@ -56,15 +58,13 @@ fn criteria_from_query(pairs: &[(String, String)]) -> Option<String> {
 fn reserved_word(method: &str, resource_type: &str, word: &str) -> ApiError {
     match word {
         "$validate" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/$validate: $validate takes a POST with the resource (or a Parameters) in the body")),
-        "_history" => ApiError::MethodNotAllowed(format!(
-            "{method} /{resource_type}/_history: type-level history is not supported; history is kept per resource (GET /{resource_type}/[id]/_history)"
-        )),
+        "_history" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/_history: history is read with GET")),
         "_search" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/_search: a search is a GET or a POST with a form body")),
         operation if operation.starts_with('$') => ApiError::MethodNotAllowed(format!(
             "{method} /{resource_type}/{operation}: the operation {operation} is not supported (operations here: $validate by POST on a type or an instance, $process-message)"
         )),
         other => ApiError::BadRequest(format!(
-            "{method} /{resource_type}/{other}: '{other}' is neither a resource id (ids have only A-Z, a-z, 0-9, '-' and '.') nor an interaction (_search, and _history on an instance)"
+            "{method} /{resource_type}/{other}: '{other}' is neither a resource id (ids have only A-Z, a-z, 0-9, '-' and '.') nor an interaction (_search, _history)"
         )),
     }
 }
@@ -115,21 +115,110 @@ pub async fn search_type(State(state): State<AppState>, caller: Caller, Path(res
     }
     let mut audit = caller.audit("search-type", "E");
     audit.query = uri.query().map(str::to_string);
-    let result = search_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri).await;
+    let pairs = query_pairs(uri.query());
+    let scope = Scope { types: vec![resource_type.clone()], path: resource_type, fixed: Vec::new(), compartment: None };
+    let result = search_inner(&state, &caller, &mut audit, &scope, &headers, &pairs).await;
     finish(&state, audit, result).await
 }
 
-async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri) -> Result<Response, ApiError> {
-    let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
-    known_type(state, resource_type)?;
+/// `GET /?_type=A,B&…`: a search across types, with the parameters common to all of them
+/// (`_id`, `_lastUpdated`, `_sort` by those, paging, `_summary`, `_elements`, `_total`). Without
+/// `_type`, every type the caller may search.
+pub async fn search_system(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri) -> Response {
+    let mut audit = caller.audit("search-system", "E");
+    audit.query = uri.query().map(str::to_string);
+    let result = async {
+        let (typed, pairs): (Vec<_>, Vec<_>) = query_pairs(uri.query()).into_iter().partition(|(k, _)| k == "_type");
+        let mut types: Vec<String> = typed.iter().flat_map(|(_, v)| v.split(',')).map(str::to_string).collect();
+        for t in &types {
+            if t == "AuditEvent" {
+                return Err(ApiError::BadRequest("_type: the audit trail is searched with GET /AuditEvent".into()));
+            }
+            known_type(&state, t)?;
+        }
+        if types.is_empty() {
+            types = state.resource_types.iter().filter(|t| *t != "AuditEvent" && caller.principal.may(t, Permission::Search).is_ok()).cloned().collect();
+            types.sort();
+            if types.is_empty() {
+                return Err(ApiError::Forbidden("the access token grants no search".into()));
+            }
+        }
+        let scope = Scope { types, path: String::new(), fixed: typed, compartment: None };
+        search_inner(&state, &caller, &mut audit, &scope, &headers, &pairs).await
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+/// `GET /Patient/{id}/{type}`: a search of `type` within the patient's compartment (the patient
+/// must be one the caller can read); any other parameters of `type` narrow it further.
+pub async fn compartment_search(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((compartment, id, resource_type)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let mut audit = caller.audit("search-type", "E");
+    audit.query = uri.query().map(str::to_string);
+    audit.entities.push(format!("{compartment}/{id}"));
+    let result = async {
+        if is_reserved_word(&resource_type) {
+            return Err(reserved_word("GET", &format!("{compartment}/{id}"), &resource_type));
+        }
+        known_type(&state, &compartment)?;
+        if compartment != "Patient" {
+            return Err(ApiError::NotFound(format!("GET /{compartment}/{id}/{resource_type}: only the Patient compartment is searched here")));
+        }
+        known_type(&state, &resource_type)?;
+        let clause = search::compartment::patient_clause(&resource_type, &id)
+            .ok_or_else(|| ApiError::BadRequest(format!("GET /Patient/{id}/{resource_type}: {resource_type} is not in the Patient compartment (R4 CompartmentDefinition/patient)")))?;
+        forbid(caller.principal.may("Patient", Permission::Read))?;
+        // The compartment's patient is disclosed like a read of it: unseen and unknown answer alike.
+        let patient = state.store.read("Patient", &id).await?.ok_or_else(|| ApiError::NotFound(format!("Patient/{id} is not known")))?;
+        disclose(&caller.principal, &patient, &mut audit)?;
+        let scope = Scope { types: vec![resource_type.clone()], path: format!("Patient/{id}/{resource_type}"), fixed: Vec::new(), compartment: Some(clause) };
+        search_inner(&state, &caller, &mut audit, &scope, &headers, &query_pairs(uri.query())).await
+    }
+    .await;
+    finish(&state, audit, result).await
+}
+
+/// What a search covers.
+struct Scope {
+    /// The types searched: one, or those `_type` names in a search across types.
+    types: Vec<String>,
+    /// The path after the base that the paging links repeat (`Observation`, `Patient/p1/Observation`, empty across types).
+    path: String,
+    /// Parameters of the scope itself that the links repeat (`_type`).
+    fixed: Vec<(String, String)>,
+    /// The compartment the results must be in.
+    compartment: Option<search::Clause>,
+}
+
+async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scope: &Scope, headers: &HeaderMap, pairs: &[(String, String)]) -> Result<Response, ApiError> {
+    fhir::negotiate(headers, pairs)?;
     let principal = &caller.principal;
-    forbid(principal.may(resource_type, Permission::Search))?;
+    for t in &scope.types {
+        known_type(state, t)?;
+        forbid(principal.may(t, Permission::Search))?;
+    }
+    let across = scope.path.is_empty();
+    let resource_type = if across { "" } else { scope.types[0].as_str() };
     let config = &state.loaded.config.server;
-    let query = search::parse_query(resource_type, &pairs, config.default_page_size, config.max_page_size).map_err(|e| ApiError::BadRequest(e.0))?;
-    let (total, found) = state.store.search(resource_type, &query, Some(&principal.visibility(false))).await?;
+    let lenient = fhir::lenient(headers);
+    let mut query = search::parse_query(resource_type, pairs, config.default_page_size, config.max_page_size, lenient).map_err(|e| ApiError::BadRequest(e.0))?;
+    query.clauses.extend(scope.compartment.clone());
+    let types: Vec<&str> = scope.types.iter().map(String::as_str).collect();
+    let visibility = principal.visibility(false);
+    let (total, found) = state.store.search_types(&types, &query, Some(&visibility)).await?;
     let found = disclose_all(principal, found, audit);
     let mut included = Vec::new();
+    let add = |included: &mut Vec<crate::store::Stored>, stored: crate::store::Stored| {
+        if !found.iter().chain(included.iter()).any(|s| s.resource_type == stored.resource_type && s.id == stored.id) {
+            included.push(stored);
+        }
+    };
     for (param, target) in &query.includes {
         if principal.may(target, Permission::Read).is_err() {
             continue;
@@ -143,21 +232,40 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
             .map(|(t, id)| (t.to_string(), id.to_string()))
             .collect();
         for stored in disclose_all(principal, state.store.read_many(&keys).await?, audit) {
-            if !included.iter().any(|s: &crate::store::Stored| s.resource_type == stored.resource_type && s.id == stored.id) {
-                included.push(stored);
+            add(&mut included, stored);
+        }
+    }
+    // `_revinclude`: what points at this page's matches, found and disclosed like matches of a search of its own.
+    for (source, param) in query.revincludes.clone() {
+        // A type the token does not grant is refused like a search of it, or named under lenient handling.
+        if let Err(why) = principal.may(source, Permission::Search) {
+            if !lenient {
+                return Err(ApiError::Forbidden(format!("_revinclude={source}:{param}: {why}")));
+            }
+            query.ignored.push(format!("search parameter '_revinclude': {source}:{param}: {why}"));
+            let asked = format!("{source}:{param}");
+            query.used.retain(|(k, v)| !(k == "_revinclude" && (*v == asked || v.starts_with(&format!("{asked}:")))));
+            continue;
+        }
+        let references: Vec<search::TokenMatch> = found.iter().map(|s| search::TokenMatch { system: None, value: Some(s.reference()) }).collect();
+        for chunk in references.chunks(search::MAX_VALUES_PER_PARAMETER) {
+            let pointing = search::Query { clauses: vec![search::Clause::Token { param: param.to_string(), any: chunk.to_vec() }], count: usize::MAX, no_total: true, ..Default::default() };
+            let (_, referring) = state.store.search(source, &pointing, Some(&visibility)).await?;
+            for stored in disclose_all(principal, referring, audit) {
+                add(&mut included, stored);
             }
         }
     }
     let base = &state.base_url;
     let page_url = |offset: usize| {
         let mut serializer = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset" && k != "_count") {
+        for (k, v) in scope.fixed.iter().chain(query.used.iter()).filter(|(k, _)| k != "_offset" && k != "_count") {
             serializer.append_pair(k, v);
         }
         // The page size used, which may be less than the one asked for (`max_page_size`).
         serializer.append_pair("_count", &query.count.to_string());
         serializer.append_pair("_offset", &offset.to_string());
-        format!("{base}/{resource_type}?{}", serializer.finish())
+        format!("{base}/{}?{}", scope.path, serializer.finish())
     };
     let mut links = vec![("self", page_url(query.offset))];
     if (query.offset + query.count) < total as usize && query.count > 0 {
@@ -166,13 +274,35 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     if query.offset > 0 {
         links.push(("previous", page_url(query.offset.saturating_sub(query.count))));
     }
-    let mut bundle = BundleText::new("searchset", Some(total), &links);
+    let mut bundle = BundleText::new("searchset", (!query.no_total).then_some(total), &links);
+    let definitions = state.validator.definitions();
     for (stored, mode) in found.iter().map(|s| (s, "match")).chain(included.iter().map(|s| (s, "include"))) {
         audit.entities.push(stored.reference());
         let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
-        bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string(mode))]))]);
+        let body = match (&query.subset, mode) {
+            (Some(subset), "match") => search::shape::apply(definitions, &stored.body, subset),
+            _ => stored.body.clone(),
+        };
+        bundle.entry(Some(&url), Some(&body), &[("search", object(&[("mode", Json::string(mode))]))]);
+    }
+    if !query.ignored.is_empty() {
+        let issues: Vec<Issue> = query.ignored.iter().map(|why| Issue::warning(IssueCode::NotSupported, "", format!("ignored (Prefer: handling=lenient): {why}"))).collect();
+        let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+        bundle.entry(Some(&url), Some(&operation_outcome(&issues).to_string_compact()), &[("search", object(&[("mode", Json::string("outcome"))]))]);
     }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
+}
+
+/// `_summary`/`_elements` of a read; `_summary=count` is for searches.
+fn read_subset(pairs: &[(String, String)]) -> Result<Option<search::Subset>, ApiError> {
+    let mut chosen = None;
+    for (name, raw) in pairs.iter().filter(|(k, _)| k == "_summary" || k == "_elements") {
+        if chosen.is_some() {
+            return Err(ApiError::BadRequest(format!("{name}: give one _summary or _elements")));
+        }
+        chosen = search::subset(name, raw).map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))?;
+    }
+    Ok(chosen)
 }
 
 /// `GET /{type}/{id}`: read.
@@ -195,7 +325,11 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
         if fhir::not_modified(&headers, &stored) {
             return Ok(fhir::not_modified_response(&stored));
         }
-        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+        let shown = match read_subset(&query_pairs(uri.query()))? {
+            Some(subset) => crate::store::Stored { body: search::shape::apply(state.validator.definitions(), &stored.body, &subset), ..stored },
+            None => stored,
+        };
+        Ok(resource_response(StatusCode::OK, &shown, &state.base_url, Return::Representation, false))
     }
     .await;
     finish(&state, audit, result).await
@@ -225,40 +359,104 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
 pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
     let mut audit = caller.audit("history-instance", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
-    let result = async {
-        let pairs = query_pairs(uri.query());
-        fhir::negotiate(&headers, &pairs)?;
-        known_type(&state, &resource_type)?;
-        forbid(caller.principal.may(&resource_type, Permission::Read))?;
-        let config = &state.loaded.config.server;
-        let number = |name: &str, default: usize| -> Result<usize, ApiError> {
-            match pairs.iter().find(|(k, _)| k == name) {
-                Some((_, v)) => v.parse().map_err(|_| ApiError::BadRequest(format!("{name} must be a non-negative integer"))),
-                None => Ok(default),
-            }
-        };
-        let count = number("_count", config.default_page_size)?.min(config.max_page_size);
-        let offset = number("_offset", 0)?;
-        let current = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
-        disclose(&caller.principal, &current, &mut audit)?;
-        let (total, versions) = state.store.history(&resource_type, &id, count, offset).await?;
-        // The current version decided above; each older one can only add a label of its own.
-        let versions: Vec<_> = versions.into_iter().filter_map(|v| disclose_version(&caller.principal, &current, Some(v), &mut audit)).collect();
-        let base = &state.base_url;
-        let mut links = vec![("self", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={offset}"))];
-        if offset + count < total as usize {
-            links.push(("next", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={}", offset + count)));
-        }
-        let mut bundle = BundleText::new("history", Some(total), &links);
-        for v in &versions {
-            let request = object(&[("method", Json::string(v.method.as_str())), ("url", Json::string(format!("{resource_type}/{id}")))]);
-            let status = if v.version == 1 { "201 Created" } else { "200 OK" };
-            bundle.entry(Some(&format!("{base}/{resource_type}/{id}")), Some(&v.body), &[("request", request), ("response", fhir::entry_response(status, Some(v), None))]);
-        }
-        Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
-    }
-    .await;
+    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), Some(&id), &headers, &uri).await;
     finish(&state, audit, result).await
+}
+
+/// `GET /{type}/_history`: the versions of every resource of a type the caller can read, newest first.
+pub async fn history_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+    let mut audit = caller.audit("history-type", "R");
+    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), None, &headers, &uri).await;
+    finish(&state, audit, result).await
+}
+
+/// `GET /_history`: the versions of every resource the caller can read, newest first.
+pub async fn history_system(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri) -> Response {
+    let mut audit = caller.audit("history-system", "R");
+    let result = history_inner(&state, &caller, &mut audit, None, None, &headers, &uri).await;
+    finish(&state, audit, result).await
+}
+
+/// A history of one resource, one type or the whole server (`_since`, `_count`, `_offset`). Every
+/// version is disclosed by its resource's current version, so an unreadable resource's versions
+/// neither show nor count.
+async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: Option<&str>, id: Option<&str>, headers: &HeaderMap, uri: &Uri) -> Result<Response, ApiError> {
+    let pairs = query_pairs(uri.query());
+    fhir::negotiate(headers, &pairs)?;
+    let principal = &caller.principal;
+    if let Some(t) = resource_type {
+        known_type(state, t)?;
+        forbid(principal.may(t, Permission::Read))?;
+    }
+    let config = &state.loaded.config.server;
+    let (mut count, mut offset, mut since) = (config.default_page_size, 0, None);
+    for (name, value) in &pairs {
+        let number = || value.parse::<usize>().map_err(|_| ApiError::BadRequest(format!("{name} must be a non-negative integer")));
+        match name.as_str() {
+            "_count" => count = number()?.min(config.max_page_size),
+            "_offset" => offset = number()?,
+            "_since" => since = Some(search::date_range(value).ok_or_else(|| ApiError::BadRequest(format!("_since '{value}' is not a FHIR instant")))?.0),
+            other if search::RESULT_PARAMS.contains(&other) => {}
+            other => return Err(ApiError::BadRequest(format!("history parameter '{other}' is not supported (_since, _count, _offset)"))),
+        }
+    }
+    let readable: Vec<&str>;
+    let (total, versions) = match (resource_type, id) {
+        (Some(t), Some(id)) => {
+            let current = state.store.read(t, id).await?.ok_or_else(|| ApiError::NotFound(format!("{t}/{id} is not known")))?;
+            disclose(principal, &current, audit)?;
+            let (total, versions) = state.store.history(HistoryScope::Instance(t, id), since.as_deref(), count, offset, None).await?;
+            // The current version decided above; each older one can only add a label of its own.
+            (total, versions.into_iter().filter_map(|v| disclose_version(principal, &current, Some(v), audit)).collect::<Vec<_>>())
+        }
+        (scope_type, _) => {
+            readable = match scope_type {
+                Some(t) => vec![t],
+                None => state.resource_types.iter().map(String::as_str).filter(|t| *t != "AuditEvent" && principal.may(t, Permission::Read).is_ok()).collect(),
+            };
+            if readable.is_empty() {
+                return Err(ApiError::Forbidden("the access token grants no read".into()));
+            }
+            let (total, versions) = state.store.history(HistoryScope::Types(&readable), since.as_deref(), count, offset, Some(&principal.visibility(false))).await?;
+            let mut keys: Vec<(String, String)> = versions.iter().map(|v| (v.resource_type.clone(), v.id.clone())).collect();
+            keys.dedup();
+            let currents = state.store.read_many(&keys).await?;
+            let versions = versions
+                .into_iter()
+                .filter_map(|v| {
+                    let current = currents.iter().find(|c| c.resource_type == v.resource_type && c.id == v.id)?;
+                    disclose_version(principal, current, Some(v), audit)
+                })
+                .collect();
+            (total, versions)
+        }
+    };
+    let base = &state.base_url;
+    let path = match (resource_type, id) {
+        (Some(t), Some(id)) => format!("{t}/{id}/_history"),
+        (Some(t), None) => format!("{t}/_history"),
+        _ => "_history".to_string(),
+    };
+    let since_pair = since.as_ref().map(|s| format!("_since={}&", form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>())).unwrap_or_default();
+    let page = |offset: usize| format!("{base}/{path}?{since_pair}_count={count}&_offset={offset}");
+    let mut links = vec![("self", page(offset))];
+    if offset + count < total as usize && count > 0 {
+        links.push(("next", page(offset + count)));
+    }
+    if offset > 0 {
+        links.push(("previous", page(offset.saturating_sub(count))));
+    }
+    let mut bundle = BundleText::new("history", Some(total), &links);
+    for v in &versions {
+        let reference = v.reference();
+        if !audit.entities.contains(&reference) {
+            audit.entities.push(reference.clone());
+        }
+        let request = object(&[("method", Json::string(v.method.as_str())), ("url", Json::string(reference.as_str()))]);
+        let status = if v.version == 1 { "201 Created" } else { "200 OK" };
+        bundle.entry(Some(&format!("{base}/{reference}")), Some(&v.body), &[("request", request), ("response", fhir::entry_response(status, Some(v), None))]);
+    }
+    Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
 }
 
 /// `POST /{type}`: create (conditional with `If-None-Exist`); `POST /$process-message` is routed here too.

@@ -232,7 +232,7 @@ fn set_meta(resource: &mut Json, id: &str, version: i64, last_updated: &str) {
 /// (`_count=1` alone) would match whatever the caller may write, not the resource it means.
 pub fn parse_criteria(resource_type: &str, criteria: &str) -> Result<Query, ApiError> {
     let pairs = super::fhir::query_pairs(Some(criteria));
-    let query: Query = search::parse_query(resource_type, &pairs, 2, 2).map_err(|e| ApiError::BadRequest(format!("conditional criteria: {e}")))?;
+    let query: Query = search::parse_query(resource_type, &pairs, 2, 2, false).map_err(|e| ApiError::BadRequest(format!("conditional criteria: {e}")))?;
     if query.clauses.is_empty() {
         return Err(ApiError::BadRequest(format!("conditional criteria '{criteria}' filter nothing: name at least one search parameter such as identifier")));
     }

@@ -90,6 +90,8 @@ pub struct ElementDefinition {
     pub binding: Option<Binding>,
     pub slicing: Option<Slicing>,
     pub is_modifier: bool,
+    /// Part of the summary view (`_summary=true`).
+    pub is_summary: bool,
     pub must_support: bool,
     /// Represented as an XML attribute (`id`, `url`, primitive `value`).
     pub xml_attribute: bool,
@@ -469,6 +471,7 @@ fn compile_element(element: &Json) -> Result<ElementDefinition, String> {
         binding,
         slicing,
         is_modifier: element.get("isModifier").and_then(Json::as_bool).unwrap_or(false),
+        is_summary: element.get("isSummary").and_then(Json::as_bool).unwrap_or(false),
         must_support: element.get("mustSupport").and_then(Json::as_bool).unwrap_or(false),
         xml_attribute,
         prepared: Prepared::default(),

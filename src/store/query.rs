@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 use sqlx::{Any, Executor, Row};
 
 use super::{AuditRow, COLUMNS, Store, StoreError, Stored, Visibility, stored};
-use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query};
+use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query, SortKey};
 
 /// A value to bind to a `$n` placeholder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,27 +76,44 @@ impl Sql {
     }
 }
 
-fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: Option<&Visibility>) {
-    sql.push(" WHERE r.type = ");
-    sql.text(resource_type);
-    if let Some(visibility) = visibility {
-        sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
+/// The conditions of [`Visibility`] on the current version `r`.
+fn visible(sql: &mut Sql, visibility: &Visibility) {
+    sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
+    sql.text(&visibility.party);
+    sql.push(")");
+    if let Some(label) = &visibility.withheld_label {
+        sql.push(" AND (r.owner = ");
         sql.text(&visibility.party);
+        sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
+        sql.text(label);
+        sql.push("))");
+    }
+    if visibility.writable_only {
+        sql.push(" AND (r.owner = ");
+        sql.text(&visibility.party);
+        sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
+        sql.text(&visibility.party);
+        sql.push(")))");
+    }
+}
+
+/// `column = $n`, or `column IN (…)` for several values.
+fn one_of(sql: &mut Sql, column: &str, values: &[&str]) {
+    if let [one] = values {
+        sql.push(&format!("{column} = "));
+        sql.text(one);
+    } else {
+        sql.push(&format!("{column} IN ("));
+        sql.push_joined(values, ", ", |sql, v| sql.text(v));
         sql.push(")");
-        if let Some(label) = &visibility.withheld_label {
-            sql.push(" AND (r.owner = ");
-            sql.text(&visibility.party);
-            sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
-            sql.text(label);
-            sql.push("))");
-        }
-        if visibility.writable_only {
-            sql.push(" AND (r.owner = ");
-            sql.text(&visibility.party);
-            sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
-            sql.text(&visibility.party);
-            sql.push(")))");
-        }
+    }
+}
+
+fn where_clause(sql: &mut Sql, types: &[&str], query: &Query, visibility: Option<&Visibility>) {
+    sql.push(" WHERE ");
+    one_of(sql, "r.type", types);
+    if let Some(visibility) = visibility {
+        visible(sql, visibility);
     }
     for clause in &query.clauses {
         match clause {
@@ -121,6 +138,13 @@ fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: O
                     }
                     sql.push(")");
                 });
+                sql.push(")");
+            }
+            Clause::Compartment { params, reference } => {
+                sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND ");
+                one_of(sql, "t.param", params);
+                sql.push(" AND t.value = ");
+                sql.text(reference);
                 sql.push(")");
             }
             Clause::Date { param, any } => {
@@ -176,45 +200,119 @@ fn date_condition(sql: &mut Sql, m: &DateMatch) {
     }
 }
 
-pub(super) async fn search(
-    conn: &mut AnyConnection,
-    resource_type: &str,
-    query: &Query,
-    visibility: Option<&Visibility>,
-    with_total: bool,
-) -> Result<(i64, Vec<Stored>), StoreError> {
+pub(super) async fn search(conn: &mut AnyConnection, types: &[&str], query: &Query, visibility: Option<&Visibility>, with_total: bool) -> Result<(i64, Vec<Stored>), StoreError> {
     let total = if with_total {
         let mut sql = Sql::default();
         sql.push("SELECT COUNT(*) FROM resources r");
-        where_clause(&mut sql, resource_type, query, visibility);
+        where_clause(&mut sql, types, query, visibility);
         let row = sql.into_query().fetch_one(&mut *conn).await?;
         row.try_get::<i64, _>(0)?
     } else {
         -1
     };
+    if query.count == 0 {
+        return Ok((total.max(0), Vec::new()));
+    }
     let mut sql = Sql::default();
     sql.push(&format!("SELECT {} FROM resources r", COLUMNS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")));
-    where_clause(&mut sql, resource_type, query, visibility);
+    where_clause(&mut sql, types, query, visibility);
     sql.push(" ORDER BY ");
-    match &query.sort {
-        Some(sort) if sort.param == "_lastUpdated" => sql.push("r.last_updated"),
-        Some(sort) => {
-            sql.push("COALESCE((SELECT MIN(s.low) FROM search_dates s WHERE s.type = r.type AND s.id = r.id AND s.param = ");
-            sql.text(&sort.param);
-            sql.push("), '9999')");
+    for sort in &query.sort {
+        match sort.key {
+            SortKey::LastUpdated => sql.push("r.last_updated"),
+            SortKey::Id => sql.push("r.id"),
+            // The earliest (ascending) or latest (descending) value; resources without one sort last either way.
+            SortKey::Date(param) | SortKey::Token(param) => {
+                let (table, column) = match (sort.key, sort.descending) {
+                    (SortKey::Date(_), false) => ("search_dates", "MIN(s.low)"),
+                    (SortKey::Date(_), true) => ("search_dates", "MAX(s.high)"),
+                    (_, false) => ("search_tokens", "MIN(s.value)"),
+                    (_, true) => ("search_tokens", "MAX(s.value)"),
+                };
+                let value = |sql: &mut Sql| {
+                    sql.push(&format!("(SELECT {column} FROM {table} s WHERE s.type = r.type AND s.id = r.id AND s.param = "));
+                    sql.text(param);
+                    sql.push(")");
+                };
+                value(&mut sql);
+                sql.push(" IS NULL ASC, ");
+                value(&mut sql);
+            }
         }
-        None => sql.push("r.last_updated"),
+        sql.push(if sort.descending { " DESC, " } else { " ASC, " });
     }
-    let descending = query.sort.as_ref().is_some_and(|s| s.descending);
-    sql.push(if descending { " DESC, r.id DESC" } else { " ASC, r.id ASC" });
+    // Ties (and unsorted searches) in a stable order, so pages neither repeat nor skip.
+    let descending = query.sort.first().is_some_and(|s| s.descending);
+    sql.push(if descending { "r.last_updated DESC, r.type DESC, r.id DESC" } else { "r.last_updated ASC, r.type ASC, r.id ASC" });
     sql.push(" LIMIT ");
-    sql.bind(Bind::Int(query.count as i64));
+    sql.bind(Bind::Int(query.count.min(i64::MAX as usize) as i64));
     sql.push(" OFFSET ");
     sql.bind(Bind::Int(query.offset as i64));
     let rows: Vec<AnyRow> = sql.into_query().fetch_all(&mut *conn).await?;
     let found = rows.iter().map(|r| stored(r, Some("PUT".into()))).collect::<Result<Vec<_>, _>>()?;
     let total = if total < 0 { found.len() as i64 } else { total };
     Ok((total, found))
+}
+
+/// Which versions a history covers.
+#[derive(Clone, Copy, Debug)]
+pub enum HistoryScope<'a> {
+    /// One resource (`GET /{type}/{id}/_history`).
+    Instance(&'a str, &'a str),
+    /// Every resource of these types (`GET /{type}/_history`, `GET /_history`).
+    Types(&'a [&'a str]),
+}
+
+/// Versions newest first, with their number. With `visibility`, only versions whose current
+/// version it lets through count, less those a withheld label on the version itself hides.
+pub(super) async fn history(
+    pool: &sqlx::AnyPool,
+    scope: HistoryScope<'_>,
+    since: Option<&str>,
+    count: usize,
+    offset: usize,
+    visibility: Option<&Visibility>,
+) -> Result<(i64, Vec<Stored>), StoreError> {
+    let build = |sql: &mut Sql| {
+        sql.push(" FROM resource_versions v JOIN resources r ON r.type = v.type AND r.id = v.id WHERE ");
+        match scope {
+            HistoryScope::Instance(resource_type, id) => {
+                sql.push("v.type = ");
+                sql.text(resource_type);
+                sql.push(" AND v.id = ");
+                sql.text(id);
+            }
+            HistoryScope::Types(types) => one_of(sql, "v.type", types),
+        }
+        if let Some(since) = since {
+            sql.push(" AND v.last_updated >= ");
+            sql.text(since);
+        }
+        if let Some(visibility) = visibility {
+            visible(sql, visibility);
+            if let Some(label) = &visibility.withheld_label {
+                let pattern = format!("% {} %", label.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+                sql.push(" AND (r.owner = ");
+                sql.text(&visibility.party);
+                sql.push(" OR (' ' || v.labels || ' ') NOT LIKE ");
+                sql.text(&pattern);
+                sql.push(" ESCAPE '\\')");
+            }
+        }
+    };
+    let mut count_sql = Sql::default();
+    count_sql.push("SELECT COUNT(*)");
+    build(&mut count_sql);
+    let total: i64 = count_sql.into_query().fetch_one(pool).await?.try_get(0)?;
+    let mut sql = Sql::default();
+    sql.push("SELECT v.type, v.id, v.version, v.last_updated, v.body, v.parties, v.labels, v.created_by, v.owner, v.method");
+    build(&mut sql);
+    sql.push(" ORDER BY v.last_updated DESC, v.type DESC, v.id DESC, v.version DESC LIMIT ");
+    sql.bind(Bind::Int(count as i64));
+    sql.push(" OFFSET ");
+    sql.bind(Bind::Int(offset as i64));
+    let rows = sql.into_query().fetch_all(pool).await?;
+    Ok((total, rows.iter().map(|r| stored(r, None)).collect::<Result<_, _>>()?))
 }
 
 pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {

@@ -10,5 +10,6 @@ mod limits;
 mod malformed;
 mod postgres;
 mod rest;
+mod search;
 mod subscriptions;
 mod tls;
