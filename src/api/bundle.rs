@@ -10,13 +10,13 @@ use std::collections::HashMap;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::{Audit, AuditOutcome};
 use super::caller::{Caller, disclose};
 use super::error::ApiError;
-use super::fhir::{self, BundleText, Return, entry_response, prefer_return, query_pairs};
+use super::fhir::{self, BundleText, Return, entry_response, prefer_return};
 use super::rest::{finish, known_type};
 use super::state::AppState;
 use super::write::{self, ATTEMPTS, Change, Failure};
@@ -114,17 +114,16 @@ fn permission_for(method: &str) -> Result<Permission, ApiError> {
 }
 
 /// `POST /`.
-pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller, headers: HeaderMap, body: Body) -> Response {
     let mut audit = caller.audit("transaction", "E");
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
-        let bundle = fhir::read_resource(&headers, body, state.loaded.config.server.max_body_bytes).await?;
+        let bundle = fhir::read_resource(&state, &headers, body).await?;
         write::check_type(&bundle, "Bundle")?;
         match bundle.get("type").and_then(Json::as_str) {
-            Some("transaction") => transaction(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await,
+            Some("transaction") => transaction(&state, &caller.principal, &caller.base.url, &mut audit, bundle, prefer_return(&headers)).await,
             Some("batch") => {
                 audit.subtype = "batch";
-                batch(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await
+                batch(&state, &caller.principal, &caller.base.url, &mut audit, bundle, prefer_return(&headers)).await
             }
             _ => Err(ApiError::BadRequest("POST to the base needs a Bundle of type transaction or batch (messages go to $process-message)".into())),
         }
@@ -133,7 +132,7 @@ pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller,
     finish(&state, audit, result).await
 }
 
-async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
+async fn transaction(state: &AppState, principal: &Principal, base: &str, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
     let entries = parse_entries(&bundle)?;
     for entry in &entries {
         known_type(state, &entry.resource_type)?;
@@ -159,14 +158,14 @@ async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit,
             Some((stored, created)) => {
                 let status = if *created { "201 Created" } else { "200 OK" };
                 let body = (prefer == Return::Representation).then_some(stored.body.as_str());
-                let url = format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id);
+                let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
                 response.entry(Some(&url), body, &[("response", entry_response(status, Some(stored), None))]);
                 stored_all.push(stored.reference());
             }
             None => {
                 let id = entry.id.clone().unwrap_or_default();
                 match read_entry(state, principal, audit, &entry.resource_type, &id).await {
-                    Ok(stored) => response.entry(Some(&format!("{}/{}", state.base_url, stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
+                    Ok(stored) => response.entry(Some(&format!("{base}/{}", stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
                     Err(e) => response.entry(None, None, &[("response", entry_response(&status_line(&e), None, Some(operation_outcome(&e.issues()))))]),
                 }
             }
@@ -282,7 +281,7 @@ fn prefix_entry(i: usize, e: ApiError) -> ApiError {
     }
 }
 
-async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
+async fn batch(state: &AppState, principal: &Principal, base: &str, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
     let entries = parse_entries(&bundle)?;
     let inherited_labels = labels::of(&bundle);
     let mut response = BundleText::new("batch-response", None, &[]);
@@ -291,7 +290,7 @@ async fn batch(state: &AppState, principal: &Principal, audit: &mut Audit, bundl
         match result {
             Ok((stored, status)) => {
                 let body = (prefer == Return::Representation || status == "200 OK" && entry.method == "GET").then_some(stored.body.as_str());
-                let url = format!("{}/{}", state.base_url, stored.reference());
+                let url = format!("{base}/{}", stored.reference());
                 response.entry(Some(&url), body, &[("response", entry_response(status, Some(&stored), None))]);
                 audit.entities.push(stored.reference());
             }

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::audit::{Audit, AuditOutcome};
+use super::base::RequestBase;
 use super::error::ApiError;
 use super::state::{AppState, CachedToken};
 use crate::auth::{Disclosure, Principal, ScopeSet};
@@ -19,6 +20,8 @@ use crate::store::Stored;
 pub struct Caller {
     pub principal: Principal,
     pub address: Option<String>,
+    /// Where the request's links point ([`RequestBase::of`]).
+    pub base: RequestBase,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -73,7 +76,7 @@ impl FromRequestParts<AppState> for Caller {
             Some(Ok(permit)) => permit,
             _ => return Err(ApiError::TooManyRequests),
         };
-        Ok(Caller { principal, address, _permit: permit })
+        Ok(Caller { principal, address, base: RequestBase::of(parts, state), _permit: permit })
     }
 }
 

@@ -85,7 +85,7 @@ pub async fn search_post(State(state): State<AppState>, caller: Caller, Path(res
             return finish(&state, audit, Err(e)).await;
         }
     };
-    search_type(State(state), caller, Path(resource_type), headers, combined).await
+    search_type(State(state), caller, Path(resource_type), combined).await
 }
 
 /// The URI of the GET search equivalent to a POST search: URL parameters first, then the body's.
@@ -109,19 +109,18 @@ async fn search_form(state: &AppState, resource_type: &str, headers: &HeaderMap,
 }
 
 /// `GET /{type}`: search.
-pub async fn search_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn search_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, uri: Uri) -> Response {
     if resource_type == "AuditEvent" {
-        return super::audit_search::search(state, caller, headers, uri).await;
+        return super::audit_search::search(state, caller, uri).await;
     }
     let mut audit = caller.audit("search-type", "E");
     audit.query = uri.query().map(str::to_string);
-    let result = search_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri).await;
+    let result = search_inner(&state, &caller, &mut audit, &resource_type, &uri).await;
     finish(&state, audit, result).await
 }
 
-async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri) -> Result<Response, ApiError> {
+async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, uri: &Uri) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     let principal = &caller.principal;
     forbid(principal.may(resource_type, Permission::Search))?;
@@ -148,7 +147,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
             }
         }
     }
-    let base = &state.base_url;
+    let base = &caller.base.url;
     let page_url = |offset: usize| {
         let mut serializer = form_urlencoded::Serializer::new(String::new());
         for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset" && k != "_count") {
@@ -176,14 +175,13 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
 }
 
 /// `GET /{type}/{id}`: read.
-pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap) -> Response {
     if resource_type == "AuditEvent" {
         return super::audit_search::read(state, caller, id).await;
     }
     let mut audit = caller.audit("read", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
         if is_reserved_word(&id) {
             return Err(reserved_word("GET", &resource_type, &id));
@@ -195,18 +193,17 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
         if fhir::not_modified(&headers, &stored) {
             return Ok(fhir::not_modified_response(&stored));
         }
-        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+        Ok(resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false))
     }
     .await;
     finish(&state, audit, result).await
 }
 
 /// `GET /{type}/{id}/_history/{vid}`: vread.
-pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource_type, id, version)): Path<(String, String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource_type, id, version)): Path<(String, String, String)>) -> Response {
     let mut audit = caller.audit("vread", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
         // One answer for a missing resource, a missing version and a withheld one, so neither existence nor the version count leaks.
@@ -215,19 +212,18 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
         let current = state.store.read(&resource_type, &id).await?.ok_or_else(not_found)?;
         let stored = state.store.vread(&resource_type, &id, number).await?;
         let stored = disclose_version(&caller.principal, &current, stored, &mut audit).ok_or_else(not_found)?;
-        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+        Ok(resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false))
     }
     .await;
     finish(&state, audit, result).await
 }
 
 /// `GET /{type}/{id}/_history`: the versions of one resource, newest first.
-pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, uri: Uri) -> Response {
     let mut audit = caller.audit("history-instance", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
     let result = async {
         let pairs = query_pairs(uri.query());
-        fhir::negotiate(&headers, &pairs)?;
         known_type(&state, &resource_type)?;
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
         let config = &state.loaded.config.server;
@@ -244,7 +240,7 @@ pub async fn history(State(state): State<AppState>, caller: Caller, Path((resour
         let (total, versions) = state.store.history(&resource_type, &id, count, offset).await?;
         // The current version decided above; each older one can only add a label of its own.
         let versions: Vec<_> = versions.into_iter().filter_map(|v| disclose_version(&caller.principal, &current, Some(v), &mut audit)).collect();
-        let base = &state.base_url;
+        let base = &caller.base.url;
         let mut links = vec![("self", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={offset}"))];
         if offset + count < total as usize {
             links.push(("next", format!("{base}/{resource_type}/{id}/_history?_count={count}&_offset={}", offset + count)));
@@ -264,7 +260,7 @@ pub async fn history(State(state): State<AppState>, caller: Caller, Path((resour
 /// `POST /{type}`: create (conditional with `If-None-Exist`); `POST /$process-message` is routed here too.
 pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
     if resource_type == "$process-message" {
-        return super::message::process(state, caller, headers, uri, body).await;
+        return super::message::process(state, caller, headers, body).await;
     }
     let mut audit = caller.audit("create", "C");
     let result = create_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri, body).await;
@@ -273,7 +269,6 @@ pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource
 
 async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     if resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("the audit trail is written by the gateway only".into()));
@@ -293,7 +288,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
         // Refused before the body is read, so that a misspelt parameter is not reported as a body problem.
         write::parse_criteria(resource_type, criteria)?;
     }
-    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    let resource = fhir::read_resource(state, headers, body).await?;
     write::check_type(&resource, resource_type)?;
     let resource = write::validate(state, resource, Vec::new()).await?;
     let prefer = prefer_return(headers);
@@ -309,7 +304,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                 [] => {}
                 [existing] => {
                     audit.entities.push(existing.reference());
-                    return Ok(resource_response(StatusCode::OK, existing, &state.base_url, prefer, true));
+                    return Ok(resource_response(StatusCode::OK, existing, &caller.base.url, prefer, true));
                 }
                 _ => return Err(ApiError::PreconditionFailed("the conditional create's criteria match more than one resource".into())),
             }
@@ -321,7 +316,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                 tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
                 tx.commit().await?;
                 audit.recorded = true;
-                return Ok(resource_response(StatusCode::CREATED, &stored, &state.base_url, prefer, true));
+                return Ok(resource_response(StatusCode::CREATED, &stored, &caller.base.url, prefer, true));
             }
             Err(Failure::Retry) => continue,
             Err(Failure::Api(e)) => return Err(e),
@@ -358,7 +353,6 @@ async fn update_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     if resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("the audit trail is append-only".into()));
@@ -367,7 +361,7 @@ async fn update_inner(
     if principal.may(resource_type, Permission::Update).is_err() {
         forbid(principal.may(resource_type, Permission::Create))?;
     }
-    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    let resource = fhir::read_resource(state, headers, body).await?;
     write::check_type(&resource, resource_type)?;
     let body_id = resource.get("id").and_then(Json::as_str).map(str::to_string);
     if let Some(id) = &path_id {
@@ -426,7 +420,7 @@ async fn update_inner(
                 tx.commit().await?;
                 audit.recorded = true;
                 let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                return Ok(resource_response(status, &stored, &state.base_url, prefer, created));
+                return Ok(resource_response(status, &stored, &caller.base.url, prefer, created));
             }
             Err(Failure::Retry) => continue,
             Err(Failure::Api(e)) => return Err(e),
