@@ -339,7 +339,8 @@ impl<'a> Converter<'a> {
                 self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                 continue;
             }
-            if name == "resourceType" || name.starts_with('_') {
+            // `ExampleScenario.instance` has an element of that name; only a resource's would clash.
+            if (name == "resourceType" && !matches!(parent, Some((_, Shape::Complex)))) || name.starts_with('_') {
                 // Carrying these would overwrite members the conversion itself writes.
                 let message = format!("unrecognized element '{name}' (no FHIR element has this name)");
                 self.child_issue(IssueCode::Structure, child.pos, name, None, message);
