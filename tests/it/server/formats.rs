@@ -131,7 +131,7 @@ async fn every_write_takes_an_xml_body() {
     let (status, content_type, body) = call(&gw, post.clone(), Some(&token), "Patient/$validate", Some(XML), Some(scrambled.clone())).await;
     assert_eq!(status, 200, "{body}");
     let report = assert_xml(&content_type, &body);
-    assert!(report["issue"].as_array().unwrap().iter().any(|i| i["severity"] == "error" && i["diagnostics"].as_str().is_some_and(|d| d.contains("out of order"))), "{report}");
+    assert!(report["issue"].as_array().unwrap().iter().any(|i| i["severity"] == "error" && i["details"]["text"].as_str().is_some_and(|d| d.contains("out of order"))), "{report}");
     let (status, _, body) = call(&gw, post.clone(), Some(&token), "Patient", None, Some(scrambled)).await;
     assert_eq!(status, 422, "{body}");
     let (status, _, body) = call(&gw, post.clone(), Some(&token), "Patient/$validate", None, Some(to_xml(&patient("MRN-XML-5")))).await;
