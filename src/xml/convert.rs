@@ -63,32 +63,61 @@ struct Group<'e> {
 /// `_name` object with `id` and extensions. Non-primitives use only the first half.
 type Converted = (Option<Json>, Option<Object>);
 
-pub struct Converter<'a> {
+/// The model's answers the reader and the writer ask for again and again, remembered per document.
+pub(super) struct Lookups<'a> {
     model: &'a dyn TypeModel,
+    shapes: HashMap<String, Shape>,
+    orders: HashMap<String, Option<Rc<[String]>>>,
+    /// Parent type → element name → resolution: every element asks, and the model's answers cost allocations.
+    resolutions: HashMap<String, HashMap<String, Resolution>>,
+}
+
+impl<'a> Lookups<'a> {
+    pub fn new(model: &'a dyn TypeModel) -> Self {
+        Lookups { model, shapes: HashMap::new(), orders: HashMap::new(), resolutions: HashMap::new() }
+    }
+
+    pub fn shape(&mut self, ty: &str) -> Shape {
+        if let Some(&shape) = self.shapes.get(ty) {
+            return shape;
+        }
+        let shape = shape_of(self.model, ty);
+        self.shapes.insert(ty.to_string(), shape);
+        shape
+    }
+
+    pub fn order(&mut self, ty: &str) -> Option<Rc<[String]>> {
+        if let Some(order) = self.orders.get(ty) {
+            return order.clone();
+        }
+        let order: Option<Rc<[String]>> = self.model.element_order(ty).map(Rc::from);
+        self.orders.insert(ty.to_string(), order.clone());
+        order
+    }
+
+    pub fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
+        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
+            return resolution.clone();
+        }
+        let resolution = resolve_child(self.model, parent, name);
+        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
+        resolution
+    }
+}
+
+pub struct Converter<'a> {
     options: &'a XmlOptions,
     document: &'a Document<'a>,
     issues: Vec<Issue>,
     /// The expression of the element being converted; grown and cut back while descending, so
     /// that only issues pay for a path of their own.
     path: String,
-    shapes: HashMap<String, Shape>,
-    orders: HashMap<String, Option<Rc<[String]>>>,
-    /// Parent type → XML name → resolution: every element asks, and the model's answers cost allocations.
-    resolutions: HashMap<String, HashMap<String, Resolution>>,
+    lookups: Lookups<'a>,
 }
 
 impl<'a> Converter<'a> {
     pub fn new(model: &'a dyn TypeModel, options: &'a XmlOptions, document: &'a Document<'a>) -> Self {
-        Converter {
-            model,
-            options,
-            document,
-            issues: Vec::new(),
-            path: String::new(),
-            shapes: HashMap::new(),
-            orders: HashMap::new(),
-            resolutions: HashMap::new(),
-        }
+        Converter { options, document, issues: Vec::new(), path: String::new(), lookups: Lookups::new(model) }
     }
 
     /// The issues in document order (they are found parent first, not in reading order).
@@ -117,33 +146,6 @@ impl<'a> Converter<'a> {
         self.path.truncate(len);
     }
 
-    fn shape(&mut self, ty: &str) -> Shape {
-        if let Some(&shape) = self.shapes.get(ty) {
-            return shape;
-        }
-        let shape = shape_of(self.model, ty);
-        self.shapes.insert(ty.to_string(), shape);
-        shape
-    }
-
-    fn order(&mut self, ty: &str) -> Option<Rc<[String]>> {
-        if let Some(order) = self.orders.get(ty) {
-            return order.clone();
-        }
-        let order: Option<Rc<[String]>> = self.model.element_order(ty).map(Rc::from);
-        self.orders.insert(ty.to_string(), order.clone());
-        order
-    }
-
-    fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
-        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
-            return resolution.clone();
-        }
-        let resolution = resolve_child(self.model, parent, name);
-        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
-        resolution
-    }
-
     fn undefined_attribute(&mut self, element: &Element, attribute: &Attribute, ty: &str) {
         let message = format!("undefined attribute '{}' on '{}' (type {ty})", attribute.qname(), element.qname());
         self.issue(IssueCode::Structure, element.pos, message);
@@ -159,7 +161,7 @@ impl<'a> Converter<'a> {
                 self.undefined_attribute(element, attribute, &element.name);
             }
         }
-        if self.shape(&element.name) == Shape::Resource {
+        if self.lookups.shape(&element.name) == Shape::Resource {
             self.children(element, Some((&element.name, Shape::Resource)), &mut object);
         } else {
             self.children(element, None, &mut object);
@@ -305,7 +307,7 @@ impl<'a> Converter<'a> {
             Some((_, Shape::Complex)) => &["id"],
             _ => &[],
         };
-        let order = parent.and_then(|(ty, _)| self.order(ty));
+        let order = parent.and_then(|(ty, _)| self.lookups.order(ty));
         // The furthest element seen so far in definition order, and its name.
         let mut furthest: Option<(usize, &str)> = None;
         let mut groups: Vec<Group<'_>> = Vec::new();
@@ -321,7 +323,7 @@ impl<'a> Converter<'a> {
             };
             let name: &str = &child.name;
             let resolution = match parent {
-                Some((ty, _)) => self.resolve(ty, name),
+                Some((ty, _)) => self.lookups.resolve(ty, name),
                 None => Resolution::Unknown,
             };
             let wants_xhtml = matches!(&resolution, Resolution::Known(known) if known.ty.as_deref() == Some("xhtml"));
@@ -396,7 +398,7 @@ impl<'a> Converter<'a> {
             self.child_issue(IssueCode::Structure, items[1].pos, name, None, message);
             items.truncate(1);
         }
-        let shape = known.ty.as_deref().map(|ty| self.shape(ty));
+        let shape = known.ty.as_deref().map(|ty| self.lookups.shape(ty));
         let mut converted = Vec::with_capacity(items.len());
         let len = self.path.len();
         for (i, item) in items.into_iter().enumerate() {

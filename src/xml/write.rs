@@ -8,10 +8,9 @@
 //! (`valueQuantity`); numbers exactly as written; the narrative `div` in the XHTML namespace.
 //! Members the model does not know are written last, by their JSON form alone, so nothing is lost.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::convert::{Known, Primitive, Resolution, SYSTEM_PREFIX, Shape, resolve_child, shape_of};
+use super::convert::{Known, Lookups, Primitive, Resolution, SYSTEM_PREFIX, Shape};
 use super::xhtml::{escape_attribute, escape_text};
 use super::{FHIR_NS, XHTML_NS};
 use crate::fhirpath::TypeModel;
@@ -24,19 +23,15 @@ pub fn write_resource(resource: &Json, model: &dyn TypeModel) -> Option<String> 
     if !is_name(resource_type) {
         return None;
     }
-    let mut writer = Writer { model, out: String::with_capacity(4096), shapes: HashMap::new(), orders: HashMap::new(), resolutions: HashMap::new() };
+    let mut writer = Writer { out: String::with_capacity(4096), lookups: Lookups::new(model) };
     writer.out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
     writer.resource(object, resource_type, true);
     Some(writer.out)
 }
 
 struct Writer<'a> {
-    model: &'a dyn TypeModel,
     out: String,
-    shapes: HashMap<String, Shape>,
-    orders: HashMap<String, Option<Rc<[String]>>>,
-    /// Parent type → member name → resolution, as in the reader: every element asks.
-    resolutions: HashMap<String, HashMap<String, Resolution>>,
+    lookups: Lookups<'a>,
 }
 
 /// One member to write: its value and its `_name` sibling, either of which may be missing.
@@ -49,33 +44,6 @@ struct Member<'j> {
 }
 
 impl Writer<'_> {
-    fn shape(&mut self, ty: &str) -> Shape {
-        if let Some(&shape) = self.shapes.get(ty) {
-            return shape;
-        }
-        let shape = shape_of(self.model, ty);
-        self.shapes.insert(ty.to_string(), shape);
-        shape
-    }
-
-    fn order(&mut self, ty: &str) -> Option<Rc<[String]>> {
-        if let Some(order) = self.orders.get(ty) {
-            return order.clone();
-        }
-        let order: Option<Rc<[String]>> = self.model.element_order(ty).map(Rc::from);
-        self.orders.insert(ty.to_string(), order.clone());
-        order
-    }
-
-    fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
-        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
-            return resolution.clone();
-        }
-        let resolution = resolve_child(self.model, parent, name);
-        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
-        resolution
-    }
-
     fn resource(&mut self, object: &Object, resource_type: &str, root: bool) {
         self.out.push('<');
         self.out.push_str(resource_type);
@@ -100,7 +68,7 @@ impl Writer<'_> {
             _ if ty == "Extension" => &["id", "url"],
             _ => &["id"],
         };
-        let order = self.order(ty);
+        let order = self.lookups.order(ty);
         let mut members: Vec<Member<'_>> = Vec::with_capacity(object.len());
         for (key, value) in object.iter() {
             if attributes.contains(&key) {
@@ -112,7 +80,7 @@ impl Writer<'_> {
                 Some(base) => (base, None, Some(value)),
                 None => (key, Some(value), object.get(&format!("_{key}"))),
             };
-            let known = match self.resolve(ty, name) {
+            let known = match self.lookups.resolve(ty, name) {
                 Resolution::Known(known) => Some(known),
                 _ => None,
             };
@@ -138,7 +106,7 @@ impl Writer<'_> {
             }
             return;
         };
-        let shape = self.shape(ty);
+        let shape = self.lookups.shape(ty);
         let values = occurrences(member.value);
         let extras = occurrences(member.extra);
         for i in 0..values.len().max(extras.len()) {
