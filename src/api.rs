@@ -2,7 +2,8 @@
 //!
 //! - [`rest`]: create, read, vread, update, history, search (`GET /{type}`, `GET`/`POST /{type}/_search`); [`bundle`]: transaction and batch;
 //!   [`message`]: `$process-message`; [`notifications`]: payers' subscription notifications; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
-//! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path.
+//! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path;
+//!   [`base`]: the base URL of a request, which every link starts with.
 //! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
 //! - [`error`]: `ApiError` → status + OperationOutcome; [`fhir`]: FHIR HTTP conventions; [`audit`]: AuditEvents.
 //! - [`limits`]: the two request budgets, time limits, and the outcome and audit of every refusal;
@@ -10,6 +11,7 @@
 
 pub mod audit;
 pub mod audit_search;
+pub mod base;
 pub mod bundle;
 pub mod caller;
 pub mod connection;

@@ -5,7 +5,7 @@
 //! must not silently fall back to a default), including in environment overrides.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -187,8 +187,13 @@ pub struct ServerConfig {
     /// Address and port to listen on. Loopback by default.
     pub listen: String,
     /// Public base URL of the FHIR endpoint (Location headers, Bundle fullUrls, the token endpoint's
-    /// audience). Default: `http(s)://` + the bound address.
+    /// audience). Default: taken from each request (`Host`, or a trusted proxy's forwarded headers),
+    /// else `http(s)://` + the address the connection reached.
     pub base_url: Option<String>,
+    /// Proxies (IP addresses or CIDR ranges) whose `Forwarded` / `X-Forwarded-Proto`, `-Host` and
+    /// `-Prefix` headers say what address the client used; ignored from anyone else, and when
+    /// `base_url` is set.
+    pub trusted_proxies: Vec<String>,
     /// Serve plain HTTP on a non-loopback address (only behind a TLS-terminating proxy). Plain HTTP
     /// on loopback is always allowed.
     pub allow_plain_http: bool,
@@ -225,6 +230,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:8080".into(),
             base_url: None,
+            trusted_proxies: Vec::new(),
             allow_plain_http: false,
             tls: None,
             max_body_bytes: 4 * 1024 * 1024,
@@ -380,6 +386,56 @@ pub struct Loaded {
     pub listen: SocketAddr,
     /// Each client's JWKS as parsed JSON text, in `config.clients` order.
     pub client_keys: Vec<String>,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+impl Loaded {
+    /// What to warn about at start: a wildcard address without `base_url` leaves every link to the
+    /// `Host` each client sends, and makes the token endpoint accept only audiences it can check.
+    pub fn base_url_warning(&self) -> Option<String> {
+        (self.config.server.base_url.is_none() && self.listen.ip().is_unspecified()).then(|| {
+            format!(
+                "listening on {} without server.base_url: links follow each request's Host header, and clients reaching the gateway by a name must sign the token endpoint under an address it can check; set server.base_url to the public URL",
+                self.listen
+            )
+        })
+    }
+}
+
+/// An IP address range (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a range of one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (address, prefix) = match text.trim().split_once('/') {
+            Some((address, prefix)) => (address.parse::<IpAddr>().ok()?, Some(prefix.parse::<u8>().ok()?)),
+            None => (text.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(bits);
+        (prefix <= bits).then_some(Cidr { network: address, prefix })
+    }
+
+    /// Whether `ip` is in the range (an IPv4 address written as IPv6, `::ffff:a.b.c.d`, counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> (u128, u8) {
+            match ip.to_canonical() {
+                IpAddr::V4(v4) => (u32::from(v4) as u128, 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let ((network, width), (candidate, candidate_width)) = (bits(self.network), bits(ip));
+        if width != candidate_width {
+            return false;
+        }
+        let shift = u32::from(width - self.prefix.min(width));
+        network.checked_shr(shift).unwrap_or(0) == candidate.checked_shr(shift).unwrap_or(0)
+    }
 }
 
 impl Config {
@@ -479,6 +535,13 @@ impl Config {
             && !(base.starts_with("http://") || base.starts_with("https://"))
         {
             problems.push(format!("server.base_url: '{base}' must start with http:// or https://"));
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, proxy) in self.server.trusted_proxies.iter().enumerate() {
+            match Cidr::parse(proxy) {
+                Some(cidr) => trusted_proxies.push(cidr),
+                None => problems.push(format!("server.trusted_proxies[{i}]: '{proxy}' is not an IP address or a range such as 10.0.0.0/8")),
+            }
         }
         if let Some(tls) = &self.server.tls {
             for (key, path) in [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())] {
@@ -599,7 +662,7 @@ impl Config {
             problems.push("utilization: remaining_days_below and days_before_end must be at most 366".into());
         }
         match (problems.is_empty(), listen) {
-            (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys }),
+            (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys, trusted_proxies }),
             _ => Err(ConfigError::Invalid(problems)),
         }
     }
@@ -878,5 +941,27 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let loaded = Config::from_toml(&text, Path::new("")).unwrap();
         assert_eq!(loaded.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges_checked_before_binding() {
+        let loaded = Config::from_toml("[server]\ntrusted_proxies = ['10.1.0.0/16', '127.0.0.1', '2001:db8::/32']\n", Path::new("")).unwrap();
+        let [net, one, v6] = loaded.trusted_proxies[..] else { panic!("three ranges") };
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(net.contains(ip("10.1.200.3")) && !net.contains(ip("10.2.0.1")) && net.contains(ip("::ffff:10.1.0.9")));
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::1")) && !v6.contains(ip("10.1.0.1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("192.0.2.1")));
+        let e = Config::from_toml("[server]\ntrusted_proxies = ['proxy.internal', '10.0.0.0/33']\n", Path::new("")).unwrap_err().to_string();
+        assert!(e.contains("trusted_proxies[0]") && e.contains("trusted_proxies[1]"), "{e}");
+    }
+
+    #[test]
+    fn a_wildcard_address_without_base_url_is_warned_about() {
+        let load = |text: &str| Config::from_toml(text, Path::new("")).unwrap();
+        assert!(load("[server]\nlisten = '0.0.0.0:8080'\nallow_plain_http = true\n").base_url_warning().is_some_and(|w| w.contains("base_url")));
+        assert!(load("[server]\nlisten = '[::]:8080'\nallow_plain_http = true\n").base_url_warning().is_some());
+        assert!(load("[server]\nlisten = '0.0.0.0:8080'\nallow_plain_http = true\nbase_url = 'https://gw.example'\n").base_url_warning().is_none());
+        assert!(load("").base_url_warning().is_none());
     }
 }

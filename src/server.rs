@@ -137,6 +137,28 @@ impl Listener for TlsListener {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// The local address a connection reached (with a wildcard listener, the interface the client
+/// used): the one address a request's `Host` can be checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// The local address of an accepted connection, for either listener.
+pub trait ConnectionAddr {
+    fn local(&self) -> Option<SocketAddr>;
+}
+
+impl ConnectionAddr for TcpStream {
+    fn local(&self) -> Option<SocketAddr> {
+        self.local_addr().ok()
+    }
+}
+
+impl ConnectionAddr for TlsStream<TcpStream> {
+    fn local(&self) -> Option<SocketAddr> {
+        self.get_ref().0.local_addr().ok()
+    }
+}
+
 /// What the accept loop needs besides the listener.
 struct Serving {
     app: axum::Router,
@@ -152,7 +174,7 @@ struct Serving {
 async fn serve<L>(mut listener: L, serving: Serving, signal: impl Future<Output = ()> + Send + 'static) -> io::Result<()>
 where
     L: Listener<Addr = SocketAddr>,
-    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + ConnectionAddr + Unpin + Send + 'static,
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Every connection task holds a clone of `open_rx`; `open_tx.closed()` resolves when all ended.
@@ -172,6 +194,7 @@ where
         };
         let (app, state, mut stop, open) = (serving.app.clone(), serving.state.clone(), stop_rx.clone(), open_rx.clone());
         let header_timeout = serving.header_timeout;
+        let local = io.local();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open;
@@ -186,6 +209,9 @@ where
             let unanswered = guarded.unanswered.clone();
             let service = hyper_util::service::TowerToHyperService::new(app.map_request(move |mut request: axum::extract::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(axum::extract::ConnectInfo(PeerAddr(peer)));
+                if let Some(local) = local {
+                    request.extensions_mut().insert(LocalAddr(local));
+                }
                 request
             }));
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -259,6 +285,7 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let scheme = if tls.is_some() { "https" } else { "http" };
     let base_url = loaded.config.server.base_url.clone().unwrap_or_else(|| format!("{scheme}://{local_addr}"));
     let grace = Duration::from_secs(loaded.config.server.shutdown_grace_secs);
+    let warning = loaded.base_url_warning();
     let serving = Serving {
         connections: Arc::new(tokio::sync::Semaphore::new(loaded.config.server.max_connections)),
         header_timeout: Duration::from_secs(loaded.config.server.header_read_timeout_secs),
@@ -300,6 +327,9 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         None => tokio::spawn(serve(tcp, serving, signal)),
     };
     tracing::info!(address = %local_addr, base_url = %base_url, backend = store.backend().as_str(), "Serving FHIR.");
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
     let closing_store = store.clone();
     let task = tokio::spawn(async move {
         let mut serving = serving;

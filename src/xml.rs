@@ -1,4 +1,4 @@
-//! Reads FHIR R4 XML into the same [`Json`] tree a FHIR JSON document of the resource would give, with located issues.
+//! Reads FHIR R4 XML into the same [`Json`] tree a FHIR JSON document of the resource would give, with located issues; and writes that tree back as FHIR XML ([`write_resource`]).
 //!
 //! Hospitals and HL7's own test material still use XML, while everything downstream (validation,
 //! FHIRPath, mapping) works on the JSON tree. Converting at the edge keeps one code path: a
@@ -63,10 +63,13 @@
 
 mod convert;
 mod dom;
+mod write;
 mod xhtml;
 
 #[cfg(test)]
 mod tests;
+
+pub use write::write_resource;
 
 use crate::fhirpath::TypeModel;
 use crate::json::{Json, ParseError};

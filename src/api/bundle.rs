@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use super::audit::{Audit, AuditOutcome};
 use super::caller::{Caller, disclose};
 use super::error::ApiError;
-use super::fhir::{self, BundleText, Return, entry_response, object, prefer_return, query_pairs};
+use super::fhir::{self, BundleText, Return, entry_response, object, prefer_return};
 use super::rest::{self, finish, known_type};
 use super::validate;
 use super::state::AppState;
@@ -115,14 +115,13 @@ fn permission_for(method: &str) -> Result<Permission, ApiError> {
 }
 
 /// `POST /`.
-pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller, headers: HeaderMap, body: Body) -> Response {
     let mut audit = caller.audit("transaction", "E");
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
-        let bundle = fhir::read_resource(&headers, body, state.loaded.config.server.max_body_bytes).await?;
+        let bundle = fhir::read_resource(&state, &headers, body).await?;
         write::check_type(&bundle, "Bundle")?;
         match bundle.get("type").and_then(Json::as_str) {
-            Some("transaction") => transaction(&state, &caller.principal, &mut audit, bundle, prefer_return(&headers)).await,
+            Some("transaction") => transaction(&state, &caller.principal, &caller.base.url, &mut audit, bundle, prefer_return(&headers)).await,
             Some("batch") => {
                 audit.subtype = "batch";
                 batch(&state, &caller, &mut audit, bundle, &headers).await
@@ -134,7 +133,7 @@ pub async fn transaction_or_batch(State(state): State<AppState>, caller: Caller,
     finish(&state, audit, result).await
 }
 
-async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
+async fn transaction(state: &AppState, principal: &Principal, base: &str, audit: &mut Audit, bundle: Json, prefer: Return) -> Result<Response, ApiError> {
     let entries = parse_entries(&bundle)?;
     for entry in &entries {
         known_type(state, &entry.resource_type)?;
@@ -160,14 +159,14 @@ async fn transaction(state: &AppState, principal: &Principal, audit: &mut Audit,
             Some((stored, created)) => {
                 let status = if *created { "201 Created" } else { "200 OK" };
                 let body = (prefer == Return::Representation).then_some(stored.body.as_str());
-                let url = format!("{}/{}/{}", state.base_url, stored.resource_type, stored.id);
+                let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
                 response.entry(Some(&url), body, &[("response", entry_response(status, Some(stored), None))]);
                 stored_all.push(stored.reference());
             }
             None => {
                 let id = entry.id.clone().unwrap_or_default();
                 match read_entry(state, principal, audit, &entry.resource_type, &id).await {
-                    Ok(stored) => response.entry(Some(&format!("{}/{}", state.base_url, stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
+                    Ok(stored) => response.entry(Some(&format!("{base}/{}", stored.reference())), Some(&stored.body), &[("response", entry_response("200 OK", Some(&stored), None))]),
                     Err(e) => response.entry(None, None, &[("response", entry_response(&status_line(&e), None, Some(operation_outcome(&e.issues()))))]),
                 }
             }
@@ -290,12 +289,12 @@ async fn batch(state: &AppState, caller: &Caller, audit: &mut Audit, bundle: Jso
     let inherited_labels = labels::of(&bundle);
     let mut response = BundleText::new("batch-response", None, &[]);
     for (i, entry) in bundle.get("entry").and_then(Json::as_array).unwrap_or_default().iter().enumerate() {
-        let answer = match entry_request(state, i, entry, &inherited_labels, headers) {
+        let answer = match entry_request(&caller.base.url, i, entry, &inherited_labels, headers) {
             Ok((method, uri, headers, body)) => dispatch(state, caller.part(), method, uri, headers, body).await,
             Err(e) => e.into_response(),
         };
-        let (full_url, body, member) = entry_answer(&state.base_url, answer).await;
-        if let Some(reference) = full_url.as_deref().and_then(|u| u.strip_prefix(&format!("{}/", state.base_url))) {
+        let (full_url, body, member) = entry_answer(&caller.base.url, answer).await;
+        if let Some(reference) = full_url.as_deref().and_then(|u| u.strip_prefix(&format!("{}/", caller.base.url))) {
             audit.entities.push(reference.to_string());
         }
         response.entry(full_url.as_deref(), body.as_deref(), &[("response", member)]);
@@ -306,13 +305,13 @@ async fn batch(state: &AppState, caller: &Caller, audit: &mut Audit, bundle: Jso
 /// The HTTP request a batch entry stands for: `request.method` and `request.url` (relative, or
 /// absolute under this server's base), `ifMatch`/`ifNoneMatch`/`ifNoneExist`/`ifModifiedSince` as
 /// headers, the resource (with the Bundle's labels) as the body.
-fn entry_request(state: &AppState, i: usize, entry: &Json, inherited_labels: &[String], batch_headers: &HeaderMap) -> Result<(Method, Uri, HeaderMap, Body), ApiError> {
+fn entry_request(base: &str, i: usize, entry: &Json, inherited_labels: &[String], batch_headers: &HeaderMap) -> Result<(Method, Uri, HeaderMap, Body), ApiError> {
     let at = |m: &str| ApiError::BadRequest(format!("Bundle.entry[{i}]: {m}"));
     let request = entry.get("request").ok_or_else(|| at("no request"))?;
     let method = request.get("method").and_then(Json::as_str).ok_or_else(|| at("no request.method"))?;
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| at("request.method is not an HTTP method"))?;
     let url = request.get("url").and_then(Json::as_str).ok_or_else(|| at("no request.url"))?;
-    let url = url.strip_prefix(state.base_url.as_str()).unwrap_or(url);
+    let url = url.strip_prefix(base).unwrap_or(url);
     // The query is re-encoded, so what a client leaves unescaped in a Bundle (`system|code`) still forms a URI.
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(form_urlencoded::parse(query.as_bytes())).finish();
@@ -351,12 +350,12 @@ async fn dispatch(state: &AppState, caller: Caller, method: Method, uri: Uri, he
     let owned = |x: &str| x.to_string();
     match (method.as_str(), s.as_slice()) {
         ("GET", []) => rest::search_system(st, caller, headers, uri).await,
-        ("GET", ["_history"]) => rest::history_system(st, caller, headers, uri).await,
+        ("GET", ["_history"]) => rest::history_system(st, caller, uri).await,
         ("GET", [t]) | ("GET", [t, "_search"]) => rest::search_type(st, caller, Path(owned(t)), headers, uri).await,
-        ("GET", [t, "_history"]) => rest::history_type(st, caller, Path(owned(t)), headers, uri).await,
+        ("GET", [t, "_history"]) => rest::history_type(st, caller, Path(owned(t)), uri).await,
         ("GET", [t, id]) => rest::read(st, caller, Path((owned(t), owned(id))), headers, uri).await,
-        ("GET", [t, id, "_history"]) => rest::history(st, caller, Path((owned(t), owned(id))), headers, uri).await,
-        ("GET", [t, id, "_history", vid]) => rest::vread(st, caller, Path((owned(t), owned(id), owned(vid))), headers, uri).await,
+        ("GET", [t, id, "_history"]) => rest::history(st, caller, Path((owned(t), owned(id))), uri).await,
+        ("GET", [t, id, "_history", vid]) => rest::vread(st, caller, Path((owned(t), owned(id), owned(vid)))).await,
         ("GET", [compartment, id, t]) => rest::compartment_search(st, caller, Path((owned(compartment), owned(id), owned(t))), headers, uri).await,
         ("POST", [t]) if !t.starts_with('$') => rest::create(st, caller, Path(owned(t)), headers, uri, body).await,
         ("POST", [t, op]) if op.starts_with('$') => validate::type_operation(st, caller, Path((owned(t), owned(op))), headers, uri, body).await,

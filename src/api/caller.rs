@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::audit::{Audit, AuditOutcome};
+use super::base::RequestBase;
 use super::error::ApiError;
 use super::state::{AppState, CachedToken};
 use crate::auth::{Disclosure, Principal, ScopeSet};
@@ -21,13 +22,15 @@ use crate::store::Stored;
 pub struct Caller {
     pub principal: Principal,
     pub address: Option<String>,
+    /// Where the request's links point ([`RequestBase::of`]).
+    pub base: RequestBase,
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl Caller {
     /// The same caller for a part of its request (a batch entry), holding the same in-flight permit.
     pub fn part(&self) -> Caller {
-        Caller { principal: self.principal.clone(), address: self.address.clone(), _permit: self._permit.clone() }
+        Caller { principal: self.principal.clone(), address: self.address.clone(), base: self.base.clone(), _permit: self._permit.clone() }
     }
 
     pub fn audit(&self, subtype: &'static str, action: &'static str) -> Audit {
@@ -80,7 +83,7 @@ impl FromRequestParts<AppState> for Caller {
             Some(Ok(permit)) => permit,
             _ => return Err(ApiError::TooManyRequests),
         };
-        Ok(Caller { principal, address, _permit: Arc::new(permit) })
+        Ok(Caller { principal, address, base: RequestBase::of(parts, state), _permit: Arc::new(permit) })
     }
 }
 

@@ -32,8 +32,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// The body is not well-formed JSON (400); the issues say where it stops being JSON.
-    #[error("the body could not be read as JSON")]
+    /// The body is not well-formed JSON or FHIR XML (400); the issues say where it stops being readable.
+    #[error("the body could not be read")]
     Unreadable(Vec<Issue>),
     /// The resource did not validate; the issues are the validator's.
     #[error("the resource is not valid")]

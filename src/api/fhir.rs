@@ -1,10 +1,11 @@
-//! FHIR's HTTP conventions: content negotiation (`Accept`, `_format`), reading a JSON body within the size limit, `Prefer`, ETag/Last-Modified headers, and Bundle assembly from stored JSON.
+//! FHIR's HTTP conventions: content negotiation (`Accept`, `_format`, JSON or XML), reading a JSON or XML body within the size limit, `Prefer`, ETag/Last-Modified headers, and Bundle assembly from stored JSON.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use super::state::AppState;
 use crate::json::{self, Json};
 use crate::outcome::{Issue, IssueCode, operation_outcome};
 use crate::store::Stored;
@@ -30,36 +31,117 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     query.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-/// Refuses a request whose `_format` or `Accept` asks for something other than JSON (406).
-pub fn negotiate(headers: &HeaderMap, pairs: &[(String, String)]) -> Result<(), ApiError> {
-    let json_like = |t: &str| {
-        let t = t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-        matches!(t.as_str(), "json" | "application/json" | "application/fhir+json" | "application/json+fhir" | "*/*" | "application/*" | "")
-    };
-    if let Some((_, format)) = pairs.iter().find(|(k, _)| k == "_format")
-        && !json_like(format)
-    {
-        return Err(ApiError::NotAcceptable(format!("_format '{format}' is not supported; this server speaks application/fhir+json")));
-    }
-    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())
-        && !accept.split(',').any(json_like)
-    {
-        return Err(ApiError::NotAcceptable("Accept names no JSON type; this server speaks application/fhir+json".into()));
-    }
-    Ok(())
+/// The wire format of a FHIR body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Xml,
 }
 
-/// Reads a FHIR JSON resource from a request body, enforcing content type, size and JSON rules.
-pub async fn read_resource(headers: &HeaderMap, body: Body, limit: usize) -> Result<Json, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    if !matches!(essence.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir") {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type '{content_type}' is not supported; send application/fhir+json"
-        )));
+pub const FHIR_XML: &str = "application/fhir+xml;charset=utf-8";
+
+/// What the client may ask for, in `_format` or `Accept`; said in every 406.
+const FORMATS: &str = "application/fhir+json (json) or application/fhir+xml (xml), FHIR R4 (fhirVersion=4.0)";
+
+/// The format a media type names (`_format` also takes `json` and `xml`), or `None` when this
+/// server cannot produce it: another type, or a `fhirVersion` parameter other than R4's.
+fn media_format(text: &str) -> Option<Format> {
+    let mut parts = text.split(';');
+    let format = match parts.next().unwrap_or_default().trim().to_ascii_lowercase().as_str() {
+        "json" | "application/json" | "application/fhir+json" | "application/json+fhir" | "text/json" | "*/*" | "application/*" => Format::Json,
+        "xml" | "application/xml" | "application/fhir+xml" | "application/xml+fhir" | "text/xml" => Format::Xml,
+        _ => return None,
+    };
+    r4_parameters(parts).then_some(format)
+}
+
+/// Whether media type parameters name no FHIR version but R4 (`fhirVersion=4.0`; `4.0.1` is read alike).
+fn r4_parameters<'t>(parameters: impl Iterator<Item = &'t str>) -> bool {
+    parameters.filter_map(|p| p.split_once('=')).filter(|(name, _)| name.trim().eq_ignore_ascii_case("fhirVersion")).all(|(_, version)| {
+        let version = version.trim().trim_matches('"');
+        version == "4.0" || version.starts_with("4.0.")
+    })
+}
+
+/// The format a request's response is written in: `_format` when given, else the `Accept` range
+/// with the highest `q` this server can produce (the first of equals), else JSON. Anything that
+/// names only what it cannot produce is refused (406), on every FHIR endpoint alike.
+pub fn negotiate(headers: &HeaderMap, pairs: &[(String, String)]) -> Result<Format, ApiError> {
+    if let Some((_, format)) = pairs.iter().find(|(k, _)| k == "_format") {
+        return media_format(format).ok_or_else(|| ApiError::NotAcceptable(format!("_format '{format}' cannot be produced; this server writes {FORMATS}")));
     }
-    let bytes = read_bytes(headers, body, limit).await?;
-    parse_resource(&bytes)
+    let accept = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    if accept.trim().is_empty() {
+        return Ok(Format::Json);
+    }
+    let mut best: Option<(Format, f32)> = None;
+    for range in accept.split(',').filter(|r| !r.trim().is_empty()) {
+        let q = range
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q)));
+        let (Some(format), Some(q)) = (media_format(range), q) else { continue };
+        if q > 0.0 && best.is_none_or(|(_, best_q)| q > best_q) {
+            best = Some((format, q));
+        }
+    }
+    best.map(|(format, _)| format).ok_or_else(|| ApiError::NotAcceptable(format!("Accept '{accept}' names nothing this server can produce; it writes {FORMATS}")))
+}
+
+/// Rewrites a FHIR JSON response body in the negotiated format. Handlers write JSON; this is the
+/// one place a body becomes XML, so every body (resources, Bundles, errors) follows the request.
+pub async fn in_format(response: Response, format: Format, model: &dyn crate::fhirpath::TypeModel) -> Response {
+    let is_fhir_json = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/fhir+json"));
+    if format == Format::Json || !is_fhir_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // The body is already whole in memory (handlers build it as a string).
+    let written = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => json::parse(&bytes).ok().and_then(|resource| crate::xml::write_resource(&resource, model)),
+        Err(_) => None,
+    };
+    let Some(xml) = written else {
+        return ApiError::Internal("a response body could not be written as XML".into()).into_response();
+    };
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_XML));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(xml))
+}
+
+/// Reads a FHIR resource from a request body (JSON, or XML converted to the same tree) within the
+/// size limit; a problem only the XML form can have (elements out of order, text in elements) refuses it (422).
+pub async fn read_resource(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Json, ApiError> {
+    let (resource, issues) = read_body(state, headers, body).await?;
+    if issues.iter().any(|i| i.severity.is_error()) {
+        state.metrics.validation_failed();
+        return Err(ApiError::Unprocessable(issues));
+    }
+    Ok(resource)
+}
+
+/// Reads a FHIR resource from a request body, with the problems only its XML form can have (none for JSON).
+pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(Json, Vec<Issue>), ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let format = match essence.as_str() {
+        "application/fhir+json" | "application/json" | "application/json+fhir" => Some(Format::Json),
+        "application/fhir+xml" | "application/xml" | "application/xml+fhir" | "text/xml" => Some(Format::Xml),
+        _ => None,
+    };
+    let Some(format) = format.filter(|_| r4_parameters(parts)) else {
+        return Err(ApiError::UnsupportedMediaType(format!("Content-Type '{content_type}' is not supported; send application/fhir+json or application/fhir+xml (FHIR R4)")));
+    };
+    let bytes = read_bytes(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    match format {
+        Format::Json => Ok((parse_resource(&bytes)?, Vec::new())),
+        Format::Xml => crate::xml::parse_resource(&bytes, &**state.validator.definitions()).map_err(|e| {
+            ApiError::Unreadable(vec![Issue::new(crate::outcome::Severity::Fatal, e.code, "", format!("the body is not a FHIR XML resource: {}", e.message)).with_position(e.line, e.column)])
+        }),
+    }
 }
 
 /// Collects a body up to `limit` bytes (413 beyond it).

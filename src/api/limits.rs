@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::audit::{Audit, AuditOutcome};
 use super::caller::{self, Authenticated};
 use super::error::{ApiError, outcome_response};
+use super::fhir::{self, Format};
 use super::state::AppState;
 use crate::outcome::{Issue, IssueCode};
 
@@ -67,12 +68,15 @@ pub async fn limits(state: AppState, limits: Limits, request: Request, next: Nex
     let response = if route == "/healthz" {
         next.run(request).await
     } else {
-        let (client, response) = AUDITED.scope(Cell::new(false), admit(&state, &limits, request, next)).await;
+        // The format is decided once, here, for every FHIR endpoint alike; the others answer in their own.
+        let negotiated = if is_fhir(request.uri().path()) { fhir::negotiate(request.headers(), &fhir::query_pairs(request.uri().query())) } else { Ok(Format::Json) };
+        let format = *negotiated.as_ref().unwrap_or(&Format::Json);
+        let (client, response) = AUDITED.scope(Cell::new(false), admit(&state, &limits, request, next, negotiated.err())).await;
         let response = as_outcome(response).await;
         if response.status().as_u16() >= 400 {
             audit_refusal(&state, &client, address, request_action(method), response.status()).await;
         }
-        response
+        fhir::in_format(response, format, &**state.validator.definitions()).await
     };
     let status = response.status().as_u16();
     state.metrics.observe_request(route, method, status, started.elapsed());
@@ -86,8 +90,16 @@ struct Audited {
     client: Option<String>,
 }
 
-/// Takes a slot in the budget the request belongs to and runs it under the time limits.
-async fn admit(state: &AppState, limits: &Limits, mut request: Request, next: Next) -> (Audited, Response) {
+/// Whether a path is a FHIR endpoint (answered in the negotiated format), rather than SMART,
+/// operations, the IOP records or payers' notifications (JSON of their own).
+fn is_fhir(path: &str) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    !matches!(first, "auth" | ".well-known" | "healthz" | "readyz" | "metrics" | "iop" | "admin" | "notifications")
+}
+
+/// Takes a slot in the budget the request belongs to and runs it under the time limits; a request
+/// asking for a format no FHIR endpoint can produce is answered with `refusal` (406) once it has its slot.
+async fn admit(state: &AppState, limits: &Limits, mut request: Request, next: Next, refusal: Option<ApiError>) -> (Audited, Response) {
     if let Some(refusal) = unreadable_path(request.uri().path()) {
         return (audited(None), refusal.into_response());
     }
@@ -123,6 +135,9 @@ async fn admit(state: &AppState, limits: &Limits, mut request: Request, next: Ne
             Err(_) => return (audited(client), busy("unauthenticated")),
         },
     };
+    if let Some(refusal) = refusal {
+        return (audited(client), refusal.into_response());
+    }
     let timed_out = Arc::new(AtomicBool::new(false));
     let request = request.map(|body| Body::new(DeadlineBody::new(body, limits.body_timeout, timed_out.clone())));
     let response = match tokio::time::timeout(limits.request_timeout, next.run(request)).await {

@@ -7,13 +7,13 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::bundle::rewrite_references;
 use super::caller::Caller;
 use super::error::ApiError;
-use super::fhir::{self, now_instant, object, query_pairs};
+use super::fhir::{self, now_instant, object};
 use super::rest::{finish, known_type};
 use super::state::AppState;
 use super::write::{self, ATTEMPTS, Change, Failure};
@@ -21,11 +21,10 @@ use crate::auth::Permission;
 use crate::json::Json;
 use crate::store::StoreError;
 
-pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: Body) -> Response {
     let mut audit = caller.audit("operation", "E");
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
-        let bundle = fhir::read_resource(&headers, body, state.loaded.config.server.max_body_bytes).await?;
+        let bundle = fhir::read_resource(&state, &headers, body).await?;
         write::check_type(&bundle, "Bundle")?;
         if bundle.get("type").and_then(Json::as_str) != Some("message") {
             return Err(ApiError::BadRequest("$process-message needs a Bundle of type message".into()));
@@ -95,7 +94,7 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, uri: U
                 Err(Failure::Retry) => continue,
                 Err(Failure::Api(e)) => return Err(e),
             };
-            let response = response_message(&state.base_url, &header, header_id.as_deref().unwrap_or_default(), &stored);
+            let response = response_message(&caller.base.url, &header, header_id.as_deref().unwrap_or_default(), &stored);
             match tx.claim_message(&keys, &response, &now_instant()).await {
                 Ok(()) => {}
                 // A resend processed concurrently by another request or instance won; answer with its response.

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::base::RequestBase;
 use super::fhir::{self, object};
 use super::state::AppState;
 use crate::definitions::Definitions;
@@ -157,22 +158,23 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         ("software", object(&[("name", Json::string("iop-gateway")), ("version", Json::string(env!("CARGO_PKG_VERSION")))])),
         ("implementation", object(&[("description", Json::string("iop-gateway FHIR R4 server")), ("url", Json::string(base))])),
         ("fhirVersion", Json::string("4.0.1")),
-        ("format", Json::Array(vec![Json::string("application/fhir+json"), Json::string("json")])),
+        // Exactly what `fhir::negotiate` produces and `fhir::read_body` reads.
+        ("format", Json::Array(["application/fhir+json", "json", "application/fhir+xml", "xml"].iter().map(|f| Json::string(*f)).collect())),
         ("rest", Json::Array(vec![rest])),
     ])
     .to_string_compact()
 }
 
-/// `GET /metadata` (no token needed).
-pub async fn metadata(State(state): State<AppState>) -> Response {
-    fhir::json_response(StatusCode::OK, state.capability_statement.clone())
+/// `GET /metadata` (no token needed), with the links of the request's base.
+pub async fn metadata(State(state): State<AppState>, base: RequestBase) -> Response {
+    fhir::json_response(StatusCode::OK, capability_statement(&base.url, &state.resource_types, state.validator.definitions()))
 }
 
 /// `GET /.well-known/smart-configuration` (no token needed).
-pub async fn smart_configuration(State(state): State<AppState>) -> Response {
+pub async fn smart_configuration(base: RequestBase) -> Response {
     let body = object(&[
-        ("issuer", Json::string(state.base_url.as_str())),
-        ("token_endpoint", Json::string(state.token_url())),
+        ("issuer", Json::string(base.url.as_str())),
+        ("token_endpoint", Json::string(base.token_url())),
         ("token_endpoint_auth_methods_supported", Json::Array(vec![Json::string("private_key_jwt")])),
         ("token_endpoint_auth_signing_alg_values_supported", Json::Array(vec![Json::string("RS384"), Json::string("ES384")])),
         ("grant_types_supported", Json::Array(vec![Json::string("client_credentials")])),

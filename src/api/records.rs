@@ -99,7 +99,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller, uri: Uri) -> Re
             let mut query = form_urlencoded::Serializer::new(String::new());
             query.extend_pairs(pairs.iter().filter(|(k, _)| k != "cursor"));
             query.append_pair("cursor", &format!("{}~{}", next.updated, next.seq));
-            let link = format!("<{}/iop/records?{}>; rel=\"next\"", state.base_url, query.finish());
+            let link = format!("<{}/iop/records?{}>; rel=\"next\"", caller.base.url, query.finish());
             if let Ok(value) = header::HeaderValue::from_str(&link) {
                 response.headers_mut().insert(header::LINK, value);
             }

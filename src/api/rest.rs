@@ -111,7 +111,7 @@ async fn search_form(state: &AppState, resource_type: &str, headers: &HeaderMap,
 /// `GET /{type}`: search.
 pub async fn search_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
     if resource_type == "AuditEvent" {
-        return super::audit_search::search(state, caller, headers, uri).await;
+        return super::audit_search::search(state, caller, uri).await;
     }
     let mut audit = caller.audit("search-type", "E");
     audit.query = uri.query().map(str::to_string);
@@ -197,7 +197,6 @@ struct Scope {
 }
 
 async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scope: &Scope, headers: &HeaderMap, pairs: &[(String, String)]) -> Result<Response, ApiError> {
-    fhir::negotiate(headers, pairs)?;
     let principal = &caller.principal;
     for t in &scope.types {
         known_type(state, t)?;
@@ -256,7 +255,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
             }
         }
     }
-    let base = &state.base_url;
+    let base = &caller.base.url;
     let page_url = |offset: usize| {
         let mut serializer = form_urlencoded::Serializer::new(String::new());
         for (k, v) in scope.fixed.iter().chain(query.used.iter()).filter(|(k, _)| k != "_offset" && k != "_count") {
@@ -313,7 +312,6 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
     let mut audit = caller.audit("read", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
         if is_reserved_word(&id) {
             return Err(reserved_word("GET", &resource_type, &id));
@@ -329,18 +327,17 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
             Some(subset) => crate::store::Stored { body: search::shape::apply(state.validator.definitions(), &stored.body, &subset), ..stored },
             None => stored,
         };
-        Ok(resource_response(StatusCode::OK, &shown, &state.base_url, Return::Representation, false))
+        Ok(resource_response(StatusCode::OK, &shown, &caller.base.url, Return::Representation, false))
     }
     .await;
     finish(&state, audit, result).await
 }
 
 /// `GET /{type}/{id}/_history/{vid}`: vread.
-pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource_type, id, version)): Path<(String, String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource_type, id, version)): Path<(String, String, String)>) -> Response {
     let mut audit = caller.audit("vread", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
     let result = async {
-        fhir::negotiate(&headers, &query_pairs(uri.query()))?;
         known_type(&state, &resource_type)?;
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
         // One answer for a missing resource, a missing version and a withheld one, so neither existence nor the version count leaks.
@@ -349,40 +346,39 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
         let current = state.store.read(&resource_type, &id).await?.ok_or_else(not_found)?;
         let stored = state.store.vread(&resource_type, &id, number).await?;
         let stored = disclose_version(&caller.principal, &current, stored, &mut audit).ok_or_else(not_found)?;
-        Ok(resource_response(StatusCode::OK, &stored, &state.base_url, Return::Representation, false))
+        Ok(resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false))
     }
     .await;
     finish(&state, audit, result).await
 }
 
 /// `GET /{type}/{id}/_history`: the versions of one resource, newest first.
-pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn history(State(state): State<AppState>, caller: Caller, Path((resource_type, id)): Path<(String, String)>, uri: Uri) -> Response {
     let mut audit = caller.audit("history-instance", "R");
     audit.entities.push(format!("{resource_type}/{id}"));
-    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), Some(&id), &headers, &uri).await;
+    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), Some(&id), &uri).await;
     finish(&state, audit, result).await
 }
 
 /// `GET /{type}/_history`: the versions of every resource of a type the caller can read, newest first.
-pub async fn history_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn history_type(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, uri: Uri) -> Response {
     let mut audit = caller.audit("history-type", "R");
-    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), None, &headers, &uri).await;
+    let result = history_inner(&state, &caller, &mut audit, Some(&resource_type), None, &uri).await;
     finish(&state, audit, result).await
 }
 
 /// `GET /_history`: the versions of every resource the caller can read, newest first.
-pub async fn history_system(State(state): State<AppState>, caller: Caller, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn history_system(State(state): State<AppState>, caller: Caller, uri: Uri) -> Response {
     let mut audit = caller.audit("history-system", "R");
-    let result = history_inner(&state, &caller, &mut audit, None, None, &headers, &uri).await;
+    let result = history_inner(&state, &caller, &mut audit, None, None, &uri).await;
     finish(&state, audit, result).await
 }
 
 /// A history of one resource, one type or the whole server (`_since`, `_count`, `_offset`). Every
 /// version is disclosed by its resource's current version, so an unreadable resource's versions
 /// neither show nor count.
-async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: Option<&str>, id: Option<&str>, headers: &HeaderMap, uri: &Uri) -> Result<Response, ApiError> {
+async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: Option<&str>, id: Option<&str>, uri: &Uri) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     let principal = &caller.principal;
     if let Some(t) = resource_type {
         known_type(state, t)?;
@@ -431,7 +427,7 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
             (total, versions)
         }
     };
-    let base = &state.base_url;
+    let base = &caller.base.url;
     let path = match (resource_type, id) {
         (Some(t), Some(id)) => format!("{t}/{id}/_history"),
         (Some(t), None) => format!("{t}/_history"),
@@ -462,7 +458,7 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
 /// `POST /{type}`: create (conditional with `If-None-Exist`); `POST /$process-message` is routed here too.
 pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource_type): Path<String>, headers: HeaderMap, uri: Uri, body: Body) -> Response {
     if resource_type == "$process-message" {
-        return super::message::process(state, caller, headers, uri, body).await;
+        return super::message::process(state, caller, headers, body).await;
     }
     let mut audit = caller.audit("create", "C");
     let result = create_inner(&state, &caller, &mut audit, &resource_type, &headers, &uri, body).await;
@@ -471,7 +467,6 @@ pub async fn create(State(state): State<AppState>, caller: Caller, Path(resource
 
 async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, resource_type: &str, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     if resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("the audit trail is written by the gateway only".into()));
@@ -491,7 +486,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
         // Refused before the body is read, so that a misspelt parameter is not reported as a body problem.
         write::parse_criteria(resource_type, criteria)?;
     }
-    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    let resource = fhir::read_resource(state, headers, body).await?;
     write::check_type(&resource, resource_type)?;
     let resource = write::validate(state, resource, Vec::new()).await?;
     let prefer = prefer_return(headers);
@@ -507,7 +502,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                 [] => {}
                 [existing] => {
                     audit.entities.push(existing.reference());
-                    return Ok(resource_response(StatusCode::OK, existing, &state.base_url, prefer, true));
+                    return Ok(resource_response(StatusCode::OK, existing, &caller.base.url, prefer, true));
                 }
                 _ => return Err(ApiError::PreconditionFailed("the conditional create's criteria match more than one resource".into())),
             }
@@ -519,7 +514,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
                 tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
                 tx.commit().await?;
                 audit.recorded = true;
-                return Ok(resource_response(StatusCode::CREATED, &stored, &state.base_url, prefer, true));
+                return Ok(resource_response(StatusCode::CREATED, &stored, &caller.base.url, prefer, true));
             }
             Err(Failure::Retry) => continue,
             Err(Failure::Api(e)) => return Err(e),
@@ -556,7 +551,6 @@ async fn update_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     if resource_type == "AuditEvent" {
         return Err(ApiError::MethodNotAllowed("the audit trail is append-only".into()));
@@ -565,7 +559,7 @@ async fn update_inner(
     if principal.may(resource_type, Permission::Update).is_err() {
         forbid(principal.may(resource_type, Permission::Create))?;
     }
-    let resource = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    let resource = fhir::read_resource(state, headers, body).await?;
     write::check_type(&resource, resource_type)?;
     let body_id = resource.get("id").and_then(Json::as_str).map(str::to_string);
     if let Some(id) = &path_id {
@@ -624,7 +618,7 @@ async fn update_inner(
                 tx.commit().await?;
                 audit.recorded = true;
                 let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                return Ok(resource_response(status, &stored, &state.base_url, prefer, created));
+                return Ok(resource_response(status, &stored, &caller.base.url, prefer, created));
             }
             Err(Failure::Retry) => continue,
             Err(Failure::Api(e)) => return Err(e),

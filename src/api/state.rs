@@ -49,7 +49,9 @@ pub struct AppState {
 
 pub struct Shared {
     pub loaded: Loaded,
-    /// Base URL of the FHIR endpoint, without a trailing slash.
+    /// Base URL of the FHIR endpoint, without a trailing slash: `server.base_url`, else the listen
+    /// address. The gateway's own identity (audit records, the Subscription endpoint given to
+    /// payers); links in responses use the request's [`RequestBase`](super::base::RequestBase).
     pub base_url: String,
     pub validator: Arc<Validator>,
     pub store: Store,
@@ -63,8 +65,6 @@ pub struct Shared {
     /// Keys no client holds: an assertion naming an unknown client is verified against them, so it is
     /// refused exactly as a registered client's assertion with a wrong key (`None` if generation failed).
     pub unknown_client_keys: Option<ClientKeys>,
-    /// The CapabilityStatement, built once.
-    pub capability_statement: String,
     /// The IOP ↔ FHIR mappings (compiled in, or the configured folder).
     pub mappings: Arc<MappingSet>,
     /// The partners the gateway sends to.
@@ -105,7 +105,6 @@ impl AppState {
         let resource_types = resource_types(validator.definitions());
         let base_url = base_url.trim_end_matches('/').to_string();
         let loaded_organization = loaded.config.gateway.organization.clone();
-        let capability_statement = super::metadata::capability_statement(&base_url, &resource_types, validator.definitions());
         AppState {
             inner: Arc::new(Shared {
                 loaded,
@@ -119,7 +118,6 @@ impl AppState {
                 unknown_client_keys: crate::auth::keys::KeyPair::generate_es384("unknown")
                     .ok()
                     .and_then(|pair| ClientKeys::parse(&pair.jwks_json()).ok()),
-                capability_statement,
                 gateway_principal: Principal {
                     client_id: GATEWAY_CLIENT.to_string(),
                     role: crate::auth::Role::Clinic,

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 
 use super::audit::{Audit, AuditOutcome};
+use super::base::RequestBase;
 use super::caller::{now_secs, record, token_hash};
 use super::state::AppState;
 use crate::auth::assertion::unverified_issuer;
@@ -36,9 +37,9 @@ impl IntoResponse for OAuthError {
     }
 }
 
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn token(State(state): State<AppState>, base: RequestBase, headers: HeaderMap, body: Body) -> Response {
     let mut audit = Audit::new("anonymous", "login", "E", None);
-    match issue(&state, &headers, body, &mut audit).await {
+    match issue(&state, &base, &headers, body, &mut audit).await {
         Ok(response) => {
             state.metrics.token_granted();
             record(&state, &audit, AuditOutcome::Success).await;
@@ -55,7 +56,18 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Body
     }
 }
 
-async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Audit) -> Result<Response, OAuthError> {
+/// The `aud` values an assertion may carry: the token URL under `server.base_url` (else the listen
+/// address), and under the request's base only when the gateway can vouch for it ([`RequestBase::own`]):
+/// an assertion signed for another server is not accepted because a client wrote that server's name in `Host`.
+fn audiences(state: &AppState, base: &RequestBase) -> Vec<String> {
+    let mut audiences = vec![state.token_url()];
+    if base.own && base.token_url() != audiences[0] {
+        audiences.push(base.token_url());
+    }
+    audiences
+}
+
+async fn issue(state: &AppState, base: &RequestBase, headers: &HeaderMap, body: Body, audit: &mut Audit) -> Result<Response, OAuthError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
         return Err(OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", "send the token request as application/x-www-form-urlencoded"));
@@ -74,16 +86,18 @@ async fn issue(state: &AppState, headers: &HeaderMap, body: Body, audit: &mut Au
     let client_id = unverified_issuer(assertion).map_err(invalid_client)?;
     let now = now_secs().max(0) as u64;
     let skew = state.loaded.config.auth.clock_skew_secs;
+    let audiences = audiences(state, base);
+    let audiences: Vec<&str> = audiences.iter().map(String::as_str).collect();
     let Some(client) = state.clients.get(&client_id) else {
         // An unknown client is verified against keys nobody holds, so it fails where and as a registered
         // client with a wrong key fails: same answer, similar time; client ids cannot be enumerated.
         audit.description = Some("the client assertion names no registered client".into());
         let e = state.unknown_client_keys.as_ref().map_or(AssertionError::Signature, |keys| {
-            keys.verify(assertion, &client_id, &state.token_url(), skew, now).err().unwrap_or(AssertionError::Signature)
+            keys.verify(assertion, &client_id, &audiences, skew, now).err().unwrap_or(AssertionError::Signature)
         });
         return Err(invalid_client(e));
     };
-    let claims = client.keys.verify(assertion, &client_id, &state.token_url(), skew, now).map_err(invalid_client)?;
+    let claims = client.keys.verify(assertion, &client_id, &audiences, skew, now).map_err(invalid_client)?;
     audit.client = client_id.clone();
     let jti = claims.jti.unwrap_or_default();
     let fresh = state.store.remember_assertion(&client_id, &jti, claims.exp as i64).await.map_err(|_| OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store is not available"))?;

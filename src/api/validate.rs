@@ -53,14 +53,14 @@ pub async fn instance_operation(
 /// `$validate` at type level (`instance` is `None`) or instance level.
 async fn validate(state: &AppState, caller: &Caller, resource_type: &str, instance: Option<&str>, headers: &HeaderMap, uri: &Uri, body: Body) -> Result<Response, ApiError> {
     let pairs = query_pairs(uri.query());
-    fhir::negotiate(headers, &pairs)?;
     known_type(state, resource_type)?;
     // Validating reads nothing stored; any permission on the type lets a partner check what it is about to send.
     if !caller.principal.scopes.touches(resource_type) {
         caller.principal.may(resource_type, Permission::Create).map_err(ApiError::Forbidden)?;
     }
     let mut profiles: Vec<String> = pairs.iter().filter(|(k, _)| k == "profile").map(|(_, v)| v.clone()).collect();
-    let body = fhir::read_resource(headers, body, state.loaded.config.server.max_body_bytes).await?;
+    // Problems only the XML form can have are part of the report, as `validate` reports them.
+    let (body, read_issues) = fhir::read_body(state, headers, body).await?;
     let resource = if body.get("resourceType").and_then(Json::as_str) == Some("Parameters") && resource_type != "Parameters" {
         let mut resource = None;
         for parameter in body.get("parameter").and_then(Json::as_array).unwrap_or_default() {
@@ -89,9 +89,12 @@ async fn validate(state: &AppState, caller: &Caller, resource_type: &str, instan
         return Err(ApiError::BadRequest(format!("the resource's id '{own}' is not the id in the URL '{id}'")));
     }
     let validator = std::sync::Arc::clone(&state.validator);
-    let report = tokio::task::spawn_blocking(move || validator.validate_json(&resource, &profiles))
+    let mut report = tokio::task::spawn_blocking(move || validator.validate_json(&resource, &profiles))
         .await
         .map_err(|e| ApiError::Internal(format!("validation task failed: {e}")))?;
+    if !read_issues.is_empty() {
+        report.issues.splice(0..0, read_issues);
+    }
     if !report.is_valid() {
         state.metrics.validation_failed();
     }

@@ -83,14 +83,14 @@ impl ClientKeys {
         Ok(ClientKeys { keys })
     }
 
-    /// Verifies `assertion` as coming from `client_id` for the token endpoint at `token_url`.
-    pub fn verify(&self, assertion: &str, client_id: &str, token_url: &str, skew_secs: u64, now: u64) -> Result<AssertionClaims, AssertionError> {
+    /// Verifies `assertion` as coming from `client_id` for the token endpoint at one of `token_urls` (its `aud`).
+    pub fn verify(&self, assertion: &str, client_id: &str, token_urls: &[&str], skew_secs: u64, now: u64) -> Result<AssertionClaims, AssertionError> {
         let header = jsonwebtoken::decode_header(assertion).map_err(|_| AssertionError::Malformed)?;
         if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384) {
             return Err(AssertionError::Algorithm);
         }
         let mut validation = Validation::new(header.alg);
-        validation.set_audience(&[token_url]);
+        validation.set_audience(token_urls);
         validation.set_issuer(&[client_id]);
         validation.sub = Some(client_id.to_string());
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
@@ -176,7 +176,7 @@ mod tests {
         let (pair, keys) = keys();
         let now = jsonwebtoken::get_current_timestamp();
         let jwt = sign_assertion(&pair, "unit-a", TOKEN_URL, "j1", now + 120).unwrap();
-        let claims = keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap();
+        let claims = keys.verify(&jwt, "unit-a", &[TOKEN_URL], 30, now).unwrap();
         assert_eq!(claims.jti.as_deref(), Some("j1"));
     }
 
@@ -185,17 +185,17 @@ mod tests {
         let (pair, keys) = keys();
         let now = jsonwebtoken::get_current_timestamp();
         let jwt = sign_assertion(&pair, "unit-a", "https://other/token", "j", now + 60).unwrap();
-        assert_eq!(keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Audience);
+        assert_eq!(keys.verify(&jwt, "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Audience);
         let jwt = sign_assertion(&pair, "unit-a", TOKEN_URL, "j", now + 60).unwrap();
-        assert_eq!(keys.verify(&jwt, "unit-b", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Subject);
+        assert_eq!(keys.verify(&jwt, "unit-b", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Subject);
         let jwt = sign_assertion(&pair, "unit-a", TOKEN_URL, "j", now + 3600).unwrap();
-        assert_eq!(keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::TooLong);
+        assert_eq!(keys.verify(&jwt, "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::TooLong);
         let jwt = sign_assertion(&pair, "unit-a", TOKEN_URL, "j", now - 600).unwrap();
-        assert_eq!(keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Expired);
+        assert_eq!(keys.verify(&jwt, "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Expired);
         let other = KeyPair::generate_es384("k1").unwrap();
         let jwt = sign_assertion(&other, "unit-a", TOKEN_URL, "j", now + 60).unwrap();
-        assert_eq!(keys.verify(&jwt, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Signature);
-        assert_eq!(keys.verify("not.a.jwt", "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Malformed);
+        assert_eq!(keys.verify(&jwt, "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Signature);
+        assert_eq!(keys.verify("not.a.jwt", "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Malformed);
     }
 
     #[test]
@@ -207,10 +207,10 @@ mod tests {
             c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
             crate::auth::keys::sign_claims(&pair, &c).unwrap()
         };
-        assert_eq!(keys.verify(&claims(serde_json::json!({"nbf": now + 3600})), "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::NotYetValid);
-        assert_eq!(keys.verify(&claims(serde_json::json!({"iat": now + 3600})), "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::IssuedInFuture);
-        assert!(keys.verify(&claims(serde_json::json!({"nbf": now + 20, "iat": now + 20})), "unit-a", TOKEN_URL, 30, now).is_ok());
-        assert!(keys.verify(&claims(serde_json::json!({"nbf": now - 60, "iat": now - 60})), "unit-a", TOKEN_URL, 30, now).is_ok());
+        assert_eq!(keys.verify(&claims(serde_json::json!({"nbf": now + 3600})), "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::NotYetValid);
+        assert_eq!(keys.verify(&claims(serde_json::json!({"iat": now + 3600})), "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::IssuedInFuture);
+        assert!(keys.verify(&claims(serde_json::json!({"nbf": now + 20, "iat": now + 20})), "unit-a", &[TOKEN_URL], 30, now).is_ok());
+        assert!(keys.verify(&claims(serde_json::json!({"nbf": now - 60, "iat": now - 60})), "unit-a", &[TOKEN_URL], 30, now).is_ok());
     }
 
     #[test]
@@ -219,11 +219,11 @@ mod tests {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = serde_json::json!({"iss": "unit-a", "sub": "unit-a", "aud": TOKEN_URL, "exp": now + 60, "jti": "x"});
         let hs = jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(b"k")).unwrap();
-        assert_eq!(keys.verify(&hs, "unit-a", TOKEN_URL, 30, now).unwrap_err(), AssertionError::Algorithm);
+        assert_eq!(keys.verify(&hs, "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Algorithm);
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let none = format!("{}.{}.", b64.encode(br#"{"alg":"none"}"#), b64.encode(claims.to_string()));
-        assert!(keys.verify(&none, "unit-a", TOKEN_URL, 30, now).is_err());
+        assert!(keys.verify(&none, "unit-a", &[TOKEN_URL], 30, now).is_err());
     }
 
     #[test]

@@ -12,11 +12,11 @@ use crate::json::{Json, Object};
 use crate::outcome::{Issue, IssueCode};
 
 /// R4 types some elements (`Resource.id`, `Extension.url`, primitive values) with FHIRPath system types.
-const SYSTEM_PREFIX: &str = "http://hl7.org/fhirpath/System.";
+pub(super) const SYSTEM_PREFIX: &str = "http://hl7.org/fhirpath/System.";
 
 /// How a primitive's `value` attribute is written in JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Primitive {
+pub(super) enum Primitive {
     Boolean,
     Number,
     String,
@@ -24,7 +24,7 @@ enum Primitive {
 
 /// What kind of XML content a type has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Shape {
+pub(super) enum Shape {
     /// A resource: in a child element, the element wraps the resource element.
     Resource,
     Primitive(Primitive),
@@ -32,9 +32,9 @@ enum Shape {
     Complex,
 }
 
-/// What the model says about one XML child element name.
+/// What the model says about one XML child element name (the same as its JSON member name).
 #[derive(Clone)]
-enum Resolution {
+pub(super) enum Resolution {
     Known(Rc<Known>),
     /// A choice element written without its type suffix (`<value>`), which XML never allows.
     BareChoice,
@@ -43,12 +43,12 @@ enum Resolution {
 }
 
 /// A declared child element, as one XML name selects it.
-struct Known {
+pub(super) struct Known {
     /// The type (for a choice, the one the name's suffix selects); `None` if the model gives none.
-    ty: Option<String>,
-    many: bool,
+    pub ty: Option<String>,
+    pub many: bool,
     /// The element's name in the definition (`value` for `valueQuantity`), for the order check.
-    base: String,
+    pub base: String,
 }
 
 /// Consecutive or scattered occurrences of one JSON member.
@@ -63,32 +63,61 @@ struct Group<'e> {
 /// `_name` object with `id` and extensions. Non-primitives use only the first half.
 type Converted = (Option<Json>, Option<Object>);
 
-pub struct Converter<'a> {
+/// The model's answers the reader and the writer ask for again and again, remembered per document.
+pub(super) struct Lookups<'a> {
     model: &'a dyn TypeModel,
+    shapes: HashMap<String, Shape>,
+    orders: HashMap<String, Option<Rc<[String]>>>,
+    /// Parent type → element name → resolution: every element asks, and the model's answers cost allocations.
+    resolutions: HashMap<String, HashMap<String, Resolution>>,
+}
+
+impl<'a> Lookups<'a> {
+    pub fn new(model: &'a dyn TypeModel) -> Self {
+        Lookups { model, shapes: HashMap::new(), orders: HashMap::new(), resolutions: HashMap::new() }
+    }
+
+    pub fn shape(&mut self, ty: &str) -> Shape {
+        if let Some(&shape) = self.shapes.get(ty) {
+            return shape;
+        }
+        let shape = shape_of(self.model, ty);
+        self.shapes.insert(ty.to_string(), shape);
+        shape
+    }
+
+    pub fn order(&mut self, ty: &str) -> Option<Rc<[String]>> {
+        if let Some(order) = self.orders.get(ty) {
+            return order.clone();
+        }
+        let order: Option<Rc<[String]>> = self.model.element_order(ty).map(Rc::from);
+        self.orders.insert(ty.to_string(), order.clone());
+        order
+    }
+
+    pub fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
+        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
+            return resolution.clone();
+        }
+        let resolution = resolve_child(self.model, parent, name);
+        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
+        resolution
+    }
+}
+
+pub struct Converter<'a> {
     options: &'a XmlOptions,
     document: &'a Document<'a>,
     issues: Vec<Issue>,
     /// The expression of the element being converted; grown and cut back while descending, so
     /// that only issues pay for a path of their own.
     path: String,
-    shapes: HashMap<String, Shape>,
-    orders: HashMap<String, Option<Rc<[String]>>>,
-    /// Parent type → XML name → resolution: every element asks, and the model's answers cost allocations.
-    resolutions: HashMap<String, HashMap<String, Resolution>>,
+    lookups: Lookups<'a>,
 }
 
 impl<'a> Converter<'a> {
     pub fn new(model: &'a dyn TypeModel, options: &'a XmlOptions, document: &'a Document<'a>) -> Self {
-        Converter {
-            model,
-            options,
-            document,
-            issues: Vec::new(),
-            path: String::new(),
-            shapes: HashMap::new(),
-            orders: HashMap::new(),
-            resolutions: HashMap::new(),
-        }
+        Converter { options, document, issues: Vec::new(), path: String::new(), lookups: Lookups::new(model) }
     }
 
     /// The issues in document order (they are found parent first, not in reading order).
@@ -117,95 +146,6 @@ impl<'a> Converter<'a> {
         self.path.truncate(len);
     }
 
-    fn shape(&mut self, ty: &str) -> Shape {
-        if let Some(&shape) = self.shapes.get(ty) {
-            return shape;
-        }
-        let shape = if let Some(system) = ty.strip_prefix(SYSTEM_PREFIX) {
-            Shape::Primitive(match system {
-                "Boolean" => Primitive::Boolean,
-                "Integer" | "Decimal" => Primitive::Number,
-                _ => Primitive::String,
-            })
-        } else if ty == "xhtml" {
-            Shape::Xhtml
-        } else if ty.starts_with(|c: char| c.is_ascii_lowercase()) {
-            // FHIR names primitive types in lower camel case and everything else in upper.
-            Shape::Primitive(match ty {
-                "boolean" => Primitive::Boolean,
-                "integer" | "decimal" | "positiveInt" | "unsignedInt" => Primitive::Number,
-                _ => Primitive::String,
-            })
-        } else if self.derives_from_resource(ty) {
-            Shape::Resource
-        } else {
-            Shape::Complex
-        };
-        self.shapes.insert(ty.to_string(), shape);
-        shape
-    }
-
-    fn derives_from_resource(&self, ty: &str) -> bool {
-        if ty.contains('.') {
-            return false;
-        }
-        let mut current = ty.to_string();
-        // Bounded in case a broken model has a cycle.
-        for _ in 0..32 {
-            if current == "Resource" {
-                return true;
-            }
-            match self.model.base_type(&current) {
-                Some(base) => current = base,
-                None => return false,
-            }
-        }
-        false
-    }
-
-    fn order(&mut self, ty: &str) -> Option<Rc<[String]>> {
-        if let Some(order) = self.orders.get(ty) {
-            return order.clone();
-        }
-        let order: Option<Rc<[String]>> = self.model.element_order(ty).map(Rc::from);
-        self.orders.insert(ty.to_string(), order.clone());
-        order
-    }
-
-    fn resolve(&mut self, parent: &str, name: &str) -> Resolution {
-        if let Some(resolution) = self.resolutions.get(parent).and_then(|names| names.get(name)) {
-            return resolution.clone();
-        }
-        let resolution = self.ask_model(parent, name);
-        self.resolutions.entry(parent.to_string()).or_default().insert(name.to_string(), resolution.clone());
-        resolution
-    }
-
-    fn ask_model(&self, parent: &str, name: &str) -> Resolution {
-        if let Some(child) = self.model.child(parent, name) {
-            if child.is_choice {
-                return Resolution::BareChoice;
-            }
-            return Resolution::Known(Rc::new(Known { ty: child.types.into_iter().next(), many: child.many, base: name.to_string() }));
-        }
-        // `valueQuantity`: try each split before an upper-case letter as `value[x]` + type.
-        for (i, b) in name.bytes().enumerate().skip(1) {
-            if !b.is_ascii_uppercase() {
-                continue;
-            }
-            // `i` is a char boundary: the byte there is ASCII.
-            let (prefix, suffix) = name.split_at(i);
-            let Some(child) = self.model.child(parent, prefix) else { continue };
-            if !child.is_choice {
-                continue;
-            }
-            if let Some(ty) = child.types.into_iter().find(|t| is_type_suffix(t, suffix)) {
-                return Resolution::Known(Rc::new(Known { ty: Some(ty), many: child.many, base: prefix.to_string() }));
-            }
-        }
-        Resolution::Unknown
-    }
-
     fn undefined_attribute(&mut self, element: &Element, attribute: &Attribute, ty: &str) {
         let message = format!("undefined attribute '{}' on '{}' (type {ty})", attribute.qname(), element.qname());
         self.issue(IssueCode::Structure, element.pos, message);
@@ -221,7 +161,7 @@ impl<'a> Converter<'a> {
                 self.undefined_attribute(element, attribute, &element.name);
             }
         }
-        if self.shape(&element.name) == Shape::Resource {
+        if self.lookups.shape(&element.name) == Shape::Resource {
             self.children(element, Some((&element.name, Shape::Resource)), &mut object);
         } else {
             self.children(element, None, &mut object);
@@ -367,7 +307,7 @@ impl<'a> Converter<'a> {
             Some((_, Shape::Complex)) => &["id"],
             _ => &[],
         };
-        let order = parent.and_then(|(ty, _)| self.order(ty));
+        let order = parent.and_then(|(ty, _)| self.lookups.order(ty));
         // The furthest element seen so far in definition order, and its name.
         let mut furthest: Option<(usize, &str)> = None;
         let mut groups: Vec<Group<'_>> = Vec::new();
@@ -383,7 +323,7 @@ impl<'a> Converter<'a> {
             };
             let name: &str = &child.name;
             let resolution = match parent {
-                Some((ty, _)) => self.resolve(ty, name),
+                Some((ty, _)) => self.lookups.resolve(ty, name),
                 None => Resolution::Unknown,
             };
             let wants_xhtml = matches!(&resolution, Resolution::Known(known) if known.ty.as_deref() == Some("xhtml"));
@@ -401,7 +341,8 @@ impl<'a> Converter<'a> {
                 self.child_issue(IssueCode::Structure, child.pos, name, None, message);
                 continue;
             }
-            if name == "resourceType" || name.starts_with('_') {
+            // `ExampleScenario.instance` has an element of that name; only a resource's would clash.
+            if (name == "resourceType" && !matches!(parent, Some((_, Shape::Complex)))) || name.starts_with('_') {
                 // Carrying these would overwrite members the conversion itself writes.
                 let message = format!("unrecognized element '{name}' (no FHIR element has this name)");
                 self.child_issue(IssueCode::Structure, child.pos, name, None, message);
@@ -457,7 +398,7 @@ impl<'a> Converter<'a> {
             self.child_issue(IssueCode::Structure, items[1].pos, name, None, message);
             items.truncate(1);
         }
-        let shape = known.ty.as_deref().map(|ty| self.shape(ty));
+        let shape = known.ty.as_deref().map(|ty| self.lookups.shape(ty));
         let mut converted = Vec::with_capacity(items.len());
         let len = self.path.len();
         for (i, item) in items.into_iter().enumerate() {
@@ -475,6 +416,74 @@ impl<'a> Converter<'a> {
         }
         emit(object, name, known.many, converted);
     }
+}
+
+/// The shape of a type's XML content.
+pub(super) fn shape_of(model: &dyn TypeModel, ty: &str) -> Shape {
+    if let Some(system) = ty.strip_prefix(SYSTEM_PREFIX) {
+        Shape::Primitive(match system {
+            "Boolean" => Primitive::Boolean,
+            "Integer" | "Decimal" => Primitive::Number,
+            _ => Primitive::String,
+        })
+    } else if ty == "xhtml" {
+        Shape::Xhtml
+    } else if ty.starts_with(|c: char| c.is_ascii_lowercase()) {
+        // FHIR names primitive types in lower camel case and everything else in upper.
+        Shape::Primitive(match ty {
+            "boolean" => Primitive::Boolean,
+            "integer" | "decimal" | "positiveInt" | "unsignedInt" => Primitive::Number,
+            _ => Primitive::String,
+        })
+    } else if derives_from_resource(model, ty) {
+        Shape::Resource
+    } else {
+        Shape::Complex
+    }
+}
+
+fn derives_from_resource(model: &dyn TypeModel, ty: &str) -> bool {
+    if ty.contains('.') {
+        return false;
+    }
+    let mut current = ty.to_string();
+    // Bounded in case a broken model has a cycle.
+    for _ in 0..32 {
+        if current == "Resource" {
+            return true;
+        }
+        match model.base_type(&current) {
+            Some(base) => current = base,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// What the model declares for the child `name` of `parent`; a choice is found by its typed name (`valueQuantity`).
+pub(super) fn resolve_child(model: &dyn TypeModel, parent: &str, name: &str) -> Resolution {
+    if let Some(child) = model.child(parent, name) {
+        if child.is_choice {
+            return Resolution::BareChoice;
+        }
+        return Resolution::Known(Rc::new(Known { ty: child.types.into_iter().next(), many: child.many, base: name.to_string() }));
+    }
+    // `valueQuantity`: try each split before an upper-case letter as `value[x]` + type.
+    for (i, b) in name.bytes().enumerate().skip(1) {
+        if !b.is_ascii_uppercase() {
+            continue;
+        }
+        // `i` is a char boundary: the byte there is ASCII.
+        let (prefix, suffix) = name.split_at(i);
+        let Some(child) = model.child(parent, prefix) else { continue };
+        if !child.is_choice {
+            continue;
+        }
+        if let Some(ty) = child.types.into_iter().find(|t| is_type_suffix(t, suffix)) {
+            return Resolution::Known(Rc::new(Known { ty: Some(ty), many: child.many, base: prefix.to_string() }));
+        }
+    }
+    Resolution::Unknown
 }
 
 /// Appends `.name` or `.name[index]` to a path.

@@ -619,3 +619,131 @@ fn reads_every_xml_validator_test_case_without_panicking() {
     assert!(n_read > 100, "only {n_read} XML test files converted");
 }
 
+
+// ---- The writer ----
+
+fn write(json_text: &str) -> String {
+    write_resource(&json(json_text), &TestModel::new()).expect("a resource")
+}
+
+/// Whether two trees are equal with member order aside and numbers compared by their text.
+fn same_tree(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Object(x), Json::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_tree(v, w))),
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_tree(v, w)),
+        _ => a == b,
+    }
+}
+
+/// Writes a resource, reads it back with the reader and expects the same tree and no issues.
+fn round_trip(json_text: &str) -> String {
+    let original = json(json_text);
+    let xml = write(json_text);
+    let back = clean(&xml);
+    assert!(same_tree(&original, &back), "{xml}\n{back}");
+    xml
+}
+
+#[test]
+fn writes_members_in_definition_order_with_primitive_ids_and_extensions() {
+    let xml = round_trip(
+        r#"{"gender":"male","name":[{"given":["a",null],"_given":[null,{"id":"g2","extension":[{"url":"http://x","valueString":"b"}]}],"family":"F","id":"n1"}],
+            "resourceType":"Patient","_active":{"extension":[{"url":"http://y","valueBoolean":false}]},"active":true,"id":"p1"}"#,
+    );
+    assert_eq!(
+        xml,
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Patient xmlns=\"http://hl7.org/fhir\"><id value=\"p1\"/>\
+         <active value=\"true\"><extension url=\"http://y\"><valueBoolean value=\"false\"/></extension></active>\
+         <name id=\"n1\"><family value=\"F\"/><given value=\"a\"/><given id=\"g2\"><extension url=\"http://x\"><valueString value=\"b\"/></extension></given></name>\
+         <gender value=\"male\"/></Patient>"
+    );
+}
+
+#[test]
+fn writes_decimals_as_written_choices_by_their_json_name_and_escapes_values() {
+    let xml = round_trip(r#"{"resourceType":"Observation","valueQuantity":{"unit":"mmol/L","value":1.50},"status":"final","code":{"text":"a<b & \"c\"\nd\te"}}"#);
+    assert_eq!(
+        xml,
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Observation xmlns=\"http://hl7.org/fhir\"><status value=\"final\"/>\
+         <code><text value=\"a&lt;b &amp; &quot;c&quot;&#10;d&#9;e\"/></code><valueQuantity><value value=\"1.50\"/><unit value=\"mmol/L\"/></valueQuantity></Observation>"
+    );
+    round_trip(r#"{"resourceType":"Observation","status":"final","component":[{"valueString":"x"},{"valueQuantity":{"value":-1e3}}],"effectivePeriod":{"end":"2020-02-01","start":"2020-01-01"}}"#);
+}
+
+#[test]
+fn writes_nested_resources_and_the_narrative() {
+    let xml = round_trip(
+        r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"a","contained":[{"resourceType":"Observation","status":"final"}],
+              "text":{"div":"<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>Hi &amp; <b>there</b></p></div>","status":"generated"}},"fullUrl":"urn:uuid:1"},
+            {"resource":{"resourceType":"Parameters","parameter":[{"name":"p","resource":{"resourceType":"Patient","active":false}}]}}],"type":"collection"}"#,
+    );
+    assert!(xml.contains("<entry><fullUrl value=\"urn:uuid:1\"/><resource><Patient><id value=\"a\"/><text><status value=\"generated\"/><div xmlns=\"http://www.w3.org/1999/xhtml\"><p>Hi &amp; <b>there</b></p></div></text><contained><Observation><status value=\"final\"/></Observation></contained></Patient></resource></entry>"), "{xml}");
+}
+
+#[test]
+fn keeps_the_document_well_formed_whatever_the_narrative_holds() {
+    for div in ["<div>no namespace</div>", "<div xmlns=\"http://www.w3.org/1999/xhtml\">a&nbsp;b</div>", "not markup at all & <"] {
+        let resource = Json::Object([("resourceType".to_string(), Json::string("Patient")), ("text".to_string(), json(&format!("{{\"status\":\"generated\",\"div\":{}}}", Json::string(div))))].into_iter().collect());
+        let xml = write_resource(&resource, &TestModel::new()).expect("a resource");
+        let back = clean(&xml);
+        assert!(back["text"]["div"].as_str().is_some_and(|d| d.starts_with("<div xmlns=\"http://www.w3.org/1999/xhtml\">")), "{xml}");
+    }
+}
+
+#[test]
+fn writes_unknown_members_last_and_refuses_what_is_not_a_resource() {
+    let xml = write(r#"{"resourceType":"Patient","nickname":"Bo","gender":"male"}"#);
+    assert!(xml.ends_with("<gender value=\"male\"/><nickname value=\"Bo\"/></Patient>"), "{xml}");
+    assert!(write_resource(&json(r#"{"id":"x"}"#), &TestModel::new()).is_none());
+    assert!(write_resource(&json("[1]"), &TestModel::new()).is_none());
+}
+
+/// Every narrative of a tree replaced by the form the reader gives it (namespace on the `div`, references resolved).
+fn normalize_narratives(value: &mut Json) {
+    match value {
+        Json::Object(object) => {
+            if let Some(Json::String(div)) = object.get("div")
+                && let Ok(document) = dom::Document::parse(div.as_bytes())
+            {
+                let normalized = xhtml::serialize(&document.root, &mut Vec::new());
+                object.insert("div", Json::string(normalized));
+            }
+            let keys: Vec<String> = object.iter().map(|(k, _)| k.to_string()).collect();
+            for key in keys {
+                if let Some(child) = object.get_mut(&key) {
+                    normalize_narratives(child);
+                }
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(normalize_narratives),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_official_r4_example_survives_json_to_xml_and_back() {
+    let Some(corpus) = crate::need::corpus("xml::tests::every_official_r4_example_survives_json_to_xml_and_back") else { return };
+    let definitions = Definitions::base();
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(corpus.join("hl7-examples/resources"))
+        .expect("the corpus' official examples")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() > 500, "{} examples", files.len());
+    let mut failures = Vec::new();
+    for path in &files {
+        let mut original = json::parse(&std::fs::read(path).expect("readable")).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let xml = write_resource(&original, &*definitions).unwrap_or_else(|| panic!("{}: not written", path.display()));
+        match parse_resource(xml.as_bytes(), &*definitions) {
+            Ok((back, issues)) => {
+                normalize_narratives(&mut original);
+                if !issues.is_empty() || !same_tree(&original, &back) {
+                    failures.push(format!("{}: {:?}", path.display(), issues.first()));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {e}", path.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} examples differ:\n{}", failures.len(), files.len(), failures.join("\n"));
+}

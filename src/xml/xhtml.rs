@@ -74,7 +74,7 @@ fn write_element(element: &Element, is_root: bool, out: &mut String, dropped: &m
     out.push('>');
 }
 
-fn escape_text(text: &str, out: &mut String) {
+pub(super) fn escape_text(text: &str, out: &mut String) {
     for c in text.chars() {
         match c {
             '&' => out.push_str("&amp;"),
@@ -87,7 +87,8 @@ fn escape_text(text: &str, out: &mut String) {
     }
 }
 
-fn escape_attribute(value: &str, out: &mut String) {
+/// Escapes an attribute value; characters XML 1.0 cannot carry at all (controls, U+FFFE/U+FFFF) become U+FFFD.
+pub(super) fn escape_attribute(value: &str, out: &mut String) {
     for c in value.chars() {
         match c {
             '&' => out.push_str("&amp;"),
@@ -98,6 +99,7 @@ fn escape_attribute(value: &str, out: &mut String) {
             '\n' => out.push_str("&#10;"),
             '\r' => out.push_str("&#13;"),
             '\t' => out.push_str("&#9;"),
+            '\u{0}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}' => out.push('\u{fffd}'),
             c => out.push(c),
         }
     }

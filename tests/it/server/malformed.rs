@@ -29,7 +29,10 @@ async fn malformed_requests_are_refused_with_an_outcome() {
         ("duplicate keys", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"gender\":\"male\",\"gender\":\"female\"}".to_vec(), 400),
         ("invalid UTF-8", "Patient".into(), fhir, b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec(), 400),
         ("wrong content type", "Patient".into(), "text/plain", patient("X").to_string().into_bytes(), 415),
-        ("XML content type", "Patient".into(), "application/fhir+xml", b"<Patient xmlns=\"http://hl7.org/fhir\"/>".to_vec(), 415),
+        ("Turtle content type", "Patient".into(), "application/fhir+turtle", b"[] a fhir:Patient .".to_vec(), 415),
+        ("XML of another FHIR version", "Patient".into(), "application/fhir+xml; fhirVersion=3.0", b"<Patient xmlns=\"http://hl7.org/fhir\"/>".to_vec(), 415),
+        ("XML that is not well-formed", "Patient".into(), "application/fhir+xml", b"<Patient xmlns=\"http://hl7.org/fhir\"><gender value=\"male\"></Patient>".to_vec(), 400),
+        ("XML with a DOCTYPE", "Patient".into(), "application/fhir+xml", b"<!DOCTYPE x [<!ENTITY e SYSTEM \"file:///etc/passwd\">]><Patient xmlns=\"http://hl7.org/fhir\"/>".to_vec(), 400),
         ("deep nesting", "Patient".into(), fhir, deep.into_bytes(), 400),
         ("deep arrays", "Patient".into(), fhir, nested_resource.into_bytes(), 400),
         ("unknown resource type", "Frobnicator".into(), fhir, b"{\"resourceType\":\"Frobnicator\"}".to_vec(), 404),
@@ -57,7 +60,7 @@ async fn malformed_requests_are_refused_with_an_outcome() {
         ("Observation?_count=-1", 400),
         ("Observation?_sort=body", 400),
         ("Patient/x/_history/abc", 404),
-        ("Patient?_format=xml", 406),
+        ("Patient?_format=turtle", 406),
         ("Frobnicator?x=1", 404),
         ("a/b/c/d/e", 404),
     ];
@@ -73,8 +76,8 @@ async fn malformed_requests_are_refused_with_an_outcome() {
     let delete = gw.http.delete(gw.url("Patient/1")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(delete.status(), 405);
     assert_outcome(&delete.json().await.unwrap());
-    let xml_accept = gw.http.get(gw.url("Patient")).bearer_auth(&token).header("accept", "application/fhir+xml").send().await.unwrap();
-    assert_eq!(xml_accept.status(), 406);
+    let turtle_accept = gw.http.get(gw.url("Patient")).bearer_auth(&token).header("accept", "text/turtle").send().await.unwrap();
+    assert_eq!(turtle_accept.status(), 406);
     let bad_if_match = gw.http.put(gw.url("Patient/p")).bearer_auth(&token).header("content-type", "application/fhir+json").header("if-match", "yesterday").body(json!({"resourceType":"Patient","id":"p"}).to_string()).send().await.unwrap();
     assert_eq!(bad_if_match.status(), 400);
     // The tables are all still there and the server still answers.
