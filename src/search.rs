@@ -554,6 +554,9 @@ pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_coun
         }
         match name.as_str() {
             "_count" => query.count = raw.parse::<usize>().map_err(|_| err("not a non-negative integer"))?.min(max_count),
+            // fhirpy's count() sends it (an Aidbox parameter) to ask for an exact total, which every total here is.
+            "_totalMethod" if raw == "count" => {}
+            "_totalMethod" => return Err(err("only 'count' is offered: every total is exact")),
             "_offset" => {
                 query.offset = raw.parse::<usize>().ok().filter(|n| *n <= 1_000_000).ok_or_else(|| err("not an offset between 0 and 1000000"))?
             }
@@ -686,7 +689,8 @@ mod tests {
         assert_eq!(q.count, 200);
         assert_eq!(q.sort, Some(Sort { param: "date".into(), descending: true }));
         assert!(matches!(&q.clauses[0], Clause::Token { any, .. } if any[0].value.as_deref() == Some("Patient/p1")));
-        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "status"), ("_include", "Observation:performer")] {
+        assert_eq!(parse_query("Observation", &pairs(&[("_totalMethod", "count"), ("_count", "0")]), 50, 200).unwrap().count, 0, "fhirpy's count()");
+        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "status"), ("_include", "Observation:performer"), ("_totalMethod", "estimate")] {
             assert!(parse_query("Observation", &pairs(&[bad]), 50, 200).is_err(), "{bad:?}");
         }
     }

@@ -13,6 +13,15 @@ fn files(dir: &Path, extension: &str, found: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// The files (relative to `root`) whose text does not start with `prefix`.
+fn not_starting_with(root: &Path, files: &[std::path::PathBuf], prefix: &str) -> Vec<String> {
+    files
+        .iter()
+        .filter(|f| !std::fs::read_to_string(f).unwrap_or_default().starts_with(prefix))
+        .map(|f| f.strip_prefix(root).unwrap_or(f).display().to_string())
+        .collect()
+}
+
 fn rust_files(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
     files(dir, "rs", found);
 }
@@ -27,11 +36,7 @@ fn every_rust_file_starts_with_a_module_doc_line() {
         }
     }
     files.push(root.join("build.rs"));
-    let missing: Vec<String> = files
-        .iter()
-        .filter(|f| !std::fs::read_to_string(f).unwrap_or_default().starts_with("//! "))
-        .map(|f| f.strip_prefix(root).unwrap_or(f).display().to_string())
-        .collect();
+    let missing = not_starting_with(root, &files, "//! ");
     assert!(missing.is_empty(), "files without a leading `//!` line: {missing:?}");
 }
 
@@ -41,10 +46,6 @@ fn every_python_file_starts_with_a_module_docstring() {
     let mut found = Vec::new();
     files(&root.join("tests/python"), "py", &mut found);
     assert!(!found.is_empty(), "tests/python holds the interoperability script");
-    let missing: Vec<String> = found
-        .iter()
-        .filter(|f| !std::fs::read_to_string(f).unwrap_or_default().starts_with("\"\"\""))
-        .map(|f| f.strip_prefix(root).unwrap_or(f).display().to_string())
-        .collect();
+    let missing = not_starting_with(root, &found, "\"\"\"");
     assert!(missing.is_empty(), "Python files without a leading module docstring: {missing:?}");
 }
