@@ -1,4 +1,4 @@
-//! The partners the gateway sends to, and the only place that makes outbound network calls: one HTTP client per partner (its CA, its client certificate), its authentication (SMART Backend Services as a client, a bearer token, or none), and the classification of every answer into delivered, retry later, or refused.
+//! The partners the gateway sends to, and the only place that makes outbound network calls: one HTTP client per partner (its CA, its client certificate), its authentication (SMART Backend Services as a client, a bearer token, or none), and the classification of every answer into delivered, retry later, or refused; and ([`jwks`]) the JWKS clients publish at a URL.
 //!
 //! What is retried: no answer (connection refused or dropped, timeout), 408, 429 and 5xx, with
 //! `Retry-After` honoured. A 401 gets one fresh token and one more try within the same attempt.
