@@ -1,8 +1,8 @@
 //! SMART Backend Services: the gateway is its partners' authorization server. Client assertions, scopes, roles and the disclosure policy live here; HTTP does not.
 //!
 //! - [`scopes`]: SMART v1/v2 `system/` scopes as permissions per type.
-//! - [`assertion`]: verifying a `private_key_jwt` client assertion (RS384/ES384) against the client's JWKS.
-//! - [`keys`]: generating a partner key pair and its JWKS (`iop-gateway clients add`).
+//! - [`assertion`]: verifying a `private_key_jwt` client assertion (RS384/ES384) against the client's JWKS (its `kid` names a key by key id or thumbprint); what a registered or published JWKS may hold.
+//! - [`keys`]: generating a partner key pair and its JWKS (`iop-gateway clients add`), named by its RFC 7638 thumbprint.
 //! - [`labels`]: security labels normalised when stored (42 CFR Part 2 however it is spelt).
 //! - [`policy`]: which partner may do what to which resource, and the one disclosure check every outgoing resource passes.
 

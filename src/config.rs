@@ -291,11 +291,18 @@ pub struct AuthConfig {
     /// How long a running instance trusts an access token it looked up before asking the store again;
     /// a revoked token (`iop-gateway clients revoke`) stops working on every instance within it. 0: no cache.
     pub token_cache_ttl_secs: u64,
+    /// How long a JWKS fetched from a client's `jwks_url` is used before it is fetched again, when its
+    /// answer gives no `Cache-Control: max-age` (a `max-age` is honoured between `jwks_refresh_min_secs` and a day).
+    pub jwks_cache_secs: u64,
+    /// Least time between two fetches of one client's `jwks_url`: an assertion naming a `kid` the cached set
+    /// lacks fetches it again only this long after the last fetch, so a flood of made-up key ids cannot
+    /// make the gateway hammer the partner's URL.
+    pub jwks_refresh_min_secs: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { access_token_lifetime_secs: 300, clock_skew_secs: 30, token_cache_ttl_secs: 30 }
+        AuthConfig { access_token_lifetime_secs: 300, clock_skew_secs: 30, token_cache_ttl_secs: 30, jwks_cache_secs: 300, jwks_refresh_min_secs: 30 }
     }
 }
 
@@ -354,6 +361,10 @@ pub struct ClientConfig {
     pub jwks: Option<String>,
     /// A file holding the client's JWKS (relative to the configuration file).
     pub jwks_file: Option<PathBuf>,
+    /// A URL where the partner publishes its JWKS (https, or http to a loopback address): fetched
+    /// when first needed, cached (`auth.jwks_cache_secs`, or the answer's `max-age`), fetched again
+    /// for an unknown `kid` at most once per `auth.jwks_refresh_min_secs`, and used from the cache while the URL is down.
+    pub jwks_url: Option<String>,
     /// Whether records labelled 42 CFR Part 2 may be disclosed to this client when it is not their author.
     #[serde(default)]
     pub part2_disclosure: bool,
@@ -584,6 +595,12 @@ impl Config {
         if self.auth.clock_skew_secs > 300 {
             problems.push("auth.clock_skew_secs: at most 300".into());
         }
+        if !(1..=3600).contains(&self.auth.jwks_refresh_min_secs) {
+            problems.push(format!("auth.jwks_refresh_min_secs: {} is outside 1..=3600 seconds", self.auth.jwks_refresh_min_secs));
+        }
+        if !(self.auth.jwks_refresh_min_secs..=86_400).contains(&self.auth.jwks_cache_secs) {
+            problems.push(format!("auth.jwks_cache_secs: {} must be between auth.jwks_refresh_min_secs and 86400", self.auth.jwks_cache_secs));
+        }
         if self.auth.access_token_lifetime_secs > 3600 {
             problems.push("auth.access_token_lifetime_secs: backend-services tokens should be short-lived; at most 3600".into());
         }
@@ -626,28 +643,35 @@ impl Config {
             {
                 problems.push(format!("{at}.scopes: {e}"));
             }
-            let jwks = match (&client.jwks, &client.jwks_file) {
-                (Some(text), None) => Some(text.clone()),
-                (None, Some(path)) => match std::fs::read_to_string(path) {
-                    Ok(text) => Some(text),
+            let (jwks, source) = match (&client.jwks, &client.jwks_file, &client.jwks_url) {
+                (Some(text), None, None) => (Some(text.clone()), "jwks"),
+                (None, Some(path), None) => match std::fs::read_to_string(path) {
+                    Ok(text) => (Some(text), "jwks_file"),
                     Err(e) => {
                         problems.push(format!("{at}.jwks_file: cannot read {}: {e}", path.display()));
-                        None
+                        (None, "jwks_file")
                     }
                 },
-                (Some(_), Some(_)) => {
-                    problems.push(format!("{at}: give jwks or jwks_file, not both"));
-                    None
+                (None, None, Some(url)) => {
+                    if let Err(e) = check_jwks_url(url) {
+                        problems.push(format!("{at}.jwks_url: {e}"));
+                    }
+                    (None, "jwks_url")
                 }
-                (None, None) => {
-                    problems.push(format!("{at}: needs its public keys (jwks or jwks_file)"));
-                    None
+                (None, None, None) => {
+                    problems.push(format!("{at}: needs its public keys (jwks, jwks_file or jwks_url)"));
+                    (None, "jwks")
+                }
+                _ => {
+                    problems.push(format!("{at}: give one of jwks, jwks_file and jwks_url"));
+                    (None, "jwks")
                 }
             };
             match jwks.map(|text| crate::auth::ClientKeys::parse(&text).map(|_| text)) {
                 Some(Ok(text)) => client_keys.push(text),
                 Some(Err(e)) => {
-                    problems.push(format!("{at}: {e}"));
+                    let file = client.jwks_file.as_ref().map(|f| format!(" {}:", f.display())).unwrap_or_default();
+                    problems.push(format!("{at}.{source}:{file} {e}"));
                     client_keys.push(String::new());
                 }
                 None => client_keys.push(String::new()),
@@ -665,6 +689,20 @@ impl Config {
             (true, Some(listen)) => Ok(Loaded { config: self, file: file.map(Path::to_path_buf), listen, client_keys, trusted_proxies }),
             _ => Err(ConfigError::Invalid(problems)),
         }
+    }
+}
+
+/// A `jwks_url` the gateway may fetch: https, or plain http only to a loopback address (a partner's
+/// keys must not be open to substitution on the way).
+pub fn check_jwks_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("'{url}' is not a URL: {e}"))?;
+    let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("'{url}' names no host"))?;
+    let loopback = host.eq_ignore_ascii_case("localhost") || host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!("'{url}' must use https (plain http only to a loopback address)")),
+        other => Err(format!("'{url}': {other} is not https")),
     }
 }
 
@@ -911,6 +949,26 @@ mod tests {
         for needle in ["server.listen", "max_body_bytes", "store.url", "clients[0] (a b).id", "public keys"] {
             assert!(e.contains(needle), "{needle} missing from {e}");
         }
+    }
+
+    #[test]
+    fn client_keys_come_from_one_source_and_a_jwks_url_is_https_or_loopback() {
+        let client = |keys: &str| format!("[[clients]]\nid = 'x'\nrole = 'payer'\n{keys}\n");
+        let problems = |text: &str| Config::from_toml(text, Path::new("")).unwrap_err().to_string();
+        for ok in ["https://keys.example/jwks.json", "http://127.0.0.1:9/jwks", "http://localhost/jwks", "http://[::1]:8/jwks"] {
+            let loaded = Config::from_toml(&client(&format!("jwks_url = '{ok}'")), Path::new("")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(loaded.config.clients[0].jwks_url.as_deref(), Some(ok));
+        }
+        for bad in ["http://keys.example/jwks.json", "ftp://127.0.0.1/jwks", "not a url"] {
+            assert!(problems(&client(&format!("jwks_url = '{bad}'"))).contains("clients[0] (x).jwks_url"), "{bad}");
+        }
+        assert!(problems(&client("jwks_url = 'https://k.example/j'\njwks = '{}'")).contains("one of jwks, jwks_file and jwks_url"));
+        let e = problems(&client("jwks_file = '/nonexistent/x.jwks.json'"));
+        assert!(e.contains("clients[0] (x).jwks_file: cannot read /nonexistent/x.jwks.json"), "{e}");
+        let e = problems(&client("jwks = '{\"keys\": [{\"kty\": \"oct\", \"kid\": \"s\", \"k\": \"AAAA\"}]}'"));
+        assert!(e.contains("clients[0] (x).jwks: ") && e.contains("kid \"s\"") && e.contains("private"), "{e}");
+        assert!(problems("[auth]\njwks_refresh_min_secs = 0\n").contains("auth.jwks_refresh_min_secs"));
+        assert!(problems("[auth]\njwks_refresh_min_secs = 60\njwks_cache_secs = 10\n").contains("auth.jwks_cache_secs"));
     }
 
     #[test]

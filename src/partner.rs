@@ -1,4 +1,4 @@
-//! The partners the gateway sends to, and the only place that makes outbound network calls: one HTTP client per partner (its CA, its client certificate), its authentication (SMART Backend Services as a client, a bearer token, or none), and the classification of every answer into delivered, retry later, or refused.
+//! The partners the gateway sends to, and the only place that makes outbound network calls: one HTTP client per partner (its CA, its client certificate), its authentication (SMART Backend Services as a client, a bearer token, or none), and the classification of every answer into delivered, retry later, or refused; and ([`jwks`]) the JWKS clients publish at a URL.
 //!
 //! What is retried: no answer (connection refused or dropped, timeout), 408, 429 and 5xx, with
 //! `Retry-After` honoured. A 401 gets one fresh token and one more try within the same attempt.
@@ -12,6 +12,8 @@ pub mod bulk;
 
 use crate::auth::keys::{KeyPair, sign_assertion};
 use crate::config::{Config, PartnerAuth, PartnerConfig};
+
+pub mod jwks;
 
 /// Why a partner could not be set up (files named in the configuration were checked before, so this is rare).
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +34,10 @@ pub enum Delivery {
     Refused { status: u16, body: String },
 }
 
-/// Everything the gateway knows about the partners it sends to.
+/// Everything the gateway knows about the partners it sends to, and the JWKS URLs of the clients that publish their keys.
 pub struct Partners {
     by_name: HashMap<String, Partner>,
+    published_keys: HashMap<String, std::sync::Arc<jwks::PublishedKeys>>,
 }
 
 /// One partner: its configuration and its client.
@@ -83,7 +86,19 @@ impl Partners {
         for partner in &config.partners {
             by_name.insert(partner.name.clone(), Partner::new(partner, &config.store.data_dir)?);
         }
-        Ok(Partners { by_name })
+        let mut published_keys = HashMap::new();
+        for client in &config.clients {
+            if let Some(url) = &client.jwks_url {
+                let keys = jwks::PublishedKeys::new(&client.id, url, &config.auth).map_err(|e| PartnerError { partner: client.id.clone(), message: e.to_string() })?;
+                published_keys.insert(client.id.clone(), std::sync::Arc::new(keys));
+            }
+        }
+        Ok(Partners { by_name, published_keys })
+    }
+
+    /// The keys a client publishes at its `jwks_url`, if it registered one.
+    pub fn published_keys(&self, client_id: &str) -> Option<std::sync::Arc<jwks::PublishedKeys>> {
+        self.published_keys.get(client_id).cloned()
     }
 
     pub fn get(&self, name: &str) -> Option<&Partner> {
@@ -109,7 +124,7 @@ impl Partner {
             PartnerAuth::Smart => {
                 let path = config.key_path(data_dir);
                 let pem = std::fs::read_to_string(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-                let key = KeyPair::from_pem(&pem, &key_id(&config.name)).map_err(|e| fail(e.to_string()))?;
+                let key = KeyPair::from_pem_thumbprinted(&pem).map_err(|e| fail(e.to_string()))?;
                 let scopes = config.scopes.clone().unwrap_or_else(|| default_scopes(config.kind).to_string());
                 Credentials::Smart { key, client_id: config.client_id().to_string(), scopes }
             }
@@ -268,11 +283,6 @@ impl FhirClient {
         }
         Ok(endpoint)
     }
-}
-
-/// The key id our key for a partner is published under.
-pub fn key_id(partner: &str) -> String {
-    format!("{partner}-1")
 }
 
 /// What to ask a partner for when the configuration does not say.

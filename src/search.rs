@@ -663,6 +663,9 @@ fn apply(query: &mut Query, resource_type: &str, name: &str, raw: &str, max_coun
     match name {
         "_count" => query.count = raw.parse::<usize>().map_err(|_| "not a non-negative integer")?.min(max_count),
         "_offset" => query.offset = raw.parse::<usize>().ok().filter(|n| *n <= 1_000_000).ok_or("not an offset between 0 and 1000000")?,
+        // fhirpy's count() sends it (an Aidbox parameter) to ask for an exact total, which every total here is.
+        "_totalMethod" if raw == "count" => {}
+        "_totalMethod" => return Err("only 'count' is offered: every total is exact".into()),
         "_sort" => {
             for key in raw.split(',') {
                 let (descending, key) = match key.strip_prefix('-') {
@@ -818,7 +821,8 @@ mod tests {
         assert_eq!(q.count, 200);
         assert_eq!(q.sort, [Sort { key: SortKey::Date("date"), descending: true }]);
         assert!(matches!(&q.clauses[0], Clause::Token { any, .. } if any[0].value.as_deref() == Some("Patient/p1")));
-        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "name"), ("_include", "Observation:performer"), ("_revinclude", "Observation:patient"), ("_revinclude", "Task:nothing"), ("_summary", "all"), ("_total", "some")] {
+        assert_eq!(parse_query("Observation", &pairs(&[("_totalMethod", "count"), ("_count", "0")]), 50, 200, false).unwrap().count, 0, "fhirpy's count()");
+        for bad in [("name", "x"), ("code:text", "x"), ("date", "ap2026"), ("date", "yesterday"), ("patient", "Group/1"), ("_sort", "name"), ("_include", "Observation:performer"), ("_revinclude", "Observation:patient"), ("_revinclude", "Task:nothing"), ("_summary", "all"), ("_total", "some"), ("_totalMethod", "estimate")] {
             assert!(parse_query("Observation", &pairs(&[bad]), 50, 200, false).is_err(), "{bad:?}");
         }
     }

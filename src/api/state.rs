@@ -10,6 +10,7 @@ use crate::config::{ClientConfig, Loaded};
 use crate::definitions::Definitions;
 use crate::mapping::MappingSet;
 use crate::partner::Partners;
+use crate::partner::jwks::{JwksError, PublishedKeys};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::validation::Validator;
@@ -23,11 +24,29 @@ pub struct Exchange {
     pub partners: Arc<Partners>,
 }
 
+/// Where a client's public keys come from.
+pub enum Keys {
+    /// The JWKS in the configuration (inline or `jwks_file`), read and checked at start.
+    Registered(Arc<ClientKeys>),
+    /// The JWKS the partner publishes at its `jwks_url`, fetched and cached by the partner layer.
+    Published(Arc<PublishedKeys>),
+}
+
+impl Keys {
+    /// The keys to verify an assertion whose header names `kid`.
+    pub async fn for_kid(&self, kid: Option<&str>) -> Result<Arc<ClientKeys>, JwksError> {
+        match self {
+            Keys::Registered(keys) => Ok(keys.clone()),
+            Keys::Published(published) => published.keys_for(kid).await,
+        }
+    }
+}
+
 /// A registered partner as the running server knows it.
 pub struct Client {
     pub config: ClientConfig,
     pub organization: String,
-    pub keys: ClientKeys,
+    pub keys: Keys,
     pub allowed: ScopeSet,
     /// Requests in flight for this client (429 beyond the limit).
     pub in_flight: Arc<Semaphore>,
@@ -90,7 +109,13 @@ impl AppState {
         let mut clients = HashMap::new();
         for (client, jwks) in loaded.config.clients.iter().zip(&loaded.client_keys) {
             // The configuration was validated, so every JWKS parses; a client whose keys do not is left out.
-            let Ok(keys) = ClientKeys::parse(jwks) else { continue };
+            let keys = match exchange.partners.published_keys(&client.id) {
+                Some(published) => Keys::Published(published),
+                None => match ClientKeys::parse(jwks) {
+                    Ok(keys) => Keys::Registered(Arc::new(keys)),
+                    Err(_) => continue,
+                },
+            };
             clients.insert(
                 client.id.clone(),
                 Client {

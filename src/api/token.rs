@@ -10,7 +10,7 @@ use super::audit::{Audit, AuditOutcome};
 use super::base::RequestBase;
 use super::caller::{now_secs, record, token_hash};
 use super::state::AppState;
-use crate::auth::assertion::unverified_issuer;
+use crate::auth::assertion::{unverified_issuer, unverified_kid};
 use crate::auth::{AssertionError, ScopeSet};
 use crate::store::TokenRecord;
 
@@ -97,7 +97,13 @@ async fn issue(state: &AppState, base: &RequestBase, headers: &HeaderMap, body: 
         });
         return Err(invalid_client(e));
     };
-    let claims = client.keys.verify(assertion, &client_id, &audiences, skew, now).map_err(invalid_client)?;
+    let kid = unverified_kid(assertion).map_err(invalid_client)?;
+    let keys = client.keys.for_kid(kid.as_deref()).await.map_err(|e| {
+        // Answered as a wrong key is: whether a client exists stays unknowable from outside.
+        audit.description = Some(format!("the client's keys are not available: {e}"));
+        invalid_client(AssertionError::Signature)
+    })?;
+    let claims = keys.verify(assertion, &client_id, &audiences, skew, now).map_err(invalid_client)?;
     audit.client = client_id.clone();
     let jti = claims.jti.unwrap_or_default();
     let fresh = state.store.remember_assertion(&client_id, &jti, claims.exp as i64).await.map_err(|_| OAuthError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "the store is not available"))?;

@@ -2,7 +2,7 @@
 //!
 //! Replay of a `jti` is checked by the caller against the store (it must hold across instances).
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -11,14 +11,36 @@ pub const MAX_ASSERTION_LIFETIME_SECS: u64 = 300;
 
 /// A client's public keys, ready to verify signatures.
 pub struct ClientKeys {
-    keys: Vec<(Option<String>, Algorithm, DecodingKey)>,
+    keys: Vec<PublicKey>,
+}
+
+/// One usable key: its `kid` (if the JWKS gave one), its RFC 7638 thumbprint, what it verifies.
+struct PublicKey {
+    kid: Option<String>,
+    thumbprint: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+impl PublicKey {
+    /// Whether an assertion header's `kid` names this key: SMART has the `kid` name a key of the
+    /// JWKS; many client libraries name their keys by thumbprint whatever the JWKS says.
+    fn is_named(&self, kid: &str) -> bool {
+        self.kid.as_deref() == Some(kid) || self.thumbprint.as_deref() == Some(kid)
+    }
 }
 
 impl std::fmt::Debug for ClientKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientKeys").field("keys", &self.keys.iter().map(|(kid, alg, _)| (kid, alg)).collect::<Vec<_>>()).finish()
+        f.debug_struct("ClientKeys").field("keys", &self.keys.iter().map(|k| (&k.kid, k.algorithm)).collect::<Vec<_>>()).finish()
     }
 }
+
+/// Members that only a private (or symmetric) JWK has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
+const PRIVATE_MEMBERS: &[&str] = &["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+
+/// Shortest RSA modulus accepted, in bytes (2048 bits).
+const MIN_RSA_MODULUS_BYTES: usize = 256;
 
 /// Why an assertion or a JWKS was refused. Messages never repeat the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,21 +88,36 @@ pub struct AssertionClaims {
 }
 
 impl ClientKeys {
-    /// Parses a JWKS; only RSA keys and P-384 EC keys are usable (RS384, ES384).
+    /// Parses a registered JWKS (a file or inline text in the configuration, `clients add --jwks`):
+    /// every key must be a public RSA (RS384) or EC P-384 (ES384) signing key; the error names the
+    /// first that is not, and why.
     pub fn parse(jwks: &str) -> Result<ClientKeys, AssertionError> {
-        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| AssertionError::Jwks(e.to_string()))?;
-        let mut keys = Vec::new();
-        for (i, jwk) in set.keys.iter().enumerate() {
-            let Some(algorithm) = usable_algorithm(jwk) else {
-                return Err(AssertionError::Jwks(format!("key {i} is neither RSA nor EC P-384")));
-            };
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| AssertionError::Jwks(format!("key {i}: {e}")))?;
-            keys.push((jwk.common.key_id.clone(), algorithm, key));
+        let (keys, skipped) = read(jwks)?;
+        if let Some(first) = skipped.into_iter().next() {
+            return Err(AssertionError::Jwks(first));
         }
-        if keys.is_empty() {
-            return Err(AssertionError::Jwks("no keys".into()));
-        }
-        Ok(ClientKeys { keys })
+        Ok(keys)
+    }
+
+    /// Parses a JWKS a partner publishes at a URL: such a set often also holds keys for other
+    /// algorithms or for encryption, which are left out (their reasons returned); a private key
+    /// still refuses the whole set, and at least one key must be usable.
+    pub fn parse_published(jwks: &str) -> Result<(ClientKeys, Vec<String>), AssertionError> {
+        read(jwks)
+    }
+
+    /// How many usable keys the set holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether a key of the set is named `kid` (by its `kid` or its thumbprint).
+    pub fn names(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.is_named(kid))
     }
 
     /// Verifies `assertion` as coming from `client_id` for the token endpoint at one of `token_urls` (its `aud`).
@@ -95,9 +132,9 @@ impl ClientKeys {
         validation.sub = Some(client_id.to_string());
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.leeway = skew_secs;
-        let candidates = self.keys.iter().filter(|(kid, alg, _)| *alg == header.alg && (header.kid.is_none() || header.kid == *kid));
+        let candidates = self.keys.iter().filter(|k| k.algorithm == header.alg && header.kid.as_deref().is_none_or(|kid| k.is_named(kid)));
         let mut last = AssertionError::Signature;
-        for (_, _, key) in candidates {
+        for PublicKey { key, .. } in candidates {
             match jsonwebtoken::decode::<AssertionClaims>(assertion, key, &validation) {
                 Ok(data) => {
                     let claims = data.claims;
@@ -150,12 +187,65 @@ pub fn unverified_issuer(assertion: &str) -> Result<String, AssertionError> {
     Ok(data.claims.iss)
 }
 
-fn usable_algorithm(jwk: &Jwk) -> Option<Algorithm> {
-    match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Some(Algorithm::RS384),
-        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P384 => Some(Algorithm::ES384),
-        _ => None,
+/// The `kid` in an assertion's header, read before verification to find the key it names.
+pub fn unverified_kid(assertion: &str) -> Result<Option<String>, AssertionError> {
+    Ok(jsonwebtoken::decode_header(assertion).map_err(|_| AssertionError::Malformed)?.kid)
+}
+
+/// The usable keys of a JWKS and why each other key was left out; a private key anywhere, or no
+/// usable key at all, is an error.
+fn read(jwks: &str) -> Result<(ClientKeys, Vec<String>), AssertionError> {
+    let set: serde_json::Value = serde_json::from_str(jwks).map_err(|e| AssertionError::Jwks(e.to_string()))?;
+    let members = set.get("keys").and_then(serde_json::Value::as_array).ok_or_else(|| AssertionError::Jwks("a JWKS is an object with a \"keys\" array".into()))?;
+    let mut keys = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, raw) in members.iter().enumerate() {
+        let name = match raw.get("kid").and_then(serde_json::Value::as_str) {
+            Some(kid) => format!("key {i} (kid \"{kid}\")"),
+            None => format!("key {i}"),
+        };
+        if let Some(member) = PRIVATE_MEMBERS.iter().find(|m| raw.get(**m).is_some()) {
+            return Err(AssertionError::Jwks(format!("{name} holds private key material (\"{member}\"): register only the public half")));
+        }
+        match usable_key(raw) {
+            Ok(key) => keys.push(key),
+            Err(why) => skipped.push(format!("{name} {why}")),
+        }
     }
+    if keys.is_empty() {
+        let why = if skipped.is_empty() { "it holds no keys".to_string() } else { skipped.join("; ") };
+        return Err(AssertionError::Jwks(format!("no usable key (RS384 or ES384 signing key): {why}")));
+    }
+    Ok((ClientKeys { keys }, skipped))
+}
+
+/// One JWK as a key that verifies RS384 or ES384 client assertions, or why it cannot be one.
+fn usable_key(raw: &serde_json::Value) -> Result<PublicKey, String> {
+    if let Some(usage) = raw.get("use").and_then(serde_json::Value::as_str)
+        && usage != "sig"
+    {
+        return Err(format!("is for \"{usage}\", not for signatures"));
+    }
+    let jwk: Jwk = serde_json::from_value(raw.clone()).map_err(|e| format!("is not a JWK the gateway reads: {e}"))?;
+    let algorithm = match &jwk.algorithm {
+        AlgorithmParameters::RSA(rsa) => {
+            let modulus = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, rsa.n.trim_end_matches('=')).map_err(|_| "has an RSA modulus that is not base64url".to_string())?;
+            if modulus.iter().skip_while(|b| **b == 0).count() < MIN_RSA_MODULUS_BYTES {
+                return Err("is an RSA key shorter than 2048 bits".into());
+            }
+            Algorithm::RS384
+        }
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P384 => Algorithm::ES384,
+        AlgorithmParameters::EllipticCurve(_) => return Err("is an EC key on a curve other than P-384 (the gateway accepts ES384 and RS384)".into()),
+        _ => return Err("is neither an RSA nor an EC P-384 key (the gateway accepts RS384 and ES384)".into()),
+    };
+    if let Some(declared) = raw.get("alg").and_then(serde_json::Value::as_str)
+        && declared != format!("{algorithm:?}")
+    {
+        return Err(format!("is declared for {declared}; the gateway accepts {algorithm:?} for such a key"));
+    }
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("cannot be used: {e}"))?;
+    Ok(PublicKey { kid: jwk.common.key_id.clone(), thumbprint: crate::auth::keys::thumbprint(&jwk), algorithm, key })
 }
 
 #[cfg(test)]
@@ -224,6 +314,56 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let none = format!("{}.{}.", b64.encode(br#"{"alg":"none"}"#), b64.encode(claims.to_string()));
         assert!(keys.verify(&none, "unit-a", &[TOKEN_URL], 30, now).is_err());
+    }
+
+    #[test]
+    fn a_kid_names_a_key_by_its_kid_or_its_thumbprint() {
+        let (pair, keys) = keys();
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({"iss": "unit-a", "sub": "unit-a", "aud": TOKEN_URL, "exp": now + 60, "jti": "j"});
+        let signed = |kid: Option<&str>| {
+            let mut header = jsonwebtoken::Header::new(Algorithm::ES384);
+            header.kid = kid.map(str::to_string);
+            jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_pem(pair.private_pem.as_bytes()).unwrap()).unwrap()
+        };
+        let thumbprint = crate::auth::keys::thumbprint(&pair.public_jwk().unwrap()).unwrap();
+        assert_ne!(thumbprint, "k1");
+        assert!(keys.names("k1") && keys.names(&thumbprint) && !keys.names("other"));
+        assert!(keys.verify(&signed(Some("k1")), "unit-a", &[TOKEN_URL], 30, now).is_ok());
+        assert!(keys.verify(&signed(Some(&thumbprint)), "unit-a", &[TOKEN_URL], 30, now).is_ok(), "named by its RFC 7638 thumbprint");
+        assert!(keys.verify(&signed(None), "unit-a", &[TOKEN_URL], 30, now).is_ok(), "no kid: the client's keys are tried");
+        assert_eq!(keys.verify(&signed(Some("other")), "unit-a", &[TOKEN_URL], 30, now).unwrap_err(), AssertionError::Signature, "a kid naming no key of the client");
+        assert_eq!(unverified_kid(&signed(Some("k1"))).unwrap().as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn registered_jwks_refuse_private_and_foreign_keys_by_name() {
+        let pair = KeyPair::generate_es384("mine").unwrap();
+        let public: serde_json::Value = serde_json::from_str(&pair.jwks_json()).unwrap();
+        let with = |extra: serde_json::Value| {
+            let mut key = public["keys"][0].clone();
+            key.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::json!({"keys": [key]}).to_string()
+        };
+        let problem = |text: &str| ClientKeys::parse(text).unwrap_err().to_string();
+        let private = problem(&with(serde_json::json!({"d": "AAAA"})));
+        assert!(private.contains("key 0 (kid \"mine\")") && private.contains("private"), "{private}");
+        let es256 = problem(&with(serde_json::json!({"alg": "ES256"})));
+        assert!(es256.contains("kid \"mine\"") && es256.contains("ES256"), "{es256}");
+        assert!(problem(&with(serde_json::json!({"use": "enc"}))).contains("\"enc\""));
+        let p256 = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "p256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]});
+        assert!(problem(&p256.to_string()).contains("P-384"));
+        let short_rsa = serde_json::json!({"keys": [{"kty": "RSA", "kid": "short", "n": "AQAB", "e": "AQAB"}]});
+        assert!(problem(&short_rsa.to_string()).contains("2048"));
+
+        // Published at a URL: foreign keys are left out with their reasons, a private key still refuses the set.
+        let mixed = serde_json::json!({"keys": [p256["keys"][0].clone(), public["keys"][0].clone()]}).to_string();
+        assert!(ClientKeys::parse(&mixed).is_err());
+        let (keys, skipped) = ClientKeys::parse_published(&mixed).unwrap();
+        assert!(keys.names("mine") && !keys.names("p256"));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("p256"), "{skipped:?}");
+        assert!(ClientKeys::parse_published(&with(serde_json::json!({"d": "AAAA"}))).is_err());
     }
 
     #[test]

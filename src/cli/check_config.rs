@@ -1,4 +1,4 @@
-//! `iop-gateway check-config`: validates a configuration offline (file, environment, TLS files, partner keys) and prints what it would run with.
+//! `iop-gateway check-config`: validates a configuration offline (file, environment, TLS files, clients' JWKS files, partner keys) and prints what it would run with.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,7 +41,12 @@ pub fn run(args: Args) -> ExitCode {
     }
     println!("  clients    {}", c.clients.len());
     for client in &c.clients {
-        println!("    {} ({}, {})", client.id, client.role, client.organization(&c.gateway));
+        let keys = match (&client.jwks_file, &client.jwks_url) {
+            (Some(file), _) => format!("keys {}", file.display()),
+            (None, Some(url)) => format!("keys fetched from {url}"),
+            (None, None) => "keys inline".to_string(),
+        };
+        println!("    {} ({}, {}, {keys})", client.id, client.role, client.organization(&c.gateway));
     }
     println!("  partners   {}", c.partners.len());
     for p in &c.partners {

@@ -1,4 +1,4 @@
-//! `iop-gateway clients add NAME --role ROLE`: registers a partner — writes its key pair and JWKS under the data folder and appends its `[[clients]]` entry to the configuration file. `iop-gateway clients revoke NAME`: deletes the partner's access tokens from the store.
+//! `iop-gateway clients add NAME --role ROLE`: registers a partner — its own public JWKS (`--jwks FILE`, copied after it is checked, or `--jwks-url URL`), else a key pair generated for it and named by its RFC 7638 thumbprint — and appends its `[[clients]]` entry to the configuration file; key files go beside the configuration (its data folder). `iop-gateway clients revoke NAME`: deletes the partner's access tokens from the store.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,8 @@ pub struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register a partner: generate its ES384 key pair, write NAME.key.pem and NAME.jwks.json, add it to the configuration.
+    /// Register a partner: its public JWKS (--jwks FILE or --jwks-url URL), or else a generated ES384 key pair
+    /// (NAME.key.pem and NAME.jwks.json, key id = RFC 7638 thumbprint); add it to the configuration.
     Add(AddArgs),
     /// Revoke a partner's access tokens: delete them from the store. Running instances stop honouring
     /// them within auth.token_cache_ttl_secs. The partner can still ask for new tokens unless its
@@ -48,9 +49,16 @@ struct AddArgs {
     /// Configuration file to add the client to (created if missing). Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Folder for the key files (default: <store.data_dir>/clients).
+    /// Folder for the key files (default: <store.data_dir>/clients, data_dir relative to the configuration file).
     #[arg(long)]
     keys_dir: Option<PathBuf>,
+    /// The partner's own public JWKS file: checked (public RS384/ES384 signing keys only) and copied to the keys folder.
+    #[arg(long, conflicts_with = "jwks_url")]
+    jwks: Option<PathBuf>,
+    /// The URL where the partner publishes its JWKS (https, or http to loopback): fetched once now to check it,
+    /// then by the gateway when needed.
+    #[arg(long)]
+    jwks_url: Option<String>,
     /// The partner's Organization reference (default: Organization/NAME; a clinic defaults to the gateway's).
     #[arg(long)]
     organization: Option<String>,
@@ -82,18 +90,49 @@ fn add(args: AddArgs) -> Result<(), String> {
         return Err(format!("a client named '{}' is already registered in {}", args.name, path.display()));
     }
     let keys_dir = args.keys_dir.unwrap_or_else(|| loaded.config.store.data_dir.join("clients"));
-    let (_, key_file, jwks_file) = write_key_pair(&keys_dir, &args.name, &format!("{}-1", args.name))?;
-    let jwks_ref = relative_to(&jwks_file, &config_dir);
     let mut entry = format!("\n[[clients]]\nid = {}\nrole = \"{}\"\n", toml_string(&args.name), role.as_str());
     if let Some(org) = &args.organization {
         entry.push_str(&format!("organization = {}\n", toml_string(org)));
     }
-    entry.push_str(&format!("jwks_file = {}\n", toml_string(&jwks_ref.display().to_string())));
+    let mut report = Vec::new();
+    if let Some(url) = &args.jwks_url {
+        config::check_jwks_url(url).map_err(|e| format!("--jwks-url: {e}"))?;
+        let (keys, left_out) = fetch_jwks(url)?;
+        entry.push_str(&format!("jwks_url = {}\n", toml_string(url)));
+        report.push(format!("  public JWKS  {url} ({} usable key(s){})", keys, left_out.iter().map(|w| format!("; left out: {w}")).collect::<String>()));
+    } else {
+        let jwks_file = match &args.jwks {
+            Some(source) => {
+                let text = std::fs::read_to_string(source).map_err(|e| format!("cannot read {}: {e}", source.display()))?;
+                crate::auth::ClientKeys::parse(&text).map_err(|e| format!("{}: {e}", source.display()))?;
+                std::fs::create_dir_all(&keys_dir).map_err(|e| format!("cannot create {}: {e}", keys_dir.display()))?;
+                let copy = keys_dir.join(format!("{}.jwks.json", args.name));
+                write_new(&copy, &text, false)?;
+                copy
+            }
+            None => {
+                let (_, key_file, jwks_file) = write_key_pair(&keys_dir, &args.name)?;
+                report.push(format!("  private key  {} (give it to the partner; keep it secret)", key_file.display()));
+                jwks_file
+            }
+        };
+        entry.push_str(&format!("jwks_file = {}\n", toml_string(&relative_to(&jwks_file, &config_dir).display().to_string())));
+        report.push(format!("  public JWKS  {}", jwks_file.display()));
+    }
     append_entry(&path, &config_dir, &entry, |_| false)?;
     println!("registered '{}' ({}) in {}", args.name, role.as_str(), path.display());
-    println!("  private key  {} (give it to the partner; keep it secret)", key_file.display());
-    println!("  public JWKS  {}", jwks_file.display());
+    for line in report {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// Fetches a JWKS URL once through the partner layer: how many keys it holds that the gateway can use, and the others.
+fn fetch_jwks(url: &str) -> Result<(usize, Vec<String>), String> {
+    crate::server::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let (keys, left_out) = runtime.block_on(crate::partner::jwks::fetch_once(url)).map_err(|e| format!("--jwks-url: {e}"))?;
+    Ok((keys.len(), left_out))
 }
 
 fn revoke(args: RevokeArgs) -> Result<(), String> {
@@ -114,21 +153,21 @@ fn revoke(args: RevokeArgs) -> Result<(), String> {
 pub(super) fn config_to_edit(config: Option<&Path>) -> Result<(PathBuf, PathBuf, Loaded), String> {
     let env = |name: &str| std::env::var(name).ok();
     let path = Config::locate(config, &env).unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_FILE));
-    let existing = if path.is_file() { Some(path.as_path()) } else { None };
-    let loaded = Config::load(existing, &[], &Overrides::default()).map_err(|e| e.to_string())?;
     let config_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    Ok((path, config_dir, loaded))
+    // A file not written yet still has its folder: relative paths (data_dir, key files) start there, not here.
+    let loaded = if path.is_file() { Config::load(Some(&path), &[], &Overrides::default()) } else { Config::from_toml("", &config_dir) };
+    Ok((path, config_dir, loaded.map_err(|e| e.to_string())?))
 }
 
-/// A new ES384 key pair with key id `kid`, written to `dir` as `NAME.key.pem` (private, owner-only)
-/// and `NAME.jwks.json`; returns it with the two paths.
-pub(super) fn write_key_pair(dir: &Path, name: &str, kid: &str) -> Result<(KeyPair, PathBuf, PathBuf), String> {
+/// A new ES384 key pair named by its RFC 7638 thumbprint, written to `dir` as `NAME.key.pem`
+/// (private, owner-only) and `NAME.jwks.json`; returns it with the two paths. Neither file may exist yet.
+pub(super) fn write_key_pair(dir: &Path, name: &str) -> Result<(KeyPair, PathBuf, PathBuf), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let pair = KeyPair::generate_es384(kid).map_err(|e| e.to_string())?;
+    let pair = KeyPair::generate_thumbprinted().map_err(|e| e.to_string())?;
     let key_file = dir.join(format!("{name}.key.pem"));
     let jwks_file = dir.join(format!("{name}.jwks.json"));
-    write_private(&key_file, &pair.private_pem)?;
-    std::fs::write(&jwks_file, pair.jwks_json()).map_err(|e| format!("cannot write {}: {e}", jwks_file.display()))?;
+    write_new(&key_file, &pair.private_pem, true)?;
+    write_new(&jwks_file, &pair.jwks_json(), false)?;
     Ok((pair, key_file, jwks_file))
 }
 
@@ -149,16 +188,17 @@ pub(super) fn append_entry(path: &Path, config_dir: &Path, entry: &str, tolerate
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-pub(super) fn write_private(path: &Path, pem: &str) -> Result<(), String> {
+/// Writes a file that must not exist yet (a registration never overwrites keys); `private` ones are owner-only.
+fn write_new(path: &Path, text: &str, private: bool) -> Result<(), String> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(if private { 0o600 } else { 0o644 });
     }
     let mut file = options.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(pem.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    file.write_all(text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 pub(super) fn relative_to(path: &Path, base: &Path) -> PathBuf {

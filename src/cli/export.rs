@@ -26,7 +26,7 @@ pub struct Args {
     /// The client's private key (PEM). Default: <store.data_dir>/clients/NAME.key.pem of the configuration.
     #[arg(long)]
     key: Option<PathBuf>,
-    /// The key id the server knows the key by (the `kid` of the client assertion). Default: NAME-1, as `clients add` registers it.
+    /// The key id the server knows the key by (the `kid` of the client assertion). Default: the key's RFC 7638 thumbprint, as `clients add` registers it.
     #[arg(long)]
     kid: Option<String>,
     /// Configuration file to find the default key through. Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
@@ -155,8 +155,11 @@ fn connect(args: &Args) -> Result<FhirClient, String> {
         }
     };
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read the key {}: {e}", key_path.display()))?;
-    let kid = args.kid.clone().unwrap_or_else(|| format!("{}-1", args.client));
-    let key = KeyPair::from_pem(&pem, &kid).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let key = match &args.kid {
+        Some(kid) => KeyPair::from_pem(&pem, kid),
+        None => KeyPair::from_pem_thumbprinted(&pem),
+    };
+    let key = key.map_err(|e| format!("{}: {e}", key_path.display()))?;
     let credentials = Credentials::Smart { key, client_id: args.client.clone(), scopes: args.scope.clone() };
     let transport = Transport { timeout: Some(Duration::from_secs(300)), ca_file: args.ca.as_deref(), client_identity: None };
     FhirClient::new(&args.url, credentials, args.token_endpoint.clone(), &transport)

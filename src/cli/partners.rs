@@ -95,7 +95,7 @@ fn add(args: AddArgs) -> Result<(), String> {
     let mut key = None;
     if args.auth == "smart" {
         let dir = loaded.config.store.data_dir.join("partners");
-        let (pair, key_file, jwks_file) = write_key_pair(&dir, &args.name, &crate::partner::key_id(&args.name))?;
+        let (pair, key_file, jwks_file) = write_key_pair(&dir, &args.name)?;
         entry.push_str(&format!("key_file = {}\n", toml_string(&relative_to(&key_file, &config_dir).display().to_string())));
         key = Some((key_file, jwks_file, pair.jwks_json()));
     }

@@ -49,8 +49,7 @@ fn token(args: Args) -> Result<String, String> {
     let client = loaded.config.clients.iter().find(|c| c.id == args.client).ok_or_else(|| format!("no client '{}' in the configuration", args.client))?;
     let key_path = args.key.unwrap_or_else(|| loaded.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client)));
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
-    let kid = format!("{}-1", args.client);
-    let pair = KeyPair::from_pem(&pem, &kid).map_err(|e| e.to_string())?;
+    let pair = KeyPair::from_pem_thumbprinted(&pem).map_err(|e| e.to_string())?;
     let base = args.url.or(loaded.config.server.base_url.clone()).unwrap_or_else(|| {
         let scheme = if loaded.config.server.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", loaded.listen)

@@ -1,6 +1,6 @@
-//! What some tests need from outside the repository (the public FHIR corpus, a PostgreSQL server), and the one printed line with which they skip without it.
+//! What some tests need from outside the repository (the public FHIR corpus, a PostgreSQL server, a Python with the FHIR clients), and the one printed line with which they skip without it.
 //!
-//! A fresh clone with only Rust passes the suite: these tests skip. `.ci/run` provides both and
+//! A fresh clone with only Rust passes the suite: these tests skip. `.ci/run` provides them all and
 //! sets `IOP_TEST_REQUIRE_ALL=1`, which turns a skip into a failure, so CI never silently loses them.
 //! The library's unit tests include this same file (`src/lib.rs`), so both follow one rule.
 
@@ -51,6 +51,21 @@ pub fn postgres(test: &str) -> Option<String> {
 /// The PostgreSQL URL the tests use (whether or not it answers: see [`postgres`]).
 pub fn postgres_url() -> String {
     std::env::var("IOP_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string())
+}
+
+/// A Python that has the FHIR clients of `tests/python/requirements.txt`: `IOP_TEST_PYTHON`, else
+/// the virtual environment `.ci/run` makes (`target/py-venv`).
+pub fn python(test: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("IOP_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/py-venv/bin/python")));
+    let ready = python.is_file()
+        && std::process::Command::new(&python).args(["-c", "import fhirpy, fhirclient, jwt, cryptography"]).output().is_ok_and(|o| o.status.success());
+    if ready {
+        return Some(python);
+    }
+    skip(test, &format!("a Python with fhirpy and fhirclient at {}: run .ci/run (it makes target/py-venv), or set IOP_TEST_PYTHON=PATH", python.display()));
+    None
 }
 
 /// Says, in one line the test harness does not swallow, that `test` did not run and what it needs;

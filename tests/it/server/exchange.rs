@@ -414,6 +414,13 @@ async fn the_gateway_authenticates_at_the_payer_with_smart_and_renews_a_refused_
     assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 2, "one token, then one renewal after the 401");
     let submits = payer.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/Claim/$submit").count();
     assert_eq!(submits, 2);
+    // Our assertions name our key by its RFC 7638 thumbprint, the id `partners add` publishes it under.
+    let thumbprint = iop_gateway::auth::keys::KeyPair::from_pem_thumbprinted(&key.private_pem).unwrap().kid;
+    for request in payer.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/auth/token") {
+        let form: Vec<(String, String)> = form_urlencoded::parse(&request.body).into_owned().collect();
+        let assertion = &form.iter().find(|(k, _)| k == "client_assertion").expect("a client assertion").1;
+        assert_eq!(jsonwebtoken::decode_header(assertion).unwrap().kid.as_deref(), Some(thumbprint.as_str()));
+    }
     gw.stop().await;
 }
 
