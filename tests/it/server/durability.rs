@@ -131,7 +131,8 @@ fn check_config_clients_add_and_the_example() {
     assert_eq!(wrong_role.status.code(), Some(2));
     let checked = run(&["check-config"]);
     assert_eq!(checked.status.code(), Some(0), "{}", String::from_utf8_lossy(&checked.stderr));
-    assert!(String::from_utf8_lossy(&checked.stdout).contains("riverside (inpatient-unit, Organization/riverside)"));
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(stdout.contains("riverside (inpatient-unit, Organization/riverside, keys data/clients/riverside.jwks.json)"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
