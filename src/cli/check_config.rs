@@ -35,6 +35,10 @@ pub fn run(args: Args) -> ExitCode {
     if let Some(tls) = &c.server.tls {
         println!("  mutual TLS {}", if tls.client_ca.is_some() { "required" } else { "off" });
     }
+    println!("  base URL   {}", c.server.base_url.as_deref().unwrap_or("from each request (Host; trusted proxies' forwarded headers)"));
+    if let Some(warning) = loaded.base_url_warning() {
+        println!("  warning    {warning}");
+    }
     match &c.store.url {
         Some(_) => println!("  store      PostgreSQL{}", c.store.schema.as_deref().map(|s| format!(" (schema {s})")).unwrap_or_default()),
         None => println!("  store      SQLite in {}", c.store.data_dir.display()),
