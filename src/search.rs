@@ -641,6 +641,8 @@ pub fn parse_query(resource_type: &str, pairs: &[(String, String)], default_coun
             return Err(err(&format!("at most {MAX_VALUES_PER_PARAMETER} comma-separated values")));
         }
         if RESULT_PARAMS.contains(&name.as_str()) {
+            // The paging links keep the format asked for.
+            query.used.push((name.clone(), raw.clone()));
             continue;
         }
         match apply(&mut query, resource_type, name, raw, max_count) {

@@ -433,8 +433,16 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
         (Some(t), None) => format!("{t}/_history"),
         _ => "_history".to_string(),
     };
-    let since_pair = since.as_ref().map(|s| format!("_since={}&", form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>())).unwrap_or_default();
-    let page = |offset: usize| format!("{base}/{path}?{since_pair}_count={count}&_offset={offset}");
+    // The paging links keep `_since` and the format asked for.
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    if let Some(since) = &since {
+        kept.append_pair("_since", since);
+    }
+    for (name, value) in pairs.iter().filter(|(k, _)| search::RESULT_PARAMS.contains(&k.as_str())) {
+        kept.append_pair(name, value);
+    }
+    let kept = kept.finish();
+    let page = |offset: usize| format!("{base}/{path}?{kept}{}_count={count}&_offset={offset}", if kept.is_empty() { "" } else { "&" });
     let mut links = vec![("self", page(offset))];
     if offset + count < total as usize && count > 0 {
         links.push(("next", page(offset + count)));
