@@ -3,6 +3,8 @@
 //! The registry is the single source for the index, the query parser and the CapabilityStatement,
 //! so `/metadata` lists exactly what a search accepts. SQL lives in `store`; this module only knows FHIR.
 
+pub mod compartment;
+
 use crate::json::Json;
 
 /// How a parameter's values are matched.
@@ -239,6 +241,9 @@ pub fn extract(resource_type: &str, resource: &Json, last_updated: &str) -> Vec<
                 }
             }
         }
+    }
+    for patient in compartment::patients(resource_type, resource) {
+        out.push(IndexEntry::Token { param: compartment::PARAM, system: String::new(), value: patient });
     }
     out.dedup();
     out

@@ -22,6 +22,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(4, "subscriptions", include_str!("../../migrations/postgres/0004_subscriptions.sql")),
         migration(5, "utilization", include_str!("../../migrations/postgres/0005_utilization.sql")),
         migration(6, "inquiries", include_str!("../../migrations/postgres/0006_inquiries.sql")),
+        migration(7, "exports", include_str!("../../migrations/postgres/0007_exports.sql")),
     ]
 }
 

@@ -27,7 +27,7 @@ impl Sql {
     }
 
     /// Appends a placeholder bound to `value`.
-    fn bind(&mut self, value: Bind) {
+    pub(super) fn bind(&mut self, value: Bind) {
         self.binds.push(value);
         self.text.push_str(&format!("${}", self.binds.len()));
     }
@@ -76,28 +76,38 @@ impl Sql {
     }
 }
 
-fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: Option<&Visibility>) {
+pub(super) fn where_clause(sql: &mut Sql, resource_type: &str, query: &Query, visibility: Option<&Visibility>) {
     sql.push(" WHERE r.type = ");
     sql.text(resource_type);
     if let Some(visibility) = visibility {
-        sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
-        sql.text(&visibility.party);
-        sql.push(")");
-        if let Some(label) = &visibility.withheld_label {
-            sql.push(" AND (r.owner = ");
-            sql.text(&visibility.party);
-            sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
-            sql.text(label);
-            sql.push("))");
-        }
-        if visibility.writable_only {
-            sql.push(" AND (r.owner = ");
-            sql.text(&visibility.party);
-            sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
-            sql.text(&visibility.party);
-            sql.push(")))");
-        }
+        visibility_clause(sql, visibility);
     }
+    query_clauses(sql, query);
+}
+
+/// `AND …` conditions that keep only the rows of `resources r` a [`Visibility`] lets through.
+pub(super) fn visibility_clause(sql: &mut Sql, visibility: &Visibility) {
+    sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
+    sql.text(&visibility.party);
+    sql.push(")");
+    if let Some(label) = &visibility.withheld_label {
+        sql.push(" AND (r.owner = ");
+        sql.text(&visibility.party);
+        sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
+        sql.text(label);
+        sql.push("))");
+    }
+    if visibility.writable_only {
+        sql.push(" AND (r.owner = ");
+        sql.text(&visibility.party);
+        sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
+        sql.text(&visibility.party);
+        sql.push(")))");
+    }
+}
+
+/// `AND …` conditions of a search's clauses on the rows of `resources r`.
+pub(super) fn query_clauses(sql: &mut Sql, query: &Query) {
     for clause in &query.clauses {
         match clause {
             Clause::Id(ids) => {

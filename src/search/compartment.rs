@@ -1,0 +1,127 @@
+//! The R4 Patient compartment: which resource types belong to a patient's record and through which references, indexed as `_compartment` for Patient-level export and `Patient/$everything`.
+//!
+//! The table follows R4's CompartmentDefinition `patient`, its search parameters written as the
+//! element paths they index. A Patient is in its own compartment (and in that of the patients it
+//! links to). The index holds `Patient/<id>` under [`PARAM`] for each patient whose compartment a
+//! version is in, so a compartment is one indexed lookup on any backend.
+
+use super::{collect, normalize_reference};
+use crate::json::Json;
+
+/// The search-index parameter holding the patients whose compartment a resource is in.
+pub const PARAM: &str = "_compartment";
+
+/// Resource types of the Patient compartment and the elements whose Patient references put a resource in one.
+pub const PATIENT: &[(&str, &[&str])] = &[
+    ("Account", &["subject"]),
+    ("AdverseEvent", &["subject"]),
+    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
+    ("Appointment", &["participant.actor"]),
+    ("AppointmentResponse", &["actor"]),
+    ("Basic", &["subject", "author"]),
+    ("BodyStructure", &["patient"]),
+    ("CarePlan", &["subject", "activity.detail.performer"]),
+    ("CareTeam", &["subject", "participant.member"]),
+    ("ChargeItem", &["subject"]),
+    ("Claim", &["patient", "payee.party"]),
+    ("ClaimResponse", &["patient"]),
+    ("ClinicalImpression", &["subject"]),
+    ("Communication", &["subject", "sender", "recipient"]),
+    ("CommunicationRequest", &["subject", "sender", "recipient", "requester"]),
+    ("Composition", &["subject", "author", "attester.party"]),
+    ("Condition", &["subject", "asserter"]),
+    ("Consent", &["patient"]),
+    ("Coverage", &["policyHolder", "subscriber", "beneficiary", "payor"]),
+    ("CoverageEligibilityRequest", &["patient"]),
+    ("CoverageEligibilityResponse", &["patient"]),
+    ("DetectedIssue", &["patient"]),
+    ("DeviceRequest", &["subject", "performer"]),
+    ("DeviceUseStatement", &["subject"]),
+    ("DiagnosticReport", &["subject"]),
+    ("DocumentManifest", &["subject", "author", "recipient"]),
+    ("DocumentReference", &["subject", "author"]),
+    ("Encounter", &["subject"]),
+    ("EnrollmentRequest", &["candidate"]),
+    ("EpisodeOfCare", &["patient"]),
+    ("ExplanationOfBenefit", &["patient", "payee.party"]),
+    ("FamilyMemberHistory", &["patient"]),
+    ("Flag", &["subject"]),
+    ("Goal", &["subject"]),
+    ("Group", &["member.entity"]),
+    ("ImagingStudy", &["subject"]),
+    ("Immunization", &["patient"]),
+    ("ImmunizationEvaluation", &["patient"]),
+    ("ImmunizationRecommendation", &["patient"]),
+    ("Invoice", &["subject", "recipient"]),
+    ("List", &["subject", "source"]),
+    ("MeasureReport", &["subject"]),
+    ("Media", &["subject"]),
+    ("MedicationAdministration", &["subject", "performer.actor"]),
+    ("MedicationDispense", &["subject", "receiver"]),
+    ("MedicationRequest", &["subject"]),
+    ("MedicationStatement", &["subject"]),
+    ("MolecularSequence", &["patient"]),
+    ("NutritionOrder", &["patient"]),
+    ("Observation", &["subject", "performer"]),
+    ("Patient", &["link.other"]),
+    ("Person", &["link.target"]),
+    ("Procedure", &["subject", "performer.actor"]),
+    ("Provenance", &["target"]),
+    ("QuestionnaireResponse", &["subject", "author"]),
+    ("RelatedPerson", &["patient"]),
+    ("RequestGroup", &["subject", "action.participant"]),
+    ("ResearchSubject", &["individual"]),
+    ("RiskAssessment", &["subject"]),
+    ("Schedule", &["actor"]),
+    ("ServiceRequest", &["subject", "performer"]),
+    ("Specimen", &["subject"]),
+    ("SupplyDelivery", &["patient"]),
+    ("SupplyRequest", &["requester"]),
+    ("VisionPrescription", &["patient"]),
+];
+
+/// Whether resources of this type can be in a patient's compartment.
+pub fn is_patient_type(resource_type: &str) -> bool {
+    PATIENT.iter().any(|(t, _)| *t == resource_type)
+}
+
+/// The patients (`Patient/<id>`) whose compartment a resource is in.
+pub fn patients(resource_type: &str, resource: &Json) -> Vec<String> {
+    let Some((_, paths)) = PATIENT.iter().find(|(t, _)| *t == resource_type) else { return Vec::new() };
+    let mut out = Vec::new();
+    if resource_type == "Patient"
+        && let Some(id) = resource.get("id").and_then(Json::as_str)
+    {
+        out.push(format!("Patient/{id}"));
+    }
+    for path in *paths {
+        let mut values = Vec::new();
+        collect(resource, &path.split('.').collect::<Vec<_>>(), &mut values);
+        for value in values {
+            if let Some(reference) = value.get("reference").and_then(Json::as_str).and_then(normalize_reference)
+                && reference.starts_with("Patient/")
+                && !out.contains(&reference)
+            {
+                out.push(reference);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_patient_is_in_its_own_compartment_and_others_by_their_references() {
+        let patient = crate::json::parse(br#"{"resourceType":"Patient","id":"p1","link":[{"other":{"reference":"Patient/p0"},"type":"replaces"}]}"#).unwrap();
+        assert_eq!(patients("Patient", &patient), ["Patient/p1", "Patient/p0"]);
+        let claim = crate::json::parse(br#"{"resourceType":"Claim","patient":{"reference":"Patient/p1"},"payee":{"party":{"reference":"Patient/p1"}},"provider":{"reference":"Organization/o"}}"#).unwrap();
+        assert_eq!(patients("Claim", &claim), ["Patient/p1"]);
+        let observation = crate::json::parse(br#"{"resourceType":"Observation","subject":{"reference":"Group/g"},"performer":[{"reference":"http://x/fhir/Patient/p2"}]}"#).unwrap();
+        assert_eq!(patients("Observation", &observation), ["Patient/p2"]);
+        let task = crate::json::parse(br#"{"resourceType":"Task","for":{"reference":"Patient/p1"}}"#).unwrap();
+        assert!(patients("Task", &task).is_empty(), "R4 leaves Task out of the Patient compartment");
+    }
+}
