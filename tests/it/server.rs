@@ -5,6 +5,7 @@ mod auth;
 mod clients;
 mod durability;
 mod exchange;
+mod export;
 mod isolation;
 mod limits;
 mod malformed;
