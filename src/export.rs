@@ -195,8 +195,9 @@ pub struct FileDone {
     pub count: u64,
 }
 
-/// The worker's cursor, committed after every page.
+/// The worker's cursor, committed after every page (a new job's is `{}`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Progress {
     /// Index into the plan's types.
     pub type_index: usize,

@@ -178,11 +178,14 @@ async fn a_clinic_exports_what_it_may_read_at_every_level_and_with_every_paramet
 
     // Every export was audited with who, what types and how many resources.
     let ops = g.token("ops").await;
-    let (status, events) = g.get(&ops, "AuditEvent?altid=clinic&_count=200").await;
+    let descriptions = |events: Value| -> Vec<String> { events["entry"].as_array().unwrap().iter().filter_map(|e| e["resource"]["outcomeDesc"].as_str().map(str::to_string)).collect() };
+    let (status, events) = g.get(&ops, "AuditEvent?altid=clinic&subtype=operation&_count=200").await;
     assert_eq!(status, 200);
-    let descriptions: Vec<&str> = events["entry"].as_array().unwrap().iter().filter_map(|e| e["resource"]["outcomeDesc"].as_str()).collect();
-    assert!(descriptions.iter().any(|d| d.contains("bulk export") && d.contains("resources written (") && d.contains("Observation 4")), "{descriptions:?}");
-    assert!(descriptions.iter().any(|d| d.contains("file Observation-1.ndjson")), "downloads are audited");
+    let completed = descriptions(events);
+    assert!(completed.iter().any(|d| d.contains("bulk export") && d.contains("resources written (") && d.contains("Observation 4")), "{completed:?}");
+    let (_, events) = g.get(&ops, "AuditEvent?altid=clinic&subtype=read&_count=200").await;
+    let reads = descriptions(events);
+    assert!(reads.iter().any(|d| d.contains("file Observation-1.ndjson: ")), "downloads are audited: {reads:?}");
 
     // The CapabilityStatement names the operations by the IG's canonicals.
     let metadata = g.http.get(g.url("metadata")).send().await.unwrap().text().await.unwrap();
