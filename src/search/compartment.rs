@@ -5,7 +5,7 @@
 //! links to). The index holds `Patient/<id>` under [`PARAM`] for each patient whose compartment a
 //! version is in, so a compartment is one indexed lookup on any backend.
 
-use super::{collect, normalize_reference};
+use super::references_to;
 use crate::json::Json;
 
 /// The search-index parameter holding the patients whose compartment a resource is in.
@@ -94,18 +94,7 @@ pub fn patients(resource_type: &str, resource: &Json) -> Vec<String> {
     {
         out.push(format!("Patient/{id}"));
     }
-    for path in *paths {
-        let mut values = Vec::new();
-        collect(resource, &path.split('.').collect::<Vec<_>>(), &mut values);
-        for value in values {
-            if let Some(reference) = value.get("reference").and_then(Json::as_str).and_then(normalize_reference)
-                && reference.starts_with("Patient/")
-                && !out.contains(&reference)
-            {
-                out.push(reference);
-            }
-        }
-    }
+    references_to(resource, paths, "Patient", &mut out);
     out
 }
 
