@@ -13,7 +13,8 @@
 //! exporting gateway's (and the downloading client's) alone. The export time is kick-off to
 //! manifest less the settle time (the request timeout, 1 s here) the job waits before reading. The
 //! baseline, in the parent right after, reads the bodies of the same rows with a plain
-//! `SELECT type, id, body FROM resources` in keyset pages of 1,000, and counts their bytes.
+//! `SELECT type, id, body FROM resources` in keyset pages of 1,000, and counts their bytes. On
+//! PostgreSQL both run after an `ANALYZE` of the freshly loaded tables.
 
 use std::io::Read as _;
 use std::time::{Duration, Instant};
@@ -187,6 +188,12 @@ async fn plain_select(pool: &sqlx::AnyPool) -> (u64, u64, f64) {
 
 /// Exports the store in a child, measures the baseline; prints the row.
 async fn measure(label: &str, store_toml: &str, dir: &std::path::Path, pool: &sqlx::AnyPool, total: usize, loaded_in: f64) {
+    // Fresh statistics, as autovacuum would have them for a store loaded long before its export.
+    if label == "postgres" {
+        for table in ["resources", "resource_versions", "search_tokens"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}"))).execute(pool).await.unwrap();
+        }
+    }
     let output = std::process::Command::new(std::env::current_exe().unwrap()).env(CHILD, store_toml).env("IOP_BENCH_EXPORT_DIR", dir).output().expect("the export child runs");
     let text = String::from_utf8_lossy(&output.stdout);
     let Some(f) = text.lines().find_map(|l| l.strip_prefix("export ")).map(|l| l.split_whitespace().map(|x| x.parse::<f64>().unwrap()).collect::<Vec<_>>()) else {
