@@ -1,7 +1,7 @@
 //! The HTTP layer: the axum router of the FHIR endpoint, the token endpoint, discovery and operations endpoints, and the limits every request passes. The only module that knows HTTP status codes.
 //!
 //! - [`rest`]: create, read, vread, update, history, search (`GET /{type}`, `GET`/`POST /{type}/_search`); [`bundle`]: transaction and batch;
-//!   [`message`]: `$process-message`; [`notifications`]: payers' subscription notifications; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
+//!   [`export`]: Bulk Data `$export` (kick-off, status, files) and `Patient/[id]/$everything`; [`message`]: `$process-message`; [`notifications`]: payers' subscription notifications; [`validate`]: `$validate`; [`audit_search`]: `GET /AuditEvent`.
 //! - [`caller`]: bearer-token authentication and the disclosure choke point; [`write`]: the one write path;
 //!   [`base`]: the base URL of a request, which every link starts with.
 //! - [`token`], [`metadata`]: SMART token endpoint, CapabilityStatement and SMART discovery.
@@ -16,6 +16,7 @@ pub mod bundle;
 pub mod caller;
 pub mod connection;
 pub mod error;
+pub mod export;
 pub mod fhir;
 pub mod limits;
 pub mod message;
@@ -60,6 +61,12 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/outbox/{id}", get(records::outbox_show))
         .route("/admin/outbox/{id}/{operation}", post(records::outbox_replay))
         .route("/notifications/{partner}", post(notifications::receive))
+        .route("/$export", get(export::system).post(export::system))
+        .route("/Patient/$export", get(export::patient).post(export::patient))
+        .route("/Group/{id}/$export", get(export::group).post(export::group))
+        .route("/Patient/{id}/$everything", get(export::everything))
+        .route("/$export-status/{job}", get(export::status).delete(export::cancel))
+        .route("/$export-file/{job}/{file}", get(export::file))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
         .route("/{type}/_search", get(rest::search_type).post(rest::search_post))
         .route("/{type}/_history", get(rest::history_type))
@@ -104,6 +111,8 @@ fn route_template(path: &str) -> &'static str {
         ["admin", "outbox", _] => "/admin/outbox/{id}",
         ["admin", "outbox", _, _] => "/admin/outbox/{id}/{operation}",
         ["notifications", _] => "/notifications/{partner}",
+        ["$export-status", _] => "/$export-status/{job}",
+        ["$export-file", _, _] => "/$export-file/{job}/{file}",
         [t] if t.starts_with('$') => "/$operation",
         [_] => "/{type}",
         [_, op] if op.starts_with('$') => "/{type}/$operation",

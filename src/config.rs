@@ -45,6 +45,8 @@ pub struct Config {
     pub mappings: MappingsConfig,
     /// When the gateway proposes extending a certification.
     pub utilization: UtilizationConfig,
+    /// Bulk Data `$export`.
+    pub export: ExportConfig,
 }
 
 /// What a partner the gateway sends to is.
@@ -152,6 +154,32 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 120, concurrency: 16 }
+    }
+}
+
+/// Bulk Data `$export` ([`crate::export`]): the worker inside `serve` and the files it writes under `<data_dir>/exports/`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Whether `serve` runs the export worker (several instances over one PostgreSQL may all run it).
+    pub enabled: bool,
+    /// Largest NDJSON file in bytes; a type with more starts another file.
+    pub max_file_bytes: u64,
+    /// Resources read from the store at a time (and written before the job's progress is committed).
+    pub page_size: usize,
+    /// Seconds a finished export's files stay available (the status' `Expires`).
+    pub retention_secs: u64,
+    /// Exports one client may have running at once; one more is refused with 429.
+    pub max_running_per_client: usize,
+    /// The `Retry-After` seconds of a status poll while running, and of that 429.
+    pub retry_after_secs: u64,
+    /// Seconds a worker holds a job between pages before another instance may resume it.
+    pub lease_secs: u64,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig { enabled: true, max_file_bytes: 100 * 1024 * 1024, page_size: 1000, retention_secs: 3600, max_running_per_client: 1, retry_after_secs: 5, lease_secs: 60 }
     }
 }
 
@@ -680,6 +708,9 @@ impl Config {
         self.check_partners(&mut problems);
         if self.outbox.poll_interval_ms == 0 || self.outbox.lease_secs == 0 || self.outbox.concurrency == 0 {
             problems.push("outbox: poll_interval_ms, lease_secs and concurrency must be greater than 0".into());
+        }
+        if self.export.max_file_bytes == 0 || self.export.page_size == 0 || self.export.retention_secs == 0 || self.export.max_running_per_client == 0 || self.export.lease_secs == 0 {
+            problems.push("export: max_file_bytes, page_size, retention_secs, max_running_per_client and lease_secs must be greater than 0".into());
         }
         // A certification is at most a year of days; larger thresholds would propose an extension with every first session.
         if self.utilization.remaining_days_below > 366 || self.utilization.days_before_end > 366 {

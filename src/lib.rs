@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod definitions;
 pub mod exchange;
+pub mod export;
 pub mod fhirpath;
 pub mod iop;
 pub mod json;

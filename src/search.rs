@@ -273,6 +273,9 @@ pub fn extract(resource_type: &str, resource: &Json, last_updated: &str) -> Vec<
             }
         }
     }
+    for patient in compartment::patients(resource_type, resource) {
+        out.push(IndexEntry::Token { param: compartment::PARAM, system: String::new(), value: patient });
+    }
     out.dedup();
     out
 }
@@ -303,19 +306,24 @@ const ADDRESS_PATHS: &[&str] = &[
 /// The `Organization/<id>` references a resource is addressed to.
 pub fn addressed_organizations(resource: &Json) -> Vec<String> {
     let mut out = Vec::new();
-    for path in ADDRESS_PATHS {
+    references_to(resource, ADDRESS_PATHS, "Organization", &mut out);
+    out
+}
+
+/// Adds to `out` the `Type/id` references to `target` found at `paths`, each once.
+fn references_to(resource: &Json, paths: &[&str], target: &str, out: &mut Vec<String>) {
+    for path in paths {
         let mut values = Vec::new();
         collect(resource, &path.split('.').collect::<Vec<_>>(), &mut values);
         for value in values {
             if let Some(reference) = value.get("reference").and_then(Json::as_str).and_then(normalize_reference)
-                && reference.starts_with("Organization/")
+                && reference.strip_prefix(target).is_some_and(|rest| rest.starts_with('/'))
                 && !out.contains(&reference)
             {
                 out.push(reference);
             }
         }
     }
-    out
 }
 
 /// `Type/id` from a relative or absolute literal reference; `None` for contained, `urn:` and versioned-only forms.
@@ -532,8 +540,6 @@ pub enum Clause {
     Id(Vec<String>),
     Token { param: String, any: Vec<TokenMatch> },
     Date { param: String, any: Vec<DateMatch> },
-    /// A compartment: any of these reference parameters holds `reference`.
-    Compartment { params: &'static [&'static str], reference: String },
 }
 
 /// `system|code`, `|code`, `system|` or `code`; `None` means "any".

@@ -317,6 +317,7 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         }
     });
     let worker = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::outbox::spawn(serving.state.clone()));
+    let exporter = serving.state.loaded.config.export.enabled.then(|| crate::export::spawn(serving.state.clone()));
     // Inquiries are outbox messages: an instance that sends none has no business queueing them.
     let inquirer = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::inquiry::spawn(serving.state.clone()));
     let serving: tokio::task::JoinHandle<io::Result<()>> = match tls {
@@ -355,6 +356,10 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         }
         if let Some(inquirer) = inquirer {
             inquirer.abort();
+        }
+        // An export stopped mid-page is resumed from its committed cursor after its lease, by any instance.
+        if let Some(exporter) = exporter {
+            exporter.abort();
         }
         closing_store.close().await;
         tracing::info!("Stopped; the store is closed.");

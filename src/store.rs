@@ -12,6 +12,7 @@
 //! SQLite writes go through a single connection).
 
 mod exchange;
+mod exports;
 mod inquiries;
 mod postgres;
 mod query;
@@ -29,6 +30,7 @@ use crate::search::{IndexEntry, Query};
 use crate::telemetry::Metrics;
 
 pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCursor, RecordFilter, RecordRow};
+pub use exports::{Compartment, ExportJob, ExportPage, Exported};
 pub use inquiries::Pended;
 pub use query::{AuditQuery, Bind, HistoryScope};
 pub use subscriptions::SubscriptionRow;

@@ -116,15 +116,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
     if record.expires_at <= now {
         return Err(ApiError::InvalidToken("the access token has expired".into()));
     }
-    let client = state.clients.get(&record.client).ok_or_else(|| ApiError::InvalidToken("the access token's client is no longer registered".into()))?;
-    let principal = Principal {
-        client_id: record.client.clone(),
-        role: client.config.role,
-        organization: client.organization.clone(),
-        // A token never grants more than the client is allowed now, even if its registration shrank.
-        scopes: ScopeSet::parse(&record.scope).unwrap_or_default().intersect(&client.allowed),
-        part2_disclosure: client.config.part2_disclosure,
-    };
+    let principal = principal_of(state, &record.client, &record.scope).ok_or_else(|| ApiError::InvalidToken("the access token's client is no longer registered".into()))?;
     if ttl > 0
         && let Ok(mut cache) = state.token_cache.lock()
     {
@@ -134,6 +126,20 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, 
         cache.insert(hash, CachedToken { principal: principal.clone(), expires_at: record.expires_at, cached_at: now });
     }
     Ok(principal)
+}
+
+/// The principal of a registered client holding a token with `scope` (a request's, or an export job's
+/// when its worker runs later); `None` once the client is no longer registered.
+pub fn principal_of(state: &AppState, client_id: &str, scope: &str) -> Option<Principal> {
+    let client = state.clients.get(client_id)?;
+    Some(Principal {
+        client_id: client_id.to_string(),
+        role: client.config.role,
+        organization: client.organization.clone(),
+        // A token never grants more than the client is allowed now, even if its registration shrank.
+        scopes: ScopeSet::parse(scope).unwrap_or_default().intersect(&client.allowed),
+        part2_disclosure: client.config.part2_disclosure,
+    })
 }
 
 /// Appends an audit record outside any transaction; a failure to audit is logged (the response is already decided).

@@ -42,6 +42,12 @@ pub enum ApiError {
     Timeout,
     #[error("too many requests from this client in flight")]
     TooManyRequests,
+    /// 429 with its own reason and `Retry-After` (an export already running).
+    #[error("{message}")]
+    Throttled { message: String, retry_after_secs: u64 },
+    /// An asynchronous job (a bulk export) failed; the reason is the client's to read (500).
+    #[error("{0}")]
+    JobFailed(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -75,7 +81,8 @@ impl ApiError {
             ApiError::Unreadable(_) => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests | ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::JobFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,7 +100,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => IssueCode::TooLong,
             ApiError::Unprocessable(issues) | ApiError::Unreadable(issues) => return issues.clone(),
             ApiError::Timeout => IssueCode::Timeout,
-            ApiError::TooManyRequests => IssueCode::Throttled,
+            ApiError::TooManyRequests | ApiError::Throttled { .. } => IssueCode::Throttled,
+            ApiError::JobFailed(_) => IssueCode::Processing,
             ApiError::Unavailable(_) => IssueCode::Throttled,
             ApiError::Internal(_) => IssueCode::Exception,
         };
@@ -129,6 +137,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::TooManyRequests | ApiError::Unavailable(_) => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Throttled { retry_after_secs, .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             _ => {}
         }

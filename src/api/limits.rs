@@ -91,10 +91,10 @@ struct Audited {
 }
 
 /// Whether a path is a FHIR endpoint (answered in the negotiated format), rather than SMART,
-/// operations, the IOP records or payers' notifications (JSON of their own).
+/// operations, the IOP records, payers' notifications (JSON of their own) or Bulk Data files (NDJSON).
 fn is_fhir(path: &str) -> bool {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or_default();
-    !matches!(first, "auth" | ".well-known" | "healthz" | "readyz" | "metrics" | "iop" | "admin" | "notifications")
+    !matches!(first, "auth" | ".well-known" | "healthz" | "readyz" | "metrics" | "iop" | "admin" | "notifications" | "$export-file")
 }
 
 /// Takes a slot in the budget the request belongs to and runs it under the time limits; a request

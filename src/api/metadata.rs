@@ -14,6 +14,9 @@ use crate::json::Json;
 use crate::search::{self, INCLUDES};
 
 const PROFILE_BASE: &str = "http://iop-gateway.org/fhir";
+const BULK_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
+const BULK_PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
+const BULK_GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
 /// The CapabilityStatement as JSON text.
 pub fn capability_statement(base: &str, resource_types: &HashSet<String>, definitions: &Definitions) -> String {
@@ -96,7 +99,18 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             params.remove(0);
         }
         members.push(("searchParam", Json::Array(params)));
-        members.push(("operation", Json::Array(vec![validate_op.clone()])));
+        let mut operations = vec![validate_op.clone()];
+        let operation = |name: &str, definition: &str, documentation: &str| {
+            object(&[("name", Json::string(name)), ("definition", Json::string(definition)), ("documentation", Json::string(documentation))])
+        };
+        if t == "Patient" {
+            operations.push(operation("export", BULK_PATIENT_EXPORT, "GET or POST [base]/Patient/$export with Prefer: respond-async: every patient's compartment the client may read, as NDJSON files (Bulk Data STU 3)."));
+            operations.push(operation("everything", "http://hl7.org/fhir/OperationDefinition/Patient-everything", "GET [base]/Patient/[id]/$everything: the patient and its compartment the client may read, as a searchset (_since, _type, _count, paging links)."));
+        }
+        if t == "Group" {
+            operations.push(operation("export", BULK_GROUP_EXPORT, "GET or POST [base]/Group/[id]/$export with Prefer: respond-async: the compartments of the Group's member patients; Group/iop-all-clients and Group/iop-active-enrollments are the program's clients (every enrollment, active enrollments), computed at kick-off."));
+        }
+        members.push(("operation", Json::Array(operations)));
         resources.push(object(&members));
     }
     // SMART 2 keeps the oauth-uris extension for older clients (Python fhirclient, fhir-kit-client
@@ -143,10 +157,20 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         ("compartment", Json::Array(vec![Json::string("http://hl7.org/fhir/CompartmentDefinition/patient")])),
         (
             "operation",
-            Json::Array(vec![object(&[
-                ("name", Json::string("process-message")),
-                ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message")),
-            ])]),
+            Json::Array(vec![
+                object(&[
+                    ("name", Json::string("process-message")),
+                    ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message")),
+                ]),
+                object(&[
+                    ("name", Json::string("export")),
+                    ("definition", Json::string(BULK_EXPORT)),
+                    (
+                        "documentation",
+                        Json::string("GET or POST [base]/$export with Prefer: respond-async (Bulk Data STU 3): NDJSON files of what the client may read; status at the Content-Location, files need the same token."),
+                    ),
+                ]),
+            ]),
         ),
     ]);
     object(&[

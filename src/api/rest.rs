@@ -61,7 +61,7 @@ fn reserved_word(method: &str, resource_type: &str, word: &str) -> ApiError {
         "_history" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/_history: history is read with GET")),
         "_search" => ApiError::MethodNotAllowed(format!("{method} /{resource_type}/_search: a search is a GET or a POST with a form body")),
         operation if operation.starts_with('$') => ApiError::MethodNotAllowed(format!(
-            "{method} /{resource_type}/{operation}: the operation {operation} is not supported (operations here: $validate by POST on a type or an instance, $process-message)"
+            "{method} /{resource_type}/{operation}: the operation {operation} is not supported (operations here: $validate by POST on a type or an instance, $process-message, $export on the system, Patient and Group/[id], Patient/[id]/$everything)"
         )),
         other => ApiError::BadRequest(format!(
             "{method} /{resource_type}/{other}: '{other}' is neither a resource id (ids have only A-Z, a-z, 0-9, '-' and '.') nor an interaction (_search, _history)"
@@ -256,23 +256,8 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
         }
     }
     let base = &caller.base.url;
-    let page_url = |offset: usize| {
-        let mut serializer = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in scope.fixed.iter().chain(query.used.iter()).filter(|(k, _)| k != "_offset" && k != "_count") {
-            serializer.append_pair(k, v);
-        }
-        // The page size used, which may be less than the one asked for (`max_page_size`).
-        serializer.append_pair("_count", &query.count.to_string());
-        serializer.append_pair("_offset", &offset.to_string());
-        format!("{base}/{}?{}", scope.path, serializer.finish())
-    };
-    let mut links = vec![("self", page_url(query.offset))];
-    if (query.offset + query.count) < total as usize && query.count > 0 {
-        links.push(("next", page_url(query.offset + query.count)));
-    }
-    if query.offset > 0 {
-        links.push(("previous", page_url(query.offset.saturating_sub(query.count))));
-    }
+    let used: Vec<(String, String)> = scope.fixed.iter().chain(query.used.iter()).cloned().collect();
+    let links = page_links(&format!("{base}/{}", scope.path), &used, query.count, query.offset, total);
     let mut bundle = BundleText::new("searchset", (!query.no_total).then_some(total), &links);
     let definitions = state.validator.definitions();
     for (stored, mode) in found.iter().map(|s| (s, "match")).chain(included.iter().map(|s| (s, "include"))) {
@@ -302,6 +287,28 @@ fn read_subset(pairs: &[(String, String)]) -> Result<Option<search::Subset>, Api
         chosen = search::subset(name, raw).map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))?;
     }
     Ok(chosen)
+}
+
+/// The `self`, `next` and `previous` links of a page of `total` results at `url`: the request's
+/// parameters with the page size used (which may be less than the one asked for) and the offset.
+pub fn page_links(url: &str, pairs: &[(String, String)], count: usize, offset: usize, total: i64) -> Vec<(&'static str, String)> {
+    let page_url = |offset: usize| {
+        let mut serializer = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs.iter().filter(|(k, _)| k != "_offset" && k != "_count") {
+            serializer.append_pair(k, v);
+        }
+        serializer.append_pair("_count", &count.to_string());
+        serializer.append_pair("_offset", &offset.to_string());
+        format!("{url}?{}", serializer.finish())
+    };
+    let mut links = vec![("self", page_url(offset))];
+    if (offset + count) < total as usize && count > 0 {
+        links.push(("next", page_url(offset + count)));
+    }
+    if offset > 0 {
+        links.push(("previous", page_url(offset.saturating_sub(count))));
+    }
+    links
 }
 
 /// `GET /{type}/{id}`: read.

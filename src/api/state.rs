@@ -90,6 +90,8 @@ pub struct Shared {
     pub partners: Arc<Partners>,
     /// Wakes the delivery worker when a message was queued.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Wakes the export worker when a job was started.
+    pub export_wake: Arc<tokio::sync::Notify>,
     /// The gateway itself, as the author of what it stores from partners' answers (payer decisions).
     pub gateway_principal: Principal,
 }
@@ -153,6 +155,7 @@ impl AppState {
                 mappings: exchange.mappings,
                 partners: exchange.partners,
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                export_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }

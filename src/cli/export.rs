@@ -17,9 +17,9 @@ use super::EXIT_USAGE;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The server's FHIR base URL (e.g. https://gateway.example.org).
+    /// The server's FHIR base URL (e.g. https://gateway.example.org). Default: this gateway's, from its configuration.
     #[arg(long)]
-    url: String,
+    url: Option<String>,
     /// Our client id at that server (for this gateway: the id given to `clients add`).
     #[arg(long)]
     client: String,
@@ -29,7 +29,7 @@ pub struct Args {
     /// The key id the server knows the key by (the `kid` of the client assertion). Default: the key's RFC 7638 thumbprint, as `clients add` registers it.
     #[arg(long)]
     kid: Option<String>,
-    /// Configuration file to find the default key through. Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
+    /// Configuration file to find the default URL and key through. Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Scopes to ask for.
@@ -145,14 +145,23 @@ pub fn run(args: Args) -> ExitCode {
 
 /// The client of the server: our key (from `--key` or the configuration's data folder) and where to get tokens.
 fn connect(args: &Args) -> Result<FhirClient, String> {
-    let key_path = match &args.key {
-        Some(path) => path.clone(),
-        None => {
+    // This gateway's configuration supplies what is not given: its URL and the key `clients add` wrote.
+    let loaded = match (&args.url, &args.key) {
+        (Some(_), Some(_)) => None,
+        _ => {
             let env = |name: &str| std::env::var(name).ok();
             let file = Config::locate(args.config.as_deref(), &env);
-            let loaded = Config::load(file.as_deref(), &config::process_env(), &Overrides::default()).map_err(|e| format!("{e} (or name the key with --key)"))?;
-            loaded.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client))
+            Some(Config::load(file.as_deref(), &config::process_env(), &Overrides::default()).map_err(|e| format!("{e} (or give --url and --key)"))?)
         }
+    };
+    let configured = || loaded.as_ref().ok_or_else(|| "no configuration was read".to_string());
+    let url = match &args.url {
+        Some(url) => url.clone(),
+        None => super::token::configured_base(configured()?),
+    };
+    let key_path = match &args.key {
+        Some(path) => path.clone(),
+        None => configured()?.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client)),
     };
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read the key {}: {e}", key_path.display()))?;
     let key = match &args.kid {
@@ -162,7 +171,7 @@ fn connect(args: &Args) -> Result<FhirClient, String> {
     let key = key.map_err(|e| format!("{}: {e}", key_path.display()))?;
     let credentials = Credentials::Smart { key, client_id: args.client.clone(), scopes: args.scope.clone() };
     let transport = Transport { timeout: Some(Duration::from_secs(300)), ca_file: args.ca.as_deref(), client_identity: None };
-    FhirClient::new(&args.url, credentials, args.token_endpoint.clone(), &transport)
+    FhirClient::new(&url, credentials, args.token_endpoint.clone(), &transport)
 }
 
 /// Checks every line of the output files; prints the first problems found and returns how many resources were invalid.

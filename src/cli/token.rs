@@ -50,10 +50,7 @@ fn token(args: Args) -> Result<String, String> {
     let key_path = args.key.unwrap_or_else(|| loaded.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client)));
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
     let pair = KeyPair::from_pem_thumbprinted(&pem).map_err(|e| e.to_string())?;
-    let base = args.url.or(loaded.config.server.base_url.clone()).unwrap_or_else(|| {
-        let scheme = if loaded.config.server.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", loaded.listen)
-    });
+    let base = args.url.unwrap_or_else(|| configured_base(&loaded));
     let token_url = format!("{}{}", base.trim_end_matches('/'), crate::auth::TOKEN_PATH);
     let now = jsonwebtoken::get_current_timestamp();
     let assertion = sign_assertion(&pair, &args.client, &token_url, &uuid::Uuid::new_v4().to_string(), now + 240).map_err(|e| e.to_string())?;
@@ -79,5 +76,13 @@ fn token(args: Args) -> Result<String, String> {
             return Err(format!("{status}: {} {}", body["error"].as_str().unwrap_or_default(), body["error_description"].as_str().unwrap_or_default()));
         }
         body["access_token"].as_str().map(str::to_string).ok_or_else(|| "no access_token in the answer".to_string())
+    })
+}
+
+/// The running gateway's base URL as its configuration names it: `server.base_url`, else the listen address.
+pub(super) fn configured_base(loaded: &config::Loaded) -> String {
+    loaded.config.server.base_url.clone().unwrap_or_else(|| {
+        let scheme = if loaded.config.server.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", loaded.listen)
     })
 }

@@ -1,26 +1,107 @@
-//! The R4 Patient compartment as the gateway indexes it: which search parameters put a stored resource in a patient's compartment (compartment search, and whatever gathers "everything about a patient").
+//! The R4 Patient compartment: which resource types belong to a patient's record and through which references, indexed as `_compartment` for Patient-level export and `Patient/$everything`.
+//!
+//! The table follows R4's CompartmentDefinition `patient`, its search parameters written as the
+//! element paths they index. A Patient is in its own compartment (and in that of the patients it
+//! links to). The index holds `Patient/<id>` under [`PARAM`] for each patient whose compartment a
+//! version is in, so a compartment is one indexed lookup on any backend.
 
-/// The search parameters (of [`super::params`]) through which a resource of `resource_type` belongs
-/// to a Patient's compartment; empty when the type is not in the compartment.
-///
-/// From `CompartmentDefinition/patient` (R4), keeping the parameters the gateway indexes: the ones
-/// left out (Observation `performer`, Communication `sender`/`recipient`, Claim `payee`, …) name a
-/// patient only in unusual records, and an unindexed parameter cannot be searched. Coverage's
-/// `beneficiary` is indexed as `patient`; Task is not in R4's Patient compartment.
-pub fn patient_compartment(resource_type: &str) -> &'static [&'static str] {
-    match resource_type {
-        "Observation" | "QuestionnaireResponse" | "DocumentReference" | "Communication" => &["subject"],
-        "ServiceRequest" => &["subject", "performer"],
-        "Encounter" | "EpisodeOfCare" | "CarePlan" | "Condition" | "Claim" | "ClaimResponse" | "Coverage" | "Consent" | "Procedure" | "Goal" | "Provenance" => &["patient"],
-        _ => &[],
-    }
+use super::references_to;
+use crate::json::Json;
+
+/// The search-index parameter holding the patients whose compartment a resource is in.
+pub const PARAM: &str = "_compartment";
+
+/// Resource types of the Patient compartment and the elements whose Patient references put a resource in one.
+pub const PATIENT: &[(&str, &[&str])] = &[
+    ("Account", &["subject"]),
+    ("AdverseEvent", &["subject"]),
+    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
+    ("Appointment", &["participant.actor"]),
+    ("AppointmentResponse", &["actor"]),
+    ("Basic", &["subject", "author"]),
+    ("BodyStructure", &["patient"]),
+    ("CarePlan", &["subject", "activity.detail.performer"]),
+    ("CareTeam", &["subject", "participant.member"]),
+    ("ChargeItem", &["subject"]),
+    ("Claim", &["patient", "payee.party"]),
+    ("ClaimResponse", &["patient"]),
+    ("ClinicalImpression", &["subject"]),
+    ("Communication", &["subject", "sender", "recipient"]),
+    ("CommunicationRequest", &["subject", "sender", "recipient", "requester"]),
+    ("Composition", &["subject", "author", "attester.party"]),
+    ("Condition", &["subject", "asserter"]),
+    ("Consent", &["patient"]),
+    ("Coverage", &["policyHolder", "subscriber", "beneficiary", "payor"]),
+    ("CoverageEligibilityRequest", &["patient"]),
+    ("CoverageEligibilityResponse", &["patient"]),
+    ("DetectedIssue", &["patient"]),
+    ("DeviceRequest", &["subject", "performer"]),
+    ("DeviceUseStatement", &["subject"]),
+    ("DiagnosticReport", &["subject"]),
+    ("DocumentManifest", &["subject", "author", "recipient"]),
+    ("DocumentReference", &["subject", "author"]),
+    ("Encounter", &["subject"]),
+    ("EnrollmentRequest", &["candidate"]),
+    ("EpisodeOfCare", &["patient"]),
+    ("ExplanationOfBenefit", &["patient", "payee.party"]),
+    ("FamilyMemberHistory", &["patient"]),
+    ("Flag", &["subject"]),
+    ("Goal", &["subject"]),
+    ("Group", &["member.entity"]),
+    ("ImagingStudy", &["subject"]),
+    ("Immunization", &["patient"]),
+    ("ImmunizationEvaluation", &["patient"]),
+    ("ImmunizationRecommendation", &["patient"]),
+    ("Invoice", &["subject", "recipient"]),
+    ("List", &["subject", "source"]),
+    ("MeasureReport", &["subject"]),
+    ("Media", &["subject"]),
+    ("MedicationAdministration", &["subject", "performer.actor"]),
+    ("MedicationDispense", &["subject", "receiver"]),
+    ("MedicationRequest", &["subject"]),
+    ("MedicationStatement", &["subject"]),
+    ("MolecularSequence", &["patient"]),
+    ("NutritionOrder", &["patient"]),
+    ("Observation", &["subject", "performer"]),
+    ("Patient", &["link.other"]),
+    ("Person", &["link.target"]),
+    ("Procedure", &["subject", "performer.actor"]),
+    ("Provenance", &["target"]),
+    ("QuestionnaireResponse", &["subject", "author"]),
+    ("RelatedPerson", &["patient"]),
+    ("RequestGroup", &["subject", "action.participant"]),
+    ("ResearchSubject", &["individual"]),
+    ("RiskAssessment", &["subject"]),
+    ("Schedule", &["actor"]),
+    ("ServiceRequest", &["subject", "performer"]),
+    ("Specimen", &["subject"]),
+    ("SupplyDelivery", &["patient"]),
+    ("SupplyRequest", &["requester"]),
+    ("VisionPrescription", &["patient"]),
+];
+
+/// The search clause that keeps a type's resources in the compartment of `Patient/{patient_id}`
+/// (compartment search); `None` when the type is not in the compartment.
+pub fn patient_clause(resource_type: &str, patient_id: &str) -> Option<super::Clause> {
+    is_patient_type(resource_type).then(|| super::Clause::Token { param: PARAM.into(), any: vec![super::TokenMatch { system: None, value: Some(format!("Patient/{patient_id}")) }] })
 }
 
-/// The search clause that keeps a type's resources in the compartment of `Patient/{patient_id}`;
-/// `None` when the type is not in the compartment.
-pub fn patient_clause(resource_type: &str, patient_id: &str) -> Option<super::Clause> {
-    let params = patient_compartment(resource_type);
-    (!params.is_empty()).then(|| super::Clause::Compartment { params, reference: format!("Patient/{patient_id}") })
+/// Whether resources of this type can be in a patient's compartment.
+pub fn is_patient_type(resource_type: &str) -> bool {
+    PATIENT.iter().any(|(t, _)| *t == resource_type)
+}
+
+/// The patients (`Patient/<id>`) whose compartment a resource is in.
+pub fn patients(resource_type: &str, resource: &Json) -> Vec<String> {
+    let Some((_, paths)) = PATIENT.iter().find(|(t, _)| *t == resource_type) else { return Vec::new() };
+    let mut out = Vec::new();
+    if resource_type == "Patient"
+        && let Some(id) = resource.get("id").and_then(Json::as_str)
+    {
+        out.push(format!("Patient/{id}"));
+    }
+    references_to(resource, paths, "Patient", &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -28,15 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_compartment_parameter_is_an_indexed_reference() {
-        for t in crate::search::SEARCHABLE_TYPES {
-            for name in patient_compartment(t) {
-                let def = crate::search::params(t).iter().find(|p| p.name == *name).unwrap_or_else(|| panic!("{t}.{name} is not indexed"));
-                assert_eq!(def.kind, crate::search::Kind::Reference, "{t}.{name}");
-                assert!(def.target.is_none_or(|target| target == "Patient"), "{t}.{name}");
-            }
-        }
+    fn a_patient_is_in_its_own_compartment_and_others_by_their_references() {
+        let patient = crate::json::parse(br#"{"resourceType":"Patient","id":"p1","link":[{"other":{"reference":"Patient/p0"},"type":"replaces"}]}"#).unwrap();
+        assert_eq!(patients("Patient", &patient), ["Patient/p1", "Patient/p0"]);
+        let claim = crate::json::parse(br#"{"resourceType":"Claim","patient":{"reference":"Patient/p1"},"payee":{"party":{"reference":"Patient/p1"}},"provider":{"reference":"Organization/o"}}"#).unwrap();
+        assert_eq!(patients("Claim", &claim), ["Patient/p1"]);
+        let observation = crate::json::parse(br#"{"resourceType":"Observation","subject":{"reference":"Group/g"},"performer":[{"reference":"http://x/fhir/Patient/p2"}]}"#).unwrap();
+        assert_eq!(patients("Observation", &observation), ["Patient/p2"]);
+        let task = crate::json::parse(br#"{"resourceType":"Task","for":{"reference":"Patient/p1"}}"#).unwrap();
+        assert!(patients("Task", &task).is_empty(), "R4 leaves Task out of the Patient compartment");
         assert!(patient_clause("Task", "p1").is_none());
-        assert_eq!(patient_clause("Observation", "p1"), Some(crate::search::Clause::Compartment { params: &["subject"], reference: "Patient/p1".into() }));
+        assert!(matches!(patient_clause("Observation", "p1"), Some(crate::search::Clause::Token { param, any }) if param == PARAM && any[0].value.as_deref() == Some("Patient/p1")));
     }
 }

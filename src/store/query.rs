@@ -27,7 +27,7 @@ impl Sql {
     }
 
     /// Appends a placeholder bound to `value`.
-    fn bind(&mut self, value: Bind) {
+    pub(super) fn bind(&mut self, value: Bind) {
         self.binds.push(value);
         self.text.push_str(&format!("${}", self.binds.len()));
     }
@@ -76,8 +76,30 @@ impl Sql {
     }
 }
 
-/// The conditions of [`Visibility`] on the current version `r`.
-fn visible(sql: &mut Sql, visibility: &Visibility) {
+/// `column = $n`, or `column IN (…)` for several values.
+fn one_of(sql: &mut Sql, column: &str, values: &[&str]) {
+    if let [one] = values {
+        sql.push(&format!("{column} = "));
+        sql.text(one);
+    } else {
+        sql.push(&format!("{column} IN ("));
+        sql.push_joined(values, ", ", |sql, v| sql.text(v));
+        sql.push(")");
+    }
+}
+
+/// ` WHERE …` of a search of `resources r` over `types`: visibility, then the query's clauses.
+pub(super) fn where_clause(sql: &mut Sql, types: &[&str], query: &Query, visibility: Option<&Visibility>) {
+    sql.push(" WHERE ");
+    one_of(sql, "r.type", types);
+    if let Some(visibility) = visibility {
+        visibility_clause(sql, visibility);
+    }
+    query_clauses(sql, query);
+}
+
+/// `AND …` conditions that keep only the rows of `resources r` a [`Visibility`] lets through.
+pub(super) fn visibility_clause(sql: &mut Sql, visibility: &Visibility) {
     sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
     sql.text(&visibility.party);
     sql.push(")");
@@ -97,24 +119,8 @@ fn visible(sql: &mut Sql, visibility: &Visibility) {
     }
 }
 
-/// `column = $n`, or `column IN (…)` for several values.
-fn one_of(sql: &mut Sql, column: &str, values: &[&str]) {
-    if let [one] = values {
-        sql.push(&format!("{column} = "));
-        sql.text(one);
-    } else {
-        sql.push(&format!("{column} IN ("));
-        sql.push_joined(values, ", ", |sql, v| sql.text(v));
-        sql.push(")");
-    }
-}
-
-fn where_clause(sql: &mut Sql, types: &[&str], query: &Query, visibility: Option<&Visibility>) {
-    sql.push(" WHERE ");
-    one_of(sql, "r.type", types);
-    if let Some(visibility) = visibility {
-        visible(sql, visibility);
-    }
+/// `AND …` conditions of a search's clauses on the rows of `resources r`.
+pub(super) fn query_clauses(sql: &mut Sql, query: &Query) {
     for clause in &query.clauses {
         match clause {
             Clause::Id(ids) => {
@@ -138,13 +144,6 @@ fn where_clause(sql: &mut Sql, types: &[&str], query: &Query, visibility: Option
                     }
                     sql.push(")");
                 });
-                sql.push(")");
-            }
-            Clause::Compartment { params, reference } => {
-                sql.push(" AND EXISTS (SELECT 1 FROM search_tokens t WHERE t.type = r.type AND t.id = r.id AND ");
-                one_of(sql, "t.param", params);
-                sql.push(" AND t.value = ");
-                sql.text(reference);
                 sql.push(")");
             }
             Clause::Date { param, any } => {
@@ -289,7 +288,7 @@ pub(super) async fn history(
             sql.text(since);
         }
         if let Some(visibility) = visibility {
-            visible(sql, visibility);
+            visibility_clause(sql, visibility);
             if let Some(label) = &visibility.withheld_label {
                 let pattern = format!("% {} %", label.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
                 sql.push(" AND (r.owner = ");

@@ -30,6 +30,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(5, "utilization", include_str!("../../migrations/sqlite/0005_utilization.sql")),
         migration(6, "inquiries", include_str!("../../migrations/sqlite/0006_inquiries.sql")),
         migration(7, "history_by_time", include_str!("../../migrations/sqlite/0007_history_by_time.sql")),
+        migration(8, "exports", include_str!("../../migrations/sqlite/0008_exports.sql")),
     ]
 }
 

@@ -5,6 +5,7 @@ mod auth;
 mod clients;
 mod durability;
 mod exchange;
+mod export;
 mod formats;
 mod isolation;
 mod keys;
