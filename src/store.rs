@@ -145,6 +145,8 @@ pub struct TokenRecord {
 pub struct Store {
     backend: Backend,
     writer: AnyPool,
+    /// SQLite's group commit on the writer connection.
+    group: Option<sqlite::Group>,
     reader: AnyPool,
     metrics: Arc<Metrics>,
 }
@@ -195,7 +197,8 @@ impl Store {
             Backend::Postgres => postgres::migrator(),
         };
         migrator.run(&writer).await?;
-        Ok(Store { backend, writer, reader, metrics })
+        let group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
+        Ok(Store { backend, writer, group, reader, metrics })
     }
 
     pub fn backend(&self) -> Backend {
@@ -222,11 +225,15 @@ impl Store {
         self.metrics.observe_store(operation, started.elapsed());
     }
 
-    /// Starts a write transaction: takes a writer connection; `BEGIN` waits for the first statement that must run before the commit.
+    /// Starts a write transaction: joins SQLite's write group, or takes a PostgreSQL connection whose
+    /// `BEGIN` waits for the first statement that must run before the commit.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let started = Instant::now();
-        let idle = Some(self.writer.acquire().await?);
-        Ok(Tx { inner: None, idle, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
+        let (member, idle) = match &self.group {
+            Some(group) => (Some(group.join().await?), None),
+            None => (None, Some(self.writer.acquire().await?)),
+        };
+        Ok(Tx { inner: None, idle, member, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
     }
 
     /// The current version of a resource.
@@ -419,6 +426,8 @@ pub struct Tx {
     inner: Option<sqlx::Transaction<'static, Any>>,
     /// The writer connection until then.
     idle: Option<PoolConnection<Any>>,
+    /// SQLite: the transaction's savepoint in the write group instead.
+    member: Option<sqlite::Member>,
     queued: query::Script,
     backend: Backend,
     store: Store,
@@ -428,6 +437,13 @@ pub struct Tx {
 impl Tx {
     /// The transaction's connection, with `BEGIN` sent and the queued writes before whatever comes next.
     async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
+        if let Some(member) = self.member.as_mut() {
+            let conn = member.conn().await?;
+            if !self.queued.is_empty() {
+                std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(conn).await?;
+            }
+            return Ok(conn);
+        }
         if self.inner.is_none() {
             let idle = self.idle.take().ok_or_else(|| StoreError::Unavailable("the transaction failed to begin".into()))?;
             self.inner = Some(sqlx::Transaction::begin(idle, None).await?);
@@ -514,6 +530,13 @@ impl Tx {
 
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let result = match self.idle.as_mut() {
+            _ if self.member.is_some() => {
+                let flushed = if self.queued.is_empty() { Ok(()) } else { self.conn().await.map(|_| ()) };
+                match flushed {
+                    Ok(()) => self.member.take().expect("checked").commit().await,
+                    Err(e) => Err(e),
+                }
+            }
             Some(idle) if self.backend == Backend::Postgres && self.queued.is_one_statement() => {
                 std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(idle).await
             }
