@@ -110,7 +110,7 @@ async fn load_bundle(store: &Store, path: &std::path::Path, suffix: &str, seen: 
             owner: PROGRAM.into(),
             method: "PUT".into(),
         };
-        tx.write(&stored, &index).await.unwrap();
+        tx.write(&stored, &index, false).await.unwrap();
     }
     tx.commit().await.unwrap();
     written

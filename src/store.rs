@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sqlx::any::AnyRow;
-use sqlx::{Any, AnyPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Row};
 
 use crate::config::StoreConfig;
 use crate::search::{IndexEntry, Query};
@@ -146,6 +147,8 @@ pub struct TokenRecord {
 pub struct Store {
     backend: Backend,
     writer: AnyPool,
+    /// SQLite's group commit on the writer connection.
+    group: Option<sqlite::Group>,
     reader: AnyPool,
     metrics: Arc<Metrics>,
 }
@@ -196,7 +199,8 @@ impl Store {
             Backend::Postgres => postgres::migrator(),
         };
         migrator.run(&writer).await?;
-        Ok(Store { backend, writer, reader, metrics })
+        let group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
+        Ok(Store { backend, writer, group, reader, metrics })
     }
 
     pub fn backend(&self) -> Backend {
@@ -223,11 +227,15 @@ impl Store {
         self.metrics.observe_store(operation, started.elapsed());
     }
 
-    /// Starts a write transaction.
+    /// Starts a write transaction: joins SQLite's write group, or takes a PostgreSQL connection whose
+    /// `BEGIN` waits for the first statement that must run before the commit.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let started = Instant::now();
-        let inner = self.writer.begin().await?;
-        Ok(Tx { inner, backend: self.backend, store: self.clone(), started })
+        let (member, idle) = match &self.group {
+            Some(group) => (Some(group.join().await?), None),
+            None => (None, Some(self.writer.acquire().await?)),
+        };
+        Ok(Tx { inner: None, idle, member, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
     }
 
     /// The current version of a resource.
@@ -327,7 +335,9 @@ impl Store {
     /// Appends to the audit trail outside any resource transaction (reads, searches, denials).
     pub async fn append_audit(&self, row: &AuditRow) -> Result<(), StoreError> {
         let started = Instant::now();
-        query::insert_audit(&self.writer, row).await?;
+        let mut script = query::Script::new(self.backend);
+        query::audit_row(&mut script, row);
+        script.execute(&mut *self.writer.acquire().await?).await?;
         self.observe("audit", started);
         Ok(())
     }
@@ -401,18 +411,49 @@ impl Store {
 }
 
 /// A write transaction; dropped without [`Tx::commit`] it rolls back.
+///
+/// Writes whose outcome nothing waits for (new versions, their index, audit rows) are queued and
+/// sent together with the next statement that must run, or at the commit; a transaction that
+/// only queued is sent to PostgreSQL as one statement without `BEGIN`/`COMMIT` (atomic by
+/// itself), so a create costs one round trip instead of seven.
 pub struct Tx {
-    inner: sqlx::Transaction<'static, Any>,
+    /// The open transaction, once a statement had to run before the commit.
+    inner: Option<sqlx::Transaction<'static, Any>>,
+    /// The writer connection until then.
+    idle: Option<PoolConnection<Any>>,
+    /// SQLite: the transaction's savepoint in the write group instead.
+    member: Option<sqlite::Member>,
+    queued: query::Script,
     backend: Backend,
     store: Store,
     started: Instant,
 }
 
 impl Tx {
+    /// The transaction's connection, with `BEGIN` sent and the queued writes before whatever comes next.
+    async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
+        if let Some(member) = self.member.as_mut() {
+            let conn = member.conn().await?;
+            if !self.queued.is_empty() {
+                std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(conn).await?;
+            }
+            return Ok(conn);
+        }
+        if self.inner.is_none() {
+            let idle = self.idle.take().ok_or_else(|| StoreError::Unavailable("the transaction failed to begin".into()))?;
+            self.inner = Some(sqlx::Transaction::begin(idle, None).await?);
+        }
+        let inner = self.inner.as_mut().expect("begun above");
+        if !self.queued.is_empty() {
+            std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(inner).await?;
+        }
+        Ok(inner)
+    }
+
     /// Serializes conditional operations on one resource type across instances, until commit.
     pub async fn lock_type(&mut self, resource_type: &str) -> Result<(), StoreError> {
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(format!("iop-gateway:{resource_type}")).execute(&mut *self.inner).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(format!("iop-gateway:{resource_type}")).execute(self.conn().await?).await?;
         }
         Ok(())
     }
@@ -422,23 +463,21 @@ impl Tx {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM resources WHERE type = $1 AND id = $2")))
             .bind(resource_type)
             .bind(id)
-            .fetch_optional(&mut *self.inner)
+            .fetch_optional(self.conn().await?)
             .await?;
         Ok(row.map(|r| stored(&r, Some("PUT".into()))).transpose()?)
     }
 
     /// A search inside the transaction (conditional create and update).
     pub async fn search(&mut self, resource_type: &str, query: &Query, visibility: Option<&Visibility>) -> Result<(i64, Vec<Stored>), StoreError> {
-        query::search(&mut self.inner, &[resource_type], query, visibility, false).await
+        query::search(self.conn().await?, &[resource_type], query, visibility, false).await
     }
 
     /// Writes a version and its search index: version 1 must not exist yet; version n replaces exactly version n-1.
-    pub async fn write(&mut self, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
-        let parties = w.parties.join(" ");
-        let labels = w.labels.join(" ");
-        if w.version == 1 {
-            query::insert_resource(&mut *self.inner, w).await?;
-        } else {
+    /// `fresh_id`: the gateway chose the id just now, so a first version cannot meet a concurrent one.
+    pub async fn write(&mut self, w: &Stored, index: &[IndexEntry], fresh_id: bool) -> Result<(), StoreError> {
+        if w.version > 1 {
+            // The compare-and-set goes alone: whether it changed a row decides what follows.
             let done = sqlx::query(
                 "UPDATE resources SET version = $3, last_updated = $4, body = $5, parties = $6, labels = $7 WHERE type = $1 AND id = $2 AND version = $8",
             )
@@ -447,39 +486,28 @@ impl Tx {
             .bind(w.version)
             .bind(w.last_updated.as_str())
             .bind(w.body.as_str())
-            .bind(parties.as_str())
-            .bind(labels.as_str())
+            .bind(w.parties.join(" "))
+            .bind(w.labels.join(" "))
             .bind(w.version - 1)
-            .execute(&mut *self.inner)
+            .execute(self.conn().await?)
             .await?;
             if done.rows_affected() != 1 {
                 let current = self.current(&w.resource_type, &w.id).await?.map(|s| s.version).unwrap_or(0);
                 return Err(StoreError::Conflict { current });
             }
-            sqlx::query("DELETE FROM search_tokens WHERE type = $1 AND id = $2").bind(w.resource_type.as_str()).bind(w.id.as_str()).execute(&mut *self.inner).await?;
-            sqlx::query("DELETE FROM search_dates WHERE type = $1 AND id = $2").bind(w.resource_type.as_str()).bind(w.id.as_str()).execute(&mut *self.inner).await?;
         }
-        sqlx::query(
-            "INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(w.resource_type.as_str())
-        .bind(w.id.as_str())
-        .bind(w.version)
-        .bind(w.last_updated.as_str())
-        .bind(w.method.as_str())
-        .bind(w.body.as_str())
-        .bind(parties.as_str())
-        .bind(labels.as_str())
-        .bind(w.created_by.as_str())
-        .bind(w.owner.as_str())
-        .execute(&mut *self.inner)
-        .await?;
-        query::insert_index(&mut self.inner, w, index).await
+        query::write_version(&mut self.queued, w, index);
+        if w.version == 1 && !fresh_id {
+            // A concurrent create of the same id must fail here, where the caller retries, not at the commit.
+            self.conn().await?;
+        }
+        Ok(())
     }
 
     /// Appends to the audit trail in the same transaction as the change it records.
     pub async fn append_audit(&mut self, row: &AuditRow) -> Result<(), StoreError> {
-        query::insert_audit(&mut *self.inner, row).await
+        query::audit_row(&mut self.queued, row);
+        Ok(())
     }
 
     /// Records that a message was processed under each key; `Duplicate` if any key was seen.
@@ -489,15 +517,30 @@ impl Tx {
                 .bind(key.as_str())
                 .bind(response)
                 .bind(received)
-                .execute(&mut *self.inner)
+                .execute(self.conn().await?)
                 .await?;
         }
         Ok(())
     }
 
-    pub async fn commit(self) -> Result<(), StoreError> {
-        let result = self.inner.commit().await;
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let result = match self.idle.as_mut() {
+            _ if self.member.is_some() => {
+                let flushed = if self.queued.is_empty() { Ok(()) } else { self.conn().await.map(|_| ()) };
+                match flushed {
+                    Ok(()) => self.member.take().expect("checked").commit().await,
+                    Err(e) => Err(e),
+                }
+            }
+            Some(idle) if self.backend == Backend::Postgres && self.queued.is_one_statement() => {
+                std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(idle).await
+            }
+            _ => match self.conn().await {
+                Ok(_) => Ok(self.inner.take().expect("begun by conn").commit().await?),
+                Err(e) => Err(e),
+            },
+        };
         self.store.observe("write_transaction", self.started);
-        Ok(result?)
+        result
     }
 }

@@ -143,7 +143,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         owner,
         method: if version == 1 { "POST" } else { "PUT" }.to_string(),
     };
-    match tx.write(&stored, &index).await {
+    match tx.write(&stored, &index, method == "POST").await {
         Ok(()) => {}
         Err(StoreError::Conflict { current }) => {
             return match if_match {

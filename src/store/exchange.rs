@@ -204,7 +204,7 @@ impl Tx {
         .bind(m.record_id.as_str())
         .bind(m.payload.as_str())
         .bind(now_ms)
-        .execute(&mut *self.inner)
+        .execute(self.conn().await?)
         .await?;
         // ON CONFLICT rather than catching the unique violation: on PostgreSQL a failed statement aborts the whole transaction.
         Ok(result.rows_affected() == 1)
@@ -212,7 +212,7 @@ impl Tx {
 
     /// Stores (or replaces) an IOP record.
     pub async fn put_record(&mut self, r: &RecordRow) -> Result<(), StoreError> {
-        put_record(&mut *self.inner, r).await
+        put_record(self.conn().await?, r).await
     }
 
     /// One stored IOP record, read in this transaction (what a change is compared with).
@@ -221,7 +221,7 @@ impl Tx {
             .bind(record_type)
             .bind(id)
             .bind(direction)
-            .fetch_optional(&mut *self.inner)
+            .fetch_optional(self.conn().await?)
             .await?;
         Ok(row.as_ref().map(record).transpose()?)
     }
@@ -236,7 +236,7 @@ impl Tx {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MESSAGE_COLUMNS} FROM outbox WHERE record_type = $1 AND record_id = $2 ORDER BY seq")))
             .bind(record_type)
             .bind(record_id)
-            .fetch_all(&mut *self.inner)
+            .fetch_all(self.conn().await?)
             .await?;
         Ok(rows.iter().map(message).collect::<Result<_, _>>()?)
     }
@@ -257,7 +257,7 @@ impl Tx {
         .bind(http_status)
         .bind(error)
         .bind(response)
-        .execute(&mut *self.inner)
+        .execute(self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -497,7 +497,7 @@ mod tests {
                 .execute(pool).await.unwrap();
         }
         sqlx::migrate::Migrator::with_migrations(migrations).run(pool).await.unwrap();
-        let store = Store { backend, writer: pool.clone(), reader: pool.clone(), metrics: Arc::new(crate::telemetry::Metrics::default()) };
+        let store = Store { backend, writer: pool.clone(), group: None, reader: pool.clone(), metrics: Arc::new(crate::telemetry::Metrics::default()) };
         let certified = store.client_records("C-1", "decision", Some("certified"), 10).await.unwrap();
         assert_eq!(certified.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["A-1"]);
         assert_eq!(store.client_records("C-2", "decision", None, 10).await.unwrap().len(), 1);

@@ -274,7 +274,7 @@ impl Tx {
     /// The client's running exports, counted under a lock on the client so two kick-offs (on any instances) cannot both pass the limit.
     pub async fn running_exports(&mut self, client: &str) -> Result<i64, StoreError> {
         self.lock_type(&format!("export:{client}")).await?;
-        Ok(sqlx::query("SELECT COUNT(*) FROM export_jobs WHERE client = $1 AND status = 'running'").bind(client).fetch_one(&mut *self.inner).await?.try_get(0)?)
+        Ok(sqlx::query("SELECT COUNT(*) FROM export_jobs WHERE client = $1 AND status = 'running'").bind(client).fetch_one(self.conn().await?).await?.try_get(0)?)
     }
 
     pub async fn insert_export(&mut self, j: &ExportJob) -> Result<(), StoreError> {
@@ -296,7 +296,7 @@ impl Tx {
         .bind(j.expires_at)
         .bind(j.error.as_str())
         .bind(j.manifest.as_str())
-        .execute(&mut *self.inner)
+        .execute(self.conn().await?)
         .await?;
         Ok(())
     }
@@ -304,7 +304,7 @@ impl Tx {
     /// Adds patients (`Patient/<id>`) to a job's members.
     pub async fn add_export_members(&mut self, job: &str, patients: &[String]) -> Result<(), StoreError> {
         for patient in patients {
-            sqlx::query("INSERT INTO export_members (job, patient) VALUES ($1, $2) ON CONFLICT DO NOTHING").bind(job).bind(patient.as_str()).execute(&mut *self.inner).await?;
+            sqlx::query("INSERT INTO export_members (job, patient) VALUES ($1, $2) ON CONFLICT DO NOTHING").bind(job).bind(patient.as_str()).execute(self.conn().await?).await?;
         }
         Ok(())
     }
@@ -319,23 +319,23 @@ impl Tx {
         let status = Clause::Token { param: "status".into(), any: vec![TokenMatch { system: None, value: Some("active".into()) }] };
         let query = Query { clauses: if active_only { vec![status] } else { Vec::new() }, ..Query::default() };
         where_clause(&mut sql, &["EpisodeOfCare"], &query, Some(visibility));
-        sql.into_query().execute(&mut *self.inner).await?;
+        sql.into_query().execute(self.conn().await?).await?;
         Ok(())
     }
 
     /// Whether a patient is one of the job's members.
     pub async fn is_export_member(&mut self, job: &str, patient: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("SELECT 1 FROM export_members WHERE job = $1 AND patient = $2").bind(job).bind(patient).fetch_optional(&mut *self.inner).await?.is_some())
+        Ok(sqlx::query("SELECT 1 FROM export_members WHERE job = $1 AND patient = $2").bind(job).bind(patient).fetch_optional(self.conn().await?).await?.is_some())
     }
 
     /// Replaces the job's members by `patients`.
     pub async fn replace_export_members(&mut self, job: &str, patients: &[String]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM export_members WHERE job = $1").bind(job).execute(&mut *self.inner).await?;
+        sqlx::query("DELETE FROM export_members WHERE job = $1").bind(job).execute(self.conn().await?).await?;
         self.add_export_members(job, patients).await
     }
 
     /// The number of the job's members.
     pub async fn export_member_count(&mut self, job: &str) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM export_members WHERE job = $1").bind(job).fetch_one(&mut *self.inner).await?.try_get(0)?)
+        Ok(sqlx::query("SELECT COUNT(*) FROM export_members WHERE job = $1").bind(job).fetch_one(self.conn().await?).await?.try_get(0)?)
     }
 }

@@ -41,7 +41,7 @@ impl Tx {
     pub async fn decision_outcome(&mut self, authorization_id: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT status FROM iop_records WHERE record_type = 'decision' AND direction = 'inbound' AND id = $1")
             .bind(authorization_id)
-            .fetch_optional(&mut *self.inner)
+            .fetch_optional(self.conn().await?)
             .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }

@@ -2,9 +2,9 @@
 
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
-use sqlx::{Any, Executor, Row};
+use sqlx::{Any, Row};
 
-use super::{AuditRow, COLUMNS, Store, StoreError, Stored, Visibility, stored};
+use super::{AuditRow, Backend, COLUMNS, Store, StoreError, Stored, Visibility, stored};
 use crate::search::{Clause, DateMatch, IndexEntry, Prefix, Query, SortKey};
 
 /// A value to bind to a `$n` placeholder.
@@ -314,8 +314,117 @@ pub(super) async fn history(
     Ok((total, rows.iter().map(|r| stored(r, None)).collect::<Result<_, _>>()?))
 }
 
-pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[IndexEntry]) -> Result<(), StoreError> {
+/// Statements sent to the database as one: on PostgreSQL a statement whose first parts are
+/// data-modifying `WITH` clauses, on SQLite a script. Either way one round trip (one hop to
+/// SQLite's connection thread) instead of one per statement, which is where a write's time went.
+/// The parts must not depend on each other's effects (PostgreSQL runs them on one snapshot). A
+/// script that would bind too many values is cut into several, sent in turn.
+pub(super) struct Script {
+    backend: Backend,
+    sealed: Vec<Sql>,
+    binds: Vec<Bind>,
+    statements: Vec<String>,
+}
+
+/// Bound values per statement sent, well below PostgreSQL's 65,535 and SQLite's 32,766.
+const SCRIPT_BINDS: usize = 16_000;
+
+impl Script {
+    pub(super) fn new(backend: Backend) -> Script {
+        Script { backend, sealed: Vec::new(), binds: Vec::new(), statements: Vec::new() }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.sealed.is_empty() && self.statements.is_empty()
+    }
+
+    /// Whether it goes to the database as one statement (on PostgreSQL then atomic by itself).
+    pub(super) fn is_one_statement(&self) -> bool {
+        self.sealed.is_empty()
+    }
+
+    /// Adds a statement; its placeholders continue the script's numbering.
+    pub(super) fn statement(&mut self, build: impl FnOnce(&mut Sql)) {
+        if self.binds.len() > SCRIPT_BINDS {
+            let sealed = self.joined();
+            self.sealed.push(sealed);
+        }
+        let mut sql = Sql { text: String::new(), binds: std::mem::take(&mut self.binds) };
+        build(&mut sql);
+        self.statements.push(sql.text);
+        self.binds = sql.binds;
+    }
+
+    /// Adds multi-row inserts of text values.
+    fn insert_rows<const N: usize>(&mut self, insert: &str, rows: &[[&str; N]]) {
+        for chunk in rows.chunks(100) {
+            self.statement(|sql| {
+                sql.push(insert);
+                sql.push_joined(chunk, ", ", |sql, row| {
+                    sql.push("(");
+                    sql.push_joined(row, ", ", |sql, value| sql.text(value));
+                    sql.push(")");
+                });
+            });
+        }
+    }
+
+    /// The statements so far as one, emptying them.
+    fn joined(&mut self) -> Sql {
+        let statements = std::mem::take(&mut self.statements);
+        let binds = std::mem::take(&mut self.binds);
+        let text = match statements.split_last() {
+            Some((last, first)) if self.backend == Backend::Postgres && !first.is_empty() => {
+                let parts: Vec<String> = first.iter().enumerate().map(|(i, s)| format!("s{i} AS ({s})")).collect();
+                format!("WITH {} {last}", parts.join(", "))
+            }
+            _ => statements.join(";\n"),
+        };
+        Sql { text, binds }
+    }
+
+    pub(super) async fn execute(mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        if !self.statements.is_empty() {
+            let last = self.joined();
+            self.sealed.push(last);
+        }
+        for sql in self.sealed {
+            sql.into_query().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds a version's rows: its `resources` row when it is the first (later versions' rows were
+/// compare-and-set before), the history row, and the search index in place of the previous version's.
+pub(super) fn write_version(script: &mut Script, w: &Stored, index: &[IndexEntry]) {
     let (resource_type, id) = (w.resource_type.as_str(), w.id.as_str());
+    let (parties, labels) = (w.parties.join(" "), w.labels.join(" "));
+    if w.version == 1 {
+        script.statement(|sql| resource_row(sql, w));
+    } else {
+        for table in ["search_tokens", "search_dates"] {
+            script.statement(|sql| {
+                sql.push(&format!("DELETE FROM {table} WHERE type = "));
+                sql.text(resource_type);
+                sql.push(" AND id = ");
+                sql.text(id);
+            });
+        }
+    }
+    script.statement(|sql| {
+        sql.push("INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by, owner) VALUES (");
+        sql.text(resource_type);
+        sql.push(", ");
+        sql.text(id);
+        sql.push(", ");
+        sql.bind(Bind::Int(w.version));
+        for value in [&w.last_updated, &w.method, &w.body, &parties, &labels, &w.created_by, &w.owner] {
+            sql.push(", ");
+            sql.text(value);
+        }
+        sql.push(")");
+    });
     let mut tokens = Vec::new();
     let mut dates = Vec::new();
     for party in &w.parties {
@@ -330,38 +439,17 @@ pub(super) async fn insert_index(conn: &mut AnyConnection, w: &Stored, index: &[
             IndexEntry::Date { param, low, high } => dates.push([resource_type, id, param, low.as_str(), high.as_str()]),
         }
     }
-    insert_rows(conn, "INSERT INTO search_tokens (type, id, param, system, value) VALUES ", &tokens).await?;
-    insert_rows(conn, "INSERT INTO search_dates (type, id, param, low, high) VALUES ", &dates).await
+    script.insert_rows("INSERT INTO search_tokens (type, id, param, system, value) VALUES ", &tokens);
+    script.insert_rows("INSERT INTO search_dates (type, id, param, low, high) VALUES ", &dates);
 }
 
-/// Inserts rows of text values; multi-row inserts keep a write to a few statements whatever the number of index values.
-async fn insert_rows<const N: usize>(conn: &mut AnyConnection, insert: &str, rows: &[[&str; N]]) -> Result<(), StoreError> {
-    for chunk in rows.chunks(100) {
-        let mut sql = Sql::default();
-        sql.push(insert);
-        sql.push_joined(chunk, ", ", |sql, row| {
-            sql.push("(");
-            sql.push_joined(row, ", ", |sql, value| sql.text(value));
-            sql.push(")");
-        });
-        sql.into_query().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn insert_audit<'e, E: Executor<'e, Database = Any>>(executor: E, row: &AuditRow) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO audit_events (id, recorded, client, action, subtype, outcome, entity, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-        .bind(row.id.clone())
-        .bind(row.recorded.clone())
-        .bind(row.client.clone())
-        .bind(row.action.clone())
-        .bind(row.subtype.clone())
-        .bind(row.outcome.clone())
-        .bind(row.entity.clone())
-        .bind(row.body.clone())
-        .execute(executor)
-        .await?;
-    Ok(())
+/// Adds an audit trail row.
+pub(super) fn audit_row(script: &mut Script, row: &AuditRow) {
+    script.statement(|sql| {
+        sql.push("INSERT INTO audit_events (id, recorded, client, action, subtype, outcome, entity, body) VALUES (");
+        sql.push_joined([&row.id, &row.recorded, &row.client, &row.action, &row.subtype, &row.outcome, &row.entity, &row.body], ", ", |sql, value| sql.text(value));
+        sql.push(")");
+    });
 }
 
 /// A filter on the audit trail; every field narrows.
@@ -417,26 +505,28 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
 }
 
 /// Inserts the first version of a resource into `resources` (not its history or index).
-pub(super) async fn insert_resource<'e, E: Executor<'e, Database = Any>>(executor: E, w: &'e Stored) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-        .bind(w.resource_type.as_str())
-        .bind(w.id.as_str())
-        .bind(w.version)
-        .bind(w.last_updated.as_str())
-        .bind(w.body.as_str())
-        .bind(w.parties.join(" "))
-        .bind(w.labels.join(" "))
-        .bind(w.created_by.as_str())
-        .bind(w.owner.as_str())
-        .execute(executor)
-        .await?;
-    Ok(())
+/// The `resources` row of a first version.
+fn resource_row(sql: &mut Sql, w: &Stored) {
+    sql.push("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES (");
+    sql.text(&w.resource_type);
+    sql.push(", ");
+    sql.text(&w.id);
+    sql.push(", ");
+    sql.bind(Bind::Int(w.version));
+    for value in [&w.last_updated, &w.body, &w.parties.join(" "), &w.labels.join(" "), &w.created_by, &w.owner] {
+        sql.push(", ");
+        sql.text(value);
+    }
+    sql.push(")");
 }
 
 impl Store {
     /// Inserts a row into `resources` alone, outside any transaction (the benchmark's bare-insert baseline).
     pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
-        insert_resource(&self.writer, table_row).await
+        let mut sql = Sql::default();
+        resource_row(&mut sql, table_row);
+        sql.into_query().execute(&self.writer).await?;
+        Ok(())
     }
 }
 

@@ -46,7 +46,7 @@ impl Tx {
     pub async fn subscription(&mut self, partner: &str) -> Result<Option<SubscriptionRow>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM pas_subscriptions WHERE partner = $1")))
             .bind(partner)
-            .fetch_optional(&mut *self.inner)
+            .fetch_optional(self.conn().await?)
             .await?;
         Ok(row.as_ref().map(subscription).transpose()?)
     }
@@ -66,7 +66,7 @@ impl Tx {
         .bind(s.last_event)
         .bind(s.last_notification_at)
         .bind(s.created_at)
-        .execute(&mut *self.inner)
+        .execute(self.conn().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -78,7 +78,7 @@ impl Tx {
             .bind(partner)
             .bind(remote_id)
             .bind(status)
-            .execute(&mut *self.inner)
+            .execute(self.conn().await?)
             .await?;
         Ok(())
     }
@@ -92,14 +92,14 @@ impl Tx {
             .bind(to)
             .bind(status)
             .bind(now_ms)
-            .execute(&mut *self.inner)
+            .execute(self.conn().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Replaces a message's payload once it was delivered (the Subscription's secret must not stay readable in the outbox).
     pub async fn redact_payload(&mut self, message_id: &str, payload: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET payload = $2 WHERE id = $1").bind(message_id).bind(payload).execute(&mut *self.inner).await?;
+        sqlx::query("UPDATE outbox SET payload = $2 WHERE id = $1").bind(message_id).bind(payload).execute(self.conn().await?).await?;
         Ok(())
     }
 }
