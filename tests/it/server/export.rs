@@ -365,3 +365,40 @@ async fn everything_pages_through_the_compartment_the_caller_may_read() {
     assert_outcome(&body);
     g.stop().await;
 }
+
+/// `iop-gateway export`, the real binary, against the gateway: kick-off, polls, downloads, every
+/// resource validated, the counts as the manifest says; run again, it finds everything already there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_export_command_downloads_validates_and_resumes() {
+    let g = Gateway::start_with(FAST).await;
+    let data = store_data(&g).await;
+    let dir = TempDir::new("export-command");
+    let key = dir.0.join("clinic.key.pem");
+    std::fs::write(&key, &g.key("clinic").private_pem).unwrap();
+    let out = dir.0.join("out");
+    let args: Vec<String> = ["export", "--url", &g.base, "--client", "clinic", "--key", key.to_str().unwrap(), "--type", "Patient,Observation", "--out", out.to_str().unwrap(), "--validate"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let run = || {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || std::process::Command::new(env!("CARGO_BIN_EXE_iop-gateway")).args(&args).output().unwrap())
+    };
+    let first = run().await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&first.stdout), String::from_utf8_lossy(&first.stderr));
+    assert!(first.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("validated 6 resources: all valid"), "{stdout}\n{stderr}");
+    let lines = |name: &str| std::fs::read_to_string(out.join(name)).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(lines("Patient.001.ndjson"), 2);
+    assert_eq!(lines("Observation.001.ndjson"), data.observations_p1 + data.observations_p2, "the Part 2 record another party wrote stays out");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("export.json")).unwrap()).unwrap();
+    let counted: u64 = state["manifest"]["output"].as_array().unwrap().iter().map(|o| o["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 6, "the manifest's counts are the lines");
+    let again = run().await.unwrap();
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8_lossy(&again.stderr).matches("(already here)").count(), 2, "{}", String::from_utf8_lossy(&again.stderr));
+    // Another server's export folder is not mixed into this one.
+    let other: Vec<String> = args.iter().map(|a| if *a == g.base { "http://127.0.0.1:1".to_string() } else { a.clone() }).collect();
+    let refused = tokio::task::spawn_blocking(move || std::process::Command::new(env!("CARGO_BIN_EXE_iop-gateway")).args(&other).output().unwrap()).await.unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("holds another export"));
+}
