@@ -260,7 +260,7 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Pat
 }
 
 /// `GET [base]/$export-file/[job]/[file]`: one NDJSON file of the caller's completed export, streamed from disk.
-pub async fn file(State(state): State<AppState>, caller: Caller, Path((id, name)): Path<(String, String)>) -> Response {
+pub async fn file(State(state): State<AppState>, caller: Caller, Path((id, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let mut audit = caller.audit("read", "R");
     let result = async {
         let job = own_job(&state, &caller, &id).await?;
@@ -275,23 +275,56 @@ pub async fn file(State(state): State<AppState>, caller: Caller, Path((id, name)
             // The same scope check as every read: a token that lost the type since the kick-off gets no file of it.
             caller.principal.may(&done.resource_type, Permission::Read).map_err(ApiError::Forbidden)?;
         }
-        let opened = tokio::fs::File::open(export::job_dir(&state, &id).join(&done.name)).await.map_err(|_| not_found())?;
+        let mut opened = tokio::fs::File::open(export::job_dir(&state, &id).join(&done.name)).await.map_err(|_| not_found())?;
         let length = opened.metadata().await.map_err(|e| ApiError::Internal(e.to_string()))?.len();
         audit.description = Some(format!("bulk export {id} file {name}: {} {} resources", done.count, done.resource_type));
-        let mut response = Body::new(FileBody { file: opened, buffer: vec![0; 1 << 16] }).into_response();
+        // A client that lost a download part-way asks for the rest (`Range: bytes=N-`); anything but one range is answered whole.
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(byte_range);
+        let (status, start, end) = match range {
+            Some((start, _)) if start >= length => {
+                let message = format!("{name} has {length} bytes; the range asked for starts at {start}");
+                let mut response = fhir::json_response(StatusCode::RANGE_NOT_SATISFIABLE, operation_outcome(&[Issue::error(IssueCode::Invalid, "Range", message)]).to_string_compact());
+                response.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{length}")).map_err(|e| ApiError::Internal(e.to_string()))?);
+                return Ok(response);
+            }
+            Some((start, last)) => (StatusCode::PARTIAL_CONTENT, start, last.map_or(length, |l| (l + 1).min(length))),
+            None => (StatusCode::OK, 0, length),
+        };
+        if start > 0 {
+            tokio::io::AsyncSeekExt::seek(&mut opened, std::io::SeekFrom::Start(start)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        let mut response = Body::new(FileBody { file: opened, buffer: vec![0; 1 << 16], remaining: end - start }).into_response();
+        *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if status == StatusCode::PARTIAL_CONTENT {
+            headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{}/{length}", end.saturating_sub(1))).map_err(|e| ApiError::Internal(e.to_string()))?);
+        }
         Ok(response)
     }
     .await;
     finish(&state, audit, result).await
 }
 
-/// A file sent in chunks as it is read, so a download holds one buffer whatever the file's size.
+/// One `bytes=first-[last]` range (RFC 9110 §14.1.2); a suffix range, several ranges or anything
+/// else is `None`, and the file is sent whole, as a server may.
+fn byte_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let (first, last) = value.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let first = first.trim().parse::<u64>().ok()?;
+    match last.trim() {
+        "" => Some((first, None)),
+        last => last.parse::<u64>().ok().filter(|l| *l >= first).map(|l| (first, Some(l))),
+    }
+}
+
+/// A file (or the part of it asked for) sent in chunks as it is read, so a download holds one buffer whatever the file's size.
 struct FileBody {
     file: tokio::fs::File,
     buffer: Vec<u8>,
+    /// Bytes still to send.
+    remaining: u64,
 }
 
 impl http_body::Body for FileBody {
@@ -300,12 +333,20 @@ impl http_body::Body for FileBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        let mut read = tokio::io::ReadBuf::new(&mut this.buffer);
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let room = this.buffer.len().min(usize::try_from(this.remaining).unwrap_or(usize::MAX));
+        let mut read = tokio::io::ReadBuf::new(&mut this.buffer[..room]);
         match tokio::io::AsyncRead::poll_read(Pin::new(&mut this.file), cx, &mut read) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(None),
-            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::copy_from_slice(read.filled()))))),
+            Poll::Ready(Ok(())) => {
+                let chunk = Bytes::copy_from_slice(read.filled());
+                this.remaining -= chunk.len() as u64;
+                Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
         }
     }
 }
@@ -360,4 +401,18 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
         bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string("match"))]))]);
     }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_byte_range_is_read_and_anything_else_is_not() {
+        assert_eq!(byte_range("bytes=100-"), Some((100, None)));
+        assert_eq!(byte_range("bytes=0-9"), Some((0, Some(9))));
+        for ignored in ["bytes=-500", "bytes=0-9,20-29", "bytes=9-0", "items=0-9", "bytes=x-"] {
+            assert_eq!(byte_range(ignored), None, "{ignored}");
+        }
+    }
 }

@@ -397,6 +397,23 @@ async fn the_export_command_downloads_validates_and_resumes() {
     let again = run().await.unwrap();
     assert!(again.status.success());
     assert_eq!(String::from_utf8_lossy(&again.stderr).matches("(already here)").count(), 2, "{}", String::from_utf8_lossy(&again.stderr));
+    // A download cut off mid-line: the command keeps the complete lines and asks for the rest.
+    let whole = std::fs::read(out.join("Observation.001.ndjson")).unwrap();
+    std::fs::remove_file(out.join("Observation.001.ndjson")).unwrap();
+    let cut = whole.iter().position(|b| *b == b'\n').unwrap() + 10;
+    std::fs::write(out.join("Observation.001.ndjson.part"), &whole[..cut]).unwrap();
+    let resumed = run().await.unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(std::fs::read(out.join("Observation.001.ndjson")).unwrap(), whole);
+    // The gateway serves the rest of a file by Range, and says when a range is past its end.
+    let url = state["manifest"]["output"].as_array().unwrap().iter().find(|o| o["type"] == "Observation").unwrap()["url"].as_str().unwrap().to_string();
+    let token = g.token("clinic").await;
+    let part = g.http.get(&url).bearer_auth(&token).header("range", "bytes=5-").send().await.unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"].to_str().unwrap(), format!("bytes 5-{}/{}", whole.len() - 1, whole.len()));
+    assert_eq!(part.bytes().await.unwrap().as_ref(), &whole[5..]);
+    let past = g.http.get(&url).bearer_auth(&token).header("range", format!("bytes={}-", whole.len())).send().await.unwrap();
+    assert_eq!(past.status(), 416);
     // Another server's export folder is not mixed into this one.
     let other: Vec<String> = args.iter().map(|a| if *a == g.base { "http://127.0.0.1:1".to_string() } else { a.clone() }).collect();
     let refused = tokio::task::spawn_blocking(move || std::process::Command::new(env!("CARGO_BIN_EXE_iop-gateway")).args(&other).output().unwrap()).await.unwrap();
