@@ -2,10 +2,11 @@
 //!
 //! A job is a row in the store. The worker claims it by compare-and-set on a lease, reads one page
 //! of resources at a time (keyset by id, each resource as it was at the job's transaction time),
-//! passes each through the one disclosure check, appends the stored JSON text to the type's current
-//! file, and then commits its cursor (type, last id, the file's length) with the lease renewed. A
-//! worker that stops leaves a cursor behind; the next one truncates the current file to the
-//! committed length and goes on, so no line is written twice and memory never holds more than a page.
+//! passes each row, as the store hands it over, through the one disclosure check, appends the stored
+//! JSON text to the type's current file, and then commits its cursor (type, last id, the file's
+//! length) with the lease renewed. A worker that stops leaves a cursor behind; the next one
+//! truncates the current file to the committed length and goes on, so no line is written twice and
+//! memory never holds more than one resource (not a page).
 
 use std::collections::BTreeMap;
 use std::io::{Seek as _, Write as _};
@@ -334,10 +335,11 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
     // Counted per page only: a page's withheld references are never kept, so memory stays flat.
     let mut scratch = Audit::new(&job.client, "operation", "E", None);
     while let Some(resource_type) = plan.types.get(progress.type_index) {
+        let after = progress.after.clone();
         let page = ExportPage {
             job: &job.id,
             resource_type,
-            after: &progress.after,
+            after: &after,
             transaction_time: &job.transaction_time,
             since: plan.since.as_deref(),
             until: plan.until.as_deref(),
@@ -346,20 +348,27 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
             visibility: &visibility,
             limit: config.page_size,
         };
-        let rows = state.store.export_page(&page).await?;
         if progress.part == 0 {
             progress.part = 1;
         }
         let name = format!("{resource_type}-{}.ndjson", progress.part);
         let path = dir.join(&name);
-        if let Some(last) = rows.last() {
-            progress.after = last.version.id.clone();
-            let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
-            // What a stopped worker wrote after its last commit is cut off and written again.
-            file.set_len(progress.bytes)?;
-            file.seek(std::io::SeekFrom::Start(progress.bytes))?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
-            for row in rows {
+        // Rows are written as the store hands them over, one at a time: memory holds one resource, not a page.
+        let mut out: Option<std::io::BufWriter<std::fs::File>> = None;
+        state
+            .store
+            .export_page(&page, |row| -> Result<(), JobError> {
+                let out = match &mut out {
+                    Some(out) => out,
+                    None => {
+                        let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+                        // What a stopped worker wrote after its last commit is cut off and written again.
+                        file.set_len(progress.bytes)?;
+                        file.seek(std::io::SeekFrom::Start(progress.bytes))?;
+                        out.insert(std::io::BufWriter::with_capacity(1 << 16, file))
+                    }
+                };
+                progress.after.clone_from(&row.version.id);
                 match disclose_version(&principal, &row.current, Some(row.version), &mut scratch) {
                     Some(version) => {
                         out.write_all(version.body.as_bytes())?;
@@ -370,8 +379,11 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
                     }
                     None => progress.withheld += 1,
                 }
-            }
-            scratch.description = None;
+                Ok(())
+            })
+            .await?;
+        scratch.description = None;
+        if let Some(out) = out {
             let file = out.into_inner().map_err(|e| e.into_error())?;
             // The committed length must be on disk before the cursor that names it.
             file.sync_data()?;

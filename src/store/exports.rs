@@ -3,8 +3,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::query::{Bind, Sql, query_clauses, visibility_clause, where_clause};
-use super::{COLUMNS, Store, StoreError, Stored, Tx, Visibility, stored};
+use super::query::{Bind, Probe, Sql, query_clauses, visibility_clause, visibility_per_row, where_clause};
+use super::{Backend, COLUMNS, Store, StoreError, Stored, Tx, Visibility, stored};
 use crate::search::{Clause, Query, TokenMatch, compartment};
 
 /// One export job as stored.
@@ -172,57 +172,100 @@ impl Store {
     }
 
     /// One keyset page of an export, in id order: each resource's latest version at the job's
-    /// transaction time (later changes are not in the export), and only what `visibility` lets through.
-    pub async fn export_page(&self, page: &ExportPage<'_>) -> Result<Vec<Exported>, StoreError> {
-        let mut sql = Sql::default();
-        sql.push(
-            "SELECT v.type, v.id, v.version, v.last_updated, v.body, v.parties, v.labels, v.created_by, v.owner, v.method, r.parties, r.labels, r.owner \
-             FROM resources r JOIN resource_versions v ON v.type = r.type AND v.id = r.id \
-             AND v.version = (SELECT MAX(w.version) FROM resource_versions w WHERE w.type = r.type AND w.id = r.id AND w.last_updated <= ",
-        );
-        sql.text(page.transaction_time);
-        sql.push(")");
-        where_clause(&mut sql, &[page.resource_type], &Query::default(), Some(page.visibility));
-        sql.push(" AND r.id > ");
-        sql.text(page.after);
-        if let Some(since) = page.since {
-            sql.push(" AND v.last_updated > ");
-            sql.text(since);
-        }
-        if let Some(until) = page.until {
-            sql.push(" AND v.last_updated < ");
-            sql.text(until);
-        }
-        if page.compartment != Compartment::All {
-            sql.push(" AND EXISTS (SELECT 1 FROM search_tokens c WHERE c.type = r.type AND c.id = r.id AND c.param = ");
-            sql.text(compartment::PARAM);
-            if page.compartment == Compartment::Members {
-                sql.push(" AND c.value IN (SELECT m.patient FROM export_members m WHERE m.job = ");
-                sql.text(page.job);
+    /// transaction time (later changes are not in the export), and only what `visibility` lets
+    /// through, handed to `each` row by row as the database sends them (never the whole page in
+    /// memory); the number of rows.
+    ///
+    /// The page is read in the primary key's order and stops after `limit` rows; every condition is
+    /// a per-row probe (no semi-join the planner could run over every row of the type and then
+    /// sort), so a page costs the same however many resources the store holds.
+    pub async fn export_page<E: From<StoreError>>(&self, page: &ExportPage<'_>, mut each: impl FnMut(Exported) -> Result<(), E>) -> Result<usize, E> {
+        // The latest version at the transaction time (`column` of it).
+        let at_time = |sql: &mut Sql, column: &str| {
+            sql.push(&format!("(SELECT w.{column} FROM resource_versions w WHERE w.type = r.type AND w.id = r.id AND w.last_updated <= "));
+            sql.text(page.transaction_time);
+            sql.push(" ORDER BY w.version DESC LIMIT 1)");
+        };
+        let conditions = |sql: &mut Sql| {
+            sql.push(" WHERE r.type = ");
+            sql.text(page.resource_type);
+            sql.push(" AND r.id > ");
+            sql.text(page.after);
+            visibility_per_row(sql, page.visibility);
+            sql.push(" AND ");
+            at_time(sql, "version");
+            sql.push(" IS NOT NULL");
+            if let Some(since) = page.since {
+                sql.push(" AND ");
+                at_time(sql, "last_updated");
+                sql.push(" > ");
+                sql.text(since);
+            }
+            if let Some(until) = page.until {
+                sql.push(" AND ");
+                at_time(sql, "last_updated");
+                sql.push(" < ");
+                sql.text(until);
+            }
+            if page.compartment != Compartment::All {
+                sql.push(" AND ");
+                Probe::PerRow.push(sql, true, |sql| {
+                    sql.push("search_tokens c WHERE c.type = r.type AND c.id = r.id AND c.param = ");
+                    sql.text(compartment::PARAM);
+                    if page.compartment == Compartment::Members {
+                        sql.push(" AND c.value IN (SELECT m.patient FROM export_members m WHERE m.job = ");
+                        sql.text(page.job);
+                        sql.push(")");
+                    }
+                });
+            }
+            if !page.filters.is_empty() {
+                sql.push(" AND (");
+                sql.push_joined(page.filters, " OR ", |sql, query| {
+                    sql.push("(1 = 1");
+                    query_clauses(sql, query);
+                    sql.push(")");
+                });
                 sql.push(")");
             }
-            sql.push(")");
+            sql.push(" ORDER BY r.id LIMIT ");
+            sql.bind(Bind::Int(page.limit as i64));
+        };
+        let mut sql = Sql::default();
+        sql.push("SELECT v.type, v.id, v.version, v.last_updated, v.body, v.parties, v.labels, v.created_by, v.owner, v.method, r.parties, r.labels, r.owner FROM ");
+        match self.backend {
+            // One level: SQLite reads `r` in key order and looks each version up, so rows leave as they
+            // are found (an outer ORDER BY would sort the page's bodies in memory first).
+            Backend::Sqlite => {
+                sql.push("resources r JOIN resource_versions v ON v.type = r.type AND v.id = r.id AND v.version = ");
+                at_time(&mut sql, "version");
+                conditions(&mut sql);
+            }
+            // The page's keys first, then their versions: with the version's lookup in the join,
+            // PostgreSQL hashes every version of the type and sorts them on every page.
+            Backend::Postgres => {
+                sql.push("(SELECT r.type, r.id, r.parties, r.labels, r.owner, ");
+                at_time(&mut sql, "version");
+                sql.push(" AS at_version FROM resources r");
+                conditions(&mut sql);
+                sql.push(") r JOIN resource_versions v ON v.type = r.type AND v.id = r.id AND v.version = r.at_version ORDER BY r.id");
+            }
         }
-        if !page.filters.is_empty() {
-            sql.push(" AND (");
-            sql.push_joined(page.filters, " OR ", |sql, query| {
-                sql.push("(1 = 1");
-                query_clauses(sql, query);
-                sql.push(")");
-            });
-            sql.push(")");
-        }
-        sql.push(" ORDER BY r.id LIMIT ");
-        sql.bind(Bind::Int(page.limit as i64));
-        let rows = sql.into_query().fetch_all(&self.reader).await?;
         let split = |s: String| s.split(' ').filter(|p| !p.is_empty()).map(str::to_string).collect::<Vec<_>>();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let version = stored(row, None)?;
-            let current = Stored { body: String::new(), parties: split(row.try_get(10)?), labels: split(row.try_get(11)?), owner: row.try_get(12)?, ..version.clone() };
-            out.push(Exported { current, version });
+        let query = sql.into_query();
+        let mut rows = query.fetch(&self.reader);
+        let mut count = 0;
+        while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+            let row = row.map_err(StoreError::from)?;
+            let mut version = stored(&row, None).map_err(StoreError::from)?;
+            let body = std::mem::take(&mut version.body);
+            let current = Stored { parties: split(row.try_get(10).map_err(StoreError::from)?), labels: split(row.try_get(11).map_err(StoreError::from)?), owner: row.try_get(12).map_err(StoreError::from)?, ..version.clone() };
+            version.body = body;
+            drop(row);
+            count += 1;
+            each(Exported { current, version })?;
         }
-        Ok(out)
+        Ok(count)
     }
 
     /// A page of one patient's compartment (`Patient/[id]/$everything`): current versions of the

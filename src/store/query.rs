@@ -100,22 +100,68 @@ pub(super) fn where_clause(sql: &mut Sql, types: &[&str], query: &Query, visibil
 
 /// `AND …` conditions that keep only the rows of `resources r` a [`Visibility`] lets through.
 pub(super) fn visibility_clause(sql: &mut Sql, visibility: &Visibility) {
-    sql.push(" AND EXISTS (SELECT 1 FROM search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
-    sql.text(&visibility.party);
-    sql.push(")");
+    visibility_conditions(sql, visibility, Probe::Exists);
+}
+
+/// The same conditions as [`visibility_clause`], each index lookup a per-row probe that the planner
+/// cannot turn into a join: for keyset pages (`ORDER BY r.id LIMIT n`) read in the primary key's
+/// order, which stop after `n` rows, where PostgreSQL would otherwise read every row of the type
+/// (a hash semi-join over the `_party` tokens) and sort them on every page.
+pub(super) fn visibility_per_row(sql: &mut Sql, visibility: &Visibility) {
+    visibility_conditions(sql, visibility, Probe::PerRow);
+}
+
+/// How an "is there such a row" condition is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// `EXISTS (SELECT 1 …)`, which the planner may turn into a (semi-)join.
+    Exists,
+    /// `(SELECT 1 … LIMIT 1) IS NOT NULL`: a scalar subquery, evaluated for each row that reaches it.
+    PerRow,
+}
+
+impl Probe {
+    /// Appends the condition that `SELECT 1 FROM {from_where}` finds a row (`present`) or none.
+    pub(super) fn push(self, sql: &mut Sql, present: bool, from_where: impl FnOnce(&mut Sql)) {
+        match (self, present) {
+            (Probe::Exists, true) => sql.push("EXISTS (SELECT 1 FROM "),
+            (Probe::Exists, false) => sql.push("NOT EXISTS (SELECT 1 FROM "),
+            (Probe::PerRow, _) => sql.push("(SELECT 1 FROM "),
+        }
+        from_where(sql);
+        match (self, present) {
+            (Probe::Exists, _) => sql.push(")"),
+            (Probe::PerRow, true) => sql.push(" LIMIT 1) IS NOT NULL"),
+            (Probe::PerRow, false) => sql.push(" LIMIT 1) IS NULL"),
+        }
+    }
+}
+
+fn visibility_conditions(sql: &mut Sql, visibility: &Visibility, probe: Probe) {
+    sql.push(" AND ");
+    probe.push(sql, true, |sql| {
+        sql.push("search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
+        sql.text(&visibility.party);
+    });
     if let Some(label) = &visibility.withheld_label {
         sql.push(" AND (r.owner = ");
         sql.text(&visibility.party);
-        sql.push(" OR NOT EXISTS (SELECT 1 FROM search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
-        sql.text(label);
-        sql.push("))");
+        sql.push(" OR ");
+        probe.push(sql, false, |sql| {
+            sql.push("search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
+            sql.text(label);
+        });
+        sql.push(")");
     }
     if visibility.writable_only {
         sql.push(" AND (r.owner = ");
         sql.text(&visibility.party);
-        sql.push(" OR (r.type = 'Task' AND EXISTS (SELECT 1 FROM search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
-        sql.text(&visibility.party);
-        sql.push(")))");
+        sql.push(" OR (r.type = 'Task' AND ");
+        probe.push(sql, true, |sql| {
+            sql.push("search_tokens o WHERE o.type = r.type AND o.id = r.id AND o.param = 'owner' AND o.value = ");
+            sql.text(&visibility.party);
+        });
+        sql.push("))");
     }
 }
 
