@@ -112,7 +112,22 @@ fn ids(resources: Option<&Vec<Value>>) -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_clinic_exports_what_it_may_read_at_every_level_and_with_every_parameter() {
-    let g = Gateway::start_with(FAST).await;
+    every_level_and_parameter(Gateway::start_with(FAST).await).await;
+}
+
+/// The same on PostgreSQL, whose export pages are read with a query of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_level_and_parameter_on_postgres() {
+    let Some(url) = crate::need::postgres("server::export::every_level_and_parameter_on_postgres") else { return };
+    let schema = super::postgres::schema_name("export");
+    let dir = TempDir::new("pg-export");
+    let keys = partner_keys();
+    let text = config_text(&dir.0, &keys, FAST).replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    every_level_and_parameter(Gateway::start_loaded(load(&text, &dir.0), keys, dir).await).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn every_level_and_parameter(g: Gateway) {
     let data = store_data(&g).await;
     let clinic = g.token("clinic").await;
 
