@@ -441,22 +441,12 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
         _ => "_history".to_string(),
     };
     // The paging links keep `_since` and the format asked for.
-    let mut kept = form_urlencoded::Serializer::new(String::new());
-    if let Some(since) = &since {
-        kept.append_pair("_since", since);
-    }
-    for (name, value) in pairs.iter().filter(|(k, _)| search::RESULT_PARAMS.contains(&k.as_str())) {
-        kept.append_pair(name, value);
-    }
-    let kept = kept.finish();
-    let page = |offset: usize| format!("{base}/{path}?{kept}{}_count={count}&_offset={offset}", if kept.is_empty() { "" } else { "&" });
-    let mut links = vec![("self", page(offset))];
-    if offset + count < total as usize && count > 0 {
-        links.push(("next", page(offset + count)));
-    }
-    if offset > 0 {
-        links.push(("previous", page(offset.saturating_sub(count))));
-    }
+    let kept: Vec<(String, String)> = since
+        .iter()
+        .map(|s| ("_since".to_string(), s.clone()))
+        .chain(pairs.iter().filter(|(k, _)| search::RESULT_PARAMS.contains(&k.as_str())).cloned())
+        .collect();
+    let links = page_links(&format!("{base}/{path}"), &kept, count, offset, total);
     let mut bundle = BundleText::new("history", Some(total), &links);
     for v in &versions {
         let reference = v.reference();

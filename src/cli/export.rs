@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::keys::KeyPair;
-use crate::config::{self, Config, Overrides};
 use crate::definitions::Definitions;
 use crate::partner::bulk::{self, Event, FileKind, Level, Request};
 use crate::partner::{Credentials, FhirClient, Transport};
@@ -148,11 +147,7 @@ fn connect(args: &Args) -> Result<FhirClient, String> {
     // This gateway's configuration supplies what is not given: its URL and the key `clients add` wrote.
     let loaded = match (&args.url, &args.key) {
         (Some(_), Some(_)) => None,
-        _ => {
-            let env = |name: &str| std::env::var(name).ok();
-            let file = Config::locate(args.config.as_deref(), &env);
-            Some(Config::load(file.as_deref(), &config::process_env(), &Overrides::default()).map_err(|e| format!("{e} (or give --url and --key)"))?)
-        }
+        _ => Some(super::token::load_config(args.config.as_deref()).map_err(|e| format!("{e} (or give --url and --key)"))?),
     };
     let configured = || loaded.as_ref().ok_or_else(|| "no configuration was read".to_string());
     let url = match &args.url {
@@ -161,7 +156,7 @@ fn connect(args: &Args) -> Result<FhirClient, String> {
     };
     let key_path = match &args.key {
         Some(path) => path.clone(),
-        None => configured()?.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client)),
+        None => super::token::client_key_path(configured()?, &args.client),
     };
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read the key {}: {e}", key_path.display()))?;
     let key = match &args.kid {

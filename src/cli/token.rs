@@ -43,11 +43,9 @@ pub fn run(args: Args) -> ExitCode {
 
 fn token(args: Args) -> Result<String, String> {
     crate::server::install_crypto_provider();
-    let env = |name: &str| std::env::var(name).ok();
-    let file = Config::locate(args.config.as_deref(), &env);
-    let loaded = Config::load(file.as_deref(), &config::process_env(), &Overrides::default()).map_err(|e| e.to_string())?;
+    let loaded = load_config(args.config.as_deref())?;
     let client = loaded.config.clients.iter().find(|c| c.id == args.client).ok_or_else(|| format!("no client '{}' in the configuration", args.client))?;
-    let key_path = args.key.unwrap_or_else(|| loaded.config.store.data_dir.join("clients").join(format!("{}.key.pem", args.client)));
+    let key_path = args.key.unwrap_or_else(|| client_key_path(&loaded, &args.client));
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
     let pair = KeyPair::from_pem_thumbprinted(&pem).map_err(|e| e.to_string())?;
     let base = args.url.unwrap_or_else(|| configured_base(&loaded));
@@ -85,4 +83,16 @@ pub(super) fn configured_base(loaded: &config::Loaded) -> String {
         let scheme = if loaded.config.server.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", loaded.listen)
     })
+}
+
+/// The gateway's configuration as `serve` reads it (file from `--config`, `$IOP_GATEWAY_CONFIG` or `./gateway.toml`, then the environment).
+pub(super) fn load_config(path: Option<&std::path::Path>) -> Result<config::Loaded, String> {
+    let env = |name: &str| std::env::var(name).ok();
+    let file = Config::locate(path, &env);
+    Config::load(file.as_deref(), &config::process_env(), &Overrides::default()).map_err(|e| e.to_string())
+}
+
+/// Where `clients add` wrote a client's private key: `<store.data_dir>/clients/NAME.key.pem`.
+pub(super) fn client_key_path(loaded: &config::Loaded, client: &str) -> PathBuf {
+    loaded.config.store.data_dir.join("clients").join(format!("{client}.key.pem"))
 }
