@@ -25,6 +25,7 @@ pub mod notifications;
 pub mod records;
 pub mod rest;
 pub mod state;
+pub mod subscriptions;
 pub mod token;
 pub mod validate;
 pub mod write;
@@ -67,6 +68,12 @@ pub fn router(state: AppState) -> Router {
         .route("/Patient/{id}/$everything", get(export::everything))
         .route("/$export-status/{job}", get(export::status).delete(export::cancel))
         .route("/$export-file/{job}/{file}", get(export::file))
+        .route("/Subscription", get(subscriptions::search).post(subscriptions::create).put(subscriptions::unsupported).delete(subscriptions::unsupported))
+        .route("/Subscription/_search", get(subscriptions::search).post(subscriptions::unsupported))
+        .route("/Subscription/_history", get(subscriptions::unsupported))
+        .route("/Subscription/{id}", get(subscriptions::read).put(subscriptions::update).delete(subscriptions::delete).post(subscriptions::unsupported))
+        .route("/Subscription/{id}/{operation}", get(subscriptions::operation).post(subscriptions::unsupported))
+        .route("/Subscription/{id}/_history/{vid}", get(subscriptions::unsupported))
         .route("/{type}", get(rest::search_type).post(rest::create).put(rest::conditional_update))
         .route("/{type}/_search", get(rest::search_type).post(rest::search_post))
         .route("/{type}/_history", get(rest::history_type))

@@ -67,9 +67,9 @@ impl Role {
             Role::InpatientUnit => {
                 "system/Patient.cruds system/ServiceRequest.cruds system/Task.cruds system/Communication.cruds system/DocumentReference.cruds \
                  system/Condition.cruds system/Observation.cruds system/Consent.cruds system/Encounter.rs system/CarePlan.rs \
-                 system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.rs system/Practitioner.rs"
+                 system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.rs system/Practitioner.rs system/Subscription.cruds"
             }
-            Role::Payer => "system/Claim.cruds system/ClaimResponse.cruds system/Coverage.rs system/Task.rus system/Communication.crs system/Patient.rs",
+            Role::Payer => "system/Claim.cruds system/ClaimResponse.cruds system/Coverage.rs system/Task.rus system/Communication.crs system/Patient.rs system/Subscription.cruds",
             Role::Clinic => "system/*.cruds",
             Role::Admin => "system/AuditEvent.rs",
         };

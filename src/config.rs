@@ -47,6 +47,8 @@ pub struct Config {
     pub utilization: UtilizationConfig,
     /// Bulk Data `$export`.
     pub export: ExportConfig,
+    /// Topic-based Subscriptions partners create at the gateway (Subscriptions R5 Backport).
+    pub topics: TopicsConfig,
 }
 
 /// What a partner the gateway sends to is.
@@ -154,6 +156,44 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig { enabled: true, poll_interval_ms: 500, lease_secs: 120, concurrency: 16 }
+    }
+}
+
+/// Partners' topic-based Subscriptions ([`crate::exchange::topics`]): how notifications are retried and when a Subscription goes to `error`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Failed deliveries in a row (no answer, 408/429/5xx, or a refusal) after which a Subscription goes to `error`:
+    /// nothing more is sent until its client sets it back to `requested` (events keep their numbers for `$events`).
+    pub error_after_failures: u32,
+    /// Milliseconds before the first retry of a notification; each later one waits twice as long, up to `max_backoff_secs`.
+    pub first_retry_ms: u64,
+    pub max_backoff_secs: u64,
+    /// Longest a notification attempt may take, in seconds (a Subscription's `backport-timeout` may ask for less).
+    pub timeout_secs: u64,
+    /// Shortest heartbeat period a Subscription may ask for, in seconds.
+    pub min_heartbeat_secs: u64,
+    /// Milliseconds between looks for idle Subscriptions that are due a heartbeat.
+    pub heartbeat_check_ms: u64,
+    /// Seconds this instance keeps its list of a topic's Subscriptions before reading it again (its own changes clear it at once;
+    /// another instance's new Subscription takes events from this one after at most this long).
+    pub cache_secs: u64,
+    /// Most events one `$events` answer carries.
+    pub max_events: usize,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            error_after_failures: 10,
+            first_retry_ms: 1000,
+            max_backoff_secs: 60,
+            timeout_secs: 30,
+            min_heartbeat_secs: 60,
+            heartbeat_check_ms: 1000,
+            cache_secs: 2,
+            max_events: 100,
+        }
     }
 }
 
@@ -396,6 +436,10 @@ pub struct ClientConfig {
     /// Whether records labelled 42 CFR Part 2 may be disclosed to this client when it is not their author.
     #[serde(default)]
     pub part2_disclosure: bool,
+    /// URL prefixes (https, or http to a loopback address) the client's own endpoints must start with: its
+    /// Subscriptions' `channel.endpoint`, and where replies to its messages go. Nothing else is called back.
+    #[serde(default)]
+    pub callbacks: Vec<String>,
 }
 
 /// Why a configuration was refused; every problem found is listed, not only the first.
@@ -704,6 +748,14 @@ impl Config {
                 }
                 None => client_keys.push(String::new()),
             }
+            for (j, prefix) in client.callbacks.iter().enumerate() {
+                if let Err(e) = check_callback_prefix(prefix) {
+                    problems.push(format!("{at}.callbacks[{j}]: {e}"));
+                }
+            }
+        }
+        if self.topics.error_after_failures == 0 || self.topics.heartbeat_check_ms == 0 || self.topics.timeout_secs == 0 || self.topics.max_events == 0 {
+            problems.push("topics: error_after_failures, heartbeat_check_ms, timeout_secs and max_events must be greater than 0".into());
         }
         self.check_partners(&mut problems);
         if self.outbox.poll_interval_ms == 0 || self.outbox.lease_secs == 0 || self.outbox.concurrency == 0 {
@@ -735,6 +787,33 @@ pub fn check_jwks_url(url: &str) -> Result<(), String> {
         "http" => Err(format!("'{url}' must use https (plain http only to a loopback address)")),
         other => Err(format!("'{url}': {other} is not https")),
     }
+}
+
+/// A callback prefix: an absolute https URL (or http to a loopback address) with a host, no user
+/// name, query or fragment, so that what starts with it is on that host.
+pub fn check_callback_prefix(prefix: &str) -> Result<(), String> {
+    check_jwks_url(prefix)?;
+    let parsed = reqwest::Url::parse(prefix).map_err(|e| format!("'{prefix}' is not a URL: {e}"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("'{prefix}' must not carry a user name, query or fragment"));
+    }
+    Ok(())
+}
+
+/// Whether `url` is under one of `prefixes` (same scheme, host and port; the path at or below the
+/// prefix's, a segment boundary counted), and may be called: https, or http to a loopback address.
+pub fn callback_allowed(url: &str, prefixes: &[String]) -> bool {
+    let Ok(target) = reqwest::Url::parse(url) else { return false };
+    if check_jwks_url(url).is_err() || !target.username().is_empty() || target.password().is_some() || target.fragment().is_some() {
+        return false;
+    }
+    prefixes.iter().filter_map(|p| reqwest::Url::parse(p).ok()).any(|prefix| {
+        let same_origin = prefix.scheme() == target.scheme() && prefix.host_str().map(str::to_ascii_lowercase) == target.host_str().map(str::to_ascii_lowercase) && prefix.port_or_known_default() == target.port_or_known_default();
+        let base = prefix.path();
+        let path = target.path();
+        let under = path == base || (path.starts_with(base) && (base.ends_with('/') || path[base.len()..].starts_with('/')));
+        same_origin && under && !path.split('/').any(|s| s == ".." || s == ".")
+    })
 }
 
 /// A client id or partner name: 1-64 letters, digits, '-', '.' or '_' (it names files and metric labels).

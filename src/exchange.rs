@@ -9,6 +9,9 @@
 //!   (a stored ClaimResponse and a decision record).
 //! - [`subscription`]: pended decisions: the one PAS Subscription per payer, and the notifications
 //!   that bring the final decisions (event numbers tracked, gaps filled from `$events`).
+//! - [`topics`]: the gateway as a Subscriptions Backport server: partners' Subscriptions on its
+//!   topic (referral Task changes), events raised in the one write path, notifications delivered
+//!   through the outbox (handshake, events, heartbeats), a failing endpoint's Subscription in error.
 //! - [`inquiry`]: `Claim/$inquire` for pended authorizations, only while the payer's Subscription is
 //!   in error (at a configured interval) or after missed events `$events` did not return.
 //! - [`utilization`]: attended session days against each certification; the extension request
@@ -19,6 +22,7 @@ pub mod intake;
 pub mod outbox;
 pub mod pas;
 pub mod subscription;
+pub mod topics;
 pub mod utilization;
 
 /// Milliseconds since the Unix epoch, the outbox's clock.

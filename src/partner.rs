@@ -38,6 +38,8 @@ pub enum Delivery {
 pub struct Partners {
     by_name: HashMap<String, Partner>,
     published_keys: HashMap<String, std::sync::Arc<jwks::PublishedKeys>>,
+    /// Sends notifications to partners' Subscription endpoints; follows no redirect (only the endpoint, checked against the client's callbacks, is called).
+    callbacks: reqwest::Client,
 }
 
 /// One partner: its configuration and its client.
@@ -93,7 +95,38 @@ impl Partners {
                 published_keys.insert(client.id.clone(), std::sync::Arc::new(keys));
             }
         }
-        Ok(Partners { by_name, published_keys })
+        let callbacks = reqwest::Client::builder()
+            .user_agent(concat!("iop-gateway/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| PartnerError { partner: "callbacks".into(), message: e.to_string() })?;
+        Ok(Partners { by_name, published_keys, callbacks })
+    }
+
+    /// `POST`s a notification Bundle to a partner's Subscription endpoint with the Subscription's
+    /// `channel.header` lines as headers: one attempt within `timeout`, classified like any delivery.
+    /// The caller checked the endpoint against the client's `callbacks`; redirects are not followed.
+    pub async fn notify(&self, endpoint: &str, header_lines: &[String], body: &str, timeout: Duration) -> Delivery {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for line in header_lines {
+            let Some((name, value)) = line.split_once(':') else { continue };
+            if let (Ok(name), Ok(value)) = (reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()), reqwest::header::HeaderValue::from_str(value.trim())) {
+                headers.append(name, value);
+            }
+        }
+        headers.insert(reqwest::header::CONTENT_TYPE, reqwest::header::HeaderValue::from_static("application/fhir+json"));
+        let response = match self.callbacks.post(endpoint).headers(headers).timeout(timeout).body(body.to_string()).send().await {
+            Ok(response) => response,
+            Err(e) => return Delivery::Retry { status: 0, error: describe(&e), after: None },
+        };
+        let status = response.status().as_u16();
+        let after = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        match status {
+            200..=299 => Delivery::Accepted { status, body: text, location: None },
+            408 | 429 | 500..=599 => Delivery::Retry { status, error: format!("the endpoint answered {status}"), after },
+            _ => Delivery::Refused { status, body: text },
+        }
     }
 
     /// The keys a client publishes at its `jwks_url`, if it registered one.

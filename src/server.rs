@@ -320,6 +320,8 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
     let exporter = serving.state.loaded.config.export.enabled.then(|| crate::export::spawn(serving.state.clone()));
     // Inquiries are outbox messages: an instance that sends none has no business queueing them.
     let inquirer = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::inquiry::spawn(serving.state.clone()));
+    // Heartbeats are outbox messages too.
+    let heart = serving.state.loaded.config.outbox.enabled.then(|| crate::exchange::topics::spawn(serving.state.clone()));
     let serving: tokio::task::JoinHandle<io::Result<()>> = match tls {
         Some(config) => {
             let listener = TlsListener::new(tcp, config).map_err(ServeError::Serve)?;
@@ -356,6 +358,9 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         }
         if let Some(inquirer) = inquirer {
             inquirer.abort();
+        }
+        if let Some(heart) = heart {
+            heart.abort();
         }
         // An export stopped mid-page is resumed from its committed cursor after its lease, by any instance.
         if let Some(exporter) = exporter {

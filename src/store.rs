@@ -18,6 +18,7 @@ mod postgres;
 mod query;
 mod sqlite;
 mod subscriptions;
+mod topics;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,7 @@ pub use exports::{Compartment, ExportJob, ExportPage, Exported};
 pub use inquiries::Pended;
 pub use query::{AuditQuery, Bind, HistoryScope};
 pub use subscriptions::SubscriptionRow;
+pub use topics::{TopicEvent, TopicSubscription};
 
 /// Which database is behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -49,6 +49,11 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
     let search_documentation = "GET [base]/[type]?…, GET [base]/[type]/_search?…, or POST [base]/[type]/_search with an application/x-www-form-urlencoded body (combined with the URL's parameters); paging links are GET links. Also _count, _offset, _sort (several keys: _lastUpdated, _id and the type's search parameters, - for descending), _include, _revinclude, _summary (true, text, data, count, false), _elements, _total (none, estimate, accurate). Unknown parameters are refused (400) unless Prefer: handling=lenient, which leaves them out and names them in an OperationOutcome entry (search.mode outcome). Patient compartment: GET [base]/Patient/[id]/[type]?….";
     let mut resources = Vec::new();
     for t in types {
+        if t == "Subscription" {
+            // Partners' topic-based Subscriptions have their own endpoint (issue 12).
+            resources.push(super::subscriptions::capability());
+            continue;
+        }
         let audit = t == "AuditEvent";
         let mut members = vec![("type", Json::string(t.as_str())), ("profile", Json::string(format!("http://hl7.org/fhir/StructureDefinition/{t}")))];
         if let Some(list) = profiles.get(t.as_str()) {

@@ -94,6 +94,8 @@ pub struct Shared {
     pub export_wake: Arc<tokio::sync::Notify>,
     /// The gateway itself, as the author of what it stores from partners' answers (payer decisions).
     pub gateway_principal: Principal,
+    /// Partners' Subscriptions on the gateway's topic, as the write path last read them.
+    pub topics: Arc<crate::exchange::topics::Cache>,
 }
 
 impl std::ops::Deref for AppState {
@@ -156,6 +158,7 @@ impl AppState {
                 partners: exchange.partners,
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 export_wake: Arc::new(tokio::sync::Notify::new()),
+                topics: Arc::new(crate::exchange::topics::Cache::default()),
             }),
         }
     }

@@ -92,6 +92,10 @@ fn not_creatable(resource_type: &str, id: &str) -> ApiError {
 pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change: Change<'_>) -> Result<(Stored, bool), Failure> {
     let Change { resource_type, id, mut resource, if_match, inherited_labels, method } = change;
     check_id(&id)?;
+    if resource_type == "Subscription" {
+        // Partners' Subscriptions are not stored resources: they have their own endpoint, checks and handshake.
+        return Err(ApiError::MethodNotAllowed("Subscriptions are created at POST [base]/Subscription and changed at [base]/Subscription/[id], not inside a Bundle".into()).into());
+    }
     let current = if method == "POST" { None } else { tx.current(resource_type, &id).await? };
     let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()) == Disclosure::Allow);
     let mut before = None;
@@ -153,6 +157,8 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         }
         Err(e) => return Err(e.into()),
     }
+    // Partners' Subscriptions: the events this version raises, in this transaction (issue 12).
+    crate::exchange::topics::on_write(tx, state, &stored, &resource).await?;
     Ok((stored, version == 1))
 }
 

@@ -21,7 +21,7 @@ use crate::json::Json;
 use crate::store::Visibility;
 
 /// Resource types a payer may touch: prior-authorization data.
-const PAYER_TYPES: &[&str] = &["Claim", "ClaimResponse", "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "Task", "Communication", "Patient"];
+const PAYER_TYPES: &[&str] = &["Claim", "ClaimResponse", "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "Task", "Communication", "Patient", "Subscription"];
 
 /// The authenticated client behind a request.
 #[derive(Clone, Debug)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{inquiry, pas, subscription};
+use super::{inquiry, pas, subscription, topics};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -77,6 +77,16 @@ impl Health {
 
 /// One attempt at one message, and what follows from its outcome.
 async fn deliver(state: &AppState, owner: &str, health: &Health, message: Message) {
+    if [topics::NOTIFICATION, topics::HANDSHAKE, topics::HEARTBEAT].contains(&message.new.kind.as_str()) {
+        // A partner's own Subscription: its endpoint, its retry and error rules (the partner column names the client).
+        match topics::deliver(state, owner, &message).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(message = %message.new.id, "The lease on a message ran out before its outcome was recorded; another worker has it."),
+            Err(e) => tracing::warn!(message = %message.new.id, error = %e, "A delivery outcome could not be recorded; the message will be sent again."),
+        }
+        let _ = health;
+        return;
+    }
     let Some(partner) = state.partners.get(&message.new.partner) else {
         // The partner left the configuration: the message waits for it to come back (or for an operator).
         let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
@@ -148,7 +158,7 @@ async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, b
 }
 
 /// The wait before retry number `attempts` (1-based): `first`, doubling, capped, with up to a fifth of jitter so retries of many messages spread out.
-fn backoff(first_ms: u64, max_secs: u64, attempts: i64) -> Duration {
+pub(crate) fn backoff(first_ms: u64, max_secs: u64, attempts: i64) -> Duration {
     let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
     let base = first_ms.saturating_mul(1u64 << exponent).min(max_secs.saturating_mul(1000));
     let jitter = base / 5 * u64::from(uuid::Uuid::new_v4().as_bytes()[0]) / 255;

@@ -17,3 +17,4 @@ mod rest;
 mod search;
 mod subscriptions;
 mod tls;
+mod topics;
