@@ -215,13 +215,14 @@ impl Cache {
         }
     }
 
+    fn fresh(&self, ttl: Duration) -> Option<Arc<Vec<TopicSubscription>>> {
+        let slot = self.slot.lock().ok()?;
+        slot.as_ref().filter(|(at, _)| at.elapsed() < ttl).map(|(_, list)| list.clone())
+    }
+
     async fn live(&self, state: &AppState) -> Result<Arc<Vec<TopicSubscription>>, StoreError> {
-        let ttl = Duration::from_secs(state.loaded.config.topics.cache_secs);
-        if let Ok(slot) = self.slot.lock()
-            && let Some((at, list)) = slot.as_ref()
-            && at.elapsed() < ttl
-        {
-            return Ok(list.clone());
+        if let Some(list) = self.fresh(Duration::from_secs(state.loaded.config.topics.cache_secs)) {
+            return Ok(list);
         }
         let list = Arc::new(state.store.live_topic_subscriptions(TOPIC).await?);
         if let Ok(mut slot) = self.slot.lock() {
@@ -299,10 +300,11 @@ pub fn notification_bundle(base: &str, sub: &TopicSubscription, status: &str, ki
     for event in events {
         let (Some(focus), Some((resource, created))) = (&event.focus, &event.resource) else { continue };
         let resource_type = focus.split('/').next().unwrap_or_default();
+        let (method, url, answer) = if *created { ("POST", resource_type.to_string(), "201") } else { ("PUT", focus.clone(), "200") };
         let mut entry = json(serde_json::json!({
             "fullUrl": format!("{base}/{focus}"),
-            "request": {"method": if *created { "POST" } else { "PUT" }, "url": if *created { resource_type.to_string() } else { focus.clone() }},
-            "response": {"status": if *created { "201" } else { "200" }}
+            "request": {"method": method, "url": url},
+            "response": {"status": answer}
         }));
         if let Some(object) = entry.as_object_mut() {
             object.insert("resource", resource.clone());

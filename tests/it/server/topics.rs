@@ -1,6 +1,6 @@
 //! Partners' topic-based Subscriptions (Subscriptions R5 Backport, the gateway as the server) against wiremock subscriber endpoints: handshake, id-only and full-resource notifications (validated), heartbeats, `$status`, `$events`, a partner down for a while, an endpoint that keeps failing, what a partner may not read, and refused Subscriptions.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,19 +141,19 @@ async fn subscribe(gw: &Gateway, token: &str, body: &Value) -> String {
     created["id"].as_str().unwrap().to_string()
 }
 
-/// Waits (bounded) until `check` holds.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if check().await {
-            return;
+/// Waits (bounded) until a condition (which may `.await`) holds.
+macro_rules! until {
+    ($what:expr, $check:expr) => {{
+        let mut held = false;
+        for _ in 0..300 {
+            if $check {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
+        assert!(held, "timed out waiting for {}", $what);
+    }};
 }
 
 async fn status_of(gw: &Gateway, token: &str, id: &str) -> String {
@@ -163,7 +163,7 @@ async fn status_of(gw: &Gateway, token: &str, id: &str) -> String {
 }
 
 async fn active(gw: &Gateway, token: &str, id: &str) {
-    until("the handshake to make the Subscription active", || async { status_of(gw, token, id).await == "active" }).await;
+    until!("the handshake to make the Subscription active", status_of(gw, token, id).await == "active");
 }
 
 /// Validates a notification with the gateway's own `$validate` (R4 Bundle and Parameters rules).
@@ -202,7 +202,7 @@ async fn referral_round(gw: &Gateway, a: &Endpoint, server: &MockServer) {
     accepted["status"] = json!("accepted");
     let (status, body) = gw.put(&clinic, &format!("Task/{task_id}"), &accepted).await;
     assert_eq!(status, 200, "{body}");
-    until("four event notifications", || async { a.of_type("event-notification").len() >= 4 }).await;
+    until!("four event notifications", a.of_type("event-notification").len() >= 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let notifications = a.of_type("event-notification");
     assert_eq!(notifications.len(), 4, "nothing about unit-b's referral, nothing twice");
@@ -269,7 +269,7 @@ async fn a_partner_is_told_nothing_about_what_it_may_not_read() {
     accepted["status"] = json!("accepted");
     assert_eq!(gw.put(&clinic, &format!("Task/{}", theirs["id"].as_str().unwrap()), &accepted).await.0, 200);
     let own = create_task(&gw, &clinic, "Organization/unit-b").await;
-    until("unit-b's own referral", || async { !b.of_type("event-notification").is_empty() }).await;
+    until!("unit-b's own referral", !b.of_type("event-notification").is_empty());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let told = b.of_type("event-notification");
     assert_eq!(told.len(), 1, "only unit-b's own referral: {told:?}");
@@ -303,7 +303,7 @@ async fn heartbeats_status_and_events_replayed_by_number() {
     let unit_a = gw.token("unit-a").await;
     let id = subscribe(&gw, &unit_a, &subscription(&format!("{}/beat", server.uri()), None, "full-resource", Some(1))).await;
     active(&gw, &unit_a, &id).await;
-    until("a heartbeat", || async { !a.of_type("heartbeat").is_empty() }).await;
+    until!("a heartbeat", !a.of_type("heartbeat").is_empty());
     let heartbeat = &a.of_type("heartbeat")[0];
     assert_eq!(status_parameter(heartbeat, "status").unwrap()["valueCode"], "active");
     assert!(events(heartbeat).is_empty());
@@ -311,7 +311,7 @@ async fn heartbeats_status_and_events_replayed_by_number() {
 
     let first = create_task(&gw, &clinic, "Organization/unit-a").await;
     let second = create_task(&gw, &clinic, "Organization/unit-a").await;
-    until("two events", || async { a.of_type("event-notification").len() == 2 }).await;
+    until!("two events", a.of_type("event-notification").len() == 2);
 
     let (status, bundle) = gw.get(&unit_a, &format!("Subscription/{id}/$status")).await;
     assert_eq!(status, 200, "{bundle}");
@@ -355,12 +355,12 @@ async fn a_partner_down_for_a_while_gets_every_event_once_in_order() {
         tasks.push(create_task(&gw, &clinic, "Organization/unit-a").await["id"].as_str().unwrap().to_string());
     }
     // Down for a while: several attempts fail.
-    until("failed attempts", || async { server.received_requests().await.unwrap().len() >= 5 }).await;
+    until!("failed attempts", server.received_requests().await.unwrap().len() >= 5);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(a.of_type("event-notification").is_empty());
     assert_eq!(status_of(&gw, &unit_a, &id).await, "active", "a few failures do not make an error");
     a.answer(200);
-    until("every event", || async { a.of_type("event-notification").len() >= 5 }).await;
+    until!("every event", a.of_type("event-notification").len() >= 5);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let told: Vec<(u64, String)> = a.of_type("event-notification").iter().flat_map(events).collect();
     assert_eq!(told.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "each once, in order");
@@ -381,7 +381,7 @@ async fn a_failing_endpoint_puts_the_subscription_in_error_until_its_client_rest
     active(&gw, &unit_a, &id).await;
     a.answer(500);
     create_task(&gw, &clinic, "Organization/unit-a").await;
-    until("the Subscription in error", || async { status_of(&gw, &unit_a, &id).await == "error" }).await;
+    until!("the Subscription in error", status_of(&gw, &unit_a, &id).await == "error");
     let attempts = server.received_requests().await.unwrap().len();
     assert_eq!(attempts, 1 + 3, "the handshake, then three failed attempts");
     let (_, status) = gw.get(&unit_a, &format!("Subscription/{id}/$status")).await;
@@ -402,7 +402,7 @@ async fn a_failing_endpoint_puts_the_subscription_in_error_until_its_client_rest
     assert_eq!(status, 200, "{updated}");
     active(&gw, &unit_a, &id).await;
     create_task(&gw, &clinic, "Organization/unit-a").await;
-    until("the next event", || async { !a.of_type("event-notification").is_empty() }).await;
+    until!("the next event", !a.of_type("event-notification").is_empty());
     assert_eq!(events(&a.of_type("event-notification")[0])[0].0, 3);
     // Off: nothing more.
     current["status"] = json!("off");
@@ -413,7 +413,7 @@ async fn a_failing_endpoint_puts_the_subscription_in_error_until_its_client_rest
     // A refused handshake is an error at once.
     a.answer(404);
     let refused = subscribe(&gw, &unit_a, &subscription(&format!("{}/gone", server.uri()), None, "id-only", None)).await;
-    until("the refused handshake's error", || async { status_of(&gw, &unit_a, &refused).await == "error" }).await;
+    until!("the refused handshake's error", status_of(&gw, &unit_a, &refused).await == "error");
     assert_eq!(gw.send(reqwest::Method::DELETE, &unit_a, &format!("Subscription/{refused}"), &Value::Null).await.status(), 204);
     assert_eq!(gw.get(&unit_a, &format!("Subscription/{refused}")).await.0, 404);
     gw.stop().await;
