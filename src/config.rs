@@ -1082,6 +1082,18 @@ mod tests {
     }
 
     #[test]
+    fn callbacks_are_https_or_loopback_prefixes_without_query_or_user() {
+        let client = |callbacks: &str| format!("[[clients]]\nid = 'x'\nrole = 'inpatient-unit'\njwks_url = 'https://k.example/j'\ncallbacks = [{callbacks}]\n");
+        let loaded = Config::from_toml(&client("'https://unit.example/hooks/', 'http://127.0.0.1:9000/'"), Path::new("")).unwrap();
+        assert_eq!(loaded.config.clients[0].callbacks.len(), 2);
+        for (i, bad) in ["http://unit.example/hooks/", "https://user@unit.example/", "https://unit.example/?x=1", "not a url"].iter().enumerate() {
+            let e = Config::from_toml(&client(&format!("'{bad}'")), Path::new("")).unwrap_err().to_string();
+            assert!(e.contains("clients[0] (x).callbacks[0]"), "{i} {bad}: {e}");
+        }
+        assert!(Config::from_toml("[topics]\nerror_after_failures = 0\n", Path::new("")).unwrap_err().to_string().contains("topics:"));
+    }
+
+    #[test]
     fn bad_roles_and_scopes_are_refused() {
         let e = Config::from_toml("[[clients]]\nid = 'x'\nrole = 'hacker'\njwks = '{}'\n", Path::new("")).unwrap_err();
         assert!(e.to_string().contains("hacker"), "{e}");

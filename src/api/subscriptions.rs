@@ -148,7 +148,7 @@ pub async fn search(State(state): State<AppState>, caller: Caller, uri: Uri) -> 
             match name.as_str() {
                 "_id" => id = Some(value),
                 "status" => status = Some(value),
-                "_format" | "_count" => {}
+                "_format" => {}
                 other => return Err(ApiError::BadRequest(format!("'{other}' is not a search parameter of Subscription here (it takes _id and status)"))),
             }
         }
