@@ -475,8 +475,30 @@ async fn finish(state: &AppState, message: &Message, owner: &str, status: Messag
     if !tx.finish_message(&message.new.id, owner, &end).await? {
         return Ok(false);
     }
+    if status == MessageStatus::Delivered && message.new.kind == NOTIFICATION {
+        // A notification discloses what it names to the subscriber: audited like a read, with the delivery.
+        let mut audit = crate::api::audit::Audit::new(&message.new.partner, "operation", "E", None);
+        audit.entities = focuses(&message.new.payload);
+        audit.entities.push(format!("Subscription/{}", message.new.record_id));
+        audit.description = Some(format!("subscription notification delivered to the endpoint of Subscription/{}", message.new.record_id));
+        tx.append_audit(&audit.row(&state.base_url, crate::api::audit::AuditOutcome::Success)).await?;
+    }
     tx.commit().await?;
     Ok(true)
+}
+
+/// The `Type/id` of each event's focus in a notification Bundle.
+fn focuses(payload: &str) -> Vec<String> {
+    let Ok(bundle) = crate::json::parse(payload.as_bytes()) else { return Vec::new() };
+    let status = bundle.get("entry").and_then(Json::as_array).and_then(|e| e.first()).and_then(|e| e.get("resource"));
+    let parameters = status.and_then(|s| s.get("parameter")).and_then(Json::as_array).unwrap_or_default();
+    parameters
+        .iter()
+        .filter(|p| p.get("name").and_then(Json::as_str) == Some("notification-event"))
+        .flat_map(|p| p.get("part").and_then(Json::as_array).unwrap_or_default())
+        .filter(|part| part.get("name").and_then(Json::as_str) == Some("focus"))
+        .filter_map(|part| part.get("valueReference")?.get("reference")?.as_str().and_then(crate::search::normalize_reference))
+        .collect()
 }
 
 /// Runs the heartbeat check inside `serve` until aborted.
@@ -603,5 +625,6 @@ mod tests {
         let read = super::super::subscription::parse_notification(&bundle).unwrap();
         assert_eq!(read.events.iter().map(|e| e.number).collect::<Vec<_>>(), [3]);
         assert_eq!(read.subscription, "https://gw.example/Subscription/s1");
+        assert_eq!(focuses(&bundle.to_string_compact()), ["Task/t1"], "what a delivery discloses is audited by reference");
     }
 }

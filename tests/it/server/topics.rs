@@ -284,6 +284,14 @@ async fn a_partner_is_told_nothing_about_what_it_may_not_read() {
     let (_, status) = gw.get(&unit_b, &format!("Subscription/{snooping}/$status")).await;
     let parameters = &status["entry"][0]["resource"]["parameter"];
     assert!(parameters.as_array().unwrap().iter().any(|p| p["name"] == "events-since-subscription-start" && p["valueString"] == "0"), "{status}");
+    // Each delivered notification is audited as what it disclosed, to whom.
+    let ops = gw.token("ops").await;
+    let own_ref = format!("Task/{}", own["id"].as_str().unwrap());
+    let (_, audited) = gw.get(&ops, &format!("AuditEvent?entity={own_ref}&altid=unit-b&subtype=operation")).await;
+    assert_eq!(audited["total"], 1, "{audited}");
+    let theirs_ref = format!("Task/{}", theirs["id"].as_str().unwrap());
+    let (_, audited) = gw.get(&ops, &format!("AuditEvent?entity={theirs_ref}&altid=unit-b")).await;
+    assert_eq!(audited["total"], 0, "{audited}");
     // Nor does another client see unit-b's Subscriptions.
     let unit_a = gw.token("unit-a").await;
     assert_eq!(gw.get(&unit_a, &format!("Subscription/{snooping}")).await.0, 404);
