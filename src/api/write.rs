@@ -91,8 +91,9 @@ pub fn check_type(resource: &Json, resource_type: &str) -> Result<(), ApiError> 
 /// after the other sort together. Every index keyed by id (`resources`, history, the search
 /// index's per-resource rows, references to new resources) then grows at its end, where a random
 /// id dirtied a page of its own in each of them: on SQLite each such page is written to the WAL
-/// at every group commit, on PostgreSQL written in full after each checkpoint. The 74 bits after
-/// the time stay random.
+/// at every group commit, on PostgreSQL written in full after each checkpoint. After the
+/// millisecond come a counter started at a random value every millisecond and 32 random bits, so
+/// one id does not give away the next.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
