@@ -62,8 +62,26 @@ impl Object {
         Some(self.members.remove(index).1)
     }
 
+    /// Where the member `name` is, counting from 0.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.members.iter().position(|(k, _)| &**k == name)
+    }
+
+    /// Sets `name` to `value`: in place when it exists, else inserted at `index` (the end at most).
+    pub fn insert_at(&mut self, index: usize, name: impl Into<Text>, value: Json) {
+        let name = name.into();
+        match self.members.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, slot)) => *slot = value,
+            None => self.members.insert(index.min(self.members.len()), (name, value)),
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json)> {
         self.members.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Json)> {
+        self.members.iter_mut().map(|(k, v)| (&**k, v))
     }
 
     pub fn len(&self) -> usize {

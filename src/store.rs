@@ -229,15 +229,17 @@ impl Store {
         self.metrics.observe_store(operation, started.elapsed());
     }
 
-    /// Starts a write transaction: joins SQLite's write group, or takes a PostgreSQL connection whose
-    /// `BEGIN` waits for the first statement that must run before the commit.
+    /// Starts a write transaction. Either way nothing is sent before the first statement that must
+    /// run before the commit: a PostgreSQL connection is taken now and its `BEGIN` waits; SQLite's
+    /// write group is joined only then (or at the commit), so the one writer is not held while the
+    /// caller builds what it writes (versions, index, audit), only while the store runs it.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let started = Instant::now();
-        let (member, idle) = match &self.group {
-            Some(group) => (Some(group.join().await?), None),
-            None => (None, Some(self.writer.acquire().await?)),
+        let idle = match &self.group {
+            Some(_) => None,
+            None => Some(self.writer.acquire().await?),
         };
-        Ok(Tx { inner: None, idle, member, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
+        Ok(Tx { inner: None, idle, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
     }
 
     /// The current version of a resource.
@@ -423,7 +425,7 @@ pub struct Tx {
     inner: Option<sqlx::Transaction<'static, Any>>,
     /// The writer connection until then.
     idle: Option<PoolConnection<Any>>,
-    /// SQLite: the transaction's savepoint in the write group instead.
+    /// SQLite: the transaction's savepoint in the write group instead, once joined.
     member: Option<sqlite::Member>,
     queued: query::Script,
     backend: Backend,
@@ -434,12 +436,12 @@ pub struct Tx {
 impl Tx {
     /// The transaction's connection, with `BEGIN` sent and the queued writes before whatever comes next.
     async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
-        if let Some(member) = self.member.as_mut() {
-            let conn = member.conn().await?;
-            if !self.queued.is_empty() {
-                std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(conn).await?;
+        if let Some(group) = &self.store.group {
+            if self.member.is_none() {
+                self.member = Some(group.join().await?);
             }
-            return Ok(conn);
+            let queued = std::mem::replace(&mut self.queued, query::Script::new(self.backend));
+            return self.member.as_mut().expect("joined above").run(queued).await;
         }
         if self.inner.is_none() {
             let idle = self.idle.take().ok_or_else(|| StoreError::Unavailable("the transaction failed to begin".into()))?;
@@ -526,21 +528,25 @@ impl Tx {
     }
 
     pub async fn commit(mut self) -> Result<(), StoreError> {
-        let result = match self.idle.as_mut() {
-            _ if self.member.is_some() => {
-                let flushed = if self.queued.is_empty() { Ok(()) } else { self.conn().await.map(|_| ()) };
-                match flushed {
-                    Ok(()) => self.member.take().expect("checked").commit().await,
+        let result = if let Some(group) = self.store.group.clone() {
+            let queued = std::mem::replace(&mut self.queued, query::Script::new(self.backend));
+            match self.member.take() {
+                Some(member) => member.commit(queued).await,
+                None if queued.is_empty() => Ok(()),
+                None => match group.join().await {
+                    Ok(member) => member.commit(queued).await,
                     Err(e) => Err(e),
-                }
+                },
             }
-            Some(idle) if self.backend == Backend::Postgres && self.queued.is_one_statement() => {
-                std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(idle).await
+        } else {
+            let one_statement = self.queued.is_one_statement();
+            match self.idle.as_mut() {
+                Some(idle) if one_statement => std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(idle).await,
+                _ => match self.conn().await {
+                    Ok(_) => Ok(self.inner.take().expect("begun by conn").commit().await?),
+                    Err(e) => Err(e),
+                },
             }
-            _ => match self.conn().await {
-                Ok(_) => Ok(self.inner.take().expect("begun by conn").commit().await?),
-                Err(e) => Err(e),
-            },
         };
         self.store.observe("write_transaction", self.started);
         result

@@ -88,9 +88,7 @@ pub fn parse_entries(bundle: &Json) -> Result<Vec<Entry>, ApiError> {
 pub fn rewrite_references(value: &mut Json, map: &HashMap<String, String>) {
     match value {
         Json::Object(object) => {
-            let keys: Vec<String> = object.iter().map(|(k, _)| k.to_string()).collect();
-            for key in keys {
-                let Some(child) = object.get_mut(&key) else { continue };
+            for (key, child) in object.iter_mut() {
                 if key == "reference"
                     && let Some(target) = child.as_str().and_then(|r| map.get(r))
                 {

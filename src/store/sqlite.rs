@@ -14,6 +14,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Executor};
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 
 use super::StoreError;
+use super::query::Script;
 
 /// The database file's name inside the data folder.
 pub const FILE_NAME: &str = "gateway.db";
@@ -99,6 +100,8 @@ struct Open {
 struct Batch {
     id: u64,
     conn: PoolConnection<Any>,
+    /// Whether its `BEGIN IMMEDIATE` was sent.
+    begun: bool,
     /// The `COMMIT`'s outcome, for the members waiting for it.
     done: watch::Sender<Option<Result<(), String>>>,
     /// Members that finished and wait for the `COMMIT`.
@@ -119,14 +122,14 @@ impl Group {
         Group { writer, state: Arc::new(Mutex::new(Open::default())) }
     }
 
-    /// Waits for the writer (in arrival order) and joins the open group, or opens one.
+    /// Waits for the writer (in arrival order) and joins the open group, or opens one (its
+    /// `BEGIN IMMEDIATE` goes with the first member's statements).
     pub(super) async fn join(&self) -> Result<Member, StoreError> {
         let mut guard = self.state.clone().lock_owned().await;
         if guard.batch.is_none() {
-            let mut conn = self.writer.acquire().await?;
-            conn.execute("BEGIN IMMEDIATE").await?;
+            let conn = self.writer.acquire().await?;
             guard.next += 1;
-            guard.batch = Some(Batch { id: guard.next, conn, done: watch::channel(None).0, released: 0, broken: false });
+            guard.batch = Some(Batch { id: guard.next, conn, begun: false, done: watch::channel(None).0, released: 0, broken: false });
         }
         Ok(Member { guard: Some(guard), savepoint: false, group: self.clone() })
     }
@@ -160,34 +163,49 @@ impl Group {
         }
         if batch.released == 0 {
             let mut batch = guard.batch.take().expect("checked");
-            let _ = batch.conn.execute("ROLLBACK").await;
+            if batch.begun {
+                let _ = batch.conn.execute("ROLLBACK").await;
+            }
             batch.done.send_replace(Some(Err("rolled back".into())));
         }
     }
 }
 
 impl Member {
-    /// The writer connection inside this member's savepoint.
-    pub(super) async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
+    /// Runs `script` on the writer connection inside this member's savepoint; the group's
+    /// `BEGIN IMMEDIATE` and the savepoint, when not yet open, go in the same round trip (each
+    /// statement sent alone is a hop to SQLite's connection thread and back).
+    pub(super) async fn run(&mut self, mut script: Script) -> Result<&mut AnyConnection, StoreError> {
         let batch = self.guard.as_mut().and_then(|g| g.batch.as_mut()).ok_or_else(|| StoreError::Unavailable("the write group is closed".into()))?;
         if !self.savepoint {
-            batch.conn.execute("SAVEPOINT member").await?;
+            script.before("SAVEPOINT member");
+            // Set before it runs: if the script fails part-way, rolling back to a savepoint that
+            // was never made fails too, which rolls back the whole group (never less than needed).
             self.savepoint = true;
+        }
+        if !batch.begun {
+            script.before("BEGIN IMMEDIATE");
+            batch.begun = true;
+        }
+        if !script.is_empty() {
+            script.execute(&mut batch.conn).await?;
         }
         Ok(&mut batch.conn)
     }
 
-    /// Keeps this member's work and waits until its group committed it.
-    pub(super) async fn commit(mut self) -> Result<(), StoreError> {
-        if !self.savepoint {
+    /// Runs `script` (what the transaction queued), keeps this member's work and waits until its
+    /// group committed it.
+    pub(super) async fn commit(mut self, mut script: Script) -> Result<(), StoreError> {
+        if !self.savepoint && script.is_empty() {
             // Nothing was written.
             let guard = self.guard.take().expect("a member holds the writer until it ends");
             self.group.roll_back(guard, false).await;
             return Ok(());
         }
-        let batch = self.guard.as_mut().and_then(|g| g.batch.as_mut()).ok_or_else(|| StoreError::Unavailable("the write group is closed".into()))?;
-        batch.conn.execute("RELEASE member").await?;
+        script.after("RELEASE member");
+        self.run(script).await?;
         self.savepoint = false;
+        let batch = self.guard.as_mut().and_then(|g| g.batch.as_mut()).ok_or_else(|| StoreError::Unavailable("the write group is closed".into()))?;
         batch.released += 1;
         let (id, mut done) = (batch.id, batch.done.subscribe());
         drop(self.guard.take());
