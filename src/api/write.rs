@@ -153,6 +153,11 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         }
         Err(e) => return Err(e.into()),
     }
+    // A Task moved by the Organization it is assigned to (a step-down provider answering): the
+    // outbound referral record follows it in this transaction.
+    if resource_type == "Task" && stored.owner != principal.organization {
+        crate::exchange::step_down::task_changed(tx, state, &resource).await?;
+    }
     Ok((stored, version == 1))
 }
 

@@ -23,6 +23,9 @@ use crate::store::Visibility;
 /// Resource types a payer may touch: prior-authorization data.
 const PAYER_TYPES: &[&str] = &["Claim", "ClaimResponse", "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "Task", "Communication", "Patient"];
 
+/// Resource types an outpatient provider may touch: what a step-down referral message carries, and the feedback it sends.
+const OUTPATIENT_PROVIDER_TYPES: &[&str] = &["Task", "ServiceRequest", "Patient", "Coverage", "Consent", "Bundle", "Organization", "PractitionerRole", "MessageHeader"];
+
 /// The authenticated client behind a request.
 #[derive(Clone, Debug)]
 pub struct Principal {
@@ -62,6 +65,7 @@ impl Principal {
             Role::Admin => resource_type == "AuditEvent",
             _ if resource_type == "AuditEvent" => false,
             Role::Payer => PAYER_TYPES.contains(&resource_type),
+            Role::OutpatientProvider => OUTPATIENT_PROVIDER_TYPES.contains(&resource_type),
             Role::InpatientUnit | Role::Clinic => true,
         };
         if !role_allows {
@@ -169,6 +173,11 @@ mod tests {
         assert!(admin.may("Patient", Permission::Read).is_err());
         let clinic = principal(Role::Clinic, "program");
         assert!(clinic.may("AuditEvent", Permission::Read).is_err(), "clinical clients never read audit");
+        let provider = principal(Role::OutpatientProvider, "op-riverbend");
+        assert!(provider.may("Task", Permission::Update).is_ok());
+        assert!(provider.may("MessageHeader", Permission::Create).is_ok());
+        assert!(provider.may("Task", Permission::Create).is_err(), "a provider answers Tasks, it does not make them");
+        assert!(provider.may("Observation", Permission::Read).is_err());
     }
 
     #[test]

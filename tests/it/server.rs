@@ -15,5 +15,6 @@ mod postgres;
 mod python;
 mod rest;
 mod search;
+mod step_down;
 mod subscriptions;
 mod tls;
