@@ -99,7 +99,7 @@ pub struct Candidates {
     pub summary: Option<Value>,
     /// The Consents the ServiceRequest's `supportingInfo` names.
     pub consents: Vec<Value>,
-    /// The Organizations the Task names (requester and owner).
+    /// The Organizations the Task names (requester and owner), and the Coverage's payers.
     pub organizations: Vec<Value>,
     /// The PractitionerRoles BSeR's MessageHeader needs as sender and receiver.
     pub practitioner_roles: Vec<Value>,
@@ -164,6 +164,15 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
         roles.push(practitioner_role(&ids("PractitionerRole", format!("{reference}:{role}")), &reference, &organization));
         if !organizations.iter().any(|o: &Value| o["id"] == organization["id"]) {
             organizations.push(organization);
+        }
+    }
+    // The payers of the Coverage, so a receiver can tell whom the coverage is with.
+    let payors: Vec<String> = coverages.iter().flat_map(|c| c["payor"].as_array().into_iter().flatten()).filter_map(|p| p["reference"].as_str().map(str::to_string)).collect();
+    for reference in payors {
+        if let Some(payer) = found.reference(&reference).await?
+            && !organizations.iter().any(|o: &Value| o["id"] == payer["id"])
+        {
+            organizations.push(payer);
         }
     }
     let partner = state.partners.get(&planned.partner).ok_or_else(|| ApiError::Internal(format!("partner {} left the configuration", planned.partner)))?;
