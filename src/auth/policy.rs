@@ -123,7 +123,7 @@ impl Principal {
         if facts.owner == self.organization {
             return Ok(());
         }
-        let task_owner = facts.resource_type == "Task" && reference(current, "owner") == Some(self.organization.as_str());
+        let task_owner = facts.resource_type == "Task" && reference(current, "owner").is_some_and(|owner| names_organization(owner, &self.organization));
         if !task_owner {
             return Err(format!("{} belongs to {}; only its owner may change it", facts.resource_type, facts.owner));
         }
@@ -138,6 +138,12 @@ impl Principal {
 
 /// What the Organization a Task is assigned to (`Task.owner`) may change: its progress, not the request.
 const TASK_PERFORMER_MEMBERS: &[&str] = &["id", "meta", "text", "status", "statusReason", "businessStatus", "executionPeriod", "lastModified", "note", "output"];
+
+/// Whether a reference names `organization` (`Organization/<id>`): written so, or as `urn:uuid:<id>`,
+/// the form the mappings write (see `search::addressed_organizations`).
+fn names_organization(reference: &str, organization: &str) -> bool {
+    reference == organization || reference.strip_prefix("urn:uuid:").is_some_and(|id| organization.strip_prefix("Organization/") == Some(id))
+}
 
 fn reference<'a>(resource: &'a Json, member: &str) -> Option<&'a str> {
     resource.get(member).and_then(|r| r.get("reference")).and_then(Json::as_str)
@@ -220,6 +226,12 @@ mod tests {
         let observation = Facts { resource_type: "Observation", ..facts };
         assert!(unit_b.may_write(observation, &task, &accepted).is_err(), "only a Task has a performer who may write");
         assert!(principal(Role::InpatientUnit, "unit-a").may_write(observation, &task, &reassigned).is_ok());
+        // The mappings' form of the same reference: the provider a step-down Task is assigned to.
+        let provider = principal(Role::OutpatientProvider, "6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21");
+        let mapped = parse(r#"{"resourceType":"Task","id":"t","status":"requested","intent":"order","owner":{"reference":"urn:uuid:6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21"}}"#);
+        let taken = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"urn:uuid:6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21"}}"#);
+        assert_eq!(provider.may_write(facts, &mapped, &taken), Ok(()));
+        assert!(unit_b.may_write(facts, &mapped, &taken).is_err());
     }
 
     #[test]

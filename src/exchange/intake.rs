@@ -104,7 +104,7 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
             }
         }
         for planned in &step_downs {
-            if let Some(mut message) = super::step_down::message(&mut tx, state, planned, &bundle).await? {
+            if let Some(mut message) = super::step_down::message(&mut tx, state, planned, &records, &bundle).await? {
                 message.id = message_id(&message);
                 outgoing.push((planned.discharge, message));
             }

@@ -125,7 +125,7 @@ pub fn chosen_content(candidates: Candidates) -> Vec<Value> {
 /// The referral message a planned step-down referral sends now, or `None` when it was already queued
 /// (a re-sent discharge sends nothing twice; only a dead letter lets it go again). Built from the
 /// batch's resources, else the stored ones, and validated before it is queued.
-pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transaction: &Json) -> Result<Option<NewMessage>, ApiError> {
+pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, records: &[Json], transaction: &Json) -> Result<Option<NewMessage>, ApiError> {
     let earlier = tx.messages_for_record("referral", &planned.referral_id).await?;
     let sent = earlier.iter().filter(|m| m.new.kind == REFERRAL && m.new.partner == planned.partner && m.status != MessageStatus::Dead).count();
     if sent > 0 {
@@ -134,22 +134,28 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
     let at = format!("records[{}]", planned.referral);
     let fail = |why: String| ApiError::Unprocessable(vec![Issue::error(IssueCode::Processing, at.clone(), why)]);
     let batch: Vec<Value> = transaction.get("entry").and_then(Json::as_array).unwrap_or_default().iter().filter_map(|e| e.get("resource")).map(Value::from).collect();
+    let client_id = text(&records[planned.discharge], "client_id");
+    // The client's record of this batch, else the one stored: it names the Coverage the mapping made.
+    let client = match records.iter().find(|r| text(r, "record_type") == "client" && text(r, "id") == client_id) {
+        Some(record) => Some(Value::from(record)),
+        None => tx.record("client", &client_id, "outbound").await?.and_then(|r| serde_json::from_str::<Value>(&r.body).ok()),
+    };
     let mut found = Found { tx, batch: &batch };
     let ids = |t: &str, identity: String| state.mappings.resource_id(t, &identity);
     let referral = &planned.referral_id;
     let task = found.get("Task", &ids("Task", format!("referral:{referral}:task"))).await?.ok_or_else(|| fail("the mapping made no Task for the referral".into()))?;
     let service_request = found.get("ServiceRequest", &ids("ServiceRequest", format!("referral:{referral}"))).await?.ok_or_else(|| fail("the mapping made no ServiceRequest for the referral".into()))?;
-    let patient_ref = task["for"]["reference"].as_str().unwrap_or_default().to_string();
-    let patient = found.reference(&patient_ref).await?;
-    let coverages = match patient_ref.is_empty() {
-        true => Vec::new(),
-        false => found.active_coverages(&patient_ref).await?,
-    };
+    let patient = found.reference(task["for"]["reference"].as_str().unwrap_or_default(), &["Patient"]).await?;
+    let mut coverages = Vec::new();
+    if let Some(coverage) = client.as_ref().map(|c| &c["coverage"]).filter(|c| c.is_object()) {
+        let identity = format!("coverage:{client_id}:{}:{}", coverage["payer_id"].as_str().unwrap_or_default(), coverage["member_id"].as_str().unwrap_or_default());
+        coverages.extend(found.get("Coverage", &ids("Coverage", identity)).await?.filter(|c| c["status"] == "active"));
+    }
     let mut summary = None;
     let mut consents = Vec::new();
     for info in service_request["supportingInfo"].as_array().into_iter().flatten() {
         let reference = info["reference"].as_str().unwrap_or_default();
-        match found.reference(reference).await? {
+        match found.reference(reference, &["Bundle", "Consent"]).await? {
             Some(r) if r["resourceType"] == "Bundle" && summary.is_none() => summary = Some(r),
             Some(r) if r["resourceType"] == "Consent" => consents.push(r),
             Some(_) => {}
@@ -160,8 +166,9 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
     let mut roles = Vec::new();
     for (member, role) in [("requester", "referral-initiator"), ("owner", "referral-recipient")] {
         let reference = task[member]["reference"].as_str().unwrap_or_default().to_string();
-        let organization = found.reference(&reference).await?.ok_or_else(|| fail(format!("the Task's {member} {reference} is not found")))?;
-        roles.push(practitioner_role(&ids("PractitionerRole", format!("{reference}:{role}")), &reference, &organization));
+        let organization = found.reference(&reference, &["Organization"]).await?.ok_or_else(|| fail(format!("the Task's {member} {reference} is not found")))?;
+        let organization_id = organization["id"].as_str().unwrap_or_default().to_string();
+        roles.push(practitioner_role(&ids("PractitionerRole", format!("Organization/{organization_id}:{role}")), &reference, &organization));
         if !organizations.iter().any(|o: &Value| o["id"] == organization["id"]) {
             organizations.push(organization);
         }
@@ -169,7 +176,7 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
     // The payers of the Coverage, so a receiver can tell whom the coverage is with.
     let payors: Vec<String> = coverages.iter().flat_map(|c| c["payor"].as_array().into_iter().flatten()).filter_map(|p| p["reference"].as_str().map(str::to_string)).collect();
     for reference in payors {
-        if let Some(payer) = found.reference(&reference).await?
+        if let Some(payer) = found.reference(&reference, &["Organization"]).await?
             && !organizations.iter().any(|o: &Value| o["id"] == payer["id"])
         {
             organizations.push(payer);
@@ -177,6 +184,7 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
     }
     let partner = state.partners.get(&planned.partner).ok_or_else(|| ApiError::Internal(format!("partner {} left the configuration", planned.partner)))?;
     let header_id = ids("MessageHeader", format!("referral:{referral}:message"));
+    let local = |r: &Value| format!("urn:uuid:{}", r["id"].as_str().unwrap_or_default());
     let header = json!({
         "resourceType": "MessageHeader",
         "id": header_id,
@@ -185,15 +193,15 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, transacti
         "destination": [{
             "name": partner.config.name,
             "endpoint": format!("{}/{PROCESS_MESSAGE_PATH}", partner.config.fhir_base.trim_end_matches('/')),
-            "receiver": { "reference": format!("PractitionerRole/{}", roles[1]["id"].as_str().unwrap_or_default()) }
+            "receiver": { "reference": local(&roles[1]) }
         }],
-        "sender": { "reference": format!("PractitionerRole/{}", roles[0]["id"].as_str().unwrap_or_default()) },
+        "sender": { "reference": local(&roles[0]) },
         "source": { "name": "iop-gateway", "software": "iop-gateway", "version": env!("CARGO_PKG_VERSION"), "endpoint": state.base_url },
-        "focus": [{ "reference": format!("Task/{}", task["id"].as_str().unwrap_or_default()) }]
+        "focus": [{ "reference": local(&task) }]
     });
     let candidates = Candidates { task, service_request, patient, coverages, summary, consents, organizations, practitioner_roles: roles };
-    let mut entries = vec![entry(&state.base_url, header)];
-    entries.extend(chosen_content(candidates).into_iter().map(|r| entry(&state.base_url, without_version(r))));
+    let mut entries = vec![entry(header)];
+    entries.extend(chosen_content(candidates).into_iter().map(|r| entry(without_version(r))));
     let bundle = json!({
         "resourceType": "Bundle",
         "id": ids("Bundle", format!("referral:{referral}:message")),
@@ -234,25 +242,26 @@ impl Found<'_, '_> {
         Ok(stored.and_then(|s| serde_json::from_str(&s.body).ok()))
     }
 
-    /// A relative reference (`Type/id`), as the mappings write them.
-    async fn reference(&mut self, reference: &str) -> Result<Option<Value>, ApiError> {
-        match reference.split_once('/') {
-            Some((resource_type, id)) if !id.contains('/') => self.get(resource_type, id).await,
-            _ => Ok(None),
+    /// The resource a reference names, of one of `types`: `Type/id`, or `urn:uuid:<id>` as the mappings write them.
+    async fn reference(&mut self, reference: &str, types: &[&str]) -> Result<Option<Value>, ApiError> {
+        for resource_type in types {
+            if let Some(id) = target_id(reference, resource_type)
+                && let Some(found) = self.get(resource_type, id).await?
+            {
+                return Ok(Some(found));
+            }
         }
+        Ok(None)
     }
+}
 
-    async fn active_coverages(&mut self, patient: &str) -> Result<Vec<Value>, ApiError> {
-        let pairs = [("patient".to_string(), patient.to_string()), ("status".to_string(), "active".to_string())];
-        let query = crate::search::parse_query("Coverage", &pairs, 10, 10, false).map_err(|e| ApiError::Internal(e.0))?;
-        let (_, stored) = self.tx.search("Coverage", &query, None).await?;
-        let mut coverages: Vec<Value> = stored.iter().filter_map(|s| serde_json::from_str(&s.body).ok()).collect();
-        for r in self.batch.iter().filter(|r| r["resourceType"] == "Coverage" && r["beneficiary"]["reference"] == patient && r["status"] == "active") {
-            coverages.retain(|c| c["id"] != r["id"]);
-            coverages.push(r.clone());
-        }
-        Ok(coverages)
+/// The id a reference names if it can name a `resource_type`: `Type/id` (relative or absolute) or `urn:uuid:<id>`.
+fn target_id<'r>(reference: &'r str, resource_type: &str) -> Option<&'r str> {
+    if let Some(id) = reference.strip_prefix("urn:uuid:") {
+        return Some(id);
     }
+    let (before, id) = reference.rsplit_once('/')?;
+    (before == resource_type || before.ends_with(&format!("/{resource_type}"))).then_some(id)
 }
 
 /// The PractitionerRole BSeR's MessageHeader names as sender or receiver: the facility's role in the referral, reachable at its contact.
@@ -272,10 +281,9 @@ fn practitioner_role(id: &str, organization_ref: &str, organization: &Value) -> 
     role
 }
 
-/// A message entry: its full URL under the gateway's base, so the relative references between entries resolve inside the message.
-fn entry(base: &str, resource: Value) -> Value {
-    let url = format!("{base}/{}/{}", resource["resourceType"].as_str().unwrap_or_default(), resource["id"].as_str().unwrap_or_default());
-    json!({ "fullUrl": url, "resource": resource })
+/// A message entry. The full URL is `urn:uuid:<id>`, the form the mappings' references take, so the references between entries resolve inside the message.
+fn entry(resource: Value) -> Value {
+    json!({ "fullUrl": format!("urn:uuid:{}", resource["id"].as_str().unwrap_or_default()), "resource": resource })
 }
 
 /// A stored resource as it travels: without the gateway's version bookkeeping, so the same content is the same message.
@@ -317,7 +325,7 @@ async fn finish(state: &AppState, message: &Message, owner: &str, status: Messag
 /// status for) refuses the write, so the record never disagrees with the Task.
 pub async fn task_changed(tx: &mut Tx, state: &AppState, task: &Json) -> Result<(), Failure> {
     let task = Value::from(task);
-    let Some(focus) = task["focus"]["reference"].as_str().and_then(|r| r.strip_prefix("ServiceRequest/")) else { return Ok(()) };
+    let Some(focus) = task["focus"]["reference"].as_str().and_then(|r| target_id(r, "ServiceRequest")) else { return Ok(()) };
     let Some(service_request) = tx.current("ServiceRequest", focus).await.map_err(ApiError::from)? else { return Ok(()) };
     let service_request: Value = serde_json::from_str(&service_request.body).unwrap_or_default();
     let outbound = service_request["category"].as_array().into_iter().flatten().flat_map(|c| c["coding"].as_array().into_iter().flatten()).any(|c| c["system"] == DIRECTION_SYSTEM && c["code"] == "outbound");
@@ -327,15 +335,16 @@ pub async fn task_changed(tx: &mut Tx, state: &AppState, task: &Json) -> Result<
     let Some(referral_id) = referral_id(&service_request) else { return Ok(()) };
     let Some(stored) = tx.record("referral", &referral_id, "outbound").await.map_err(ApiError::from)? else { return Ok(()) };
     let mut entries = vec![task.clone(), service_request];
-    for member in ["requester", "owner", "for"] {
-        if let Some((resource_type, id)) = task[member]["reference"].as_str().and_then(|r| r.split_once('/'))
+    for (member, resource_type) in [("requester", "Organization"), ("owner", "Organization"), ("for", "Patient")] {
+        if let Some(id) = task[member]["reference"].as_str().and_then(|r| target_id(r, resource_type))
             && let Some(found) = tx.current(resource_type, id).await.map_err(ApiError::from)?
             && let Ok(resource) = serde_json::from_str::<Value>(&found.body)
         {
             entries.push(resource);
         }
     }
-    let bundle = json!({ "resourceType": "Bundle", "type": "collection", "entry": entries.into_iter().map(|r| json!({ "resource": r })).collect::<Vec<_>>() });
+    // Full URLs in the mappings' form, so `resolve()` finds what the Task and ServiceRequest reference.
+    let bundle = json!({ "resourceType": "Bundle", "type": "collection", "entry": entries.into_iter().map(entry).collect::<Vec<_>>() });
     let mapped = state.mappings.fhir_to_records(&Json::from(&bundle));
     let Some(read) = mapped.output.iter().find(|r| r.get("record_type").and_then(Json::as_str) == Some("referral") && r.get("id").and_then(Json::as_str) == Some(referral_id.as_str())) else {
         let why = mapped.issues.iter().map(|i| format!("{}: {}", i.path, i.message)).collect::<Vec<_>>().join("; ");
@@ -380,7 +389,7 @@ impl Feedback {
         let tasks: Vec<(Option<&String>, Value)> = resources.iter().map(|(url, r)| (url.as_ref(), Value::from(r))).filter(|(_, r)| r["resourceType"] == "Task").collect();
         let named = tasks.iter().find(|(url, r)| {
             let id = r["id"].as_str().unwrap_or_default();
-            !focus.is_empty() && (url.is_some_and(|u| u == focus) || focus == format!("Task/{id}") || focus.ends_with(&format!("/Task/{id}")))
+            !focus.is_empty() && (url.is_some_and(|u| u == focus) || target_id(focus, "Task") == Some(id))
         });
         let (_, task) = named.or(tasks.first()).cloned().ok_or_else(|| invalid("Bundle.entry", "a referral feedback message carries the referral's Task with its progress"))?;
         let task_id = task["id"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| invalid("Task.id", "the Task must keep the id the referral message gave it"))?.to_string();
@@ -461,6 +470,15 @@ mod tests {
         let unanswered = parse(r#"{"resourceType":"MessageHeader","id":"h","response":{"code":"ok"}}"#);
         assert!(matches!(Feedback::read(&unanswered, &[(None, other)]), Err(ApiError::Unprocessable(issues)) if issues[0].expression == "MessageHeader.response.identifier"));
         assert!(Feedback::read(&header, &[]).is_err(), "no Task, nothing to follow");
+    }
+
+    #[test]
+    fn references_name_their_target_in_either_form() {
+        assert_eq!(target_id("urn:uuid:0b6f", "Patient"), Some("0b6f"));
+        assert_eq!(target_id("Patient/p1", "Patient"), Some("p1"));
+        assert_eq!(target_id("https://x.example/fhir/Patient/p1", "Patient"), Some("p1"));
+        assert_eq!(target_id("Organization/o1", "Patient"), None);
+        assert_eq!(target_id("p1", "Patient"), None);
     }
 
     #[test]

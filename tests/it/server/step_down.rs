@@ -52,6 +52,7 @@ fn facility_organization(facility_id: &str) -> String {
 
 /// A gateway with the outpatient provider "riverbend" (partner and client, routed for OP-RIVERBEND at `provider`) and another provider's client, "oakhaven".
 async fn gateway(provider: &str) -> Gateway {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = TempDir::new("step-down");
     let mut keys = partner_keys();
     let mut clients = String::new();
@@ -69,12 +70,13 @@ async fn gateway(provider: &str) -> Gateway {
     Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
 }
 
-/// The discharge batch: the client with coverage first (so the Coverage comes from the store), then the
-/// episode's records with the consent naming the step-down provider and the referral carrying it.
+/// The discharge batch: the client with coverage first (as at enrollment), then the episode's records
+/// (the client again: the summary collects the Patient) with the consent naming the step-down provider
+/// and the referral carrying it.
 fn discharge_batch() -> (Value, Value) {
     let mut episode = records("discharge/completed-with-summary.json");
-    let mut client = episode[0].clone();
-    client["coverage"] = json!({"payer_id": "PAYER-77", "payer_name": "Synthetic Health Plan", "member_id": "MBR-1004-01", "relationship": "self", "start": "2026-01-01"});
+    episode[0]["coverage"] = json!({"payer_id": "PAYER-77", "payer_name": "Synthetic Health Plan", "member_id": "MBR-1004-01", "relationship": "self", "start": "2026-01-01"});
+    let client = episode[0].clone();
     let consent = records("consent/part2-to-step-down.json")[1].clone();
     let referral = episode.as_array_mut().unwrap().iter_mut().find(|r| r["record_type"] == "referral").unwrap();
     referral["consent_ids"] = json!(["CON-1004-1"]);
@@ -191,8 +193,8 @@ async fn a_step_down_referral_goes_once_through_an_outage_and_the_providers_acce
     assert_eq!((header["eventCoding"]["system"].as_str(), header["eventCoding"]["code"].as_str()), (Some("http://terminology.hl7.org/CodeSystem/v2-0003"), Some("I12")));
     assert_eq!(header["destination"][0]["endpoint"], format!("http://{address}/$process-message"));
     let task = of_type(&sent, "Task")[0].clone();
-    assert_eq!(header["focus"][0]["reference"], format!("Task/{}", task["id"].as_str().unwrap()));
-    assert_eq!(task["owner"]["reference"], facility_organization("OP-RIVERBEND"));
+    assert_eq!(header["focus"][0]["reference"], format!("urn:uuid:{}", task["id"].as_str().unwrap()));
+    assert_eq!(task["owner"]["reference"], facility_organization("OP-RIVERBEND").replace("Organization/", "urn:uuid:"), "the mappings' form");
     assert_eq!(task["businessStatus"]["coding"][0]["code"], "2.0");
     for (resource_type, n) in [("Task", 1), ("ServiceRequest", 1), ("Patient", 1), ("Coverage", 1), ("Consent", 1), ("Bundle", 1), ("PractitionerRole", 2)] {
         assert_eq!(of_type(&sent, resource_type).len(), n, "{resource_type} in {sent}");
