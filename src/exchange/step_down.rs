@@ -1,7 +1,8 @@
 //! Step-down referrals out at discharge: the BSeR referral message a discharge sends the outpatient provider its client steps down to, and the provider's answers (a Task update or a feedback message) read back into the outbound referral record.
 //!
-//! A discharge naming `step_down_referral_id` sends, once, a BSeR referral message
-//! (`BSeR-ReferralMessageBundle`: a `BSeR-ReferralMessageHeader` with event `v2-0003#I12` and focus
+//! A discharge naming `step_down_referral_id` sends, once, a BSeR referral message (shaped as
+//! BSeR 2.0.0's `BSeR-ReferralMessageBundle`, which it does not claim: the published legacy
+//! definition requires ODH employment and education entries the FSH version dropped; a `BSeR-ReferralMessageHeader` with event `v2-0003#I12` and focus
 //! the Task, then the Task, its ServiceRequest, the Patient, the Patient's active Coverage, the
 //! discharge summary Bundle, the Consents the ServiceRequest names, the two Organizations and the
 //! PractitionerRoles the header's sender and receiver must be) to the `outpatient-provider` partner
@@ -28,7 +29,6 @@ pub const PROCESS_MESSAGE_PATH: &str = "$process-message";
 /// BSeR's referral event (HL7 v2 table 0003, I12 "REF/RRI - Patient referral"), fixed by `BSeR-ReferralMessageHeader`.
 const EVENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v2-0003";
 const EVENT_CODE: &str = "I12";
-const MESSAGE_BUNDLE_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageBundle";
 const MESSAGE_HEADER_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageHeader";
 const REFERRAL_ID_SYSTEM: &str = "http://iop-gateway.org/fhir/sid/referral-id";
 const DIRECTION_SYSTEM: &str = "http://iop-gateway.org/fhir/CodeSystem/referral-direction";
@@ -205,7 +205,6 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, records: 
     let bundle = json!({
         "resourceType": "Bundle",
         "id": ids("Bundle", format!("referral:{referral}:message")),
-        "meta": { "profile": [MESSAGE_BUNDLE_PROFILE] },
         "type": "message",
         "timestamp": crate::api::fhir::now_instant(),
         "entry": entries
@@ -401,8 +400,9 @@ impl Feedback {
     /// leaves out is no longer set. Refused unless the message answers a referral message the gateway
     /// sent for this Task.
     pub async fn next_task(&self, tx: &mut Tx, current: &Json) -> Result<Json, ApiError> {
-        let mut next = Value::from(current);
-        let referral = referral_id(&next).ok_or_else(|| invalid("Task.identifier", "the Task is not a referral the gateway sent"))?;
+        // Worked on the stored JSON itself, so every member the provider may not change stays exactly as stored.
+        let mut next = current.clone();
+        let referral = referral_id(&Value::from(current)).ok_or_else(|| invalid("Task.identifier", "the Task is not a referral the gateway sent"))?;
         let sent = tx.messages_for_record("referral", &referral).await?;
         let answered = sent.iter().filter(|m| m.new.kind == REFERRAL).any(|m| {
             let payload: Value = serde_json::from_str(&m.new.payload).unwrap_or_default();
@@ -415,15 +415,13 @@ impl Feedback {
         object.remove("meta");
         for member in PROGRESS_MEMBERS {
             match self.task.get(*member) {
-                Some(value) => {
-                    object.insert(member.to_string(), value.clone());
-                }
+                Some(value) => object.insert(*member, Json::from(value)),
                 None => {
-                    object.remove(*member);
+                    object.remove(member);
                 }
             }
         }
-        Ok(Json::from(&next))
+        Ok(next)
     }
 }
 
