@@ -51,7 +51,6 @@ fn facility_organization(facility_id: &str) -> String {
 
 /// A gateway with the outpatient provider "riverbend" (partner and client, routed for OP-RIVERBEND at `provider`) and another provider's client, "oakhaven".
 async fn gateway(provider: &str) -> Gateway {
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = TempDir::new("step-down");
     let mut keys = partner_keys();
     let mut clients = String::new();
