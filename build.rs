@@ -11,7 +11,10 @@ fn main() {
 /// Writes `OUT_DIR/<out>` declaring `constant` as the (file name, contents) of the folder's files with those extensions.
 fn embed(folder: &str, extensions: &[&str], constant: &str, out_file: &str) {
     println!("cargo::rerun-if-changed={folder}");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(folder);
+    // Read when the script runs, not when it was compiled: a build script compiled in another checkout
+    // (a copied `target/`) would otherwise embed that checkout's files.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest_dir).join(folder);
     let mut files: Vec<_> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{folder}/: {e}"))
         .filter_map(Result::ok)

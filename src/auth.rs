@@ -41,6 +41,9 @@ pub enum Role {
     InpatientUnit,
     /// A payer: sees prior-authorization data addressed to it.
     Payer,
+    /// A weekly therapist or continuing-care group the program steps its graduates down to: reads the
+    /// step-down referrals addressed to it and answers them (a Task update or a feedback message).
+    OutpatientProvider,
     /// The program's own clinic systems (e.g. its export client): see the program's records.
     Clinic,
     /// Operators: see the audit trail and partner status, no clinical data.
@@ -52,13 +55,14 @@ impl Role {
         match self {
             Role::InpatientUnit => "inpatient-unit",
             Role::Payer => "payer",
+            Role::OutpatientProvider => "outpatient-provider",
             Role::Clinic => "clinic",
             Role::Admin => "admin",
         }
     }
 
     pub fn parse(text: &str) -> Option<Role> {
-        [Role::InpatientUnit, Role::Payer, Role::Clinic, Role::Admin].into_iter().find(|r| r.as_str() == text)
+        [Role::InpatientUnit, Role::Payer, Role::OutpatientProvider, Role::Clinic, Role::Admin].into_iter().find(|r| r.as_str() == text)
     }
 
     /// The scopes a client of this role may be granted unless its configuration says otherwise.
@@ -70,6 +74,12 @@ impl Role {
                  system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.rs system/Practitioner.rs system/Subscription.cruds"
             }
             Role::Payer => "system/Claim.cruds system/ClaimResponse.cruds system/Coverage.rs system/Task.rus system/Communication.crs system/Patient.rs system/Subscription.cruds",
+            // What a step-down referral message carries, read-only, and the Task it answers; MessageHeader
+            // create for a feedback message to `$process-message`.
+            Role::OutpatientProvider => {
+                "system/Task.rus system/ServiceRequest.rs system/Patient.rs system/Coverage.rs system/Consent.rs system/Bundle.rs \
+                 system/Organization.rs system/PractitionerRole.rs system/MessageHeader.c system/Subscription.cruds"
+            }
             Role::Clinic => "system/*.cruds",
             Role::Admin => "system/AuditEvent.rs",
         };

@@ -82,7 +82,8 @@ pub struct PartnerConfig {
     pub kind: PartnerKind,
     /// The partner's FHIR base URL (`https://…/fhir`).
     pub fhir_base: String,
-    /// The record values that send a record to this partner: for a payer, the `payer_id` of authorization records.
+    /// The record values that send a record to this partner: for a payer, the `payer_id` of authorization records;
+    /// for an outpatient provider, the `receiving_facility.id` of step-down referrals.
     #[serde(default)]
     pub routes: Vec<String>,
     #[serde(default)]
@@ -417,7 +418,7 @@ pub enum LogFormat {
 pub struct ClientConfig {
     /// The client id (`iss` and `sub` of its client assertions).
     pub id: String,
-    /// What the partner is: `inpatient-unit`, `payer`, `clinic` or `admin`.
+    /// What the partner is: `inpatient-unit`, `payer`, `outpatient-provider`, `clinic` or `admin`.
     pub role: Role,
     /// Reference to the partner's Organization; it sees resources addressed to it. Default:
     /// `Organization/<id>`, or the gateway's organization for a `clinic`.
@@ -888,11 +889,13 @@ impl Config {
                 problems.push(format!("{at}.inquire_interval_secs: {} is outside 1..=86400 seconds", partner.inquire_interval_secs));
             }
         }
-        let mut routed = BTreeSet::new();
-        for partner in self.partners.iter().filter(|p| p.kind == PartnerKind::Payer) {
-            for route in &partner.routes {
-                if !routed.insert(route.clone()) {
-                    problems.push(format!("partners: payer_id '{route}' is routed to more than one payer"));
+        for (kind, what, whom) in [(PartnerKind::Payer, "payer_id", "payer"), (PartnerKind::OutpatientProvider, "receiving facility id", "outpatient provider")] {
+            let mut routed = BTreeSet::new();
+            for partner in self.partners.iter().filter(|p| p.kind == kind) {
+                for route in &partner.routes {
+                    if !routed.insert(route.clone()) {
+                        problems.push(format!("partners: {what} '{route}' is routed to more than one {whom}"));
+                    }
                 }
             }
         }
@@ -1015,6 +1018,9 @@ mod tests {
         assert!(problems("[utilization]\nremaining_day_below = 3\n").contains("remaining_day_below"), "a misspelt key is refused");
         let twice = format!("{}\n{}", partner(""), partner("").replace("payer-x", "payer-y"));
         assert!(problems(&twice).contains("routed to more than one payer"));
+        let providers = |kind_b: &str| format!("{}\n{}", partner("").replace("\"payer\"", "\"outpatient-provider\""), partner("").replace("payer-x", "op-b").replace("\"payer\"", kind_b));
+        assert!(problems(&providers("\"outpatient-provider\"")).contains("receiving facility id 'P-1' is routed to more than one outpatient provider"));
+        assert!(Config::from_toml(&providers("\"payer\""), Path::new("")).is_ok(), "routes are per kind: a payer id and a facility id may be spelt alike");
     }
 
     #[test]

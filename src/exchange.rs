@@ -14,6 +14,9 @@
 //!   through the outbox (handshake, events, heartbeats), a failing endpoint's Subscription in error.
 //! - [`inquiry`]: `Claim/$inquire` for pended authorizations, only while the payer's Subscription is
 //!   in error (at a configured interval) or after missed events `$events` did not return.
+//! - [`step_down`]: a discharge's step-down referral to an outpatient provider (a BSeR referral
+//!   message), and the provider's answers (Task update or feedback message) back into the outbound
+//!   referral record.
 //! - [`utilization`]: attended session days against each certification; the extension request
 //!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
@@ -21,6 +24,7 @@ pub mod inquiry;
 pub mod intake;
 pub mod outbox;
 pub mod pas;
+pub mod step_down;
 pub mod subscription;
 pub mod topics;
 pub mod utilization;

@@ -140,8 +140,18 @@ impl Partners {
 
     /// The payer an authorization for `payer_id` goes to.
     pub fn payer_for(&self, payer_id: &str) -> Option<&Partner> {
-        let mut payers = self.by_name.values().filter(|p| p.config.kind == crate::config::PartnerKind::Payer);
-        payers.find(|p| p.config.routes.iter().any(|r| r == payer_id))
+        self.routed(crate::config::PartnerKind::Payer, payer_id)
+    }
+
+    /// The outpatient provider a step-down referral to the receiving facility `facility_id` goes to.
+    pub fn outpatient_provider_for(&self, facility_id: &str) -> Option<&Partner> {
+        self.routed(crate::config::PartnerKind::OutpatientProvider, facility_id)
+    }
+
+    /// The partner of `kind` whose `routes` name `value` (the configuration check makes it unique).
+    fn routed(&self, kind: crate::config::PartnerKind, value: &str) -> Option<&Partner> {
+        let mut candidates = self.by_name.values().filter(|p| p.config.kind == kind);
+        candidates.find(|p| p.config.routes.iter().any(|r| r == value))
     }
 }
 

@@ -307,6 +307,24 @@ const ADDRESS_PATHS: &[&str] = &[
 pub fn addressed_organizations(resource: &Json) -> Vec<String> {
     let mut out = Vec::new();
     references_to(resource, ADDRESS_PATHS, "Organization", &mut out);
+    // The mappings write every reference as `urn:uuid:<id>` (their ids are UUIDs, distinct across
+    // types), so the clinic's records address a step-down provider's facility that way: at an
+    // address it names the Organization with that id. It gives a writer no more than writing
+    // `Organization/<id>` would.
+    for path in ADDRESS_PATHS {
+        let mut values = Vec::new();
+        collect(resource, &path.split('.').collect::<Vec<_>>(), &mut values);
+        for value in values {
+            if let Some(id) = value.get("reference").and_then(Json::as_str).and_then(|r| r.strip_prefix("urn:uuid:"))
+                && uuid::Uuid::parse_str(id).is_ok()
+            {
+                let reference = format!("Organization/{id}");
+                if !out.contains(&reference) {
+                    out.push(reference);
+                }
+            }
+        }
+    }
     out
 }
 

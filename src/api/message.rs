@@ -53,6 +53,15 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
         if keys.is_empty() {
             return Err(ApiError::BadRequest("a message needs Bundle.id or MessageHeader.id so a resend can be recognised".into()));
         }
+        // A response message answers a message the gateway sent: a step-down provider's feedback on its referral.
+        if header.get("response").is_some() {
+            caller.principal.may("MessageHeader", Permission::Create).map_err(ApiError::Forbidden)?;
+            if let Some(previous) = already_processed(&state, &keys).await? {
+                audit.description = Some("duplicate message; the recorded response was sent again".into());
+                return Ok(fhir::json_response(StatusCode::OK, previous));
+            }
+            return feedback(&state, &caller, &mut audit, &header, header_id.as_deref().unwrap_or_default(), &entries, &keys).await;
+        }
         for (_, resource) in &entries {
             let resource_type = resource.get("resourceType").and_then(Json::as_str).unwrap_or_default();
             known_type(&state, resource_type)?;
@@ -117,6 +126,46 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
     }
     .await;
     finish(&state, audit, result).await
+}
+
+/// A step-down provider's feedback message: the referral's Task takes the progress it reports
+/// (through the one write path, as the provider, so only the Task's owner may move it and only its
+/// progress), and the outbound referral record follows; recorded once per message like any other.
+async fn feedback(state: &AppState, caller: &Caller, audit: &mut super::audit::Audit, header: &Json, header_id: &str, entries: &[(Option<String>, Json)], keys: &[String]) -> Result<Response, ApiError> {
+    let answer = crate::exchange::step_down::Feedback::read(header, entries)?;
+    let not_found = || ApiError::NotFound(format!("Task/{} is not found", answer.task_id));
+    for _ in 0..ATTEMPTS {
+        let mut tx = state.store.begin().await?;
+        let current = tx.current("Task", &answer.task_id).await?.filter(|c| caller.principal.disclosure(c.facts()) == crate::auth::Disclosure::Allow).ok_or_else(not_found)?;
+        let current_json = crate::json::parse(current.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
+        let next = answer.next_task(&mut tx, &current_json).await?;
+        let next = write::validate(state, next, Vec::new()).await?;
+        let change = Change { resource_type: "Task", id: answer.task_id.clone(), resource: next, if_match: Some(current.version), inherited_labels: &[], method: "PUT" };
+        let stored = match write::write(&mut tx, state, &caller.principal, change).await {
+            Ok((stored, _)) => stored,
+            Err(Failure::Retry) => continue,
+            Err(Failure::Api(ApiError::PreconditionFailed(_))) => continue,
+            Err(Failure::Api(e)) => return Err(e),
+        };
+        let response = response_message(&caller.base.url, header, header_id, std::slice::from_ref(&stored));
+        match tx.claim_message(keys, &response, &now_instant()).await {
+            Ok(()) => {}
+            Err(StoreError::Duplicate) => {
+                drop(tx);
+                if let Some(previous) = already_processed(state, keys).await? {
+                    return Ok(fhir::json_response(StatusCode::OK, previous));
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        audit.entities = vec![stored.reference()];
+        tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
+        tx.commit().await?;
+        audit.recorded = true;
+        return Ok(fhir::json_response(StatusCode::OK, response));
+    }
+    Err(ApiError::Conflict("the referral's Task is being changed concurrently; retry".into()))
 }
 
 async fn already_processed(state: &AppState, keys: &[String]) -> Result<Option<String>, ApiError> {

@@ -190,6 +190,11 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     }
     // Partners' Subscriptions: the events this version raises, in this transaction (issue 12).
     crate::exchange::topics::on_write(tx, state, &stored, &resource).await?;
+    // A Task moved by the Organization it is assigned to (a step-down provider answering): the
+    // outbound referral record follows it in this transaction.
+    if resource_type == "Task" && stored.owner != principal.organization {
+        crate::exchange::step_down::task_changed(tx, state, &resource).await?;
+    }
     Ok((stored, version == 1))
 }
 

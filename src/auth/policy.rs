@@ -23,6 +23,9 @@ use crate::store::Visibility;
 /// Resource types a payer may touch: prior-authorization data.
 const PAYER_TYPES: &[&str] = &["Claim", "ClaimResponse", "Coverage", "CoverageEligibilityRequest", "CoverageEligibilityResponse", "Task", "Communication", "Patient", "Subscription"];
 
+/// Resource types an outpatient provider may touch: what a step-down referral message carries, and the feedback it sends.
+const OUTPATIENT_PROVIDER_TYPES: &[&str] = &["Task", "ServiceRequest", "Patient", "Coverage", "Consent", "Bundle", "Organization", "PractitionerRole", "MessageHeader"];
+
 /// The authenticated client behind a request.
 #[derive(Clone, Debug)]
 pub struct Principal {
@@ -62,6 +65,7 @@ impl Principal {
             Role::Admin => resource_type == "AuditEvent",
             _ if resource_type == "AuditEvent" => false,
             Role::Payer => PAYER_TYPES.contains(&resource_type),
+            Role::OutpatientProvider => OUTPATIENT_PROVIDER_TYPES.contains(&resource_type),
             Role::InpatientUnit | Role::Clinic => true,
         };
         if !role_allows {
@@ -119,12 +123,16 @@ impl Principal {
         if facts.owner == self.organization {
             return Ok(());
         }
-        let task_owner = facts.resource_type == "Task" && reference(current, "owner") == Some(self.organization.as_str());
+        let task_owner = facts.resource_type == "Task" && reference(current, "owner").is_some_and(|owner| names_organization(owner, &self.organization));
         if !task_owner {
             return Err(format!("{} belongs to {}; only its owner may change it", facts.resource_type, facts.owner));
         }
         for (member, _) in current.as_object().into_iter().flat_map(|o| o.iter()).chain(next.as_object().into_iter().flat_map(|o| o.iter())) {
-            if !TASK_PERFORMER_MEMBERS.contains(&member) && current.get(member) != next.get(member) {
+            let unchanged = match (current.get(member), next.get(member)) {
+                (Some(a), Some(b)) => same_json(a, b),
+                (a, b) => a == b,
+            };
+            if !TASK_PERFORMER_MEMBERS.contains(&member) && !unchanged {
                 return Err(format!("the Task's owner may change only {}; '{member}' differs", TASK_PERFORMER_MEMBERS[3..].join(", ")));
             }
         }
@@ -134,6 +142,21 @@ impl Principal {
 
 /// What the Organization a Task is assigned to (`Task.owner`) may change: its progress, not the request.
 const TASK_PERFORMER_MEMBERS: &[&str] = &["id", "meta", "text", "status", "statusReason", "businessStatus", "executionPeriod", "lastModified", "note", "output"];
+
+/// Equal JSON whatever the order of object members: clients rewrite a resource they read in their own member order.
+fn same_json(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Object(x), Json::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w))),
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_json(v, w)),
+        _ => a == b,
+    }
+}
+
+/// Whether a reference names `organization` (`Organization/<id>`): written so, or as `urn:uuid:<id>`,
+/// the form the mappings write (see `search::addressed_organizations`).
+fn names_organization(reference: &str, organization: &str) -> bool {
+    reference == organization || reference.strip_prefix("urn:uuid:").is_some_and(|id| organization.strip_prefix("Organization/") == Some(id))
+}
 
 fn reference<'a>(resource: &'a Json, member: &str) -> Option<&'a str> {
     resource.get(member).and_then(|r| r.get("reference")).and_then(Json::as_str)
@@ -169,6 +192,11 @@ mod tests {
         assert!(admin.may("Patient", Permission::Read).is_err());
         let clinic = principal(Role::Clinic, "program");
         assert!(clinic.may("AuditEvent", Permission::Read).is_err(), "clinical clients never read audit");
+        let provider = principal(Role::OutpatientProvider, "op-riverbend");
+        assert!(provider.may("Task", Permission::Update).is_ok());
+        assert!(provider.may("MessageHeader", Permission::Create).is_ok());
+        assert!(provider.may("Task", Permission::Create).is_err(), "a provider answers Tasks, it does not make them");
+        assert!(provider.may("Observation", Permission::Read).is_err());
     }
 
     #[test]
@@ -211,6 +239,14 @@ mod tests {
         let observation = Facts { resource_type: "Observation", ..facts };
         assert!(unit_b.may_write(observation, &task, &accepted).is_err(), "only a Task has a performer who may write");
         assert!(principal(Role::InpatientUnit, "unit-a").may_write(observation, &task, &reassigned).is_ok());
+        // The mappings' form of the same reference: the provider a step-down Task is assigned to.
+        let provider = principal(Role::OutpatientProvider, "6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21");
+        let mapped = parse(r#"{"resourceType":"Task","id":"t","status":"requested","intent":"order","owner":{"reference":"urn:uuid:6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21"}}"#);
+        let taken = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"urn:uuid:6f1c8e1a-4a55-4d8e-a7f0-3c2b9d0e5f21"}}"#);
+        assert_eq!(provider.may_write(facts, &mapped, &taken), Ok(()));
+        assert!(unit_b.may_write(facts, &mapped, &taken).is_err());
+        let reordered = parse(r#"{"id":"t","resourceType":"Task","owner":{"reference":"Organization/unit-b"},"intent":"order","status":"accepted"}"#);
+        assert_eq!(unit_b.may_write(facts, &task, &reordered), Ok(()), "the order of members is no change");
     }
 
     #[test]

@@ -43,7 +43,7 @@ struct RevokeArgs {
 struct AddArgs {
     /// The client id.
     name: String,
-    /// inpatient-unit, payer, clinic or admin.
+    /// inpatient-unit, payer, outpatient-provider, clinic or admin.
     #[arg(long)]
     role: String,
     /// Configuration file to add the client to (created if missing). Default: $IOP_GATEWAY_CONFIG, else ./gateway.toml.
@@ -84,7 +84,7 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 fn add(args: AddArgs) -> Result<(), String> {
-    let role = Role::parse(&args.role).ok_or_else(|| format!("unknown role '{}' (inpatient-unit, payer, clinic, admin)", args.role))?;
+    let role = Role::parse(&args.role).ok_or_else(|| format!("unknown role '{}' (inpatient-unit, payer, outpatient-provider, clinic, admin)", args.role))?;
     let (path, config_dir, loaded) = config_to_edit(args.config.as_deref())?;
     if loaded.config.clients.iter().any(|c| c.id == args.name) {
         return Err(format!("a client named '{}' is already registered in {}", args.name, path.display()));

@@ -63,6 +63,7 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
         issues.push(Issue::error(IssueCode::Processing, expression, format!("{}: {}", issue.source, issue.message)));
     }
     let plan = plan_messages(state, &records, &mapped.output, &mut issues);
+    let step_downs = super::step_down::plan(state, &records, &mut issues);
     if !issues.is_empty() {
         return Err(ApiError::Unprocessable(issues));
     }
@@ -100,6 +101,12 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
         for planned in &plan {
             if let Some(message) = outgoing_message(&mut tx, state, planned, &records[planned.record]).await? {
                 outgoing.push((planned.record, message));
+            }
+        }
+        for planned in &step_downs {
+            if let Some(mut message) = super::step_down::message(&mut tx, state, planned, &records, &bundle).await? {
+                message.id = message_id(&message);
+                outgoing.push((planned.discharge, message));
             }
         }
         for record in &records {

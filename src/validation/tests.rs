@@ -565,3 +565,25 @@ fn exchange_packages_check_what_the_default_set_only_warns_about() {
     assert!(found.iter().any(|e| e.contains("(Patient.identifier)")) && found.iter().any(|e| e.contains("(Patient.gender)")), "{found:#?}");
     assert!(errors(claim).iter().any(|e| e.contains("(Claim.item)")), "{:#?}", errors(claim));
 }
+
+#[test]
+fn a_bundle_inside_a_message_resolves_its_references_among_its_own_entries() {
+    let message = |inner_ref: &str| {
+        format!(
+            r#"{{"resourceType":"Bundle","type":"message","entry":[
+            {{"fullUrl":"urn:uuid:8c1f3a52-0000-4000-8000-000000000001","resource":{{"resourceType":"MessageHeader","id":"8c1f3a52-0000-4000-8000-000000000001",
+              "eventCoding":{{"system":"http://example.org/events","code":"e"}},"source":{{"endpoint":"http://example.org/fhir"}},
+              "focus":[{{"reference":"urn:uuid:8c1f3a52-0000-4000-8000-000000000002"}}]}}}},
+            {{"fullUrl":"urn:uuid:8c1f3a52-0000-4000-8000-000000000002","resource":{{"resourceType":"Bundle","id":"8c1f3a52-0000-4000-8000-000000000002","type":"collection","entry":[
+              {{"fullUrl":"urn:uuid:8c1f3a52-0000-4000-8000-000000000003","resource":{{"resourceType":"Patient","id":"8c1f3a52-0000-4000-8000-000000000003"}}}},
+              {{"fullUrl":"urn:uuid:8c1f3a52-0000-4000-8000-000000000004","resource":{{"resourceType":"Observation","id":"8c1f3a52-0000-4000-8000-000000000004","status":"final",
+                "code":{{"text":"x"}},"subject":{{"reference":"{inner_ref}"}}}}}}]}}}}]}}"#
+        )
+    };
+    let resolved: Vec<String> = errors(&message("urn:uuid:8c1f3a52-0000-4000-8000-000000000003")).into_iter().filter(|e| e.contains("resolve")).collect();
+    assert_eq!(resolved, Vec::<String>::new(), "the Patient is an entry of the nested Bundle");
+    // The outer message's own rule still holds for its own entries.
+    let mut outer = message("urn:uuid:8c1f3a52-0000-4000-8000-000000000003");
+    outer = outer.replace(r#""focus":[{"reference":"urn:uuid:8c1f3a52-0000-4000-8000-000000000002"}]"#, r#""focus":[{"reference":"urn:uuid:8c1f3a52-0000-4000-8000-000000000009"}]"#);
+    assert_error(&outer, "Bundle.entry[0].resource.focus[0]", "must resolve inside it");
+}

@@ -133,7 +133,10 @@ impl<'v, 'a> Walker<'v, 'a> {
         let contained_ids =
             object.get("contained").and_then(Json::as_array).unwrap_or_default().iter().filter_map(|c| c.get("id")?.as_str()).collect();
         self.contained.push(contained_ids);
-        if resource_type == "Bundle" && self.resource_depth == 1 {
+        // A Bundle inside a Bundle (a document carried in a message) is its own scope: its entries'
+        // references resolve among its entries, by its type's rules; the outer scope comes back after it.
+        let outer_scope = (resource_type == "Bundle" && self.resource_depth > 1).then(|| std::mem::take(&mut self.scope));
+        if resource_type == "Bundle" {
             self.index_bundle(object);
         }
 
@@ -174,6 +177,9 @@ impl<'v, 'a> Walker<'v, 'a> {
                     self.report(severity, IssueCode::NotFound, format!("the profile {url} is not loaded, so the resource was not checked against it"));
                 }
             }
+        }
+        if let Some(outer) = outer_scope {
+            self.scope = outer;
         }
         self.contained.pop();
         self.resources.pop();

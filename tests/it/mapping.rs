@@ -767,6 +767,32 @@ fn a_referral_written_by_another_hospital_is_read() {
     insta::assert_json_snapshot!("referral__from-northfield", serde_json::Value::from(referral));
 }
 
+/// A step-down provider's answer: the outbound referral's Task declined with a reason (BSeR 4.0) reads back as
+/// the referral declined with that reason, everything else of the record as the program sent it.
+#[test]
+fn a_declined_step_down_task_reads_back_as_a_declined_referral_with_its_reason() {
+    let sent = records(&Path::new(ROOT).join("tests/fixtures/iop/referral/outbound-minimal.json"));
+    let mapped = mappings().records_to_fhir(&sent);
+    assert!(!mapped.has_errors(), "{:#?}", mapped.issues);
+    let mut bundle = serde_json::Value::from(&mapped.output);
+    for entry in bundle["entry"].as_array_mut().unwrap() {
+        let resource = &mut entry["resource"];
+        if resource["resourceType"] == "Task" {
+            resource["status"] = serde_json::json!("rejected");
+            resource["businessStatus"]["coding"][0]["code"] = serde_json::json!("4.0");
+            resource["statusReason"] = serde_json::json!({"text": "No weekly openings until May."});
+        }
+    }
+    let input = Json::from(&bundle);
+    let report = Validator::new(definitions()).validate_json(&input, &[]);
+    assert_eq!(errors_of(&report), Vec::<String>::new());
+    let back = mappings().fhir_to_records(&input);
+    assert!(!back.has_errors(), "{:#?}", back.issues);
+    let referral = &back.output[0];
+    assert_eq!((referral["status"].as_str(), referral["status_reason"].as_str(), referral["direction"].as_str()), (Some("declined"), Some("No weekly openings until May."), Some("outbound")));
+    insta::assert_json_snapshot!("referral__step-down-declined", serde_json::Value::from(referral));
+}
+
 // ----- payer decisions (PAS ClaimResponse) -----
 
 fn decision_fixtures() -> Vec<PathBuf> {

@@ -15,6 +15,7 @@ mod postgres;
 mod python;
 mod rest;
 mod search;
+mod step_down;
 mod subscriptions;
 mod tls;
 mod topics;
