@@ -119,6 +119,20 @@ pub struct PartnerConfig {
     /// Payers only: while the gateway's PAS Subscription there is in error, seconds between `Claim/$inquire` calls for each pended authorization.
     #[serde(default = "default_inquire_interval")]
     pub inquire_interval_secs: u64,
+    /// Inpatient units only: how the unit hears back about the referrals its clients send.
+    #[serde(default)]
+    pub referral_updates: ReferralUpdates,
+}
+
+/// How a referring unit is told about its referral's progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferralUpdates {
+    /// `PUT` of the updated Task at the unit's FHIR base (the Task as the unit sent it, with its progress).
+    #[default]
+    Task,
+    /// A feedback message to the unit's `$process-message`, its MessageHeader `response` naming the referral message.
+    Message,
 }
 
 fn default_partner_timeout() -> u64 {

@@ -11,6 +11,9 @@
 //!   that bring the final decisions (event numbers tracked, gaps filled from `$events`).
 //! - [`inquiry`]: `Claim/$inquire` for pended authorizations, only while the payer's Subscription is
 //!   in error (at a configured interval) or after missed events `$events` did not return.
+//! - [`referral`]: inbound BSeR referrals from inpatient units: the referral record and the route
+//!   back, the clinic's answers and the client's sessions and discharge moving the Task, the
+//!   referrer told through the outbox (its Task `PUT`, or feedback messages), the feedback document.
 //! - [`utilization`]: attended session days against each certification; the extension request
 //!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
@@ -18,6 +21,7 @@ pub mod inquiry;
 pub mod intake;
 pub mod outbox;
 pub mod pas;
+pub mod referral;
 pub mod subscription;
 pub mod utilization;
 

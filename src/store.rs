@@ -16,6 +16,7 @@ mod exports;
 mod inquiries;
 mod postgres;
 mod query;
+mod referrals;
 mod sqlite;
 mod subscriptions;
 
@@ -34,6 +35,7 @@ pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCu
 pub use exports::{Compartment, ExportJob, ExportPage, Exported};
 pub use inquiries::Pended;
 pub use query::{AuditQuery, Bind, HistoryScope};
+pub use referrals::ReferralRoute;
 pub use subscriptions::SubscriptionRow;
 
 /// Which database is behind the store.

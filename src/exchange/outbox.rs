@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{inquiry, pas, subscription};
+use super::{inquiry, pas, referral, subscription};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -87,6 +87,8 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
         subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
         inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, &message.new.payload).await,
+        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT => partner.put(&referral::put_path(&message.new.payload), &message.new.payload).await,
+        referral::FEEDBACK_MESSAGE => partner.post("$process-message", &message.new.payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -112,6 +114,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
             match message.new.kind.as_str() {
                 subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,
                 inquiry::INQUIRE => inquiry::answered(state, &message, owner, status, &body).await,
+                referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::delivered(state, &message, owner, status, &body).await,
                 _ => pas::accept(state, &message, owner, status, &body).await,
             }
         }
@@ -143,6 +146,7 @@ async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, b
     match message.new.kind.as_str() {
         subscription::CREATE => subscription::refused(state, message, owner, status, body, reason).await,
         inquiry::INQUIRE => inquiry::refused(state, message, owner, status, body, reason).await,
+        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::refused(state, message, owner, status, body, reason).await,
         _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
 }
