@@ -410,6 +410,10 @@ pub struct ClientConfig {
     /// Whether records labelled 42 CFR Part 2 may be disclosed to this client when it is not their author.
     #[serde(default)]
     pub part2_disclosure: bool,
+    /// http(s) URL prefixes the gateway may send to on this client's behalf when it names them
+    /// itself (a referral message's `MessageHeader.source.endpoint`, a Subscription's endpoint).
+    #[serde(default)]
+    pub callbacks: Vec<String>,
 }
 
 /// Why a configuration was refused; every problem found is listed, not only the first.
@@ -685,6 +689,11 @@ impl Config {
             {
                 problems.push(format!("{at}.scopes: {e}"));
             }
+            for prefix in &client.callbacks {
+                if let Err(e) = check_callback(prefix) {
+                    problems.push(format!("{at}.callbacks: {e}"));
+                }
+            }
             let (jwks, source) = match (&client.jwks, &client.jwks_file, &client.jwks_url) {
                 (Some(text), None, None) => (Some(text.clone()), "jwks"),
                 (None, Some(path), None) => match std::fs::read_to_string(path) {
@@ -749,6 +758,26 @@ pub fn check_jwks_url(url: &str) -> Result<(), String> {
         "http" => Err(format!("'{url}' must use https (plain http only to a loopback address)")),
         other => Err(format!("'{url}': {other} is not https")),
     }
+}
+
+/// A callback URL prefix: an http(s) URL with a host.
+pub fn check_callback(prefix: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(prefix).map_err(|e| format!("'{prefix}' is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("'{prefix}': {} is not http or https", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("'{prefix}' names no host"));
+    }
+    Ok(())
+}
+
+/// Whether `url` lies under one of `prefixes`: equal, or continuing after it with a path, query or fragment
+/// (so `https://unit.example` does not allow `https://unit.example.attacker.test`).
+pub fn callback_allowed(url: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|prefix| {
+        url.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.is_empty() || prefix.ends_with('/') || rest.starts_with(['/', '?', '#']))
+    })
 }
 
 /// A client id or partner name: 1-64 letters, digits, '-', '.' or '_' (it names files and metric labels).
@@ -993,6 +1022,24 @@ mod tests {
         let e = Config::from_toml(text, Path::new("")).unwrap_err().to_string();
         for needle in ["server.listen", "max_body_bytes", "store.url", "clients[0] (a b).id", "public keys"] {
             assert!(e.contains(needle), "{needle} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn callbacks_are_http_url_prefixes_matched_at_a_boundary() {
+        let client = |callbacks: &str| format!("[[clients]]\nid = 'x'\nrole = 'inpatient-unit'\njwks_url = 'https://k.example/j'\ncallbacks = {callbacks}\n");
+        let loaded = Config::from_toml(&client("['https://unit.example/fhir', 'http://127.0.0.1:9/']"), Path::new("")).unwrap();
+        assert_eq!(loaded.config.clients[0].callbacks.len(), 2);
+        for bad in ["['ftp://unit.example/']", "['not a url']"] {
+            let e = Config::from_toml(&client(bad), Path::new("")).unwrap_err().to_string();
+            assert!(e.contains("clients[0] (x).callbacks"), "{bad}: {e}");
+        }
+        let prefixes = vec!["https://unit.example/fhir".to_string(), "http://127.0.0.1:9/".to_string()];
+        for ok in ["https://unit.example/fhir", "https://unit.example/fhir/", "https://unit.example/fhir?x=1", "http://127.0.0.1:9/any"] {
+            assert!(callback_allowed(ok, &prefixes), "{ok}");
+        }
+        for bad in ["https://unit.example/fhirx", "https://unit.example.attacker.test/fhir", "http://unit.example/fhir", "https://other.example/fhir"] {
+            assert!(!callback_allowed(bad, &prefixes), "{bad}");
         }
     }
 

@@ -297,7 +297,7 @@ async fn run_transaction(
         }
         if let Some(referral) = referral {
             let stored: Vec<Option<&Stored>> = written.iter().map(|w| w.as_ref().map(|(s, _)| s)).collect();
-            crate::exchange::referral::received(&mut tx, state, principal, referral, &stored, "").await?;
+            crate::exchange::referral::received(&mut tx, state, principal, referral, &stored, None).await?;
         }
         let mut audit = Audit::new(&principal.client_id, "transaction", "E", None);
         audit.entities = written.iter().flatten().map(|(stored, _)| stored.reference()).collect();

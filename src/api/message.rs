@@ -102,7 +102,7 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
             };
             if let Some(referral) = &referral {
                 let written: Vec<Option<&crate::store::Stored>> = stored.iter().map(Some).collect();
-                crate::exchange::referral::received(&mut tx, &state, &caller.principal, referral, &written, header_id.as_deref().unwrap_or_default()).await?;
+                crate::exchange::referral::received(&mut tx, &state, &caller.principal, referral, &written, Some(&header)).await?;
             }
             let response = response_message(&caller.base.url, &header, header_id.as_deref().unwrap_or_default(), &stored);
             match tx.claim_message(&keys, &response, &now_instant()).await {

@@ -77,10 +77,21 @@ impl Health {
 
 /// One attempt at one message, and what follows from its outcome.
 async fn deliver(state: &AppState, owner: &str, health: &Health, message: Message) {
-    let Some(partner) = state.partners.get(&message.new.partner) else {
-        // The partner left the configuration: the message waits for it to come back (or for an operator).
-        let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
-        return;
+    let callback;
+    let partner = match state.partners.get(&message.new.partner) {
+        Some(partner) => partner,
+        // A referrer's own address (a client's allowed callback) rather than a configured partner.
+        None => match referral::callback_partner(state, &message).await {
+            Some(found) => {
+                callback = found;
+                &callback
+            }
+            None => {
+                // The partner left the configuration: the message waits for it to come back (or for an operator).
+                let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
+                return;
+            }
+        },
     };
     let started = Instant::now();
     let delivery = match message.new.kind.as_str() {

@@ -29,6 +29,9 @@ pub const FEEDBACK_DOCUMENT: &str = "referral-feedback-document";
 /// BSeR's Task business statuses (`TaskBusinessStatusCS`, checked against BSeR's FSH and XML sources).
 const BUSINESS_STATUS: &str = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS";
 
+/// The outbox partner name of a client's callback address: `callback:<client id>`.
+const CALLBACK: &str = "callback:";
+
 /// The route channel names stored with a referral.
 const CHANNEL_TASK: &str = "task";
 const CHANNEL_MESSAGE: &str = "message";
@@ -116,16 +119,23 @@ pub async fn resent(state: &AppState, principal: &Principal, inbound: &Inbound) 
 
 /// Records a stored referral in the transaction that stored it: the referral record (`requested`,
 /// listed as an inbound record) and its route back. `stored` are the Bundle's entries as written
-/// (in entry order; `None` for an entry that wrote nothing); `header_id` the referral message's
-/// `MessageHeader.id` ('' for a transaction). A second referral under the same referral id keeps the first route and record.
-pub async fn received(tx: &mut Tx, state: &AppState, principal: &Principal, inbound: &Inbound, stored: &[Option<&Stored>], header_id: &str) -> Result<(), ApiError> {
+/// (in entry order; `None` for an entry that wrote nothing); `header` the referral message's
+/// MessageHeader (none for a transaction). The referrer hears back through the partner its client
+/// is listed in, else at the message's `source.endpoint` when the client's `callbacks` allow it.
+/// A second referral under the same referral id keeps the first route and record.
+pub async fn received(tx: &mut Tx, state: &AppState, principal: &Principal, inbound: &Inbound, stored: &[Option<&Stored>], header: Option<&Json>) -> Result<(), ApiError> {
     let Some(task) = stored.get(inbound.task_index).copied().flatten() else {
         return Err(ApiError::Internal("the referral Task was not stored".into()));
     };
     let partner = state.partners.for_client(&principal.client_id).filter(|p| p.config.kind == PartnerKind::InpatientUnit);
+    let header_id = header.and_then(|h| h.get("id")).and_then(Json::as_str).unwrap_or_default();
+    let source = header.and_then(|h| h.get("source")).and_then(|s| s.get("endpoint")).and_then(Json::as_str).unwrap_or_default();
+    let callbacks = state.loaded.config.clients.iter().find(|c| c.id == principal.client_id).map(|c| c.callbacks.as_slice()).unwrap_or_default();
+    let callback = if partner.is_none() && !source.is_empty() && crate::config::callback_allowed(source, callbacks) { source } else { "" };
     let channel = match partner.map(|p| p.config.referral_updates) {
         Some(ReferralUpdates::Task) => CHANNEL_TASK,
         Some(ReferralUpdates::Message) => CHANNEL_MESSAGE,
+        None if !callback.is_empty() => CHANNEL_MESSAGE,
         None => "",
     };
     let now = crate::api::fhir::now_instant();
@@ -134,6 +144,7 @@ pub async fn received(tx: &mut Tx, state: &AppState, principal: &Principal, inbo
         referral_id: referral_id.clone(),
         client_id: principal.client_id.clone(),
         partner: partner.map(|p| p.config.name.clone()).unwrap_or_default(),
+        callback: callback.to_string(),
         channel: channel.to_string(),
         task_id: task.id.clone(),
         sent_task: inbound.sent_task.to_string_compact(),
@@ -219,7 +230,8 @@ fn set_progress(task: &mut Value, progress: &Progress, feedback: Option<&Feedbac
     let before = task.clone();
     let Some(object) = task.as_object_mut() else { return false };
     object.insert("status".into(), json!(progress.status));
-    object.insert("businessStatus".into(), json!({"coding": [{"system": BUSINESS_STATUS, "code": progress.business.0, "display": progress.business.1}]}));
+    // The words go in `text`: the published CodeSystem's displays differ between BSeR's FSH and its XML ("Serivce").
+    object.insert("businessStatus".into(), json!({"coding": [{"system": BUSINESS_STATUS, "code": progress.business.0}], "text": progress.business.1}));
     match &progress.reason {
         Some(reason) => object.insert("statusReason".into(), json!({"text": reason})),
         None => object.remove("statusReason"),
@@ -253,14 +265,20 @@ async fn prepare(state: &AppState, route: &ReferralRoute, progress: &Progress, f
         None => None,
     };
     let mut messages = Vec::new();
-    if let Some(partner) = state.partners.get(&route.partner)
+    // A configured partner, else the address the referral message named (allowed when it was received).
+    let target = match state.partners.get(&route.partner) {
+        Some(partner) => Some((partner.config.name.clone(), partner.config.fhir_base.clone())),
+        None if !route.callback.is_empty() => Some((format!("{CALLBACK}{}", route.client_id), route.callback.clone())),
+        None => None,
+    };
+    if let Some((partner_name, fhir_base)) = target
         && !route.channel.is_empty()
     {
         let mut sent: Value = serde_json::from_str(&route.sent_task).map_err(|e| ApiError::Internal(format!("a referral's Task as sent does not parse: {e}")))?;
         set_progress(&mut sent, progress, feedback, &now);
         let mut payloads = Vec::new();
         if route.channel == CHANNEL_MESSAGE {
-            payloads.push((FEEDBACK_MESSAGE, feedback_message(state, route, &partner.config.fhir_base, &sent, feedback, &now)));
+            payloads.push((FEEDBACK_MESSAGE, feedback_message(state, route, &fhir_base, &sent, feedback, &now)));
         } else {
             if let Some(feedback) = feedback {
                 payloads.push((FEEDBACK_DOCUMENT, feedback.document.clone()));
@@ -271,7 +289,7 @@ async fn prepare(state: &AppState, route: &ReferralRoute, progress: &Progress, f
             let payload = checked(state, route, &payload).await?;
             let mut message = NewMessage {
                 id: String::new(),
-                partner: route.partner.clone(),
+                partner: partner_name.clone(),
                 // One subject per referral: a document goes before the Task naming it, and updates arrive in order.
                 subject: format!("referral:{}", route.referral_id),
                 kind: kind.to_string(),
@@ -318,12 +336,16 @@ async fn apply(tx: &mut Tx, state: &AppState, principal: &Principal, update: &Up
 
 /// The feedback message: a MessageHeader answering the referral message (when there was one), focused on the Task, and the feedback document when the episode has ended.
 fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, task: &Value, feedback: Option<&Feedback>, now: &str) -> Value {
+    // A message's references resolve inside it; the Task's point at the referrer's own resources, so they are written out in full.
+    let mut task = task.clone();
+    absolute_references(&mut task, fhir_base.trim_end_matches('/'));
+    let task = &task;
     let task_id = task["id"].as_str().map(str::to_string).unwrap_or_else(write::new_id);
     let task_url = format!("{}/Task/{task_id}", fhir_base.trim_end_matches('/'));
     // One message per change: its ids follow from the Task's new state, so a rebuilt message is the same message.
     let seed = format!("{}\n{}\n{}", route.referral_id, task["businessStatus"], task["lastModified"]);
-    let header_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("header\n{seed}").as_bytes()).to_string();
-    let bundle_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("bundle\n{seed}").as_bytes()).to_string();
+    let header_id = name_id(&format!("header\n{seed}"));
+    let bundle_id = name_id(&format!("bundle\n{seed}"));
     let mut header = json!({
         "resourceType": "MessageHeader",
         "id": header_id,
@@ -348,6 +370,30 @@ fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, ta
         entries.push(json!({"fullUrl": url, "resource": feedback.document}));
     }
     json!({"resourceType": "Bundle", "id": bundle_id, "type": "message", "timestamp": now, "entry": entries})
+}
+
+/// Writes the relative references of a resource the referrer sent as absolute URLs at its base; a
+/// `urn:uuid:` reference (a transaction's, meaningless outside it) keeps only its other members.
+fn absolute_references(value: &mut Value, base: &str) {
+    match value {
+        Value::Object(object) => {
+            if let Some(Value::String(reference)) = object.get("reference").cloned() {
+                if reference.starts_with("urn:") {
+                    object.remove("reference");
+                    if object.is_empty() {
+                        object.insert("display".into(), json!("as in the referral"));
+                    }
+                } else if !reference.contains("://") && !reference.starts_with('#') {
+                    object.insert("reference".into(), json!(format!("{base}/{reference}")));
+                }
+            }
+            for (_, member) in object.iter_mut() {
+                absolute_references(member, base);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| absolute_references(item, base)),
+        _ => {}
+    }
 }
 
 /// Whether a record is the clinic's answer to an inbound referral (the record of a referral the gateway received).
@@ -433,8 +479,7 @@ pub async fn answer(state: &AppState, principal: &Principal, answers: Vec<(usize
 /// that client's sessions (came or not) and discharge (completed or not, with the feedback document)
 /// move the referral Task and tell the referrer.
 pub async fn follow(state: &AppState, principal: &Principal, records: &[Json]) -> Result<(), ApiError> {
-    let of_type = |t: &str| records.iter().filter(move |r| r.get(RECORD_TYPE_MEMBER).and_then(Json::as_str) == Some(t));
-    let links: Vec<(String, String)> = of_type("enrollment").map(|r| (text(r, "referral_id"), text(r, "client_id"))).filter(|(referral, client)| !referral.is_empty() && !client.is_empty()).collect();
+    let links: Vec<(String, String)> = of_type(records, "enrollment").map(|r| (text(r, "referral_id"), text(r, "client_id"))).filter(|(referral, client)| !referral.is_empty() && !client.is_empty()).collect();
     if !links.is_empty() {
         let mut tx = state.store.begin().await?;
         for (referral, client) in &links {
@@ -444,13 +489,13 @@ pub async fn follow(state: &AppState, principal: &Principal, records: &[Json]) -
     }
     // Per client, what the batch says last: its discharge, else its latest session.
     let mut latest: std::collections::BTreeMap<String, (String, Progress, Option<Json>)> = std::collections::BTreeMap::new();
-    for session in of_type("session") {
+    for session in of_type(records, "session") {
         let (client, at) = (text(session, "client_id"), text(session, "start_at"));
         if latest.get(&client).is_none_or(|(seen, _, _)| *seen < at) {
             latest.insert(client, (at, Progress::of_attendance(&text(session, "attendance")), None));
         }
     }
-    for discharge in of_type("discharge") {
+    for discharge in of_type(records, "discharge") {
         latest.insert(text(discharge, "client_id"), (String::from("~"), Progress::of_discharge(&text(discharge, "reason")), Some(discharge.clone())));
     }
     for (client, (_, progress, discharge)) in latest {
@@ -481,6 +526,10 @@ pub async fn follow(state: &AppState, principal: &Principal, records: &[Json]) -
         }
     }
     Ok(())
+}
+
+fn of_type<'a>(records: &'a [Json], record_type: &'a str) -> impl Iterator<Item = &'a Json> {
+    records.iter().filter(move |r| r.get(RECORD_TYPE_MEMBER).and_then(Json::as_str) == Some(record_type))
 }
 
 /// The feedback document for a referral whose episode ended: built from what the gateway holds of
@@ -532,14 +581,15 @@ fn first_and_last(screenings: &[Value], instrument: &str) -> Option<(Value, Valu
 fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates) -> Value {
     let discharge = &contents.discharge;
     let seed = format!("feedback\n{}\n{}", route.referral_id, discharge["id"]);
-    let id = |part: &str| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{seed}\n{part}").as_bytes()).to_string();
+    let id = |part: &str| name_id(&format!("{seed}\n{part}"));
     let date = discharge["discharge_date"].as_str().unwrap_or_default().to_string();
     let patient = json!({"display": format!("Program client {client}")});
     let mut observations: Vec<(String, Value)> = Vec::new();
     let mut summary = Vec::new();
-    let mut observation = |name: &str, code: Value, value: (&str, Value), text: String| {
+    let mut observation = |name: &str, code: Value, value: (&str, Value), text: String, at: &str| {
         let oid = id(name);
-        let mut o = json!({"resourceType": "Observation", "id": oid, "status": "final", "code": code, "subject": patient, "effectiveDateTime": date});
+        let when = if at.is_empty() { date.as_str() } else { at };
+        let mut o = json!({"resourceType": "Observation", "id": oid, "status": "final", "code": code, "subject": patient, "effectiveDateTime": when});
         o[value.0] = value.1;
         summary.push(text);
         observations.push((oid, o));
@@ -551,6 +601,7 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
             json!({"text": "Program sessions attended"}),
             ("valueString", json!(format!("{attended} of {scheduled} scheduled sessions attended"))),
             format!("Attended {attended} of {scheduled} scheduled sessions."),
+            "",
         );
     }
     for (instrument, loinc, display) in [("phq9", "44261-6", "Patient Health Questionnaire 9 item (PHQ-9) total score [Reported]"), ("gad7", "70274-6", "Generalized anxiety disorder 7 item (GAD-7) total score [Reported.PHQ]")] {
@@ -558,24 +609,19 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
             for (which, value) in [("first", &first), ("last", &last)] {
                 let total = value["total"].as_i64().unwrap_or(0);
                 let at = value["at"].as_str().unwrap_or_default().to_string();
-                let mut o_code = json!({"coding": [{"system": "http://loinc.org", "code": loinc, "display": display}], "text": format!("{} total, {which} in the episode", instrument.to_uppercase())});
-                o_code["text"] = json!(format!("{} total score, {which} in the episode", if instrument == "phq9" { "PHQ-9" } else { "GAD-7" }));
-                let text = format!("{} {which}: {total} ({at}).", if instrument == "phq9" { "PHQ-9" } else { "GAD-7" });
-                observation(&format!("{instrument}-{which}"), o_code, ("valueInteger", json!(total)), text);
-                if let Some((_, o)) = observations.last_mut()
-                    && !at.is_empty()
-                {
-                    o["effectiveDateTime"] = json!(at);
-                }
+                let name = if instrument == "phq9" { "PHQ-9" } else { "GAD-7" };
+                let o_code = json!({"coding": [{"system": "http://loinc.org", "code": loinc, "display": display}], "text": format!("{name} total score, {which} in the episode")});
+                let text = format!("{name} {which}: {total} ({at}).");
+                observation(&format!("{instrument}-{which}"), o_code, ("valueInteger", json!(total)), text, &at);
             }
         }
     }
     if let Some(disposition) = discharge["disposition"].as_str() {
         let words = disposition.replace('_', " ");
-        observation("disposition", json!({"text": "Discharge disposition"}), ("valueString", json!(words.clone())), format!("Discharge disposition: {words}."));
+        observation("disposition", json!({"text": "Discharge disposition"}), ("valueString", json!(words.clone())), format!("Discharge disposition: {words}."), "");
     }
     if let Some(plan) = discharge["aftercare"]["plan"].as_str() {
-        observation("aftercare", json!({"text": "Aftercare plan"}), ("valueString", json!(plan)), format!("Aftercare: {plan}"));
+        observation("aftercare", json!({"text": "Aftercare plan"}), ("valueString", json!(plan)), format!("Aftercare: {plan}"), "");
     }
     let narrative = |text: &str| {
         let escaped = text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
@@ -624,6 +670,20 @@ pub fn put_path(payload: &str) -> String {
     format!("{resource_type}?{}", form_urlencoded::Serializer::new(String::new()).append_pair("identifier", &token).finish())
 }
 
+/// The partner a message to a client's callback address goes through: the referral's `source.endpoint`
+/// as its FHIR base, no credentials; `None` when the message is not one, or the address is no longer allowed.
+pub async fn callback_partner(state: &AppState, message: &Message) -> Option<crate::partner::Partner> {
+    let client = message.new.partner.strip_prefix(CALLBACK)?;
+    let route = state.store.referral_route(&message.new.record_id).await.ok()??;
+    let allowed = route.client_id == client && state.loaded.config.clients.iter().find(|c| c.id == client).is_some_and(|c| crate::config::callback_allowed(&route.callback, &c.callbacks));
+    if !allowed {
+        return None;
+    }
+    let text = format!("name = {:?}\nkind = \"inpatient-unit\"\nfhir_base = {:?}\nauth = \"none\"\n", message.new.partner, route.callback);
+    let config: crate::config::PartnerConfig = toml::from_str(&text).ok()?;
+    crate::partner::Partner::new(&config, &state.loaded.config.store.data_dir).ok()
+}
+
 /// The referrer took the update: the message is delivered.
 pub async fn delivered(state: &AppState, message: &Message, owner: &str, status: u16, body: &str) -> Result<bool, ApiError> {
     finish(state, message, owner, MessageStatus::Delivered, status, "", body).await
@@ -642,6 +702,14 @@ async fn finish(state: &AppState, message: &Message, owner: &str, status: Messag
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// An id that follows from what it names, so whatever is built again is the same thing.
+fn name_id(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&Sha256::digest(text.as_bytes())[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
 }
 
 fn text(record: &Json, member: &str) -> String {
@@ -674,7 +742,7 @@ mod tests {
         let mut task = json!({"resourceType": "Task", "id": "t", "status": "requested", "intent": "order", "statusReason": {"text": "old"}});
         let accepted = Progress::of_record(&crate::json::parse(br#"{"status":"accepted"}"#).unwrap()).unwrap();
         assert!(set_progress(&mut task, &accepted, None, "2026-03-10T10:00:00Z"));
-        assert_eq!(task["businessStatus"]["coding"][0], json!({"system": BUSINESS_STATUS, "code": "3.0", "display": "Service Request Accepted"}));
+        assert_eq!(task["businessStatus"], json!({"coding": [{"system": BUSINESS_STATUS, "code": "3.0"}], "text": "Service Request Accepted"}));
         assert!(task.get("statusReason").is_none());
         assert_eq!(task["lastModified"], "2026-03-10T10:00:00Z");
         assert!(!set_progress(&mut task, &accepted, None, "2026-03-11T10:00:00Z"), "the same progress again changes nothing");

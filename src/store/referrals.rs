@@ -14,6 +14,8 @@ pub struct ReferralRoute {
     pub client_id: String,
     /// The configured partner tied to that client ('' when none).
     pub partner: String,
+    /// For a client with no partner: the referral message's `MessageHeader.source.endpoint`, which the client's `callbacks` allow ('' when none).
+    pub callback: String,
     /// `task` or `message` ('' when the referrer cannot be told).
     pub channel: String,
     /// The Task the gateway stored.
@@ -31,21 +33,22 @@ pub struct ReferralRoute {
     pub received: String,
 }
 
-const COLUMNS: &str = "referral_id, client_id, partner, channel, task_id, sent_task, header_id, dedupe_key, resources, patient_client_id, received";
+const COLUMNS: &str = "referral_id, client_id, partner, callback, channel, task_id, sent_task, header_id, dedupe_key, resources, patient_client_id, received";
 
 fn route(row: &AnyRow) -> Result<ReferralRoute, sqlx::Error> {
     Ok(ReferralRoute {
         referral_id: row.try_get(0)?,
         client_id: row.try_get(1)?,
         partner: row.try_get(2)?,
-        channel: row.try_get(3)?,
-        task_id: row.try_get(4)?,
-        sent_task: row.try_get(5)?,
-        header_id: row.try_get(6)?,
-        dedupe_key: row.try_get(7)?,
-        resources: row.try_get(8)?,
-        patient_client_id: row.try_get(9)?,
-        received: row.try_get(10)?,
+        callback: row.try_get(3)?,
+        channel: row.try_get(4)?,
+        task_id: row.try_get(5)?,
+        sent_task: row.try_get(6)?,
+        header_id: row.try_get(7)?,
+        dedupe_key: row.try_get(8)?,
+        resources: row.try_get(9)?,
+        patient_client_id: row.try_get(10)?,
+        received: row.try_get(11)?,
     })
 }
 
@@ -53,12 +56,13 @@ impl Tx {
     /// Records a referral's route; `false` when one with its id is already recorded (the first stands).
     pub async fn put_referral_route(&mut self, r: &ReferralRoute) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO referral_routes (referral_id, client_id, partner, channel, task_id, sent_task, header_id, dedupe_key, resources, patient_client_id, received) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (referral_id) DO NOTHING",
+            "INSERT INTO referral_routes (referral_id, client_id, partner, callback, channel, task_id, sent_task, header_id, dedupe_key, resources, patient_client_id, received) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (referral_id) DO NOTHING",
         )
         .bind(r.referral_id.as_str())
         .bind(r.client_id.as_str())
         .bind(r.partner.as_str())
+        .bind(r.callback.as_str())
         .bind(r.channel.as_str())
         .bind(r.task_id.as_str())
         .bind(r.sent_task.as_str())

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use super::exchange::{post_records, records};
-use super::support::{Gateway, assert_outcome};
+use super::support::{Gateway, TempDir, assert_outcome, config_text, load, partner_keys};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -311,12 +311,53 @@ async fn a_referral_that_cannot_be_read_is_refused_with_where() {
     let gw = gateway(&server).await;
     let unit = gw.token("unit-a").await;
     let mut message = fixture("referral-message.json");
-    // The Task's focus names a ServiceRequest the message does not carry.
-    message["entry"][1]["resource"]["focus"]["reference"] = json!("ServiceRequest/elsewhere");
+    // Valid FHIR, but the ServiceRequest says nothing of why: no referral record the clinic could act on.
+    message["entry"][2]["resource"].as_object_mut().unwrap().remove("note");
     let (status, outcome) = gw.post(&unit, "$process-message", &message).await;
     assert_eq!(status, 422, "{outcome}");
     assert_outcome(&outcome);
-    assert!(outcome["issue"][0]["expression"][0].as_str().unwrap_or_default().starts_with("Bundle.entry[1]"), "{outcome}");
+    let errors: Vec<&Value> = outcome["issue"].as_array().unwrap().iter().filter(|i| i["severity"] == "error").collect();
+    assert!(errors.iter().any(|i| i["expression"][0].as_str().unwrap_or_default().starts_with("Bundle.entry[1]") && i["details"]["text"].as_str().unwrap_or_default().contains("reason")), "{outcome}");
     assert_eq!(gw.get(&unit, "ServiceRequest").await.1["total"], 0, "nothing stored");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_without_a_partner_hears_back_only_at_a_source_endpoint_its_callbacks_allow() {
+    let server = MockServer::start().await;
+    let hospital = Hospital::new();
+    Mock::given(wiremock::matchers::any()).respond_with(hospital.clone()).mount(&server).await;
+    let dir = TempDir::new("referral-callback");
+    let keys = partner_keys();
+    let text = config_text(&dir.0, &keys, "[outbox]\npoll_interval_ms = 50\n").replace("id = \"unit-a\"\n", &format!("id = \"unit-a\"\ncallbacks = [\"{}/unit-a\"]\n", server.uri()));
+    let gw = Gateway::start_loaded(load(&text, &dir.0), keys, dir).await;
+    let (unit_a, unit_b, clinic) = (gw.token("unit-a").await, gw.token("unit-b").await, gw.token("clinic").await);
+    let endpoint = format!("{}/unit-a/fhir", server.uri());
+
+    let mut message = fixture("referral-message.json");
+    message["entry"][0]["resource"]["source"]["endpoint"] = json!(endpoint);
+    let (status, _) = gw.post(&unit_a, "$process-message", &message).await;
+    assert_eq!(status, 200);
+    let mut accepted = inbound_referral(&gw, &clinic, "RB-RX-40117").await;
+    accepted["status"] = json!("accepted");
+    let (status, summary) = post_records(&gw, &clinic, &accepted).await;
+    assert_eq!((status, summary["records"][0]["messages"].as_array().map(Vec::len)), (200, Some(1)), "{summary}");
+    let sent = hospital.accepted_exactly(1).await;
+    assert_eq!(sent[0].0, "POST /unit-a/fhir/$process-message");
+    assert_eq!(sent[0].1["entry"][0]["resource"]["response"]["identifier"], "mh-rb-40117");
+    assert_eq!(business_status(&sent[0].1["entry"][1]["resource"]), "3.0");
+    assert_valid(&sent[0].1);
+
+    // unit-b names the same address, which its configuration does not allow: its referral is answered at the gateway only.
+    let other: Value = serde_json::from_str(&message.to_string().replace("RB-RX-40117", "RB-RX-40119")).unwrap();
+    let (status, _) = gw.post(&unit_b, "$process-message", &other).await;
+    assert_eq!(status, 200);
+    let mut accepted = inbound_referral(&gw, &clinic, "RB-RX-40119").await;
+    accepted["status"] = json!("accepted");
+    let (status, summary) = post_records(&gw, &clinic, &accepted).await;
+    assert_eq!((status, &summary["records"][0]["messages"]), (200, &json!([])), "{summary}");
+    let (_, tasks) = gw.get(&unit_b, "Task").await;
+    assert_eq!(business_status(&tasks["entry"][0]["resource"]), "3.0", "unit-b reads its Task's progress at the gateway");
+    hospital.accepted_exactly(1).await;
     gw.stop().await;
 }
