@@ -236,8 +236,9 @@ async fn a_referral_message_is_answered_and_the_hospital_hears_every_step_once()
     assert!(text.contains("21 of 24") && text.contains("step down outpatient") && text.contains("Weekly individual therapy"), "{text}");
     assert_valid(document);
     assert_valid(task);
-    let (_, tasks) = gw.get(&clinic, "Task").await;
-    assert_eq!(business_status(&tasks["entry"][0]["resource"]), "7.0");
+    // The unit's one Task at the gateway (the clinic's episode records made Tasks of their own referrals).
+    let (_, tasks) = gw.get(&unit, "Task").await;
+    assert_eq!((tasks["total"].as_i64(), business_status(&tasks["entry"][0]["resource"])), (Some(1), "7.0"));
     let (status, stored_document) = gw.get(&clinic, &format!("Bundle/{}", document["id"].as_str().unwrap())).await;
     assert_eq!((status, &stored_document["type"]), (200, &json!("document")), "the output resolves at the gateway too");
     gw.stop().await;
