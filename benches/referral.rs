@@ -107,7 +107,7 @@ async fn post(bench: &Bench, token: &str, path: &str, content_type: &str, body: 
 async fn run<F, Fut>(clients: usize, n: usize, job: F) -> Duration
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let job = Arc::new(job);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
