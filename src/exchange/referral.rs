@@ -225,28 +225,32 @@ struct Update {
     messages: Vec<NewMessage>,
 }
 
-/// Sets a Task's progress (in its JSON), returning whether anything changed.
-fn set_progress(task: &mut Value, progress: &Progress, feedback: Option<&Feedback>, now: &str) -> bool {
+/// Sets a Task's progress, returning whether anything changed. On our own JSON tree, which keeps
+/// member order: every other member must stay exactly as it was (the Task-owner rule compares them).
+fn set_progress(task: &mut Json, progress: &Progress, feedback: Option<&Feedback>, now: &str) -> bool {
     let before = task.clone();
     let Some(object) = task.as_object_mut() else { return false };
-    object.insert("status".into(), json!(progress.status));
+    let value = |v: Value| Json::from(&v);
+    object.insert("status", value(json!(progress.status)));
     // The words go in `text`: the published CodeSystem's displays differ between BSeR's FSH and its XML ("Serivce").
-    object.insert("businessStatus".into(), json!({"coding": [{"system": BUSINESS_STATUS, "code": progress.business.0}], "text": progress.business.1}));
+    object.insert("businessStatus", value(json!({"coding": [{"system": BUSINESS_STATUS, "code": progress.business.0}], "text": progress.business.1})));
     match &progress.reason {
-        Some(reason) => object.insert("statusReason".into(), json!({"text": reason})),
-        None => object.remove("statusReason"),
-    };
+        Some(reason) => object.insert("statusReason", value(json!({"text": reason}))),
+        None => {
+            object.remove("statusReason");
+        }
+    }
     if let Some(start) = &progress.scheduled {
-        object.insert("executionPeriod".into(), json!({"start": start}));
+        object.insert("executionPeriod", value(json!({"start": start})));
     }
     if let Some(feedback) = feedback {
         let id = feedback.document["id"].as_str().unwrap_or_default();
         // `Bundle/id` resolves at the gateway and at the referrer alike: the document is stored at both.
-        object.insert("output".into(), json!([{"type": {"text": "Referral feedback"}, "valueReference": {"reference": format!("Bundle/{id}"), "display": "BSeR referral feedback document"}}]));
+        object.insert("output", value(json!([{"type": {"text": "Referral feedback"}, "valueReference": {"reference": format!("Bundle/{id}"), "display": "BSeR referral feedback document"}}])));
     }
-    let changed = ["status", "businessStatus", "statusReason", "executionPeriod", "output"].iter().any(|m| before.get(*m) != object.get(*m));
+    let changed = ["status", "businessStatus", "statusReason", "executionPeriod", "output"].iter().any(|m| before.get(m) != object.get(m));
     if changed {
-        object.insert("lastModified".into(), json!(now));
+        object.insert("lastModified", Json::string(now));
     }
     changed
 }
@@ -254,12 +258,12 @@ fn set_progress(task: &mut Value, progress: &Progress, feedback: Option<&Feedbac
 /// Builds (and validates) the Task change and the message to the referrer; `None` when the Task already says so.
 async fn prepare(state: &AppState, route: &ReferralRoute, progress: &Progress, feedback: Option<&Feedback>) -> Result<Option<Update>, ApiError> {
     let stored = state.store.read("Task", &route.task_id).await?.ok_or_else(|| ApiError::Internal(format!("the referral Task {} is gone", route.task_id)))?;
-    let mut task: Value = serde_json::from_str(&stored.body).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
+    let mut task = crate::json::parse(stored.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
     let now = crate::api::fhir::now_instant();
     if !set_progress(&mut task, progress, feedback, &now) {
         return Ok(None);
     }
-    let task = write::validate(state, Json::from(&task), Vec::new()).await?;
+    let task = write::validate(state, task, Vec::new()).await?;
     let document = match feedback {
         Some(feedback) => Some(checked(state, route, &feedback.document).await?),
         None => None,
@@ -274,8 +278,9 @@ async fn prepare(state: &AppState, route: &ReferralRoute, progress: &Progress, f
     if let Some((partner_name, fhir_base)) = target
         && !route.channel.is_empty()
     {
-        let mut sent: Value = serde_json::from_str(&route.sent_task).map_err(|e| ApiError::Internal(format!("a referral's Task as sent does not parse: {e}")))?;
+        let mut sent = crate::json::parse(route.sent_task.as_bytes()).map_err(|e| ApiError::Internal(format!("a referral's Task as sent does not parse: {e}")))?;
         set_progress(&mut sent, progress, feedback, &now);
+        let sent = Value::from(&sent);
         let mut payloads = Vec::new();
         if route.channel == CHANNEL_MESSAGE {
             payloads.push((FEEDBACK_MESSAGE, feedback_message(state, route, &fhir_base, &sent, feedback, &now)));
@@ -739,14 +744,17 @@ mod tests {
 
     #[test]
     fn progress_changes_only_what_it_says_and_stamps_the_change() {
-        let mut task = json!({"resourceType": "Task", "id": "t", "status": "requested", "intent": "order", "statusReason": {"text": "old"}});
+        let mut task = crate::json::parse(br#"{"resourceType":"Task","id":"t","status":"requested","identifier":[{"value":"v","system":"s"}],"intent":"order","statusReason":{"text":"old"}}"#).unwrap();
+        let identifier = task.get("identifier").cloned();
         let accepted = Progress::of_record(&crate::json::parse(br#"{"status":"accepted"}"#).unwrap()).unwrap();
         assert!(set_progress(&mut task, &accepted, None, "2026-03-10T10:00:00Z"));
-        assert_eq!(task["businessStatus"], json!({"coding": [{"system": BUSINESS_STATUS, "code": "3.0"}], "text": "Service Request Accepted"}));
-        assert!(task.get("statusReason").is_none());
-        assert_eq!(task["lastModified"], "2026-03-10T10:00:00Z");
+        assert_eq!(task.get("identifier").cloned(), identifier, "the rest, member order included, stays as it was");
+        let value = Value::from(&task);
+        assert_eq!(value["businessStatus"], json!({"coding": [{"system": BUSINESS_STATUS, "code": "3.0"}], "text": "Service Request Accepted"}));
+        assert!(value.get("statusReason").is_none());
+        assert_eq!(value["lastModified"], "2026-03-10T10:00:00Z");
         assert!(!set_progress(&mut task, &accepted, None, "2026-03-11T10:00:00Z"), "the same progress again changes nothing");
-        assert_eq!(task["lastModified"], "2026-03-10T10:00:00Z");
+        assert_eq!(Value::from(&task)["lastModified"], "2026-03-10T10:00:00Z");
     }
 
     #[test]
