@@ -69,9 +69,12 @@ impl Role {
     pub fn default_scopes(self) -> ScopeSet {
         let text = match self {
             Role::InpatientUnit => {
+                // What a BSeR referral carries (as a message or a transaction): the unit creates its own copies, and the
+                // parties rule keeps them between the unit and the program.
                 "system/Patient.cruds system/ServiceRequest.cruds system/Task.cruds system/Communication.cruds system/DocumentReference.cruds \
-                 system/Condition.cruds system/Observation.cruds system/Consent.cruds system/Encounter.rs system/CarePlan.rs \
-                 system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.rs system/Practitioner.rs system/Subscription.cruds"
+                 system/Condition.cruds system/Observation.cruds system/Consent.cruds system/Encounter.cruds system/CarePlan.rs \
+                 system/QuestionnaireResponse.cruds system/MessageHeader.c system/Organization.cruds system/Practitioner.cruds \
+                 system/PractitionerRole.cruds system/Coverage.cruds system/Subscription.cruds"
             }
             Role::Payer => "system/Claim.cruds system/ClaimResponse.cruds system/Coverage.rs system/Task.rus system/Communication.crs system/Patient.rs system/Subscription.cruds",
             // What a step-down referral message carries, read-only, and the Task it answers; MessageHeader

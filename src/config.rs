@@ -122,6 +122,20 @@ pub struct PartnerConfig {
     /// Payers only: while the gateway's PAS Subscription there is in error, seconds between `Claim/$inquire` calls for each pended authorization.
     #[serde(default = "default_inquire_interval")]
     pub inquire_interval_secs: u64,
+    /// Inpatient units only: how the unit hears back about the referrals its clients send.
+    #[serde(default)]
+    pub referral_updates: ReferralUpdates,
+}
+
+/// How a referring unit is told about its referral's progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferralUpdates {
+    /// `PUT` of the updated Task at the unit's FHIR base (the Task as the unit sent it, with its progress).
+    #[default]
+    Task,
+    /// A feedback message to the unit's `$process-message`, its MessageHeader `response` naming the referral message.
+    Message,
 }
 
 fn default_partner_timeout() -> u64 {
@@ -1064,6 +1078,24 @@ mod tests {
         let e = Config::from_toml(text, Path::new("")).unwrap_err().to_string();
         for needle in ["server.listen", "max_body_bytes", "store.url", "clients[0] (a b).id", "public keys"] {
             assert!(e.contains(needle), "{needle} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn callbacks_are_http_url_prefixes_matched_at_a_boundary() {
+        let client = |callbacks: &str| format!("[[clients]]\nid = 'x'\nrole = 'inpatient-unit'\njwks_url = 'https://k.example/j'\ncallbacks = {callbacks}\n");
+        let loaded = Config::from_toml(&client("['https://unit.example/fhir', 'http://127.0.0.1:9/']"), Path::new("")).unwrap();
+        assert_eq!(loaded.config.clients[0].callbacks.len(), 2);
+        for bad in ["['ftp://unit.example/']", "['not a url']"] {
+            let e = Config::from_toml(&client(bad), Path::new("")).unwrap_err().to_string();
+            assert!(e.contains("clients[0] (x).callbacks"), "{bad}: {e}");
+        }
+        let prefixes = vec!["https://unit.example/fhir".to_string(), "http://127.0.0.1:9/".to_string()];
+        for ok in ["https://unit.example/fhir", "https://unit.example/fhir/", "https://unit.example/fhir?x=1", "http://127.0.0.1:9/any"] {
+            assert!(callback_allowed(ok, &prefixes), "{ok}");
+        }
+        for bad in ["https://unit.example/fhirx", "https://unit.example.attacker.test/fhir", "http://unit.example/fhir", "https://other.example/fhir"] {
+            assert!(!callback_allowed(bad, &prefixes), "{bad}");
         }
     }
 

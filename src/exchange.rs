@@ -17,6 +17,9 @@
 //! - [`step_down`]: a discharge's step-down referral to an outpatient provider (a BSeR referral
 //!   message), and the provider's answers (Task update or feedback message) back into the outbound
 //!   referral record.
+//! - [`referral`]: inbound BSeR referrals from inpatient units: the referral record and the route
+//!   back, the clinic's answers and the client's sessions and discharge moving the Task, the
+//!   referrer told through the outbox (its Task `PUT`, or feedback messages), the feedback document.
 //! - [`utilization`]: attended session days against each certification; the extension request
 //!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
@@ -25,6 +28,7 @@ pub mod intake;
 pub mod outbox;
 pub mod pas;
 pub mod step_down;
+pub mod referral;
 pub mod subscription;
 pub mod topics;
 pub mod utilization;

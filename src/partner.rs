@@ -138,6 +138,14 @@ impl Partners {
         self.by_name.get(name)
     }
 
+    /// The partner a client speaks for (its `clients` list), if any.
+    pub fn for_client(&self, client_id: &str) -> Option<&Partner> {
+        let mut partners: Vec<&Partner> = self.by_name.values().filter(|p| p.config.clients.iter().any(|c| c == client_id)).collect();
+        // Configuration order is lost in the map; the name decides, so the choice is stable.
+        partners.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        partners.into_iter().next()
+    }
+
     /// The payer an authorization for `payer_id` goes to.
     pub fn payer_for(&self, payer_id: &str) -> Option<&Partner> {
         self.routed(crate::config::PartnerKind::Payer, payer_id)
@@ -184,6 +192,11 @@ impl Partner {
     /// `POST {fhir_base}/{path}` with a FHIR JSON body: one attempt (plus one on a 401 with a fresh token).
     pub async fn post(&self, path: &str, body: &str) -> Delivery {
         self.client.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// `PUT {fhir_base}/{path}` with a FHIR JSON body (a referral Task's progress at the referrer's server), answered and classified like a post.
+    pub async fn put(&self, path: &str, body: &str) -> Delivery {
+        self.client.send(reqwest::Method::PUT, path, Some(body)).await
     }
 
     /// `GET {fhir_base}/{path_and_query}` (a read or an operation such as a Subscription's `$events`), answered and classified like a post.

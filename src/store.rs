@@ -16,6 +16,7 @@ mod exports;
 mod inquiries;
 mod postgres;
 mod query;
+mod referrals;
 mod sqlite;
 mod subscriptions;
 mod topics;
@@ -35,6 +36,7 @@ pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCu
 pub use exports::{Compartment, ExportJob, ExportPage, Exported};
 pub use inquiries::Pended;
 pub use query::{AuditQuery, Bind, HistoryScope};
+pub use referrals::ReferralRoute;
 pub use subscriptions::SubscriptionRow;
 pub use topics::{TopicEvent, TopicSubscription};
 

@@ -146,10 +146,34 @@ async fn transaction(state: &AppState, principal: &Principal, base: &str, audit:
     }
     // The Bundle is validated as a whole, so in-Bundle references and fullUrls are checked too.
     let inherited_labels = labels::of(&bundle);
+    let resources: Vec<Option<&Json>> = entries.iter().map(|e| e.resource.as_ref()).collect();
+    // A BSeR referral from an inpatient unit also becomes a referral record with its route back; resent, it is not stored again.
+    let referral = crate::exchange::referral::read_inbound(state, principal, &bundle, &resources)?;
     write::validate(state, bundle, Vec::new()).await?;
-    let written = run_transaction(state, principal, &entries, &inherited_labels).await?;
-    // The transaction's own audit event was committed with it.
-    audit.recorded = true;
+    let earlier = match &referral {
+        Some(referral) => crate::exchange::referral::resent(state, principal, referral).await?,
+        None => None,
+    };
+    let written = match earlier {
+        Some(references) => {
+            audit.description = Some("resent referral; the resources stored the first time were answered".into());
+            let mut written = Vec::new();
+            for (i, entry) in entries.iter().enumerate() {
+                let found = match references.get(i).and_then(|r| r.split_once('/')) {
+                    Some((resource_type, id)) if entry.method != "GET" => state.store.read(resource_type, id).await?,
+                    _ => None,
+                };
+                written.push(found.map(|stored| (stored, false)));
+            }
+            written
+        }
+        None => {
+            let written = run_transaction(state, principal, &entries, &inherited_labels, referral.as_ref()).await?;
+            // The transaction's own audit event was committed with it.
+            audit.recorded = true;
+            written
+        }
+    };
     let mut response = BundleText::new("transaction-response", None, &[]);
     let mut stored_all = Vec::new();
     for (entry, result) in entries.iter().zip(&written) {
@@ -187,7 +211,13 @@ pub fn status_line(e: &ApiError) -> String {
 /// Runs the writes of a transaction atomically, retrying from scratch when a concurrent writer won a race.
 /// Per entry: the version written (or found by `ifNoneExist`) and whether it was created; `None`
 /// for an entry that is read after the commit (`GET`).
-async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Entry], inherited_labels: &[String]) -> Result<Vec<Option<(Stored, bool)>>, ApiError> {
+async fn run_transaction(
+    state: &AppState,
+    principal: &Principal,
+    entries: &[Entry],
+    inherited_labels: &[String],
+    referral: Option<&crate::exchange::referral::Inbound>,
+) -> Result<Vec<Option<(Stored, bool)>>, ApiError> {
     'attempt: for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
         // Resolve every entry's id first so references can be rewritten before anything is written.
@@ -242,6 +272,9 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                 })
             })
             .collect();
+        if let Some(Some(task)) = referral.and_then(|r| resources.get_mut(r.task_index)) {
+            crate::exchange::referral::addressed_to_program(state, task);
+        }
         let mut written: Vec<Option<(Stored, bool)>> = (0..entries.len()).map(|_| None).collect();
         // FHIR's processing order: POST, then PUT, then GET.
         for method in ["POST", "PUT"] {
@@ -259,6 +292,10 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
                     Err(Failure::Api(e)) => return Err(prefix_entry(i, e)),
                 }
             }
+        }
+        if let Some(referral) = referral {
+            let stored: Vec<Option<&Stored>> = written.iter().map(|w| w.as_ref().map(|(s, _)| s)).collect();
+            crate::exchange::referral::received(&mut tx, state, principal, referral, &stored, None).await?;
         }
         let mut audit = Audit::new(&principal.client_id, "transaction", "E", None);
         audit.entities = written.iter().flatten().map(|(stored, _)| stored.reference()).collect();

@@ -73,6 +73,9 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
         }
         let inherited_labels = crate::auth::labels::of(&bundle);
         write::validate(&state, bundle.clone(), Vec::new()).await?;
+        // A BSeR referral from an inpatient unit also becomes a referral record with its route back.
+        let in_entries: Vec<Option<&Json>> = entries.iter().map(|(_, r)| Some(r)).collect();
+        let referral = crate::exchange::referral::read_inbound(&state, &caller.principal, &bundle, &in_entries)?;
         for _ in 0..ATTEMPTS {
             let mut tx = state.store.begin().await?;
             let mut map = HashMap::new();
@@ -91,6 +94,9 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
             for r in &mut resources {
                 rewrite_references(r, &map);
             }
+            if let Some(referral) = &referral {
+                crate::exchange::referral::addressed_to_program(&state, &mut resources[referral.task_index]);
+            }
             let types: Vec<String> = resources.iter().map(|r| r.get("resourceType").and_then(Json::as_str).unwrap_or_default().to_string()).collect();
             let changes = resources
                 .into_iter()
@@ -103,6 +109,10 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
                 Err(Failure::Retry) => continue,
                 Err(Failure::Api(e)) => return Err(e),
             };
+            if let Some(referral) = &referral {
+                let written: Vec<Option<&crate::store::Stored>> = stored.iter().map(Some).collect();
+                crate::exchange::referral::received(&mut tx, &state, &caller.principal, referral, &written, Some(&header)).await?;
+            }
             let response = response_message(&caller.base.url, &header, header_id.as_deref().unwrap_or_default(), &stored);
             match tx.claim_message(&keys, &response, &now_instant()).await {
                 Ok(()) => {}

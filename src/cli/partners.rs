@@ -41,6 +41,9 @@ struct AddArgs {
     /// Record values that send a record to this partner (a payer: payer_id of authorizations).
     #[arg(long = "route")]
     routes: Vec<String>,
+    /// Inpatient units: how the unit hears about its referrals, task (PUT of its Task) or message (feedback messages).
+    #[arg(long)]
+    referral_updates: Option<String>,
     /// For --auth bearer: the environment variable that will hold the token.
     #[arg(long)]
     bearer_token_env: Option<String>,
@@ -65,6 +68,11 @@ fn add(args: AddArgs) -> Result<(), String> {
     if !matches!(args.kind.as_str(), "payer" | "inpatient-unit" | "outpatient-provider") {
         return Err(format!("unknown kind '{}' (payer, inpatient-unit, outpatient-provider)", args.kind));
     }
+    if let Some(updates) = &args.referral_updates
+        && !(args.kind == "inpatient-unit" && matches!(updates.as_str(), "task" | "message"))
+    {
+        return Err(format!("--referral-updates '{updates}': task or message, for an inpatient-unit partner"));
+    }
     if !matches!(args.auth.as_str(), "smart" | "bearer" | "none") {
         return Err(format!("unknown auth '{}' (smart, bearer, none)", args.auth));
     }
@@ -88,6 +96,9 @@ fn add(args: AddArgs) -> Result<(), String> {
     }
     if let Some(id) = &args.client_id {
         entry.push_str(&format!("client_id = {}\n", toml_string(id)));
+    }
+    if let Some(updates) = &args.referral_updates {
+        entry.push_str(&format!("referral_updates = \"{updates}\"\n"));
     }
     if let Some(var) = &args.bearer_token_env {
         entry.push_str(&format!("bearer_token_env = {}\n", toml_string(var)));

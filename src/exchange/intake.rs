@@ -34,7 +34,22 @@ struct Planned {
 pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
     let clients: std::collections::BTreeSet<String> = records.iter().map(|r| text(r, "client_id")).filter(|c| !c.is_empty()).collect();
     let posted: Vec<String> = records.iter().filter(|r| text(r, RECORD_TYPE_MEMBER) == "authorization").map(|r| text(r, "id")).collect();
-    let summaries = accept(state, principal, records).await?;
+    if records.is_empty() {
+        return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
+    }
+    // Answers to referrals the gateway received move those referrals' Tasks; the rest is mapped as always.
+    let (answers, records) = super::referral::split_answers(state, records).await?;
+    let mut summaries = Vec::new();
+    if !answers.is_empty() {
+        summaries.extend(super::referral::answer(state, principal, answers).await?);
+    }
+    if !records.is_empty() {
+        summaries.extend(accept(state, principal, records.clone()).await?);
+    }
+    // Committed and acknowledged whatever follows: a referrer not told is logged, as the utilization rule's problems are.
+    if let Err(e) = super::referral::follow(state, principal, &records).await {
+        tracing::warn!(error = %e, "The referrals of the posted clients could not be moved on.");
+    }
     // The records are committed and acknowledged whatever the rule finds: a proposal that cannot be made is the gateway's problem, not the clinic's request's.
     if let Err(e) = super::utilization::review(state, principal, &clients, &posted).await {
         tracing::warn!(error = %e, "The utilization rule could not look at the posted clients' certifications.");
@@ -205,7 +220,7 @@ fn plan_messages(state: &AppState, records: &[Json], bundle: &Json, issues: &mut
 
 /// A message's id is derived from what it is, so two intakes of the same change (a client's retry
 /// racing the original on another instance) queue one message, not two.
-fn message_id(m: &NewMessage) -> String {
+pub(crate) fn message_id(m: &NewMessage) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest([m.partner.as_str(), m.kind.as_str(), m.record_type.as_str(), m.record_id.as_str(), m.payload.as_str()].join("\n"));
     let mut bytes = [0u8; 16];

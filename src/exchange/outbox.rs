@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{inquiry, pas, step_down, subscription, topics};
+use super::{inquiry, pas, referral, step_down, subscription, topics};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -87,10 +87,21 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         let _ = health;
         return;
     }
-    let Some(partner) = state.partners.get(&message.new.partner) else {
-        // The partner left the configuration: the message waits for it to come back (or for an operator).
-        let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
-        return;
+    let callback;
+    let partner = match state.partners.get(&message.new.partner) {
+        Some(partner) => partner,
+        // A referrer's own address (a client's allowed callback) rather than a configured partner.
+        None => match referral::callback_partner(state, &message).await {
+            Some(found) => {
+                callback = found;
+                &callback
+            }
+            None => {
+                // The partner left the configuration: the message waits for it to come back (or for an operator).
+                let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
+                return;
+            }
+        },
     };
     let started = Instant::now();
     let delivery = match message.new.kind.as_str() {
@@ -98,6 +109,8 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
         inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, &message.new.payload).await,
         step_down::REFERRAL => partner.post(step_down::PROCESS_MESSAGE_PATH, &message.new.payload).await,
+        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT => partner.put(&referral::put_path(&message.new.payload), &message.new.payload).await,
+        referral::FEEDBACK_MESSAGE => partner.post("$process-message", &message.new.payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -124,6 +137,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
                 subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,
                 inquiry::INQUIRE => inquiry::answered(state, &message, owner, status, &body).await,
                 step_down::REFERRAL => step_down::delivered(state, &message, owner, status, &body).await,
+                referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::delivered(state, &message, owner, status, &body).await,
                 _ => pas::accept(state, &message, owner, status, &body).await,
             }
         }
@@ -156,6 +170,7 @@ async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, b
         subscription::CREATE => subscription::refused(state, message, owner, status, body, reason).await,
         inquiry::INQUIRE => inquiry::refused(state, message, owner, status, body, reason).await,
         step_down::REFERRAL => step_down::refused(state, message, owner, status, body, reason).await,
+        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::refused(state, message, owner, status, body, reason).await,
         _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
 }

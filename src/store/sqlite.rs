@@ -36,6 +36,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(7, "history_by_time", include_str!("../../migrations/sqlite/0007_history_by_time.sql")),
         migration(8, "exports", include_str!("../../migrations/sqlite/0008_exports.sql")),
         migration(9, "topics", include_str!("../../migrations/sqlite/0009_topics.sql")),
+        migration(10, "referrals", include_str!("../../migrations/sqlite/0010_referrals.sql")),
     ]
 }
 

@@ -13,6 +13,7 @@ mod limits;
 mod malformed;
 mod postgres;
 mod python;
+mod referrals;
 mod rest;
 mod search;
 mod step_down;
