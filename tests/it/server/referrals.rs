@@ -207,12 +207,16 @@ async fn a_referral_message_is_answered_and_the_hospital_hears_every_step_once()
     assert_eq!(business_status(&sent[3].1), "5.1.4");
 
     // Discharged, completed: the feedback document first, then the Task naming it as its output.
-    // The discharge summary gathers the whole episode, so the fixture's episode goes in one batch as it is
-    // (the referral is already tied to the client, by the scheduled answer and the enrollment above).
+    // The discharge summary gathers the whole episode, so the fixture's episode goes in one batch
+    // (the referral is already tied to the client, by the scheduled answer and the enrollment above);
+    // its step-down provider is not connected here, so the discharge is recorded without sending it.
     let mut batch = Vec::new();
     for concept in ["client", "enrollment", "screening", "session", "care_plan", "consent", "drug_screen", "referral", "discharge"] {
         let found = records(&format!("episode/{concept}.json"));
         batch.extend(found.as_array().cloned().unwrap_or_else(|| vec![found.clone()]));
+    }
+    for record in batch.iter_mut().filter(|r| r["record_type"] == "discharge") {
+        record.as_object_mut().unwrap().remove("step_down_referral_id");
     }
     let (status, summary) = post_records(&gw, &clinic, &Value::Array(batch)).await;
     assert_eq!(status, 200, "{summary}");
