@@ -381,7 +381,8 @@ fn exchange(loaded: &Loaded, validator: &crate::validation::Validator) -> Result
     }
     .map_err(|e| ServeError::Exchange(e.to_string()))?;
     let partners = crate::partner::Partners::new(&loaded.config).map_err(|e| ServeError::Exchange(e.to_string()))?;
-    Ok(api::state::Exchange { mappings: Arc::new(mappings), partners: Arc::new(partners) })
+    let labels = crate::auth::labelling::LabelRules::load(loaded.config.mappings.labels.as_deref()).map_err(|e| ServeError::Exchange(format!("the label rules: {e}")))?;
+    Ok(api::state::Exchange { mappings: Arc::new(mappings), partners: Arc::new(partners), labels })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

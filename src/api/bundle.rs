@@ -177,8 +177,8 @@ async fn transaction(state: &AppState, principal: &Principal, base: &str, audit:
 }
 
 async fn read_entry(state: &AppState, principal: &Principal, audit: &mut Audit, resource_type: &str, id: &str) -> Result<Stored, ApiError> {
-    let stored = state.store.read(resource_type, id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
-    disclose(principal, &stored, audit)?;
+    let mut stored = state.store.read(resource_type, id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+    disclose(state, principal, &mut stored, audit).await?;
     Ok(stored)
 }
 

@@ -7,7 +7,7 @@ use super::fhir::now_instant;
 use super::state::AppState;
 use crate::auth::labels;
 use crate::auth::policy::parties_for_version;
-use crate::auth::{Disclosure, Permission, Principal};
+use crate::auth::{Permission, Principal};
 use crate::json::{Json, Object};
 use crate::search::{self, Query};
 use crate::store::{StoreError, Stored, Tx};
@@ -93,7 +93,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     let Change { resource_type, id, mut resource, if_match, inherited_labels, method } = change;
     check_id(&id)?;
     let current = if method == "POST" { None } else { tx.current(resource_type, &id).await? };
-    let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()) == Disclosure::Allow);
+    let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()).is_allowed());
     let mut before = None;
     let (version, owner, created_by) = match (&current, visible) {
         (Some(_), Some(current)) => {
@@ -121,6 +121,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     };
     let last_updated = now_instant();
     set_meta(&mut resource, &id, version, &last_updated);
+    let part2 = super::part2::before_write(tx, state, resource_type, &mut resource, inherited_labels).await?;
     let labels = labels::normalise(&mut resource, inherited_labels);
     // An update that changes nothing makes no new version: re-sent records (every intake re-writes the
     // payer's and the program's Organizations) then neither grow the history nor contend for one row.
@@ -153,6 +154,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         }
         Err(e) => return Err(e.into()),
     }
+    super::part2::after_write(tx, state, part2, &stored);
     Ok((stored, version == 1))
 }
 
@@ -248,7 +250,7 @@ pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_ty
     // Only what the client may write is matched: a resource another party planted with the same
     // identifier is not the one the client means, and matching it would reveal it exists.
     let (_, found) = tx.search(resource_type, &query, Some(&principal.visibility(true))).await?;
-    Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()) == Disclosure::Allow).collect())
+    Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()).is_allowed()).collect())
 }
 
 #[cfg(test)]

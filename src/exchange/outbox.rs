@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{inquiry, pas, subscription};
+use super::{consent, inquiry, pas, subscription};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -82,11 +82,22 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, "the partner is not configured").await;
         return;
     };
+    // Every kind passes the consent decision again now: a consent may have ended while it waited.
+    let (payload, disclosures) = match consent::check(state, partner, &message.new.kind, &message.new.payload).await {
+        consent::Checked::Send { payload, disclosures } => (payload, disclosures),
+        consent::Checked::Hold(reason) => {
+            if let Err(e) = refuse(state, &message, owner, 0, "", &reason).await {
+                tracing::warn!(message = %message.new.id, error = %e, "A message held for consent could not be recorded; it will be checked again.");
+            }
+            return;
+        }
+    };
+    let payload = payload.as_deref().unwrap_or(&message.new.payload);
     let started = Instant::now();
     let delivery = match message.new.kind.as_str() {
-        pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
-        subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
-        inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, &message.new.payload).await,
+        pas::SUBMIT => partner.post(pas::SUBMIT_PATH, payload).await,
+        subscription::CREATE => partner.post("Subscription", payload).await,
+        inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -108,6 +119,12 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
     health.report(&message.new.partner, !matches!(delivery, Delivery::Retry { .. }), &error);
     let recorded = match delivery {
         Delivery::Accepted { status, body, location } => {
+            let recipient_client = partner.config.clients.first().map_or(partner.config.name.as_str(), String::as_str);
+            for row in crate::api::audit::disclosure_rows(&disclosures, recipient_client, None, &state.base_url) {
+                if let Err(e) = state.store.append_audit(&row).await {
+                    tracing::error!(error = %e, "Could not append a disclosure to the audit trail.");
+                }
+            }
             state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((now_ms() - message.created_at).max(0) as u64));
             match message.new.kind.as_str() {
                 subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,

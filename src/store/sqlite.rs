@@ -34,6 +34,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(6, "inquiries", include_str!("../../migrations/sqlite/0006_inquiries.sql")),
         migration(7, "history_by_time", include_str!("../../migrations/sqlite/0007_history_by_time.sql")),
         migration(8, "exports", include_str!("../../migrations/sqlite/0008_exports.sql")),
+        migration(9, "consent", include_str!("../../migrations/sqlite/0009_consent.sql")),
     ]
 }
 
