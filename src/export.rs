@@ -371,7 +371,7 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
                     }
                 };
                 progress.after.clone_from(&row.version.id);
-                let consents = page_consents.of(&principal, &row.current);
+                let consents = page_consents.of(&principal, &row.current, &row.version);
                 match disclose_version_with(&principal, &row.current, row.version, &consents, &mut scratch) {
                     Some(version) => {
                         out.write_all(version.body.as_bytes())?;

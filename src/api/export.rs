@@ -403,6 +403,9 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
         let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
         bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string("match"))]))]);
     }
+    if !audit.disclosures.is_empty() {
+        super::part2::notice_entry(&mut bundle);
+    }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
 }
 

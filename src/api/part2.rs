@@ -1,18 +1,19 @@
 //! 42 CFR Part 2 around the one write path and the one disclosure check: labels applied and Consents read into rules when a version is stored, consent rules looked up for a disclosure, the refrain added to what is disclosed.
 //!
-//! The write hook costs no store round trip unless the resource names a patient not yet known to
-//! be enrolled in a substance-use program: the label rules run in memory, "is or was enrolled" is
-//! remembered once seen (it never becomes false), and what it records (consent rules, enrolments)
-//! is queued with the version.
+//! The write hook costs no store round trip on SQLite, and on PostgreSQL one indexed read only for
+//! a patient not yet known to be enrolled in a substance-use program: the label rules run in
+//! memory, "is or was enrolled" is remembered once seen (it never becomes false; on SQLite all of
+//! them are read at start), and what it records (consent rules, enrolments) is queued with the version.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::consent::{self, Rule};
 use crate::auth::labelling::{self, LabelRules};
-use crate::auth::{Disclosure, Principal, labels};
+use crate::auth::{Disclosure, Principal};
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
 use crate::store::{Stored, Tx};
@@ -22,15 +23,30 @@ pub struct Part2 {
     pub rules: LabelRules,
     /// Patients known to be (or to have been) enrolled in a substance-use program: only ever grows, so never stale.
     enrolled: Mutex<HashSet<String>>,
+    /// Whether `enrolled` is every enrolment there is (SQLite: this gateway is the store's only
+    /// writer and read them all at start), so a patient not in it needs no look-up.
+    complete: AtomicBool,
 }
 
 impl Part2 {
     pub fn new(rules: LabelRules) -> Part2 {
-        Part2 { rules, enrolled: Mutex::new(HashSet::new()) }
+        Part2 { rules, enrolled: Mutex::new(HashSet::new()), complete: AtomicBool::new(false) }
+    }
+
+    /// Adds the enrolments read at start; `Some` when they are all there are.
+    pub fn seed(&self, all: Option<Vec<String>>) {
+        if let Some(all) = all {
+            self.remember(&all);
+            self.complete.store(true, Ordering::Release);
+        }
     }
 
     fn known_enrolled(&self, patients: &[String]) -> bool {
         self.enrolled.lock().is_ok_and(|set| patients.iter().any(|p| set.contains(p)))
+    }
+
+    fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 
     fn remember(&self, patients: &[String]) {
@@ -58,11 +74,11 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
     if !part2 {
         let patients = crate::search::compartment::patients(resource_type, resource);
         if !patients.is_empty() {
-            part2 = state.part2.known_enrolled(&patients) || {
+            part2 = state.part2.known_enrolled(&patients) || (!state.part2.complete() && {
                 let found = tx.part2_patients(&patients).await?;
                 state.part2.remember(&found);
                 !found.is_empty()
-            };
+            });
         }
     }
     if part2 {
@@ -156,12 +172,13 @@ impl RecipientConsents {
         Ok(RecipientConsents { rules })
     }
 
-    /// The rules of the patients whose compartment `current` is in (only parsed when it needs consent).
-    pub fn of(&self, principal: &Principal, current: &Stored) -> Vec<Rule> {
+    /// The rules of the patients whose compartment `version` is in, when its current version
+    /// (`current`, whose facts decide) needs consent; the version is parsed only then.
+    pub fn of(&self, principal: &Principal, current: &Stored, version: &Stored) -> Vec<Rule> {
         if self.rules.is_empty() || !principal.needs_consent(current.facts()) {
             return Vec::new();
         }
-        let Ok(resource) = crate::json::parse(current.body.as_bytes()) else { return Vec::new() };
+        let Ok(resource) = crate::json::parse(version.body.as_bytes()) else { return Vec::new() };
         let patients = crate::search::compartment::patients(&current.resource_type, &resource);
         self.rules.iter().filter(|r| patients.contains(&r.patient)).cloned().collect()
     }
@@ -199,12 +216,11 @@ impl Disclosed {
     }
 }
 
-/// The Part 2 notice as an OperationOutcome issue (informational), for Bundles that carry disclosed records.
-pub fn notice_issue() -> Issue {
-    Issue::information(IssueCode::Informational, "", labelling::NOTICE)
-}
-
-/// Whether a stored version is labelled Part 2 (for callers that add the notice).
-pub fn is_part2(stored: &Stored) -> bool {
-    labels::is_part2(&stored.labels)
+/// Adds the 42 CFR § 2.32 notice to a searchset that discloses Part 2 data: an OperationOutcome
+/// entry (`search.mode` outcome) with the notice as an informational issue.
+pub fn notice_entry(bundle: &mut super::fhir::BundleText) {
+    let outcome = crate::outcome::operation_outcome(&[Issue::information(IssueCode::Informational, "", labelling::NOTICE)]);
+    let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let mode = super::fhir::object(&[("mode", Json::string("outcome"))]);
+    bundle.entry(Some(&url), Some(&outcome.to_string_compact()), &[("search", mode)]);
 }

@@ -274,6 +274,9 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
         let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
         bundle.entry(Some(&url), Some(&operation_outcome(&issues).to_string_compact()), &[("search", object(&[("mode", Json::string("outcome"))]))]);
     }
+    if !audit.disclosures.is_empty() {
+        super::part2::notice_entry(&mut bundle);
+    }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
 }
 

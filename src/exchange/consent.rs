@@ -80,6 +80,17 @@ pub async fn check(state: &AppState, partner: &Partner, kind: &str, payload: &st
     // The top-level resource and, in a Bundle, each entry's resource (index = entry number).
     let mut targets: Vec<Option<usize>> = vec![None];
     let entry_count = document.get("entry").and_then(Json::as_array).map_or(0, <[Json]>::len);
+    let bundle_patients: Vec<(String, String)> = document
+        .get("entry")
+        .and_then(Json::as_array)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let resource = e.get("resource")?;
+            (resource.get("resourceType").and_then(Json::as_str) == Some("Patient"))
+                .then(|| Some((e.get("fullUrl")?.as_str()?.to_string(), format!("Patient/{}", resource.get("id")?.as_str()?))))?
+        })
+        .collect();
     targets.extend((0..entry_count).map(Some));
     for target in targets {
         let resource = match target {
@@ -92,7 +103,9 @@ pub async fn check(state: &AppState, partner: &Partner, kind: &str, payload: &st
         if target.is_none() && resource_type == "Bundle" {
             continue;
         }
-        let patients = crate::search::compartment::patients(&resource_type, resource);
+        let mut patients = crate::search::compartment::patients(&resource_type, resource);
+        // Inside a Bundle, entries point at each other by fullUrl (`urn:uuid:…`).
+        referenced_patients(resource, &bundle_patients, &mut patients);
         let mut part2 = state.part2.rules.is_part2(resource, &[]);
         if !part2 && !patients.is_empty() {
             match state.store.part2_patients(&patients).await {
@@ -143,6 +156,25 @@ pub async fn check(state: &AppState, partner: &Partner, kind: &str, payload: &st
     match crate::api::write::validate(state, document, Vec::new()).await {
         Ok(document) => Checked::Send { payload: Some(document.to_string_compact()), disclosures },
         Err(_) => Checked::Hold(format!("consent required: without the {} withheld resource(s) the message is not valid", withheld_entries.len())),
+    }
+}
+
+/// Adds the patients `resource` references by a Bundle entry's fullUrl (`bundle_patients`: fullUrl → `Patient/<id>`).
+fn referenced_patients(resource: &Json, bundle_patients: &[(String, String)], out: &mut Vec<String>) {
+    match resource {
+        Json::Object(o) => {
+            if let Some(reference) = o.get("reference").and_then(Json::as_str)
+                && let Some((_, patient)) = bundle_patients.iter().find(|(url, _)| url == reference)
+                && !out.contains(patient)
+            {
+                out.push(patient.clone());
+            }
+            for (_, v) in o.iter() {
+                referenced_patients(v, bundle_patients, out);
+            }
+        }
+        Json::Array(items) => items.iter().for_each(|v| referenced_patients(v, bundle_patients, out)),
+        _ => {}
     }
 }
 

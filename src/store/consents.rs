@@ -126,6 +126,12 @@ impl Store {
         Ok(rows.iter().map(rule).collect::<Result<_, _>>()?)
     }
 
+    /// Every patient who is (or was) enrolled in a substance-use program.
+    pub async fn all_part2_patients(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT patient FROM part2_patients").fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+
     /// Which of these patients are (or were) enrolled in a substance-use program.
     pub async fn part2_patients(&self, patients: &[String]) -> Result<Vec<String>, StoreError> {
         if patients.is_empty() {
