@@ -136,9 +136,17 @@ fn sud_referral(patient: &str, recipient: &str) -> Value {
 
 /// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
 async fn gateway(extra: &str) -> Gateway {
+    gateway_on(extra, None).await
+}
+
+/// [`gateway`] on SQLite, or on PostgreSQL (url, schema).
+async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
     let dir = TempDir::new("consent");
     let mut keys = partner_keys();
     let mut text = config_text(&dir.0, &keys, extra);
+    if let Some((url, schema)) = postgres {
+        text = text.replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    }
     let stepdown = iop_gateway::auth::keys::KeyPair::generate_es384("stepdown-1").unwrap();
     let jwks = dir.0.join("stepdown.jwks.json");
     std::fs::write(&jwks, stepdown.jwks_json()).unwrap();
@@ -245,10 +253,22 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
     panic!("the export did not complete");
 }
 
-/// Items 1–5 of the matrix: every recipient × purpose × consent state × way out from the tables above.
+/// The matrix: every recipient × purpose × consent state × way out from the tables above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosure() {
-    let gw = gateway(FAST).await;
+    consent_matrix(gateway(FAST).await).await;
+}
+
+/// The same matrix on PostgreSQL, where the consent conditions of searches and exports run as its SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consent_matrix_on_postgres() {
+    let Some(url) = crate::need::postgres("server::consent::the_consent_matrix_on_postgres") else { return };
+    let schema = super::postgres::schema_name("consent");
+    consent_matrix(gateway_on(FAST, Some((&url, &schema))).await).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn consent_matrix(gw: Gateway) {
     let clinic = gw.token("clinic").await;
     let mut rows = Vec::new();
     for &recipient in RECIPIENTS {
