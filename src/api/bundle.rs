@@ -247,7 +247,9 @@ async fn run_transaction(state: &AppState, principal: &Principal, entries: &[Ent
         let mut written: Vec<Option<(Stored, bool)>> = (0..entries.len()).map(|_| None).collect();
         // FHIR's processing order: POST, then PUT, then GET.
         for method in ["POST", "PUT"] {
-            for (i, entry) in entries.iter().enumerate().filter(|(_, e)| e.method == method) {
+            let of_method: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].method == method).collect();
+            for i in write::consents_last(of_method.iter().map(|&i| entries[i].resource_type.as_str())).into_iter().map(|n| of_method[n]) {
+                let entry = &entries[i];
                 if let Some(existing) = existing_for.remove(&i) {
                     written[i] = Some((existing, false));
                     continue;

@@ -185,13 +185,26 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Writes several versions in `tx`, in order; the first failure stops (the caller retries or answers it).
+/// Writes several versions in `tx`, in order but Consents last ([`consents_last`]); the first
+/// failure stops (the caller retries or answers it). The versions come back in the given order.
 pub async fn write_each(tx: &mut Tx, state: &AppState, principal: &Principal, changes: Vec<Change<'_>>) -> Result<Vec<Stored>, Failure> {
-    let mut stored = Vec::with_capacity(changes.len());
-    for change in changes {
-        stored.push(write(tx, state, principal, change).await?.0);
+    let order = consents_last(changes.iter().map(|c| c.resource_type));
+    let mut changes: Vec<Option<Change<'_>>> = changes.into_iter().map(Some).collect();
+    let mut stored: Vec<Option<Stored>> = (0..changes.len()).map(|_| None).collect();
+    for i in order {
+        if let Some(change) = changes[i].take() {
+            stored[i] = Some(write(tx, state, principal, change).await?.0);
+        }
     }
-    Ok(stored)
+    Ok(stored.into_iter().flatten().collect())
+}
+
+/// The order to write a transaction's entries in: as given, Consents last, so the recipient
+/// Organizations a Consent names are stored by the time it is checked (`part2::before_write`).
+pub fn consents_last<'a>(types: impl Iterator<Item = &'a str>) -> Vec<usize> {
+    let mut order: Vec<(usize, bool)> = types.enumerate().map(|(i, t)| (i, t == "Consent")).collect();
+    order.sort_by_key(|(_, consent)| *consent);
+    order.into_iter().map(|(i, _)| i).collect()
 }
 
 /// Sets `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and member order.
@@ -256,6 +269,12 @@ pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_ty
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consents_are_written_after_what_they_name() {
+        let types = ["Patient", "Consent", "Organization", "Consent", "Task"];
+        assert_eq!(consents_last(types.into_iter()), [0, 2, 4, 1, 3]);
+    }
 
     #[test]
     fn ids_from_urls_are_checked_like_ids_in_bodies() {
