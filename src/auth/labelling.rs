@@ -114,9 +114,9 @@ impl LabelRules {
         for concept in resource.get("type").and_then(Json::as_array).unwrap_or_default() {
             walk_codings(concept, &mut |system, code| program |= self.enrollment.iter().any(|r| r.matches(system, code)));
         }
-        let patient = resource.get("patient").and_then(|p| p.get("reference")).and_then(Json::as_str).filter(|r| r.starts_with("Patient/"));
+        let patient = resource.get("patient").and_then(|p| p.get("reference")).and_then(Json::as_str).and_then(|r| resolve(r, "Patient"));
         match (program, patient) {
-            (true, Some(patient)) => vec![patient.to_string()],
+            (true, Some(patient)) => vec![patient],
             _ => Vec::new(),
         }
     }
@@ -172,6 +172,15 @@ impl LabelRules {
         }
         meta.insert("security", Json::Array(security));
         object.insert("meta", Json::Object(meta));
+    }
+}
+
+/// `Type/id` of a reference that names a resource of `resource_type`: relative, or the `urn:uuid:`
+/// fullUrl the mappings give a resource whose id is that uuid (intake stores the mapped references as they are).
+pub fn resolve(reference: &str, resource_type: &str) -> Option<String> {
+    match reference.strip_prefix("urn:uuid:") {
+        Some(uuid) => Some(format!("{resource_type}/{uuid}")),
+        None => reference.strip_prefix(resource_type).filter(|rest| rest.starts_with('/')).map(|_| reference.to_string()),
     }
 }
 
@@ -252,6 +261,9 @@ mod tests {
         assert_eq!(rules.enrolls("EpisodeOfCare", &sud), ["Patient/p1"]);
         let mh = parse(r#"{"resourceType":"EpisodeOfCare","type":[{"coding":[{"system":"http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets","code":"S9480"}]}],"patient":{"reference":"Patient/p1"}}"#);
         assert!(rules.enrolls("EpisodeOfCare", &mh).is_empty());
+        let mapped = parse(r#"{"resourceType":"EpisodeOfCare","type":[{"coding":[{"system":"http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets","code":"H0015"}]}],"patient":{"reference":"urn:uuid:9c5f3b6c-0c8d-8b17-b96e-2a6f13cde831"}}"#);
+        assert_eq!(rules.enrolls("EpisodeOfCare", &mapped), ["Patient/9c5f3b6c-0c8d-8b17-b96e-2a6f13cde831"], "intake keeps the mapped urn:uuid references");
+        assert_eq!(resolve("Organization/x", "Patient"), None);
     }
 
     #[test]

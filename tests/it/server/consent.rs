@@ -368,6 +368,9 @@ async fn bad_consents_are_refused_saying_what_and_where() {
         );
     }
     assert_eq!(gw.post(&clinic, "Consent", &good).await.0, 201);
+    // An IOP consent record names a recipient facility its own mapping creates in the same transaction.
+    let (status, summary) = post_records(&gw, &clinic, &records("consent/part2-to-step-down.json")).await;
+    assert_eq!(status, 200, "{summary}");
     gw.stop().await;
 }
 
