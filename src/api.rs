@@ -22,6 +22,7 @@ pub mod limits;
 pub mod message;
 pub mod metadata;
 pub mod notifications;
+pub mod part2;
 pub mod records;
 pub mod rest;
 pub mod state;

@@ -4,11 +4,15 @@
 //! - [`assertion`]: verifying a `private_key_jwt` client assertion (RS384/ES384) against the client's JWKS (its `kid` names a key by key id or thumbprint); what a registered or published JWKS may hold.
 //! - [`keys`]: generating a partner key pair and its JWKS (`iop-gateway clients add`), named by its RFC 7638 thumbprint.
 //! - [`labels`]: security labels normalised when stored (42 CFR Part 2 however it is spelt).
+//! - [`labelling`]: the DS4P label rule set (data) that marks 42 CFR Part 2 resources when they are stored.
+//! - [`consent`]: the one consent decision (R4 Consent → rules; recipient × purpose × labels × time → permitted or withheld).
 //! - [`policy`]: which partner may do what to which resource, and the one disclosure check every outgoing resource passes.
 
 pub mod assertion;
+pub mod consent;
 pub mod keys;
 pub mod labels;
+pub mod labelling;
 pub mod policy;
 pub mod scopes;
 

@@ -2,6 +2,7 @@
 
 mod check_config;
 mod clients;
+mod disclosures;
 mod export;
 mod fhirpath;
 mod map;
@@ -55,6 +56,8 @@ enum Command {
     Outbox(outbox::Args),
     /// Export from a Bulk Data server (this gateway or any other with SMART Backend Services) into NDJSON files.
     Export(export::Args),
+    /// Print a client's accounting of disclosures of 42 CFR Part 2 records (who, what, when, why, which consent).
+    Disclosures(disclosures::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -78,6 +81,7 @@ pub fn run() -> ExitCode {
         Command::Partners(args) => partners::run(args),
         Command::Outbox(args) => outbox::run(args),
         Command::Export(args) => export::run(args),
+        Command::Disclosures(args) => disclosures::run(args),
     }
 }
 

@@ -262,6 +262,8 @@ impl Default for UtilizationConfig {
 pub struct MappingsConfig {
     /// A mappings folder (record schemas and mapping files) to use instead of the ones compiled into the binary.
     pub dir: Option<PathBuf>,
+    /// A DS4P label rule file (the shape of the repository's `labels/part2.toml`) to use instead of the one compiled in.
+    pub labels: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -448,13 +450,14 @@ pub struct ClientConfig {
     /// when first needed, cached (`auth.jwks_cache_secs`, or the answer's `max-age`), fetched again
     /// for an unknown `kid` at most once per `auth.jwks_refresh_min_secs`, and used from the cache while the URL is down.
     pub jwks_url: Option<String>,
-    /// Whether records labelled 42 CFR Part 2 may be disclosed to this client when it is not their author.
-    #[serde(default)]
-    pub part2_disclosure: bool,
     /// URL prefixes (https, or http to a loopback address) the client's own endpoints must start with: its
     /// Subscriptions' `channel.endpoint`, and where replies to its messages go. Nothing else is called back.
     #[serde(default)]
     pub callbacks: Vec<String>,
+    /// Why this partner receives data, for the consent decision on 42 CFR Part 2 records:
+    /// `treatment`, `payment` or `operations`. Default by role: inpatient unit and clinic
+    /// treatment, payer payment, admin operations.
+    pub purpose: Option<String>,
 }
 
 /// Why a configuration was refused; every problem found is listed, not only the first.
@@ -609,6 +612,9 @@ impl Config {
         if let Some(dir) = &mut self.mappings.dir {
             resolve(dir);
         }
+        if let Some(file) = &mut self.mappings.labels {
+            resolve(file);
+        }
     }
 
     fn validate(self, file: Option<&Path>) -> Result<Loaded, ConfigError> {
@@ -719,6 +725,11 @@ impl Config {
             }
             if !seen.insert(client.id.clone()) {
                 problems.push(format!("{at}.id: registered twice"));
+            }
+            if let Some(purpose) = &client.purpose
+                && crate::auth::consent::Purpose::from_name(purpose).is_none()
+            {
+                problems.push(format!("{at}.purpose: '{purpose}' is not a purpose of use (treatment, payment or operations)"));
             }
             if let Some(org) = &client.organization
                 && !is_reference(org, "Organization")
@@ -930,6 +941,17 @@ impl PartnerConfig {
 
 impl ClientConfig {
     /// The Organization this client acts for.
+    /// The purpose of use the consent decision applies to what this client receives.
+    pub fn purpose(&self) -> crate::auth::consent::Purpose {
+        use crate::auth::consent::Purpose;
+        match (self.purpose.as_deref().and_then(Purpose::from_name), self.role) {
+            (Some(purpose), _) => purpose,
+            (None, Role::Payer) => Purpose::Payment,
+            (None, Role::Admin) => Purpose::Operations,
+            (None, Role::InpatientUnit | Role::OutpatientProvider | Role::Clinic) => Purpose::Treatment,
+        }
+    }
+
     pub fn organization(&self, gateway: &GatewayConfig) -> String {
         match (&self.organization, self.role) {
             (Some(org), _) => org.clone(),

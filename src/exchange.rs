@@ -5,6 +5,8 @@
 //!   message they cause.
 //! - [`outbox`]: the delivery worker inside `serve`: claims due messages, sends them through the
 //!   [`crate::partner`] layer, retries with backoff, keeps dead letters.
+//! - [`consent`]: the send-time consent check every message kind passes (its purpose of use from one
+//!   table; Part 2 resources withheld or the message held as "consent required").
 //! - [`pas`]: Da Vinci PAS: what an authorization record sends, and what the payer's answer becomes
 //!   (a stored ClaimResponse and a decision record).
 //! - [`subscription`]: pended decisions: the one PAS Subscription per payer, and the notifications
@@ -23,6 +25,7 @@
 //! - [`utilization`]: attended session days against each certification; the extension request
 //!   proposed (held for the clinic, or sent with `auto_extend`) when it runs low.
 
+pub mod consent;
 pub mod inquiry;
 pub mod intake;
 pub mod outbox;

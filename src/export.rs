@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::api::audit::{Audit, AuditOutcome};
-use crate::api::caller::{disclose_version, principal_of, record};
+use crate::api::caller::{disclose_version_with, principal_of, record};
 use crate::api::state::AppState;
 use crate::exchange::now_ms;
 use crate::json::Json;
@@ -355,6 +355,8 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
         let path = dir.join(&name);
         // Rows are written as the store hands them over, one at a time: memory holds one resource, not a page.
         let mut out: Option<std::io::BufWriter<std::fs::File>> = None;
+        // Consents are read again for every page, so a revocation stops an export within one page.
+        let page_consents = crate::api::part2::RecipientConsents::read(state, &principal).await?;
         state
             .store
             .export_page(&page, |row| -> Result<(), JobError> {
@@ -369,7 +371,8 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
                     }
                 };
                 progress.after.clone_from(&row.version.id);
-                match disclose_version(&principal, &row.current, Some(row.version), &mut scratch) {
+                let consents = page_consents.of(&principal, &row.current, &row.version);
+                match disclose_version_with(&principal, &row.current, row.version, &consents, &mut scratch) {
                     Some(version) => {
                         out.write_all(version.body.as_bytes())?;
                         out.write_all(b"\n")?;
@@ -383,6 +386,8 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
             })
             .await?;
         scratch.description = None;
+        crate::api::caller::record_disclosures(state, &scratch).await;
+        scratch.disclosures.clear();
         if let Some(out) = out {
             let file = out.into_inner().map_err(|e| e.into_error())?;
             // The committed length must be on disk before the cursor that names it.

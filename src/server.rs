@@ -292,6 +292,9 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         state: AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator, exchange),
         app: axum::Router::new(),
     };
+    // One SQLite store has one gateway: the enrolments it holds, read once, are then all there are.
+    let enrolled = if store.backend() == crate::store::Backend::Sqlite { Some(store.all_part2_patients().await?) } else { None };
+    serving.state.part2.seed(enrolled);
     let serving = Serving { app: api::router(serving.state.clone()), ..serving };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stopped = async move {
@@ -386,7 +389,8 @@ fn exchange(loaded: &Loaded, validator: &crate::validation::Validator) -> Result
     }
     .map_err(|e| ServeError::Exchange(e.to_string()))?;
     let partners = crate::partner::Partners::new(&loaded.config).map_err(|e| ServeError::Exchange(e.to_string()))?;
-    Ok(api::state::Exchange { mappings: Arc::new(mappings), partners: Arc::new(partners) })
+    let labels = crate::auth::labelling::LabelRules::load(loaded.config.mappings.labels.as_deref()).map_err(|e| ServeError::Exchange(format!("the label rules: {e}")))?;
+    Ok(api::state::Exchange { mappings: Arc::new(mappings), partners: Arc::new(partners), labels })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -11,6 +11,7 @@
 //! same ETag cannot both win; conditional creates take a per-type lock (PostgreSQL advisory lock;
 //! SQLite writes go through a single connection).
 
+mod consents;
 mod exchange;
 mod exports;
 mod inquiries;
@@ -103,8 +104,15 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// What the disclosure check needs, without consent rules (Part 2 data then goes to its owner only).
     pub fn facts(&self) -> crate::auth::policy::Facts<'_> {
-        crate::auth::policy::Facts { resource_type: &self.resource_type, parties: &self.parties, labels: &self.labels, owner: &self.owner }
+        self.facts_with(&[])
+    }
+
+    /// What the disclosure check needs, with the consent rules of the patients the resource is about.
+    pub fn facts_with<'a>(&'a self, consents: &'a [crate::auth::consent::Rule]) -> crate::auth::policy::Facts<'a> {
+        let at = time::OffsetDateTime::now_utc().unix_timestamp();
+        crate::auth::policy::Facts { resource_type: &self.resource_type, parties: &self.parties, labels: &self.labels, owner: &self.owner, consents, at }
     }
 
     pub fn reference(&self) -> String {
@@ -119,8 +127,13 @@ impl Stored {
 pub struct Visibility {
     /// Only resources this Organization is party to.
     pub party: String,
-    /// Leave out resources carrying this label (`system|code`) unless `party` owns them.
+    /// Leave out resources carrying this label (`system|code`) unless `party` owns them or a consent
+    /// rule of their patient permits `party` for `purpose` at `at` (the conditions of `consent::decide`).
     pub withheld_label: Option<String>,
+    /// The v3-ActReason code of the client's purpose of use.
+    pub purpose: &'static str,
+    /// Now, in seconds.
+    pub at: i64,
     /// Only resources `party` may write: owned by it, or a Task whose `owner` it is (conditional operations).
     pub writable_only: bool,
 }

@@ -1,4 +1,4 @@
-//! `GET /AuditEvent` and `GET /AuditEvent/{id}` for administrators: the audit trail, newest first, filtered by `altid` (client), `entity`, `subtype`, `outcome`, `action` and `date`.
+//! `GET /AuditEvent` and `GET /AuditEvent/{id}` for administrators: the audit trail, newest first, filtered by `altid` (client), `entity`, `patient` (the accounting of disclosures: `subtype=disclose`), `subtype`, `outcome`, `action` and `date`.
 
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
@@ -16,6 +16,8 @@ use crate::store::AuditQuery;
 pub const PARAMS: &[(&str, &str, &str)] = &[
     ("altid", "token", "http://hl7.org/fhir/SearchParameter/AuditEvent-altid"),
     ("entity", "reference", "http://hl7.org/fhir/SearchParameter/AuditEvent-entity"),
+    // The patient an accounting-of-disclosures record (`subtype=disclose`) is about.
+    ("patient", "reference", "http://hl7.org/fhir/SearchParameter/clinical-patient"),
     ("subtype", "token", "http://hl7.org/fhir/SearchParameter/AuditEvent-subtype"),
     ("outcome", "token", "http://hl7.org/fhir/SearchParameter/AuditEvent-outcome"),
     ("action", "token", "http://hl7.org/fhir/SearchParameter/AuditEvent-action"),
@@ -35,6 +37,10 @@ pub async fn search(state: AppState, caller: Caller, uri: Uri) -> Response {
             match name.as_str() {
                 "altid" => filter.client = Some(value.rsplit('|').next().unwrap_or_default().to_string()),
                 "entity" => filter.entity = Some(crate::search::normalize_reference(&value).ok_or_else(|| ApiError::BadRequest("entity must be Type/id".into()))?),
+                "patient" => {
+                    let reference = if value.contains('/') { value.clone() } else { format!("Patient/{value}") };
+                    filter.entity = Some(crate::search::normalize_reference(&reference).filter(|r| r.starts_with("Patient/")).ok_or_else(|| ApiError::BadRequest("patient must be Patient/id".into()))?);
+                }
                 "subtype" => filter.subtype = Some(value.rsplit('|').next().unwrap_or_default().to_string()),
                 "outcome" => filter.outcome = Some(value),
                 "action" => filter.action = Some(value),

@@ -199,8 +199,8 @@ async fn transaction(state: &AppState, principal: &Principal, base: &str, audit:
 }
 
 async fn read_entry(state: &AppState, principal: &Principal, audit: &mut Audit, resource_type: &str, id: &str) -> Result<Stored, ApiError> {
-    let stored = state.store.read(resource_type, id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
-    disclose(principal, &stored, audit)?;
+    let mut stored = state.store.read(resource_type, id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+    disclose(state, principal, &mut stored, audit).await?;
     Ok(stored)
 }
 
@@ -278,7 +278,9 @@ async fn run_transaction(
         let mut written: Vec<Option<(Stored, bool)>> = (0..entries.len()).map(|_| None).collect();
         // FHIR's processing order: POST, then PUT, then GET.
         for method in ["POST", "PUT"] {
-            for (i, entry) in entries.iter().enumerate().filter(|(_, e)| e.method == method) {
+            let of_method: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].method == method).collect();
+            for i in write::consents_last(of_method.iter().map(|&i| entries[i].resource_type.as_str())).into_iter().map(|n| of_method[n]) {
+                let entry = &entries[i];
                 if let Some(existing) = existing_for.remove(&i) {
                     written[i] = Some((existing, false));
                     continue;

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::audit::{Audit, AuditOutcome};
 use super::base::RequestBase;
 use super::error::ApiError;
+use super::part2;
 use super::state::{AppState, CachedToken};
 use crate::auth::{Disclosure, Principal, ScopeSet};
 use crate::store::Stored;
@@ -138,7 +139,7 @@ pub fn principal_of(state: &AppState, client_id: &str, scope: &str) -> Option<Pr
         organization: client.organization.clone(),
         // A token never grants more than the client is allowed now, even if its registration shrank.
         scopes: ScopeSet::parse(scope).unwrap_or_default().intersect(&client.allowed),
-        part2_disclosure: client.config.part2_disclosure,
+        purpose: Some(client.config.purpose()),
     })
 }
 
@@ -152,31 +153,63 @@ pub async fn record(state: &AppState, audit: &Audit, outcome: AuditOutcome) {
     if let Err(e) = state.store.append_audit(&audit.row(&state.base_url, outcome)).await {
         tracing::error!(error = %e, "Could not append to the audit trail.");
     }
+    if outcome == AuditOutcome::Success {
+        record_disclosures(state, audit).await;
+    }
 }
 
-/// The disclosure check for one resource: denied resources are answered as not found, so their existence does not leak.
-pub fn disclose(principal: &Principal, stored: &Stored, audit: &mut Audit) -> Result<(), ApiError> {
-    match principal.disclosure(stored.facts()) {
-        Disclosure::Allow => Ok(()),
-        Disclosure::Deny(reason) => {
-            audit.description = Some(format!("disclosure of {} denied: {reason}", stored.reference()));
-            Err(ApiError::NotFound(format!("{} is not known", stored.reference())))
+/// Appends the accounting of the disclosures a request made (nothing when it made none).
+pub async fn record_disclosures(state: &AppState, audit: &Audit) {
+    for row in super::audit::disclosure_rows(&audit.disclosures, &audit.client, audit.address.as_deref(), &state.base_url) {
+        if let Err(e) = state.store.append_audit(&row).await {
+            tracing::error!(error = %e, "Could not append a disclosure to the audit trail.");
         }
     }
 }
 
+/// The disclosure check for one resource: denied resources are answered as not found, so their
+/// existence does not leak. Part 2 data its consent lets go carries the refrain and is accounted for.
+pub async fn disclose(state: &AppState, principal: &Principal, stored: &mut Stored, audit: &mut Audit) -> Result<(), ApiError> {
+    let consents = part2::consents_for(state, principal, stored).await;
+    let decision = principal.disclosure(stored.facts_with(&consents));
+    match decision {
+        Disclosure::Deny(reason) => {
+            audit.description = Some(format!("disclosure of {} denied: {reason}", stored.reference()));
+            Err(ApiError::NotFound(format!("{} is not known", stored.reference())))
+        }
+        allowed => {
+            disclosed(principal, &allowed, stored, audit);
+            Ok(())
+        }
+    }
+}
+
+/// Accounts for a consented disclosure and marks what leaves with the refrain.
+fn disclosed(principal: &Principal, decision: &Disclosure, stored: &mut Stored, audit: &mut Audit) {
+    if let Some(d) = part2::Disclosed::of(principal, decision, stored.reference()) {
+        part2::with_refrain(stored);
+        audit.disclosures.push(d);
+    }
+}
+
+fn note_withheld(audit: &mut Audit, note: String) {
+    audit.description = Some(match audit.description.take() {
+        Some(d) => format!("{d}; {note}"),
+        None => note,
+    });
+}
+
 /// The disclosure check for many resources (search results, includes, history): denied ones are left out and noted in the audit.
-pub fn disclose_all(principal: &Principal, found: Vec<Stored>, audit: &mut Audit) -> Vec<Stored> {
+pub async fn disclose_all(state: &AppState, principal: &Principal, found: Vec<Stored>, audit: &mut Audit) -> Vec<Stored> {
     let mut kept = Vec::with_capacity(found.len());
-    for stored in found {
-        match principal.disclosure(stored.facts()) {
-            Disclosure::Allow => kept.push(stored),
-            Disclosure::Deny(reason) => {
-                let note = format!("withheld {}: {reason}", stored.reference());
-                audit.description = Some(match audit.description.take() {
-                    Some(d) => format!("{d}; {note}"),
-                    None => note,
-                });
+    for mut stored in found {
+        let consents = part2::consents_for(state, principal, &stored).await;
+        let decision = principal.disclosure(stored.facts_with(&consents));
+        match decision {
+            Disclosure::Deny(reason) => note_withheld(audit, format!("withheld {}: {reason}", stored.reference())),
+            allowed => {
+                disclosed(principal, &allowed, &mut stored, audit);
+                kept.push(stored);
             }
         }
     }
@@ -184,19 +217,27 @@ pub fn disclose_all(principal: &Principal, found: Vec<Stored>, audit: &mut Audit
 }
 
 /// The disclosure check for one version of a resource, decided by its current version (who is a
-/// party) and the labels of both; `None` when the version does not exist or is withheld, which
-/// callers answer alike.
-pub fn disclose_version(principal: &Principal, current: &Stored, version: Option<Stored>, audit: &mut Audit) -> Option<Stored> {
+/// party, whose consent) and the labels of both; `None` when the version does not exist or is
+/// withheld, which callers answer alike.
+pub async fn disclose_version(state: &AppState, principal: &Principal, current: &Stored, version: Option<Stored>, audit: &mut Audit) -> Option<Stored> {
     let version = version?;
-    match principal.disclosure_of_version(current.facts(), version.facts()) {
-        Disclosure::Allow => Some(version),
+    let mut labels = current.labels.clone();
+    labels.extend(version.labels.iter().cloned());
+    let with_labels = Stored { labels, body: String::new(), ..current.clone() };
+    let consents = part2::consents_for(state, principal, &with_labels).await;
+    disclose_version_with(principal, current, version, &consents, audit)
+}
+
+/// [`disclose_version`] with the consent rules already at hand (the export worker reads them per page).
+pub fn disclose_version_with(principal: &Principal, current: &Stored, mut version: Stored, consents: &[crate::auth::consent::Rule], audit: &mut Audit) -> Option<Stored> {
+    match principal.disclosure_of_version(current.facts_with(consents), version.facts()) {
         Disclosure::Deny(reason) => {
-            let note = format!("withheld {}/_history/{}: {reason}", version.reference(), version.version);
-            audit.description = Some(match audit.description.take() {
-                Some(d) => format!("{d}; {note}"),
-                None => note,
-            });
+            note_withheld(audit, format!("withheld {}/_history/{}: {reason}", version.reference(), version.version));
             None
+        }
+        allowed => {
+            disclosed(principal, &allowed, &mut version, audit);
+            Some(version)
         }
     }
 }

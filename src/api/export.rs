@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::fhir::{self, BundleText, object, query_pairs};
 use super::rest::{finish, page_links};
 use super::state::AppState;
-use crate::auth::{Disclosure, Permission, Principal};
+use crate::auth::{Permission, Principal};
 use crate::exchange::now_ms;
 use crate::export::{self, ACTIVE_ENROLLMENTS_GROUP, ALL_CLIENTS_GROUP, Level};
 use crate::json::Json;
@@ -122,15 +122,18 @@ async fn kick_off_inner(state: &AppState, principal: &Principal, base: &str, lev
     let mut patients = Vec::new();
     for reference in request.patients {
         let id = reference.trim_start_matches("Patient/");
-        let visible = state.store.read("Patient", id).await?.is_some_and(|p| principal.disclosure(p.facts()) == Disclosure::Allow);
+        let visible = match state.store.read("Patient", id).await? {
+            Some(p) => principal.disclosure(p.facts_with(&super::part2::consents_for(state, principal, &p).await)).is_allowed(),
+            None => false,
+        };
         if visible { patients.push(reference) } else { ignored.push(format!("patient={reference}: no such patient")) }
     }
     let mut group_members = None;
     if let Level::Group { id } = &level {
         principal.may("Group", Permission::Read).map_err(ApiError::Forbidden)?;
         if id != ALL_CLIENTS_GROUP && id != ACTIVE_ENROLLMENTS_GROUP {
-            let stored = state.store.read("Group", id).await?.ok_or_else(|| ApiError::NotFound(format!("Group/{id} is not known")))?;
-            disclose(principal, &stored, &mut Audit::new(&principal.client_id, "read", "R", None))?;
+            let mut stored = state.store.read("Group", id).await?.ok_or_else(|| ApiError::NotFound(format!("Group/{id} is not known")))?;
+            disclose(state, principal, &mut stored, &mut Audit::new(&principal.client_id, "read", "R", None)).await?;
             let group = crate::json::parse(stored.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored Group does not parse: {e}")))?;
             let members = group.get("member").and_then(Json::as_array).unwrap_or_default();
             let entities = members.iter().filter_map(|m| m.get("entity")?.get("reference")?.as_str().and_then(search::normalize_reference));
@@ -385,13 +388,13 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
             _ => return Err(bad("not supported (parameters: _since, _type, _count)")),
         }
     }
-    let patient = state.store.read("Patient", id).await?.ok_or_else(|| ApiError::NotFound(format!("Patient/{id} is not known")))?;
-    disclose(principal, &patient, audit)?;
+    let mut patient = state.store.read("Patient", id).await?.ok_or_else(|| ApiError::NotFound(format!("Patient/{id} is not known")))?;
+    disclose(state, principal, &mut patient, audit).await?;
     let types = types.unwrap_or_else(|| {
         compartment::PATIENT.iter().map(|(t, _)| t.to_string()).filter(|t| state.resource_types.contains(t) && principal.may(t, Permission::Read).is_ok()).collect()
     });
     let (total, found) = state.store.compartment_page(&patient.reference(), &types, since.as_deref(), &principal.visibility(false), count, offset).await?;
-    let found = disclose_all(principal, found, audit);
+    let found = disclose_all(state, principal, found, audit).await;
     let base = &caller.base.url;
     let links = page_links(&format!("{base}/Patient/{id}/$everything"), &pairs, count, offset, total);
     let mut bundle = BundleText::new("searchset", Some(total), &links);
@@ -399,6 +402,9 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
         audit.entities.push(stored.reference());
         let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
         bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string("match"))]))]);
+    }
+    if !audit.disclosures.is_empty() {
+        super::part2::notice_entry(&mut bundle);
     }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
 }

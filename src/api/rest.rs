@@ -175,8 +175,8 @@ pub async fn compartment_search(
             .ok_or_else(|| ApiError::BadRequest(format!("GET /Patient/{id}/{resource_type}: {resource_type} is not in the Patient compartment (R4 CompartmentDefinition/patient)")))?;
         forbid(caller.principal.may("Patient", Permission::Read))?;
         // The compartment's patient is disclosed like a read of it: unseen and unknown answer alike.
-        let patient = state.store.read("Patient", &id).await?.ok_or_else(|| ApiError::NotFound(format!("Patient/{id} is not known")))?;
-        disclose(&caller.principal, &patient, &mut audit)?;
+        let mut patient = state.store.read("Patient", &id).await?.ok_or_else(|| ApiError::NotFound(format!("Patient/{id} is not known")))?;
+        disclose(&state, &caller.principal, &mut patient, &mut audit).await?;
         let scope = Scope { types: vec![resource_type.clone()], path: format!("Patient/{id}/{resource_type}"), fixed: Vec::new(), compartment: Some(clause) };
         search_inner(&state, &caller, &mut audit, &scope, &headers, &query_pairs(uri.query())).await
     }
@@ -211,7 +211,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
     let types: Vec<&str> = scope.types.iter().map(String::as_str).collect();
     let visibility = principal.visibility(false);
     let (total, found) = state.store.search_types(&types, &query, Some(&visibility)).await?;
-    let found = disclose_all(principal, found, audit);
+    let found = disclose_all(state, principal, found, audit).await;
     let mut included = Vec::new();
     let add = |included: &mut Vec<crate::store::Stored>, stored: crate::store::Stored| {
         if !found.iter().chain(included.iter()).any(|s| s.resource_type == stored.resource_type && s.id == stored.id) {
@@ -230,7 +230,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
             .filter(|(t, _)| t == target)
             .map(|(t, id)| (t.to_string(), id.to_string()))
             .collect();
-        for stored in disclose_all(principal, state.store.read_many(&keys).await?, audit) {
+        for stored in disclose_all(state, principal, state.store.read_many(&keys).await?, audit).await {
             add(&mut included, stored);
         }
     }
@@ -250,7 +250,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
         for chunk in references.chunks(search::MAX_VALUES_PER_PARAMETER) {
             let pointing = search::Query { clauses: vec![search::Clause::Token { param: param.to_string(), any: chunk.to_vec() }], count: usize::MAX, no_total: true, ..Default::default() };
             let (_, referring) = state.store.search(source, &pointing, Some(&visibility)).await?;
-            for stored in disclose_all(principal, referring, audit) {
+            for stored in disclose_all(state, principal, referring, audit).await {
                 add(&mut included, stored);
             }
         }
@@ -273,6 +273,9 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
         let issues: Vec<Issue> = query.ignored.iter().map(|why| Issue::warning(IssueCode::NotSupported, "", format!("ignored (Prefer: handling=lenient): {why}"))).collect();
         let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
         bundle.entry(Some(&url), Some(&operation_outcome(&issues).to_string_compact()), &[("search", object(&[("mode", Json::string("outcome"))]))]);
+    }
+    if !audit.disclosures.is_empty() {
+        super::part2::notice_entry(&mut bundle);
     }
     Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
 }
@@ -324,8 +327,8 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
             return Err(reserved_word("GET", &resource_type, &id));
         }
         forbid(caller.principal.may(&resource_type, Permission::Read))?;
-        let stored = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
-        disclose(&caller.principal, &stored, &mut audit)?;
+        let mut stored = state.store.read(&resource_type, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{resource_type}/{id} is not known")))?;
+        disclose(&state, &caller.principal, &mut stored, &mut audit).await?;
         // Decided after disclosure, so a 304 never confirms what a 404 would have hidden.
         if fhir::not_modified(&headers, &stored) {
             return Ok(fhir::not_modified_response(&stored));
@@ -352,7 +355,7 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
         let number: i64 = version.parse().map_err(|_| not_found())?;
         let current = state.store.read(&resource_type, &id).await?.ok_or_else(not_found)?;
         let stored = state.store.vread(&resource_type, &id, number).await?;
-        let stored = disclose_version(&caller.principal, &current, stored, &mut audit).ok_or_else(not_found)?;
+        let stored = disclose_version(&state, &caller.principal, &current, stored, &mut audit).await.ok_or_else(not_found)?;
         Ok(resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false))
     }
     .await;
@@ -407,10 +410,14 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
     let (total, versions) = match (resource_type, id) {
         (Some(t), Some(id)) => {
             let current = state.store.read(t, id).await?.ok_or_else(|| ApiError::NotFound(format!("{t}/{id} is not known")))?;
-            disclose(principal, &current, audit)?;
+            disclose(state, principal, &mut current.clone(), audit).await?;
             let (total, versions) = state.store.history(HistoryScope::Instance(t, id), since.as_deref(), count, offset, None).await?;
             // The current version decided above; each older one can only add a label of its own.
-            (total, versions.into_iter().filter_map(|v| disclose_version(principal, &current, Some(v), audit)).collect::<Vec<_>>())
+            let mut disclosed = Vec::with_capacity(versions.len());
+            for v in versions {
+                disclosed.extend(disclose_version(state, principal, &current, Some(v), audit).await);
+            }
+            (total, disclosed)
         }
         (scope_type, _) => {
             readable = match scope_type {
@@ -424,14 +431,12 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
             let mut keys: Vec<(String, String)> = versions.iter().map(|v| (v.resource_type.clone(), v.id.clone())).collect();
             keys.dedup();
             let currents = state.store.read_many(&keys).await?;
-            let versions = versions
-                .into_iter()
-                .filter_map(|v| {
-                    let current = currents.iter().find(|c| c.resource_type == v.resource_type && c.id == v.id)?;
-                    disclose_version(principal, current, Some(v), audit)
-                })
-                .collect();
-            (total, versions)
+            let mut disclosed = Vec::with_capacity(versions.len());
+            for v in versions {
+                let Some(current) = currents.iter().find(|c| c.resource_type == v.resource_type && c.id == v.id) else { continue };
+                disclosed.extend(disclose_version(state, principal, current, Some(v), audit).await);
+            }
+            (total, disclosed)
         }
     };
     let base = &caller.base.url;

@@ -22,6 +22,8 @@ pub const GATEWAY_CLIENT: &str = "iop-gateway";
 pub struct Exchange {
     pub mappings: Arc<MappingSet>,
     pub partners: Arc<Partners>,
+    /// The DS4P label rules (compiled in, or `[mappings] labels`).
+    pub labels: crate::auth::labelling::LabelRules,
 }
 
 /// Where a client's public keys come from.
@@ -88,6 +90,8 @@ pub struct Shared {
     pub mappings: Arc<MappingSet>,
     /// The partners the gateway sends to.
     pub partners: Arc<Partners>,
+    /// 42 CFR Part 2: the label rules and the enrolments seen.
+    pub part2: super::part2::Part2,
     /// Wakes the delivery worker when a message was queued.
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Wakes the export worker when a job was started.
@@ -152,10 +156,12 @@ impl AppState {
                     role: crate::auth::Role::Clinic,
                     organization: loaded_organization,
                     scopes: ScopeSet::parse("system/*.cruds").unwrap_or_default(),
-                    part2_disclosure: true,
+                    // The gateway's own work (recording payers' answers) is not a disclosure.
+                    purpose: None,
                 },
                 mappings: exchange.mappings,
                 partners: exchange.partners,
+                part2: super::part2::Part2::new(exchange.labels),
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 export_wake: Arc::new(tokio::sync::Notify::new()),
                 topics: Arc::new(crate::exchange::topics::Cache::default()),

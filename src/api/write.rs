@@ -7,7 +7,7 @@ use super::fhir::now_instant;
 use super::state::AppState;
 use crate::auth::labels;
 use crate::auth::policy::parties_for_version;
-use crate::auth::{Disclosure, Permission, Principal};
+use crate::auth::{Permission, Principal};
 use crate::json::{Json, Object};
 use crate::search::{self, Query};
 use crate::store::{StoreError, Stored, Tx};
@@ -128,7 +128,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         return Err(ApiError::MethodNotAllowed("Subscriptions are created at POST [base]/Subscription and changed at [base]/Subscription/[id], not inside a Bundle".into()).into());
     }
     let current = if method == "POST" { None } else { tx.current(resource_type, &id).await? };
-    let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()) == Disclosure::Allow);
+    let visible = current.as_ref().filter(|c| principal.disclosure(c.facts()).is_allowed());
     let mut before = None;
     let (version, owner, created_by) = match (&current, visible) {
         (Some(_), Some(current)) => {
@@ -156,6 +156,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     };
     let last_updated = now_instant();
     set_meta(&mut resource, &id, version, &last_updated);
+    let part2 = super::part2::before_write(tx, state, resource_type, &mut resource, inherited_labels).await?;
     let labels = labels::normalise(&mut resource, inherited_labels);
     // An update that changes nothing makes no new version: re-sent records (every intake re-writes the
     // payer's and the program's Organizations) then neither grow the history nor contend for one row.
@@ -195,6 +196,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     if resource_type == "Task" && stored.owner != principal.organization {
         crate::exchange::step_down::task_changed(tx, state, &resource).await?;
     }
+    super::part2::after_write(tx, state, part2, &stored);
     Ok((stored, version == 1))
 }
 
@@ -225,13 +227,26 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Writes several versions in `tx`, in order; the first failure stops (the caller retries or answers it).
+/// Writes several versions in `tx`, in order but Consents last ([`consents_last`]); the first
+/// failure stops (the caller retries or answers it). The versions come back in the given order.
 pub async fn write_each(tx: &mut Tx, state: &AppState, principal: &Principal, changes: Vec<Change<'_>>) -> Result<Vec<Stored>, Failure> {
-    let mut stored = Vec::with_capacity(changes.len());
-    for change in changes {
-        stored.push(write(tx, state, principal, change).await?.0);
+    let order = consents_last(changes.iter().map(|c| c.resource_type));
+    let mut changes: Vec<Option<Change<'_>>> = changes.into_iter().map(Some).collect();
+    let mut stored: Vec<Option<Stored>> = (0..changes.len()).map(|_| None).collect();
+    for i in order {
+        if let Some(change) = changes[i].take() {
+            stored[i] = Some(write(tx, state, principal, change).await?.0);
+        }
     }
-    Ok(stored)
+    Ok(stored.into_iter().flatten().collect())
+}
+
+/// The order to write a transaction's entries in: as given, Consents last, so the recipient
+/// Organizations a Consent names are stored by the time it is checked (`part2::before_write`).
+pub fn consents_last<'a>(types: impl Iterator<Item = &'a str>) -> Vec<usize> {
+    let mut order: Vec<(usize, bool)> = types.enumerate().map(|(i, t)| (i, t == "Consent")).collect();
+    order.sort_by_key(|(_, consent)| *consent);
+    order.into_iter().map(|(i, _)| i).collect()
 }
 
 /// Sets `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and member order.
@@ -271,12 +286,18 @@ pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_ty
     // Only what the client may write is matched: a resource another party planted with the same
     // identifier is not the one the client means, and matching it would reveal it exists.
     let (_, found) = tx.search(resource_type, &query, Some(&principal.visibility(true))).await?;
-    Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()) == Disclosure::Allow).collect())
+    Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()).is_allowed()).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consents_are_written_after_what_they_name() {
+        let types = ["Patient", "Consent", "Organization", "Consent", "Task"];
+        assert_eq!(consents_last(types.into_iter()), [0, 2, 4, 1, 3]);
+    }
 
     #[test]
     fn ids_from_urls_are_checked_like_ids_in_bodies() {

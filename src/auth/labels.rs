@@ -45,6 +45,12 @@ fn canonical(system: &str, code: &str) -> String {
     format!("{system}|{code}")
 }
 
+/// The canonical system of a label coding (an alias or a missing system resolved as [`of`] does).
+pub fn canonical_system(system: &str, code: &str) -> String {
+    let label = canonical(system, code);
+    label.rsplit_once('|').map_or(String::new(), |(s, _)| s.to_string())
+}
+
 /// The labels of a resource (`meta.security` and `meta.tag`), canonical, without duplicates.
 pub fn of(resource: &Json) -> Vec<String> {
     let mut out = Vec::new();
@@ -63,6 +69,16 @@ pub fn of(resource: &Json) -> Vec<String> {
 fn push(labels: &mut Vec<String>, label: String) {
     if !labels.contains(&label) {
         labels.push(label);
+    }
+}
+
+/// The labels a Consent's `provision.securityLabel` coding stands for, canonical: `ETH` (substance
+/// abuse information) and `SUD` (substance use disorder information) name the same data, so either covers both.
+pub fn equivalents(system: &str, code: &str) -> Vec<String> {
+    let label = canonical(system, code);
+    match label.strip_prefix(ACT_CODE).and_then(|c| c.strip_prefix('|')) {
+        Some(c) if SUBSTANCE_USE.contains(&c) => SUBSTANCE_USE.iter().map(|c| format!("{ACT_CODE}|{c}")).collect(),
+        _ => vec![label],
     }
 }
 

@@ -11,10 +11,12 @@
 //!   alone: its owner's, the program's, the writer's, and any Organization it is addressed to
 //!   (requester, performer, owner, insurer, …). A partner sees a resource when its Organization is
 //!   a party to the current version; dropping an address drops the party.
-//! - **Part 2.** A resource labelled 42 CFR Part 2 (in its current or the served version) is
-//!   disclosed only to its owner or to clients configured as allowed to receive it; this is where
-//!   a Consent check plugs in.
+//! - **Part 2.** A resource labelled 42 CFR Part 2 (in its current or the served version) goes
+//!   to anyone but its owner only when the patient's consent permits that recipient, the client's
+//!   purpose of use and the resource's labels now ([`consent::decide`]); the owner's own access is
+//!   not a disclosure. There is no override.
 
+use super::consent::{self, Purpose};
 use super::labels::{self, PART2_LABEL};
 use super::{Permission, Role, ScopeSet};
 use crate::json::Json;
@@ -35,7 +37,9 @@ pub struct Principal {
     pub organization: String,
     /// What its access token grants.
     pub scopes: ScopeSet,
-    pub part2_disclosure: bool,
+    /// Why the client receives data (configured, else by role); `None` for the gateway's own work,
+    /// which discloses nothing.
+    pub purpose: Option<Purpose>,
 }
 
 /// What the gateway knows about a stored resource when deciding whether it may leave.
@@ -47,14 +51,27 @@ pub struct Facts<'a> {
     pub labels: &'a [String],
     /// `Organization/<id>` that owns the resource.
     pub owner: &'a str,
+    /// The consent rules of the patients the resource is about (empty when not looked up: then
+    /// Part 2 data goes to its owner only).
+    pub consents: &'a [consent::Rule],
+    /// Now, in seconds (the moment of disclosure consents are checked at).
+    pub at: i64,
 }
 
 /// The answer of the disclosure check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Disclosure {
     Allow,
+    /// Part 2 data the patient's consent (`Consent/<id>`) lets go to this client: a disclosure to account for.
+    Consented { consent: String, patient: String },
     /// The client may not see this resource; callers answer as if it did not exist.
     Deny(&'static str),
+}
+
+impl Disclosure {
+    pub fn is_allowed(&self) -> bool {
+        !matches!(self, Disclosure::Deny(_))
+    }
 }
 
 impl Principal {
@@ -88,10 +105,20 @@ impl Principal {
         if !facts.parties.contains(&self.organization) {
             return Disclosure::Deny("not a party to this resource");
         }
-        if labels::is_part2(facts.labels) && facts.owner != self.organization && !self.part2_disclosure {
-            return Disclosure::Deny("42 CFR Part 2 record without consent to disclose");
+        if !self.needs_consent(facts) {
+            return Disclosure::Allow;
         }
-        Disclosure::Allow
+        let Some(purpose) = self.purpose else { return Disclosure::Allow };
+        match consent::decide(&consent::Request { recipient: &self.organization, purpose, labels: facts.labels, at: facts.at }, facts.consents) {
+            consent::Decision::Permitted { consent, patient } => Disclosure::Consented { consent, patient },
+            consent::Decision::Withheld(reason) => Disclosure::Deny(reason),
+        }
+    }
+
+    /// Whether sending this resource to the client would be a disclosure of Part 2 data, decided by
+    /// consent: it is labelled, the client is not its owner, and the client is not the gateway itself.
+    pub fn needs_consent(&self, facts: Facts<'_>) -> bool {
+        labels::is_part2(facts.labels) && facts.owner != self.organization && self.purpose.is_some()
     }
 
     /// The disclosure check for an earlier version: the current version decides who is a party,
@@ -107,7 +134,9 @@ impl Principal {
     pub fn visibility(&self, writable_only: bool) -> Visibility {
         Visibility {
             party: self.organization.clone(),
-            withheld_label: (!self.part2_disclosure).then(|| PART2_LABEL.to_string()),
+            withheld_label: self.purpose.map(|_| PART2_LABEL.to_string()),
+            purpose: self.purpose.map_or("", Purpose::code),
+            at: time::OffsetDateTime::now_utc().unix_timestamp(),
             writable_only,
         }
     }
@@ -179,7 +208,7 @@ mod tests {
     use super::*;
 
     fn principal(role: Role, org: &str) -> Principal {
-        Principal { client_id: org.to_lowercase(), role, organization: format!("Organization/{org}"), scopes: role.default_scopes(), part2_disclosure: false }
+        Principal { client_id: org.to_lowercase(), role, organization: format!("Organization/{org}"), scopes: role.default_scopes(), purpose: Some(Purpose::Treatment) }
     }
 
     #[test]
@@ -204,7 +233,7 @@ mod tests {
         let unit = principal(Role::InpatientUnit, "unit-a");
         let other = principal(Role::InpatientUnit, "unit-b");
         let parties = parties_for_version("Organization/unit-a", "Organization/program", &unit, &[]);
-        let facts = Facts { resource_type: "ServiceRequest", parties: &parties, labels: &[], owner: "Organization/unit-a" };
+        let facts = Facts { resource_type: "ServiceRequest", parties: &parties, labels: &[], owner: "Organization/unit-a", consents: &[], at: 0 };
         assert_eq!(unit.disclosure(facts), Disclosure::Allow);
         assert!(matches!(other.disclosure(facts), Disclosure::Deny(_)));
         let clinic = principal(Role::Clinic, "program");
@@ -214,8 +243,8 @@ mod tests {
         assert_eq!(unit.disclosure(part2), Disclosure::Allow, "the owner always sees its own record");
         assert!(matches!(clinic.disclosure(part2), Disclosure::Deny(_)));
         assert!(matches!(clinic.disclosure_of_version(part2, facts), Disclosure::Deny(_)), "a later label covers earlier versions");
-        let consented = Principal { part2_disclosure: true, ..clinic };
-        assert_eq!(consented.disclosure(part2), Disclosure::Allow);
+        let gateway = Principal { purpose: None, ..clinic };
+        assert_eq!(gateway.disclosure(part2), Disclosure::Allow, "the gateway's own work discloses nothing");
     }
 
     #[test]
@@ -231,7 +260,7 @@ mod tests {
         let parse = |t: &str| crate::json::parse(t.as_bytes()).unwrap();
         let unit_b = principal(Role::InpatientUnit, "unit-b");
         let task = parse(r#"{"resourceType":"Task","id":"t","status":"requested","intent":"order","owner":{"reference":"Organization/unit-b"}}"#);
-        let facts = Facts { resource_type: "Task", parties: &[], labels: &[], owner: "Organization/unit-a" };
+        let facts = Facts { resource_type: "Task", parties: &[], labels: &[], owner: "Organization/unit-a", consents: &[], at: 0 };
         let accepted = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"Organization/unit-b"},"businessStatus":{"text":"seen"}}"#);
         assert_eq!(unit_b.may_write(facts, &task, &accepted), Ok(()));
         let reassigned = parse(r#"{"resourceType":"Task","id":"t","status":"accepted","intent":"order","owner":{"reference":"Organization/unit-c"}}"#);
@@ -254,6 +283,7 @@ mod tests {
         assert!(principal(Role::Clinic, "program").may_choose_ids("Organization/program"));
         assert!(!principal(Role::InpatientUnit, "unit-a").may_choose_ids("Organization/program"));
         let unit = principal(Role::InpatientUnit, "unit-a");
-        assert_eq!(unit.visibility(true), Visibility { party: "Organization/unit-a".into(), withheld_label: Some(PART2_LABEL.into()), writable_only: true });
+        let visibility = unit.visibility(true);
+        assert_eq!((visibility.party.as_str(), visibility.withheld_label.as_deref(), visibility.purpose, visibility.writable_only), ("Organization/unit-a", Some(PART2_LABEL), "TREAT", true));
     }
 }

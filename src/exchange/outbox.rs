@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use super::now_ms;
-use super::{inquiry, pas, referral, step_down, subscription, topics};
+use super::{consent, inquiry, pas, referral, step_down, subscription, topics};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
 use crate::store::{Attempt, Message};
@@ -78,13 +78,23 @@ impl Health {
 /// One attempt at one message, and what follows from its outcome.
 async fn deliver(state: &AppState, owner: &str, health: &Health, message: Message) {
     if [topics::NOTIFICATION, topics::HANDSHAKE, topics::HEARTBEAT].contains(&message.new.kind.as_str()) {
-        // A partner's own Subscription: its endpoint, its retry and error rules (the partner column names the client).
-        match topics::deliver(state, owner, &message).await {
+        // A partner's own Subscription: its endpoint, its retry and error rules (the partner column names the
+        // client). The consent decision is taken again here too, for the client as recipient.
+        let recipient = consent::client_recipient(state, &message.new.partner).unwrap_or_else(|| (String::new(), crate::auth::consent::Purpose::Treatment));
+        let payload = match consent::check(state, recipient, &message.new.kind, &message.new.payload).await {
+            consent::Checked::Send { payload, .. } => payload,
+            consent::Checked::Hold(reason) => {
+                if let Err(e) = topics::hold(state, owner, &message, &reason).await {
+                    tracing::warn!(message = %message.new.id, error = %e, "A notification held for consent could not be recorded; it will be checked again.");
+                }
+                return;
+            }
+        };
+        match topics::deliver(state, owner, &message, payload.as_deref().unwrap_or(&message.new.payload)).await {
             Ok(true) => {}
             Ok(false) => tracing::info!(message = %message.new.id, "The lease on a message ran out before its outcome was recorded; another worker has it."),
             Err(e) => tracing::warn!(message = %message.new.id, error = %e, "A delivery outcome could not be recorded; the message will be sent again."),
         }
-        let _ = health;
         return;
     }
     let callback;
@@ -103,14 +113,25 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
             }
         },
     };
+    // Every kind passes the consent decision again now: a consent may have ended while it waited.
+    let (payload, disclosures) = match consent::check(state, consent::recipient(state, partner), &message.new.kind, &message.new.payload).await {
+        consent::Checked::Send { payload, disclosures } => (payload, disclosures),
+        consent::Checked::Hold(reason) => {
+            if let Err(e) = refuse(state, &message, owner, 0, "", &reason).await {
+                tracing::warn!(message = %message.new.id, error = %e, "A message held for consent could not be recorded; it will be checked again.");
+            }
+            return;
+        }
+    };
+    let payload = payload.as_deref().unwrap_or(&message.new.payload);
     let started = Instant::now();
     let delivery = match message.new.kind.as_str() {
-        pas::SUBMIT => partner.post(pas::SUBMIT_PATH, &message.new.payload).await,
-        subscription::CREATE => partner.post("Subscription", &message.new.payload).await,
-        inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, &message.new.payload).await,
-        step_down::REFERRAL => partner.post(step_down::PROCESS_MESSAGE_PATH, &message.new.payload).await,
-        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT => partner.put(&referral::put_path(&message.new.payload), &message.new.payload).await,
-        referral::FEEDBACK_MESSAGE => partner.post("$process-message", &message.new.payload).await,
+        pas::SUBMIT => partner.post(pas::SUBMIT_PATH, payload).await,
+        subscription::CREATE => partner.post("Subscription", payload).await,
+        inquiry::INQUIRE => partner.post(inquiry::INQUIRE_PATH, payload).await,
+        step_down::REFERRAL => partner.post(step_down::PROCESS_MESSAGE_PATH, payload).await,
+        referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT => partner.put(&referral::put_path(payload), payload).await,
+        referral::FEEDBACK_MESSAGE => partner.post("$process-message", payload).await,
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
@@ -132,6 +153,12 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
     health.report(&message.new.partner, !matches!(delivery, Delivery::Retry { .. }), &error);
     let recorded = match delivery {
         Delivery::Accepted { status, body, location } => {
+            let recipient_client = partner.config.clients.first().map_or(partner.config.name.as_str(), String::as_str);
+            for row in crate::api::audit::disclosure_rows(&disclosures, recipient_client, None, &state.base_url) {
+                if let Err(e) = state.store.append_audit(&row).await {
+                    tracing::error!(error = %e, "Could not append a disclosure to the audit trail.");
+                }
+            }
             state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((now_ms() - message.created_at).max(0) as u64));
             match message.new.kind.as_str() {
                 subscription::CREATE => subscription::created(state, &message, owner, status, &body, location.as_deref()).await,

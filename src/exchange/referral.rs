@@ -684,7 +684,8 @@ pub async fn callback_partner(state: &AppState, message: &Message) -> Option<cra
     if !allowed {
         return None;
     }
-    let text = format!("name = {:?}\nkind = \"inpatient-unit\"\nfhir_base = {:?}\nauth = \"none\"\n", message.new.partner, route.callback);
+    // The client it speaks for makes it the recipient the consent decision sees.
+    let text = format!("name = {:?}\nkind = \"inpatient-unit\"\nfhir_base = {:?}\nauth = \"none\"\nclients = [{client:?}]\n", message.new.partner, route.callback);
     let config: crate::config::PartnerConfig = toml::from_str(&text).ok()?;
     crate::partner::Partner::new(&config, &state.loaded.config.store.data_dir).ok()
 }

@@ -407,8 +407,14 @@ pub async fn on_write(tx: &mut Tx, state: &AppState, stored: &Stored, resource: 
     Ok(())
 }
 
-/// Delivers one claimed notification, handshake or heartbeat to its Subscription's endpoint, and records what followed.
-pub async fn deliver(state: &AppState, owner: &str, message: &Message) -> Result<bool, ApiError> {
+/// A notification the consent decision holds: a dead letter saying why (its event stays numbered; `$events` decides again).
+pub async fn hold(state: &AppState, owner: &str, message: &Message, reason: &str) -> Result<bool, ApiError> {
+    finish(state, message, owner, MessageStatus::Dead, 0, reason, "").await
+}
+
+/// Delivers one claimed notification, handshake or heartbeat to its Subscription's endpoint (`payload`: as the
+/// consent decision left it), and records what followed.
+pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: &str) -> Result<bool, ApiError> {
     let config = &state.loaded.config.topics;
     let Some(sub) = state.store.topic_subscription(&message.new.record_id).await? else {
         return finish(state, message, owner, MessageStatus::Dead, 0, "the Subscription was deleted", "").await;
@@ -426,7 +432,7 @@ pub async fn deliver(state: &AppState, owner: &str, message: &Message) -> Result
     }
     let started = Instant::now();
     let timeout = Duration::from_secs(sub.timeout_secs.clamp(1, config.timeout_secs as i64) as u64);
-    let delivery = state.partners.notify(&sub.endpoint, &sub.headers, &message.new.payload, timeout).await;
+    let delivery = state.partners.notify(&sub.endpoint, &sub.headers, payload, timeout).await;
     let elapsed = started.elapsed();
     let (status, error) = match &delivery {
         Delivery::Accepted { status, .. } => (*status, String::new()),

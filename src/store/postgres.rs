@@ -26,6 +26,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(8, "exports", include_str!("../../migrations/postgres/0008_exports.sql")),
         migration(9, "topics", include_str!("../../migrations/postgres/0009_topics.sql")),
         migration(10, "referrals", include_str!("../../migrations/postgres/0010_referrals.sql")),
+        migration(11, "consent", include_str!("../../migrations/postgres/0011_consent.sql")),
     ]
 }
 

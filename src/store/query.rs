@@ -151,6 +151,8 @@ fn visibility_conditions(sql: &mut Sql, visibility: &Visibility, probe: Probe) {
             sql.push("search_tokens l WHERE l.type = r.type AND l.id = r.id AND l.param = '_security' AND l.value = ");
             sql.text(label);
         });
+        sql.push(" OR ");
+        consent_permits(sql, visibility);
         sql.push(")");
     }
     if visibility.writable_only {
@@ -163,6 +165,34 @@ fn visibility_conditions(sql: &mut Sql, visibility: &Visibility, probe: Probe) {
         });
         sql.push("))");
     }
+}
+
+/// The condition that a consent rule of a patient whose compartment `resources r` is in permits
+/// the visibility's party for its purpose now: [`crate::auth::consent::decide`] in SQL, over the
+/// same rules (`consent_rules`), so totals count exactly what the disclosure check serves.
+pub(super) fn consent_permits(sql: &mut Sql, visibility: &Visibility) {
+    sql.push("EXISTS (SELECT 1 FROM search_tokens c JOIN consent_rules g ON g.patient = c.value WHERE c.type = r.type AND c.id = r.id AND c.param = '_compartment' AND g.effect = 'permit' AND ");
+    rule_matches(sql, visibility, "g");
+    sql.push(" AND NOT EXISTS (SELECT 1 FROM consent_rules d WHERE d.patient = g.patient AND d.effect = 'deny' AND d.depth >= g.depth AND ");
+    rule_matches(sql, visibility, "d");
+    sql.push("))");
+}
+
+/// `consent::matches` for the rule row `x`: active, the patient's newest consent for its recipient,
+/// and recipient, purpose, label and time within it.
+fn rule_matches(sql: &mut Sql, visibility: &Visibility, x: &str) {
+    sql.push(&format!("{x}.active = 1 AND ({x}.recipient = '' OR {x}.recipient = "));
+    sql.text(&visibility.party);
+    sql.push(&format!(") AND ({x}.purpose = '' OR {x}.purpose = "));
+    sql.text(visibility.purpose);
+    sql.push(&format!(") AND {x}.start_at <= "));
+    sql.bind(Bind::Int(visibility.at));
+    sql.push(&format!(" AND {x}.end_at > "));
+    sql.bind(Bind::Int(visibility.at));
+    sql.push(&format!(
+        " AND ({x}.label = '' OR EXISTS (SELECT 1 FROM search_tokens {x}l WHERE {x}l.type = r.type AND {x}l.id = r.id AND {x}l.param = '_security' AND {x}l.value = {x}.label))"
+    ));
+    sql.push(&format!(" AND NOT EXISTS (SELECT 1 FROM consent_rules {x}n WHERE {x}n.patient = {x}.patient AND {x}n.recipient = {x}.recipient AND {x}n.recorded > {x}.recorded)"));
 }
 
 /// `AND …` conditions of a search's clauses on the rows of `resources r`.
@@ -341,7 +371,9 @@ pub(super) async fn history(
                 sql.text(&visibility.party);
                 sql.push(" OR (' ' || v.labels || ' ') NOT LIKE ");
                 sql.text(&pattern);
-                sql.push(" ESCAPE '\\')");
+                sql.push(" ESCAPE '\\' OR ");
+                consent_permits(sql, visibility);
+                sql.push(")");
             }
         }
     };

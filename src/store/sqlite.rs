@@ -37,6 +37,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(8, "exports", include_str!("../../migrations/sqlite/0008_exports.sql")),
         migration(9, "topics", include_str!("../../migrations/sqlite/0009_topics.sql")),
         migration(10, "referrals", include_str!("../../migrations/sqlite/0010_referrals.sql")),
+        migration(11, "consent", include_str!("../../migrations/sqlite/0011_consent.sql")),
     ]
 }
 

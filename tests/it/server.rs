@@ -3,6 +3,7 @@
 pub(crate) mod support;
 mod auth;
 mod clients;
+mod consent;
 mod durability;
 mod exchange;
 mod export;

@@ -1,0 +1,283 @@
+//! 42 CFR Part 2 around the one write path and the one disclosure check: labels applied and Consents read into rules when a version is stored, consent rules looked up for a disclosure, the refrain added to what is disclosed.
+//!
+//! The write hook costs no store round trip on SQLite, and on PostgreSQL one indexed read only for
+//! a patient not yet known to be enrolled in a substance-use program: the label rules run in
+//! memory, "is or was enrolled" is remembered once seen (it never becomes false; on SQLite all of
+//! them are read at start), and what it records (consent rules, enrolments) is queued with the version.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::error::ApiError;
+use super::state::AppState;
+use crate::auth::consent::{self, Rule};
+use crate::auth::labelling::{self, LabelRules};
+use crate::auth::{Disclosure, Principal};
+use crate::json::Json;
+use crate::outcome::{Issue, IssueCode};
+use crate::store::{Stored, Tx};
+
+/// The label rules and what the gateway has seen of enrolments.
+pub struct Part2 {
+    pub rules: LabelRules,
+    /// Patients known to be (or to have been) enrolled in a substance-use program: only ever grows, so never stale.
+    enrolled: Mutex<HashSet<String>>,
+    /// Whether `enrolled` is every enrolment there is (SQLite: this gateway is the store's only
+    /// writer and read them all at start), so a patient not in it needs no look-up.
+    complete: AtomicBool,
+}
+
+impl Part2 {
+    pub fn new(rules: LabelRules) -> Part2 {
+        Part2 { rules, enrolled: Mutex::new(HashSet::new()), complete: AtomicBool::new(false) }
+    }
+
+    /// Adds the enrolments read at start; `Some` when they are all there are.
+    pub fn seed(&self, all: Option<Vec<String>>) {
+        if let Some(all) = all {
+            self.remember(&all);
+            self.complete.store(true, Ordering::Release);
+        }
+    }
+
+    fn known_enrolled(&self, patients: &[String]) -> bool {
+        self.enrolled.lock().is_ok_and(|set| patients.iter().any(|p| set.contains(p)))
+    }
+
+    fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    fn remember(&self, patients: &[String]) {
+        if let Ok(mut set) = self.enrolled.lock() {
+            set.extend(patients.iter().cloned());
+        }
+    }
+}
+
+/// What the write hook found before the version is written, recorded with it by [`after_write`].
+#[derive(Default)]
+pub struct Pending {
+    /// Patients this version enrols in a substance-use program.
+    enrols: Vec<String>,
+    /// A Consent's rules (replacing its earlier ones), when the version is a privacy Consent.
+    consent: Option<(String, Vec<Rule>)>,
+}
+
+/// Labels a version about to be stored (the rule set, in memory; the enrolment fact remembered,
+/// else one indexed read) and reads a privacy Consent into rules, refusing a bad one (422).
+pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, resource: &mut Json, inherited: &[String]) -> Result<Pending, ApiError> {
+    let rules = &state.part2.rules;
+    let enrols = rules.enrolls(resource_type, resource);
+    let mut part2 = !enrols.is_empty() || rules.is_part2(resource, inherited);
+    if !part2 {
+        let mut patients = crate::search::compartment::patients(resource_type, resource);
+        // Intake keeps the mapped `urn:uuid:` references; any of them may name a patient.
+        urn_patients(resource, &mut patients);
+        if !patients.is_empty() {
+            part2 = state.part2.known_enrolled(&patients) || (!state.part2.complete() && {
+                let found = tx.part2_patients(&patients).await?;
+                state.part2.remember(&found);
+                !found.is_empty()
+            });
+        }
+    }
+    if part2 {
+        rules.label(resource);
+    }
+    let consent = if resource_type == "Consent" && is_privacy_consent(resource) { Some(consent_rules(tx, state, resource).await?) } else { None };
+    Ok(Pending { enrols, consent })
+}
+
+/// Records what [`before_write`] found, queued with the version just written.
+pub fn after_write(tx: &mut Tx, state: &AppState, pending: Pending, stored: &Stored) {
+    if !pending.enrols.is_empty() {
+        tx.mark_part2_patients(&pending.enrols, &stored.last_updated);
+        // Remembered before the commit: if it fails, later writes are labelled once too often, never too rarely.
+        state.part2.remember(&pending.enrols);
+    }
+    if let Some((consent, rules)) = pending.consent {
+        tx.replace_consent_rules(&consent, &rules);
+    }
+}
+
+/// Adds `Patient/<uuid>` for every `urn:uuid:` reference in the tree (only enrolled ones will match).
+fn urn_patients(value: &Json, out: &mut Vec<String>) {
+    match value {
+        Json::Object(o) => {
+            if let Some(patient) = o.get("reference").and_then(Json::as_str).filter(|r| r.starts_with("urn:uuid:")).and_then(|r| labelling::resolve(r, "Patient"))
+                && !out.contains(&patient)
+            {
+                out.push(patient);
+            }
+            for (_, v) in o.iter() {
+                urn_patients(v, out);
+            }
+        }
+        Json::Array(items) => items.iter().for_each(|v| urn_patients(v, out)),
+        _ => {}
+    }
+}
+
+/// A Consent's `urn:uuid:` references (as intake stores the mapped ones) read as the Patient and
+/// Organizations they name, for the consent rules.
+fn resolved_consent(resource: &Json) -> Json {
+    let mut copy = resource.clone();
+    let set = |r: &mut Json, resource_type: &str| {
+        if let Some(Json::Object(reference)) = Some(r)
+            && let Some(resolved) = reference.get("reference").and_then(Json::as_str).filter(|t| t.starts_with("urn:uuid:")).and_then(|t| labelling::resolve(t, resource_type))
+        {
+            reference.insert("reference", Json::string(resolved));
+        }
+    };
+    if let Some(patient) = copy.as_object_mut().and_then(|o| o.get_mut("patient")) {
+        set(patient, "Patient");
+    }
+    fn actors(provision: &mut Json, set: &dyn Fn(&mut Json, &str)) {
+        let Some(object) = provision.as_object_mut() else { return };
+        if let Some(Json::Array(list)) = object.get_mut("actor") {
+            for actor in list.iter_mut() {
+                if let Some(reference) = actor.as_object_mut().and_then(|a| a.get_mut("reference")) {
+                    set(reference, "Organization");
+                }
+            }
+        }
+        if let Some(Json::Array(nested)) = object.get_mut("provision") {
+            for n in nested.iter_mut() {
+                actors(n, set);
+            }
+        }
+    }
+    if let Some(provision) = copy.as_object_mut().and_then(|o| o.get_mut("provision")) {
+        actors(provision, &set);
+    }
+    copy
+}
+
+/// A Consent about disclosing information (`scope` patient-privacy): the kind that decides disclosure.
+fn is_privacy_consent(resource: &Json) -> bool {
+    let codings = resource.get("scope").and_then(|s| s.get("coding")).and_then(Json::as_array).unwrap_or_default();
+    codings.iter().any(|c| c.get("code").and_then(Json::as_str) == Some("patient-privacy"))
+}
+
+/// The rules of a privacy Consent being written, or a 422 naming each problem and where it is.
+async fn consent_rules(tx: &mut Tx, state: &AppState, resource: &Json) -> Result<(String, Vec<Rule>), ApiError> {
+    let resolved = resolved_consent(resource);
+    let resource = &resolved;
+    let id = resource.get("id").and_then(Json::as_str).unwrap_or_default().to_string();
+    let updated = resource.get("meta").and_then(|m| m.get("lastUpdated")).and_then(Json::as_str).and_then(|t| consent::seconds(t, false)).unwrap_or(0);
+    // Recipients: configured partners' Organizations, the program's, and Organizations already stored.
+    let mut configured: HashSet<String> = state.clients.values().map(|c| c.organization.clone()).collect();
+    configured.insert(state.program().to_string());
+    let mut named = Vec::new();
+    collect_actors(resource.get("provision"), &mut named);
+    let mut known = configured;
+    for reference in named {
+        if known.contains(&reference) {
+            continue;
+        }
+        if let Some(org_id) = reference.strip_prefix("Organization/")
+            && tx.current("Organization", org_id).await?.is_some()
+        {
+            known.insert(reference);
+        }
+    }
+    let recipients = |reference: &str| known.contains(reference);
+    match consent::rules_of(resource, updated, &recipients) {
+        Ok(rules) => Ok((format!("Consent/{id}"), rules)),
+        Err(issues) => Err(ApiError::Unprocessable(issues)),
+    }
+}
+
+fn collect_actors(provision: Option<&Json>, out: &mut Vec<String>) {
+    let Some(provision) = provision else { return };
+    for actor in provision.get("actor").and_then(Json::as_array).unwrap_or_default() {
+        if let Some(r) = actor.get("reference").and_then(|r| r.get("reference")).and_then(Json::as_str) {
+            out.push(r.to_string());
+        }
+    }
+    for nested in provision.get("provision").and_then(Json::as_array).unwrap_or_default() {
+        collect_actors(Some(nested), out);
+    }
+}
+
+/// The consent rules the disclosure check needs for `stored` going to `principal`: looked up only
+/// when it is Part 2 data and the client is not its owner. A failed lookup withholds (logged).
+pub async fn consents_for(state: &AppState, principal: &Principal, stored: &Stored) -> Vec<Rule> {
+    if !principal.needs_consent(stored.facts()) {
+        return Vec::new();
+    }
+    match state.store.consent_rules_for(&stored.resource_type, &stored.id).await {
+        Ok(rules) => rules,
+        Err(e) => {
+            tracing::warn!(error = %e, "Consent rules could not be read; the Part 2 record is withheld.");
+            Vec::new()
+        }
+    }
+}
+
+/// The consent rules that can bear on what goes to one recipient (naming it, or anyone), read once
+/// for many resources (an export page); [`RecipientConsents::of`] picks a resource's patients' rules.
+pub struct RecipientConsents {
+    rules: Vec<Rule>,
+}
+
+impl RecipientConsents {
+    pub async fn read(state: &AppState, principal: &Principal) -> Result<RecipientConsents, crate::store::StoreError> {
+        let rules = if principal.purpose.is_some() { state.store.consent_rules_naming(&principal.organization).await? } else { Vec::new() };
+        Ok(RecipientConsents { rules })
+    }
+
+    /// The rules of the patients whose compartment `version` is in, when its current version
+    /// (`current`, whose facts decide) needs consent; the version is parsed only then.
+    pub fn of(&self, principal: &Principal, current: &Stored, version: &Stored) -> Vec<Rule> {
+        if self.rules.is_empty() || !principal.needs_consent(current.facts()) {
+            return Vec::new();
+        }
+        let Ok(resource) = crate::json::parse(version.body.as_bytes()) else { return Vec::new() };
+        let patients = crate::search::compartment::patients(&current.resource_type, &resource);
+        self.rules.iter().filter(|r| patients.contains(&r.patient)).cloned().collect()
+    }
+}
+
+/// Adds the no-re-disclosure refrain to a disclosed resource's stored text.
+pub fn with_refrain(stored: &mut Stored) {
+    if let Ok(mut resource) = crate::json::parse(stored.body.as_bytes()) {
+        labelling::add_refrain(&mut resource);
+        stored.body = resource.to_string_compact();
+    }
+}
+
+/// A disclosure of Part 2 data the patient's consent allowed, for the accounting of disclosures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disclosed {
+    pub patient: String,
+    /// `Consent/<id>`.
+    pub consent: String,
+    /// `Organization/<id>` of the recipient.
+    pub recipient: String,
+    pub purpose: consent::Purpose,
+    /// `Type/id` of what was disclosed.
+    pub resource: String,
+}
+
+impl Disclosed {
+    pub fn of(principal: &Principal, decision: &Disclosure, resource: String) -> Option<Disclosed> {
+        match (decision, principal.purpose) {
+            (Disclosure::Consented { consent, patient }, Some(purpose)) => {
+                Some(Disclosed { patient: patient.clone(), consent: consent.clone(), recipient: principal.organization.clone(), purpose, resource })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Adds the 42 CFR § 2.32 notice to a searchset that discloses Part 2 data: an OperationOutcome
+/// entry (`search.mode` outcome) with the notice as an informational issue.
+pub fn notice_entry(bundle: &mut super::fhir::BundleText) {
+    let outcome = crate::outcome::operation_outcome(&[Issue::information(IssueCode::Informational, "", labelling::NOTICE)]);
+    let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let mode = super::fhir::object(&[("mode", Json::string("outcome"))]);
+    bundle.entry(Some(&url), Some(&outcome.to_string_compact()), &[("search", mode)]);
+}

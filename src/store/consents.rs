@@ -1,0 +1,147 @@
+//! The patients' consent rules (`consent_rules`, replaced whenever a Consent is written) and the clients enrolled in a substance-use program (`part2_patients`).
+//!
+//! Both are written with the version that changes them, queued in its transaction (no extra round
+//! trip); reading them is one indexed query.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::query::{Bind, Sql};
+use super::{Store, StoreError, Tx};
+use crate::auth::consent::{Effect, Rule};
+
+const COLUMNS: &str = "g.consent, g.patient, g.recorded, g.active, g.effect, g.depth, g.recipient, g.purpose, g.label, g.start_at, g.end_at";
+
+fn rule(row: &AnyRow) -> Result<Rule, sqlx::Error> {
+    Ok(Rule {
+        consent: row.try_get(0)?,
+        patient: row.try_get(1)?,
+        recorded: row.try_get(2)?,
+        active: row.try_get::<i64, _>(3)? == 1,
+        effect: if row.try_get::<String, _>(4)? == "deny" { Effect::Deny } else { Effect::Permit },
+        depth: row.try_get(5)?,
+        recipient: row.try_get(6)?,
+        purpose: row.try_get(7)?,
+        label: row.try_get(8)?,
+        start: row.try_get(9)?,
+        end: row.try_get(10)?,
+    })
+}
+
+impl Tx {
+    /// Replaces the rules of `consent` (`Consent/<id>`) with `rules` (none: the Consent names nothing usable).
+    pub fn replace_consent_rules(&mut self, consent: &str, rules: &[Rule]) {
+        self.queued.statement(|sql| {
+            sql.push("DELETE FROM consent_rules WHERE consent = ");
+            sql.text(consent);
+        });
+        for chunk in rules.chunks(50) {
+            self.queued.statement(|sql| {
+                sql.push("INSERT INTO consent_rules (consent, patient, recorded, active, effect, depth, recipient, purpose, label, start_at, end_at) VALUES ");
+                sql.push_joined(chunk, ", ", |sql, r| {
+                    sql.push("(");
+                    sql.text(&r.consent);
+                    sql.push(", ");
+                    sql.text(&r.patient);
+                    for n in [r.recorded, i64::from(r.active)] {
+                        sql.push(", ");
+                        sql.bind(Bind::Int(n));
+                    }
+                    sql.push(", ");
+                    sql.text(r.effect.as_str());
+                    sql.push(", ");
+                    sql.bind(Bind::Int(r.depth));
+                    for text in [&r.recipient, &r.purpose, &r.label] {
+                        sql.push(", ");
+                        sql.text(text);
+                    }
+                    sql.push(", ");
+                    sql.bind(Bind::Int(r.start));
+                    sql.push(", ");
+                    sql.bind(Bind::Int(r.end));
+                    sql.push(")");
+                });
+            });
+        }
+    }
+
+    /// Records that these patients are (or were) enrolled in a substance-use program.
+    pub fn mark_part2_patients(&mut self, patients: &[String], since: &str) {
+        for patient in patients {
+            self.queued.statement(|sql| {
+                sql.push("INSERT INTO part2_patients (patient, since) VALUES (");
+                sql.text(patient);
+                sql.push(", ");
+                sql.text(since);
+                sql.push(") ON CONFLICT (patient) DO NOTHING");
+            });
+        }
+    }
+
+    /// Which of these patients are (or were) enrolled in a substance-use program, as this transaction sees it.
+    pub async fn part2_patients(&mut self, patients: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut sql = Sql::default();
+        sql.push("SELECT patient FROM part2_patients WHERE patient IN (");
+        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+        sql.push(")");
+        let rows = sql.into_query().fetch_all(self.conn().await?).await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+}
+
+impl Store {
+    /// The consent rules of the patients whose compartment the current version of a resource is in.
+    pub async fn consent_rules_for(&self, resource_type: &str, id: &str) -> Result<Vec<Rule>, StoreError> {
+        let started = std::time::Instant::now();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM search_tokens c JOIN consent_rules g ON g.patient = c.value WHERE c.type = $1 AND c.id = $2 AND c.param = '_compartment'"
+        )))
+        .bind(resource_type)
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        self.observe("consent_rules", started);
+        Ok(rows.iter().map(rule).collect::<Result<_, _>>()?)
+    }
+
+    /// The consent rules naming this recipient, or anyone.
+    pub async fn consent_rules_naming(&self, recipient: &str) -> Result<Vec<Rule>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM consent_rules g WHERE g.recipient IN ($1, '')")))
+            .bind(recipient)
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(rule).collect::<Result<_, _>>()?)
+    }
+
+    /// The consent rules of these patients (`Patient/<id>`).
+    pub async fn consent_rules_of(&self, patients: &[String]) -> Result<Vec<Rule>, StoreError> {
+        if patients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::default();
+        sql.push(&format!("SELECT {COLUMNS} FROM consent_rules g WHERE g.patient IN ("));
+        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+        sql.push(")");
+        let rows = sql.into_query().fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(rule).collect::<Result<_, _>>()?)
+    }
+
+    /// Every patient who is (or was) enrolled in a substance-use program.
+    pub async fn all_part2_patients(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT patient FROM part2_patients").fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+
+    /// Which of these patients are (or were) enrolled in a substance-use program.
+    pub async fn part2_patients(&self, patients: &[String]) -> Result<Vec<String>, StoreError> {
+        if patients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::default();
+        sql.push("SELECT patient FROM part2_patients WHERE patient IN (");
+        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+        sql.push(")");
+        let rows = sql.into_query().fetch_all(&self.reader).await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+}

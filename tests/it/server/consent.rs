@@ -1,0 +1,413 @@
+//! 42 CFR Part 2 through the real listener: one table-driven consent matrix (recipients × purposes × consent states × ways out → allowed or withheld, each allowed disclosure audited once), labels applied when stored, bad consents refused, and a PAS request held for consent then sent after a new consent and a replay.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer};
+
+use super::exchange::{Payer, decision, payer_config, post_records, records};
+use super::support::{Gateway, TempDir, config_text, load, partner_keys};
+
+const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+const PROGRAM: &str = "Organization/iop-program";
+/// The export worker starts a job once the request timeout has passed.
+const FAST: &str = "request_timeout_secs = 2\n[export]\nretry_after_secs = 1\n";
+
+/// What the patient's consent (if any) says, and whether it permits its recipient for its purpose now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    None,
+    Active,
+    Expired,
+    /// Active, then updated to `inactive`.
+    Revoked,
+    /// A permit whose nested provision denies the same.
+    DenyProvision,
+    /// A permit for data labelled HIV only (the record is SUD).
+    LabelRestricted,
+}
+
+const STATES: &[(State, bool)] = &[
+    (State::None, false),
+    (State::Active, true),
+    (State::Expired, false),
+    (State::Revoked, false),
+    (State::DenyProvision, false),
+    (State::LabelRestricted, false),
+];
+
+/// Who the consent names for a recipient's patients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Named {
+    /// The program owns the data: its use is not a disclosure.
+    Owner,
+    /// The consent names this recipient.
+    Itself,
+    /// The consent names the referring unit, not this one.
+    AnotherUnit,
+}
+
+/// Recipients: (client, organization, its configured purpose of use, whom the consent names).
+const RECIPIENTS: &[(&str, &str, &str, Named)] = &[
+    ("clinic", PROGRAM, "TREAT", Named::Owner),
+    ("unit-a", "Organization/unit-a", "TREAT", Named::Itself),
+    ("unit-b", "Organization/unit-b", "TREAT", Named::AnotherUnit),
+    ("stepdown", "Organization/stepdown", "TREAT", Named::Itself),
+];
+
+/// The purposes a consent is given for.
+const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
+
+/// Ways out of the gateway. Referral feedback, step-down referrals and subscription notifications
+/// join as rows here with one driver each in [`way_out`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    Read,
+    Search,
+    Include,
+    Everything,
+    Export,
+}
+
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export];
+
+/// The expected answer of one row.
+fn allowed(named: Named, recipient_purpose: &str, consent_purpose: &str, permits: bool) -> bool {
+    match named {
+        Named::Owner => true,
+        Named::AnotherUnit => false,
+        Named::Itself => permits && recipient_purpose == consent_purpose,
+    }
+}
+
+/// One patient per row: what was stored for it.
+struct Row {
+    client: &'static str,
+    state: State,
+    consent_purpose: &'static str,
+    expect: bool,
+    patient: String,
+    /// The Part 2 record (a ServiceRequest for a substance-use diagnosis).
+    record: String,
+    disclosure: bool,
+}
+
+fn consent(patient: &str, recipient: &str, purpose: &str, state: State) -> Value {
+    let (start, end) = if state == State::Expired { ("2020-01-01", "2020-12-31") } else { ("2026-01-01", "2099-12-31") };
+    let mut provision = json!({
+        "type": "permit",
+        "period": {"start": start, "end": end},
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]}, "reference": {"reference": recipient}}],
+        "purpose": [{"system": ACT_REASON, "code": purpose}]
+    });
+    match state {
+        State::DenyProvision => provision["provision"] = json!([{"type": "deny"}]),
+        State::LabelRestricted => provision["securityLabel"] = json!([{"system": ACT_CODE, "code": "HIV"}]),
+        _ => {}
+    }
+    json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": ACT_CODE, "code": "IDSCL"}]}],
+        "patient": {"reference": patient},
+        "dateTime": "2026-01-05T10:00:00Z",
+        "organization": [{"reference": PROGRAM}],
+        "policyRule": {"coding": [{"system": ACT_CODE, "code": "42CFRPart2"}]},
+        "provision": provision
+    })
+}
+
+/// The program's Part 2 record: a referral for an alcohol use disorder (ICD-10-CM F10.20), addressed to the recipient.
+fn sud_referral(patient: &str, recipient: &str) -> Value {
+    json!({
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": patient},
+        "requester": {"reference": PROGRAM},
+        "performer": [{"reference": recipient}],
+        "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F10.20"}]}]
+    })
+}
+
+/// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
+async fn gateway(extra: &str) -> Gateway {
+    gateway_on(extra, None).await
+}
+
+/// [`gateway`] on SQLite, or on PostgreSQL (url, schema).
+async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
+    let dir = TempDir::new("consent");
+    let mut keys = partner_keys();
+    let mut text = config_text(&dir.0, &keys, extra);
+    if let Some((url, schema)) = postgres {
+        text = text.replacen("[store]\n", &format!("[store]\nurl = \"{url}\"\nschema = \"{schema}\"\n"), 1);
+    }
+    let stepdown = iop_gateway::auth::keys::KeyPair::generate_es384("stepdown-1").unwrap();
+    let jwks = dir.0.join("stepdown.jwks.json");
+    std::fs::write(&jwks, stepdown.jwks_json()).unwrap();
+    text.push_str(&format!(
+        "[[clients]]\nid = \"stepdown\"\nrole = \"inpatient-unit\"\norganization = \"Organization/stepdown\"\npurpose = \"treatment\"\njwks_file = {:?}\n",
+        jwks.display().to_string()
+    ));
+    keys.push(("stepdown".into(), stepdown));
+    Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
+}
+
+fn created_id(status: u16, body: &Value) -> String {
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// Stores one row's patient (managed by the recipient, so it is a party), its Part 2 record, a Task
+/// pointing at it (for `_include`), and the consent of the row's state.
+async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &str, Named), consent_purpose: &'static str, state: State, expect: bool) -> Row {
+    let (client, organization, _, named) = recipient;
+    let mut patient = super::support::patient(&format!("MRN-{client}-{consent_purpose}-{state:?}"));
+    patient["managingOrganization"] = json!({"reference": organization});
+    let patient = format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await));
+    let record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
+    let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
+    created_id_of(gw.post(clinic, "Task", &task).await);
+    let named_org = if named == Named::AnotherUnit { "Organization/unit-a" } else { organization };
+    if state != State::None {
+        let body = consent(&patient, named_org, consent_purpose, state);
+        let id = created_id_of(gw.post(clinic, "Consent", &body).await);
+        if state == State::Revoked {
+            let mut revoked = body.clone();
+            revoked["id"] = json!(id);
+            revoked["status"] = json!("inactive");
+            let (status, updated) = gw.put(clinic, &format!("Consent/{id}"), &revoked).await;
+            assert_eq!(status, 200, "{updated}");
+        }
+    }
+    Row { client, state, consent_purpose, expect, patient, record, disclosure: expect && named != Named::Owner }
+}
+
+fn created_id_of((status, body): (u16, Value)) -> String {
+    created_id(status, &body)
+}
+
+/// Whether the row's record left the gateway by `way` (its driver); `exported` holds each client's export.
+async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTreeMap<&str, HashSet<String>>) -> bool {
+    let record_id = row.record.trim_start_matches("ServiceRequest/");
+    let contains = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["id"] == record_id));
+    match way {
+        Way::Read => {
+            let (status, body) = gw.get(token, &row.record).await;
+            assert!(status == 200 || status == 404, "{status}: {body}");
+            if status == 200 {
+                assert!(body["meta"]["security"].as_array().unwrap().iter().any(|c| c["code"] == "NORDSCLCD") || row.client == "clinic", "the refrain: {body}");
+            }
+            status == 200
+        }
+        Way::Search => {
+            let (status, body) = gw.get(token, &format!("ServiceRequest?patient={}", row.patient)).await;
+            assert_eq!(status, 200, "{body}");
+            let found = contains(&body);
+            assert_eq!(body["total"], json!(u64::from(found)), "the total counts only what is served: {body}");
+            found
+        }
+        Way::Include => {
+            let (status, body) = gw.get(token, &format!("Task?patient={}&_include=Task:based-on", row.patient)).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["total"], 1, "the Task itself is not Part 2: {body}");
+            contains(&body)
+        }
+        Way::Everything => {
+            let (status, body) = gw.get(token, &format!("{}/$everything", row.patient)).await;
+            assert_eq!(status, 200, "{body}");
+            contains(&body)
+        }
+        Way::Export => exported[row.client].contains(&row.record),
+    }
+}
+
+/// ServiceRequests in a client's system-level export.
+async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
+    let kick = gw.http.get(gw.url("$export?_type=ServiceRequest")).bearer_auth(token).header("accept", "application/fhir+json").header("prefer", "respond-async").send().await.unwrap();
+    assert_eq!(kick.status(), 202, "{}", kick.text().await.unwrap());
+    let status_url = kick.headers()["content-location"].to_str().unwrap().to_string();
+    for _ in 0..600 {
+        let response = gw.http.get(&status_url).bearer_auth(token).send().await.unwrap();
+        if response.status() == 202 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(response.status(), 200);
+        let manifest: Value = response.json().await.unwrap();
+        let mut ids = HashSet::new();
+        for file in manifest["output"].as_array().unwrap() {
+            let text = gw.http.get(file["url"].as_str().unwrap()).bearer_auth(token).send().await.unwrap().text().await.unwrap();
+            for line in text.lines() {
+                let resource: Value = serde_json::from_str(line).unwrap();
+                ids.insert(format!("ServiceRequest/{}", resource["id"].as_str().unwrap()));
+            }
+        }
+        return ids;
+    }
+    panic!("the export did not complete");
+}
+
+/// The matrix: every recipient × purpose × consent state × way out from the tables above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosure() {
+    consent_matrix(gateway(FAST).await).await;
+}
+
+/// The same matrix on PostgreSQL, where the consent conditions of searches and exports run as its SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consent_matrix_on_postgres() {
+    let Some(url) = crate::need::postgres("server::consent::the_consent_matrix_on_postgres") else { return };
+    let schema = super::postgres::schema_name("consent");
+    consent_matrix(gateway_on(FAST, Some((&url, &schema))).await).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn consent_matrix(gw: Gateway) {
+    let clinic = gw.token("clinic").await;
+    let mut rows = Vec::new();
+    for &recipient in RECIPIENTS {
+        let (_, _, recipient_purpose, named) = recipient;
+        for &consent_purpose in PURPOSES {
+            for &(state, permits) in STATES {
+                let expect = allowed(named, recipient_purpose, consent_purpose, permits);
+                rows.push(store_row(&gw, &clinic, recipient, consent_purpose, state, expect).await);
+            }
+        }
+    }
+    let mut tokens = BTreeMap::new();
+    let mut exported = BTreeMap::new();
+    for &(client, ..) in RECIPIENTS {
+        let token = gw.token(client).await;
+        exported.insert(client, export_ids(&gw, &token).await);
+        tokens.insert(client, token);
+    }
+    let (mut checked, mut disclosed) = (0, 0);
+    for row in &rows {
+        for &way in WAYS {
+            let out = way_out(&gw, &tokens[row.client], row, way, &exported).await;
+            assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
+            checked += 1;
+            disclosed += usize::from(out && row.disclosure);
+        }
+    }
+    assert_eq!(checked, RECIPIENTS.len() * PURPOSES.len() * STATES.len() * WAYS.len());
+    // The accounting: one PrivacyDisclosure per way a consented record left, none for the rest.
+    let ops = gw.token("ops").await;
+    let mut audited = 0;
+    for row in &rows {
+        let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={}&subtype=disclose", row.patient)).await;
+        assert_eq!(status, 200, "{events}");
+        let total = events["total"].as_u64().unwrap() as usize;
+        assert_eq!(total, if row.disclosure { WAYS.len() } else { 0 }, "{} × {} × {:?}: {events}", row.client, row.consent_purpose, row.state);
+        for event in events["entry"].as_array().into_iter().flatten() {
+            let event = &event["resource"];
+            assert_eq!(event["type"]["code"], "110106");
+            assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
+            let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
+            assert!(whats.contains(&row.record.as_str()) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
+        }
+        audited += total;
+    }
+    assert_eq!(audited, disclosed, "each allowed disclosure audited once");
+    let without_consent: usize = rows.iter().filter(|r| !r.expect).count();
+    assert!(disclosed > 0 && without_consent > 0, "the table has both answers");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_labelled_when_stored_and_enrolment_labels_the_clients_later_records() {
+    let gw = gateway("").await;
+    let clinic = gw.token("clinic").await;
+    let labels = |body: &Value| -> Vec<String> {
+        body["meta"]["security"].as_array().map(|a| a.iter().map(|c| format!("{}|{}", c["system"].as_str().unwrap_or_default(), c["code"].as_str().unwrap())).collect()).unwrap_or_default()
+    };
+    let part2 = [format!("{ACT_CODE}|42CFRPart2"), "http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R".to_string(), format!("{ACT_CODE}|SUD")];
+    let patient = format!("Patient/{}", created_id_of(gw.post(&clinic, "Patient", &super::support::patient("MRN-LABELS")).await));
+    let (_, sud) = gw.post(&clinic, "ServiceRequest", &sud_referral(&patient, "Organization/unit-a")).await;
+    assert_eq!(labels(&sud), part2, "an F10–F19 diagnosis: {sud}");
+    let (_, before) = gw.post(&clinic, "Observation", &super::support::phq9(&patient, 12, "2026-03-01T10:00:00Z")).await;
+    assert!(labels(&before).is_empty(), "nothing marks a depression score of a client not enrolled: {before}");
+    let episode = json!({
+        "resourceType": "EpisodeOfCare", "status": "active",
+        "type": [{"coding": [{"system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "H0015"}]}],
+        "patient": {"reference": patient}, "managingOrganization": {"reference": PROGRAM}
+    });
+    let (status, enrolled) = gw.post(&clinic, "EpisodeOfCare", &episode).await;
+    assert_eq!(status, 201, "{enrolled}");
+    assert_eq!(labels(&enrolled), part2, "the enrolment in a substance-use program");
+    let (_, after) = gw.post(&clinic, "Observation", &super::support::phq9(&patient, 12, "2026-03-08T10:00:00Z")).await;
+    assert_eq!(labels(&after), part2, "everything about a client who is or was enrolled: {after}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_consents_are_refused_saying_what_and_where() {
+    let gw = gateway("").await;
+    let clinic = gw.token("clinic").await;
+    let patient = format!("Patient/{}", created_id_of(gw.post(&clinic, "Patient", &super::support::patient("MRN-BAD")).await));
+    let good = consent(&patient, "Organization/unit-a", "TREAT", State::Active);
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        ("unknown purpose", { let mut c = good.clone(); c["provision"]["purpose"][0]["code"] = json!("MARKETING"); c }, "Consent.provision.purpose[0]", "MARKETING"),
+        ("no actor", { let mut c = good.clone(); c["provision"].as_object_mut().unwrap().remove("actor"); c }, "Consent.provision.actor", "recipient"),
+        ("period ends before it starts", { let mut c = good.clone(); c["provision"]["period"] = json!({"start": "2026-06-01", "end": "2026-01-01"}); c }, "Consent.provision.period", ""),
+        ("unknown recipient", { let mut c = good.clone(); c["provision"]["actor"][0]["reference"]["reference"] = json!("Organization/nobody"); c }, "Consent.provision.actor[0].reference", "Organization/nobody"),
+    ];
+    for (name, body, expression, text) in cases {
+        let (status, outcome) = gw.post(&clinic, "Consent", &body).await;
+        assert_eq!(status, 422, "{name}: {outcome}");
+        let issues = outcome["issue"].as_array().unwrap();
+        assert!(
+            issues.iter().any(|i| i["expression"][0] == expression && i["details"]["text"].as_str().unwrap_or_default().contains(text)),
+            "{name}: {outcome}"
+        );
+    }
+    assert_eq!(gw.post(&clinic, "Consent", &good).await.0, 201);
+    // An IOP consent record names a recipient facility its own mapping creates in the same transaction.
+    let (status, summary) = post_records(&gw, &clinic, &records("consent/part2-to-step-down.json")).await;
+    assert_eq!(status, 200, "{summary}");
+    gw.stop().await;
+}
+
+/// The PAS way out: a request for a client with a substance-use diagnosis is held as a dead letter
+/// "consent required" (the clinic sees it in its records), and after a payment consent a replay sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pas_request_waits_for_consent_and_a_replay_sends_it() {
+    let payer = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+    let gw = gateway(&payer_config(&payer.uri(), "clients = [\"payer-x\"]")).await;
+    let (clinic, ops) = (gw.token("clinic").await, gw.token("ops").await);
+    let mut input = records("authorization/initial.json");
+    input[2]["diagnoses"] = json!([{"code": "F10.20"}]);
+    let (status, summary) = post_records(&gw, &clinic, &input).await;
+    assert_eq!(status, 200, "{summary}");
+    let held = decision(&gw, &clinic, "AUTH-1001-1", "error").await;
+    assert!(held["issues"][0]["text"].as_str().unwrap().starts_with("consent required"), "{held}");
+    assert!(payer.received_requests().await.unwrap().is_empty(), "nothing reached the payer");
+    let patient = format!("Patient/{}", iop_gateway::mapping::ids::resource_id("iop-gateway", "Patient", "client:C-1001"));
+    let (_, none) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    assert_eq!(none["total"], 0);
+
+    // A payment consent to the payer, then the operator replays the dead letter.
+    let (status, given) = gw.post(&clinic, "Consent", &consent(&patient, "Organization/payer-x", "HPAYMT", State::Active)).await;
+    assert_eq!(status, 201, "{given}");
+    let (_, dead) = gw.get(&ops, "admin/outbox?status=dead").await;
+    let id = dead[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(gw.post(&ops, &format!("admin/outbox/{id}/$replay"), &json!({})).await.0, 200);
+    decision(&gw, &clinic, "AUTH-1001-1", "certified").await;
+    let received = payer.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    let sent: Value = serde_json::from_slice(&received[0].body).unwrap();
+    let claim = &sent["entry"][0]["resource"];
+    let codes: Vec<&str> = claim["meta"]["security"].as_array().unwrap().iter().filter_map(|c| c["code"].as_str()).collect();
+    assert!(codes.contains(&"42CFRPart2") && codes.contains(&"NORDSCLCD"), "{claim}");
+    let (_, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    assert_eq!(events["total"], 1, "{events}");
+    assert_eq!(events["entry"][0]["resource"]["purposeOfEvent"][0]["coding"][0]["code"], "HPAYMT");
+    gw.stop().await;
+}
