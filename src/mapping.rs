@@ -178,6 +178,16 @@ impl MappingSet {
     /// that add to another record's resource (`merge`) or collect what a resource references
     /// (`collect`) need those records in the same batch; without them the problem is an error issue.
     pub fn records_to_fhir(&self, records: &[Json]) -> Mapped<Json> {
+        self.records_to_fhir_resolving(records, &BTreeMap::new())
+    }
+
+    /// [`records_to_fhir`](Self::records_to_fhir), with references the caller has already resolved:
+    /// `resolved` maps a resource mapping would name (`Type/id`, the id as [`resource_id`](Self::resource_id)
+    /// gives it) to the reference of a resource stored under another id (an inbound referral's
+    /// ServiceRequest keeps the id its sender's Bundle gave it). Such references are written as the
+    /// stored ones, so they are not the batch's to produce (a `collect` does not look for them).
+    /// The caller finds them; mapping itself reads nothing.
+    pub fn records_to_fhir_resolving(&self, records: &[Json], resolved: &BTreeMap<String, String>) -> Mapped<Json> {
         let mut issues = Vec::new();
         let mut resources = Vec::new();
         let mut by_record = vec![Vec::new(); records.len()];
@@ -218,6 +228,15 @@ impl MappingSet {
                     resources.append(&mut produced)
                 }
                 Err(e) => issues.push(MapIssue { severity: Severity::Error, source: label.clone(), path: e.path, message: e.message }),
+            }
+        }
+        if !resolved.is_empty() {
+            let urls: BTreeMap<String, &String> = resolved
+                .iter()
+                .filter_map(|(named, stored)| named.split_once('/').map(|(_, id)| (format!("urn:uuid:{id}"), stored)))
+                .collect();
+            for produced in &mut resources {
+                resolve_references(&mut produced.resource, &urls);
             }
         }
         let (bundle, assembly) = bundle::transaction(resources);
@@ -273,5 +292,25 @@ fn record_label(record: &Json, index: usize) -> String {
     match record.get("id").and_then(Json::as_str) {
         Some(id) => format!("{record_type} {id}"),
         None => format!("{record_type} #{index}"),
+    }
+}
+
+/// Writes every `reference` that `urls` names (a batch's `urn:uuid:<id>`) as the stored resource's reference.
+fn resolve_references(value: &mut Json, urls: &BTreeMap<String, &String>) {
+    match value {
+        Json::Object(object) => {
+            for (name, member) in object.iter_mut() {
+                match member {
+                    Json::String(reference) if name == "reference" => {
+                        if let Some(stored) = urls.get(reference.as_str()) {
+                            *member = Json::string(stored.as_str());
+                        }
+                    }
+                    other => resolve_references(other, urls),
+                }
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(|i| resolve_references(i, urls)),
+        _ => {}
     }
 }

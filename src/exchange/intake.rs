@@ -58,7 +58,7 @@ pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>)
 }
 
 /// Stores and queues records, all or none: the clinic's and the extension requests the utilization rule sends.
-pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
+pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
     if records.is_empty() {
         return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
     }
@@ -71,7 +71,11 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
     if !issues.is_empty() {
         return Err(ApiError::Unprocessable(issues));
     }
-    let mapped = state.mappings.records_to_fhir(&records);
+    // A re-posted step-down referral keeps the progress its provider gave it.
+    let kept = super::step_down::keep_progress(state, &mut records).await?;
+    // An enrollment naming a referral the gateway received points at that referral's stored ServiceRequest.
+    let resolved = super::referral::stored_requests(state, &records).await?;
+    let mapped = state.mappings.records_to_fhir_resolving(&records, &resolved);
     for issue in mapped.issues.iter().filter(|i| i.severity.is_error()) {
         let index = records.iter().position(|r| label(r) == issue.source);
         let expression = index.map(|i| located(i, &issue.path)).unwrap_or_default();
@@ -82,7 +86,9 @@ pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>)
     if !issues.is_empty() {
         return Err(ApiError::Unprocessable(issues));
     }
-    let bundle = write::validate(state, mapped.output, Vec::new()).await?;
+    let mut output = mapped.output;
+    super::step_down::keep_task_progress(state, &mut output, &kept).await?;
+    let bundle = write::validate(state, output, Vec::new()).await?;
     let entries: Vec<(String, String, Json)> = bundle
         .get("entry")
         .and_then(Json::as_array)

@@ -533,6 +533,29 @@ pub async fn follow(state: &AppState, principal: &Principal, records: &[Json]) -
     Ok(())
 }
 
+/// The ServiceRequests of inbound referrals that the records' enrollments name in `referral_id`,
+/// as mapping would name them (`ServiceRequest/<id of referral:{referral_id}>`) → as stored. A
+/// referral received from a unit was stored from the unit's Bundle under a server id, not the id
+/// mapping derives, so without this an enrollment naming it (and a discharge summary gathering the
+/// enrollment's episode) would point at a ServiceRequest that does not exist. The stored Task's
+/// `focus` is the one. A referral record of the batch itself produces its ServiceRequest: left alone.
+pub async fn stored_requests(state: &AppState, records: &[Json]) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut resolved = std::collections::BTreeMap::new();
+    for referral_id in of_type(records, "enrollment").map(|r| text(r, "referral_id")).filter(|id| !id.is_empty()) {
+        if of_type(records, "referral").any(|r| text(r, "id") == referral_id) {
+            continue;
+        }
+        let Some(route) = state.store.referral_route(&referral_id).await? else { continue };
+        let Some(task) = state.store.read("Task", &route.task_id).await? else { continue };
+        let task: Value = serde_json::from_str(&task.body).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
+        if let Some(focus) = task["focus"]["reference"].as_str().filter(|f| f.starts_with("ServiceRequest/")) {
+            let named = format!("ServiceRequest/{}", state.mappings.resource_id("ServiceRequest", &format!("referral:{referral_id}")));
+            resolved.insert(named, focus.to_string());
+        }
+    }
+    Ok(resolved)
+}
+
 fn of_type<'a>(records: &'a [Json], record_type: &'a str) -> impl Iterator<Item = &'a Json> {
     records.iter().filter(move |r| r.get(RECORD_TYPE_MEMBER).and_then(Json::as_str) == Some(record_type))
 }

@@ -362,6 +362,79 @@ pub async fn task_changed(tx: &mut Tx, state: &AppState, task: &Json) -> Result<
     Ok(())
 }
 
+/// The status a step-down referral is sent with; the provider's answers move it on from there.
+const SENT: &str = "requested";
+
+/// A re-post of an outbound referral the provider has answered must not move it backwards. The
+/// clinic re-posts the same records (a discharge batch sent again) with the status it first sent,
+/// `requested`, while the stored record follows the provider's Task ([`task_changed`]): when the
+/// posted record is the stored one apart from that progress (`status`, `status_reason`), it is
+/// taken with the stored progress, so the record, the ServiceRequest and the Task mapping makes of
+/// it say what the provider said. Returns the ids of the referrals kept so; [`keep_task_progress`]
+/// then keeps the rest of the Task's progress. Any other change the clinic posts applies as posted.
+pub async fn keep_progress(state: &AppState, records: &mut [Json]) -> Result<Vec<String>, ApiError> {
+    let mut kept = Vec::new();
+    for record in records.iter_mut() {
+        if text(record, "record_type") != "referral" || text(record, "direction") != "outbound" || text(record, "status") != SENT {
+            continue;
+        }
+        let id = text(record, "id");
+        let Some(stored) = state.store.record("referral", &id, "outbound").await? else { continue };
+        if stored.status == SENT {
+            continue;
+        }
+        let Ok(stored) = serde_json::from_str::<Value>(&stored.body) else { continue };
+        let without_progress = |r: &Value| {
+            let mut r = r.clone();
+            r.as_object_mut().map(|o| ["status", "status_reason"].map(|m| o.remove(m)));
+            r
+        };
+        if without_progress(&stored) != without_progress(&Value::from(&*record)) {
+            continue;
+        }
+        if let Some(object) = record.as_object_mut() {
+            for member in ["status", "status_reason"] {
+                match stored.get(member) {
+                    Some(value) => object.insert(member, Json::from(value)),
+                    None => {
+                        object.remove(member);
+                    }
+                }
+            }
+        }
+        kept.push(id);
+    }
+    Ok(kept)
+}
+
+/// The Tasks of referrals [`keep_progress`] kept, in the mapped transaction: the provider's progress
+/// (every member it may report, `output` and `note` included, which no record carries) taken from
+/// the stored Task, so re-writing the Task keeps what the provider set.
+pub async fn keep_task_progress(state: &AppState, transaction: &mut Json, kept: &[String]) -> Result<(), ApiError> {
+    for referral in kept {
+        let task_id = state.mappings.resource_id("Task", &format!("referral:{referral}:task"));
+        let Some(stored) = state.store.read("Task", &task_id).await? else { continue };
+        let stored = crate::json::parse(stored.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
+        let Some(Json::Array(entries)) = transaction.as_object_mut().and_then(|b| b.get_mut("entry")) else { continue };
+        for entry in entries.iter_mut() {
+            let Some(task) = entry.as_object_mut().and_then(|e| e.get_mut("resource")) else { continue };
+            if task.get("resourceType").and_then(Json::as_str) != Some("Task") || task.get("id").and_then(Json::as_str) != Some(task_id.as_str()) {
+                continue;
+            }
+            let Some(object) = task.as_object_mut() else { continue };
+            for member in PROGRESS_MEMBERS {
+                match stored.get(member) {
+                    Some(value) => object.insert(*member, value.clone()),
+                    None => {
+                        object.remove(member);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The referral's identifier (the record id) on a ServiceRequest or Task.
 fn referral_id(resource: &Value) -> Option<String> {
     resource["identifier"].as_array()?.iter().find(|i| i["system"] == REFERRAL_ID_SYSTEM)?["value"].as_str().map(str::to_string)

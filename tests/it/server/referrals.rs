@@ -207,19 +207,29 @@ async fn a_referral_message_is_answered_and_the_hospital_hears_every_step_once()
     assert_eq!(business_status(&sent[3].1), "5.1.4");
 
     // Discharged, completed: the feedback document first, then the Task naming it as its output.
-    // The discharge summary gathers the whole episode, so the fixture's episode goes in one batch
-    // (the referral is already tied to the client, by the scheduled answer and the enrollment above);
-    // its step-down provider is not connected here, so the discharge is recorded without sending it.
+    // The discharge summary gathers the whole episode, so the fixture's episode goes in one batch,
+    // its enrollment naming the unit's referral (the natural way to tie them): the summary's episode
+    // points at the ServiceRequest the unit sent. The fixture's own inbound referral record is left
+    // out: the unit's referral is the episode's. Its step-down provider is not connected here, so
+    // the discharge is recorded without sending it.
     let mut batch = Vec::new();
     for concept in ["client", "enrollment", "screening", "session", "care_plan", "consent", "drug_screen", "referral", "discharge"] {
         let found = records(&format!("episode/{concept}.json"));
         batch.extend(found.as_array().cloned().unwrap_or_else(|| vec![found.clone()]));
+    }
+    batch.retain(|r| !(r["record_type"] == "referral" && r["direction"] == "inbound"));
+    for record in batch.iter_mut().filter(|r| r["record_type"] == "enrollment") {
+        record["referral_id"] = json!("RB-RX-40117");
     }
     for record in batch.iter_mut().filter(|r| r["record_type"] == "discharge") {
         record.as_object_mut().unwrap().remove("step_down_referral_id");
     }
     let (status, summary) = post_records(&gw, &clinic, &Value::Array(batch)).await;
     assert_eq!(status, 200, "{summary}");
+    let (_, requests) = gw.get(&unit, "ServiceRequest").await;
+    let unit_request = format!("ServiceRequest/{}", requests["entry"][0]["resource"]["id"].as_str().unwrap());
+    let (_, episodes) = gw.get(&clinic, "EpisodeOfCare").await;
+    assert_eq!(episodes["entry"][0]["resource"]["referralRequest"][0]["reference"].as_str(), Some(unit_request.as_str()), "the episode came of the unit's referral");
     let sent = hospital.accepted_exactly(6).await;
     let (document_at, document) = &sent[4];
     let (task_at, task) = &sent[5];

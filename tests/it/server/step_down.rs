@@ -239,6 +239,10 @@ async fn a_step_down_referral_goes_once_through_an_outage_and_the_providers_acce
     assert!(again["records"].as_array().unwrap().iter().all(|r| r["messages"] == json!([])), "{again}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(provider.received_requests().await.unwrap().len(), 3);
+    // Nor does it move the referral back to requested: the provider's answer stands, in the Task and the record.
+    assert_eq!(outbound_referral(&gw, &clinic).await["status"], "accepted", "the re-post keeps the provider's answer");
+    let (_, kept) = gw.get(&riverbend, &task_path).await;
+    assert_eq!((kept["status"].as_str(), kept["businessStatus"]["coding"][0]["code"].as_str()), (Some("accepted"), Some("3.0")), "{kept}");
     gw.stop().await;
 }
 
@@ -307,6 +311,15 @@ async fn a_provider_declines_by_a_feedback_message_with_its_reason() {
     assert_eq!((status, &again), (200, &response));
     let (_, stored) = gw.get(&clinic, &format!("Task/{}", task["id"].as_str().unwrap())).await;
     assert_eq!(stored["meta"]["versionId"], "2");
+
+    // The discharge batch posted again does not move the declined referral back to requested.
+    let (status, again) = post_records(&gw, &clinic, &episode).await;
+    assert_eq!(status, 200, "{again}");
+    let record = outbound_referral(&gw, &clinic).await;
+    assert_eq!((record["status"].as_str(), record["status_reason"].as_str()), (Some("declined"), Some("No weekly openings until May; referred to the county clinic.")), "{record}");
+    let (_, stored) = gw.get(&clinic, &format!("Task/{}", task["id"].as_str().unwrap())).await;
+    assert_eq!((stored["status"].as_str(), stored["businessStatus"]["coding"][0]["code"].as_str()), (Some("rejected"), Some("4.0")), "{stored}");
+    assert_eq!(stored["statusReason"]["text"].as_str(), Some("No weekly openings until May; referred to the county clinic."), "{stored}");
     gw.stop().await;
 }
 
