@@ -16,7 +16,7 @@ use super::now_ms;
 use super::{consent, inquiry, pas, referral, step_down, subscription, topics};
 use crate::api::state::AppState;
 use crate::partner::Delivery;
-use crate::store::{Attempt, Message};
+use crate::store::{Attempt, Ending, Message, MessageStatus};
 
 /// Runs the worker until the task is aborted.
 pub fn spawn(state: AppState) -> tokio::task::JoinHandle<()> {
@@ -200,6 +200,17 @@ async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, b
         referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::refused(state, message, owner, status, body, reason).await,
         _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
+}
+
+/// Ends a claimed message that nothing else changes with (delivered or dead), if this worker still holds its lease.
+pub(crate) async fn finish(state: &AppState, message: &Message, owner: &str, status: MessageStatus, http_status: u16, error: &str, response: &str) -> Result<bool, crate::api::ApiError> {
+    let mut tx = state.store.begin().await?;
+    let end = Ending { status, at_ms: now_ms(), http_status: i64::from(http_status), error, response };
+    if !tx.finish_message(&message.new.id, owner, &end).await? {
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The wait before retry number `attempts` (1-based): `first`, doubling, capped, with up to a fifth of jitter so retries of many messages spread out.

@@ -17,7 +17,7 @@ use crate::config::{PartnerKind, ReferralUpdates};
 use crate::iop::RECORD_TYPE_MEMBER;
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
-use crate::store::{Ending, Message, MessageStatus, NewMessage, ReferralRoute, Stored, Tx};
+use crate::store::{Message, MessageStatus, NewMessage, ReferralRoute, Stored, Tx};
 
 /// Outbox kind: the referral Task with its new progress, `PUT` at the referrer's FHIR base.
 pub const TASK_UPDATE: &str = "referral-task-update";
@@ -715,23 +715,14 @@ pub async fn callback_partner(state: &AppState, message: &Message) -> Option<cra
 
 /// The referrer took the update: the message is delivered.
 pub async fn delivered(state: &AppState, message: &Message, owner: &str, status: u16, body: &str) -> Result<bool, ApiError> {
-    finish(state, message, owner, MessageStatus::Delivered, status, "", body).await
+    super::outbox::finish(state, message, owner, MessageStatus::Delivered, status, "", body).await
 }
 
 /// The referrer refused the update (or it was given up on): a dead letter for operators; the referral itself stands.
 pub async fn refused(state: &AppState, message: &Message, owner: &str, status: u16, body: &str, reason: &str) -> Result<bool, ApiError> {
-    finish(state, message, owner, MessageStatus::Dead, status, reason, body).await
+    super::outbox::finish(state, message, owner, MessageStatus::Dead, status, reason, body).await
 }
 
-async fn finish(state: &AppState, message: &Message, owner: &str, status: MessageStatus, http: u16, error: &str, body: &str) -> Result<bool, ApiError> {
-    let mut tx = state.store.begin().await?;
-    let end = Ending { status, at_ms: super::now_ms(), http_status: i64::from(http), error, response: body };
-    if !tx.finish_message(&message.new.id, owner, &end).await? {
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
-}
 
 /// An id that follows from what it names, so whatever is built again is the same thing.
 fn name_id(text: &str) -> String {

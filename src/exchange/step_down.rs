@@ -18,7 +18,7 @@ use crate::api::state::AppState;
 use crate::api::write::{self, Failure};
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
-use crate::store::{Ending, Message, MessageStatus, NewMessage, Tx};
+use crate::store::{Message, MessageStatus, NewMessage, Tx};
 
 /// The outbox kind of a step-down referral message.
 pub const REFERRAL: &str = "step-down-referral";
@@ -299,23 +299,14 @@ fn without_version(mut resource: Value) -> Value {
 
 /// The provider took the message: it is delivered, with its answer kept for operators.
 pub async fn delivered(state: &AppState, message: &Message, owner: &str, status: u16, body: &str) -> Result<bool, ApiError> {
-    finish(state, message, owner, MessageStatus::Delivered, status, "", body).await
+    super::outbox::finish(state, message, owner, MessageStatus::Delivered, status, "", body).await
 }
 
 /// The provider refused the message (or it was given up on): a dead letter, for an operator to replay.
 pub async fn refused(state: &AppState, message: &Message, owner: &str, status: u16, body: &str, reason: &str) -> Result<bool, ApiError> {
-    finish(state, message, owner, MessageStatus::Dead, status, reason, body).await
+    super::outbox::finish(state, message, owner, MessageStatus::Dead, status, reason, body).await
 }
 
-async fn finish(state: &AppState, message: &Message, owner: &str, status: MessageStatus, http_status: u16, error: &str, body: &str) -> Result<bool, ApiError> {
-    let mut tx = state.store.begin().await?;
-    let end = Ending { status, at_ms: super::now_ms(), http_status: i64::from(http_status), error, response: body };
-    if !tx.finish_message(&message.new.id, owner, &end).await? {
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
-}
 
 /// After a Task version is written by someone other than its owner (the provider answering): when it
 /// is the Task of an outbound (step-down) referral, the outbound referral record follows it in the
