@@ -356,7 +356,9 @@ async fn notify_all(gw: &Gateway, hooks: &MockServer, clinic: &str, rows: &[Row]
             let client = request.url.path().trim_start_matches("/hooks/").to_string();
             for event in parameters.iter().filter(|p| p["name"] == "notification-event") {
                 let focus = event["part"].as_array().unwrap().iter().find(|q| q["name"] == "focus").unwrap()["valueReference"]["reference"].as_str().unwrap();
-                let focus = focus.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/");
+                // `[base/]Task/id[/_history/n]` → `Task/id`.
+                let tail = &focus[focus.find("Task/").unwrap()..];
+                let focus = tail.split('/').take(2).collect::<Vec<_>>().join("/");
                 let resource = bundle["entry"].as_array().unwrap().iter().skip(1).find(|e| format!("Task/{}", e["resource"]["id"].as_str().unwrap_or_default()) == focus).map_or(Value::Null, |e| e["resource"].clone());
                 notified.entry(client.clone()).or_default().push((focus, resource));
             }
