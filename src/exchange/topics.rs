@@ -19,7 +19,6 @@ use crate::api::ApiError;
 use crate::api::part2::Disclosed;
 use crate::api::state::AppState;
 use crate::api::write::{self, Failure};
-use crate::auth::Disclosure;
 use crate::config::TopicsConfig;
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
@@ -382,7 +381,17 @@ pub async fn on_write(tx: &mut Tx, state: &AppState, stored: &Stored, resource: 
     let mut queued = false;
     for sub in live.iter().filter(|s| matches(&s.filters, resource)) {
         let Some(principal) = crate::api::caller::principal_of(state, &sub.client_id, &sub.scope) else { continue };
-        if principal.disclosure(stored.facts()) != Disclosure::Allow {
+        // Part 2 data goes to a partner as its patient's consent allows (the send step decides again).
+        let consents = if principal.needs_consent(stored.facts()) {
+            let patients = crate::search::compartment::patients(&stored.resource_type, resource);
+            state.store.consent_rules_of(&patients).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "Consent rules could not be read; the Part 2 event is withheld.");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        if !principal.disclosure(stored.facts_with(&consents)).is_allowed() {
             continue;
         }
         let event = TopicEvent { number: 0, resource_type: stored.resource_type.clone(), resource_id: stored.id.clone(), version: stored.version, at: stored.last_updated.clone() };

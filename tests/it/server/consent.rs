@@ -61,7 +61,8 @@ const RECIPIENTS: &[(&str, &str, &str, Named)] = &[
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
 
-/// Ways out of the gateway. Referral feedback and step-down referrals join as rows here with one driver each in [`way_out`].
+/// Ways out of the gateway. Referral feedback, step-down referrals and subscription notifications
+/// join as rows here with one driver each in [`way_out`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Read,
@@ -69,22 +70,9 @@ enum Way {
     Include,
     Everything,
     Export,
-    /// A full-resource notification of the recipient's own Subscription (filter `owner=` its
-    /// organization) to its wiremock endpoint, when the clinic adds the SUD diagnosis to the row's Task.
-    /// Last: it labels the Task, which the ways before it serve unlabelled.
-    Notification,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification];
-
-/// What left the gateway by the ways that send in bulk or by push, gathered before their rows are checked.
-#[derive(Default)]
-struct Sent {
-    /// Each client's system-level export.
-    exported: BTreeMap<&'static str, HashSet<String>>,
-    /// `Task/id` of every event focus each client's endpoint received, with the Task the notification carried.
-    notified: BTreeMap<String, Vec<(String, Value)>>,
-}
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export];
 
 /// The expected answer of one row.
 fn allowed(named: Named, recipient_purpose: &str, consent_purpose: &str, permits: bool) -> bool {
@@ -104,8 +92,6 @@ struct Row {
     patient: String,
     /// The Part 2 record (a ServiceRequest for a substance-use diagnosis).
     record: String,
-    /// The Task pointing at it, as stored (not Part 2 until the notification way adds the diagnosis).
-    task: Value,
     disclosure: bool,
 }
 
@@ -150,12 +136,11 @@ fn sud_referral(patient: &str, recipient: &str) -> Value {
 
 /// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
 async fn gateway(extra: &str) -> Gateway {
-    gateway_on(extra, None, None).await
+    gateway_on(extra, None).await
 }
 
-/// [`gateway`] on SQLite, or on PostgreSQL (url, schema); with `hooks` (a wiremock base URL), every
-/// recipient may call back under `{hooks}/hooks/`, and notifications are retried fast.
-async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>, hooks: Option<&str>) -> Gateway {
+/// [`gateway`] on SQLite, or on PostgreSQL (url, schema).
+async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
     let dir = TempDir::new("consent");
     let mut keys = partner_keys();
     let mut text = config_text(&dir.0, &keys, extra);
@@ -170,13 +155,6 @@ async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>, hooks: Option<&
         jwks.display().to_string()
     ));
     keys.push(("stepdown".into(), stepdown));
-    if let Some(hooks) = hooks {
-        for &(client, ..) in RECIPIENTS {
-            let line = format!("id = \"{client}\"\n");
-            text = text.replacen(&line, &format!("{line}callbacks = [\"{hooks}/hooks/\"]\n"), 1);
-        }
-        text.push_str("[outbox]\npoll_interval_ms = 50\n\n[topics]\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n");
-    }
     Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
 }
 
@@ -194,8 +172,7 @@ async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &
     let patient = format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await));
     let record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
     let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
-    let (status, task) = gw.post(clinic, "Task", &task).await;
-    assert_eq!(status, 201, "{task}");
+    created_id_of(gw.post(clinic, "Task", &task).await);
     let named_org = if named == Named::AnotherUnit { "Organization/unit-a" } else { organization };
     if state != State::None {
         let body = consent(&patient, named_org, consent_purpose, state);
@@ -208,7 +185,7 @@ async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &
             assert_eq!(status, 200, "{updated}");
         }
     }
-    Row { client, state, consent_purpose, expect, patient, record, task, disclosure: expect && named != Named::Owner }
+    Row { client, state, consent_purpose, expect, patient, record, disclosure: expect && named != Named::Owner }
 }
 
 fn created_id_of((status, body): (u16, Value)) -> String {
@@ -216,7 +193,7 @@ fn created_id_of((status, body): (u16, Value)) -> String {
 }
 
 /// Whether the row's record left the gateway by `way` (its driver); `exported` holds each client's export.
-async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) -> bool {
+async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTreeMap<&str, HashSet<String>>) -> bool {
     let record_id = row.record.trim_start_matches("ServiceRequest/");
     let contains = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["id"] == record_id));
     match way {
@@ -246,19 +223,7 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
             assert_eq!(status, 200, "{body}");
             contains(&body)
         }
-        Way::Export => sent.exported[row.client].contains(&row.record),
-        Way::Notification => {
-            let task = format!("Task/{}", row.task["id"].as_str().unwrap());
-            let got: Vec<&Value> = sent.notified.get(row.client).into_iter().flatten().filter(|(focus, _)| *focus == task).map(|(_, r)| r).collect();
-            assert!(got.len() <= 1, "one event, one notification: {got:?}");
-            if let Some(resource) = got.first() {
-                assert_eq!(resource["reasonCode"]["coding"][0]["code"], "F10.20", "the Part 2 version: {resource}");
-                let codes: Vec<&str> = resource["meta"]["security"].as_array().unwrap().iter().filter_map(|c| c["code"].as_str()).collect();
-                assert!(codes.contains(&"42CFRPart2"), "{resource}");
-                assert!(codes.contains(&"NORDSCLCD") || row.client == "clinic", "the refrain: {resource}");
-            }
-            !got.is_empty()
-        }
+        Way::Export => exported[row.client].contains(&row.record),
     }
 }
 
@@ -291,8 +256,7 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
 /// The matrix: every recipient × purpose × consent state × way out from the tables above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosure() {
-    let hooks = MockServer::start().await;
-    consent_matrix(gateway_on(FAST, None, Some(&hooks.uri())).await, &hooks).await;
+    consent_matrix(gateway(FAST).await).await;
 }
 
 /// The same matrix on PostgreSQL, where the consent conditions of searches and exports run as its SQL.
@@ -300,82 +264,11 @@ async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosu
 async fn the_consent_matrix_on_postgres() {
     let Some(url) = crate::need::postgres("server::consent::the_consent_matrix_on_postgres") else { return };
     let schema = super::postgres::schema_name("consent");
-    let hooks = MockServer::start().await;
-    consent_matrix(gateway_on(FAST, Some((&url, &schema)), Some(&hooks.uri())).await, &hooks).await;
+    consent_matrix(gateway_on(FAST, Some((&url, &schema))).await).await;
     super::postgres::drop_schema(&schema).await;
 }
 
-/// The notification way: each recipient subscribes (full-resource, its own organization's Tasks), the
-/// clinic adds the SUD diagnosis to every row's Task, and the endpoint keeps what it received.
-async fn notify_all(gw: &Gateway, hooks: &MockServer, clinic: &str, rows: &[Row], tokens: &BTreeMap<&str, String>) -> BTreeMap<String, Vec<(String, Value)>> {
-    Mock::given(method("POST")).respond_with(wiremock::ResponseTemplate::new(200)).mount(hooks).await;
-    for &(client, organization, ..) in RECIPIENTS {
-        let subscription = json!({
-            "resourceType": "Subscription",
-            "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription"]},
-            "status": "requested",
-            "reason": "Hear about the referrals we own",
-            "criteria": "http://iop-gateway.org/fhir/SubscriptionTopic/referral-task-changed",
-            "_criteria": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria", "valueString": format!("Task?owner={organization}")}]},
-            "channel": {
-                "type": "rest-hook",
-                "endpoint": format!("{}/hooks/{client}", hooks.uri()),
-                "payload": "application/fhir+json",
-                "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "full-resource"}]}
-            }
-        });
-        let id = created_id_of(gw.post(&tokens[client], "Subscription", &subscription).await);
-        let mut active = false;
-        for _ in 0..200 {
-            let (_, read) = gw.get(&tokens[client], &format!("Subscription/{id}")).await;
-            if read["status"] == "active" {
-                active = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(active, "{client}: the handshake");
-    }
-    for row in rows {
-        let mut task = row.task.clone();
-        task["status"] = json!("accepted");
-        task["reasonCode"] = json!({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F10.20"}]});
-        let (status, body) = gw.put(clinic, &format!("Task/{}", task["id"].as_str().unwrap()), &task).await;
-        assert_eq!(status, 200, "{body}");
-    }
-    // Wait for the endpoint to go quiet: the notifications expected, then nothing more for a while.
-    let expected = rows.iter().filter(|r| r.expect).count();
-    let events = || async {
-        let mut notified: BTreeMap<String, Vec<(String, Value)>> = BTreeMap::new();
-        for request in hooks.received_requests().await.unwrap() {
-            let bundle: Value = serde_json::from_slice(&request.body).unwrap();
-            let parameters = bundle["entry"][0]["resource"]["parameter"].as_array().cloned().unwrap_or_default();
-            if !parameters.iter().any(|p| p["name"] == "type" && p["valueCode"] == "event-notification") {
-                continue;
-            }
-            let client = request.url.path().trim_start_matches("/hooks/").to_string();
-            for event in parameters.iter().filter(|p| p["name"] == "notification-event") {
-                let focus = event["part"].as_array().unwrap().iter().find(|q| q["name"] == "focus").unwrap()["valueReference"]["reference"].as_str().unwrap();
-                // `[base/]Task/id[/_history/n]` → `Task/id`.
-                let tail = &focus[focus.find("Task/").unwrap()..];
-                let focus = tail.split('/').take(2).collect::<Vec<_>>().join("/");
-                let resource = bundle["entry"].as_array().unwrap().iter().skip(1).find(|e| format!("Task/{}", e["resource"]["id"].as_str().unwrap_or_default()) == focus).map_or(Value::Null, |e| e["resource"].clone());
-                notified.entry(client.clone()).or_default().push((focus, resource));
-            }
-        }
-        notified
-    };
-    for _ in 0..300 {
-        if events().await.values().map(Vec::len).sum::<usize>() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    events().await
-}
-
-async fn consent_matrix(gw: Gateway, hooks: &MockServer) {
+async fn consent_matrix(gw: Gateway) {
     let clinic = gw.token("clinic").await;
     let mut rows = Vec::new();
     for &recipient in RECIPIENTS {
@@ -388,19 +281,16 @@ async fn consent_matrix(gw: Gateway, hooks: &MockServer) {
         }
     }
     let mut tokens = BTreeMap::new();
-    let mut sent = Sent::default();
+    let mut exported = BTreeMap::new();
     for &(client, ..) in RECIPIENTS {
         let token = gw.token(client).await;
-        sent.exported.insert(client, export_ids(&gw, &token).await);
+        exported.insert(client, export_ids(&gw, &token).await);
         tokens.insert(client, token);
     }
     let (mut checked, mut disclosed) = (0, 0);
-    for &way in WAYS {
-        if way == Way::Notification {
-            sent.notified = notify_all(&gw, hooks, &clinic, &rows, &tokens).await;
-        }
-        for row in &rows {
-            let out = way_out(&gw, &tokens[row.client], row, way, &sent).await;
+    for row in &rows {
+        for &way in WAYS {
+            let out = way_out(&gw, &tokens[row.client], row, way, &exported).await;
             assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
             checked += 1;
             disclosed += usize::from(out && row.disclosure);
@@ -420,8 +310,7 @@ async fn consent_matrix(gw: Gateway, hooks: &MockServer) {
             assert_eq!(event["type"]["code"], "110106");
             assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
             let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
-            let task = format!("Task/{}", row.task["id"].as_str().unwrap());
-            assert!((whats.contains(&row.record.as_str()) || whats.contains(&task.as_str())) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
+            assert!(whats.contains(&row.record.as_str()) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
         }
         audited += total;
     }
