@@ -74,6 +74,10 @@ pub fn recipient(state: &AppState, partner: &Partner) -> Recipient {
 /// Checks a message's payload at send time.
 pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &str, payload: &str) -> Checked {
     let Ok(mut document) = crate::json::parse(payload.as_bytes()) else { return Checked::Send { payload: None, disclosures: Vec::new() } };
+    if recipient == state.program() {
+        // The program's own client (a notification of its own Subscription): use inside the program is not a disclosure.
+        return Checked::Send { payload: None, disclosures: Vec::new() };
+    }
     let (purpose, withholding) = match KINDS.iter().find(|(k, _, _)| *k == kind) {
         Some((_, PurposeOf::Exchange(p), w)) => (*p, *w),
         Some((_, PurposeOf::Recipient, w)) => (configured, *w),

@@ -81,8 +81,8 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         // A partner's own Subscription: its endpoint, its retry and error rules (the partner column names the
         // client). The consent decision is taken again here too, for the client as recipient.
         let recipient = consent::client_recipient(state, &message.new.partner).unwrap_or_else(|| (String::new(), crate::auth::consent::Purpose::Treatment));
-        let payload = match consent::check(state, recipient, &message.new.kind, &message.new.payload).await {
-            consent::Checked::Send { payload, .. } => payload,
+        let (payload, disclosures) = match consent::check(state, recipient, &message.new.kind, &message.new.payload).await {
+            consent::Checked::Send { payload, disclosures } => (payload, disclosures),
             consent::Checked::Hold(reason) => {
                 if let Err(e) = topics::hold(state, owner, &message, &reason).await {
                     tracing::warn!(message = %message.new.id, error = %e, "A notification held for consent could not be recorded; it will be checked again.");
@@ -90,7 +90,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
                 return;
             }
         };
-        match topics::deliver(state, owner, &message, payload.as_deref().unwrap_or(&message.new.payload)).await {
+        match topics::deliver(state, owner, &message, payload.as_deref().unwrap_or(&message.new.payload), &disclosures).await {
             Ok(true) => {}
             Ok(false) => tracing::info!(message = %message.new.id, "The lease on a message ran out before its outcome was recorded; another worker has it."),
             Err(e) => tracing::warn!(message = %message.new.id, error = %e, "A delivery outcome could not be recorded; the message will be sent again."),

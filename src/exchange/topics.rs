@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::ApiError;
+use crate::api::part2::Disclosed;
 use crate::api::state::AppState;
 use crate::api::write::{self, Failure};
-use crate::auth::Disclosure;
 use crate::config::TopicsConfig;
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
@@ -381,7 +381,17 @@ pub async fn on_write(tx: &mut Tx, state: &AppState, stored: &Stored, resource: 
     let mut queued = false;
     for sub in live.iter().filter(|s| matches(&s.filters, resource)) {
         let Some(principal) = crate::api::caller::principal_of(state, &sub.client_id, &sub.scope) else { continue };
-        if principal.disclosure(stored.facts()) != Disclosure::Allow {
+        // Part 2 data goes to a partner as its patient's consent allows (the send step decides again).
+        let consents = if principal.needs_consent(stored.facts()) {
+            let patients = crate::search::compartment::patients(&stored.resource_type, resource);
+            state.store.consent_rules_of(&patients).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "Consent rules could not be read; the Part 2 event is withheld.");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        if !principal.disclosure(stored.facts_with(&consents)).is_allowed() {
             continue;
         }
         let event = TopicEvent { number: 0, resource_type: stored.resource_type.clone(), resource_id: stored.id.clone(), version: stored.version, at: stored.last_updated.clone() };
@@ -409,26 +419,27 @@ pub async fn on_write(tx: &mut Tx, state: &AppState, stored: &Stored, resource: 
 
 /// A notification the consent decision holds: a dead letter saying why (its event stays numbered; `$events` decides again).
 pub async fn hold(state: &AppState, owner: &str, message: &Message, reason: &str) -> Result<bool, ApiError> {
-    finish(state, message, owner, MessageStatus::Dead, 0, reason, "").await
+    finish(state, message, owner, MessageStatus::Dead, 0, reason, "", &[]).await
 }
 
 /// Delivers one claimed notification, handshake or heartbeat to its Subscription's endpoint (`payload`: as the
-/// consent decision left it), and records what followed.
-pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: &str) -> Result<bool, ApiError> {
+/// consent decision left it), and records what followed: once delivered, each Part 2 disclosure the
+/// consent decision allowed (`disclosures`) is accounted for, in the transaction that records the delivery.
+pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: &str, disclosures: &[Disclosed]) -> Result<bool, ApiError> {
     let config = &state.loaded.config.topics;
     let Some(sub) = state.store.topic_subscription(&message.new.record_id).await? else {
-        return finish(state, message, owner, MessageStatus::Dead, 0, "the Subscription was deleted", "").await;
+        return finish(state, message, owner, MessageStatus::Dead, 0, "the Subscription was deleted", "", &[]).await;
     };
     let due = if message.new.kind == HANDSHAKE { sub.status == "requested" } else { sub.status == "active" };
     if !due {
         let why = format!("the Subscription is {}; its events stay available by $events", sub.status);
-        return finish(state, message, owner, MessageStatus::Dead, 0, &why, "").await;
+        return finish(state, message, owner, MessageStatus::Dead, 0, &why, "", &[]).await;
     }
     let callbacks = state.clients.get(&sub.client_id).map(|c| c.config.callbacks.clone()).unwrap_or_default();
     if !crate::config::callback_allowed(&sub.endpoint, &callbacks) {
         let why = "the endpoint is no longer under the client's callbacks";
         state.store.topic_error(&sub.id, why).await?;
-        return finish(state, message, owner, MessageStatus::Dead, 0, why, "").await;
+        return finish(state, message, owner, MessageStatus::Dead, 0, why, "", &[]).await;
     }
     let started = Instant::now();
     let timeout = Duration::from_secs(sub.timeout_secs.clamp(1, config.timeout_secs as i64) as u64);
@@ -453,21 +464,21 @@ pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: 
         Delivery::Accepted { status, body, .. } => {
             state.store.topic_delivered(&sub.id, message.new.kind == HANDSHAKE).await?;
             state.metrics.observe_delivered(&message.new.partner, Duration::from_millis((super::now_ms() - message.created_at).max(0) as u64));
-            finish(state, message, owner, MessageStatus::Delivered, status, "", &body).await
+            finish(state, message, owner, MessageStatus::Delivered, status, "", &body, disclosures).await
         }
         Delivery::Refused { status, body } => {
             let failures = state.store.topic_failed(&sub.id).await?;
             if message.new.kind == HANDSHAKE || failures >= i64::from(config.error_after_failures) {
                 state.store.topic_error(&sub.id, &error).await?;
             }
-            finish(state, message, owner, MessageStatus::Dead, status, &error, &body).await
+            finish(state, message, owner, MessageStatus::Dead, status, &error, &body, &[]).await
         }
         Delivery::Retry { status, error, after } => {
             let failures = state.store.topic_failed(&sub.id).await?;
             if failures >= i64::from(config.error_after_failures) {
                 let why = format!("{failures} failed deliveries in a row, the last: {error}");
                 state.store.topic_error(&sub.id, &why).await?;
-                return finish(state, message, owner, MessageStatus::Dead, status, &why, "").await;
+                return finish(state, message, owner, MessageStatus::Dead, status, &why, "", &[]).await;
             }
             let wait = after.unwrap_or_else(|| super::outbox::backoff(config.first_retry_ms, config.max_backoff_secs, message.attempts));
             Ok(state.store.retry_later(&message.new.id, owner, super::now_ms() + wait.as_millis() as i64, i64::from(status), &error).await?)
@@ -475,7 +486,8 @@ pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: 
     }
 }
 
-async fn finish(state: &AppState, message: &Message, owner: &str, status: MessageStatus, http_status: u16, error: &str, response: &str) -> Result<bool, ApiError> {
+#[allow(clippy::too_many_arguments)]
+async fn finish(state: &AppState, message: &Message, owner: &str, status: MessageStatus, http_status: u16, error: &str, response: &str, disclosures: &[Disclosed]) -> Result<bool, ApiError> {
     let mut tx = state.store.begin().await?;
     let end = Ending { status, at_ms: super::now_ms(), http_status: i64::from(http_status), error, response };
     if !tx.finish_message(&message.new.id, owner, &end).await? {
@@ -488,6 +500,10 @@ async fn finish(state: &AppState, message: &Message, owner: &str, status: Messag
         audit.entities.push(format!("Subscription/{}", message.new.record_id));
         audit.description = Some(format!("subscription notification delivered to the endpoint of Subscription/{}", message.new.record_id));
         tx.append_audit(&audit.row(&state.base_url, crate::api::audit::AuditOutcome::Success)).await?;
+        // And what it carried of Part 2 data, as the consent decision allowed it: one PrivacyDisclosure each.
+        for row in crate::api::audit::disclosure_rows(disclosures, &message.new.partner, None, &state.base_url) {
+            tx.append_audit(&row).await?;
+        }
     }
     tx.commit().await?;
     Ok(true)
