@@ -135,21 +135,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         other => Delivery::Refused { status: 0, body: format!("unknown message kind {other}") },
     };
     let elapsed = started.elapsed();
-    let (status, error) = match &delivery {
-        Delivery::Accepted { status, .. } => (*status, String::new()),
-        Delivery::Retry { status, error, .. } => (*status, error.clone()),
-        Delivery::Refused { status, .. } => (*status, format!("the partner refused the message ({status})")),
-    };
-    let attempt = Attempt { attempt: message.attempts, at: now_ms(), status_code: i64::from(status), error: error.clone(), duration_ms: elapsed.as_millis() as i64 };
-    if let Err(e) = state.store.record_attempt(&message.new.id, &attempt).await {
-        tracing::warn!(error = %e, "An attempt could not be recorded.");
-    }
-    let outcome = match &delivery {
-        Delivery::Accepted { .. } => "delivered",
-        Delivery::Retry { .. } => "retry",
-        Delivery::Refused { .. } => "refused",
-    };
-    state.metrics.observe_delivery(&message.new.partner, outcome, elapsed);
+    let error = record_attempt(state, &message, &delivery, elapsed, "the partner refused the message").await;
     health.report(&message.new.partner, !matches!(delivery, Delivery::Retry { .. }), &error);
     let recorded = match delivery {
         Delivery::Accepted { status, body, location } => {
@@ -200,6 +186,21 @@ async fn refuse(state: &AppState, message: &Message, owner: &str, status: u16, b
         referral::TASK_UPDATE | referral::FEEDBACK_DOCUMENT | referral::FEEDBACK_MESSAGE => referral::refused(state, message, owner, status, body, reason).await,
         _ => pas::refuse(state, message, owner, status, body, reason).await,
     }
+}
+
+/// Records one attempt (its row and metrics) and returns its error, if any (`refused` names who refused, for a refusal).
+pub(crate) async fn record_attempt(state: &AppState, message: &Message, delivery: &Delivery, elapsed: Duration, refused: &str) -> String {
+    let (status, error, outcome) = match delivery {
+        Delivery::Accepted { status, .. } => (*status, String::new(), "delivered"),
+        Delivery::Retry { status, error, .. } => (*status, error.clone(), "retry"),
+        Delivery::Refused { status, .. } => (*status, format!("{refused} ({status})"), "refused"),
+    };
+    let attempt = Attempt { attempt: message.attempts, at: now_ms(), status_code: i64::from(status), error: error.clone(), duration_ms: elapsed.as_millis() as i64 };
+    if let Err(e) = state.store.record_attempt(&message.new.id, &attempt).await {
+        tracing::warn!(error = %e, "An attempt could not be recorded.");
+    }
+    state.metrics.observe_delivery(&message.new.partner, outcome, elapsed);
+    error
 }
 
 /// Ends a claimed message that nothing else changes with (delivered or dead), if this worker still holds its lease.

@@ -23,7 +23,7 @@ use crate::config::TopicsConfig;
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
 use crate::partner::Delivery;
-use crate::store::{Attempt, Ending, Message, MessageStatus, NewMessage, StoreError, Stored, TopicEvent, TopicSubscription, Tx};
+use crate::store::{Ending, Message, MessageStatus, NewMessage, StoreError, Stored, TopicEvent, TopicSubscription, Tx};
 
 /// The topic the gateway publishes: every change of a referral Task.
 pub const TOPIC: &str = "http://iop-gateway.org/fhir/SubscriptionTopic/referral-task-changed";
@@ -445,21 +445,7 @@ pub async fn deliver(state: &AppState, owner: &str, message: &Message, payload: 
     let timeout = Duration::from_secs(sub.timeout_secs.clamp(1, config.timeout_secs as i64) as u64);
     let delivery = state.partners.notify(&sub.endpoint, &sub.headers, payload, timeout).await;
     let elapsed = started.elapsed();
-    let (status, error) = match &delivery {
-        Delivery::Accepted { status, .. } => (*status, String::new()),
-        Delivery::Retry { status, error, .. } => (*status, error.clone()),
-        Delivery::Refused { status, .. } => (*status, format!("the endpoint refused the notification ({status})")),
-    };
-    let attempt = Attempt { attempt: message.attempts, at: super::now_ms(), status_code: i64::from(status), error: error.clone(), duration_ms: elapsed.as_millis() as i64 };
-    if let Err(e) = state.store.record_attempt(&message.new.id, &attempt).await {
-        tracing::warn!(error = %e, "An attempt could not be recorded.");
-    }
-    let outcome = match &delivery {
-        Delivery::Accepted { .. } => "delivered",
-        Delivery::Retry { .. } => "retry",
-        Delivery::Refused { .. } => "refused",
-    };
-    state.metrics.observe_delivery(&message.new.partner, outcome, elapsed);
+    let error = super::outbox::record_attempt(state, message, &delivery, elapsed, "the endpoint refused the notification").await;
     match delivery {
         Delivery::Accepted { status, body, .. } => {
             state.store.topic_delivered(&sub.id, message.new.kind == HANDSHAKE).await?;
