@@ -120,7 +120,7 @@ impl Partners {
             Err(e) => return Delivery::Retry { status: 0, error: describe(&e), after: None },
         };
         let status = response.status().as_u16();
-        let after = retry_after(response.headers());
+        let after = retry_after(response.headers(), MAX_DELIVERY_RETRY_AFTER);
         let text = response.text().await.unwrap_or_default();
         match status {
             200..=299 => Delivery::Accepted { status, body: text, location: None },
@@ -251,7 +251,7 @@ impl FhirClient {
             Err(delivery) => return delivery,
         };
         let status = response.status().as_u16();
-        let after = retry_after(response.headers());
+        let after = retry_after(response.headers(), MAX_DELIVERY_RETRY_AFTER);
         let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
         let text = response.text().await.unwrap_or_default();
         match status {
@@ -369,9 +369,22 @@ fn describe(e: &reqwest::Error) -> String {
     if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from FHIR servers and is treated as absent).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(3600)))
+/// The longest wait an outbox delivery believes a partner's `Retry-After` for: the backoff takes over beyond it.
+const MAX_DELIVERY_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// `Retry-After` in seconds or as an HTTP date, believed up to `cap`.
+fn retry_after(headers: &reqwest::header::HeaderMap, cap: Duration) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let format = time::macros::format_description!("[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT");
+            let at = time::PrimitiveDateTime::parse(value, &format).ok()?.assume_utc();
+            let now = time::OffsetDateTime::now_utc();
+            if at <= now { Duration::ZERO } else { Duration::try_from(at - now).ok()? }
+        }
+    };
+    Some(wait.min(cap))
 }
 
 #[cfg(test)]
@@ -379,14 +392,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_in_seconds_is_read_and_capped() {
+    fn retry_after_reads_seconds_and_dates_and_caps_them() {
+        let cap = Duration::from_secs(600);
         let mut headers = reqwest::header::HeaderMap::new();
-        assert_eq!(retry_after(&headers), None);
+        assert_eq!(retry_after(&headers, cap), None);
         headers.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
-        headers.insert(reqwest::header::RETRY_AFTER, "999999".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3600)));
-        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap());
-        assert_eq!(retry_after(&headers), None);
+        assert_eq!(retry_after(&headers, cap), Some(Duration::from_secs(7)));
+        headers.insert(reqwest::header::RETRY_AFTER, "86400".parse().unwrap());
+        assert_eq!(retry_after(&headers, cap), Some(cap));
+        headers.insert(reqwest::header::RETRY_AFTER, "Fri, 31 Dec 1999 23:59:59 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers, cap), Some(Duration::ZERO));
+        headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers, cap), None);
     }
 }

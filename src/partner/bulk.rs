@@ -13,7 +13,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
-use super::{Delivery, FhirClient};
+use super::{Delivery, FhirClient, retry_after};
 
 /// The name of the file in the output folder that lets an interrupted export resume.
 pub const STATE_FILE: &str = "export.json";
@@ -240,7 +240,7 @@ async fn start(client: &FhirClient, url: &str) -> Result<String, BulkError> {
             }
         };
         let status = response.status().as_u16();
-        let after = retry_after(response.headers());
+        let after = retry_after(response.headers(), MAX_RETRY_AFTER);
         if status == 202 {
             let location = response.headers().get(reqwest::header::CONTENT_LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
             return location.ok_or_else(|| BulkError::Refused { what: "the kick-off".into(), status, message: "no Content-Location header names the status URL".into() });
@@ -269,7 +269,7 @@ async fn poll(client: &FhirClient, status_url: &str, on: &mut dyn FnMut(Event)) 
             }
         };
         let status = response.status().as_u16();
-        let after = retry_after(response.headers());
+        let after = retry_after(response.headers(), MAX_RETRY_AFTER);
         let progress = response.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(|p| p.chars().take(100).collect::<String>());
         let body = response.text().await.unwrap_or_default();
         match status {
@@ -355,7 +355,7 @@ async fn download(client: &FhirClient, entry: &Entry, out: &Path, authorize: boo
             }
         };
         let status = response.status().as_u16();
-        let after = retry_after(response.headers());
+        let after = retry_after(response.headers(), MAX_RETRY_AFTER);
         let gzip = response.headers().get(reqwest::header::CONTENT_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         match status {
             206 if !gzip && sink.bytes > 0 => {}
@@ -594,21 +594,6 @@ fn is_transient(status: u16, body: &str) -> bool {
     }
 }
 
-/// `Retry-After` in seconds or as an HTTP date, believed up to `MAX_RETRY_AFTER`.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    let wait = match value.parse::<u64>() {
-        Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => {
-            let format = time::macros::format_description!("[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT");
-            let at = time::PrimitiveDateTime::parse(value, &format).ok()?.assume_utc();
-            let now = time::OffsetDateTime::now_utc();
-            if at <= now { Duration::ZERO } else { Duration::try_from(at - now).ok()? }
-        }
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
-}
-
 /// An error body in one line: an OperationOutcome's issues (severity, code, where, what), else the text itself.
 pub fn summarize(body: &str) -> String {
     let issues = serde_json::from_str::<Value>(body).ok().and_then(|v| (v["resourceType"] == "OperationOutcome").then(|| v["issue"].as_array().cloned()).flatten());
@@ -685,17 +670,6 @@ mod tests {
         assert!(is_transient(500, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient"}]}"#));
         assert!(!is_transient(500, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception"}]}"#));
         assert!(!is_transient(400, ""));
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        let mut headers = HeaderMap::new();
-        headers.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
-        headers.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("Fri, 31 Dec 1999 23:59:59 GMT"));
-        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
-        headers.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("86400"));
-        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
     }
 
     #[test]
