@@ -351,20 +351,33 @@ fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, ta
     let seed = format!("{}\n{}\n{}", route.referral_id, task["businessStatus"], task["lastModified"]);
     let header_id = name_id(&format!("header\n{seed}"));
     let bundle_id = name_id(&format!("bundle\n{seed}"));
+    // BSeR's MessageHeader names PractitionerRoles as sender and receiver: the program's role in the
+    // referral (for the Task's owner) and the referrer's (its requester, when that is not one already).
+    let role = |which: &str, organization: Option<&Value>| {
+        let mut role = json!({"resourceType": "PractitionerRole", "id": name_id(&format!("role\n{which}\n{}", route.referral_id)), "active": true});
+        if let Some(organization) = organization.filter(|o| o.get("reference").and_then(Value::as_str).is_some_and(|r| r.contains("Organization/"))) {
+            role["organization"] = organization.clone();
+        }
+        role
+    };
+    let mut roles = vec![role("sender", task.get("owner"))];
+    let receiver = match task.get("requester") {
+        Some(requester) if requester.get("reference").and_then(Value::as_str).is_some_and(|r| r.contains("PractitionerRole/")) => requester.clone(),
+        requester => {
+            roles.push(role("receiver", requester));
+            json!({"reference": format!("urn:uuid:{}", roles[1]["id"].as_str().unwrap_or_default())})
+        }
+    };
     let mut header = json!({
         "resourceType": "MessageHeader",
         "id": header_id,
+        "meta": {"profile": [super::step_down::MESSAGE_HEADER_PROFILE]},
         "eventCoding": {"system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": "I12", "display": "REF/RRI - Patient referral"},
-        "destination": [{"endpoint": fhir_base}],
+        "destination": [{"endpoint": fhir_base, "receiver": receiver}],
+        "sender": {"reference": format!("urn:uuid:{}", roles[0]["id"].as_str().unwrap_or_default())},
         "source": {"name": "iop-gateway", "endpoint": state.base_url.clone()},
         "focus": [{"reference": task_url}],
     });
-    if let Some(requester) = task.get("requester") {
-        header["destination"][0]["receiver"] = requester.clone();
-    }
-    if let Some(owner) = task.get("owner") {
-        header["sender"] = owner.clone();
-    }
     if !route.header_id.is_empty() {
         header["response"] = json!({"identifier": route.header_id, "code": "ok"});
     }
@@ -374,7 +387,8 @@ fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, ta
         let url = format!("{}/Bundle/{}", fhir_base.trim_end_matches('/'), feedback.document["id"].as_str().unwrap_or_default());
         entries.push(json!({"fullUrl": url, "resource": feedback.document}));
     }
-    json!({"resourceType": "Bundle", "id": bundle_id, "type": "message", "timestamp": now, "entry": entries})
+    entries.extend(roles.into_iter().map(|r| json!({"fullUrl": format!("urn:uuid:{}", r["id"].as_str().unwrap_or_default()), "resource": r})));
+    json!({"resourceType": "Bundle", "id": bundle_id, "meta": {"profile": [super::step_down::MESSAGE_BUNDLE_PROFILE]}, "type": "message", "timestamp": now, "entry": entries})
 }
 
 /// Writes the relative references of a resource the referrer sent as absolute URLs at its base; a
