@@ -26,6 +26,9 @@ pub const FEEDBACK_MESSAGE: &str = "referral-feedback-message";
 /// Outbox kind: the feedback document, `PUT` at the referrer's FHIR base before the Task that names it as its output.
 pub const FEEDBACK_DOCUMENT: &str = "referral-feedback-document";
 
+/// BSeR's feedback document Bundle, which the feedback document claims.
+const FEEDBACK_DOCUMENT_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralFeedbackDocumentBundle";
+
 /// BSeR's Task business statuses (`TaskBusinessStatusCS`, checked against BSeR's FSH and XML sources).
 const BUSINESS_STATUS: &str = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS";
 
@@ -670,6 +673,13 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
         json!({"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{escaped}</div>")})
     };
     let summary_text = format!("Referral {} completed: discharged {date}. {}", route.referral_id, summary.join(" "));
+    // BSeR's summary section names the ServiceRequest it answers. A document's references resolve inside
+    // it, and the unit's ServiceRequest is the unit's: named by the referral's placer identifier.
+    let sent: Value = serde_json::from_str(&route.sent_task).unwrap_or_default();
+    let mut referral_focus = json!({"type": "ServiceRequest", "display": format!("Referral {}", route.referral_id)});
+    if let (Some(system), Some(value)) = (sent["identifier"][0]["system"].as_str(), sent["identifier"][0]["value"].as_str()) {
+        referral_focus["identifier"] = json!({"system": system, "value": value});
+    }
     let composition_id = id("composition");
     let composition = json!({
         "resourceType": "Composition",
@@ -682,7 +692,9 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
         "title": "Referral feedback",
         "section": [{
             "title": "Referral service request feedback summary",
-            "code": {"coding": [{"system": "http://hl7.org/fhir/us/bser/CodeSystem/BSeR", "code": "RSRFS"}], "text": "Referral service request feedback summary"},
+            // BSeR's own CodeSystem is named BSeR but published at its id, `bser` (FSH and the legacy XML alike).
+            "code": {"coding": [{"system": "http://hl7.org/fhir/us/bser/CodeSystem/bser", "code": "RSRFS"}], "text": "Referral service request feedback summary"},
+            "focus": referral_focus,
             "text": narrative(&summary_text),
             "entry": observations.iter().map(|(oid, _)| json!({"reference": format!("urn:uuid:{oid}")})).collect::<Vec<_>>(),
         }],
@@ -692,6 +704,7 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
     json!({
         "resourceType": "Bundle",
         "id": id("document"),
+        "meta": {"profile": [FEEDBACK_DOCUMENT_PROFILE]},
         "identifier": {"system": "urn:ietf:rfc:3986", "value": format!("urn:uuid:{}", id("identifier"))},
         "type": "document",
         "timestamp": crate::api::fhir::now_instant(),
