@@ -914,6 +914,20 @@ impl Config {
                 problems.push(format!("{at}.inquire_interval_secs: {} is outside 1..=86400 seconds", partner.inquire_interval_secs));
             }
         }
+        // An outpatient provider's client updates the step-down Tasks its facility owns: with no
+        // `organization` of its own, the one facility its partner routes says which Organization that is.
+        for (i, client) in self.clients.iter().enumerate().filter(|(_, c)| c.role == Role::OutpatientProvider && c.organization.is_none()) {
+            let tied: Vec<&PartnerConfig> = self.partners.iter().filter(|p| p.kind == PartnerKind::OutpatientProvider && p.clients.contains(&client.id)).collect();
+            if !tied.is_empty() && self.answered_facility(client).is_none() {
+                let routes: Vec<String> = tied.iter().flat_map(|p| p.routes.iter().map(|r| format!("{} → {r}", p.name))).collect();
+                problems.push(format!(
+                    "clients[{i}] ({}): an outpatient-provider client acts for one receiving facility, but the outpatient-provider partners naming it route {} ({}); give it its own partner routing one facility, or set its organization",
+                    client.id,
+                    routes.len(),
+                    routes.join(", ")
+                ));
+            }
+        }
         for (kind, what, whom) in [(PartnerKind::Payer, "payer_id", "payer"), (PartnerKind::OutpatientProvider, "receiving facility id", "outpatient provider")] {
             let mut routed = BTreeSet::new();
             for partner in self.partners.iter().filter(|p| p.kind == kind) {
@@ -923,6 +937,25 @@ impl Config {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Config {
+    /// The receiving facility an `outpatient-provider` client without its own `organization` answers
+    /// for: the one route of the one `outpatient-provider` partner whose `clients` name it. The client
+    /// then acts for that facility's Organization, which owns the step-down referral Tasks sent there.
+    pub fn answered_facility(&self, client: &ClientConfig) -> Option<&str> {
+        if client.role != Role::OutpatientProvider || client.organization.is_some() {
+            return None;
+        }
+        let mut tied = self.partners.iter().filter(|p| p.kind == PartnerKind::OutpatientProvider && p.clients.contains(&client.id));
+        match (tied.next(), tied.next()) {
+            (Some(partner), None) => match partner.routes.as_slice() {
+                [route] => Some(route.as_str()),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }
@@ -1033,6 +1066,21 @@ mod tests {
         assert_eq!(loaded.config.store.data_dir, PathBuf::from("data"));
         assert!(loaded.config.store.url.is_none());
         assert!(loaded.config.server.tls.is_none());
+    }
+
+    #[test]
+    fn an_outpatient_provider_client_acts_for_the_one_facility_its_partner_routes() {
+        let text = |routes: &str, organization: &str| {
+            format!(
+                "[[clients]]\nid = \"riverbend\"\nrole = \"outpatient-provider\"\njwks_url = \"https://k.example/j\"\n{organization}\n[[partners]]\nname = \"riverbend\"\nkind = \"outpatient-provider\"\nfhir_base = \"https://r.example/fhir\"\nauth = \"none\"\nroutes = {routes}\nclients = [\"riverbend\"]\n"
+            )
+        };
+        let config = Config::from_toml(&text("[\"OP-RIVERBEND\"]", ""), Path::new("")).unwrap().config;
+        assert_eq!(config.answered_facility(&config.clients[0]), Some("OP-RIVERBEND"));
+        let problem = Config::from_toml(&text("[\"OP-A\", \"OP-B\"]", ""), Path::new("")).unwrap_err().to_string();
+        assert!(problem.contains("clients[0] (riverbend)") && problem.contains("riverbend → OP-B"), "{problem}");
+        let explicit = Config::from_toml(&text("[\"OP-A\", \"OP-B\"]", "organization = \"Organization/riverbend\""), Path::new("")).unwrap().config;
+        assert_eq!(explicit.answered_facility(&explicit.clients[0]), None, "its own organization stands");
     }
 
     #[test]

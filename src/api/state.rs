@@ -127,7 +127,11 @@ impl AppState {
             clients.insert(
                 client.id.clone(),
                 Client {
-                    organization: client.organization(&loaded.config.gateway),
+                    organization: match loaded.config.answered_facility(client) {
+                        // The id the mappings give the facility: the step-down Tasks sent there name it as owner.
+                        Some(facility) => format!("Organization/{}", exchange.mappings.resource_id("Organization", &format!("facility:{facility}"))),
+                        None => client.organization(&loaded.config.gateway),
+                    },
                     allowed: client.allowed_scopes(),
                     keys,
                     in_flight: Arc::new(Semaphore::new(per_client)),

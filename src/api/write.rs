@@ -135,6 +135,9 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
             principal.may(resource_type, Permission::Update).map_err(ApiError::Forbidden)?;
             let before_json = crate::json::parse(current.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
             principal.may_write(current.facts(), &before_json, &resource).map_err(|m| ApiError::Forbidden(format!("{resource_type}/{id}: {m}")))?;
+            if resource_type == "Task" {
+                crate::exchange::step_down::keep_owner_progress(state, &principal.organization, current, &before_json, &mut resource).await?;
+            }
             if let Some(expected) = if_match
                 && expected != current.version
             {

@@ -50,7 +50,17 @@ pub fn run(args: Args) -> ExitCode {
             (None, Some(url)) => format!("keys fetched from {url}"),
             (None, None) => "keys inline".to_string(),
         };
-        println!("    {} ({}, {}, {keys})", client.id, client.role, client.organization(&c.gateway));
+        let organization = match c.answered_facility(client) {
+            Some(facility) => format!("the Organization of receiving facility {facility}"),
+            None => client.organization(&c.gateway),
+        };
+        println!("    {} ({}, {organization}, {keys})", client.id, client.role);
+        if client.role == crate::auth::Role::OutpatientProvider && client.organization.is_none() && c.answered_facility(client).is_none() {
+            println!(
+                "  warning    {}: no outpatient-provider partner names this client, so it acts for Organization/{} and cannot update the step-down referral Tasks it receives; tie it: partners add NAME --kind outpatient-provider --route FACILITY --client {}",
+                client.id, client.id, client.id
+            );
+        }
     }
     println!("  partners   {}", c.partners.len());
     for p in &c.partners {

@@ -4,6 +4,8 @@
 //! element that reaches into a data type (`Observation.code.coding`) first expands its parent with
 //! that type's own elements; a new slice first copies the sliced element and its children.
 
+use std::collections::HashMap;
+
 use crate::definitions::Definitions;
 use crate::definitions::structure::type_suffix;
 use crate::json::{Json, Object};
@@ -40,6 +42,10 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
     let differential =
         resource.get("differential").and_then(|d| d.get("element")).and_then(Json::as_array).ok_or("no differential")?;
     let mut slices = SliceContext::default();
+    // The `min` each element had before this differential constrained it: a new slice starts from
+    // it, as HL7's snapshot generator has it (US Core's `Observation.category` is 1..*, its `us-core`
+    // slice 0..* unless the slice says otherwise), not from the sliced element's own constrained `min`.
+    let mut base_min: HashMap<String, Json> = HashMap::new();
     for diff in differential {
         let Some(diff) = diff.as_object() else { continue };
         let is_root = diff.get("path").and_then(Json::as_str).is_some_and(|p| !p.contains('.'));
@@ -49,13 +55,18 @@ fn generate_at_depth(resource: &Json, definitions: &Definitions, depth: usize) -
         let id = slices.id_of(diff).ok_or("differential element without path")?;
         let index = match find(&elements, &id) {
             Some(i) => i,
-            None => materialize(&mut elements, &id, diff, definitions)?,
+            None => materialize(&mut elements, &id, diff, definitions, &base_min)?,
         };
         if let Some(path) = diff.get("path").and_then(Json::as_str) {
             let target = elements[index].get("path").and_then(Json::as_str).unwrap_or_default();
             if !path_names(path, target, &elements[index]) {
                 return Err(format!("the differential element {id} has the path {path}, which is not the path of that element ({target})"));
             }
+        }
+        if diff.get("min").is_some()
+            && let Some(min) = elements[index].get("min")
+        {
+            base_min.entry(id.clone()).or_insert_with(|| min.clone());
         }
         merge(&mut elements[index], diff);
     }
@@ -156,12 +167,12 @@ fn path_names(path: &str, target: &str, element: &Object) -> bool {
 }
 
 /// Creates the element `id` names (a new slice, or a child inside a data type) and returns its index.
-fn materialize(elements: &mut Vec<Object>, id: &str, diff: &Object, definitions: &Definitions) -> Result<usize, String> {
+fn materialize(elements: &mut Vec<Object>, id: &str, diff: &Object, definitions: &Definitions, base_min: &HashMap<String, Json>) -> Result<usize, String> {
     let (parent_id, last) = split_last(id).ok_or_else(|| format!("cannot place element {id}"))?;
     if let Some((name, slice)) = last.split_once(':') {
         // A new slice (or re-slice): copy the sliced element and its children.
         let sliced_id = format!("{}{name}", parent_id.map(|p| format!("{p}.")).unwrap_or_default());
-        let sliced = find(elements, &sliced_id).map_or_else(|| materialize(elements, &sliced_id, &Object::new(), definitions), Ok)?;
+        let sliced = find(elements, &sliced_id).map_or_else(|| materialize(elements, &sliced_id, &Object::new(), definitions, base_min), Ok)?;
         let end = subtree_end(elements, sliced);
         // Slices go after the sliced element's own subtree and after earlier slices of it.
         let mut insert_at = end;
@@ -178,6 +189,9 @@ fn materialize(elements: &mut Vec<Object>, id: &str, diff: &Object, definitions:
             if k == 0 {
                 copy.insert("sliceName", Json::string(slice));
                 copy.remove("slicing");
+                if let Some(min) = base_min.get(&old) {
+                    copy.insert("min", min.clone());
+                }
             }
             copies.push(copy);
         }
@@ -189,7 +203,7 @@ fn materialize(elements: &mut Vec<Object>, id: &str, diff: &Object, definitions:
     let parent_id = parent_id.ok_or_else(|| format!("cannot place root element {id}"))?;
     let parent = match find(elements, parent_id) {
         Some(i) => i,
-        None => materialize(elements, parent_id, &Object::new(), definitions)?,
+        None => materialize(elements, parent_id, &Object::new(), definitions, base_min)?,
     };
     expand(elements, parent, diff, definitions)?;
     find(elements, id).ok_or_else(|| format!("element {id} does not exist in the base definition or its types"))
@@ -356,6 +370,23 @@ mod tests {
         assert_eq!(elements[at("Observation.component:b.value[x]")].get("min"), Some(&Json::Number("1".into())));
         assert_eq!(elements[at("Observation.component.value[x]")].get("min"), Some(&Json::Number("0".into())));
         assert_eq!(elements[at("Observation.status")].get("fixedCode").and_then(Json::as_str), Some("final"));
+    }
+
+    #[test]
+    fn a_slice_without_its_own_min_starts_from_the_base_min_not_the_sliced_elements() {
+        let definitions = Definitions::base();
+        let sd = profile(
+            r#"[{"id":"Observation.category","path":"Observation.category","min":1,"slicing":{"discriminator":[{"type":"pattern","path":"$this"}],"rules":"open"}},
+               {"id":"Observation.category:optional","path":"Observation.category","sliceName":"optional","patternCodeableConcept":{"text":"a"}},
+               {"id":"Observation.category:required","path":"Observation.category","sliceName":"required","min":1,"patternCodeableConcept":{"text":"b"}}]"#,
+        );
+        let snapshot = generate(&sd, &definitions).unwrap();
+        let ids = ids(&snapshot);
+        let elements = snapshot["snapshot"]["element"].as_array().unwrap();
+        let min = |id: &str| elements[ids.iter().position(|x| x == id).unwrap()].get("min").cloned();
+        assert_eq!(min("Observation.category"), Some(Json::Number("1".into())), "the sliced element keeps its constraint");
+        assert_eq!(min("Observation.category:optional"), Some(Json::Number("0".into())), "as HL7 publishes US Core's category slices");
+        assert_eq!(min("Observation.category:required"), Some(Json::Number("1".into())));
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Js
             }
         }
         for record in &records {
-            tx.put_record(&row(record, "outbound", &now)).await?;
+            super::step_down::put_record(&mut tx, record, &kept, &now).await?;
         }
         for (index, message) in &outgoing {
             // A message with the same id is already queued: the same change sent twice.

@@ -26,6 +26,9 @@ pub const FEEDBACK_MESSAGE: &str = "referral-feedback-message";
 /// Outbox kind: the feedback document, `PUT` at the referrer's FHIR base before the Task that names it as its output.
 pub const FEEDBACK_DOCUMENT: &str = "referral-feedback-document";
 
+/// BSeR's feedback document Bundle, which the feedback document claims.
+const FEEDBACK_DOCUMENT_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralFeedbackDocumentBundle";
+
 /// BSeR's Task business statuses (`TaskBusinessStatusCS`, checked against BSeR's FSH and XML sources).
 const BUSINESS_STATUS: &str = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS";
 
@@ -351,20 +354,33 @@ fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, ta
     let seed = format!("{}\n{}\n{}", route.referral_id, task["businessStatus"], task["lastModified"]);
     let header_id = name_id(&format!("header\n{seed}"));
     let bundle_id = name_id(&format!("bundle\n{seed}"));
+    // BSeR's MessageHeader names PractitionerRoles as sender and receiver: the program's role in the
+    // referral (for the Task's owner) and the referrer's (its requester, when that is not one already).
+    let role = |which: &str, organization: Option<&Value>| {
+        let mut role = json!({"resourceType": "PractitionerRole", "id": name_id(&format!("role\n{which}\n{}", route.referral_id)), "active": true});
+        if let Some(organization) = organization.filter(|o| o.get("reference").and_then(Value::as_str).is_some_and(|r| r.contains("Organization/"))) {
+            role["organization"] = organization.clone();
+        }
+        role
+    };
+    let mut roles = vec![role("sender", task.get("owner"))];
+    let receiver = match task.get("requester") {
+        Some(requester) if requester.get("reference").and_then(Value::as_str).is_some_and(|r| r.contains("PractitionerRole/")) => requester.clone(),
+        requester => {
+            roles.push(role("receiver", requester));
+            json!({"reference": format!("urn:uuid:{}", roles[1]["id"].as_str().unwrap_or_default())})
+        }
+    };
     let mut header = json!({
         "resourceType": "MessageHeader",
         "id": header_id,
+        "meta": {"profile": [super::step_down::MESSAGE_HEADER_PROFILE]},
         "eventCoding": {"system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": "I12", "display": "REF/RRI - Patient referral"},
-        "destination": [{"endpoint": fhir_base}],
+        "destination": [{"endpoint": fhir_base, "receiver": receiver}],
+        "sender": {"reference": format!("urn:uuid:{}", roles[0]["id"].as_str().unwrap_or_default())},
         "source": {"name": "iop-gateway", "endpoint": state.base_url.clone()},
         "focus": [{"reference": task_url}],
     });
-    if let Some(requester) = task.get("requester") {
-        header["destination"][0]["receiver"] = requester.clone();
-    }
-    if let Some(owner) = task.get("owner") {
-        header["sender"] = owner.clone();
-    }
     if !route.header_id.is_empty() {
         header["response"] = json!({"identifier": route.header_id, "code": "ok"});
     }
@@ -374,7 +390,8 @@ fn feedback_message(state: &AppState, route: &ReferralRoute, fhir_base: &str, ta
         let url = format!("{}/Bundle/{}", fhir_base.trim_end_matches('/'), feedback.document["id"].as_str().unwrap_or_default());
         entries.push(json!({"fullUrl": url, "resource": feedback.document}));
     }
-    json!({"resourceType": "Bundle", "id": bundle_id, "type": "message", "timestamp": now, "entry": entries})
+    entries.extend(roles.into_iter().map(|r| json!({"fullUrl": format!("urn:uuid:{}", r["id"].as_str().unwrap_or_default()), "resource": r})));
+    json!({"resourceType": "Bundle", "id": bundle_id, "meta": {"profile": [super::step_down::MESSAGE_BUNDLE_PROFILE]}, "type": "message", "timestamp": now, "entry": entries})
 }
 
 /// Writes the relative references of a resource the referrer sent as absolute URLs at its base; a
@@ -656,6 +673,13 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
         json!({"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{escaped}</div>")})
     };
     let summary_text = format!("Referral {} completed: discharged {date}. {}", route.referral_id, summary.join(" "));
+    // BSeR's summary section names the ServiceRequest it answers. A document's references resolve inside
+    // it, and the unit's ServiceRequest is the unit's: named by the referral's placer identifier.
+    let sent: Value = serde_json::from_str(&route.sent_task).unwrap_or_default();
+    let mut referral_focus = json!({"type": "ServiceRequest", "display": format!("Referral {}", route.referral_id)});
+    if let (Some(system), Some(value)) = (sent["identifier"][0]["system"].as_str(), sent["identifier"][0]["value"].as_str()) {
+        referral_focus["identifier"] = json!({"system": system, "value": value});
+    }
     let composition_id = id("composition");
     let composition = json!({
         "resourceType": "Composition",
@@ -668,7 +692,9 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
         "title": "Referral feedback",
         "section": [{
             "title": "Referral service request feedback summary",
-            "code": {"coding": [{"system": "http://hl7.org/fhir/us/bser/CodeSystem/BSeR", "code": "RSRFS"}], "text": "Referral service request feedback summary"},
+            // BSeR's own CodeSystem is named BSeR but published at its id, `bser` (FSH and the legacy XML alike).
+            "code": {"coding": [{"system": "http://hl7.org/fhir/us/bser/CodeSystem/bser", "code": "RSRFS"}], "text": "Referral service request feedback summary"},
+            "focus": referral_focus,
             "text": narrative(&summary_text),
             "entry": observations.iter().map(|(oid, _)| json!({"reference": format!("urn:uuid:{oid}")})).collect::<Vec<_>>(),
         }],
@@ -678,6 +704,7 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
     json!({
         "resourceType": "Bundle",
         "id": id("document"),
+        "meta": {"profile": [FEEDBACK_DOCUMENT_PROFILE]},
         "identifier": {"system": "urn:ietf:rfc:3986", "value": format!("urn:uuid:{}", id("identifier"))},
         "type": "document",
         "timestamp": crate::api::fhir::now_instant(),

@@ -1,11 +1,11 @@
 //! Step-down referrals out at discharge: the BSeR referral message a discharge sends the outpatient provider its client steps down to, and the provider's answers (a Task update or a feedback message) read back into the outbound referral record.
 //!
-//! A discharge naming `step_down_referral_id` sends, once, a BSeR referral message (shaped as
-//! BSeR 2.0.0's `BSeR-ReferralMessageBundle`, which it does not claim: the published legacy
-//! definition requires ODH employment and education entries the FSH version dropped; a `BSeR-ReferralMessageHeader` with event `v2-0003#I12` and focus
+//! A discharge naming `step_down_referral_id` sends, once, a BSeR referral message (claiming BSeR
+//! 2.0.0's `BSeR-ReferralMessageBundle`: a `BSeR-ReferralMessageHeader` with event `v2-0003#I12` and focus
 //! the Task, then the Task, its ServiceRequest, the Patient, the Patient's active Coverage, the
 //! discharge summary Bundle, the Consents the ServiceRequest names, the two Organizations and the
-//! PractitionerRoles the header's sender and receiver must be) to the `outpatient-provider` partner
+//! PractitionerRoles the header's sender and receiver must be; the definition's ODH employment and
+//! education slices are optional, so none goes) to the `outpatient-provider` partner
 //! whose `routes` name the referral's receiving facility. What goes is decided in one place,
 //! [`chosen_content`]. The provider answers by updating the Task at the gateway (`PUT /Task/{id}`)
 //! or by a response message to `$process-message` ([`Feedback`]); either way the Task is written
@@ -29,7 +29,9 @@ pub const PROCESS_MESSAGE_PATH: &str = "$process-message";
 /// BSeR's referral event (HL7 v2 table 0003, I12 "REF/RRI - Patient referral"), fixed by `BSeR-ReferralMessageHeader`.
 const EVENT_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v2-0003";
 const EVENT_CODE: &str = "I12";
-const MESSAGE_HEADER_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageHeader";
+pub const MESSAGE_HEADER_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageHeader";
+/// BSeR's referral message Bundle, which the step-down message (and the inbound referrals' feedback message) claims.
+pub const MESSAGE_BUNDLE_PROFILE: &str = "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageBundle";
 const REFERRAL_ID_SYSTEM: &str = "http://iop-gateway.org/fhir/sid/referral-id";
 const DIRECTION_SYSTEM: &str = "http://iop-gateway.org/fhir/CodeSystem/referral-direction";
 
@@ -205,6 +207,7 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, records: 
     let bundle = json!({
         "resourceType": "Bundle",
         "id": ids("Bundle", format!("referral:{referral}:message")),
+        "meta": { "profile": [MESSAGE_BUNDLE_PROFILE] },
         "type": "message",
         "timestamp": crate::api::fhir::now_instant(),
         "entry": entries
@@ -400,11 +403,14 @@ pub async fn keep_progress(state: &AppState, records: &mut [Json]) -> Result<Vec
 
 /// The Tasks of referrals [`keep_progress`] kept, in the mapped transaction: the provider's progress
 /// (every member it may report, `output` and `note` included, which no record carries) taken from
-/// the stored Task, so re-writing the Task keeps what the provider set.
+/// the stored Task, so re-writing the Task keeps what the provider set. The Task carries the version
+/// it was read at as `meta.versionId`: a provider's answer that lands before the intake's write is
+/// then taken inside the write's transaction ([`keep_owner_progress`]).
 pub async fn keep_task_progress(state: &AppState, transaction: &mut Json, kept: &[String]) -> Result<(), ApiError> {
     for referral in kept {
         let task_id = state.mappings.resource_id("Task", &format!("referral:{referral}:task"));
         let Some(stored) = state.store.read("Task", &task_id).await? else { continue };
+        let stored_version = stored.version;
         let stored = crate::json::parse(stored.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
         let Some(Json::Array(entries)) = transaction.as_object_mut().and_then(|b| b.get_mut("entry")) else { continue };
         for entry in entries.iter_mut() {
@@ -421,8 +427,68 @@ pub async fn keep_task_progress(state: &AppState, transaction: &mut Json, kept: 
                     }
                 }
             }
+            let mut meta = object.get("meta").and_then(Json::as_object).cloned().unwrap_or_default();
+            meta.insert("versionId", Json::string(stored_version.to_string()));
+            object.insert("meta", Json::Object(meta));
         }
     }
+    Ok(())
+}
+
+/// Inside the write transaction of a Task by someone other than the Organization it is assigned to
+/// (the program re-posting a step-down referral): when the Task carries the progress of the version
+/// its `meta.versionId` names unchanged, and the Task has moved on since (the provider answered in
+/// between), the current version's progress is written instead, so the provider's answer is never
+/// overwritten by what was read before it. A writer that changes the progress applies its own.
+pub async fn keep_owner_progress(state: &AppState, principal_organization: &str, current: &crate::store::Stored, before: &Json, resource: &mut Json) -> Result<(), ApiError> {
+    let Some(based_on) = resource.get("meta").and_then(|m| m.get("versionId")).and_then(Json::as_str).and_then(|v| v.parse::<i64>().ok()) else { return Ok(()) };
+    if based_on >= current.version || referral_id(&Value::from(&*resource)).is_none() {
+        return Ok(());
+    }
+    let assignee = before.get("owner").and_then(|o| o.get("reference")).and_then(Json::as_str).unwrap_or_default();
+    if target_id(assignee, "Organization").is_some_and(|id| principal_organization.strip_prefix("Organization/") == Some(id)) {
+        return Ok(());
+    }
+    let Some(read) = state.store.vread("Task", &current.id, based_on).await? else { return Ok(()) };
+    let read = crate::json::parse(read.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored Task does not parse: {e}")))?;
+    // As values: a client's JSON may order members differently from the stored version's.
+    if PROGRESS_MEMBERS.iter().any(|m| read.get(m).map(Value::from) != resource.get(m).map(Value::from)) {
+        return Ok(());
+    }
+    let Some(object) = resource.as_object_mut() else { return Ok(()) };
+    for member in PROGRESS_MEMBERS {
+        match before.get(member) {
+            Some(value) => object.insert(*member, value.clone()),
+            None => {
+                object.remove(member);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores a posted record in the intake's transaction. An outbound referral [`keep_progress`] kept
+/// takes its status as stored now, in this transaction: [`task_changed`] wrote it with the
+/// provider's last answer, which may have landed after `keep_progress` read it.
+pub async fn put_record(tx: &mut Tx, record: &Json, kept: &[String], now: &str) -> Result<(), ApiError> {
+    let kept_here = text(record, "record_type") == "referral" && text(record, "direction") == "outbound" && kept.contains(&text(record, "id"));
+    let stored = if kept_here { tx.record("referral", &text(record, "id"), "outbound").await? } else { None };
+    let Some(stored) = stored.and_then(|s| crate::json::parse(s.body.as_bytes()).ok()) else {
+        tx.put_record(&super::intake::row(record, "outbound", now)).await?;
+        return Ok(());
+    };
+    let mut record = record.clone();
+    if let Some(object) = record.as_object_mut() {
+        for member in ["status", "status_reason"] {
+            match stored.get(member) {
+                Some(value) => object.insert(member, value.clone()),
+                None => {
+                    object.remove(member);
+                }
+            }
+        }
+    }
+    tx.put_record(&super::intake::row(&record, "outbound", now)).await?;
     Ok(())
 }
 

@@ -293,6 +293,29 @@ fn type_slices_are_told_apart_by_the_choice_name_and_prohibited_elements_by_abse
 }
 
 #[test]
+fn an_optional_profile_slice_whose_profile_is_not_loaded_requires_nothing() {
+    // BSeR's legacy referral message Bundle: `entry` 1..*, sliced by the resource's profile; the
+    // header slice 1..1, the others (ODH employment status, unpublished for R4) without a `min`.
+    let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/message","name":"Message","status":"draft","kind":"resource",
+        "abstract":false,"type":"Bundle","derivation":"constraint","baseDefinition":"http://hl7.org/fhir/StructureDefinition/Bundle",
+        "differential":{"element":[
+          {"path":"Bundle.entry","min":1,"slicing":{"discriminator":[{"type":"profile","path":"$this.resource"}],"rules":"open"}},
+          {"path":"Bundle.entry","sliceName":"header","min":1,"max":"1"},
+          {"path":"Bundle.entry.resource","type":[{"code":"MessageHeader","profile":["http://hl7.org/fhir/StructureDefinition/MessageHeader"]}]},
+          {"path":"Bundle.entry","sliceName":"employment"},
+          {"path":"Bundle.entry.resource","type":[{"code":"Observation","profile":["http://example.org/sd/not-loaded-employment"]}]}]}}"#;
+    let validator = validator_with_profile(profile);
+    let message = |entries: &str| format!(r#"{{"resourceType":"Bundle","meta":{{"profile":["http://example.org/sd/message"]}},"type":"message","timestamp":"2026-01-01T00:00:00Z","entry":{entries}}}"#);
+    let header = r#"{"fullUrl":"urn:uuid:5d3a1c4e-1111-4c6e-9a55-0d1f0b1e2a11","resource":{"resourceType":"MessageHeader","id":"5d3a1c4e-1111-4c6e-9a55-0d1f0b1e2a11","eventCoding":{"system":"http://terminology.hl7.org/CodeSystem/v2-0003","code":"I12"},"source":{"endpoint":"https://x.example/fhir"}}}"#;
+    let patient = r#"{"fullUrl":"urn:uuid:5d3a1c4e-2222-4c6e-9a55-0d1f0b1e2a11","resource":{"resourceType":"Patient","id":"5d3a1c4e-2222-4c6e-9a55-0d1f0b1e2a11"}}"#;
+    let report = validator.validate_bytes(message(&format!("[{header},{patient}]")).as_bytes(), &[]);
+    let errors: Vec<String> = report.issues.iter().filter(|i| i.severity.is_error()).map(ToString::to_string).collect();
+    assert_eq!(errors, Vec::<String>::new(), "no employment entry is needed, and a Patient matches no slice of an open slicing");
+    let report = validator.validate_bytes(message(&format!("[{patient}]")).as_bytes(), &[]);
+    assert!(report.issues.iter().any(|i| i.severity.is_error() && i.message.contains("slice 'header'")), "the header slice still counts: {:#?}", report.issues);
+}
+
+#[test]
 fn a_sliced_choice_element_picks_the_slice_its_json_name_types() {
     // PAS slices `Claim.item.serviced[x]` this way: the value's type is only in the member name.
     let profile = r#"{"resourceType":"StructureDefinition","url":"http://example.org/sd/obs","name":"Obs","status":"draft","kind":"resource",

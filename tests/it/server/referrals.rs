@@ -83,7 +83,7 @@ fn validator() -> &'static Validator {
     VALIDATOR.get_or_init(|| {
         let mut definitions = Definitions::new_with_exchange_packages();
         let options = XmlOptions { allow_xsi_schema_location: true };
-        for file in ["structuredefinition/ReferralServiceRequest.xml", "structuredefinition/ReferralTask.xml", "structuredefinition/BSeR-PatientConsent.xml", "codesystem/TaskBusinessStatusCS.xml", "valueset/TaskBusinessStatusVS.xml"] {
+        for file in ["structuredefinition/ReferralServiceRequest.xml", "structuredefinition/ReferralTask.xml", "structuredefinition/BSeR-PatientConsent.xml", "structuredefinition/BSeR-ReferralMessageHeader.xml", "structuredefinition/BSeR-ReferralMessageBundle.xml", "structuredefinition/BSeR-ReferralFeedbackDocumentBundle.xml", "structuredefinition/BSeR-ReferralFeedbackComposition.xml", "codesystem/TaskBusinessStatusCS.xml", "valueset/TaskBusinessStatusVS.xml"] {
             let bytes = std::fs::read(Path::new(ROOT).join("tests/fixtures/bser/profiles").join(file)).unwrap();
             let (resource, issues) = iop_gateway::xml::parse_resource_with(&bytes, &definitions, &options).expect("BSeR profile is FHIR XML");
             assert!(!issues.iter().any(|i| i.severity.is_error()), "{file}: {issues:#?}");
@@ -248,6 +248,7 @@ async fn a_referral_message_is_answered_and_the_hospital_hears_every_step_once()
     assert_eq!(phq9[0], 15, "the first PHQ-9 total");
     let text = section["text"]["div"].as_str().unwrap();
     assert!(text.contains("21 of 24") && text.contains("step down outpatient") && text.contains("Weekly individual therapy"), "{text}");
+    assert_eq!(document["meta"]["profile"][0], "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralFeedbackDocumentBundle", "checked below against the loaded definition");
     assert_valid(document);
     assert_valid(task);
     // The unit's one Task at the gateway (the clinic's episode records made Tasks of their own referrals).
@@ -302,6 +303,7 @@ async fn a_referral_transaction_is_stored_once_and_a_declined_referral_is_told_b
     let task = &message["entry"][1]["resource"];
     assert_eq!((task["id"].as_str(), task["status"].as_str(), business_status(task)), (Some("tsk-8812"), Some("rejected"), "4.0"));
     assert_eq!(task["statusReason"]["text"], declined["status_reason"]);
+    assert_eq!(message["meta"]["profile"][0], "http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageBundle", "checked below against the loaded definition");
     assert_valid(message);
     assert_valid(task);
 

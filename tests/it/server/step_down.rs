@@ -22,6 +22,7 @@ const BSER_PROFILES: &[&str] = &[
     "structuredefinition/ReferralTask.xml",
     "structuredefinition/BSeR-PatientConsent.xml",
     "structuredefinition/BSeR-ReferralMessageHeader.xml",
+    "structuredefinition/BSeR-ReferralMessageBundle.xml",
     "codesystem/TaskBusinessStatusCS.xml",
     "valueset/TaskBusinessStatusVS.xml",
 ];
@@ -54,11 +55,12 @@ async fn gateway(provider: &str) -> Gateway {
     let dir = TempDir::new("step-down");
     let mut keys = partner_keys();
     let mut clients = String::new();
-    for (id, organization) in [("riverbend", facility_organization("OP-RIVERBEND")), ("oakhaven", facility_organization("OP-OAKHAVEN"))] {
+    // Riverbend is tied to its partner, so it acts for the one facility the partner routes; Oakhaven, with no partner, says whom it acts for.
+    for (id, organization) in [("riverbend", String::new()), ("oakhaven", format!("organization = \"{}\"\n", facility_organization("OP-OAKHAVEN")))] {
         let pair = KeyPair::generate_es384(&format!("{id}-1")).unwrap();
         let jwks = dir.0.join(format!("{id}.jwks.json"));
         std::fs::write(&jwks, pair.jwks_json()).unwrap();
-        clients.push_str(&format!("[[clients]]\nid = \"{id}\"\nrole = \"outpatient-provider\"\norganization = \"{organization}\"\njwks_file = {:?}\n", jwks.display().to_string()));
+        clients.push_str(&format!("[[clients]]\nid = \"{id}\"\nrole = \"outpatient-provider\"\n{organization}jwks_file = {:?}\n", jwks.display().to_string()));
         keys.push((id.to_string(), pair));
     }
     let extra = format!(
@@ -182,7 +184,8 @@ async fn a_step_down_referral_goes_once_through_an_outage_and_the_providers_acce
     let report = bser_validator().validate_json(&iop_gateway::json::parse(&got[2].body).unwrap(), &[]);
     let errors: Vec<String> = report.issues.iter().filter(|i| i.severity.is_error()).map(ToString::to_string).collect();
     assert_eq!(errors, Vec::<String>::new(), "{sent}");
-    let claimed = ["/BSeR-ReferralMessageHeader", "/ReferralTask", "/ReferralServiceRequest", "/us-core-"];
+    assert_eq!(sent["meta"]["profile"], json!(["http://hl7.org/fhir/us/bser/StructureDefinition/BSeR-ReferralMessageBundle"]));
+    let claimed = ["/BSeR-ReferralMessageBundle", "/BSeR-ReferralMessageHeader", "/ReferralTask", "/ReferralServiceRequest", "/us-core-"];
     let unchecked: Vec<String> = report.issues.iter().filter(|i| i.message.contains("is not loaded") && claimed.iter().any(|c| i.message.contains(c))).map(ToString::to_string).collect();
     assert_eq!(unchecked, Vec::<String>::new(), "every BSeR and US Core profile claimed was checked");
     assert_eq!(sent["type"], "message");
@@ -206,11 +209,17 @@ async fn a_step_down_referral_goes_once_through_an_outage_and_the_providers_acce
     let task_path = format!("Task/{}", task["id"].as_str().unwrap());
     let (status, mut stored) = gw.get(&riverbend, &task_path).await;
     assert_eq!(status, 200, "the provider reads the Task addressed to it: {stored}");
+    let before_answer = stored.clone();
     stored["status"] = json!("accepted");
     stored["businessStatus"] = json!({"coding": [{"system": "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS", "code": "3.0"}]});
     let (status, updated) = gw.put(&riverbend, &task_path, &stored).await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(outbound_referral(&gw, &clinic).await["status"], "accepted");
+
+    // A write of the Task as read before the answer (its meta.versionId, its progress unchanged) keeps the provider's answer, decided in the write's transaction.
+    let (status, rewritten) = gw.put(&clinic, &task_path, &before_answer).await;
+    assert_eq!(status, 200, "{rewritten}");
+    assert_eq!((rewritten["status"].as_str(), rewritten["businessStatus"]["coding"][0]["code"].as_str()), (Some("accepted"), Some("3.0")), "{rewritten}");
 
     // The provider may move the Task's progress, not reassign it.
     let mut reassigned = updated.clone();
