@@ -166,7 +166,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         return Ok((current.clone(), false));
     }
     let parties = parties_for_version(&owner, state.program(), principal, &search::addressed_organizations(&resource));
-    let index = search::extract(resource_type, &resource, &last_updated);
+    let index = search::extract(resource_type, &resource);
     let stored = Stored {
         resource_type: resource_type.to_string(),
         id,

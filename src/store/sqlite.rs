@@ -38,7 +38,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(9, "topics", include_str!("../../migrations/sqlite/0009_topics.sql")),
         migration(10, "referrals", include_str!("../../migrations/sqlite/0010_referrals.sql")),
         migration(11, "consent", include_str!("../../migrations/sqlite/0011_consent.sql")),
-        migration(12, "part2_guard", include_str!("../../migrations/sqlite/0012_part2_guard.sql")),
+        migration(12, "write_path", include_str!("../../migrations/sqlite/0012_write_path.sql")),
     ]
 }
 

@@ -6,3 +6,6 @@ CREATE TABLE part2_unlabelled (
     patient TEXT NOT NULL,
     CONSTRAINT part2_enrolled CHECK (false)
 );
+
+-- `_lastUpdated` is matched on the stored row's own `last_updated`: its index rows only duplicated it.
+DELETE FROM search_dates WHERE param = '_lastUpdated';
