@@ -1,8 +1,10 @@
-//! Load generator for the server: sustained req/s, p50/p99 latency and peak memory for posting screening Observations and referral transaction Bundles, on SQLite and PostgreSQL, each against a bare insert of the same payloads into the same store in the same run.
+//! Load generator for the server: sustained req/s, p50/p99 latency, CPU time per request and peak memory for posting screening Observations and referral transaction Bundles, on SQLite and PostgreSQL, each against a bare insert of the same payloads into the same store in the same run.
 //!
 //! `cargo bench --bench server` (PostgreSQL at 127.0.0.1:5432, database `test`, is used when it
 //! answers; a fresh schema is created and dropped). `BENCH_SECONDS`, `BENCH_ROUNDS`, `BENCH_CLIENTS` tune it;
-//! words after `--` pick a subset (`-- sqlite`, `-- postgres referral`).
+//! words after `--` pick a subset (`-- sqlite`, `-- postgres referral`). CPU per request is this
+//! process's (server and load generator, or the bare inserts' client) plus, on PostgreSQL, the
+//! backends serving this process's connections, over the kept round.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,9 +42,52 @@ struct Run {
     requests: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU seconds of this process and of the PostgreSQL backends it used, during the round.
+    cpu: (f64, f64),
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Where a round's CPU time is read from: this process and the PostgreSQL backends named by `application_name`.
+#[derive(Clone)]
+struct CpuProbe {
+    pg: Option<(sqlx::PgPool, String)>,
+}
+
+impl CpuProbe {
+    async fn backends(&self) -> Vec<(String, f64)> {
+        let Some((pool, name)) = &self.pg else { return Vec::new() };
+        let pids: Vec<(i32,)> = sqlx::query_as("SELECT pid FROM pg_stat_activity WHERE application_name = $1").bind(name).fetch_all(pool).await.unwrap_or_default();
+        pids.into_iter().filter_map(|(pid,)| cpu_seconds(&pid.to_string()).map(|c| (pid.to_string(), c))).collect()
+    }
+
+    async fn sample(&self) -> (f64, Vec<(String, f64)>) {
+        (cpu_seconds("self").unwrap_or(0.0), self.backends().await)
+    }
+
+    /// CPU seconds since `before`: this process's, and the backends' (a backend started since counts whole).
+    async fn since(&self, before: &(f64, Vec<(String, f64)>)) -> (f64, f64) {
+        let (process, backends) = self.sample().await;
+        let pg = backends.iter().map(|(pid, now)| now - before.1.iter().find(|(p, _)| p == pid).map_or(0.0, |(_, then)| *then)).sum();
+        (process - before.0, pg)
+    }
 }
 
 impl Run {
+    /// Milliseconds of CPU per request: this process's and PostgreSQL's.
+    fn cpu_per_request(&self) -> (f64, f64) {
+        let n = self.requests.max(1) as f64;
+        (self.cpu.0 * 1000.0 / n, self.cpu.1 * 1000.0 / n)
+    }
+
     fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -53,12 +98,13 @@ impl Run {
 }
 
 /// Runs `clients` concurrent loops of `op` for `seconds`.
-async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
+async fn drive<F, Fut>(probe: &CpuProbe, clients: usize, seconds: u64, op: F) -> Run
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
+    let before = probe.sample().await;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -80,7 +126,8 @@ where
     for t in tasks {
         latencies.extend(t.await.unwrap());
     }
-    Run { requests: latencies.len(), elapsed: started.elapsed(), latencies }
+    let elapsed = started.elapsed();
+    Run { requests: latencies.len(), elapsed, latencies, cpu: probe.since(&before).await }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -108,7 +155,7 @@ fn best(kept: Option<Run>, round: Run) -> Option<Run> {
     })
 }
 
-async fn bench_backend(label: &str, store_toml: &str, (clients, seconds, rounds): (usize, u64, usize), words: &[String]) {
+async fn bench_backend(label: &str, store_toml: &str, probe: &CpuProbe, (clients, seconds, rounds): (usize, u64, usize), words: &[String]) {
     let dir = std::env::temp_dir().join(format!("iop-gw-bench-{}-{label}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -147,7 +194,7 @@ async fn bench_backend(label: &str, store_toml: &str, (clients, seconds, rounds)
         let mut rates = Vec::new();
         for _ in 0..rounds {
             let (h, b, t) = (http.clone(), base.clone(), token.clone());
-            let round = drive(clients, seconds, move |i| {
+            let round = drive(probe, clients, seconds, move |i| {
                 let (h, url, t) = (h.clone(), format!("{b}/{path}"), t.clone());
                 async move {
                     let r = h.post(url).bearer_auth(t).header("content-type", "application/fhir+json").body(payload(i)).send().await;
@@ -158,7 +205,7 @@ async fn bench_backend(label: &str, store_toml: &str, (clients, seconds, rounds)
             rates.push(format!("{:.0}", round.rate()));
             served = best(served, round);
             let store = bare_store.clone();
-            let round = drive(clients, seconds, move |i| {
+            let round = drive(probe, clients, seconds, move |i| {
                 let store = store.clone();
                 async move {
                     let stored = Stored {
@@ -191,6 +238,17 @@ async fn bench_backend(label: &str, store_toml: &str, (clients, seconds, rounds)
             served.rate() / bare.rate(),
         );
         println!("{:<33} rounds, server and bare in turn: {}", "", rates.join(" "));
+        let ((sp, sg), (bp, bg)) = (served.cpu_per_request(), bare.cpu_per_request());
+        if probe.pg.is_some() {
+            println!(
+                "{:<33} CPU per request (kept rounds): server {:.3} ms (process {sp:.3} + PostgreSQL {sg:.3}) | bare {:.3} ms (process {bp:.3} + PostgreSQL {bg:.3})",
+                "",
+                sp + sg,
+                bp + bg
+            );
+        } else {
+            println!("{:<33} CPU per request (kept rounds): server {sp:.3} ms | bare {bp:.3} ms (the process, SQLite's work included)", "");
+        }
     }
     bare_store.close().await;
     running.shutdown().await.unwrap();
@@ -206,13 +264,17 @@ fn main() {
     runtime.block_on(async {
         println!("{clients} concurrent clients, {rounds} alternating rounds of {seconds} s per measurement (best kept), validation on every write");
         if selected(&words, "sqlite", None) {
-            bench_backend("sqlite", "", (clients, seconds, rounds), &words).await;
+            bench_backend("sqlite", "", &CpuProbe { pg: None }, (clients, seconds, rounds), &words).await;
         }
         let schema = format!("bench_{}", std::process::id());
         match sqlx::PgPool::connect(PG_URL).await {
             Ok(_) if !selected(&words, "postgres", None) => {}
             Ok(pool) => {
-                bench_backend("postgres", &format!("url = \"{PG_URL}\"\nschema = \"{schema}\"\nmax_connections = 16"), (clients, seconds, rounds), &words).await;
+                // The backends serving this run are told apart from others' by their application name.
+                let name = format!("iop-bench-{}", std::process::id());
+                let probe = CpuProbe { pg: Some((pool.clone(), name.clone())) };
+                let url = format!("{PG_URL}?application_name={name}");
+                bench_backend("postgres", &format!("url = \"{url}\"\nschema = \"{schema}\"\nmax_connections = 16"), &probe, (clients, seconds, rounds), &words).await;
                 let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))).execute(&pool).await;
             }
             Err(e) => println!("postgres   skipped: {e}"),

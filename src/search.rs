@@ -244,12 +244,10 @@ pub enum IndexEntry {
     Date { param: &'static str, low: String, high: String },
 }
 
-/// What a resource contributes to the index (type-specific parameters plus `_lastUpdated`).
-pub fn extract(resource_type: &str, resource: &Json, last_updated: &str) -> Vec<IndexEntry> {
+/// What a resource contributes to the index: its type-specific parameters (`_lastUpdated` is
+/// matched on the stored row's own `last_updated`, so it costs no index row per version).
+pub fn extract(resource_type: &str, resource: &Json) -> Vec<IndexEntry> {
     let mut out = Vec::new();
-    if let Some((low, high)) = date_range(last_updated) {
-        out.push(IndexEntry::Date { param: "_lastUpdated", low, high });
-    }
     for def in params(resource_type) {
         for path in def.paths {
             let mut values = Vec::new();
@@ -831,7 +829,7 @@ mod tests {
                 "subject":{"reference":"Patient/p1"},"effectivePeriod":{"start":"2026-03-01"},"identifier":[{"system":"urn:s","value":"v"}]}"#,
         )
         .unwrap();
-        let index = extract("Observation", &obs, "2026-03-05T10:00:00.000Z");
+        let index = extract("Observation", &obs);
         let token = |param, system: &str, value: &str| IndexEntry::Token { param, system: system.into(), value: value.into() };
         assert!(index.contains(&token("status", "", "final")));
         assert!(index.contains(&token("code", "http://loinc.org", "44261-6")));

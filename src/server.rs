@@ -292,9 +292,6 @@ pub async fn start(loaded: Loaded, shutdown: impl Future<Output = ()> + Send + '
         state: AppState::new(loaded, base_url.clone(), store.clone(), metrics.clone(), validator, exchange),
         app: axum::Router::new(),
     };
-    // One SQLite store has one gateway: the enrolments it holds, read once, are then all there are.
-    let enrolled = if store.backend() == crate::store::Backend::Sqlite { Some(store.all_part2_patients().await?) } else { None };
-    serving.state.part2.seed(enrolled);
     let serving = Serving { app: api::router(serving.state.clone()), ..serving };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stopped = async move {

@@ -69,6 +69,11 @@ pub enum StoreError {
     Unavailable(String),
     #[error("cannot prepare the data folder {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    /// A write checked to be about no enrolled patient was about one (enrolled by another instance
+    /// meanwhile, or before this one started): nothing was written; the store now knows them, so
+    /// the next attempt labels the write.
+    #[error("a patient this write is about is enrolled in a substance-use program; retry")]
+    Enrolled,
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -80,6 +85,7 @@ impl From<sqlx::Error> for StoreError {
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate,
+            sqlx::Error::Database(db) if db.is_check_violation() && (db.constraint() == Some("part2_enrolled") || db.message().contains("part2_enrolled")) => StoreError::Enrolled,
             _ => StoreError::Database(e),
         }
     }
@@ -168,6 +174,7 @@ pub struct Store {
     group: Option<sqlite::Group>,
     reader: AnyPool,
     metrics: Arc<Metrics>,
+    enrolled: Arc<consents::Enrolled>,
 }
 
 impl std::fmt::Debug for Store {
@@ -217,7 +224,12 @@ impl Store {
         };
         migrator.run(&writer).await?;
         let group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
-        Ok(Store { backend, writer, group, reader, metrics })
+        let store = Store { backend, writer, group, reader, metrics, enrolled: Arc::default() };
+        // A SQLite store has one gateway, so the enrolments read now are all there will be but its
+        // own; a PostgreSQL one may be shared, so they are only a head start.
+        store.enrolled.remember(&store.all_part2_patients().await?);
+        store.enrolled.set_complete(backend == Backend::Sqlite);
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {
@@ -254,7 +266,7 @@ impl Store {
             Some(_) => None,
             None => Some(self.writer.acquire().await?),
         };
-        Ok(Tx { inner: None, idle, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started })
+        Ok(Tx { inner: None, idle, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started, guarded: Vec::new() })
     }
 
     /// The current version of a resource.
@@ -446,17 +458,32 @@ pub struct Tx {
     backend: Backend,
     store: Store,
     started: Instant,
+    /// Patients whose enrolment a queued write was checked against ([`Tx::unless_enrolled`]).
+    guarded: Vec<String>,
 }
 
 impl Tx {
     /// The transaction's connection, with `BEGIN` sent and the queued writes before whatever comes next.
     async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
+        if let Err(e) = self.flush().await {
+            return Err(self.learn(e).await);
+        }
+        match (&mut self.member, &mut self.inner) {
+            (Some(member), _) => member.conn(),
+            (None, Some(inner)) => Ok(inner),
+            (None, None) => Err(StoreError::Unavailable("the transaction failed to begin".into())),
+        }
+    }
+
+    /// Joins SQLite's write group or sends PostgreSQL's `BEGIN`, then the queued writes.
+    async fn flush(&mut self) -> Result<(), StoreError> {
         if let Some(group) = &self.store.group {
             if self.member.is_none() {
                 self.member = Some(group.join().await?);
             }
             let queued = std::mem::replace(&mut self.queued, query::Script::new(self.backend));
-            return self.member.as_mut().expect("joined above").run(queued).await;
+            self.member.as_mut().expect("joined above").run(queued).await?;
+            return Ok(());
         }
         if self.inner.is_none() {
             let idle = self.idle.take().ok_or_else(|| StoreError::Unavailable("the transaction failed to begin".into()))?;
@@ -466,7 +493,47 @@ impl Tx {
         if !self.queued.is_empty() {
             std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(inner).await?;
         }
-        Ok(inner)
+        Ok(())
+    }
+
+    /// After a failed statement: when it was the enrolment check that failed, which of the checked
+    /// patients are enrolled, remembered so the next attempt labels the write (read outside the
+    /// failed transaction; an enrolment is never undone, so what it finds stays true).
+    async fn learn(&mut self, e: StoreError) -> StoreError {
+        if !matches!(e, StoreError::Enrolled) {
+            return e;
+        }
+        // A failed transaction is rolled back first, so its connection is free to ask.
+        if let Some(inner) = self.inner.take() {
+            let _ = inner.rollback().await;
+        }
+        let found = match self.idle.as_mut() {
+            Some(conn) => consents::enrolled_among(conn, &self.guarded).await,
+            None => self.store.part2_patients(&self.guarded).await,
+        };
+        match found {
+            Ok(found) => {
+                self.store.enrolled.remember(&found);
+                e
+            }
+            Err(lookup) => lookup,
+        }
+    }
+
+    /// Queues a check that none of these patients is enrolled in a substance-use program, run with
+    /// the transaction's writes: if one is, nothing is written and the commit (or the next
+    /// statement) fails with [`StoreError::Enrolled`], so a write labelled as not about an enrolled
+    /// patient is stored only if that held when it was written.
+    pub fn unless_enrolled(&mut self, patients: &[String]) {
+        if patients.is_empty() {
+            return;
+        }
+        self.queued.statement(|sql| {
+            sql.push("INSERT INTO part2_unlabelled (patient) SELECT patient FROM part2_patients WHERE patient IN (");
+            sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+            sql.push(")");
+        });
+        self.guarded.extend(patients.iter().cloned());
     }
 
     /// Serializes conditional operations on one resource type across instances, until commit.
@@ -562,6 +629,10 @@ impl Tx {
                     Err(e) => Err(e),
                 },
             }
+        };
+        let result = match result {
+            Err(e) => Err(self.learn(e).await),
+            ok => ok,
         };
         self.store.observe("write_transaction", self.started);
         result

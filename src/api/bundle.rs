@@ -302,8 +302,11 @@ async fn run_transaction(
         let mut audit = Audit::new(&principal.client_id, "transaction", "E", None);
         audit.entities = written.iter().flatten().map(|(stored, _)| stored.reference()).collect();
         tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
-        tx.commit().await?;
-        return Ok(written);
+        match tx.commit().await {
+            Ok(()) => return Ok(written),
+            Err(crate::store::StoreError::Enrolled) => continue 'attempt,
+            Err(e) => return Err(e.into()),
+        }
     }
     Err(ApiError::Conflict("the resources are being changed by others; retry".into()))
 }

@@ -59,6 +59,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Conflict { current } => ApiError::PreconditionFailed(format!("the resource was changed meanwhile; its current version is {current}")),
             StoreError::Duplicate => ApiError::Conflict("the resource was created concurrently; retry".into()),
+            StoreError::Enrolled => ApiError::Conflict("a patient this write is about was enrolled in a substance-use program meanwhile; retry".into()),
             StoreError::Unavailable(m) => ApiError::Unavailable(format!("the store is busy ({m})")),
             other => ApiError::Internal(other.to_string()),
         }

@@ -124,11 +124,16 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
                     }
                     continue;
                 }
+                Err(StoreError::Enrolled) => continue,
                 Err(e) => return Err(e.into()),
             }
             audit.entities = stored.iter().map(|s| s.reference()).collect();
             tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
-            tx.commit().await?;
+            match tx.commit().await {
+                Ok(()) => {}
+                Err(StoreError::Enrolled) => continue,
+                Err(e) => return Err(e.into()),
+            }
             audit.recorded = true;
             return Ok(fhir::json_response(StatusCode::OK, response));
         }
@@ -167,11 +172,16 @@ async fn feedback(state: &AppState, caller: &Caller, audit: &mut super::audit::A
                 }
                 continue;
             }
+            Err(StoreError::Enrolled) => continue,
             Err(e) => return Err(e.into()),
         }
         audit.entities = vec![stored.reference()];
         tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
-        tx.commit().await?;
+        match tx.commit().await {
+            Ok(()) => {}
+            Err(StoreError::Enrolled) => continue,
+            Err(e) => return Err(e.into()),
+        }
         audit.recorded = true;
         return Ok(fhir::json_response(StatusCode::OK, response));
     }

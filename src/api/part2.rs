@@ -1,13 +1,12 @@
 //! 42 CFR Part 2 around the one write path and the one disclosure check: labels applied and Consents read into rules when a version is stored, consent rules looked up for a disclosure, the refrain added to what is disclosed.
 //!
-//! The write hook costs no store round trip on SQLite, and on PostgreSQL one indexed read only for
-//! a patient not yet known to be enrolled in a substance-use program: the label rules run in
-//! memory, "is or was enrolled" is remembered once seen (it never becomes false; on SQLite all of
-//! them are read at start), and what it records (consent rules, enrolments) is queued with the version.
+//! The write hook costs no store round trip: the label rules run in memory, "is or was enrolled"
+//! is the store's knowledge (it never becomes false; on SQLite complete), and a write about a
+//! patient not known to be enrolled goes with a check the store runs in the write's own statement
+//! (on PostgreSQL, which other instances share), failing it for a retry, labelled, if one is.
+//! What it records (consent rules, enrolments) is queued with the version.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -18,41 +17,14 @@ use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
 use crate::store::{Stored, Tx};
 
-/// The label rules and what the gateway has seen of enrolments.
+/// The label rules.
 pub struct Part2 {
     pub rules: LabelRules,
-    /// Patients known to be (or to have been) enrolled in a substance-use program: only ever grows, so never stale.
-    enrolled: Mutex<HashSet<String>>,
-    /// Whether `enrolled` is every enrolment there is (SQLite: this gateway is the store's only
-    /// writer and read them all at start), so a patient not in it needs no look-up.
-    complete: AtomicBool,
 }
 
 impl Part2 {
     pub fn new(rules: LabelRules) -> Part2 {
-        Part2 { rules, enrolled: Mutex::new(HashSet::new()), complete: AtomicBool::new(false) }
-    }
-
-    /// Adds the enrolments read at start; `Some` when they are all there are.
-    pub fn seed(&self, all: Option<Vec<String>>) {
-        if let Some(all) = all {
-            self.remember(&all);
-            self.complete.store(true, Ordering::Release);
-        }
-    }
-
-    fn known_enrolled(&self, patients: &[String]) -> bool {
-        self.enrolled.lock().is_ok_and(|set| patients.iter().any(|p| set.contains(p)))
-    }
-
-    fn complete(&self) -> bool {
-        self.complete.load(Ordering::Acquire)
-    }
-
-    fn remember(&self, patients: &[String]) {
-        if let Ok(mut set) = self.enrolled.lock() {
-            set.extend(patients.iter().cloned());
-        }
+        Part2 { rules }
     }
 }
 
@@ -65,8 +37,8 @@ pub struct Pending {
     consent: Option<(String, Vec<Rule>)>,
 }
 
-/// Labels a version about to be stored (the rule set, in memory; the enrolment fact remembered,
-/// else one indexed read) and reads a privacy Consent into rules, refusing a bad one (422).
+/// Labels a version about to be stored (the rule set, in memory; the enrolment fact as the store
+/// knows it, else checked with the write) and reads a privacy Consent into rules, refusing a bad one (422).
 pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, resource: &mut Json, inherited: &[String]) -> Result<Pending, ApiError> {
     let rules = &state.part2.rules;
     let enrols = rules.enrolls(resource_type, resource);
@@ -75,12 +47,10 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
         let mut patients = crate::search::compartment::patients(resource_type, resource);
         // Intake keeps the mapped `urn:uuid:` references; any of them may name a patient.
         urn_patients(resource, &mut patients);
-        if !patients.is_empty() {
-            part2 = state.part2.known_enrolled(&patients) || (!state.part2.complete() && {
-                let found = tx.part2_patients(&patients).await?;
-                state.part2.remember(&found);
-                !found.is_empty()
-            });
+        if state.store.known_enrolled(&patients) {
+            part2 = true;
+        } else if !state.store.enrolments_complete() {
+            tx.unless_enrolled(&patients);
         }
     }
     if part2 {
@@ -91,11 +61,9 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
 }
 
 /// Records what [`before_write`] found, queued with the version just written.
-pub fn after_write(tx: &mut Tx, state: &AppState, pending: Pending, stored: &Stored) {
+pub fn after_write(tx: &mut Tx, pending: Pending, stored: &Stored) {
     if !pending.enrols.is_empty() {
         tx.mark_part2_patients(&pending.enrols, &stored.last_updated);
-        // Remembered before the commit: if it fails, later writes are labelled once too often, never too rarely.
-        state.part2.remember(&pending.enrols);
     }
     if let Some((consent, rules)) = pending.consent {
         tx.replace_consent_rules(&consent, &rules);

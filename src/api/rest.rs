@@ -522,7 +522,11 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
             Ok((stored, _)) => {
                 audit.entities.push(stored.reference());
                 tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
-                tx.commit().await?;
+                match tx.commit().await {
+                    Ok(()) => {}
+                    Err(crate::store::StoreError::Enrolled) => continue,
+                    Err(e) => return Err(e.into()),
+                }
                 audit.recorded = true;
                 return Ok(resource_response(StatusCode::CREATED, &stored, &caller.base.url, prefer, true));
             }
@@ -625,7 +629,11 @@ async fn update_inner(
                     audit.action = "C";
                 }
                 tx.append_audit(&audit.row(&state.base_url, AuditOutcome::Success)).await?;
-                tx.commit().await?;
+                match tx.commit().await {
+                    Ok(()) => {}
+                    Err(crate::store::StoreError::Enrolled) => continue,
+                    Err(e) => return Err(e.into()),
+                }
                 audit.recorded = true;
                 let status = if created { StatusCode::CREATED } else { StatusCode::OK };
                 return Ok(resource_response(status, &stored, &caller.base.url, prefer, created));

@@ -28,7 +28,7 @@ impl From<ApiError> for Failure {
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Duplicate => Failure::Retry,
+            StoreError::Duplicate | StoreError::Enrolled => Failure::Retry,
             other => Failure::Api(other.into()),
         }
     }
@@ -169,7 +169,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         return Ok((current.clone(), false));
     }
     let parties = parties_for_version(&owner, state.program(), principal, &search::addressed_organizations(&resource));
-    let index = search::extract(resource_type, &resource, &last_updated);
+    let index = search::extract(resource_type, &resource);
     let stored = Stored {
         resource_type: resource_type.to_string(),
         id,
@@ -199,7 +199,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     if resource_type == "Task" && stored.owner != principal.organization {
         crate::exchange::step_down::task_changed(tx, state, &resource).await?;
     }
-    super::part2::after_write(tx, state, part2, &stored);
+    super::part2::after_write(tx, part2, &stored);
     Ok((stored, version == 1))
 }
 

@@ -139,7 +139,11 @@ pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Js
                 summaries[*index].messages.push(message.id.clone());
             }
         }
-        tx.commit().await?;
+        match tx.commit().await {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Enrolled) => continue,
+            Err(e) => return Err(e.into()),
+        }
         if !outgoing.is_empty() {
             state.outbox_wake.notify_one();
         }

@@ -212,7 +212,7 @@ pub async fn accept(state: &AppState, message: &Message, owner: &str, status: u1
                 }
                 return Ok(true);
             }
-            Err(StoreError::Duplicate) => continue,
+            Err(StoreError::Duplicate | StoreError::Enrolled) => continue,
             Err(e) => return Err(e.into()),
         }
     }

@@ -65,8 +65,10 @@ impl Tx {
         }
     }
 
-    /// Records that these patients are (or were) enrolled in a substance-use program.
+    /// Records that these patients are (or were) enrolled in a substance-use program, and remembers
+    /// it now: if the commit fails, later writes are labelled once too often, never too rarely.
     pub fn mark_part2_patients(&mut self, patients: &[String], since: &str) {
+        self.store.enrolled.remember(patients);
         for patient in patients {
             self.queued.statement(|sql| {
                 sql.push("INSERT INTO part2_patients (patient, since) VALUES (");
@@ -77,15 +79,39 @@ impl Tx {
             });
         }
     }
+}
 
-    /// Which of these patients are (or were) enrolled in a substance-use program, as this transaction sees it.
-    pub async fn part2_patients(&mut self, patients: &[String]) -> Result<Vec<String>, StoreError> {
-        let mut sql = Sql::default();
-        sql.push("SELECT patient FROM part2_patients WHERE patient IN (");
-        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
-        sql.push(")");
-        let rows = sql.into_query().fetch_all(self.conn().await?).await?;
-        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+/// Which of these patients are (or were) enrolled in a substance-use program.
+pub(super) async fn enrolled_among(conn: &mut sqlx::AnyConnection, patients: &[String]) -> Result<Vec<String>, StoreError> {
+    if patients.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::default();
+    sql.push("SELECT patient FROM part2_patients WHERE patient IN (");
+    sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+    sql.push(")");
+    let rows = sql.into_query().fetch_all(conn).await?;
+    Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+}
+
+/// The patients the store knows to be (or to have been) enrolled: only ever grows (an enrolment is
+/// never undone), so it is never stale, only possibly incomplete.
+#[derive(Default)]
+pub(super) struct Enrolled {
+    patients: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether `patients` is every enrolment there is (SQLite: this gateway is the store's only writer).
+    complete: std::sync::atomic::AtomicBool,
+}
+
+impl Enrolled {
+    pub(super) fn remember(&self, patients: &[String]) {
+        if let Ok(mut set) = self.patients.lock() {
+            set.extend(patients.iter().cloned());
+        }
+    }
+
+    pub(super) fn set_complete(&self, complete: bool) {
+        self.complete.store(complete, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -124,6 +150,16 @@ impl Store {
         sql.push(")");
         let rows = sql.into_query().fetch_all(&self.reader).await?;
         Ok(rows.iter().map(rule).collect::<Result<_, _>>()?)
+    }
+
+    /// Whether the store knows any of these patients to be (or to have been) enrolled in a substance-use program.
+    pub fn known_enrolled(&self, patients: &[String]) -> bool {
+        self.enrolled.patients.lock().is_ok_and(|set| patients.iter().any(|p| set.contains(p)))
+    }
+
+    /// Whether every enrolment is known without asking the database ([`Store::known_enrolled`] is then the answer).
+    pub fn enrolments_complete(&self) -> bool {
+        self.enrolled.complete.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Every patient who is (or was) enrolled in a substance-use program.

@@ -27,6 +27,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(9, "topics", include_str!("../../migrations/postgres/0009_topics.sql")),
         migration(10, "referrals", include_str!("../../migrations/postgres/0010_referrals.sql")),
         migration(11, "consent", include_str!("../../migrations/postgres/0011_consent.sql")),
+        migration(12, "write_path", include_str!("../../migrations/postgres/0012_write_path.sql")),
     ]
 }
 

@@ -222,6 +222,15 @@ pub(super) fn query_clauses(sql: &mut Sql, query: &Query) {
                 });
                 sql.push(")");
             }
+            Clause::Date { param, any } if param == "_lastUpdated" => {
+                sql.push(" AND (");
+                sql.push_balanced(any, " OR ", &mut |sql, m| {
+                    sql.push("(");
+                    instant_condition(sql, m, "r.last_updated");
+                    sql.push(")");
+                });
+                sql.push(")");
+            }
             Clause::Date { param, any } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM search_dates d WHERE d.type = r.type AND d.id = r.id AND d.param = ");
                 sql.text(param);
@@ -235,6 +244,29 @@ pub(super) fn query_clauses(sql: &mut Sql, query: &Query) {
             }
         }
     }
+}
+
+/// [`date_condition`] for an instant stored as such (`column`, millisecond text as [`crate::search::date_range`]
+/// writes it): the instant `p` covers `[p, p + 1 ms)`, and the query's bounds are whole milliseconds,
+/// so `p + 1 ms > x` is `p >= x` and `p + 1 ms <= x` is `p < x`.
+fn instant_condition(sql: &mut Sql, m: &DateMatch, column: &str) {
+    let (low, high) = (m.low.as_str(), m.high.as_str());
+    let (op, bound) = match m.prefix {
+        Prefix::Eq | Prefix::Ne => {
+            sql.push(&format!("{}({column} >= ", if m.prefix == Prefix::Ne { "NOT " } else { "" }));
+            sql.text(low);
+            sql.push(&format!(" AND {column} < "));
+            sql.text(high);
+            sql.push(")");
+            return;
+        }
+        Prefix::Gt | Prefix::Sa => (">=", high),
+        Prefix::Lt | Prefix::Eb => ("<", low),
+        Prefix::Ge => (">=", low),
+        Prefix::Le => ("<", high),
+    };
+    sql.push(&format!("{column} {op} "));
+    sql.text(bound);
 }
 
 /// The FHIR date prefixes over ranges: the resource covers `[d.low, d.high)`, the query `[low, high)`.

@@ -38,6 +38,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(9, "topics", include_str!("../../migrations/sqlite/0009_topics.sql")),
         migration(10, "referrals", include_str!("../../migrations/sqlite/0010_referrals.sql")),
         migration(11, "consent", include_str!("../../migrations/sqlite/0011_consent.sql")),
+        migration(12, "write_path", include_str!("../../migrations/sqlite/0012_write_path.sql")),
     ]
 }
 
@@ -193,6 +194,11 @@ impl Member {
             script.execute(&mut batch.conn).await?;
         }
         Ok(&mut batch.conn)
+    }
+
+    /// The writer connection, inside this member's savepoint (after [`Member::run`]).
+    pub(super) fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
+        self.guard.as_mut().and_then(|g| g.batch.as_mut()).map(|b| &mut *b.conn).ok_or_else(|| StoreError::Unavailable("the write group is closed".into()))
     }
 
     /// Runs `script` (what the transaction queued), keeps this member's work and waits until its

@@ -259,3 +259,62 @@ async fn two_instances_share_one_outbox_and_deliver_every_message_once() {
     b.stop().await;
     drop_schema(&schema).await;
 }
+
+/// 42 CFR Part 2 across instances: a client enrolled through one instance has every later record
+/// labelled when stored through the other, which had already written about the client unlabelled
+/// (its own write's check in the store, not what the instance remembers, decides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_enrolment_through_one_instance_labels_what_the_other_stores() {
+    if crate::need::postgres("server::postgres::an_enrolment_through_one_instance_labels_what_the_other_stores").is_none() {
+        return;
+    }
+    let schema = schema_name("part2");
+    let (a, b) = two_instances(&schema).await;
+    let assertion = a.assertion("clinic");
+    let response = a.http.post(direct(&a, "auth/token")).form(&iop_gateway::auth::token_request_form(assertion.as_str(), "system/*.cruds")).send().await.unwrap();
+    let token = response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_string();
+    let post = |gw: &Gateway, path: &str, body: Value| {
+        let request = gw.http.post(direct(gw, path)).bearer_auth(&token).header("content-type", "application/fhir+json").body(body.to_string());
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let labels = |body: &Value| -> Vec<String> { body["meta"]["security"].as_array().into_iter().flatten().filter_map(|c| c["code"].as_str().map(str::to_string)).collect() };
+    let (status, created) = post(&a, "Patient", patient("PG-PART2")).await;
+    assert_eq!(status, 201, "{created}");
+    let subject = format!("Patient/{}", created["id"].as_str().unwrap());
+    let score = |day: u32| super::support::phq9(&subject, 9, &format!("2026-03-{day:02}T10:00:00Z"));
+
+    let (status, before) = post(&b, "Observation", score(1)).await;
+    assert_eq!(status, 201, "{before}");
+    assert!(labels(&before).is_empty(), "not enrolled yet: {before}");
+    let episode = json!({
+        "resourceType": "EpisodeOfCare", "status": "active",
+        "type": [{"coding": [{"system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "H0015"}]}],
+        "patient": {"reference": subject}, "managingOrganization": {"reference": "Organization/iop-program"}
+    });
+    let (status, enrolled) = post(&a, "EpisodeOfCare", episode).await;
+    assert_eq!(status, 201, "{enrolled}");
+    assert!(labels(&enrolled).contains(&"42CFRPart2".to_string()), "{enrolled}");
+
+    // Instance b has seen this client only unenrolled; its next write about them is labelled.
+    let (status, after) = post(&b, "Observation", score(2)).await;
+    assert_eq!(status, 201, "{after}");
+    assert!(labels(&after).contains(&"42CFRPart2".to_string()), "enrolled through the other instance: {after}");
+    let url = direct(&a, &format!("Observation/{}", after["id"].as_str().unwrap()));
+    let stored: Value = a.http.get(url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(labels(&stored), labels(&after), "stored as answered");
+    // And so is one inside a transaction, now known to b without asking.
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": score(3), "request": {"method": "POST", "url": "Observation"}}]});
+    let (status, answer) = post(&b, "", bundle).await;
+    assert_eq!(status, 200, "{answer}");
+    let location = answer["entry"][0]["response"]["location"].as_str().unwrap().to_string();
+    let path = location.split("/_history").next().unwrap().trim_start_matches("http://gateway.test/").to_string();
+    let stored: Value = b.http.get(direct(&b, &path)).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert!(labels(&stored).contains(&"42CFRPart2".to_string()), "{stored}");
+    a.stop().await;
+    b.stop().await;
+    drop_schema(&schema).await;
+}

@@ -409,3 +409,42 @@ async fn part2_versions_stay_out_of_history_on_postgres() {
     gw.stop().await;
     super::postgres::drop_schema(&schema).await;
 }
+
+/// `_lastUpdated` with every prefix at the stored instant's own millisecond and second, matched
+/// on the resource's `last_updated` (no index row): the instant covers its millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_updated_prefixes_at_the_instant_itself() {
+    let gw = Gateway::start().await;
+    let unit_a = gw.token("unit-a").await;
+    let patient_a = create(&gw, &unit_a, "Patient", &patient("MRN-LU")).await;
+    let (status, created) = gw.post(&unit_a, "Observation", &phq9(&format!("Patient/{patient_a}"), 5, "2026-03-02")).await;
+    assert_eq!(status, 201, "{created}");
+    let (id, at) = (created["id"].as_str().unwrap().to_string(), created["meta"]["lastUpdated"].as_str().unwrap().to_string());
+    let second = &at[..19];
+    let next_ms = {
+        let t = time::OffsetDateTime::parse(&at, &time::format_description::well_known::Rfc3339).unwrap() + time::Duration::milliseconds(1);
+        format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.millisecond())
+    };
+    let cases = [
+        (format!("eq{at}"), true),
+        (format!("ne{at}"), false),
+        (format!("eq{second}Z"), true),
+        (format!("ge{at}"), true),
+        (format!("gt{at}"), false),
+        (format!("le{at}"), true),
+        (format!("lt{at}"), false),
+        (format!("sa{at}"), false),
+        (format!("eb{at}"), false),
+        (format!("eq{next_ms}"), false),
+        (format!("lt{next_ms}"), true),
+        (format!("eb{next_ms}"), true),
+        (format!("gt2026-01-01"), true),
+        (format!("lt2026-01-01"), false),
+    ];
+    for (value, found) in cases {
+        let (status, bundle) = gw.get(&unit_a, &format!("Observation?_id={id}&_lastUpdated={}", value.replace('+', "%2B"))).await;
+        assert_eq!(status, 200, "{value}: {bundle}");
+        assert_eq!(references(&bundle, "match") == vec![format!("Observation/{id}")], found, "_lastUpdated={value}: {bundle}");
+    }
+    gw.stop().await;
+}
