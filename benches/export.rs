@@ -97,7 +97,7 @@ async fn load_bundle(store: &Store, path: &std::path::Path, suffix: &str, seen: 
         resource["meta"] = serde_json::json!({"versionId": "1", "lastUpdated": last_updated});
         let body = resource.to_string();
         let parsed = iop_gateway::json::parse(body.as_bytes()).unwrap();
-        let index = iop_gateway::search::extract(resource_type, &parsed, &last_updated);
+        let index = iop_gateway::search::extract(resource_type, &parsed);
         let stored = Stored {
             resource_type: resource_type.to_string(),
             id: id.to_string(),
