@@ -114,7 +114,7 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
         if target.is_none() && resource_type == "Bundle" {
             continue;
         }
-        let mut patients = crate::search::compartment::patients(&resource_type, resource);
+        let mut patients = crate::search::compartment::about(&resource_type, resource);
         // Inside a Bundle, entries point at each other by fullUrl (`urn:uuid:…`).
         referenced_patients(resource, &bundle_patients, &mut patients);
         let mut part2 = state.part2.rules.is_part2(resource, &[]);

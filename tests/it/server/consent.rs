@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::exchange::{Payer, decision, payer_config, post_records, records};
 use super::support::{Gateway, TempDir, config_text, load, partner_keys};
@@ -51,12 +51,14 @@ enum Named {
 }
 
 /// Recipients: (client, organization, its configured purpose of use, whom the consent names).
-const RECIPIENTS: &[(&str, &str, &str, Named)] = &[
-    ("clinic", PROGRAM, "TREAT", Named::Owner),
-    ("unit-a", "Organization/unit-a", "TREAT", Named::Itself),
-    ("unit-b", "Organization/unit-b", "TREAT", Named::AnotherUnit),
-    ("stepdown", "Organization/stepdown", "TREAT", Named::Itself),
-];
+fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
+    vec![
+        ("clinic", PROGRAM.to_string(), "TREAT", Named::Owner),
+        ("unit-a", "Organization/unit-a".to_string(), "TREAT", Named::Itself),
+        ("unit-b", "Organization/unit-b".to_string(), "TREAT", Named::AnotherUnit),
+        ("stepdown", stepdown_organization(), "TREAT", Named::Itself),
+    ]
+}
 
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
@@ -134,6 +136,20 @@ fn sud_referral(patient: &str, recipient: &str) -> Value {
     })
 }
 
+/// The step-down provider's Organization: the one the mappings make for its facility OP-RIVERBEND
+/// (default id namespace), so the clinic's step-down referrals and consent records name it.
+fn stepdown_organization() -> String {
+    let id = iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Organization", "facility:OP-RIVERBEND");
+    format!("Organization/{id}")
+}
+
+/// The step-down provider as a partner at `base` (BSeR `$process-message`), routed for OP-RIVERBEND.
+fn stepdown_partner(base: &str) -> String {
+    format!(
+        "[[partners]]\nname = \"stepdown\"\nkind = \"outpatient-provider\"\nfhir_base = \"{base}\"\nroutes = [\"OP-RIVERBEND\"]\nclients = [\"stepdown\"]\nauth = \"none\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n"
+    )
+}
+
 /// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
 async fn gateway(extra: &str) -> Gateway {
     gateway_on(extra, None).await
@@ -151,7 +167,8 @@ async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
     let jwks = dir.0.join("stepdown.jwks.json");
     std::fs::write(&jwks, stepdown.jwks_json()).unwrap();
     text.push_str(&format!(
-        "[[clients]]\nid = \"stepdown\"\nrole = \"inpatient-unit\"\norganization = \"Organization/stepdown\"\npurpose = \"treatment\"\njwks_file = {:?}\n",
+        "[[clients]]\nid = \"stepdown\"\nrole = \"inpatient-unit\"\norganization = \"{}\"\npurpose = \"treatment\"\njwks_file = {:?}\n",
+        stepdown_organization(),
         jwks.display().to_string()
     ));
     keys.push(("stepdown".into(), stepdown));
@@ -271,18 +288,19 @@ async fn the_consent_matrix_on_postgres() {
 async fn consent_matrix(gw: Gateway) {
     let clinic = gw.token("clinic").await;
     let mut rows = Vec::new();
-    for &recipient in RECIPIENTS {
-        let (_, _, recipient_purpose, named) = recipient;
+    let recipients = recipients();
+    for recipient in &recipients {
+        let (_, _, recipient_purpose, named) = *recipient;
         for &consent_purpose in PURPOSES {
             for &(state, permits) in STATES {
                 let expect = allowed(named, recipient_purpose, consent_purpose, permits);
-                rows.push(store_row(&gw, &clinic, recipient, consent_purpose, state, expect).await);
+                rows.push(store_row(&gw, &clinic, (recipient.0, &recipient.1, recipient.2, recipient.3), consent_purpose, state, expect).await);
             }
         }
     }
     let mut tokens = BTreeMap::new();
     let mut exported = BTreeMap::new();
-    for &(client, ..) in RECIPIENTS {
+    for &(client, ..) in &recipients {
         let token = gw.token(client).await;
         exported.insert(client, export_ids(&gw, &token).await);
         tokens.insert(client, token);
@@ -296,7 +314,7 @@ async fn consent_matrix(gw: Gateway) {
             disclosed += usize::from(out && row.disclosure);
         }
     }
-    assert_eq!(checked, RECIPIENTS.len() * PURPOSES.len() * STATES.len() * WAYS.len());
+    assert_eq!(checked, recipients.len() * PURPOSES.len() * STATES.len() * WAYS.len());
     // The accounting: one PrivacyDisclosure per way a consented record left, none for the rest.
     let ops = gw.token("ops").await;
     let mut audited = 0;
@@ -409,5 +427,81 @@ async fn a_pas_request_waits_for_consent_and_a_replay_sends_it() {
     let (_, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
     assert_eq!(events["total"], 1, "{events}");
     assert_eq!(events["entry"][0]["resource"]["purposeOfEvent"][0]["coding"][0]["code"], "HPAYMT");
+    gw.stop().await;
+}
+
+/// A wiremock step-down provider that takes every referral message with BSeR's acknowledgement.
+async fn stepdown_provider() -> MockServer {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/$process-message"))
+        .respond_with(|request: &wiremock::Request| {
+            let sent: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+            ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(super::step_down::acknowledgement(&sent))
+        })
+        .mount(&provider)
+        .await;
+    provider
+}
+
+/// What intake stores names its targets `Type/id`: a record posted through `/iop/records` alone
+/// about an enrolled client is in the client's compartment (search by patient, `$everything`),
+/// and the client's consent decides what the step-down provider reads of its referral.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_posted_through_intake_are_in_the_clients_compartment_and_consent_decides_them() {
+    let provider = stepdown_provider().await;
+    let gw = gateway(&format!("[outbox]\npoll_interval_ms = 50\n\n{}", stepdown_partner(&provider.uri()))).await;
+    let clinic = gw.token("clinic").await;
+    let patient = format!("Patient/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Patient", "client:C-1004"));
+    // The client, enrolled in a substance-use program in an earlier episode: everything about it is Part 2.
+    let (client, episode) = super::step_down::discharge_batch();
+    let mut enrolled = client.clone();
+    let mut sud = records("enrollment/discharged-sud.json");
+    sud["client_id"] = json!("C-1004");
+    enrolled.as_array_mut().unwrap().push(sud);
+    let (status, summary) = post_records(&gw, &clinic, &enrolled).await;
+    assert_eq!(status, 200, "{summary}");
+    // A drug screen posted on its own: the Patient it is about is not in its batch.
+    let mut screen = records("drug_screen/positive-cannabinoids.json");
+    screen["client_id"] = json!("C-1004");
+    let (status, summary) = post_records(&gw, &clinic, &screen).await;
+    assert_eq!(status, 200, "{summary}");
+    let (status, found) = gw.get(&clinic, &format!("Observation?patient={patient}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 5, "one Observation per substance, found by the client's Patient: {found}");
+    assert!(found["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "match").all(|e| e["resource"]["subject"]["reference"] == patient.as_str()), "{found}");
+    let (status, everything) = gw.get(&clinic, &format!("{patient}/$everything")).await;
+    assert_eq!(status, 200, "{everything}");
+    assert!(everything["entry"].as_array().unwrap().iter().any(|e| e["resource"]["resourceType"] == "DiagnosticReport"), "the drug screen's report: {everything}");
+
+    // The discharge with its step-down referral and the client's consent to the provider, for treatment.
+    let (status, summary) = post_records(&gw, &clinic, &episode).await;
+    assert_eq!(status, 200, "{summary}");
+    let task = format!("Task/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Task", "referral:REF-1004-OUT:task"));
+    let stepdown = gw.token("stepdown").await;
+    let (status, read) = gw.get(&stepdown, &task).await;
+    assert_eq!(status, 200, "the consent permits the provider: {read}");
+    assert_eq!(read["for"]["reference"], patient.as_str(), "{read}");
+    let codes: Vec<&str> = read["meta"]["security"].as_array().unwrap_or_else(|| panic!("{read}")).iter().filter_map(|c| c["code"].as_str()).collect();
+    assert!(codes.contains(&"42CFRPart2") && codes.contains(&"NORDSCLCD"), "{read}");
+    let (_, searched) = gw.get(&stepdown, &format!("Task?patient={patient}")).await;
+    assert_eq!(searched["total"], 1, "{searched}");
+    let request = read["focus"]["reference"].as_str().unwrap().to_string();
+    let (status, body) = gw.get(&stepdown, &request).await;
+    assert_eq!(status, 200, "the referral's ServiceRequest: {body}");
+    let ops = gw.token("ops").await;
+    let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    assert!(status == 200 && events["total"].as_u64().is_some_and(|n| n >= 2), "the read and the search accounted for: {status} {events}");
+
+    // The client revokes the consent: the provider reads nothing of it any more.
+    let mut revoked = records("consent/part2-to-step-down.json")[1].clone();
+    revoked["status"] = json!("revoked");
+    let (status, summary) = post_records(&gw, &clinic, &json!([revoked])).await;
+    assert_eq!(status, 200, "{summary}");
+    let (status, read) = gw.get(&stepdown, &task).await;
+    assert_eq!(status, 404, "{read}");
+    assert_eq!(gw.get(&stepdown, &request).await.0, 404);
+    let (_, searched) = gw.get(&stepdown, &format!("Task?patient={patient}")).await;
+    assert_eq!(searched["total"], 0, "{searched}");
     gw.stop().await;
 }
