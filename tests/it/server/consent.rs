@@ -57,14 +57,15 @@ fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
         ("unit-a", "Organization/unit-a".to_string(), "TREAT", Named::Itself),
         ("unit-b", "Organization/unit-b".to_string(), "TREAT", Named::AnotherUnit),
         ("stepdown", stepdown_organization(), "TREAT", Named::Itself),
+        ("payer-x", "Organization/payer-x".to_string(), "HPAYMT", Named::Itself),
     ]
 }
 
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
 
-/// Ways out of the gateway. Referral feedback, step-down referrals and subscription notifications
-/// join as rows here with one driver each in [`way_out`].
+/// Ways out of the gateway, each with one driver in [`way_out`]. Referral feedback and step-down
+/// referrals are not rows yet (see README, consent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Read,
@@ -72,9 +73,22 @@ enum Way {
     Include,
     Everything,
     Export,
+    /// A full-resource notification of the recipient's Subscription to referral-task-changed, about a Part 2 Task.
+    Notification,
+    /// A PAS request to the payer for an authorization with a substance-use diagnosis.
+    Pas,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export];
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas];
+
+/// Which ways out reach a recipient: a payer touches no ServiceRequest and is the only one sent PAS requests.
+fn reaches(client: &str, way: Way) -> bool {
+    match way {
+        Way::Pas => client == "payer-x",
+        Way::Notification => true,
+        _ => client != "payer-x",
+    }
+}
 
 /// The expected answer of one row.
 fn allowed(named: Named, recipient_purpose: &str, consent_purpose: &str, permits: bool) -> bool {
@@ -90,10 +104,17 @@ struct Row {
     client: &'static str,
     state: State,
     consent_purpose: &'static str,
+    recipient_purpose: &'static str,
     expect: bool,
     patient: String,
-    /// The Part 2 record (a ServiceRequest for a substance-use diagnosis).
+    /// The Part 2 record (a ServiceRequest for a substance-use diagnosis); none for the payer.
     record: String,
+    /// A Task based on the record, itself not Part 2 (for `_include`).
+    include_task: String,
+    /// The Part 2 Task the recipient's Subscription is notified of.
+    notice_task: String,
+    /// The authorization whose PAS request goes to the payer (payer rows).
+    authorization: String,
     disclosure: bool,
 }
 
@@ -136,6 +157,16 @@ fn sud_referral(patient: &str, recipient: &str) -> Value {
     })
 }
 
+/// A referral Task for an alcohol use disorder requested by the recipient (what its Subscription
+/// filters on), owned by the program: Part 2 by its code, and about the row's patient.
+fn sud_task(patient: &str, requester: &str) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "for": {"reference": patient}, "requester": {"reference": requester}, "owner": {"reference": PROGRAM},
+        "reasonCode": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F10.20"}]}
+    })
+}
+
 /// The step-down provider's Organization: the one the mappings make for its facility OP-RIVERBEND
 /// (default id namespace), so the clinic's step-down referrals and consent records name it.
 fn stepdown_organization() -> String {
@@ -152,11 +183,11 @@ fn stepdown_partner(base: &str) -> String {
 
 /// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
 async fn gateway(extra: &str) -> Gateway {
-    gateway_on(extra, None).await
+    gateway_on(extra, None, None).await
 }
 
-/// [`gateway`] on SQLite, or on PostgreSQL (url, schema).
-async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
+/// [`gateway`] on SQLite, or on PostgreSQL (url, schema); every client may have Subscriptions notify at `callbacks`.
+async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>, callbacks: Option<&str>) -> Gateway {
     let dir = TempDir::new("consent");
     let mut keys = partner_keys();
     let mut text = config_text(&dir.0, &keys, extra);
@@ -172,6 +203,9 @@ async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
         jwks.display().to_string()
     ));
     keys.push(("stepdown".into(), stepdown));
+    if let Some(prefix) = callbacks {
+        text = text.replace("\njwks_file = ", &format!("\ncallbacks = [\"{prefix}\"]\njwks_file = "));
+    }
     Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
 }
 
@@ -180,16 +214,21 @@ fn created_id(status: u16, body: &Value) -> String {
     body["id"].as_str().unwrap().to_string()
 }
 
-/// Stores one row's patient (managed by the recipient, so it is a party), its Part 2 record, a Task
-/// pointing at it (for `_include`), and the consent of the row's state.
-async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &str, Named), consent_purpose: &'static str, state: State, expect: bool) -> Row {
-    let (client, organization, _, named) = recipient;
-    let mut patient = super::support::patient(&format!("MRN-{client}-{consent_purpose}-{state:?}"));
-    patient["managingOrganization"] = json!({"reference": organization});
-    let patient = format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await));
-    let record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
-    let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
-    created_id_of(gw.post(clinic, "Task", &task).await);
+/// Stores one row: the consent of its state (first, so a notification is decided under it), then
+/// for a payer an authorization with a substance-use diagnosis posted through intake (its client's
+/// Patient is the row's), else a Patient managed by the recipient (so it is a party), its Part 2
+/// record and a Task based on it (for `_include`); and for everyone a Part 2 Task it requested.
+async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static str, String, &'static str, Named), consent_purpose: &'static str, state: State, expect: bool) -> Row {
+    let &(client, ref organization, recipient_purpose, named) = recipient;
+    let organization = organization.as_str();
+    let payer = client == "payer-x";
+    let patient = if payer {
+        format!("Patient/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Patient", &format!("client:C-M{n}")))
+    } else {
+        let mut patient = super::support::patient(&format!("MRN-{client}-{consent_purpose}-{state:?}"));
+        patient["managingOrganization"] = json!({"reference": organization});
+        format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await))
+    };
     let named_org = if named == Named::AnotherUnit { "Organization/unit-a" } else { organization };
     if state != State::None {
         let body = consent(&patient, named_org, consent_purpose, state);
@@ -202,15 +241,37 @@ async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &
             assert_eq!(status, 200, "{updated}");
         }
     }
-    Row { client, state, consent_purpose, expect, patient, record, disclosure: expect && named != Named::Owner }
+    let (mut record, mut include_task, mut authorization) = (String::new(), String::new(), String::new());
+    if payer {
+        let text = records("authorization/initial.json").to_string().replace("C-1001", &format!("C-M{n}")).replace("MRN-000451", &format!("MRN-M{n}")).replace("AUTH-1001-1", &format!("AUTH-M{n}"));
+        let mut input: Value = serde_json::from_str(&text).unwrap();
+        input[2]["diagnoses"] = json!([{"code": "F10.20"}]);
+        let (status, summary) = post_records(gw, clinic, &input).await;
+        assert_eq!(status, 200, "{summary}");
+        authorization = format!("AUTH-M{n}");
+    } else {
+        record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
+        let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
+        include_task = created_id_of(gw.post(clinic, "Task", &task).await);
+    }
+    let notice_task = format!("Task/{}", created_id_of(gw.post(clinic, "Task", &sud_task(&patient, organization)).await));
+    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, disclosure: expect && named != Named::Owner }
 }
 
 fn created_id_of((status, body): (u16, Value)) -> String {
     created_id(status, &body)
 }
 
-/// Whether the row's record left the gateway by `way` (its driver); `exported` holds each client's export.
-async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTreeMap<&str, HashSet<String>>) -> bool {
+/// What left the gateway by the ways that are not answers to the recipient's requests.
+struct Sent {
+    /// Each client's system-level export.
+    exported: BTreeMap<&'static str, HashSet<String>>,
+    /// Per client, the `Task/<id>` of every event notification its Subscription received.
+    notified: BTreeMap<String, HashSet<String>>,
+}
+
+/// Whether the row's record left the gateway by `way` (its driver).
+async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) -> bool {
     let record_id = row.record.trim_start_matches("ServiceRequest/");
     let contains = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["id"] == record_id));
     match way {
@@ -230,7 +291,7 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTre
             found
         }
         Way::Include => {
-            let (status, body) = gw.get(token, &format!("Task?patient={}&_include=Task:based-on", row.patient)).await;
+            let (status, body) = gw.get(token, &format!("Task?_id={}&_include=Task:based-on", row.include_task)).await;
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["total"], 1, "the Task itself is not Part 2: {body}");
             contains(&body)
@@ -240,8 +301,58 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTre
             assert_eq!(status, 200, "{body}");
             contains(&body)
         }
-        Way::Export => exported[row.client].contains(&row.record),
+        Way::Export => sent.exported[row.client].contains(&row.record),
+        Way::Notification => sent.notified.get(row.client).is_some_and(|tasks| tasks.contains(&row.notice_task)),
+        Way::Pas => {
+            let outcome = if row.expect { "certified" } else { "error" };
+            let decided = decision(gw, token, &row.authorization, outcome).await;
+            if !row.expect {
+                assert!(decided["issues"][0]["text"].as_str().unwrap_or_default().starts_with("consent required"), "{decided}");
+            }
+            row.expect
+        }
     }
+}
+
+/// The Part 2 Tasks each client's endpoint was notified of (full resource, with the refrain when disclosed).
+async fn notified(hooks: &MockServer) -> BTreeMap<String, HashSet<String>> {
+    let mut out: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for request in hooks.received_requests().await.unwrap() {
+        let bundle: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let parameters = bundle["entry"][0]["resource"]["parameter"].as_array().cloned().unwrap_or_default();
+        if !parameters.iter().any(|p| p["name"] == "type" && p["valueCode"] == "event-notification") {
+            continue;
+        }
+        let client = request.url.path().trim_start_matches("/hooks/").to_string();
+        for entry in bundle["entry"].as_array().into_iter().flatten().skip(1) {
+            let task = &entry["resource"];
+            if task["resourceType"] == "Task" {
+                let refrain = task["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD"));
+                assert!(refrain || client == "clinic", "a disclosed Task carries the refrain: {task}");
+                out.entry(client.clone()).or_default().insert(format!("Task/{}", task["id"].as_str().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A full-resource Subscription of a client to referral-task-changed, for the Tasks it requested.
+fn subscription(endpoint: &str, requester: &str) -> Value {
+    const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+    json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BACKPORT}backport-subscription")]},
+        "status": "requested",
+        "reason": "Hear about our referrals",
+        "criteria": "http://iop-gateway.org/fhir/SubscriptionTopic/referral-task-changed",
+        "_criteria": {"extension": [{"url": format!("{BACKPORT}backport-filter-criteria"), "valueString": format!("Task?requester={requester}")}]},
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}backport-payload-content"), "valueCode": "full-resource"}]}
+        }
+    })
 }
 
 /// ServiceRequests in a client's system-level export.
@@ -270,10 +381,32 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
     panic!("the export did not complete");
 }
 
+/// The partners the matrix's outbound ways reach: subscriber endpoints and the payer.
+struct Partners {
+    hooks: MockServer,
+    payer: MockServer,
+}
+
+impl Partners {
+    async fn start() -> Partners {
+        let hooks = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&hooks).await;
+        let payer = MockServer::start().await;
+        Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+        Partners { hooks, payer }
+    }
+
+    fn config(&self) -> String {
+        let topics = "[topics]\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\nmin_heartbeat_secs = 1\nheartbeat_check_ms = 100\n";
+        format!("{FAST}{}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"))
+    }
+}
+
 /// The matrix: every recipient × purpose × consent state × way out from the tables above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosure() {
-    consent_matrix(gateway(FAST).await).await;
+    let partners = Partners::start().await;
+    consent_matrix(gateway_on(&partners.config(), None, Some(&partners.hooks.uri())).await, &partners).await;
 }
 
 /// The same matrix on PostgreSQL, where the consent conditions of searches and exports run as its SQL.
@@ -281,54 +414,87 @@ async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosu
 async fn the_consent_matrix_on_postgres() {
     let Some(url) = crate::need::postgres("server::consent::the_consent_matrix_on_postgres") else { return };
     let schema = super::postgres::schema_name("consent");
-    consent_matrix(gateway_on(FAST, Some((&url, &schema))).await).await;
+    let partners = Partners::start().await;
+    consent_matrix(gateway_on(&partners.config(), Some((&url, &schema)), Some(&partners.hooks.uri())).await, &partners).await;
     super::postgres::drop_schema(&schema).await;
 }
 
-async fn consent_matrix(gw: Gateway) {
+async fn consent_matrix(gw: Gateway, partners: &Partners) {
     let clinic = gw.token("clinic").await;
-    let mut rows = Vec::new();
     let recipients = recipients();
+    let mut tokens = BTreeMap::new();
+    for (client, organization, ..) in &recipients {
+        let token = gw.token(client).await;
+        let (status, created) = gw.post(&token, "Subscription", &subscription(&format!("{}/hooks/{client}", partners.hooks.uri()), organization)).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        let mut active = false;
+        for _ in 0..200 {
+            if gw.get(&token, &format!("Subscription/{id}")).await.1["status"] == "active" {
+                active = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(active, "{client}'s Subscription completes its handshake");
+        tokens.insert(*client, token);
+    }
+    let mut rows = Vec::new();
     for recipient in &recipients {
         let (_, _, recipient_purpose, named) = *recipient;
         for &consent_purpose in PURPOSES {
             for &(state, permits) in STATES {
                 let expect = allowed(named, recipient_purpose, consent_purpose, permits);
-                rows.push(store_row(&gw, &clinic, (recipient.0, &recipient.1, recipient.2, recipient.3), consent_purpose, state, expect).await);
+                rows.push(store_row(&gw, &clinic, rows.len(), recipient, consent_purpose, state, expect).await);
             }
         }
     }
-    let mut tokens = BTreeMap::new();
     let mut exported = BTreeMap::new();
     for &(client, ..) in &recipients {
-        let token = gw.token(client).await;
-        exported.insert(client, export_ids(&gw, &token).await);
-        tokens.insert(client, token);
-    }
-    let (mut checked, mut disclosed) = (0, 0);
-    for row in &rows {
-        for &way in WAYS {
-            let out = way_out(&gw, &tokens[row.client], row, way, &exported).await;
-            assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
-            checked += 1;
-            disclosed += usize::from(out && row.disclosure);
+        if reaches(client, Way::Export) {
+            exported.insert(client, export_ids(&gw, &tokens[client]).await);
         }
     }
-    assert_eq!(checked, recipients.len() * PURPOSES.len() * STATES.len() * WAYS.len());
+    // Notifications go out in the background: wait for every one expected, then a little for any that should not come.
+    let expected = rows.iter().filter(|r| r.expect).count();
+    for _ in 0..300 {
+        if notified(&partners.hooks).await.values().map(HashSet::len).sum::<usize>() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Sent { exported, notified: notified(&partners.hooks).await };
+    let (mut checked, mut disclosed) = (0, 0);
+    let mut by_row = vec![0; rows.len()];
+    for (i, row) in rows.iter().enumerate() {
+        for &way in WAYS.iter().filter(|&&w| reaches(row.client, w)) {
+            let token = if way == Way::Pas { &clinic } else { &tokens[row.client] };
+            let out = way_out(&gw, token, row, way, &sent).await;
+            assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
+            checked += 1;
+            let counted = usize::from(out && row.disclosure);
+            disclosed += counted;
+            by_row[i] += counted;
+        }
+    }
+    let ways_per_recipient: usize = recipients.iter().map(|(c, ..)| WAYS.iter().filter(|&&w| reaches(c, w)).count()).sum();
+    assert_eq!(checked, ways_per_recipient * PURPOSES.len() * STATES.len());
     // The accounting: one PrivacyDisclosure per way a consented record left, none for the rest.
     let ops = gw.token("ops").await;
     let mut audited = 0;
-    for row in &rows {
+    for (row, &expected) in rows.iter().zip(&by_row) {
         let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={}&subtype=disclose", row.patient)).await;
         assert_eq!(status, 200, "{events}");
         let total = events["total"].as_u64().unwrap() as usize;
-        assert_eq!(total, if row.disclosure { WAYS.len() } else { 0 }, "{} × {} × {:?}: {events}", row.client, row.consent_purpose, row.state);
+        assert_eq!(total, expected, "{} × {} × {:?}: {events}", row.client, row.consent_purpose, row.state);
         for event in events["entry"].as_array().into_iter().flatten() {
             let event = &event["resource"];
             assert_eq!(event["type"]["code"], "110106");
-            assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
+            assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], row.recipient_purpose);
             let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
-            assert!(whats.contains(&row.record.as_str()) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
+            let ours = |w: &&str| *w == row.record || *w == row.notice_task || w.starts_with("Claim/");
+            assert!(whats.iter().any(ours) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
         }
         audited += total;
     }
