@@ -224,3 +224,12 @@ pub fn notice_entry(bundle: &mut super::fhir::BundleText) {
     let mode = super::fhir::object(&[("mode", Json::string("outcome"))]);
     bundle.entry(Some(&url), Some(&outcome.to_string_compact()), &[("search", mode)]);
 }
+
+/// The response header that carries the 42 CFR § 2.32 notice with a read of Part 2 data disclosed
+/// under the patient's consent (a single resource has no place of its own for it).
+pub const NOTICE_HEADER: &str = "x-part2-notice";
+
+/// Adds the notice header to a read that disclosed Part 2 data.
+pub fn notice_header(response: &mut axum::response::Response) {
+    response.headers_mut().insert(NOTICE_HEADER, axum::http::HeaderValue::from_static(labelling::NOTICE));
+}

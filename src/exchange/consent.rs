@@ -158,10 +158,14 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
     if !changed {
         return Checked::Send { payload: None, disclosures };
     }
-    if !disclosures.is_empty() && document.get("resourceType").and_then(Json::as_str) == Some("Bundle") {
-        // The Bundle carries the high-water mark of its entries, and the refrain.
-        state.part2.rules.label(&mut document);
-        labelling::add_refrain(&mut document);
+    if !disclosures.is_empty() {
+        if document.get("resourceType").and_then(Json::as_str) == Some("Bundle") {
+            // The Bundle carries the high-water mark of its entries, and the refrain.
+            state.part2.rules.label(&mut document);
+            labelling::add_refrain(&mut document);
+        }
+        // What the message discloses goes with the § 2.32 notice, on the message itself.
+        labelling::add_notice(&mut document);
     }
     // Nothing invalid leaves: what changed is validated again before it is sent.
     match crate::api::write::validate(state, document, Vec::new()).await {

@@ -12,6 +12,8 @@ use super::support::{Gateway, TempDir, config_text, load, partner_keys};
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+/// The 42 CFR § 2.32 notice (the gateway's one text of it).
+const NOTICE: &str = iop_gateway::auth::labelling::NOTICE;
 const PROGRAM: &str = "Organization/iop-program";
 /// The export worker starts a job once the request timeout has passed.
 const FAST: &str = "request_timeout_secs = 2\n[export]\nretry_after_secs = 1\n";
@@ -276,10 +278,16 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
     let contains = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["id"] == record_id));
     match way {
         Way::Read => {
-            let (status, body) = gw.get(token, &row.record).await;
+            let response = gw.http.get(gw.url(&row.record)).bearer_auth(token).header("accept", "application/fhir+json").send().await.unwrap();
+            let status = response.status().as_u16();
+            let notice = response.headers().get(iop_gateway::api::part2::NOTICE_HEADER).map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap();
             assert!(status == 200 || status == 404, "{status}: {body}");
-            if status == 200 {
-                assert!(body["meta"]["security"].as_array().unwrap().iter().any(|c| c["code"] == "NORDSCLCD") || row.client == "clinic", "the refrain: {body}");
+            if status == 200 && row.client != "clinic" {
+                assert!(body["meta"]["security"].as_array().unwrap().iter().any(|c| c["code"] == "NORDSCLCD"), "the refrain: {body}");
+                assert_eq!(notice.as_deref(), Some(NOTICE), "the § 2.32 notice goes with a disclosure");
+            } else {
+                assert_eq!(notice, None, "no notice without a disclosure");
             }
             status == 200
         }
@@ -329,11 +337,19 @@ async fn notified(hooks: &MockServer) -> BTreeMap<String, HashSet<String>> {
             if task["resourceType"] == "Task" {
                 let refrain = task["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD"));
                 assert!(refrain || client == "clinic", "a disclosed Task carries the refrain: {task}");
+                assert_eq!(carries_notice(&bundle), client != "clinic", "the notice goes with a disclosure, on the notification: {bundle}");
                 out.entry(client.clone()).or_default().insert(format!("Task/{}", task["id"].as_str().unwrap()));
             }
         }
     }
     out
+}
+
+/// Whether a message carries the § 2.32 notice the DS4P way: the text of DS4P's `display` extension on its `meta`.
+fn carries_notice(message: &Value) -> bool {
+    message["meta"]["extension"].as_array().is_some_and(|a| {
+        a.iter().any(|e| e["url"] == "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-display" && e["valueAnnotation"]["text"] == NOTICE)
+    })
 }
 
 /// A full-resource Subscription of a client to referral-task-changed, for the Tasks it requested.
@@ -356,7 +372,7 @@ fn subscription(endpoint: &str, requester: &str) -> Value {
 }
 
 /// ServiceRequests in a client's system-level export.
-async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
+async fn export_ids(gw: &Gateway, token: &str, notices: &mut Vec<bool>) -> HashSet<String> {
     let kick = gw.http.get(gw.url("$export?_type=ServiceRequest")).bearer_auth(token).header("accept", "application/fhir+json").header("prefer", "respond-async").send().await.unwrap();
     assert_eq!(kick.status(), 202, "{}", kick.text().await.unwrap());
     let status_url = kick.headers()["content-location"].to_str().unwrap().to_string();
@@ -368,6 +384,7 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
         }
         assert_eq!(response.status(), 200);
         let manifest: Value = response.json().await.unwrap();
+        notices.push(manifest["extension"]["part2Notice"].as_str() == Some(NOTICE));
         let mut ids = HashSet::new();
         for file in manifest["output"].as_array().unwrap() {
             let text = gw.http.get(file["url"].as_str().unwrap()).bearer_auth(token).send().await.unwrap().text().await.unwrap();
@@ -452,7 +469,11 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
     let mut exported = BTreeMap::new();
     for &(client, ..) in &recipients {
         if reaches(client, Way::Export) {
-            exported.insert(client, export_ids(&gw, &tokens[client]).await);
+            let mut notice = Vec::new();
+            let ids = export_ids(&gw, &tokens[client], &mut notice).await;
+            let disclosed = rows.iter().any(|r| r.client == client && r.disclosure && ids.contains(&r.record));
+            assert_eq!(notice, [disclosed], "{client}: the manifest carries the notice exactly when the export discloses Part 2 data");
+            exported.insert(client, ids);
         }
     }
     // Notifications go out in the background: wait for every one expected, then a little for any that should not come.
@@ -590,6 +611,7 @@ async fn a_pas_request_waits_for_consent_and_a_replay_sends_it() {
     let claim = &sent["entry"][0]["resource"];
     let codes: Vec<&str> = claim["meta"]["security"].as_array().unwrap().iter().filter_map(|c| c["code"].as_str()).collect();
     assert!(codes.contains(&"42CFRPart2") && codes.contains(&"NORDSCLCD"), "{claim}");
+    assert!(carries_notice(&sent), "the PAS request carries the notice: {}", sent["meta"]);
     let (_, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
     assert_eq!(events["total"], 1, "{events}");
     assert_eq!(events["entry"][0]["resource"]["purposeOfEvent"][0]["coding"][0]["code"], "HPAYMT");
