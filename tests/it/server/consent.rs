@@ -66,8 +66,7 @@ fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
 
-/// Ways out of the gateway, each with one driver in [`way_out`]. Referral feedback and step-down
-/// referrals are not rows yet (see README, consent).
+/// Ways out of the gateway, each with one driver in [`way_out`]. Referral feedback is not a row yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Read,
@@ -79,14 +78,17 @@ enum Way {
     Notification,
     /// A PAS request to the payer for an authorization with a substance-use diagnosis.
     Pas,
+    /// A BSeR step-down referral message to the provider, at the discharge of a client enrolled in a substance-use program.
+    StepDown,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas];
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown];
 
 /// Which ways out reach a recipient: a payer touches no ServiceRequest and is the only one sent PAS requests.
 fn reaches(client: &str, way: Way) -> bool {
     match way {
         Way::Pas => client == "payer-x",
+        Way::StepDown => client == "stepdown",
         Way::Notification => true,
         _ => client != "payer-x",
     }
@@ -117,7 +119,18 @@ struct Row {
     notice_task: String,
     /// The authorization whose PAS request goes to the payer (payer rows).
     authorization: String,
+    /// The client discharged with a step-down referral (step-down rows): its Patient, under the same
+    /// consent, the referral's Task and its ServiceRequest (addressed to the provider, so exported to it too).
+    stepped_down: Option<(String, String, String)>,
     disclosure: bool,
+}
+
+impl Row {
+    fn patients(&self) -> Vec<&str> {
+        let mut patients = vec![self.patient.as_str()];
+        patients.extend(self.stepped_down.as_ref().map(|(p, ..)| p.as_str()));
+        patients
+    }
 }
 
 fn consent(patient: &str, recipient: &str, purpose: &str, state: State) -> Value {
@@ -232,8 +245,14 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await))
     };
     let named_org = if named == Named::AnotherUnit { "Organization/unit-a" } else { organization };
-    if state != State::None {
-        let body = consent(&patient, named_org, consent_purpose, state);
+    let ids = |t: &str, identity: &str| iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, t, identity);
+    let stepped_down = (client == "stepdown").then(|| {
+        let id = |t: &str, identity: String| format!("{t}/{}", ids(t, &identity));
+        (id("Patient", format!("client:C-S{n}")), id("Task", format!("referral:REF-S{n}:task")), id("ServiceRequest", format!("referral:REF-S{n}")))
+    });
+    let consented: Vec<&str> = std::iter::once(patient.as_str()).chain(stepped_down.as_ref().map(|(p, ..)| p.as_str())).collect();
+    for patient in consented.into_iter().filter(|_| state != State::None) {
+        let body = consent(patient, named_org, consent_purpose, state);
         let id = created_id_of(gw.post(clinic, "Consent", &body).await);
         if state == State::Revoked {
             let mut revoked = body.clone();
@@ -242,6 +261,22 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
             let (status, updated) = gw.put(clinic, &format!("Consent/{id}"), &revoked).await;
             assert_eq!(status, 200, "{updated}");
         }
+    }
+    if stepped_down.is_some() {
+        // The client, enrolled in a substance-use program, then discharged with a step-down referral to the provider.
+        let rename = |v: Value| -> Value {
+            let text = v.to_string().replace("C-1004", &format!("C-S{n}")).replace("MRN-000454", &format!("MRN-S{n}")).replace("REF-1004-OUT", &format!("REF-S{n}"));
+            serde_json::from_str(&text.replace("-1004", &format!("-S{n}"))).unwrap()
+        };
+        let mut episode = rename(records("discharge/completed-with-summary.json"));
+        episode[0]["coverage"] = json!({"payer_id": "PAYER-77", "payer_name": "Synthetic Health Plan", "member_id": format!("MBR-S{n}"), "relationship": "self", "start": "2026-01-01"});
+        let mut sud = records("enrollment/discharged-sud.json");
+        sud["client_id"] = json!(format!("C-S{n}"));
+        sud["id"] = json!(format!("ENR-SUD-S{n}"));
+        let (status, summary) = post_records(gw, clinic, &json!([episode[0].clone(), sud])).await;
+        assert_eq!(status, 200, "{summary}");
+        let (status, summary) = post_records(gw, clinic, &episode).await;
+        assert_eq!(status, 200, "{summary}");
     }
     let (mut record, mut include_task, mut authorization) = (String::new(), String::new(), String::new());
     if payer {
@@ -257,7 +292,7 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         include_task = created_id_of(gw.post(clinic, "Task", &task).await);
     }
     let notice_task = format!("Task/{}", created_id_of(gw.post(clinic, "Task", &sud_task(&patient, organization)).await));
-    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, disclosure: expect && named != Named::Owner }
+    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, stepped_down, disclosure: expect && named != Named::Owner }
 }
 
 fn created_id_of((status, body): (u16, Value)) -> String {
@@ -270,6 +305,8 @@ struct Sent {
     exported: BTreeMap<&'static str, HashSet<String>>,
     /// Per client, the `Task/<id>` of every event notification its Subscription received.
     notified: BTreeMap<String, HashSet<String>>,
+    /// The `Task/<id>` of every step-down referral message the provider received.
+    referred: HashSet<String>,
 }
 
 /// Whether the row's record left the gateway by `way` (its driver).
@@ -311,6 +348,7 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
         }
         Way::Export => sent.exported[row.client].contains(&row.record),
         Way::Notification => sent.notified.get(row.client).is_some_and(|tasks| tasks.contains(&row.notice_task)),
+        Way::StepDown => row.stepped_down.as_ref().is_some_and(|(_, task, _)| sent.referred.contains(task)),
         Way::Pas => {
             let outcome = if row.expect { "certified" } else { "error" };
             let decided = decision(gw, token, &row.authorization, outcome).await;
@@ -350,6 +388,22 @@ fn carries_notice(message: &Value) -> bool {
     message["meta"]["extension"].as_array().is_some_and(|a| {
         a.iter().any(|e| e["url"] == "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-display" && e["valueAnnotation"]["text"] == NOTICE)
     })
+}
+
+/// The referral Tasks of the step-down referral messages the provider received; each carries the notice.
+async fn referred(provider: &MockServer) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for request in provider.received_requests().await.unwrap() {
+        let message: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        assert!(carries_notice(&message), "a referral message discloses Part 2 data, with the notice: {}", message["meta"]);
+        for entry in message["entry"].as_array().into_iter().flatten() {
+            if entry["resource"]["resourceType"] == "Task" {
+                assert!(entry["resource"]["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD")), "{entry}");
+                out.insert(format!("Task/{}", entry["resource"]["id"].as_str().unwrap()));
+            }
+        }
+    }
+    out
 }
 
 /// A full-resource Subscription of a client to referral-task-changed, for the Tasks it requested.
@@ -402,6 +456,7 @@ async fn export_ids(gw: &Gateway, token: &str, notices: &mut Vec<bool>) -> HashS
 struct Partners {
     hooks: MockServer,
     payer: MockServer,
+    provider: MockServer,
 }
 
 impl Partners {
@@ -410,12 +465,12 @@ impl Partners {
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&hooks).await;
         let payer = MockServer::start().await;
         Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
-        Partners { hooks, payer }
+        Partners { hooks, payer, provider: stepdown_provider().await }
     }
 
     fn config(&self) -> String {
         let topics = "[topics]\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\nmin_heartbeat_secs = 1\nheartbeat_check_ms = 100\n";
-        format!("{FAST}{}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"))
+        format!("{FAST}{}{}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
     }
 }
 
@@ -484,8 +539,15 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let expected = rows.iter().filter(|r| r.expect && r.stepped_down.is_some()).count();
+    for _ in 0..300 {
+        if referred(&partners.provider).await.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Sent { exported, notified: notified(&partners.hooks).await };
+    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await };
     let (mut checked, mut disclosed) = (0, 0);
     let mut by_row = vec![0; rows.len()];
     for (i, row) in rows.iter().enumerate() {
@@ -494,7 +556,13 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
             let out = way_out(&gw, token, row, way, &sent).await;
             assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
             checked += 1;
-            let counted = usize::from(out && row.disclosure);
+            let mut counted = usize::from(out && row.disclosure);
+            if let (Way::Export, Some((_, _, request))) = (way, &row.stepped_down) {
+                // The referral's ServiceRequest is addressed to the provider: its export takes it too, under the same consent.
+                let also = sent.exported[row.client].contains(request);
+                assert_eq!(also, row.expect, "{} × {} consent × {:?} × export of the referral", row.client, row.consent_purpose, row.state);
+                counted += usize::from(also && row.disclosure);
+            }
             disclosed += counted;
             by_row[i] += counted;
         }
@@ -505,16 +573,21 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
     let ops = gw.token("ops").await;
     let mut audited = 0;
     for (row, &expected) in rows.iter().zip(&by_row) {
-        let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={}&subtype=disclose", row.patient)).await;
-        assert_eq!(status, 200, "{events}");
-        let total = events["total"].as_u64().unwrap() as usize;
-        assert_eq!(total, expected, "{} × {} × {:?}: {events}", row.client, row.consent_purpose, row.state);
-        for event in events["entry"].as_array().into_iter().flatten() {
+        let mut total = 0;
+        let mut entries = Vec::new();
+        for patient in row.patients() {
+            let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+            assert_eq!(status, 200, "{events}");
+            total += events["total"].as_u64().unwrap() as usize;
+            entries.extend(events["entry"].as_array().cloned().unwrap_or_default());
+        }
+        assert_eq!(total, expected, "{} × {} × {:?}: {entries:?}", row.client, row.consent_purpose, row.state);
+        for event in &entries {
             let event = &event["resource"];
             assert_eq!(event["type"]["code"], "110106");
             assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], row.recipient_purpose);
             let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
-            let ours = |w: &&str| *w == row.record || *w == row.notice_task || w.starts_with("Claim/");
+            let ours = |w: &&str| *w == row.record || *w == row.notice_task || w.starts_with("Claim/") || row.stepped_down.as_ref().is_some_and(|(_, task, request)| w == task || w == request);
             assert!(whats.iter().any(ours) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
         }
         audited += total;
