@@ -214,6 +214,8 @@ pub struct Progress {
     pub written: u64,
     /// Resources the disclosure check kept out (counted, never named in the output).
     pub withheld: u64,
+    /// 42 CFR Part 2 resources written under the patient's consent.
+    pub disclosed: u64,
 }
 
 /// The files of a completed job (the manifest without URLs, which the serving instance adds).
@@ -221,6 +223,9 @@ pub struct Progress {
 pub struct Files {
     pub output: Vec<FileDone>,
     pub error: Vec<FileDone>,
+    /// Whether the files disclose 42 CFR Part 2 data (the manifest then carries the § 2.32 notice).
+    #[serde(default)]
+    pub part2: bool,
 }
 
 impl Progress {
@@ -386,6 +391,7 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
             })
             .await?;
         scratch.description = None;
+        progress.disclosed += scratch.disclosures.len() as u64;
         crate::api::caller::record_disclosures(state, &scratch).await;
         scratch.disclosures.clear();
         if let Some(out) = out {
@@ -417,7 +423,7 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
             return Err(JobError::Lost);
         }
     }
-    let mut files = Files { output: progress.files.clone(), error: Vec::new() };
+    let mut files = Files { output: progress.files.clone(), error: Vec::new(), part2: progress.disclosed > 0 };
     if !plan.ignored.is_empty() {
         let name = "OperationOutcome-1.ndjson".to_string();
         let mut text = String::new();
@@ -463,6 +469,9 @@ fn close_file(progress: &mut Progress, resource_type: &str, name: String) {
     progress.lines = 0;
 }
 
+/// The member of the manifest's `extension` that holds the 42 CFR § 2.32 notice.
+pub const PART2_NOTICE_MEMBER: &str = "part2Notice";
+
 /// The manifest of a completed job, with the file URLs under `base`.
 pub fn manifest(base: &str, job: &ExportJob) -> Result<String, String> {
     let files: Files = serde_json::from_str(&job.manifest).map_err(|e| format!("the job's files do not read: {e}"))?;
@@ -480,14 +489,18 @@ pub fn manifest(base: &str, job: &ExportJob) -> Result<String, String> {
                 .collect(),
         )
     };
-    Ok(crate::api::fhir::object(&[
+    let mut members = vec![
         ("transactionTime", Json::string(job.transaction_time.as_str())),
         ("request", Json::string(job.request.as_str())),
         ("requiresAccessToken", Json::Bool(true)),
         ("output", list(&files.output)),
         ("error", list(&files.error)),
-    ])
-    .to_string_compact())
+    ];
+    if files.part2 {
+        // Bulk Data reserves `extension` for a server's own members: the notice that must accompany the disclosure.
+        members.push(("extension", crate::api::fhir::object(&[(PART2_NOTICE_MEMBER, Json::string(crate::auth::labelling::NOTICE))])));
+    }
+    Ok(crate::api::fhir::object(&members).to_string_compact())
 }
 
 #[cfg(test)]

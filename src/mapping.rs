@@ -65,6 +65,9 @@ pub struct Mapped<T> {
     pub issues: Vec<MapIssue>,
     /// Records → FHIR: per input record (by position), the `Type/id` of every resource it produced.
     pub produced: Vec<Vec<String>>,
+    /// Records → FHIR: what each `urn:uuid:<id>` reference of the output names, as `Type/<id>`
+    /// (in the batch or not), for a caller that stores the resources outside the Bundle.
+    pub targets: BTreeMap<String, String>,
 }
 
 impl<T> Mapped<T> {
@@ -239,6 +242,7 @@ impl MappingSet {
                 resolve_references(&mut produced.resource, &urls);
             }
         }
+        let targets: BTreeMap<String, String> = resources.iter().flat_map(|p| p.targets.iter().cloned()).collect();
         let (bundle, assembly) = bundle::transaction(resources);
         for conflict in assembly.conflicts {
             issues.push(MapIssue {
@@ -253,7 +257,7 @@ impl MappingSet {
         for incomplete in assembly.incomplete {
             issues.push(MapIssue { severity: Severity::Error, source: incomplete.reference, path: String::new(), message: incomplete.message });
         }
-        Mapped { output: bundle, issues, produced: by_record }
+        Mapped { output: bundle, issues, produced: by_record, targets }
     }
 
     /// Maps FHIR input (a Bundle or one resource) to IOP records with every `from-fhir` mapping;
@@ -278,7 +282,7 @@ impl MappingSet {
                 Err(e) => issues.push(MapIssue { severity: Severity::Error, source: record_type.clone(), path: e.path, message: e.message }),
             }
         }
-        Mapped { output: records, issues, produced: Vec::new() }
+        Mapped { output: records, issues, produced: Vec::new(), targets: BTreeMap::new() }
     }
 
     /// The id mapping gives the resource of `resource_type` with this identity (`authorization:{id}:request`).

@@ -271,7 +271,7 @@ pub fn extract(resource_type: &str, resource: &Json) -> Vec<IndexEntry> {
             }
         }
     }
-    for patient in compartment::patients(resource_type, resource) {
+    for patient in compartment::about(resource_type, resource) {
         out.push(IndexEntry::Token { param: compartment::PARAM, system: String::new(), value: patient });
     }
     out.dedup();

@@ -44,9 +44,7 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
     let enrols = rules.enrolls(resource_type, resource);
     let mut part2 = !enrols.is_empty() || rules.is_part2(resource, inherited);
     if !part2 {
-        let mut patients = crate::search::compartment::patients(resource_type, resource);
-        // Intake keeps the mapped `urn:uuid:` references; any of them may name a patient.
-        urn_patients(resource, &mut patients);
+        let patients = crate::search::compartment::about(resource_type, resource);
         if state.store.known_enrolled(&patients) {
             part2 = true;
         } else if !state.store.enrolments_complete() {
@@ -70,59 +68,6 @@ pub fn after_write(tx: &mut Tx, pending: Pending, stored: &Stored) {
     }
 }
 
-/// Adds `Patient/<uuid>` for every `urn:uuid:` reference in the tree (only enrolled ones will match).
-fn urn_patients(value: &Json, out: &mut Vec<String>) {
-    match value {
-        Json::Object(o) => {
-            if let Some(patient) = o.get("reference").and_then(Json::as_str).filter(|r| r.starts_with("urn:uuid:")).and_then(|r| labelling::resolve(r, "Patient"))
-                && !out.contains(&patient)
-            {
-                out.push(patient);
-            }
-            for (_, v) in o.iter() {
-                urn_patients(v, out);
-            }
-        }
-        Json::Array(items) => items.iter().for_each(|v| urn_patients(v, out)),
-        _ => {}
-    }
-}
-
-/// A Consent's `urn:uuid:` references (as intake stores the mapped ones) read as the Patient and
-/// Organizations they name, for the consent rules.
-fn resolved_consent(resource: &Json) -> Json {
-    let mut copy = resource.clone();
-    let set = |r: &mut Json, resource_type: &str| {
-        if let Some(Json::Object(reference)) = Some(r)
-            && let Some(resolved) = reference.get("reference").and_then(Json::as_str).filter(|t| t.starts_with("urn:uuid:")).and_then(|t| labelling::resolve(t, resource_type))
-        {
-            reference.insert("reference", Json::string(resolved));
-        }
-    };
-    if let Some(patient) = copy.as_object_mut().and_then(|o| o.get_mut("patient")) {
-        set(patient, "Patient");
-    }
-    fn actors(provision: &mut Json, set: &dyn Fn(&mut Json, &str)) {
-        let Some(object) = provision.as_object_mut() else { return };
-        if let Some(Json::Array(list)) = object.get_mut("actor") {
-            for actor in list.iter_mut() {
-                if let Some(reference) = actor.as_object_mut().and_then(|a| a.get_mut("reference")) {
-                    set(reference, "Organization");
-                }
-            }
-        }
-        if let Some(Json::Array(nested)) = object.get_mut("provision") {
-            for n in nested.iter_mut() {
-                actors(n, set);
-            }
-        }
-    }
-    if let Some(provision) = copy.as_object_mut().and_then(|o| o.get_mut("provision")) {
-        actors(provision, &set);
-    }
-    copy
-}
-
 /// A Consent about disclosing information (`scope` patient-privacy): the kind that decides disclosure.
 fn is_privacy_consent(resource: &Json) -> bool {
     let codings = resource.get("scope").and_then(|s| s.get("coding")).and_then(Json::as_array).unwrap_or_default();
@@ -131,8 +76,6 @@ fn is_privacy_consent(resource: &Json) -> bool {
 
 /// The rules of a privacy Consent being written, or a 422 naming each problem and where it is.
 async fn consent_rules(tx: &mut Tx, state: &AppState, resource: &Json) -> Result<(String, Vec<Rule>), ApiError> {
-    let resolved = resolved_consent(resource);
-    let resource = &resolved;
     let id = resource.get("id").and_then(Json::as_str).unwrap_or_default().to_string();
     let updated = resource.get("meta").and_then(|m| m.get("lastUpdated")).and_then(Json::as_str).and_then(|t| consent::seconds(t, false)).unwrap_or(0);
     // Recipients: configured partners' Organizations, the program's, and Organizations already stored.
@@ -204,7 +147,7 @@ impl RecipientConsents {
             return Vec::new();
         }
         let Ok(resource) = crate::json::parse(version.body.as_bytes()) else { return Vec::new() };
-        let patients = crate::search::compartment::patients(&current.resource_type, &resource);
+        let patients = crate::search::compartment::about(&current.resource_type, &resource);
         self.rules.iter().filter(|r| patients.contains(&r.patient)).cloned().collect()
     }
 }
@@ -248,4 +191,13 @@ pub fn notice_entry(bundle: &mut super::fhir::BundleText) {
     let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
     let mode = super::fhir::object(&[("mode", Json::string("outcome"))]);
     bundle.entry(Some(&url), Some(&outcome.to_string_compact()), &[("search", mode)]);
+}
+
+/// The response header that carries the 42 CFR § 2.32 notice with a read of Part 2 data disclosed
+/// under the patient's consent (a single resource has no place of its own for it).
+pub const NOTICE_HEADER: &str = "x-part2-notice";
+
+/// Adds the notice header to a read that disclosed Part 2 data.
+pub fn notice_header(response: &mut axum::response::Response) {
+    response.headers_mut().insert(NOTICE_HEADER, axum::http::HeaderValue::from_static(labelling::NOTICE));
 }

@@ -337,7 +337,11 @@ pub async fn read(State(state): State<AppState>, caller: Caller, Path((resource_
             Some(subset) => crate::store::Stored { body: search::shape::apply(state.validator.definitions(), &stored.body, &subset), ..stored },
             None => stored,
         };
-        Ok(resource_response(StatusCode::OK, &shown, &caller.base.url, Return::Representation, false))
+        let mut response = resource_response(StatusCode::OK, &shown, &caller.base.url, Return::Representation, false);
+        if !audit.disclosures.is_empty() {
+            super::part2::notice_header(&mut response);
+        }
+        Ok(response)
     }
     .await;
     finish(&state, audit, result).await
@@ -356,7 +360,11 @@ pub async fn vread(State(state): State<AppState>, caller: Caller, Path((resource
         let current = state.store.read(&resource_type, &id).await?.ok_or_else(not_found)?;
         let stored = state.store.vread(&resource_type, &id, number).await?;
         let stored = disclose_version(&state, &caller.principal, &current, stored, &mut audit).await.ok_or_else(not_found)?;
-        Ok(resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false))
+        let mut response = resource_response(StatusCode::OK, &stored, &caller.base.url, Return::Representation, false);
+        if !audit.disclosures.is_empty() {
+            super::part2::notice_header(&mut response);
+        }
+        Ok(response)
     }
     .await;
     finish(&state, audit, result).await

@@ -184,6 +184,33 @@ pub fn resolve(reference: &str, resource_type: &str) -> Option<String> {
     }
 }
 
+/// DS4P's `display` extension (on `Resource.meta`): a mark the receiver must show, as text.
+pub const DISPLAY_EXTENSION: &str = "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-display";
+
+/// Puts the § 2.32 notice on a disclosed document the DS4P way, once: as the text of the `display`
+/// extension on its `meta`, which the receiver renders with the content. DS4P pairs it with the
+/// privacy mark `RedisclosureProhibitionMark`, but R4's v3-ActCode (what receivers validate
+/// against) does not have that code, so the refrain `NORDSCLCD` stays the coded part.
+pub fn add_notice(resource: &mut Json) {
+    let Some(object) = resource.as_object_mut() else { return };
+    let mut meta = match object.get("meta") {
+        Some(Json::Object(m)) => m.clone(),
+        _ => Object::new(),
+    };
+    let mut extensions = meta.get("extension").and_then(Json::as_array).map(<[Json]>::to_vec).unwrap_or_default();
+    if extensions.iter().any(|e| e.get("url").and_then(Json::as_str) == Some(DISPLAY_EXTENSION)) {
+        return;
+    }
+    let mut annotation = Object::new();
+    annotation.insert("text", Json::string(NOTICE));
+    let mut display = Object::new();
+    display.insert("url", Json::string(DISPLAY_EXTENSION));
+    display.insert("valueAnnotation", Json::Object(annotation));
+    extensions.push(Json::Object(display));
+    meta.insert("extension", Json::Array(extensions));
+    object.insert("meta", Json::Object(meta));
+}
+
 /// Adds the refrain (`NORDSCLCD`) to a disclosed resource's `meta.security`, once.
 pub fn add_refrain(resource: &mut Json) {
     let Some(object) = resource.as_object_mut() else { return };
@@ -252,6 +279,19 @@ mod tests {
         let bundle = parse(r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Observation","meta":{"security":[{"code":"42CFRPart2"}]}}}]}"#);
         assert!(rules.is_part2(&bundle, &[]), "a Bundle carries the high-water mark of its entries");
         assert!(rules.is_part2(&depression, &[PART2_LABEL.to_string()]), "an enclosing Bundle's label");
+    }
+
+    #[test]
+    fn the_notice_goes_on_a_disclosed_document_once_as_ds4p_marks_it() {
+        let mut bundle = parse(r#"{"resourceType":"Bundle","meta":{"security":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"NORDSCLCD"}]},"type":"message"}"#);
+        add_notice(&mut bundle);
+        add_notice(&mut bundle);
+        let meta = bundle.get("meta").unwrap();
+        assert_eq!(meta.get("security").and_then(Json::as_array).map(<[Json]>::len), Some(1), "the refrain stays as it was");
+        let extensions = meta.get("extension").and_then(Json::as_array).unwrap();
+        assert_eq!(extensions.len(), 1);
+        assert_eq!(extensions[0].get("url").and_then(Json::as_str), Some(DISPLAY_EXTENSION));
+        assert_eq!(extensions[0].get("valueAnnotation").and_then(|a| a.get("text")).and_then(Json::as_str), Some(NOTICE));
     }
 
     #[test]

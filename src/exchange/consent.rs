@@ -114,7 +114,7 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
         if target.is_none() && resource_type == "Bundle" {
             continue;
         }
-        let mut patients = crate::search::compartment::patients(&resource_type, resource);
+        let mut patients = crate::search::compartment::about(&resource_type, resource);
         // Inside a Bundle, entries point at each other by fullUrl (`urn:uuid:…`).
         referenced_patients(resource, &bundle_patients, &mut patients);
         let mut part2 = state.part2.rules.is_part2(resource, &[]);
@@ -158,10 +158,14 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
     if !changed {
         return Checked::Send { payload: None, disclosures };
     }
-    if !disclosures.is_empty() && document.get("resourceType").and_then(Json::as_str) == Some("Bundle") {
-        // The Bundle carries the high-water mark of its entries, and the refrain.
-        state.part2.rules.label(&mut document);
-        labelling::add_refrain(&mut document);
+    if !disclosures.is_empty() {
+        if document.get("resourceType").and_then(Json::as_str) == Some("Bundle") {
+            // The Bundle carries the high-water mark of its entries, and the refrain.
+            state.part2.rules.label(&mut document);
+            labelling::add_refrain(&mut document);
+        }
+        // What the message discloses goes with the § 2.32 notice, on the message itself.
+        labelling::add_notice(&mut document);
     }
     // Nothing invalid leaves: what changed is validated again before it is sent.
     match crate::api::write::validate(state, document, Vec::new()).await {

@@ -97,7 +97,13 @@ pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Js
         .filter_map(|e| {
             let resource = e.get("resource")?;
             let text = |k: &str| resource.get(k).and_then(Json::as_str).map(str::to_string);
-            Some((text("resourceType")?, text("id")?, resource.clone()))
+            let resource_type = text("resourceType")?;
+            let mut resource = resource.clone();
+            // A Bundle's references name its own entries (a PAS request, a discharge summary document).
+            if resource_type != "Bundle" {
+                stored_references(&mut resource, &mapped.targets);
+            }
+            Some((resource_type, text("id")?, resource))
         })
         .collect();
     let now = crate::api::fhir::now_instant();
@@ -196,6 +202,28 @@ async fn outgoing_message(tx: &mut Tx, state: &AppState, planned: &Planned, reco
     Ok(Some(message))
 }
 
+/// Writes the mapped `urn:uuid:<id>` references (meaningful only inside the transaction) as the
+/// `Type/<id>` they name, so a stored resource is in its patient's compartment and its references
+/// resolve on this server. `targets` is what mapping says each names.
+fn stored_references(value: &mut Json, targets: &std::collections::BTreeMap<String, String>) {
+    match value {
+        Json::Object(object) => {
+            for (name, member) in object.iter_mut() {
+                match member {
+                    Json::String(reference) if name == "reference" => {
+                        if let Some(stored) = targets.get(reference.as_str()) {
+                            *member = Json::string(stored.as_str());
+                        }
+                    }
+                    other => stored_references(other, targets),
+                }
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(|i| stored_references(i, targets)),
+        _ => {}
+    }
+}
+
 /// The outbound messages the records cause: for every authorization, its PAS request to the payer that `payer_id` routes to.
 fn plan_messages(state: &AppState, records: &[Json], bundle: &Json, issues: &mut Vec<Issue>) -> Vec<Planned> {
     let mut plan = Vec::new();
@@ -287,6 +315,15 @@ mod tests {
         assert_eq!(message_id(&m), message_id(&m.clone()));
         assert_ne!(message_id(&m), message_id(&NewMessage { payload: "{ }".into(), ..m.clone() }));
         assert_ne!(message_id(&m), message_id(&NewMessage { partner: "q".into(), ..m }));
+    }
+
+    #[test]
+    fn stored_copies_name_their_targets_by_type_and_id() {
+        let mut resource = crate::json::parse(br#"{"resourceType":"Observation","subject":{"reference":"urn:uuid:p"},"hasMember":[{"reference":"urn:uuid:o"},{"reference":"urn:uuid:elsewhere"}],"note":[{"text":"urn:uuid:p"}]}"#).unwrap();
+        let targets = [("urn:uuid:p", "Patient/p"), ("urn:uuid:o", "Observation/o")].map(|(a, b)| (a.to_string(), b.to_string())).into_iter().collect();
+        stored_references(&mut resource, &targets);
+        let expected = crate::json::parse(br#"{"resourceType":"Observation","subject":{"reference":"Patient/p"},"hasMember":[{"reference":"Observation/o"},{"reference":"urn:uuid:elsewhere"}],"note":[{"text":"urn:uuid:p"}]}"#).unwrap();
+        assert_eq!(resource, expected);
     }
 
     #[test]

@@ -203,7 +203,16 @@ pub async fn message(tx: &mut Tx, state: &AppState, planned: &Planned, records: 
     });
     let candidates = Candidates { task, service_request, patient, coverages, summary, consents, organizations, practitioner_roles: roles };
     let mut entries = vec![entry(header)];
-    entries.extend(chosen_content(candidates).into_iter().map(|r| entry(without_version(r))));
+    let content = chosen_content(candidates);
+    // Stored resources name each other `Type/id`; inside the message they point at the entries' full URLs.
+    let local: std::collections::HashMap<String, String> =
+        content.iter().map(|r| (format!("{}/{}", r["resourceType"].as_str().unwrap_or_default(), r["id"].as_str().unwrap_or_default()), local(r))).collect();
+    entries.extend(content.into_iter().map(|mut r| {
+        if r["resourceType"] != "Bundle" {
+            to_entries(&mut r, &local);
+        }
+        entry(without_version(r))
+    }));
     let bundle = json!({
         "resourceType": "Bundle",
         "id": ids("Bundle", format!("referral:{referral}:message")),
@@ -281,6 +290,26 @@ fn practitioner_role(id: &str, organization_ref: &str, organization: &Value) -> 
         role["telecom"] = Value::Array(telecom.clone());
     }
     role
+}
+
+/// Writes each reference to a resource of the message (`Type/id`) as that entry's full URL.
+fn to_entries(value: &mut Value, local: &std::collections::HashMap<String, String>) {
+    match value {
+        Value::Object(object) => {
+            for (name, member) in object.iter_mut() {
+                match member {
+                    Value::String(reference) if name == "reference" => {
+                        if let Some(url) = local.get(reference.as_str()) {
+                            *member = Value::String(url.clone());
+                        }
+                    }
+                    other => to_entries(other, local),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| to_entries(i, local)),
+        _ => {}
+    }
 }
 
 /// A message entry. The full URL is `urn:uuid:<id>`, the form the mappings' references take, so the references between entries resolve inside the message.

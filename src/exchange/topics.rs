@@ -383,7 +383,7 @@ pub async fn on_write(tx: &mut Tx, state: &AppState, stored: &Stored, resource: 
         let Some(principal) = crate::api::caller::principal_of(state, &sub.client_id, &sub.scope) else { continue };
         // Part 2 data goes to a partner as its patient's consent allows (the send step decides again).
         let consents = if principal.needs_consent(stored.facts()) {
-            let patients = crate::search::compartment::patients(&stored.resource_type, resource);
+            let patients = crate::search::compartment::about(&stored.resource_type, resource);
             state.store.consent_rules_of(&patients).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "Consent rules could not be read; the Part 2 event is withheld.");
                 Vec::new()

@@ -50,7 +50,7 @@ pub fn transaction(produced: Vec<Produced>) -> (Json, Assembly) {
     let mut entries: Vec<Entry> = Vec::new();
     let mut position: HashMap<String, usize> = HashMap::new();
     let mut merges = Vec::new();
-    for Produced { resource, role } in produced {
+    for Produced { resource, role, .. } in produced {
         let key = key_of(&resource);
         let collect_first = match role {
             Role::Merge => {
@@ -223,7 +223,7 @@ mod tests {
     use crate::json;
 
     fn produced(text: &str, role: Role) -> Produced {
-        Produced { resource: json::parse(text.as_bytes()).unwrap(), role }
+        Produced { resource: json::parse(text.as_bytes()).unwrap(), role, targets: Vec::new() }
     }
 
     #[test]

@@ -214,6 +214,8 @@ pub enum Role {
 pub struct Produced {
     pub resource: Json,
     pub role: Role,
+    /// What each reference written names: `urn:uuid:<id>` → `Type/<id>` (the output says no type).
+    pub targets: Vec<(String, String)>,
 }
 
 /// One produced instance of a resource plan.
@@ -262,8 +264,9 @@ pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> 
                 object.insert("meta", Json::Object(meta));
             }
             let mut json = Json::Object(object);
+            let mut targets = Vec::new();
             for rule in &resource.rules {
-                apply_to_fhir(plan, resource, rule, &sources, &instances, &instance.binding, namespace, &mut json)?;
+                apply_to_fhir(plan, resource, rule, &sources, &instances, &instance.binding, namespace, &mut json, &mut targets)?;
             }
             prune(&mut json);
             let role = match &resource.collect {
@@ -278,7 +281,7 @@ pub fn to_fhir(plan: &Plan, namespace: &str, record: &Json, computed: &Json) -> 
                 None if resource.merge => Role::Merge,
                 None => Role::Whole,
             };
-            out.push(Produced { resource: json, role });
+            out.push(Produced { resource: json, role, targets });
         }
     }
     Ok(out)
@@ -294,6 +297,7 @@ fn apply_to_fhir(
     bound: &[usize],
     namespace: &str,
     json: &mut Json,
+    targets: &mut Vec<(String, String)>,
 ) -> Result<(), EvalError> {
     let holds = |free: &[usize]| {
         let all: Vec<usize> = bound.iter().chain(free).copied().collect();
@@ -351,6 +355,11 @@ fn apply_to_fhir(
             set(json, &rule.target.steps, &[], value);
         }
         Source::LocalRef(name) => {
+            let target_type = plan_type(plan, name);
+            let mut reference = |id: &str| {
+                targets.push((format!("urn:uuid:{id}"), format!("{target_type}/{id}")));
+                reference(id)
+            };
             let targets = instances.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
             let same_each = plan.resources.iter().find(|r| &r.name == name).is_some_and(|t| t.each.is_some() && t.each == resource.each);
             if same_each {
@@ -396,7 +405,9 @@ fn apply_to_fhir(
                     if let Some(first) = at.first_mut() {
                         *first += offset;
                     }
-                    set(json, &rule.target.steps, &at, reference(&resource_id(namespace, resource_type, &identity)));
+                    let id = resource_id(namespace, resource_type, &identity);
+                    targets.push((format!("urn:uuid:{id}"), format!("{resource_type}/{id}")));
+                    set(json, &rule.target.steps, &at, reference(&id));
                 }
             }
         }

@@ -104,6 +104,22 @@ pub fn patients(resource_type: &str, resource: &Json) -> Vec<String> {
     out
 }
 
+/// Types R4 leaves out of the Patient compartment that are still about one patient, through these
+/// elements: what they say is that patient's to consent to (42 CFR Part 2), so their labels and
+/// consent follow the patient. They are indexed under [`PARAM`] too, but compartment search,
+/// `$everything` and Patient-level export go by [`is_patient_type`] and so still leave them out.
+const ABOUT: &[(&str, &[&str])] = &[("Task", &["for"])];
+
+/// The patients a resource is about: those whose compartment it is in, and for a type of [`ABOUT`]
+/// the patient it names there. What the `_compartment` index holds and consent lookups read.
+pub fn about(resource_type: &str, resource: &Json) -> Vec<String> {
+    let mut out = patients(resource_type, resource);
+    if let Some((_, paths)) = ABOUT.iter().find(|(t, _)| *t == resource_type) {
+        references_to(resource, paths, "Patient", &mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +134,7 @@ mod tests {
         assert_eq!(patients("Observation", &observation), ["Patient/p2"]);
         let task = crate::json::parse(br#"{"resourceType":"Task","for":{"reference":"Patient/p1"}}"#).unwrap();
         assert!(patients("Task", &task).is_empty(), "R4 leaves Task out of the Patient compartment");
+        assert_eq!(about("Task", &task), ["Patient/p1"], "but a Task for a patient is about that patient");
         assert!(patient_clause("Task", "p1").is_none());
         assert!(matches!(patient_clause("Observation", "p1"), Some(crate::search::Clause::Token { param, any }) if param == PARAM && any[0].value.as_deref() == Some("Patient/p1")));
     }

@@ -1,17 +1,19 @@
-//! 42 CFR Part 2 through the real listener: one table-driven consent matrix (recipients × purposes × consent states × ways out → allowed or withheld, each allowed disclosure audited once), labels applied when stored, bad consents refused, and a PAS request held for consent then sent after a new consent and a replay.
+//! 42 CFR Part 2 through the real listener: one table-driven consent matrix (recipients × purposes × consent states × ways out, REST and outbound → allowed or withheld, with the § 2.32 notice, each allowed disclosure audited once), records posted through intake in their client's compartment, labels applied when stored, bad consents refused, and a PAS request held for consent then sent after a new consent and a replay.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::exchange::{Payer, decision, payer_config, post_records, records};
 use super::support::{Gateway, TempDir, config_text, load, partner_keys};
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+/// The 42 CFR § 2.32 notice (the gateway's one text of it).
+const NOTICE: &str = iop_gateway::auth::labelling::NOTICE;
 const PROGRAM: &str = "Organization/iop-program";
 /// The export worker starts a job once the request timeout has passed.
 const FAST: &str = "request_timeout_secs = 2\n[export]\nretry_after_secs = 1\n";
@@ -51,18 +53,20 @@ enum Named {
 }
 
 /// Recipients: (client, organization, its configured purpose of use, whom the consent names).
-const RECIPIENTS: &[(&str, &str, &str, Named)] = &[
-    ("clinic", PROGRAM, "TREAT", Named::Owner),
-    ("unit-a", "Organization/unit-a", "TREAT", Named::Itself),
-    ("unit-b", "Organization/unit-b", "TREAT", Named::AnotherUnit),
-    ("stepdown", "Organization/stepdown", "TREAT", Named::Itself),
-];
+fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
+    vec![
+        ("clinic", PROGRAM.to_string(), "TREAT", Named::Owner),
+        ("unit-a", "Organization/unit-a".to_string(), "TREAT", Named::Itself),
+        ("unit-b", "Organization/unit-b".to_string(), "TREAT", Named::AnotherUnit),
+        ("stepdown", stepdown_organization(), "TREAT", Named::Itself),
+        ("payer-x", "Organization/payer-x".to_string(), "HPAYMT", Named::Itself),
+    ]
+}
 
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
 
-/// Ways out of the gateway. Referral feedback, step-down referrals and subscription notifications
-/// join as rows here with one driver each in [`way_out`].
+/// Ways out of the gateway, each with one driver in [`way_out`]. Referral feedback is not a row yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Read,
@@ -70,9 +74,25 @@ enum Way {
     Include,
     Everything,
     Export,
+    /// A full-resource notification of the recipient's Subscription to referral-task-changed, about a Part 2 Task.
+    Notification,
+    /// A PAS request to the payer for an authorization with a substance-use diagnosis.
+    Pas,
+    /// A BSeR step-down referral message to the provider, at the discharge of a client enrolled in a substance-use program.
+    StepDown,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export];
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown];
+
+/// Which ways out reach a recipient: a payer touches no ServiceRequest and is the only one sent PAS requests.
+fn reaches(client: &str, way: Way) -> bool {
+    match way {
+        Way::Pas => client == "payer-x",
+        Way::StepDown => client == "stepdown",
+        Way::Notification => true,
+        _ => client != "payer-x",
+    }
+}
 
 /// The expected answer of one row.
 fn allowed(named: Named, recipient_purpose: &str, consent_purpose: &str, permits: bool) -> bool {
@@ -88,11 +108,29 @@ struct Row {
     client: &'static str,
     state: State,
     consent_purpose: &'static str,
+    recipient_purpose: &'static str,
     expect: bool,
     patient: String,
-    /// The Part 2 record (a ServiceRequest for a substance-use diagnosis).
+    /// The Part 2 record (a ServiceRequest for a substance-use diagnosis); none for the payer.
     record: String,
+    /// A Task based on the record, itself not Part 2 (for `_include`).
+    include_task: String,
+    /// The Part 2 Task the recipient's Subscription is notified of.
+    notice_task: String,
+    /// The authorization whose PAS request goes to the payer (payer rows).
+    authorization: String,
+    /// The client discharged with a step-down referral (step-down rows): its Patient, under the same
+    /// consent, the referral's Task and its ServiceRequest (addressed to the provider, so exported to it too).
+    stepped_down: Option<(String, String, String)>,
     disclosure: bool,
+}
+
+impl Row {
+    fn patients(&self) -> Vec<&str> {
+        let mut patients = vec![self.patient.as_str()];
+        patients.extend(self.stepped_down.as_ref().map(|(p, ..)| p.as_str()));
+        patients
+    }
 }
 
 fn consent(patient: &str, recipient: &str, purpose: &str, state: State) -> Value {
@@ -134,13 +172,37 @@ fn sud_referral(patient: &str, recipient: &str) -> Value {
     })
 }
 
-/// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
-async fn gateway(extra: &str) -> Gateway {
-    gateway_on(extra, None).await
+/// A referral Task for an alcohol use disorder requested by the recipient (what its Subscription
+/// filters on), owned by the program: Part 2 by its code, and about the row's patient.
+fn sud_task(patient: &str, requester: &str) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "for": {"reference": patient}, "requester": {"reference": requester}, "owner": {"reference": PROGRAM},
+        "reasonCode": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F10.20"}]}
+    })
 }
 
-/// [`gateway`] on SQLite, or on PostgreSQL (url, schema).
-async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
+/// The step-down provider's Organization: the one the mappings make for its facility OP-RIVERBEND
+/// (default id namespace), so the clinic's step-down referrals and consent records name it.
+fn stepdown_organization() -> String {
+    let id = iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Organization", "facility:OP-RIVERBEND");
+    format!("Organization/{id}")
+}
+
+/// The step-down provider as a partner at `base` (BSeR `$process-message`), routed for OP-RIVERBEND.
+fn stepdown_partner(base: &str) -> String {
+    format!(
+        "[[partners]]\nname = \"stepdown\"\nkind = \"outpatient-provider\"\nfhir_base = \"{base}\"\nroutes = [\"OP-RIVERBEND\"]\nclients = [\"stepdown\"]\nauth = \"none\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n"
+    )
+}
+
+/// A gateway with the test partners and a step-down provider (an outpatient client, purpose treatment).
+async fn gateway(extra: &str) -> Gateway {
+    gateway_on(extra, None, None).await
+}
+
+/// [`gateway`] on SQLite, or on PostgreSQL (url, schema); every client may have Subscriptions notify at `callbacks`.
+async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>, callbacks: Option<&str>) -> Gateway {
     let dir = TempDir::new("consent");
     let mut keys = partner_keys();
     let mut text = config_text(&dir.0, &keys, extra);
@@ -151,10 +213,14 @@ async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>) -> Gateway {
     let jwks = dir.0.join("stepdown.jwks.json");
     std::fs::write(&jwks, stepdown.jwks_json()).unwrap();
     text.push_str(&format!(
-        "[[clients]]\nid = \"stepdown\"\nrole = \"inpatient-unit\"\norganization = \"Organization/stepdown\"\npurpose = \"treatment\"\njwks_file = {:?}\n",
+        "[[clients]]\nid = \"stepdown\"\nrole = \"inpatient-unit\"\norganization = \"{}\"\npurpose = \"treatment\"\njwks_file = {:?}\n",
+        stepdown_organization(),
         jwks.display().to_string()
     ));
     keys.push(("stepdown".into(), stepdown));
+    if let Some(prefix) = callbacks {
+        text = text.replace("\njwks_file = ", &format!("\ncallbacks = [\"{prefix}\"]\njwks_file = "));
+    }
     Gateway::start_loaded(load(&text, &dir.0), keys, dir).await
 }
 
@@ -163,19 +229,30 @@ fn created_id(status: u16, body: &Value) -> String {
     body["id"].as_str().unwrap().to_string()
 }
 
-/// Stores one row's patient (managed by the recipient, so it is a party), its Part 2 record, a Task
-/// pointing at it (for `_include`), and the consent of the row's state.
-async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &str, Named), consent_purpose: &'static str, state: State, expect: bool) -> Row {
-    let (client, organization, _, named) = recipient;
-    let mut patient = super::support::patient(&format!("MRN-{client}-{consent_purpose}-{state:?}"));
-    patient["managingOrganization"] = json!({"reference": organization});
-    let patient = format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await));
-    let record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
-    let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
-    created_id_of(gw.post(clinic, "Task", &task).await);
+/// Stores one row: the consent of its state (first, so a notification is decided under it), then
+/// for a payer an authorization with a substance-use diagnosis posted through intake (its client's
+/// Patient is the row's), else a Patient managed by the recipient (so it is a party), its Part 2
+/// record and a Task based on it (for `_include`); and for everyone a Part 2 Task it requested.
+async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static str, String, &'static str, Named), consent_purpose: &'static str, state: State, expect: bool) -> Row {
+    let &(client, ref organization, recipient_purpose, named) = recipient;
+    let organization = organization.as_str();
+    let payer = client == "payer-x";
+    let patient = if payer {
+        format!("Patient/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Patient", &format!("client:C-M{n}")))
+    } else {
+        let mut patient = super::support::patient(&format!("MRN-{client}-{consent_purpose}-{state:?}"));
+        patient["managingOrganization"] = json!({"reference": organization});
+        format!("Patient/{}", created_id_of(gw.post(clinic, "Patient", &patient).await))
+    };
     let named_org = if named == Named::AnotherUnit { "Organization/unit-a" } else { organization };
-    if state != State::None {
-        let body = consent(&patient, named_org, consent_purpose, state);
+    let ids = |t: &str, identity: &str| iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, t, identity);
+    let stepped_down = (client == "stepdown").then(|| {
+        let id = |t: &str, identity: String| format!("{t}/{}", ids(t, &identity));
+        (id("Patient", format!("client:C-S{n}")), id("Task", format!("referral:REF-S{n}:task")), id("ServiceRequest", format!("referral:REF-S{n}")))
+    });
+    let consented: Vec<&str> = std::iter::once(patient.as_str()).chain(stepped_down.as_ref().map(|(p, ..)| p.as_str())).collect();
+    for patient in consented.into_iter().filter(|_| state != State::None) {
+        let body = consent(patient, named_org, consent_purpose, state);
         let id = created_id_of(gw.post(clinic, "Consent", &body).await);
         if state == State::Revoked {
             let mut revoked = body.clone();
@@ -185,23 +262,69 @@ async fn store_row(gw: &Gateway, clinic: &str, recipient: (&'static str, &str, &
             assert_eq!(status, 200, "{updated}");
         }
     }
-    Row { client, state, consent_purpose, expect, patient, record, disclosure: expect && named != Named::Owner }
+    if stepped_down.is_some() {
+        // The client, enrolled in a substance-use program, then discharged with a step-down referral to the provider.
+        let rename = |v: Value| -> Value {
+            let text = v.to_string().replace("C-1004", &format!("C-S{n}")).replace("MRN-000454", &format!("MRN-S{n}")).replace("REF-1004-OUT", &format!("REF-S{n}"));
+            serde_json::from_str(&text.replace("-1004", &format!("-S{n}"))).unwrap()
+        };
+        let mut episode = rename(records("discharge/completed-with-summary.json"));
+        episode[0]["coverage"] = json!({"payer_id": "PAYER-77", "payer_name": "Synthetic Health Plan", "member_id": format!("MBR-S{n}"), "relationship": "self", "start": "2026-01-01"});
+        let mut sud = records("enrollment/discharged-sud.json");
+        sud["client_id"] = json!(format!("C-S{n}"));
+        sud["id"] = json!(format!("ENR-SUD-S{n}"));
+        let (status, summary) = post_records(gw, clinic, &json!([episode[0].clone(), sud])).await;
+        assert_eq!(status, 200, "{summary}");
+        let (status, summary) = post_records(gw, clinic, &episode).await;
+        assert_eq!(status, 200, "{summary}");
+    }
+    let (mut record, mut include_task, mut authorization) = (String::new(), String::new(), String::new());
+    if payer {
+        let text = records("authorization/initial.json").to_string().replace("C-1001", &format!("C-M{n}")).replace("MRN-000451", &format!("MRN-M{n}")).replace("AUTH-1001-1", &format!("AUTH-M{n}"));
+        let mut input: Value = serde_json::from_str(&text).unwrap();
+        input[2]["diagnoses"] = json!([{"code": "F10.20"}]);
+        let (status, summary) = post_records(gw, clinic, &input).await;
+        assert_eq!(status, 200, "{summary}");
+        authorization = format!("AUTH-M{n}");
+    } else {
+        record = format!("ServiceRequest/{}", created_id_of(gw.post(clinic, "ServiceRequest", &sud_referral(&patient, organization)).await));
+        let task = json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "for": {"reference": patient}, "owner": {"reference": organization}});
+        include_task = created_id_of(gw.post(clinic, "Task", &task).await);
+    }
+    let notice_task = format!("Task/{}", created_id_of(gw.post(clinic, "Task", &sud_task(&patient, organization)).await));
+    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, stepped_down, disclosure: expect && named != Named::Owner }
 }
 
 fn created_id_of((status, body): (u16, Value)) -> String {
     created_id(status, &body)
 }
 
-/// Whether the row's record left the gateway by `way` (its driver); `exported` holds each client's export.
-async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTreeMap<&str, HashSet<String>>) -> bool {
+/// What left the gateway by the ways that are not answers to the recipient's requests.
+struct Sent {
+    /// Each client's system-level export.
+    exported: BTreeMap<&'static str, HashSet<String>>,
+    /// Per client, the `Task/<id>` of every event notification its Subscription received.
+    notified: BTreeMap<String, HashSet<String>>,
+    /// The `Task/<id>` of every step-down referral message the provider received.
+    referred: HashSet<String>,
+}
+
+/// Whether the row's record left the gateway by `way` (its driver).
+async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) -> bool {
     let record_id = row.record.trim_start_matches("ServiceRequest/");
     let contains = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["id"] == record_id));
     match way {
         Way::Read => {
-            let (status, body) = gw.get(token, &row.record).await;
+            let response = gw.http.get(gw.url(&row.record)).bearer_auth(token).header("accept", "application/fhir+json").send().await.unwrap();
+            let status = response.status().as_u16();
+            let notice = response.headers().get(iop_gateway::api::part2::NOTICE_HEADER).map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap();
             assert!(status == 200 || status == 404, "{status}: {body}");
-            if status == 200 {
-                assert!(body["meta"]["security"].as_array().unwrap().iter().any(|c| c["code"] == "NORDSCLCD") || row.client == "clinic", "the refrain: {body}");
+            if status == 200 && row.client != "clinic" {
+                assert!(body["meta"]["security"].as_array().unwrap().iter().any(|c| c["code"] == "NORDSCLCD"), "the refrain: {body}");
+                assert_eq!(notice.as_deref(), Some(NOTICE), "the § 2.32 notice goes with a disclosure");
+            } else {
+                assert_eq!(notice, None, "no notice without a disclosure");
             }
             status == 200
         }
@@ -213,7 +336,7 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTre
             found
         }
         Way::Include => {
-            let (status, body) = gw.get(token, &format!("Task?patient={}&_include=Task:based-on", row.patient)).await;
+            let (status, body) = gw.get(token, &format!("Task?_id={}&_include=Task:based-on", row.include_task)).await;
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["total"], 1, "the Task itself is not Part 2: {body}");
             contains(&body)
@@ -223,12 +346,87 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, exported: &BTre
             assert_eq!(status, 200, "{body}");
             contains(&body)
         }
-        Way::Export => exported[row.client].contains(&row.record),
+        Way::Export => sent.exported[row.client].contains(&row.record),
+        Way::Notification => sent.notified.get(row.client).is_some_and(|tasks| tasks.contains(&row.notice_task)),
+        Way::StepDown => row.stepped_down.as_ref().is_some_and(|(_, task, _)| sent.referred.contains(task)),
+        Way::Pas => {
+            let outcome = if row.expect { "certified" } else { "error" };
+            let decided = decision(gw, token, &row.authorization, outcome).await;
+            if !row.expect {
+                assert!(decided["issues"][0]["text"].as_str().unwrap_or_default().starts_with("consent required"), "{decided}");
+            }
+            row.expect
+        }
     }
 }
 
+/// The Part 2 Tasks each client's endpoint was notified of (full resource, with the refrain when disclosed).
+async fn notified(hooks: &MockServer) -> BTreeMap<String, HashSet<String>> {
+    let mut out: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for request in hooks.received_requests().await.unwrap() {
+        let bundle: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let parameters = bundle["entry"][0]["resource"]["parameter"].as_array().cloned().unwrap_or_default();
+        if !parameters.iter().any(|p| p["name"] == "type" && p["valueCode"] == "event-notification") {
+            continue;
+        }
+        let client = request.url.path().trim_start_matches("/hooks/").to_string();
+        for entry in bundle["entry"].as_array().into_iter().flatten().skip(1) {
+            let task = &entry["resource"];
+            if task["resourceType"] == "Task" {
+                let refrain = task["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD"));
+                assert!(refrain || client == "clinic", "a disclosed Task carries the refrain: {task}");
+                assert_eq!(carries_notice(&bundle), client != "clinic", "the notice goes with a disclosure, on the notification: {bundle}");
+                out.entry(client.clone()).or_default().insert(format!("Task/{}", task["id"].as_str().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a message carries the § 2.32 notice the DS4P way: the text of DS4P's `display` extension on its `meta`.
+fn carries_notice(message: &Value) -> bool {
+    message["meta"]["extension"].as_array().is_some_and(|a| {
+        a.iter().any(|e| e["url"] == "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-display" && e["valueAnnotation"]["text"] == NOTICE)
+    })
+}
+
+/// The referral Tasks of the step-down referral messages the provider received; each carries the notice.
+async fn referred(provider: &MockServer) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for request in provider.received_requests().await.unwrap() {
+        let message: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        assert!(carries_notice(&message), "a referral message discloses Part 2 data, with the notice: {}", message["meta"]);
+        for entry in message["entry"].as_array().into_iter().flatten() {
+            if entry["resource"]["resourceType"] == "Task" {
+                assert!(entry["resource"]["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD")), "{entry}");
+                out.insert(format!("Task/{}", entry["resource"]["id"].as_str().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A full-resource Subscription of a client to referral-task-changed, for the Tasks it requested.
+fn subscription(endpoint: &str, requester: &str) -> Value {
+    const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+    json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BACKPORT}backport-subscription")]},
+        "status": "requested",
+        "reason": "Hear about our referrals",
+        "criteria": "http://iop-gateway.org/fhir/SubscriptionTopic/referral-task-changed",
+        "_criteria": {"extension": [{"url": format!("{BACKPORT}backport-filter-criteria"), "valueString": format!("Task?requester={requester}")}]},
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}backport-payload-content"), "valueCode": "full-resource"}]}
+        }
+    })
+}
+
 /// ServiceRequests in a client's system-level export.
-async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
+async fn export_ids(gw: &Gateway, token: &str, notices: &mut Vec<bool>) -> HashSet<String> {
     let kick = gw.http.get(gw.url("$export?_type=ServiceRequest")).bearer_auth(token).header("accept", "application/fhir+json").header("prefer", "respond-async").send().await.unwrap();
     assert_eq!(kick.status(), 202, "{}", kick.text().await.unwrap());
     let status_url = kick.headers()["content-location"].to_str().unwrap().to_string();
@@ -240,6 +438,7 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
         }
         assert_eq!(response.status(), 200);
         let manifest: Value = response.json().await.unwrap();
+        notices.push(manifest["extension"]["part2Notice"].as_str() == Some(NOTICE));
         let mut ids = HashSet::new();
         for file in manifest["output"].as_array().unwrap() {
             let text = gw.http.get(file["url"].as_str().unwrap()).bearer_auth(token).send().await.unwrap().text().await.unwrap();
@@ -253,10 +452,33 @@ async fn export_ids(gw: &Gateway, token: &str) -> HashSet<String> {
     panic!("the export did not complete");
 }
 
+/// The partners the matrix's outbound ways reach: subscriber endpoints and the payer.
+struct Partners {
+    hooks: MockServer,
+    payer: MockServer,
+    provider: MockServer,
+}
+
+impl Partners {
+    async fn start() -> Partners {
+        let hooks = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&hooks).await;
+        let payer = MockServer::start().await;
+        Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
+        Partners { hooks, payer, provider: stepdown_provider().await }
+    }
+
+    fn config(&self) -> String {
+        let topics = "[topics]\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\nmin_heartbeat_secs = 1\nheartbeat_check_ms = 100\n";
+        format!("{FAST}{}{}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
+    }
+}
+
 /// The matrix: every recipient × purpose × consent state × way out from the tables above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosure() {
-    consent_matrix(gateway(FAST).await).await;
+    let partners = Partners::start().await;
+    consent_matrix(gateway_on(&partners.config(), None, Some(&partners.hooks.uri())).await, &partners).await;
 }
 
 /// The same matrix on PostgreSQL, where the consent conditions of searches and exports run as its SQL.
@@ -264,53 +486,109 @@ async fn the_consent_matrix_decides_every_way_out_and_accounts_for_each_disclosu
 async fn the_consent_matrix_on_postgres() {
     let Some(url) = crate::need::postgres("server::consent::the_consent_matrix_on_postgres") else { return };
     let schema = super::postgres::schema_name("consent");
-    consent_matrix(gateway_on(FAST, Some((&url, &schema))).await).await;
+    let partners = Partners::start().await;
+    consent_matrix(gateway_on(&partners.config(), Some((&url, &schema)), Some(&partners.hooks.uri())).await, &partners).await;
     super::postgres::drop_schema(&schema).await;
 }
 
-async fn consent_matrix(gw: Gateway) {
+async fn consent_matrix(gw: Gateway, partners: &Partners) {
     let clinic = gw.token("clinic").await;
+    let recipients = recipients();
+    let mut tokens = BTreeMap::new();
+    for (client, organization, ..) in &recipients {
+        let token = gw.token(client).await;
+        let (status, created) = gw.post(&token, "Subscription", &subscription(&format!("{}/hooks/{client}", partners.hooks.uri()), organization)).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        let mut active = false;
+        for _ in 0..200 {
+            if gw.get(&token, &format!("Subscription/{id}")).await.1["status"] == "active" {
+                active = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(active, "{client}'s Subscription completes its handshake");
+        tokens.insert(*client, token);
+    }
     let mut rows = Vec::new();
-    for &recipient in RECIPIENTS {
-        let (_, _, recipient_purpose, named) = recipient;
+    for recipient in &recipients {
+        let (_, _, recipient_purpose, named) = *recipient;
         for &consent_purpose in PURPOSES {
             for &(state, permits) in STATES {
                 let expect = allowed(named, recipient_purpose, consent_purpose, permits);
-                rows.push(store_row(&gw, &clinic, recipient, consent_purpose, state, expect).await);
+                rows.push(store_row(&gw, &clinic, rows.len(), recipient, consent_purpose, state, expect).await);
             }
         }
     }
-    let mut tokens = BTreeMap::new();
     let mut exported = BTreeMap::new();
-    for &(client, ..) in RECIPIENTS {
-        let token = gw.token(client).await;
-        exported.insert(client, export_ids(&gw, &token).await);
-        tokens.insert(client, token);
-    }
-    let (mut checked, mut disclosed) = (0, 0);
-    for row in &rows {
-        for &way in WAYS {
-            let out = way_out(&gw, &tokens[row.client], row, way, &exported).await;
-            assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
-            checked += 1;
-            disclosed += usize::from(out && row.disclosure);
+    for &(client, ..) in &recipients {
+        if reaches(client, Way::Export) {
+            let mut notice = Vec::new();
+            let ids = export_ids(&gw, &tokens[client], &mut notice).await;
+            let disclosed = rows.iter().any(|r| r.client == client && r.disclosure && ids.contains(&r.record));
+            assert_eq!(notice, [disclosed], "{client}: the manifest carries the notice exactly when the export discloses Part 2 data");
+            exported.insert(client, ids);
         }
     }
-    assert_eq!(checked, RECIPIENTS.len() * PURPOSES.len() * STATES.len() * WAYS.len());
+    // Notifications go out in the background: wait for every one expected, then a little for any that should not come.
+    let expected = rows.iter().filter(|r| r.expect).count();
+    for _ in 0..300 {
+        if notified(&partners.hooks).await.values().map(HashSet::len).sum::<usize>() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = rows.iter().filter(|r| r.expect && r.stepped_down.is_some()).count();
+    for _ in 0..300 {
+        if referred(&partners.provider).await.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await };
+    let (mut checked, mut disclosed) = (0, 0);
+    let mut by_row = vec![0; rows.len()];
+    for (i, row) in rows.iter().enumerate() {
+        for &way in WAYS.iter().filter(|&&w| reaches(row.client, w)) {
+            let token = if way == Way::Pas { &clinic } else { &tokens[row.client] };
+            let out = way_out(&gw, token, row, way, &sent).await;
+            assert_eq!(out, row.expect, "{} × {} consent × {:?} × {way:?}", row.client, row.consent_purpose, row.state);
+            checked += 1;
+            let mut counted = usize::from(out && row.disclosure);
+            if let (Way::Export, Some((_, _, request))) = (way, &row.stepped_down) {
+                // The referral's ServiceRequest is addressed to the provider: its export takes it too, under the same consent.
+                let also = sent.exported[row.client].contains(request);
+                assert_eq!(also, row.expect, "{} × {} consent × {:?} × export of the referral", row.client, row.consent_purpose, row.state);
+                counted += usize::from(also && row.disclosure);
+            }
+            disclosed += counted;
+            by_row[i] += counted;
+        }
+    }
+    let ways_per_recipient: usize = recipients.iter().map(|(c, ..)| WAYS.iter().filter(|&&w| reaches(c, w)).count()).sum();
+    assert_eq!(checked, ways_per_recipient * PURPOSES.len() * STATES.len());
     // The accounting: one PrivacyDisclosure per way a consented record left, none for the rest.
     let ops = gw.token("ops").await;
     let mut audited = 0;
-    for row in &rows {
-        let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={}&subtype=disclose", row.patient)).await;
-        assert_eq!(status, 200, "{events}");
-        let total = events["total"].as_u64().unwrap() as usize;
-        assert_eq!(total, if row.disclosure { WAYS.len() } else { 0 }, "{} × {} × {:?}: {events}", row.client, row.consent_purpose, row.state);
-        for event in events["entry"].as_array().into_iter().flatten() {
+    for (row, &expected) in rows.iter().zip(&by_row) {
+        let mut total = 0;
+        let mut entries = Vec::new();
+        for patient in row.patients() {
+            let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+            assert_eq!(status, 200, "{events}");
+            total += events["total"].as_u64().unwrap() as usize;
+            entries.extend(events["entry"].as_array().cloned().unwrap_or_default());
+        }
+        assert_eq!(total, expected, "{} × {} × {:?}: {entries:?}", row.client, row.consent_purpose, row.state);
+        for event in &entries {
             let event = &event["resource"];
             assert_eq!(event["type"]["code"], "110106");
-            assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
+            assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], row.recipient_purpose);
             let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
-            assert!(whats.contains(&row.record.as_str()) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
+            let ours = |w: &&str| *w == row.record || *w == row.notice_task || w.starts_with("Claim/") || row.stepped_down.as_ref().is_some_and(|(_, task, request)| w == task || w == request);
+            assert!(whats.iter().any(ours) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
         }
         audited += total;
     }
@@ -406,8 +684,85 @@ async fn a_pas_request_waits_for_consent_and_a_replay_sends_it() {
     let claim = &sent["entry"][0]["resource"];
     let codes: Vec<&str> = claim["meta"]["security"].as_array().unwrap().iter().filter_map(|c| c["code"].as_str()).collect();
     assert!(codes.contains(&"42CFRPart2") && codes.contains(&"NORDSCLCD"), "{claim}");
+    assert!(carries_notice(&sent), "the PAS request carries the notice: {}", sent["meta"]);
     let (_, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
     assert_eq!(events["total"], 1, "{events}");
     assert_eq!(events["entry"][0]["resource"]["purposeOfEvent"][0]["coding"][0]["code"], "HPAYMT");
+    gw.stop().await;
+}
+
+/// A wiremock step-down provider that takes every referral message with BSeR's acknowledgement.
+async fn stepdown_provider() -> MockServer {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/$process-message"))
+        .respond_with(|request: &wiremock::Request| {
+            let sent: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+            ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_string(super::step_down::acknowledgement(&sent))
+        })
+        .mount(&provider)
+        .await;
+    provider
+}
+
+/// What intake stores names its targets `Type/id`: a record posted through `/iop/records` alone
+/// about an enrolled client is in the client's compartment (search by patient, `$everything`),
+/// and the client's consent decides what the step-down provider reads of its referral.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_posted_through_intake_are_in_the_clients_compartment_and_consent_decides_them() {
+    let provider = stepdown_provider().await;
+    let gw = gateway(&format!("[outbox]\npoll_interval_ms = 50\n\n{}", stepdown_partner(&provider.uri()))).await;
+    let clinic = gw.token("clinic").await;
+    let patient = format!("Patient/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Patient", "client:C-1004"));
+    // The client, enrolled in a substance-use program in an earlier episode: everything about it is Part 2.
+    let (client, episode) = super::step_down::discharge_batch();
+    let mut enrolled = client.clone();
+    let mut sud = records("enrollment/discharged-sud.json");
+    sud["client_id"] = json!("C-1004");
+    enrolled.as_array_mut().unwrap().push(sud);
+    let (status, summary) = post_records(&gw, &clinic, &enrolled).await;
+    assert_eq!(status, 200, "{summary}");
+    // A drug screen posted on its own: the Patient it is about is not in its batch.
+    let mut screen = records("drug_screen/positive-cannabinoids.json");
+    screen["client_id"] = json!("C-1004");
+    let (status, summary) = post_records(&gw, &clinic, &screen).await;
+    assert_eq!(status, 200, "{summary}");
+    let (status, found) = gw.get(&clinic, &format!("Observation?patient={patient}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 5, "one Observation per substance, found by the client's Patient: {found}");
+    assert!(found["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "match").all(|e| e["resource"]["subject"]["reference"] == patient.as_str()), "{found}");
+    let (status, everything) = gw.get(&clinic, &format!("{patient}/$everything")).await;
+    assert_eq!(status, 200, "{everything}");
+    assert!(everything["entry"].as_array().unwrap().iter().any(|e| e["resource"]["resourceType"] == "DiagnosticReport"), "the drug screen's report: {everything}");
+
+    // The discharge with its step-down referral and the client's consent to the provider, for treatment.
+    let (status, summary) = post_records(&gw, &clinic, &episode).await;
+    assert_eq!(status, 200, "{summary}");
+    let task = format!("Task/{}", iop_gateway::mapping::ids::resource_id(iop_gateway::mapping::ids::DEFAULT_NAMESPACE, "Task", "referral:REF-1004-OUT:task"));
+    let stepdown = gw.token("stepdown").await;
+    let (status, read) = gw.get(&stepdown, &task).await;
+    assert_eq!(status, 200, "the consent permits the provider: {read}");
+    assert_eq!(read["for"]["reference"], patient.as_str(), "{read}");
+    let codes: Vec<&str> = read["meta"]["security"].as_array().unwrap_or_else(|| panic!("{read}")).iter().filter_map(|c| c["code"].as_str()).collect();
+    assert!(codes.contains(&"42CFRPart2") && codes.contains(&"NORDSCLCD"), "{read}");
+    let (_, searched) = gw.get(&stepdown, &format!("Task?patient={patient}")).await;
+    assert_eq!(searched["total"], 1, "{searched}");
+    let request = read["focus"]["reference"].as_str().unwrap().to_string();
+    let (status, body) = gw.get(&stepdown, &request).await;
+    assert_eq!(status, 200, "the referral's ServiceRequest: {body}");
+    let ops = gw.token("ops").await;
+    let (status, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    assert!(status == 200 && events["total"].as_u64().is_some_and(|n| n >= 2), "the read and the search accounted for: {status} {events}");
+
+    // The client revokes the consent: the provider reads nothing of it any more.
+    let mut revoked = records("consent/part2-to-step-down.json")[1].clone();
+    revoked["status"] = json!("revoked");
+    let (status, summary) = post_records(&gw, &clinic, &json!([revoked])).await;
+    assert_eq!(status, 200, "{summary}");
+    let (status, read) = gw.get(&stepdown, &task).await;
+    assert_eq!(status, 404, "{read}");
+    assert_eq!(gw.get(&stepdown, &request).await.0, 404);
+    let (_, searched) = gw.get(&stepdown, &format!("Task?patient={patient}")).await;
+    assert_eq!(searched["total"], 0, "{searched}");
     gw.stop().await;
 }

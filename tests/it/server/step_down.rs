@@ -73,7 +73,7 @@ async fn gateway(provider: &str) -> Gateway {
 /// The discharge batch: the client with coverage first (as at enrollment), then the episode's records
 /// (the client again: the summary collects the Patient) with the consent naming the step-down provider
 /// and the referral carrying it.
-fn discharge_batch() -> (Value, Value) {
+pub(super) fn discharge_batch() -> (Value, Value) {
     let mut episode = records("discharge/completed-with-summary.json");
     episode[0]["coverage"] = json!({"payer_id": "PAYER-77", "payer_name": "Synthetic Health Plan", "member_id": "MBR-1004-01", "relationship": "self", "start": "2026-01-01"});
     let client = episode[0].clone();
@@ -85,7 +85,7 @@ fn discharge_batch() -> (Value, Value) {
 }
 
 /// Waits (bounded) until the provider has received `n` requests.
-async fn received(provider: &MockServer, n: usize) -> Vec<wiremock::Request> {
+pub(super) async fn received(provider: &MockServer, n: usize) -> Vec<wiremock::Request> {
     for _ in 0..300 {
         let got = provider.received_requests().await.unwrap();
         if got.len() >= n {
@@ -118,7 +118,7 @@ async fn outbound_referral(gw: &Gateway, clinic: &str) -> Value {
 }
 
 /// A provider's answer to `$process-message`: a response message naming the referral it took.
-fn acknowledgement(sent: &Value) -> String {
+pub(super) fn acknowledgement(sent: &Value) -> String {
     json!({
         "resourceType": "Bundle", "id": uuid::Uuid::new_v4().to_string(), "type": "message", "timestamp": "2026-02-27T17:00:00Z",
         "entry": [{"fullUrl": "urn:uuid:2d7c5a3e-7d4b-4c60-9b2c-0d1f0b1e2a11", "resource": {
