@@ -39,6 +39,8 @@ pub const KINDS: &[(&str, PurposeOf, Withholding)] = &[
     (super::subscription::CREATE, PurposeOf::Exchange(Purpose::Payment), Withholding::Nothing),
     ("referral-task-update", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
     ("referral-feedback-message", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
+    // A document's Composition lists its Observations: it cannot lose one and stay what it says.
+    (super::referral::FEEDBACK_DOCUMENT, PurposeOf::Exchange(Purpose::Treatment), Withholding::Nothing),
     ("step-down-referral", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
     ("subscription-notification", PurposeOf::Recipient, Withholding::Entries),
 ];
@@ -71,8 +73,9 @@ pub fn recipient(state: &AppState, partner: &Partner) -> Recipient {
     (organization, purpose)
 }
 
-/// Checks a message's payload at send time.
-pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &str, payload: &str) -> Checked {
+/// Checks a message's payload at send time. `about`: patients the message is about that its
+/// resources cannot name (a referral's feedback names the referrer's Patient, or none, not the program's client).
+pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &str, payload: &str, about: &[String]) -> Checked {
     let Ok(mut document) = crate::json::parse(payload.as_bytes()) else { return Checked::Send { payload: None, disclosures: Vec::new() } };
     if recipient == state.program() {
         // The program's own client (a notification of its own Subscription): use inside the program is not a disclosure.
@@ -117,6 +120,7 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
         let mut patients = crate::search::compartment::about(&resource_type, resource);
         // Inside a Bundle, entries point at each other by fullUrl (`urn:uuid:…`).
         referenced_patients(resource, &bundle_patients, &mut patients);
+        patients.extend(about.iter().filter(|p| !patients.contains(p)).cloned().collect::<Vec<_>>());
         let mut part2 = state.part2.rules.is_part2(resource, &[]);
         if !part2 && !patients.is_empty() {
             match state.store.part2_patients(&patients).await {

@@ -81,7 +81,7 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         // A partner's own Subscription: its endpoint, its retry and error rules (the partner column names the
         // client). The consent decision is taken again here too, for the client as recipient.
         let recipient = consent::client_recipient(state, &message.new.partner).unwrap_or_else(|| (String::new(), crate::auth::consent::Purpose::Treatment));
-        let (payload, disclosures) = match consent::check(state, recipient, &message.new.kind, &message.new.payload).await {
+        let (payload, disclosures) = match consent::check(state, recipient, &message.new.kind, &message.new.payload, &[]).await {
             consent::Checked::Send { payload, disclosures } => (payload, disclosures),
             consent::Checked::Hold(reason) => {
                 if let Err(e) = topics::hold(state, owner, &message, &reason).await {
@@ -114,7 +114,14 @@ async fn deliver(state: &AppState, owner: &str, health: &Health, message: Messag
         },
     };
     // Every kind passes the consent decision again now: a consent may have ended while it waited.
-    let (payload, disclosures) = match consent::check(state, consent::recipient(state, partner), &message.new.kind, &message.new.payload).await {
+    let about = match referral::patients_of(state, &message).await {
+        Ok(about) => about,
+        Err(e) => {
+            let _ = state.store.retry_later(&message.new.id, owner, now_ms() + 60_000, 0, &format!("the referral's client could not be read: {e}")).await;
+            return;
+        }
+    };
+    let (payload, disclosures) = match consent::check(state, consent::recipient(state, partner), &message.new.kind, &message.new.payload, &about).await {
         consent::Checked::Send { payload, disclosures } => (payload, disclosures),
         consent::Checked::Hold(reason) => {
             if let Err(e) = refuse(state, &message, owner, 0, "", &reason).await {

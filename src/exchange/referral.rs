@@ -597,9 +597,9 @@ pub struct Candidates {
     pub screenings: Vec<Value>,
 }
 
-/// Decides what of the candidates goes into the feedback the referrer receives. Treatment is the
-/// purpose; this is where the patient's consent (42 CFR Part 2) is to be applied, so every feedback
-/// passes here and nowhere else. Today it keeps what BSeR's feedback asks for and nothing else.
+/// Decides what of the candidates goes into the feedback the referrer receives: what BSeR's feedback
+/// asks for and nothing else. Whether it may leave at all (42 CFR Part 2) is the outbox's send-time
+/// consent check, told the referral's patients by [`patients_of`].
 pub fn feedback_contents(_state: &AppState, _principal: &Principal, _route: &ReferralRoute, candidates: Candidates) -> Candidates {
     let screenings = candidates.screenings.into_iter().filter(|s| matches!(s["instrument"].as_str(), Some("phq9" | "gad7"))).collect();
     Candidates { screenings, ..candidates }
@@ -710,6 +710,23 @@ fn feedback_document(route: &ReferralRoute, client: &str, contents: &Candidates)
         "timestamp": crate::api::fhir::now_instant(),
         "entry": entries,
     })
+}
+
+/// The patients a message to a referrer is about, for the send-time consent check: the Patient the
+/// referral stored and, once an enrollment named the referral, the program's client. The payload
+/// names neither (the referrer's own ids; the feedback document no Patient at all), yet it tells the
+/// referrer of the client's program, so the client's enrolment and consents decide it.
+pub async fn patients_of(state: &AppState, message: &Message) -> Result<Vec<String>, ApiError> {
+    if message.new.record_type != "referral" || ![TASK_UPDATE, FEEDBACK_MESSAGE, FEEDBACK_DOCUMENT].contains(&message.new.kind.as_str()) {
+        return Ok(Vec::new());
+    }
+    let Some(route) = state.store.referral_route(&message.new.record_id).await? else { return Ok(Vec::new()) };
+    let stored: Vec<String> = serde_json::from_str(&route.resources).unwrap_or_default();
+    let mut patients: Vec<String> = stored.into_iter().filter(|r| r.starts_with("Patient/")).collect();
+    if !route.patient_client_id.is_empty() {
+        patients.push(format!("Patient/{}", state.mappings.resource_id("Patient", &format!("client:{}", route.patient_client_id))));
+    }
+    Ok(patients)
 }
 
 /// The path a `PUT` goes to at the referrer: `Type/id` of the payload (the Task, or the feedback document).

@@ -8,6 +8,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::exchange::{Payer, decision, payer_config, post_records, records};
+use super::referrals;
 use super::support::{Gateway, TempDir, config_text, load, partner_keys};
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
@@ -66,7 +67,7 @@ fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
 /// The purposes a consent is given for.
 const PURPOSES: &[&str] = &["TREAT", "HPAYMT"];
 
-/// Ways out of the gateway, each with one driver in [`way_out`]. Referral feedback is not a row yet.
+/// Ways out of the gateway, each with one driver in [`way_out`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Way {
     Read,
@@ -80,15 +81,19 @@ enum Way {
     Pas,
     /// A BSeR step-down referral message to the provider, at the discharge of a client enrolled in a substance-use program.
     StepDown,
+    /// The referral feedback to the unit that referred a client enrolled in a substance-use program:
+    /// at its discharge, the feedback document and the unit's Task naming it, `PUT` at the unit.
+    Feedback,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown];
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown, Way::Feedback];
 
 /// Which ways out reach a recipient: a payer touches no ServiceRequest and is the only one sent PAS requests.
 fn reaches(client: &str, way: Way) -> bool {
     match way {
         Way::Pas => client == "payer-x",
         Way::StepDown => client == "stepdown",
+        Way::Feedback => client == "unit-a",
         Way::Notification => true,
         _ => client != "payer-x",
     }
@@ -122,6 +127,9 @@ struct Row {
     /// The client discharged with a step-down referral (step-down rows): its Patient, under the same
     /// consent, the referral's Task and its ServiceRequest (addressed to the provider, so exported to it too).
     stepped_down: Option<(String, String, String)>,
+    /// The client the unit referred, discharged (referring-unit rows): its Patient, under the same
+    /// consent, the referral's id and the Task id the unit gave it.
+    fed_back: Option<(String, String, String)>,
     disclosure: bool,
 }
 
@@ -129,6 +137,7 @@ impl Row {
     fn patients(&self) -> Vec<&str> {
         let mut patients = vec![self.patient.as_str()];
         patients.extend(self.stepped_down.as_ref().map(|(p, ..)| p.as_str()));
+        patients.extend(self.fed_back.as_ref().map(|(p, ..)| p.as_str()));
         patients
     }
 }
@@ -250,7 +259,8 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         let id = |t: &str, identity: String| format!("{t}/{}", ids(t, &identity));
         (id("Patient", format!("client:C-S{n}")), id("Task", format!("referral:REF-S{n}:task")), id("ServiceRequest", format!("referral:REF-S{n}")))
     });
-    let consented: Vec<&str> = std::iter::once(patient.as_str()).chain(stepped_down.as_ref().map(|(p, ..)| p.as_str())).collect();
+    let fed_back = (client == "unit-a").then(|| (format!("Patient/{}", ids("Patient", &format!("client:C-F{n}"))), format!("RB-RX-9{n:04}"), format!("tsk-F{n}")));
+    let consented: Vec<&str> = std::iter::once(patient.as_str()).chain(stepped_down.as_ref().map(|(p, ..)| p.as_str())).chain(fed_back.as_ref().map(|(p, ..)| p.as_str())).collect();
     for patient in consented.into_iter().filter(|_| state != State::None) {
         let body = consent(patient, named_org, consent_purpose, state);
         let id = created_id_of(gw.post(clinic, "Consent", &body).await);
@@ -278,6 +288,29 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         let (status, summary) = post_records(gw, clinic, &episode).await;
         assert_eq!(status, 200, "{summary}");
     }
+    if let Some((_, referral, task)) = &fed_back {
+        // The unit refers the client; the clinic enrols it in a substance-use program (so everything about
+        // it is Part 2), then its episode, tied to the referral by its enrollment, ends with a completed discharge.
+        let message: Value = serde_json::from_str(&referrals::fixture("referral-message.json").to_string().replace("40117", &referral[6..]).replace("tsk-8812", task).replace("50210", &format!("6{n:04}"))).unwrap();
+        let (status, answer) = gw.post(&gw.token("unit-a").await, "$process-message", &message).await;
+        assert_eq!(status, 200, "{answer}");
+        let rename = |v: Value| -> Value { serde_json::from_str(&v.to_string().replace("-1004", &format!("-F{n}")).replace("MRN-000454", &format!("MRN-F{n}"))).unwrap() };
+        let mut episode: Vec<Value> = rename(records("discharge/completed-with-summary.json")).as_array().cloned().unwrap();
+        for record in &mut episode {
+            match record["record_type"].as_str() {
+                Some("enrollment") => record["referral_id"] = json!(referral),
+                Some("discharge") => drop(record.as_object_mut().unwrap().remove("step_down_referral_id")),
+                _ => {}
+            }
+        }
+        let mut sud = records("enrollment/discharged-sud.json");
+        sud["client_id"] = json!(format!("C-F{n}"));
+        sud["id"] = json!(format!("ENR-SUD-F{n}"));
+        let (status, summary) = post_records(gw, clinic, &json!([episode[0].clone(), sud])).await;
+        assert_eq!(status, 200, "{summary}");
+        let (status, summary) = post_records(gw, clinic, &Value::Array(episode)).await;
+        assert_eq!(status, 200, "{summary}");
+    }
     let (mut record, mut include_task, mut authorization) = (String::new(), String::new(), String::new());
     if payer {
         let text = records("authorization/initial.json").to_string().replace("C-1001", &format!("C-M{n}")).replace("MRN-000451", &format!("MRN-M{n}")).replace("AUTH-1001-1", &format!("AUTH-M{n}"));
@@ -292,7 +325,7 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         include_task = created_id_of(gw.post(clinic, "Task", &task).await);
     }
     let notice_task = format!("Task/{}", created_id_of(gw.post(clinic, "Task", &sud_task(&patient, organization)).await));
-    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, stepped_down, disclosure: expect && named != Named::Owner }
+    Row { client, state, consent_purpose, recipient_purpose, expect, patient, record, include_task, notice_task, authorization, stepped_down, fed_back, disclosure: expect && named != Named::Owner }
 }
 
 fn created_id_of((status, body): (u16, Value)) -> String {
@@ -307,6 +340,8 @@ struct Sent {
     notified: BTreeMap<String, HashSet<String>>,
     /// The `Task/<id>` of every step-down referral message the provider received.
     referred: HashSet<String>,
+    /// What the referring unit received: `PUT` path → body.
+    fed_back: BTreeMap<String, Value>,
 }
 
 /// Whether the row's record left the gateway by `way` (its driver).
@@ -349,6 +384,23 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
         Way::Export => sent.exported[row.client].contains(&row.record),
         Way::Notification => sent.notified.get(row.client).is_some_and(|tasks| tasks.contains(&row.notice_task)),
         Way::StepDown => row.stepped_down.as_ref().is_some_and(|(_, task, _)| sent.referred.contains(task)),
+        Way::Feedback => {
+            let Some((_, referral, task)) = &row.fed_back else { return false };
+            let Some(put) = sent.fed_back.get(&format!("/riverbend/Task/{task}")) else {
+                // Withheld: the unit's Task and the document cannot go without the client's Part 2 data, so both are held.
+                let held = dead_letters(gw, referral, 2).await;
+                assert!(held.iter().all(|m| m["last_error"].as_str().unwrap_or_default().starts_with("consent required")), "{held:?}");
+                assert!(!sent.fed_back.values().any(|b| b["id"] == task.as_str()), "nothing of {referral} reached the unit");
+                return false;
+            };
+            assert_eq!((put["status"].as_str(), put["businessStatus"]["coding"][0]["code"].as_str()), (Some("completed"), Some("7.0")), "{put}");
+            let document = put["output"][0]["valueReference"]["reference"].as_str().and_then(|d| sent.fed_back.get(&format!("/riverbend/{d}")));
+            let document = document.unwrap_or_else(|| panic!("the document the Task names reached the unit: {put}"));
+            let refrain = |r: &Value| r["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD"));
+            assert!(refrain(put) && carries_notice(put), "the Task discloses Part 2 data: {put}");
+            assert!(carries_notice(document) && document["entry"].as_array().unwrap().iter().all(|e| refrain(&e["resource"])), "the document discloses Part 2 data: {document}");
+            true
+        }
         Way::Pas => {
             let outcome = if row.expect { "certified" } else { "error" };
             let decided = decision(gw, token, &row.authorization, outcome).await;
@@ -358,6 +410,33 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
             row.expect
         }
     }
+}
+
+/// The referral `referral`'s outbox messages held as dead letters, once there are `n` (bounded wait).
+async fn dead_letters(gw: &Gateway, referral: &str, n: usize) -> Vec<Value> {
+    let ops = gw.token("ops").await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let (status, dead) = gw.get(&ops, "admin/outbox?status=dead").await;
+        assert_eq!(status, 200, "{dead}");
+        held = dead.as_array().unwrap().iter().filter(|m| m["record_id"] == referral).cloned().collect();
+        if held.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held.len(), n, "{referral}: {held:?}");
+    held
+}
+
+/// What the referring unit received: each `PUT`'s path and body.
+async fn fed_back(unit: &MockServer) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for request in unit.received_requests().await.unwrap() {
+        assert_eq!(request.method.as_str(), "PUT", "{}", request.url);
+        out.insert(request.url.path().to_string(), serde_json::from_slice(&request.body).unwrap_or_default());
+    }
+    out
 }
 
 /// The Part 2 Tasks each client's endpoint was notified of (full resource, with the refrain when disclosed).
@@ -457,6 +536,8 @@ struct Partners {
     hooks: MockServer,
     payer: MockServer,
     provider: MockServer,
+    /// The referring unit's FHIR server (unit-a's hospital), which takes every `PUT`.
+    unit: MockServer,
 }
 
 impl Partners {
@@ -465,12 +546,21 @@ impl Partners {
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&hooks).await;
         let payer = MockServer::start().await;
         Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
-        Partners { hooks, payer, provider: stepdown_provider().await }
+        let unit = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .respond_with(|request: &wiremock::Request| ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_raw(request.body.clone(), "application/fhir+json"))
+            .mount(&unit)
+            .await;
+        Partners { hooks, payer, provider: stepdown_provider().await, unit }
     }
 
     fn config(&self) -> String {
         let topics = "[topics]\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\nmin_heartbeat_secs = 1\nheartbeat_check_ms = 100\n";
-        format!("{FAST}{}{}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
+        let unit = format!(
+            "[[partners]]\nname = \"riverbend\"\nkind = \"inpatient-unit\"\nfhir_base = \"{}/riverbend\"\nauth = \"none\"\nclients = [\"unit-a\"]\nreferral_updates = \"task\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n",
+            self.unit.uri()
+        );
+        format!("{FAST}{}{}{unit}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
     }
 }
 
@@ -546,8 +636,15 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let expected = 2 * rows.iter().filter(|r| r.expect && r.fed_back.is_some()).count();
+    for _ in 0..300 {
+        if fed_back(&partners.unit).await.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await };
+    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await, fed_back: fed_back(&partners.unit).await };
     let (mut checked, mut disclosed) = (0, 0);
     let mut by_row = vec![0; rows.len()];
     for (i, row) in rows.iter().enumerate() {
@@ -562,6 +659,10 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
                 let also = sent.exported[row.client].contains(request);
                 assert_eq!(also, row.expect, "{} × {} consent × {:?} × export of the referral", row.client, row.consent_purpose, row.state);
                 counted += usize::from(also && row.disclosure);
+            }
+            if way == Way::Feedback {
+                // Two messages left: the feedback document and the Task naming it, each a disclosure.
+                counted *= 2;
             }
             disclosed += counted;
             by_row[i] += counted;
@@ -587,7 +688,13 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
             assert_eq!(event["type"]["code"], "110106");
             assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], row.recipient_purpose);
             let whats: Vec<&str> = event["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str()).collect();
-            let ours = |w: &&str| *w == row.record || *w == row.notice_task || w.starts_with("Claim/") || row.stepped_down.as_ref().is_some_and(|(_, task, request)| w == task || w == request);
+            let ours = |w: &&str| {
+                *w == row.record
+                    || *w == row.notice_task
+                    || w.starts_with("Claim/")
+                    || row.stepped_down.as_ref().is_some_and(|(_, task, request)| w == task || w == request)
+                    || row.fed_back.as_ref().is_some_and(|(_, _, task)| *w == format!("Task/{task}") || w.starts_with("Composition/"))
+            };
             assert!(whats.iter().any(ours) && whats.iter().any(|w| w.starts_with("Consent/")), "{event}");
         }
         audited += total;

@@ -16,7 +16,7 @@ use super::support::{Gateway, TempDir, assert_outcome, config_text, load, partne
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-fn fixture(name: &str) -> Value {
+pub(super) fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/tests/fixtures/bser/{name}")).unwrap()).unwrap()
 }
 
