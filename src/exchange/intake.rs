@@ -30,6 +30,8 @@ struct Planned {
 }
 
 /// Takes the clinic's records: all of them are stored and their messages queued, or none (422 with every problem located as `records[i].path`).
+/// Answers to referrals the gateway received move those referrals' Tasks; they are checked with the
+/// rest before anything is written, and written with the rest in the same transaction.
 /// Then the [`utilization`](super::utilization) rule looks at the certifications of the clients the records name.
 pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
     let clients: std::collections::BTreeSet<String> = records.iter().map(|r| text(r, "client_id")).filter(|c| !c.is_empty()).collect();
@@ -37,15 +39,20 @@ pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>)
     if records.is_empty() {
         return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
     }
-    // Answers to referrals the gateway received move those referrals' Tasks; the rest is mapped as always.
+    let count = records.len();
     let (answers, records) = super::referral::split_answers(state, records).await?;
-    let mut summaries = Vec::new();
-    if !answers.is_empty() {
-        summaries.extend(super::referral::answer(state, principal, answers).await?);
-    }
-    if !records.is_empty() {
-        summaries.extend(accept(state, principal, records.clone()).await?);
-    }
+    let positions: Vec<usize> = (0..count).filter(|i| !answers.iter().any(|(j, _, _)| j == i)).collect();
+    let answered = super::referral::Answers::check(state, answers).await;
+    let checked = if records.is_empty() { Ok(None) } else { check(state, records.clone(), positions).await.map(Some) };
+    let (mut answers, checked) = match (answered, checked) {
+        (Ok(answers), Ok(checked)) => (answers, checked),
+        (Err(ApiError::Unprocessable(mut issues)), Err(ApiError::Unprocessable(more))) => {
+            issues.extend(more);
+            return Err(ApiError::Unprocessable(issues));
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(e),
+    };
+    let summaries = commit(state, principal, &mut answers, checked.as_ref()).await?;
     // Committed and acknowledged whatever follows: a referrer not told is logged, as the utilization rule's problems are.
     if let Err(e) = super::referral::follow(state, principal, &records).await {
         tracing::warn!(error = %e, "The referrals of the posted clients could not be moved on.");
@@ -57,92 +64,108 @@ pub async fn intake(state: &AppState, principal: &Principal, records: Vec<Json>)
     Ok(summaries)
 }
 
-/// Stores and queues records, all or none: the clinic's and the extension requests the utilization rule sends.
-pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
+/// Stores and queues records, all or none: the extension requests the utilization rule sends, as the clinic's are.
+pub async fn accept(state: &AppState, principal: &Principal, records: Vec<Json>) -> Result<Vec<RecordSummary>, ApiError> {
     if records.is_empty() {
         return Err(ApiError::BadRequest("send one IOP record or a non-empty array of them".into()));
     }
-    let mut issues = Vec::new();
-    for (i, record) in records.iter().enumerate() {
-        for problem in state.mappings.schemas.check(record) {
-            issues.push(Issue::error(IssueCode::Invalid, located(i, &problem.path), problem.message));
-        }
-    }
-    if !issues.is_empty() {
-        return Err(ApiError::Unprocessable(issues));
-    }
-    // A re-posted step-down referral keeps the progress its provider gave it.
-    let kept = super::step_down::keep_progress(state, &mut records).await?;
-    // An enrollment naming a referral the gateway received points at that referral's stored ServiceRequest.
-    let resolved = super::referral::stored_requests(state, &records).await?;
-    let mapped = state.mappings.records_to_fhir_resolving(&records, &resolved);
-    for issue in mapped.issues.iter().filter(|i| i.severity.is_error()) {
-        let index = records.iter().position(|r| label(r) == issue.source);
-        let expression = index.map(|i| located(i, &issue.path)).unwrap_or_default();
-        issues.push(Issue::error(IssueCode::Processing, expression, format!("{}: {}", issue.source, issue.message)));
-    }
-    let plan = plan_messages(state, &records, &mapped.output, &mut issues);
-    let step_downs = super::step_down::plan(state, &records, &mut issues);
-    if !issues.is_empty() {
-        return Err(ApiError::Unprocessable(issues));
-    }
-    let mut output = mapped.output;
-    super::step_down::keep_task_progress(state, &mut output, &kept).await?;
-    let bundle = write::validate(state, output, Vec::new()).await?;
-    let entries: Vec<(String, String, Json)> = bundle
-        .get("entry")
-        .and_then(Json::as_array)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| {
-            let resource = e.get("resource")?;
-            let text = |k: &str| resource.get(k).and_then(Json::as_str).map(str::to_string);
-            let resource_type = text("resourceType")?;
-            let mut resource = resource.clone();
-            // A Bundle's references name its own entries (a PAS request, a discharge summary document).
-            if resource_type != "Bundle" {
-                stored_references(&mut resource, &mapped.targets);
+    let positions = (0..records.len()).collect();
+    let checked = check(state, records, positions).await?;
+    commit(state, principal, &mut super::referral::Answers::default(), Some(&checked)).await
+}
+
+/// The records of a batch other than answers, checked, mapped and validated: what its transaction writes of them.
+struct Checked {
+    /// Where each record is in the batch as posted (the answers were taken out).
+    positions: Vec<usize>,
+    records: Vec<Json>,
+    /// Step-down referrals whose provider's progress the re-posted records keep.
+    kept: Vec<String>,
+    /// `Type/id` of the resources each record was mapped to.
+    produced: Vec<Vec<String>>,
+    plan: Vec<Planned>,
+    step_downs: Vec<super::step_down::Planned>,
+    /// The validated transaction Bundle.
+    bundle: Json,
+    /// Its resources as stored: type, id, resource.
+    entries: Vec<(String, String, Json)>,
+}
+
+/// Everything that can refuse the records before a transaction: schema, mapping, routing, FHIR
+/// validation; every problem located as `records[i]` of the batch as posted.
+async fn check(state: &AppState, mut records: Vec<Json>, positions: Vec<usize>) -> Result<Checked, ApiError> {
+    let checked: Result<Checked, ApiError> = async {
+        let mut issues = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            for problem in state.mappings.schemas.check(record) {
+                issues.push(Issue::error(IssueCode::Invalid, located(i, &problem.path), problem.message));
             }
-            Some((resource_type, text("id")?, resource))
-        })
-        .collect();
-    let now = crate::api::fhir::now_instant();
-    for _ in 0..ATTEMPTS {
-        let mut tx = state.store.begin().await?;
-        let changes = entries
+        }
+        if !issues.is_empty() {
+            return Err(ApiError::Unprocessable(issues));
+        }
+        // A re-posted step-down referral keeps the progress its provider gave it.
+        let kept = super::step_down::keep_progress(state, &mut records).await?;
+        // An enrollment naming a referral the gateway received points at that referral's stored ServiceRequest.
+        let resolved = super::referral::stored_requests(state, &records).await?;
+        let mapped = state.mappings.records_to_fhir_resolving(&records, &resolved);
+        for issue in mapped.issues.iter().filter(|i| i.severity.is_error()) {
+            let index = records.iter().position(|r| label(r) == issue.source);
+            let expression = index.map(|i| located(i, &issue.path)).unwrap_or_default();
+            issues.push(Issue::error(IssueCode::Processing, expression, format!("{}: {}", issue.source, issue.message)));
+        }
+        let plan = plan_messages(state, &records, &mapped.output, &mut issues);
+        let step_downs = super::step_down::plan(state, &records, &mut issues);
+        if !issues.is_empty() {
+            return Err(ApiError::Unprocessable(issues));
+        }
+        let mut output = mapped.output;
+        super::step_down::keep_task_progress(state, &mut output, &kept).await?;
+        let bundle = write::validate(state, output, Vec::new()).await?;
+        let entries: Vec<(String, String, Json)> = bundle
+            .get("entry")
+            .and_then(Json::as_array)
+            .unwrap_or_default()
             .iter()
-            .map(|(resource_type, id, resource)| Change { resource_type, id: id.clone(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "PUT" })
+            .filter_map(|e| {
+                let resource = e.get("resource")?;
+                let text = |k: &str| resource.get(k).and_then(Json::as_str).map(str::to_string);
+                let resource_type = text("resourceType")?;
+                let mut resource = resource.clone();
+                // A Bundle's references name its own entries (a PAS request, a discharge summary document).
+                if resource_type != "Bundle" {
+                    stored_references(&mut resource, &mapped.targets);
+                }
+                Some((resource_type, text("id")?, resource))
+            })
             .collect();
-        match write::write_each(&mut tx, state, principal, changes).await {
-            Ok(_) => {}
+        Ok(Checked { positions: Vec::new(), records, kept, produced: mapped.produced, plan, step_downs, bundle, entries })
+    }
+    .await;
+    match checked {
+        Ok(checked) => Ok(Checked { positions, ..checked }),
+        Err(e) => Err(renumbered(e, &positions)),
+    }
+}
+
+/// The one transaction of a batch: the answers' Task changes and messages, the other records'
+/// resources, records and messages. Run again, the answers' Tasks read again, when it lost a race.
+async fn commit(state: &AppState, principal: &Principal, answers: &mut super::referral::Answers, checked: Option<&Checked>) -> Result<Vec<RecordSummary>, ApiError> {
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            answers.refresh(state).await?;
+        }
+        let mut tx = state.store.begin().await?;
+        let mut summaries = match super::referral::write_answers(&mut tx, state, principal, answers).await {
+            Ok(summaries) => summaries,
             Err(Failure::Retry) => continue,
             Err(Failure::Api(e)) => return Err(e),
-        }
-        let mut summaries: Vec<RecordSummary> = records
-            .iter()
-            .zip(&mapped.produced)
-            .map(|(r, produced)| RecordSummary { record_type: text(r, RECORD_TYPE_MEMBER), id: text(r, "id"), resources: produced.clone(), messages: Vec::new() })
-            .collect();
-        // What each authorization sends is decided against what was stored before, so before the records are replaced.
-        let mut outgoing = Vec::new();
-        for planned in &plan {
-            if let Some(message) = outgoing_message(&mut tx, state, planned, &records[planned.record]).await? {
-                outgoing.push((planned.record, message));
-            }
-        }
-        for planned in &step_downs {
-            if let Some(mut message) = super::step_down::message(&mut tx, state, planned, &records, &bundle).await? {
-                message.id = message_id(&message);
-                outgoing.push((planned.discharge, message));
-            }
-        }
-        for record in &records {
-            super::step_down::put_record(&mut tx, record, &kept, &now).await?;
-        }
-        for (index, message) in &outgoing {
-            // A message with the same id is already queued: the same change sent twice.
-            if tx.enqueue(message, super::now_ms()).await? {
-                summaries[*index].messages.push(message.id.clone());
+        };
+        if let Some(checked) = checked {
+            match store(&mut tx, state, principal, checked).await {
+                Ok(more) => summaries.extend(more),
+                Err(Failure::Retry) => continue,
+                Err(Failure::Api(e)) => return Err(renumbered(e, &checked.positions)),
             }
         }
         match tx.commit().await {
@@ -150,12 +173,70 @@ pub async fn accept(state: &AppState, principal: &Principal, mut records: Vec<Js
             Err(crate::store::StoreError::Enrolled) => continue,
             Err(e) => return Err(e.into()),
         }
-        if !outgoing.is_empty() {
+        if summaries.iter().any(|(_, s)| !s.messages.is_empty()) {
             state.outbox_wake.notify_one();
         }
-        return Ok(summaries);
+        summaries.sort_by_key(|(i, _)| *i);
+        return Ok(summaries.into_iter().map(|(_, s)| s).collect());
     }
     Err(ApiError::Conflict("the records' resources are being changed by others; retry".into()))
+}
+
+/// Writes checked records in `tx`: their resources through the one write path, their rows, the messages they cause.
+/// Each summary comes with its record's position in the batch as posted.
+async fn store(tx: &mut Tx, state: &AppState, principal: &Principal, checked: &Checked) -> Result<Vec<(usize, RecordSummary)>, Failure> {
+    let Checked { positions, records, kept, produced, plan, step_downs, bundle, entries } = checked;
+    let now = crate::api::fhir::now_instant();
+    let changes = entries
+        .iter()
+        .map(|(resource_type, id, resource)| Change { resource_type, id: id.clone(), resource: resource.clone(), if_match: None, inherited_labels: &[], method: "PUT" })
+        .collect();
+    write::write_each(tx, state, principal, changes).await?;
+    let mut summaries: Vec<RecordSummary> = records
+        .iter()
+        .zip(produced)
+        .map(|(r, produced)| RecordSummary { record_type: text(r, RECORD_TYPE_MEMBER), id: text(r, "id"), resources: produced.clone(), messages: Vec::new() })
+        .collect();
+    // What each authorization sends is decided against what was stored before, so before the records are replaced.
+    let mut outgoing = Vec::new();
+    for planned in plan {
+        if let Some(message) = outgoing_message(tx, state, planned, &records[planned.record]).await? {
+            outgoing.push((planned.record, message));
+        }
+    }
+    for planned in step_downs {
+        if let Some(mut message) = super::step_down::message(tx, state, planned, records, bundle).await? {
+            message.id = message_id(&message);
+            outgoing.push((planned.discharge, message));
+        }
+    }
+    for record in records {
+        super::step_down::put_record(tx, record, kept, &now).await?;
+    }
+    for (index, message) in &outgoing {
+        // A message with the same id is already queued: the same change sent twice.
+        if tx.enqueue(message, super::now_ms()).await? {
+            summaries[*index].messages.push(message.id.clone());
+        }
+    }
+    Ok(positions.iter().copied().zip(summaries).collect())
+}
+
+/// A problem found among the records left when the answers were taken out, located in the batch
+/// as posted: their `records[k]` is `records[positions[k]]`.
+fn renumbered(e: ApiError, positions: &[usize]) -> ApiError {
+    let at = |text: String| -> String {
+        let Some((index, tail)) = text.strip_prefix("records[").and_then(|rest| rest.split_once(']')) else { return text };
+        match index.parse::<usize>().ok().and_then(|k| positions.get(k)) {
+            Some(i) => format!("records[{i}]{tail}"),
+            None => text,
+        }
+    };
+    match e {
+        ApiError::Unprocessable(issues) => ApiError::Unprocessable(issues.into_iter().map(|i| Issue { expression: at(i.expression), ..i }).collect()),
+        ApiError::Conflict(message) => ApiError::Conflict(at(message)),
+        other => other,
+    }
 }
 
 /// What an authorization sends now, given what its payer has had of it: its PAS request the first
@@ -307,6 +388,15 @@ mod tests {
     fn problems_are_located_by_record_index_and_path() {
         assert_eq!(located(2, "items[3].answer"), "records[2].items[3].answer");
         assert_eq!(located(0, ""), "records[0]");
+    }
+
+    #[test]
+    fn problems_of_the_rest_are_located_in_the_batch_as_posted() {
+        let issues = vec![Issue::error(IssueCode::Invalid, "records[1].sex", "no"), Issue::error(IssueCode::Invalid, "records[0]", "no"), Issue::error(IssueCode::Invalid, "", "no")];
+        let ApiError::Unprocessable(issues) = renumbered(ApiError::Unprocessable(issues), &[1, 3]) else { panic!("still a 422") };
+        assert_eq!(issues.iter().map(|i| i.expression.as_str()).collect::<Vec<_>>(), ["records[3].sex", "records[1]", ""]);
+        let ApiError::Conflict(message) = renumbered(ApiError::Conflict("records[0]: cancelled".into()), &[2]) else { panic!("still a 409") };
+        assert_eq!(message, "records[2]: cancelled");
     }
 
     #[test]

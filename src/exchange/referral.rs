@@ -439,62 +439,79 @@ pub async fn split_answers(state: &AppState, records: Vec<Json>) -> Result<(Vec<
     Ok((answers, rest))
 }
 
-/// The clinic's answers to received referrals: each record checked, the Task's progress written and
-/// the referrer's message queued, with the records, all in one transaction (or nothing, 422 located as `records[i]`).
-pub async fn answer(state: &AppState, principal: &Principal, answers: Vec<(usize, Json, ReferralRoute)>) -> Result<Vec<RecordSummary>, ApiError> {
-    let mut issues = Vec::new();
-    for (i, record, _) in &answers {
-        for problem in state.mappings.schemas.check(record) {
-            let at = if problem.path.is_empty() { format!("records[{i}]") } else { format!("records[{i}].{}", problem.path) };
-            issues.push(Issue::error(IssueCode::Invalid, at, problem.message));
+/// The clinic's answers to received referrals, checked: each one's Task change built and validated
+/// before any transaction, to be written with the rest of the batch.
+#[derive(Default)]
+pub struct Answers {
+    /// Position in the batch as posted, the record, the referral's route.
+    answers: Vec<(usize, Json, ReferralRoute)>,
+    /// The Task change of each answer; `None` when the Task already says so.
+    updates: Vec<Option<Update>>,
+}
+
+impl Answers {
+    /// Checks every answer (schema, status, the Task change and the referrer's message), every problem located as `records[i]`.
+    pub async fn check(state: &AppState, answers: Vec<(usize, Json, ReferralRoute)>) -> Result<Answers, ApiError> {
+        let mut issues = Vec::new();
+        for (i, record, _) in &answers {
+            let problems = state.mappings.schemas.check(record);
+            if problems.is_empty() && Progress::of_record(record).is_none() {
+                issues.push(Issue::error(IssueCode::Invalid, format!("records[{i}].status"), "not a referral status"));
+            }
+            for problem in problems {
+                let at = if problem.path.is_empty() { format!("records[{i}]") } else { format!("records[{i}].{}", problem.path) };
+                issues.push(Issue::error(IssueCode::Invalid, at, problem.message));
+            }
         }
+        if !issues.is_empty() {
+            return Err(ApiError::Unprocessable(issues));
+        }
+        let mut answers = Answers { answers, updates: Vec::new() };
+        answers.refresh(state).await?;
+        Ok(answers)
     }
-    if !issues.is_empty() {
-        return Err(ApiError::Unprocessable(issues));
-    }
-    for _ in 0..ATTEMPTS {
+
+    /// Builds the Task changes from the Tasks as stored now (again, when one moved since they were read).
+    pub async fn refresh(&mut self, state: &AppState) -> Result<(), ApiError> {
         let mut updates = Vec::new();
-        for (i, record, route) in &answers {
-            let progress = Progress::of_record(record).ok_or_else(|| ApiError::Unprocessable(vec![Issue::error(IssueCode::Invalid, format!("records[{i}].status"), "not a referral status")]))?;
-            updates.push(prepare(state, route, &progress, None).await?);
-        }
-        let now = crate::api::fhir::now_instant();
-        let mut tx = state.store.begin().await?;
-        let mut summaries = Vec::new();
-        let mut retry = false;
-        for ((_, record, route), update) in answers.iter().zip(&updates) {
-            let mut summary = RecordSummary { record_type: "referral".into(), id: route.referral_id.clone(), resources: vec![format!("Task/{}", route.task_id)], messages: Vec::new() };
-            if let Some(update) = update {
-                match apply(&mut tx, state, principal, update).await {
-                    Ok(queued) => summary.messages = queued,
-                    Err(Failure::Retry) => {
-                        retry = true;
-                        break;
-                    }
-                    Err(Failure::Api(ApiError::PreconditionFailed(_))) => {
-                        // The Task moved since it was read: read it again and rebuild.
-                        retry = true;
-                        break;
-                    }
-                    Err(Failure::Api(e)) => return Err(e),
+        for (i, record, route) in &self.answers {
+            let Some(progress) = Progress::of_record(record) else { return Err(ApiError::Internal("an answer was checked without a referral status".into())) };
+            let update = prepare(state, route, &progress, None).await.map_err(|e| match e {
+                ApiError::Unprocessable(issues) => {
+                    ApiError::Unprocessable(issues.into_iter().map(|issue| Issue { message: format!("at {}: {}", issue.expression, issue.message), expression: format!("records[{i}]"), ..issue }).collect())
                 }
-            }
-            // The answered record is what the clinic lists from now on; its client ties sessions and the discharge to it.
-            tx.put_record(&row(record, "inbound", &now)).await?;
-            let client = text(record, "client_id");
-            if !client.is_empty() {
-                tx.link_referral_client(&route.referral_id, &client).await?;
-            }
-            summaries.push(summary);
+                other => other,
+            })?;
+            updates.push(update);
         }
-        if retry {
-            continue;
-        }
-        tx.commit().await?;
-        state.outbox_wake.notify_one();
-        return Ok(summaries);
+        self.updates = updates;
+        Ok(())
     }
-    Err(ApiError::Conflict("the referral Tasks are being changed concurrently; retry".into()))
+}
+
+/// Writes the checked answers in `tx`: each Task's progress, the referrer's message, the answered
+/// record and its client. Each summary comes with its record's position in the batch as posted.
+pub async fn write_answers(tx: &mut Tx, state: &AppState, principal: &Principal, answers: &Answers) -> Result<Vec<(usize, RecordSummary)>, Failure> {
+    let now = crate::api::fhir::now_instant();
+    let mut summaries = Vec::new();
+    for ((i, record, route), update) in answers.answers.iter().zip(&answers.updates) {
+        let mut summary = RecordSummary { record_type: "referral".into(), id: route.referral_id.clone(), resources: vec![format!("Task/{}", route.task_id)], messages: Vec::new() };
+        if let Some(update) = update {
+            summary.messages = apply(tx, state, principal, update).await.map_err(|e| match e {
+                // The Task moved since it was read: the batch is run again, the Task read again.
+                Failure::Api(ApiError::PreconditionFailed(_)) => Failure::Retry,
+                other => other,
+            })?;
+        }
+        // The answered record is what the clinic lists from now on; its client ties sessions and the discharge to it.
+        tx.put_record(&row(record, "inbound", &now)).await?;
+        let client = text(record, "client_id");
+        if !client.is_empty() {
+            tx.link_referral_client(&route.referral_id, &client).await?;
+        }
+        summaries.push((*i, summary));
+    }
+    Ok(summaries)
 }
 
 /// After the clinic's records committed: enrollments tie a referral to the program's client, and

@@ -380,3 +380,45 @@ async fn a_unit_without_a_partner_hears_back_only_at_a_source_endpoint_its_callb
     hospital.accepted_exactly(1).await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_answer_and_an_invalid_record_writes_and_sends_nothing() {
+    let server = MockServer::start().await;
+    let hospital = Hospital::new();
+    Mock::given(wiremock::matchers::any()).respond_with(hospital.clone()).mount(&server).await;
+    let gw = gateway(&server).await;
+    let (unit, clinic) = (gw.token("unit-a").await, gw.token("clinic").await);
+    let (status, _) = gw.post(&unit, "$process-message", &fixture("referral-message.json")).await;
+    assert_eq!(status, 200);
+    let mut accepted = inbound_referral(&gw, &clinic, "RB-RX-40117").await;
+    accepted["status"] = json!("accepted");
+    let mut client = records("episode/client.json")[0].clone();
+    client["sex"] = json!("sometimes");
+
+    // The answer first, the invalid record second: refused as a whole, the problem located in the batch as posted.
+    let (status, problem) = post_records(&gw, &clinic, &json!([accepted, client])).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_outcome(&problem);
+    let expressions: Vec<&str> = problem["issue"].as_array().unwrap().iter().filter_map(|i| i["expression"][0].as_str()).collect();
+    assert!(!expressions.is_empty() && expressions.iter().all(|e| e.starts_with("records[1]")), "{problem}");
+    assert!(expressions.contains(&"records[1].sex"), "{problem}");
+    assert_eq!(inbound_referral(&gw, &clinic, "RB-RX-40117").await["status"], "requested", "the answer was not stored");
+    let (_, tasks) = gw.get(&unit, "Task").await;
+    assert_eq!(business_status(&tasks["entry"][0]["resource"]), "2.0", "the Task did not move");
+    hospital.accepted_exactly(0).await;
+    assert_eq!(hospital.failed.load(Ordering::SeqCst), 0, "the hospital heard nothing at all");
+
+    // Fixed, the same batch goes in whole: the summaries in the batch's order, the hospital told once.
+    client["sex"] = json!("other");
+    let (status, summary) = post_records(&gw, &clinic, &json!([accepted, client])).await;
+    assert_eq!(status, 200, "{summary}");
+    let listed: Vec<(&str, usize)> = summary["records"].as_array().unwrap().iter().map(|r| (r["record_type"].as_str().unwrap_or_default(), r["messages"].as_array().map_or(0, Vec::len))).collect();
+    assert_eq!(listed, vec![("referral", 1), ("client", 0)], "{summary}");
+    assert_eq!(inbound_referral(&gw, &clinic, "RB-RX-40117").await["status"], "accepted");
+    assert!(summary["records"][1]["resources"].as_array().is_some_and(|r| r.iter().any(|r| r.as_str().is_some_and(|r| r.starts_with("Patient/")))), "{summary}");
+    let sent = hospital.accepted_exactly(1).await;
+    assert_eq!(sent[0].0, "PUT /riverbend/Task/tsk-8812");
+    assert_eq!((sent[0].1["status"].as_str(), business_status(&sent[0].1)), (Some("accepted"), "3.0"));
+    assert_valid(&sent[0].1);
+    gw.stop().await;
+}
