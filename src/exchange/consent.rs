@@ -37,12 +37,14 @@ pub const KINDS: &[(&str, PurposeOf, Withholding)] = &[
     (super::pas::SUBMIT, PurposeOf::Exchange(Purpose::Payment), Withholding::Nothing),
     (super::inquiry::INQUIRE, PurposeOf::Exchange(Purpose::Payment), Withholding::Nothing),
     (super::subscription::CREATE, PurposeOf::Exchange(Purpose::Payment), Withholding::Nothing),
-    ("referral-task-update", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
-    ("referral-feedback-message", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
+    (super::referral::TASK_UPDATE, PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
+    // A feedback message exists to tell the unit how its referral went: left with its header alone it
+    // would still tell the unit that the client is in the program, which is what Part 2 protects.
+    (super::referral::FEEDBACK_MESSAGE, PurposeOf::Exchange(Purpose::Treatment), Withholding::Nothing),
     // A document's Composition lists its Observations: it cannot lose one and stay what it says.
     (super::referral::FEEDBACK_DOCUMENT, PurposeOf::Exchange(Purpose::Treatment), Withholding::Nothing),
-    ("step-down-referral", PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
-    ("subscription-notification", PurposeOf::Recipient, Withholding::Entries),
+    (super::step_down::REFERRAL, PurposeOf::Exchange(Purpose::Treatment), Withholding::Entries),
+    (super::topics::NOTIFICATION, PurposeOf::Recipient, Withholding::Entries),
 ];
 
 /// The answer of the send-time check.

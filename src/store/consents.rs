@@ -173,11 +173,6 @@ impl Store {
         if patients.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = Sql::default();
-        sql.push("SELECT patient FROM part2_patients WHERE patient IN (");
-        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
-        sql.push(")");
-        let rows = sql.into_query().fetch_all(&self.reader).await?;
-        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+        enrolled_among(&mut *self.reader.acquire().await?, patients).await
     }
 }
