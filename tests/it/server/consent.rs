@@ -391,6 +391,9 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
                 let held = dead_letters(gw, referral, 2).await;
                 assert!(held.iter().all(|m| m["last_error"].as_str().unwrap_or_default().starts_with("consent required")), "{held:?}");
                 assert!(!sent.fed_back.values().any(|b| b["id"] == task.as_str()), "nothing of {referral} reached the unit");
+                // Nor can the unit read at the gateway how its referral went.
+                let (status, body) = gw.get(token, &format!("Task/{task}")).await;
+                assert_eq!(status, 404, "the unit reads its referral's Task without consent: {body}");
                 return false;
             };
             assert_eq!((put["status"].as_str(), put["businessStatus"]["coding"][0]["code"].as_str()), (Some("completed"), Some("7.0")), "{put}");
