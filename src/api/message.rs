@@ -114,28 +114,9 @@ pub async fn process(state: AppState, caller: Caller, headers: HeaderMap, body: 
                 crate::exchange::referral::received(&mut tx, &state, &caller.principal, referral, &written, Some(&header)).await?;
             }
             let response = response_message(&caller.base.url, &header, header_id.as_deref().unwrap_or_default(), &stored);
-            match tx.claim_message(&keys, &response, &now_instant()).await {
-                Ok(()) => {}
-                // A resend processed concurrently by another request or instance won; answer with its response.
-                Err(StoreError::Duplicate) => {
-                    drop(tx);
-                    if let Some(previous) = already_processed(&state, &keys).await? {
-                        return Ok(fhir::json_response(StatusCode::OK, previous));
-                    }
-                    continue;
-                }
-                Err(StoreError::Enrolled) => continue,
-                Err(e) => return Err(e.into()),
+            if let Some(answered) = processed(tx, &state, &mut audit, &keys, response, &stored).await? {
+                return Ok(answered);
             }
-            audit.entities = stored.iter().map(|s| s.reference()).collect();
-            tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
-            match tx.commit().await {
-                Ok(()) => {}
-                Err(StoreError::Enrolled) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            audit.recorded = true;
-            return Ok(fhir::json_response(StatusCode::OK, response));
         }
         Err(ApiError::Conflict("the message is being processed concurrently; retry".into()))
     }
@@ -162,30 +143,38 @@ async fn feedback(state: &AppState, caller: &Caller, audit: &mut super::audit::A
             Err(Failure::Api(ApiError::PreconditionFailed(_))) => continue,
             Err(Failure::Api(e)) => return Err(e),
         };
-        let response = response_message(&caller.base.url, header, header_id, std::slice::from_ref(&stored));
-        match tx.claim_message(keys, &response, &now_instant()).await {
-            Ok(()) => {}
-            Err(StoreError::Duplicate) => {
-                drop(tx);
-                if let Some(previous) = already_processed(state, keys).await? {
-                    return Ok(fhir::json_response(StatusCode::OK, previous));
-                }
-                continue;
-            }
-            Err(StoreError::Enrolled) => continue,
-            Err(e) => return Err(e.into()),
+        let stored = [stored];
+        let response = response_message(&caller.base.url, header, header_id, &stored);
+        if let Some(answered) = processed(tx, state, audit, keys, response, &stored).await? {
+            return Ok(answered);
         }
-        audit.entities = vec![stored.reference()];
-        tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
-        match tx.commit().await {
-            Ok(()) => {}
-            Err(StoreError::Enrolled) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        audit.recorded = true;
-        return Ok(fhir::json_response(StatusCode::OK, response));
     }
     Err(ApiError::Conflict("the referral's Task is being changed concurrently; retry".into()))
+}
+
+/// Ends a message's transaction: its keys claimed with the response, the audit row, the commit.
+/// `None` when the attempt must be run again (a concurrent claim that left no response, a patient
+/// enrolled meanwhile); a resend processed concurrently is answered with that first response.
+async fn processed(mut tx: crate::store::Tx, state: &AppState, audit: &mut super::audit::Audit, keys: &[String], response: String, stored: &[crate::store::Stored]) -> Result<Option<Response>, ApiError> {
+    match tx.claim_message(keys, &response, &now_instant()).await {
+        Ok(()) => {}
+        // A resend processed concurrently by another request or instance won; answer with its response.
+        Err(StoreError::Duplicate) => {
+            drop(tx);
+            return Ok(already_processed(state, keys).await?.map(|previous| fhir::json_response(StatusCode::OK, previous)));
+        }
+        Err(StoreError::Enrolled) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    audit.entities = stored.iter().map(|s| s.reference()).collect();
+    tx.append_audit(&audit.row(&state.base_url, super::audit::AuditOutcome::Success)).await?;
+    match tx.commit().await {
+        Ok(()) => {}
+        Err(StoreError::Enrolled) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    audit.recorded = true;
+    Ok(Some(fhir::json_response(StatusCode::OK, response)))
 }
 
 async fn already_processed(state: &AppState, keys: &[String]) -> Result<Option<String>, ApiError> {
