@@ -33,6 +33,7 @@ use crate::config::StoreConfig;
 use crate::search::{IndexEntry, Query};
 use crate::telemetry::Metrics;
 
+pub use consents::Unlabelled;
 pub use exchange::{Attempt, Ending, Message, MessageStatus, NewMessage, RecordCursor, RecordFilter, RecordRow};
 pub use exports::{Compartment, ExportJob, ExportPage, Exported};
 pub use inquiries::Pended;

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::consent::{self, Rule};
 use crate::auth::labelling::{self, LabelRules};
+use crate::auth::labels;
 use crate::auth::{Disclosure, Principal};
 use crate::json::Json;
 use crate::outcome::{Issue, IssueCode};
@@ -58,14 +59,38 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
     Ok(Pending { enrols, consent })
 }
 
-/// Records what [`before_write`] found, queued with the version just written.
-pub fn after_write(tx: &mut Tx, pending: Pending, stored: &Stored) {
+/// Records what [`before_write`] found, queued with the version just written; an enrolment also
+/// labels what was stored about its patients before it ([`label_earlier`]).
+pub async fn after_write(tx: &mut Tx, state: &AppState, pending: Pending, stored: &Stored) -> Result<(), ApiError> {
     if !pending.enrols.is_empty() {
         tx.mark_part2_patients(&pending.enrols, &stored.last_updated);
+        label_earlier(tx, &state.part2.rules, &pending.enrols).await?;
     }
     if let Some((consent, rules)) = pending.consent {
         tx.replace_consent_rules(&consent, &rules);
     }
+    Ok(())
+}
+
+/// Labels, in the enrolling transaction, every resource about newly enrolled patients that was
+/// stored without the Part 2 label (before the enrolment, or earlier in this transaction), and
+/// every version of it: "every resource about a client who is or was enrolled" holds from the
+/// enrolment on, whichever version a way out serves. The labels are the write path's own (the
+/// rules, then normalisation), so the resource reads as if written after the enrolment; version
+/// numbers stay, as with FHIR's `$meta-add`. Only versions lacking the label are read.
+async fn label_earlier(tx: &mut Tx, rules: &LabelRules, patients: &[String]) -> Result<(), ApiError> {
+    for version in tx.unlabelled_about(patients, labels::PART2_LABEL).await? {
+        let mut resource = crate::json::parse(version.body.as_bytes()).map_err(|e| ApiError::Internal(format!("a stored version does not parse: {e}")))?;
+        rules.label(&mut resource);
+        let mut labelled = labels::normalise(&mut resource, &[]);
+        for label in &version.labels {
+            if !labelled.contains(label) {
+                labelled.push(label.clone());
+            }
+        }
+        tx.relabel(&version, &resource.to_string_compact(), &labelled);
+    }
+    Ok(())
 }
 
 /// A Consent about disclosing information (`scope` patient-privacy): the kind that decides disclosure.

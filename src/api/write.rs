@@ -199,7 +199,7 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     if resource_type == "Task" && stored.owner != principal.organization {
         crate::exchange::step_down::task_changed(tx, state, &resource).await?;
     }
-    super::part2::after_write(tx, part2, &stored);
+    super::part2::after_write(tx, state, part2, &stored).await?;
     Ok((stored, version == 1))
 }
 

@@ -110,6 +110,11 @@ pub fn patients(resource_type: &str, resource: &Json) -> Vec<String> {
 /// `$everything` and Patient-level export go by [`is_patient_type`] and so still leave them out.
 const ABOUT: &[(&str, &[&str])] = &[("Task", &["for"])];
 
+/// The resource types whose resources can be about a patient: those of the Patient compartment and of [`ABOUT`].
+pub fn about_types() -> impl Iterator<Item = &'static str> {
+    PATIENT.iter().chain(ABOUT).map(|(t, _)| *t)
+}
+
 /// The patients a resource is about: those whose compartment it is in, and for a type of [`ABOUT`]
 /// the patient it names there. What the `_compartment` index holds and consent lookups read.
 pub fn about(resource_type: &str, resource: &Json) -> Vec<String> {

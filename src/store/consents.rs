@@ -1,7 +1,8 @@
-//! The patients' consent rules (`consent_rules`, replaced whenever a Consent is written) and the clients enrolled in a substance-use program (`part2_patients`).
+//! The patients' consent rules (`consent_rules`, replaced whenever a Consent is written), the clients enrolled in a substance-use program (`part2_patients`), and what was stored about them before their enrolment, found and relabelled in the enrolling transaction.
 //!
-//! Both are written with the version that changes them, queued in its transaction (no extra round
-//! trip); reading them is one indexed query.
+//! Rules and enrolments are written with the version that changes them, queued in its transaction
+//! (no extra round trip); reading them is one indexed query. An enrolment costs one more indexed
+//! query in its transaction, for the earlier records it must label.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -9,6 +10,7 @@ use sqlx::any::AnyRow;
 use super::query::{Bind, Sql};
 use super::{Store, StoreError, Tx};
 use crate::auth::consent::{Effect, Rule};
+use crate::search::compartment;
 
 const COLUMNS: &str = "g.consent, g.patient, g.recorded, g.active, g.effect, g.depth, g.recipient, g.purpose, g.label, g.start_at, g.end_at";
 
@@ -76,6 +78,104 @@ impl Tx {
                 sql.push(", ");
                 sql.text(since);
                 sql.push(") ON CONFLICT (patient) DO NOTHING");
+            });
+        }
+    }
+}
+
+/// A stored version, about a patient just enrolled in a substance-use program, of a resource whose
+/// current version does not carry the Part 2 label ([`Tx::unlabelled_about`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unlabelled {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    /// The resource's current version number (this one's `resources` row and index follow it when it is the same).
+    pub current: i64,
+    pub body: String,
+    pub labels: Vec<String>,
+}
+
+impl Tx {
+    /// Every version lacking `label` of the resources about these patients (their `_compartment`
+    /// index rows) whose current version lacks it: one indexed query, inside the transaction, so it
+    /// sees what this transaction wrote before it.
+    pub async fn unlabelled_about(&mut self, patients: &[String], label: &str) -> Result<Vec<Unlabelled>, StoreError> {
+        if patients.is_empty() {
+            return Ok(Vec::new());
+        }
+        // `labels` holds `system|code` words separated by spaces; a whole word is matched.
+        let word = format!("% {} %", label.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let mut sql = Sql::default();
+        sql.push("SELECT v.type, v.id, v.version, r.version, v.body, v.labels FROM search_tokens c");
+        sql.push(" JOIN resources r ON r.type = c.type AND r.id = c.id JOIN resource_versions v ON v.type = r.type AND v.id = r.id");
+        // The index is keyed by type first: the types that can be about a patient make it one lookup per type and patient.
+        sql.push(" WHERE c.type IN (");
+        sql.push_joined(compartment::about_types(), ", ", |sql, t| sql.text(t));
+        sql.push(") AND c.param = ");
+        sql.text(compartment::PARAM);
+        sql.push(" AND c.value IN (");
+        sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+        sql.push(")");
+        for labels in ["r.labels", "v.labels"] {
+            sql.push(&format!(" AND (' ' || {labels} || ' ') NOT LIKE "));
+            sql.text(&word);
+            sql.push(" ESCAPE '\\'");
+        }
+        let rows = sql.into_query().fetch_all(self.conn().await?).await?;
+        let mut out: Vec<Unlabelled> = Vec::new();
+        for row in &rows {
+            let labels: String = row.try_get(5)?;
+            let version = Unlabelled {
+                resource_type: row.try_get(0)?,
+                id: row.try_get(1)?,
+                version: row.try_get(2)?,
+                current: row.try_get(3)?,
+                body: row.try_get(4)?,
+                labels: labels.split(' ').filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            };
+            // A resource about two of the patients comes once per patient.
+            if !out.iter().any(|o| (&o.resource_type, &o.id, o.version) == (&version.resource_type, &version.id, version.version)) {
+                out.push(version);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rewrites a stored version's body and labels in place, queued: the same version number (a
+    /// change of labels alone, like FHIR's `$meta-add`); for the current version also the
+    /// `resources` row (while it is still that version) and the `_security` index rows of the labels it gains.
+    pub fn relabel(&mut self, version: &Unlabelled, body: &str, labels: &[String]) {
+        let joined = labels.join(" ");
+        let tables: &[&str] = if version.version == version.current { &["resource_versions", "resources"] } else { &["resource_versions"] };
+        for table in tables {
+            self.queued.statement(|sql| {
+                sql.push(&format!("UPDATE {table} SET body = "));
+                sql.text(body);
+                sql.push(", labels = ");
+                sql.text(&joined);
+                sql.push(" WHERE type = ");
+                sql.text(&version.resource_type);
+                sql.push(" AND id = ");
+                sql.text(&version.id);
+                sql.push(" AND version = ");
+                sql.bind(Bind::Int(version.version));
+            });
+        }
+        if version.version != version.current {
+            return;
+        }
+        for label in labels.iter().filter(|l| !version.labels.contains(l)) {
+            // Only while the resource is still at that version: its index then describes it.
+            self.queued.statement(|sql| {
+                sql.push("INSERT INTO search_tokens (type, id, param, system, value) SELECT type, id, '_security', '', ");
+                sql.text(label);
+                sql.push(" FROM resources WHERE type = ");
+                sql.text(&version.resource_type);
+                sql.push(" AND id = ");
+                sql.text(&version.id);
+                sql.push(" AND version = ");
+                sql.bind(Bind::Int(version.version));
             });
         }
     }

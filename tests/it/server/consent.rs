@@ -734,6 +734,113 @@ async fn records_are_labelled_when_stored_and_enrolment_labels_the_clients_later
     gw.stop().await;
 }
 
+/// Enrolment labels what was stored before it: a record about the client that a unit, party to it,
+/// read before the enrolment is withheld from the unit on every way out once the clinic enrols the
+/// client (every version of it, in totals too), keeps its version numbers with the labels in its
+/// body, and goes again only under a consent, with the refrain and accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_labels_what_was_stored_about_the_client_before_it() {
+    enrolment_labels_earlier_records(gateway_on(FAST, None, None).await).await;
+}
+
+/// The same on PostgreSQL, where searches, history and export pages decide in its SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_labels_what_was_stored_before_it_on_postgres() {
+    let Some(url) = crate::need::postgres("server::consent::enrolment_labels_what_was_stored_before_it_on_postgres") else { return };
+    let schema = super::postgres::schema_name("relabel");
+    enrolment_labels_earlier_records(gateway_on(FAST, Some((&url, &schema)), None).await).await;
+    super::postgres::drop_schema(&schema).await;
+}
+
+async fn enrolment_labels_earlier_records(gw: Gateway) {
+    let (clinic, unit, ops) = (gw.token("clinic").await, gw.token("unit-a").await, gw.token("ops").await);
+    let codes = |body: &Value| -> Vec<String> { body["meta"]["security"].as_array().map(|a| a.iter().filter_map(|c| c["code"].as_str().map(str::to_string)).collect()).unwrap_or_default() };
+    let mut managed = super::support::patient("MRN-RELABEL");
+    managed["managingOrganization"] = json!({"reference": "Organization/unit-a"});
+    let patient = format!("Patient/{}", created_id_of(gw.post(&clinic, "Patient", &managed).await));
+    // A referral to the unit for depression (F32.2): nothing about it is Part 2 while the client is not enrolled. Two versions.
+    let mut referral = sud_referral(&patient, "Organization/unit-a");
+    referral["reasonCode"][0]["coding"][0]["code"] = json!("F32.2");
+    let id = created_id_of(gw.post(&clinic, "ServiceRequest", &referral).await);
+    let record = format!("ServiceRequest/{id}");
+    referral["id"] = json!(id);
+    referral["note"] = json!([{"text": "Evening group preferred."}]);
+    let (status, second) = gw.put(&clinic, &record, &referral).await;
+    assert_eq!((status, codes(&second)), (200, Vec::<String>::new()), "{second}");
+    // A Task of the unit's based on it, about no patient: it stays readable and `_include`s the record.
+    let task = created_id_of(gw.post(&clinic, "Task", &json!({"resourceType": "Task", "status": "requested", "intent": "order", "basedOn": [{"reference": record}], "owner": {"reference": "Organization/unit-a"}})).await);
+    let everywhere = |yes: bool| -> BTreeMap<&str, bool> { ["read", "search", "vread", "history", "type history", "include", "$everything", "$export"].into_iter().map(|w| (w, yes)).collect() };
+    assert_eq!(reached(&gw, &unit, &record, &patient, &task).await, everywhere(true), "party to it, the unit reads the record before the enrolment");
+
+    // The clinic enrols the client in a substance-use program.
+    let episode = json!({
+        "resourceType": "EpisodeOfCare", "status": "active",
+        "type": [{"coding": [{"system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "H0015"}]}],
+        "patient": {"reference": patient}, "managingOrganization": {"reference": PROGRAM}
+    });
+    assert_eq!(gw.post(&clinic, "EpisodeOfCare", &episode).await.0, 201);
+    assert_eq!(reached(&gw, &unit, &record, &patient, &task).await, everywhere(false), "without consent, nothing of the record leaves any more");
+    let (_, none) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    assert_eq!(none["total"], 0, "{none}");
+
+    // Stored labelled, every version, with its version number: as if written after the enrolment.
+    let part2 = ["42CFRPart2", "R", "SUD"].map(String::from).to_vec();
+    let (status, current) = gw.get(&clinic, &record).await;
+    assert_eq!((status, codes(&current), &current["meta"]["versionId"]), (200, part2.clone(), &json!("2")), "{current}");
+    assert_eq!(current["note"], referral["note"], "only the labels changed: {current}");
+    let (status, first) = gw.get(&clinic, &format!("{record}/_history/1")).await;
+    assert_eq!((status, codes(&first), &first["meta"]["versionId"]), (200, part2.clone(), &json!("1")), "{first}");
+    let (_, history) = gw.get(&clinic, &format!("{record}/_history")).await;
+    assert_eq!(history["total"], 2, "relabelling makes no version: {history}");
+    let (_, client) = gw.get(&clinic, &patient).await;
+    assert_eq!(codes(&client), part2, "the client's Patient too: {client}");
+
+    // Under the client's consent to the unit, for treatment, the record goes again, with the refrain, accounted for.
+    assert_eq!(gw.post(&clinic, "Consent", &consent(&patient, "Organization/unit-a", "TREAT", State::Active)).await.0, 201);
+    assert_eq!(reached(&gw, &unit, &record, &patient, &task).await, everywhere(true), "a consent lets the record go again");
+    let (status, read) = gw.get(&unit, &record).await;
+    assert!(status == 200 && codes(&read).contains(&"NORDSCLCD".to_string()), "the refrain: {read}");
+    let (_, events) = gw.get(&ops, &format!("AuditEvent?patient={patient}&subtype=disclose")).await;
+    let whats: Vec<&str> = events["entry"].as_array().unwrap().iter().flat_map(|e| e["resource"]["entity"].as_array().unwrap().iter().filter_map(|e| e["what"]["reference"].as_str())).collect();
+    assert!(whats.contains(&record.as_str()), "the disclosures of the record are accounted for: {events}");
+    gw.stop().await;
+}
+
+/// Whether `record`, about `patient`, reaches the caller by each way out: read, search (its total
+/// counting only what is served), vread and history of its two versions, type history, `_include`
+/// from `task`, `$everything` and a Bulk export.
+async fn reached(gw: &Gateway, token: &str, record: &str, patient: &str, task: &str) -> BTreeMap<&'static str, bool> {
+    let id = record.trim_start_matches("ServiceRequest/");
+    let has = |bundle: &Value| bundle["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["resourceType"] == "ServiceRequest" && e["resource"]["id"] == id));
+    let mut ways = BTreeMap::new();
+    let (status, read) = gw.get(token, record).await;
+    assert!(status == 200 || status == 404, "{status}: {read}");
+    ways.insert("read", status == 200);
+    let (status, found) = gw.get(token, &format!("ServiceRequest?patient={patient}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], json!(u64::from(has(&found))), "the total counts only what is served: {found}");
+    ways.insert("search", has(&found));
+    let (status, first) = gw.get(token, &format!("{record}/_history/1")).await;
+    assert!(status == 200 || status == 404, "{status}: {first}");
+    ways.insert("vread", status == 200 && first["meta"]["versionId"] == "1");
+    let (status, history) = gw.get(token, &format!("{record}/_history")).await;
+    ways.insert("history", status == 200 && history["entry"].as_array().is_some_and(|e| e.len() == 2));
+    let (status, all) = gw.get(token, "ServiceRequest/_history").await;
+    assert_eq!(status, 200, "{all}");
+    let versions = all["entry"].as_array().map_or(0, |e| e.iter().filter(|e| e["resource"]["id"] == id).count());
+    assert_eq!(all["total"], json!(versions), "the type history's total counts only what is served: {all}");
+    ways.insert("type history", versions == 2);
+    let (status, included) = gw.get(token, &format!("Task?_id={task}&_include=Task:based-on")).await;
+    assert_eq!((status, &included["total"]), (200, &json!(1)), "the Task is about no one: {included}");
+    ways.insert("include", has(&included));
+    let (status, everything) = gw.get(token, &format!("{patient}/$everything")).await;
+    assert!(status == 200 || status == 404, "{status}: {everything}");
+    ways.insert("$everything", status == 200 && has(&everything));
+    let mut notices = Vec::new();
+    ways.insert("$export", export_ids(gw, token, &mut notices).await.contains(record));
+    ways
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_consents_are_refused_saying_what_and_where() {
     let gw = gateway("").await;
