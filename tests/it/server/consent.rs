@@ -59,6 +59,8 @@ fn recipients() -> Vec<(&'static str, String, &'static str, Named)> {
         ("clinic", PROGRAM.to_string(), "TREAT", Named::Owner),
         ("unit-a", "Organization/unit-a".to_string(), "TREAT", Named::Itself),
         ("unit-b", "Organization/unit-b".to_string(), "TREAT", Named::AnotherUnit),
+        // A referring unit whose hospital hears by feedback messages (`referral_updates = "message"`).
+        ("unit-c", "Organization/unit-c".to_string(), "TREAT", Named::Itself),
         ("stepdown", stepdown_organization(), "TREAT", Named::Itself),
         ("payer-x", "Organization/payer-x".to_string(), "HPAYMT", Named::Itself),
     ]
@@ -84,9 +86,12 @@ enum Way {
     /// The referral feedback to the unit that referred a client enrolled in a substance-use program:
     /// at its discharge, the feedback document and the unit's Task naming it, `PUT` at the unit.
     Feedback,
+    /// The same feedback to a unit that hears by messages: one feedback message (its Task and the
+    /// document) to the unit's `$process-message`.
+    FeedbackMessage,
 }
 
-const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown, Way::Feedback];
+const WAYS: &[Way] = &[Way::Read, Way::Search, Way::Include, Way::Everything, Way::Export, Way::Notification, Way::Pas, Way::StepDown, Way::Feedback, Way::FeedbackMessage];
 
 /// Which ways out reach a recipient: a payer touches no ServiceRequest and is the only one sent PAS requests.
 fn reaches(client: &str, way: Way) -> bool {
@@ -94,6 +99,7 @@ fn reaches(client: &str, way: Way) -> bool {
         Way::Pas => client == "payer-x",
         Way::StepDown => client == "stepdown",
         Way::Feedback => client == "unit-a",
+        Way::FeedbackMessage => client == "unit-c",
         Way::Notification => true,
         _ => client != "payer-x",
     }
@@ -227,6 +233,12 @@ async fn gateway_on(extra: &str, postgres: Option<(&str, &str)>, callbacks: Opti
         jwks.display().to_string()
     ));
     keys.push(("stepdown".into(), stepdown));
+    // A second referring unit, heard back by feedback messages where the matrix configures its hospital.
+    let unit = iop_gateway::auth::keys::KeyPair::generate_es384("unit-c-1").unwrap();
+    let jwks = dir.0.join("unit-c.jwks.json");
+    std::fs::write(&jwks, unit.jwks_json()).unwrap();
+    text.push_str(&format!("[[clients]]\nid = \"unit-c\"\nrole = \"inpatient-unit\"\norganization = \"Organization/unit-c\"\njwks_file = {:?}\n", jwks.display().to_string()));
+    keys.push(("unit-c".into(), unit));
     if let Some(prefix) = callbacks {
         text = text.replace("\njwks_file = ", &format!("\ncallbacks = [\"{prefix}\"]\njwks_file = "));
     }
@@ -259,7 +271,7 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         let id = |t: &str, identity: String| format!("{t}/{}", ids(t, &identity));
         (id("Patient", format!("client:C-S{n}")), id("Task", format!("referral:REF-S{n}:task")), id("ServiceRequest", format!("referral:REF-S{n}")))
     });
-    let fed_back = (client == "unit-a").then(|| (format!("Patient/{}", ids("Patient", &format!("client:C-F{n}"))), format!("RB-RX-9{n:04}"), format!("tsk-F{n}")));
+    let fed_back = (client == "unit-a" || client == "unit-c").then(|| (format!("Patient/{}", ids("Patient", &format!("client:C-F{n}"))), format!("RB-RX-9{n:04}"), format!("tsk-F{n}")));
     let consented: Vec<&str> = std::iter::once(patient.as_str()).chain(stepped_down.as_ref().map(|(p, ..)| p.as_str())).chain(fed_back.as_ref().map(|(p, ..)| p.as_str())).collect();
     for patient in consented.into_iter().filter(|_| state != State::None) {
         let body = consent(patient, named_org, consent_purpose, state);
@@ -292,7 +304,7 @@ async fn store_row(gw: &Gateway, clinic: &str, n: usize, recipient: &(&'static s
         // The unit refers the client; the clinic enrols it in a substance-use program (so everything about
         // it is Part 2), then its episode, tied to the referral by its enrollment, ends with a completed discharge.
         let message: Value = serde_json::from_str(&referrals::fixture("referral-message.json").to_string().replace("40117", &referral[6..]).replace("tsk-8812", task).replace("50210", &format!("6{n:04}"))).unwrap();
-        let (status, answer) = gw.post(&gw.token("unit-a").await, "$process-message", &message).await;
+        let (status, answer) = gw.post(&gw.token(client).await, "$process-message", &message).await;
         assert_eq!(status, 200, "{answer}");
         let rename = |v: Value| -> Value { serde_json::from_str(&v.to_string().replace("-1004", &format!("-F{n}")).replace("MRN-000454", &format!("MRN-F{n}"))).unwrap() };
         let mut episode: Vec<Value> = rename(records("discharge/completed-with-summary.json")).as_array().cloned().unwrap();
@@ -342,6 +354,8 @@ struct Sent {
     referred: HashSet<String>,
     /// What the referring unit received: `PUT` path → body.
     fed_back: BTreeMap<String, Value>,
+    /// The feedback messages the unit that hears by messages received.
+    messages: Vec<Value>,
 }
 
 /// Whether the row's record left the gateway by `way` (its driver).
@@ -404,6 +418,32 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
             assert!(carries_notice(document) && document["entry"].as_array().unwrap().iter().all(|e| refrain(&e["resource"])), "the document discloses Part 2 data: {document}");
             true
         }
+        Way::FeedbackMessage => {
+            let Some((_, referral, task)) = &row.fed_back else { return false };
+            // A message is the unit's by the Task its header is about (at the unit's base).
+            let focus = format!("/hillcrest/Task/{task}");
+            let about: Vec<&Value> = sent.messages.iter().filter(|m| m["entry"][0]["resource"]["focus"].as_array().is_some_and(|f| f.iter().any(|f| f["reference"].as_str().is_some_and(|r| r.ends_with(&focus))))).collect();
+            if about.is_empty() {
+                // Withheld: even its header alone would tell the unit the client is in the program, so the message is held.
+                let held = dead_letters(gw, referral, 1).await;
+                assert!(held[0]["last_error"].as_str().unwrap_or_default().starts_with("consent required"), "{held:?}");
+                let (status, body) = gw.get(token, &format!("Task/{task}")).await;
+                assert_eq!(status, 404, "the unit reads its referral's Task without consent: {body}");
+                return false;
+            }
+            assert_eq!(about.len(), 1, "one feedback message for the discharge: {about:?}");
+            let message = about[0];
+            assert!(carries_notice(message), "the message discloses Part 2 data, with the notice: {}", message["meta"]);
+            let refrain = |r: &Value| r["meta"]["security"].as_array().is_some_and(|a| a.iter().any(|c| c["code"] == "NORDSCLCD"));
+            let entries: Vec<&Value> = message["entry"].as_array().unwrap().iter().map(|e| &e["resource"]).collect();
+            let sent_task = entries.iter().find(|r| r["resourceType"] == "Task").unwrap_or_else(|| panic!("the Task goes with its feedback: {message}"));
+            assert_eq!((sent_task["status"].as_str(), sent_task["businessStatus"]["coding"][0]["code"].as_str()), (Some("completed"), Some("7.0")), "{sent_task}");
+            assert!(refrain(sent_task), "the Task discloses Part 2 data: {sent_task}");
+            let document = entries.iter().find(|r| r["resourceType"] == "Bundle").unwrap_or_else(|| panic!("the document goes with the Task naming it: {message}"));
+            // A Bundle's labels hold for what it holds (DS4P's high-water mark): the document inside the message carries the refrain itself.
+            assert!(refrain(document), "the document discloses Part 2 data: {}", document["meta"]);
+            true
+        }
         Way::Pas => {
             let outcome = if row.expect { "certified" } else { "error" };
             let decided = decision(gw, token, &row.authorization, outcome).await;
@@ -432,12 +472,22 @@ async fn dead_letters(gw: &Gateway, referral: &str, n: usize) -> Vec<Value> {
     held
 }
 
-/// What the referring unit received: each `PUT`'s path and body.
+/// What the referring unit that hears by Task updates received: each `PUT`'s path and body.
 async fn fed_back(unit: &MockServer) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    for request in unit.received_requests().await.unwrap() {
+    for request in unit.received_requests().await.unwrap().into_iter().filter(|r| r.url.path().starts_with("/riverbend/")) {
         assert_eq!(request.method.as_str(), "PUT", "{}", request.url);
         out.insert(request.url.path().to_string(), serde_json::from_slice(&request.body).unwrap_or_default());
+    }
+    out
+}
+
+/// The feedback messages the referring unit that hears by messages received.
+async fn feedback_messages(unit: &MockServer) -> Vec<Value> {
+    let mut out = Vec::new();
+    for request in unit.received_requests().await.unwrap().into_iter().filter(|r| r.url.path().starts_with("/hillcrest/")) {
+        assert_eq!((request.method.as_str(), request.url.path()), ("POST", "/hillcrest/$process-message"));
+        out.push(serde_json::from_slice(&request.body).unwrap_or_default());
     }
     out
 }
@@ -539,7 +589,7 @@ struct Partners {
     hooks: MockServer,
     payer: MockServer,
     provider: MockServer,
-    /// The referring unit's FHIR server (unit-a's hospital), which takes every `PUT`.
+    /// The referring units' FHIR server (unit-a's hospital, `/riverbend`, and unit-c's, `/hillcrest`), which takes every `PUT` and message.
     unit: MockServer,
 }
 
@@ -550,7 +600,7 @@ impl Partners {
         let payer = MockServer::start().await;
         Mock::given(method("POST")).and(path("/Claim/$submit")).respond_with(Payer { decision: "certified" }).mount(&payer).await;
         let unit = MockServer::start().await;
-        Mock::given(method("PUT"))
+        Mock::given(wiremock::matchers::any())
             .respond_with(|request: &wiremock::Request| ResponseTemplate::new(200).insert_header("content-type", "application/fhir+json").set_body_raw(request.body.clone(), "application/fhir+json"))
             .mount(&unit)
             .await;
@@ -563,7 +613,8 @@ impl Partners {
             "[[partners]]\nname = \"riverbend\"\nkind = \"inpatient-unit\"\nfhir_base = \"{}/riverbend\"\nauth = \"none\"\nclients = [\"unit-a\"]\nreferral_updates = \"task\"\nfirst_retry_ms = 50\nmax_backoff_secs = 1\ntimeout_secs = 2\n",
             self.unit.uri()
         );
-        format!("{FAST}{}{}{unit}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
+        let messages = unit.replace("riverbend", "hillcrest").replace("unit-a", "unit-c").replace("\"task\"", "\"message\"");
+        format!("{FAST}{}{}{unit}{messages}{topics}", payer_config(&self.payer.uri(), "clients = [\"payer-x\"]"), stepdown_partner(&self.provider.uri()))
     }
 }
 
@@ -639,15 +690,16 @@ async fn consent_matrix(gw: Gateway, partners: &Partners) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let expected = 2 * rows.iter().filter(|r| r.expect && r.fed_back.is_some()).count();
+    let expected = |client: &str| rows.iter().filter(|r| r.expect && r.client == client).count();
+    let (puts, messages) = (2 * expected("unit-a"), expected("unit-c"));
     for _ in 0..300 {
-        if fed_back(&partners.unit).await.len() >= expected {
+        if fed_back(&partners.unit).await.len() >= puts && feedback_messages(&partners.unit).await.len() >= messages {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await, fed_back: fed_back(&partners.unit).await };
+    let sent = Sent { exported, notified: notified(&partners.hooks).await, referred: referred(&partners.provider).await, fed_back: fed_back(&partners.unit).await, messages: feedback_messages(&partners.unit).await };
     let (mut checked, mut disclosed) = (0, 0);
     let mut by_row = vec![0; rows.len()];
     for (i, row) in rows.iter().enumerate() {
