@@ -426,7 +426,8 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
             if about.is_empty() {
                 // Withheld: even its header alone would tell the unit the client is in the program, so the message is held.
                 let held = dead_letters(gw, referral, 1).await;
-                assert!(held[0]["last_error"].as_str().unwrap_or_default().starts_with("consent required"), "{held:?}");
+                let reason = held[0]["last_error"].as_str().unwrap_or_default();
+                assert!(reason.starts_with("consent required") && reason.contains("may not go to Organization/unit-c"), "held for what it would disclose: {held:?}");
                 let (status, body) = gw.get(token, &format!("Task/{task}")).await;
                 assert_eq!(status, 404, "the unit reads its referral's Task without consent: {body}");
                 return false;
