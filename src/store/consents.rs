@@ -276,3 +276,83 @@ impl Store {
         enrolled_among(&mut *self.reader.acquire().await?, patients).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sqlx::Row;
+
+    use crate::auth::labels::PART2_LABEL;
+    use crate::search::{IndexEntry, compartment};
+    use crate::store::{Store, Stored};
+
+    fn version(id: &str, version: i64, labels: &[&str]) -> Stored {
+        Stored {
+            resource_type: "Observation".into(),
+            id: id.into(),
+            version,
+            last_updated: format!("2026-01-0{version}T00:00:00.000Z"),
+            body: format!(r#"{{"resourceType":"Observation","id":"{id}","meta":{{"versionId":"{version}"}}}}"#),
+            parties: vec!["Organization/iop-program".into()],
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            created_by: "clinic".into(),
+            owner: "Organization/iop-program".into(),
+            method: "PUT".into(),
+        }
+    }
+
+    fn about(patient: &str) -> Vec<IndexEntry> {
+        vec![IndexEntry::Token { param: compartment::PARAM, system: String::new(), value: patient.into() }]
+    }
+
+    /// What an enrolment finds to label: every version lacking the label of the resources about the
+    /// patient whose current version lacks it, once each; relabelled in place (same version, the
+    /// current row and its `_security` index too), after which nothing is left to find.
+    #[tokio::test]
+    async fn an_enrolment_finds_every_unlabelled_version_about_its_patient_and_relabels_it_in_place() {
+        let dir = std::env::temp_dir().join(format!("iop-gw-store-relabel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::StoreConfig { data_dir: dir.clone(), ..Default::default() };
+        let store = Store::open(&config, Arc::new(crate::telemetry::Metrics::default())).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        for (id, labels, patients) in [("two-versions", &[][..], &["Patient/p1", "Patient/p9"][..]), ("labelled", &[PART2_LABEL][..], &["Patient/p1"][..]), ("other-patient", &[][..], &["Patient/p2"][..])] {
+            let index: Vec<IndexEntry> = patients.iter().flat_map(|p| about(p)).collect();
+            tx.write(&version(id, 1, labels), &index, false).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        tx.write(&version("two-versions", 2, &[]), &[about("Patient/p1"), about("Patient/p9")].concat(), false).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = store.begin().await.unwrap();
+        let found = tx.unlabelled_about(&["Patient/p1".into(), "Patient/p9".into()], PART2_LABEL).await.unwrap();
+        let mut seen: Vec<(&str, i64, i64)> = found.iter().map(|v| (v.id.as_str(), v.version, v.current)).collect();
+        seen.sort();
+        assert_eq!(seen, [("two-versions", 1, 2), ("two-versions", 2, 2)], "once each, though about two of the patients");
+        for v in &found {
+            tx.relabel(v, &v.body.replace(r#""meta":{"#, r#""meta":{"security":[{"code":"42CFRPart2"}],"#), &[PART2_LABEL.to_string()]);
+        }
+        tx.commit().await.unwrap();
+
+        let current = store.read("Observation", "two-versions").await.unwrap().unwrap();
+        assert_eq!((current.version, current.labels.as_slice()), (2, [PART2_LABEL.to_string()].as_slice()));
+        assert!(current.body.contains("42CFRPart2") && current.body.contains(r#""versionId":"2""#), "{}", current.body);
+        let first = store.vread("Observation", "two-versions", 1).await.unwrap().unwrap();
+        assert_eq!(first.labels, [PART2_LABEL]);
+        assert!(first.body.contains("42CFRPart2"), "{}", first.body);
+        let tokens: i64 = sqlx::query("SELECT COUNT(*) FROM search_tokens WHERE type = 'Observation' AND id = 'two-versions' AND param = '_security' AND value = $1")
+            .bind(PART2_LABEL)
+            .fetch_one(&store.reader)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(tokens, 1, "the current version's index gains the label once");
+        let mut tx = store.begin().await.unwrap();
+        assert!(tx.unlabelled_about(&["Patient/p1".into()], PART2_LABEL).await.unwrap().is_empty(), "nothing left to label");
+        drop(tx);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
