@@ -1,4 +1,4 @@
-//! 42 CFR Part 2 through the real listener: one table-driven consent matrix (recipients × purposes × consent states × ways out, REST and outbound → allowed or withheld, with the § 2.32 notice, each allowed disclosure audited once), records posted through intake in their client's compartment, labels applied when stored, bad consents refused, and a PAS request held for consent then sent after a new consent and a replay.
+//! 42 CFR Part 2 through the real listener: one table-driven consent matrix (recipients × purposes × consent states × ways out, REST and outbound → allowed or withheld, with the § 2.32 notice, each allowed disclosure audited once), records posted through intake in their client's compartment, labels applied when stored, an enrolment labelling what was stored about its client before it, bad consents refused, and a PAS request held for consent then sent after a new consent and a replay.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
