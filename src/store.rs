@@ -226,10 +226,9 @@ impl Store {
         migrator.run(&writer).await?;
         let group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
         let store = Store { backend, writer, group, reader, metrics, enrolled: Arc::default() };
-        // A SQLite store has one gateway, so the enrolments read now are all there will be but its
-        // own; a PostgreSQL one may be shared, so they are only a head start.
+        // A head start: a write about a patient not known here to be enrolled is still checked in
+        // its own statement, since an enrolment may be committing meanwhile (or on another instance).
         store.enrolled.remember(&store.all_part2_patients().await?);
-        store.enrolled.set_complete(backend == Backend::Sqlite);
         Ok(store)
     }
 

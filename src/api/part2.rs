@@ -1,10 +1,10 @@
 //! 42 CFR Part 2 around the one write path and the one disclosure check: labels applied and Consents read into rules when a version is stored, consent rules looked up for a disclosure, the refrain added to what is disclosed.
 //!
 //! The write hook costs no store round trip: the label rules run in memory, "is or was enrolled"
-//! is the store's knowledge (it never becomes false; on SQLite complete), and a write about a
-//! patient not known to be enrolled goes with a check the store runs in the write's own statement
-//! (on PostgreSQL, which other instances share), failing it for a retry, labelled, if one is.
-//! What it records (consent rules, enrolments) is queued with the version.
+//! is the store's knowledge (it never becomes false), and a write about a patient not known to be
+//! enrolled goes with a check the store runs in the write's own statement, failing it for a retry,
+//! labelled, if one is. What it records (consent rules, enrolments) is queued with the version; an
+//! enrolment also labels, in its transaction, what was stored about its patients before it.
 
 use std::collections::HashSet;
 
@@ -48,7 +48,9 @@ pub async fn before_write(tx: &mut Tx, state: &AppState, resource_type: &str, re
         let patients = crate::search::compartment::about(resource_type, resource);
         if state.store.known_enrolled(&patients) {
             part2 = true;
-        } else if !state.store.enrolments_complete() {
+        } else {
+            // Checked in the write's statement even when this instance wrote every enrolment: one
+            // may be committing now, after its relabelling pass could see this write.
             tx.unless_enrolled(&patients);
         }
     }

@@ -122,6 +122,18 @@ impl Tx {
             sql.text(&word);
             sql.push(" ESCAPE '\\'");
         }
+        if self.backend == super::Backend::Postgres {
+            // Writes check enrolment in their own statement, which takes a ROW EXCLUSIVE lock on
+            // `part2_unlabelled`: this waits for every such write still open (here or on another
+            // instance) to commit, so the query below sees it, and holds later ones until this
+            // enrolment commits, so their check sees it. Two enrolments that each already hold a
+            // write's lock deadlock here; the one PostgreSQL picks is retried like a lost check.
+            let locked = sqlx::query("LOCK TABLE part2_unlabelled IN SHARE ROW EXCLUSIVE MODE").execute(self.conn().await?).await;
+            match locked {
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40P01") => return Err(StoreError::Enrolled),
+                other => other?,
+            };
+        }
         let rows = sql.into_query().fetch_all(self.conn().await?).await?;
         let mut out: Vec<Unlabelled> = Vec::new();
         for row in &rows {
@@ -199,8 +211,6 @@ pub(super) async fn enrolled_among(conn: &mut sqlx::AnyConnection, patients: &[S
 #[derive(Default)]
 pub(super) struct Enrolled {
     patients: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Whether `patients` is every enrolment there is (SQLite: this gateway is the store's only writer).
-    complete: std::sync::atomic::AtomicBool,
 }
 
 impl Enrolled {
@@ -208,10 +218,6 @@ impl Enrolled {
         if let Ok(mut set) = self.patients.lock() {
             set.extend(patients.iter().cloned());
         }
-    }
-
-    pub(super) fn set_complete(&self, complete: bool) {
-        self.complete.store(complete, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -255,11 +261,6 @@ impl Store {
     /// Whether the store knows any of these patients to be (or to have been) enrolled in a substance-use program.
     pub fn known_enrolled(&self, patients: &[String]) -> bool {
         self.enrolled.patients.lock().is_ok_and(|set| patients.iter().any(|p| set.contains(p)))
-    }
-
-    /// Whether every enrolment is known without asking the database ([`Store::known_enrolled`] is then the answer).
-    pub fn enrolments_complete(&self) -> bool {
-        self.enrolled.complete.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Every patient who is (or was) enrolled in a substance-use program.

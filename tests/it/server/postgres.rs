@@ -1,4 +1,4 @@
-//! Two gateway instances over one PostgreSQL (the one on this machine, a fresh schema per test): concurrent writers lose no update (stale ETags get 412), conditional creates never duplicate, tokens and assertion ids are shared, and one outbox is drained by both delivery workers with every message delivered once.
+//! Two gateway instances over one PostgreSQL (the one on this machine, a fresh schema per test): concurrent writers lose no update (stale ETags get 412), conditional creates never duplicate, tokens and assertion ids are shared, one outbox is drained by both delivery workers with every message delivered once, and a write racing an enrolment ends up labelled.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -316,5 +316,80 @@ async fn an_enrolment_through_one_instance_labels_what_the_other_stores() {
     assert!(labels(&stored).contains(&"42CFRPart2".to_string()), "{stored}");
     a.stop().await;
     b.stop().await;
+    drop_schema(&schema).await;
+}
+
+/// A write and an enrolment racing on a shared PostgreSQL (two stores, as two instances): the
+/// enrolment's relabelling waits for a checked write still open and then finds its rows, and a
+/// write checked while an enrolment holds that lock fails its check once the enrolment commits (to
+/// be retried, labelled). Either way the record ends up labelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_racing_an_enrolment_is_either_relabelled_by_it_or_sees_it() {
+    use iop_gateway::auth::labels::PART2_LABEL;
+    use iop_gateway::search::{IndexEntry, compartment};
+    use iop_gateway::store::{Store, StoreError, Stored};
+
+    if crate::need::postgres("server::postgres::a_write_racing_an_enrolment_is_either_relabelled_by_it_or_sees_it").is_none() {
+        return;
+    }
+    let schema = schema_name("race");
+    let config = iop_gateway::config::StoreConfig { url: Some(crate::need::postgres_url()), schema: Some(schema.clone()), ..Default::default() };
+    let open = || async { Store::open(&config, Arc::new(iop_gateway::telemetry::Metrics::default())).await.unwrap() };
+    let (a, b) = (open().await, open().await);
+    let observation = |id: &str| Stored {
+        resource_type: "Observation".into(),
+        id: id.into(),
+        version: 1,
+        last_updated: "2026-01-01T00:00:00.000Z".into(),
+        body: format!(r#"{{"resourceType":"Observation","id":"{id}"}}"#),
+        parties: vec!["Organization/iop-program".into()],
+        labels: vec![],
+        created_by: "clinic".into(),
+        owner: "Organization/iop-program".into(),
+        method: "POST".into(),
+    };
+    let about = |patient: &str| vec![IndexEntry::Token { param: compartment::PARAM, system: String::new(), value: patient.into() }];
+
+    // The write's check ran (a read sends what it queued) but it has not committed when the enrolment starts.
+    let mut write = b.begin().await.unwrap();
+    write.unless_enrolled(&["Patient/p1".into()]);
+    write.write(&observation("w1"), &about("Patient/p1"), true).await.unwrap();
+    write.current("Observation", "w1").await.unwrap();
+    let enrolling = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let mut tx = a.begin().await.unwrap();
+            tx.mark_part2_patients(&["Patient/p1".into()], "2026-01-02T00:00:00.000Z");
+            let found = tx.unlabelled_about(&["Patient/p1".into()], PART2_LABEL).await.unwrap();
+            tx.commit().await.unwrap();
+            found.into_iter().map(|v| v.id).collect::<Vec<_>>()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!enrolling.is_finished(), "the enrolment's relabelling waits for the checked write in flight");
+    write.commit().await.unwrap();
+    assert_eq!(enrolling.await.unwrap(), ["w1"], "and then finds it");
+
+    // The enrolment holds the lock first: a write checked meanwhile sees the enrolment once it commits.
+    let mut enrolment = a.begin().await.unwrap();
+    enrolment.mark_part2_patients(&["Patient/p2".into()], "2026-01-02T00:00:00.000Z");
+    assert!(enrolment.unlabelled_about(&["Patient/p2".into()], PART2_LABEL).await.unwrap().is_empty());
+    let writing = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let mut tx = b.begin().await.unwrap();
+            tx.unless_enrolled(&["Patient/p2".into()]);
+            tx.write(&observation("w2"), &about("Patient/p2"), true).await?;
+            tx.commit().await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!writing.is_finished(), "the checked write waits for the enrolment holding the lock");
+    enrolment.commit().await.unwrap();
+    assert!(matches!(writing.await.unwrap(), Err(StoreError::Enrolled)), "the write's check saw the enrolment: retried, labelled");
+    assert!(b.read("Observation", "w2").await.unwrap().is_none(), "nothing of it was stored unlabelled");
+
+    a.close().await;
+    b.close().await;
     drop_schema(&schema).await;
 }
