@@ -182,7 +182,7 @@ impl RecipientConsents {
 /// Adds the no-re-disclosure refrain to a disclosed resource's stored text.
 pub fn with_refrain(stored: &mut Stored) {
     if let Ok(mut resource) = crate::json::parse(stored.body.as_bytes()) {
-        labelling::add_refrain(&mut resource);
+        labelling::add_refrain_whole(&mut resource);
         stored.body = resource.to_string_compact();
     }
 }

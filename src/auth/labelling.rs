@@ -230,6 +230,20 @@ pub fn add_refrain(resource: &mut Json) {
     object.insert("meta", Json::Object(meta));
 }
 
+/// Adds the refrain to a resource disclosed whole and, when it is a Bundle (a document), to every
+/// resource it holds: each is read on its own once received. (A message whose entries are decided
+/// one by one marks only itself with [`add_refrain`].)
+pub fn add_refrain_whole(resource: &mut Json) {
+    add_refrain(resource);
+    if let Some(Json::Array(entries)) = resource.as_object_mut().and_then(|o| o.get_mut("entry")) {
+        for entry in entries.iter_mut() {
+            if let Some(inner) = entry.as_object_mut().and_then(|e| e.get_mut("resource")) {
+                add_refrain_whole(inner);
+            }
+        }
+    }
+}
+
 /// Calls `each(system, code)` for every Coding-shaped object in the tree.
 fn walk_codings(value: &Json, each: &mut impl FnMut(&str, &str)) {
     match value {

@@ -143,7 +143,7 @@ pub async fn check(state: &AppState, (recipient, configured): Recipient, kind: &
         let reference = format!("{resource_type}/{}", resource.get("id").and_then(Json::as_str).unwrap_or_default());
         match consent::decide(&consent::Request { recipient: &recipient, purpose, labels: &labels, at }, &rules) {
             Decision::Permitted { consent, patient } => {
-                labelling::add_refrain(&mut labelled);
+                labelling::add_refrain_whole(&mut labelled);
                 set_resource(&mut document, target, labelled);
                 changed = true;
                 disclosures.push(Disclosed { patient, consent, recipient: recipient.clone(), purpose, resource: reference });

@@ -441,8 +441,10 @@ async fn way_out(gw: &Gateway, token: &str, row: &Row, way: Way, sent: &Sent) ->
             assert_eq!((sent_task["status"].as_str(), sent_task["businessStatus"]["coding"][0]["code"].as_str()), (Some("completed"), Some("7.0")), "{sent_task}");
             assert!(refrain(sent_task), "the Task discloses Part 2 data: {sent_task}");
             let document = entries.iter().find(|r| r["resourceType"] == "Bundle").unwrap_or_else(|| panic!("the document goes with the Task naming it: {message}"));
-            // A Bundle's labels hold for what it holds (DS4P's high-water mark): the document inside the message carries the refrain itself.
+            // The document inside the message carries the refrain, and so does each of its entries (each is read on its own once received).
             assert!(refrain(document), "the document discloses Part 2 data: {}", document["meta"]);
+            let held: Vec<&Value> = document["entry"].as_array().unwrap().iter().map(|e| &e["resource"]).collect();
+            assert!(!held.is_empty() && held.iter().all(|r| refrain(r)), "every entry of the document carries the refrain: {document}");
             true
         }
         Way::Pas => {
