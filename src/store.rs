@@ -225,7 +225,7 @@ impl Store {
         };
         migrator.run(&writer).await?;
         let sqlite_group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
-        let postgres_group = (backend == Backend::Postgres).then(|| postgres::Group::new(writer.clone()));
+        let postgres_group = (backend == Backend::Postgres).then(|| postgres::Group::new(writer.clone(), metrics.clone()));
         let store = Store { backend, writer, sqlite_group, postgres_group, reader, metrics, enrolled: Arc::default() };
         // A SQLite store has one gateway, so the enrolments read now are all there will be but its
         // own; a PostgreSQL one may be shared, so they are only a head start.

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 
 use super::query::{SCRIPT_BINDS, Script};
 use super::{Backend, StoreError};
+use crate::telemetry::Metrics;
 
 pub(super) fn migrator() -> Migrator {
     Migrator::with_migrations(migrations())
@@ -83,6 +84,7 @@ pub(super) async fn connect(url: &str, schema: Option<&str>, max: u32, acquire_t
 pub(super) struct Group {
     pool: AnyPool,
     state: Arc<Mutex<Waiting>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -102,8 +104,8 @@ const GROUP_BYTES: usize = 16_000;
 const WRITERS: usize = 2;
 
 impl Group {
-    pub(super) fn new(pool: AnyPool) -> Group {
-        Group { pool, state: Arc::default() }
+    pub(super) fn new(pool: AnyPool, metrics: Arc<Metrics>) -> Group {
+        Group { pool, state: Arc::default(), metrics }
     }
 
     /// Commits `script`, which must be one statement ([`Script::is_one_statement`]), with
@@ -147,7 +149,9 @@ impl Group {
                 }
                 members
             };
+            let started = Instant::now();
             self.send(members).await;
+            self.metrics.observe_store("write_group", started.elapsed());
         }
     }
 
@@ -190,5 +194,76 @@ impl Group {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::store::{AuditRow, Store, StoreError};
+
+    fn audit(id: &str) -> AuditRow {
+        let text = |s: &str| s.to_string();
+        AuditRow { id: text(id), recorded: text("2026-01-01T00:00:00.000Z"), client: text("c"), action: text("C"), subtype: text("create"), outcome: text("0"), entity: text(""), body: text("{}") }
+    }
+
+    /// Committed at once, members share statements; one whose write the database refuses (a
+    /// duplicate key, a patient found enrolled) fails alone, with its own error, and every member
+    /// that was acknowledged is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_group_keeps_every_acknowledged_member_and_only_those() {
+        let Some(url) = crate::need::postgres("store::postgres::tests::a_write_group_keeps_every_acknowledged_member_and_only_those") else { return };
+        let schema = format!("unit_group_{}", std::process::id());
+        let config = crate::config::StoreConfig { url: Some(url), schema: Some(schema.clone()), ..Default::default() };
+        let metrics = Arc::new(crate::telemetry::Metrics::default());
+        let store = Store::open(&config, metrics.clone()).await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        tx.append_audit(&audit("taken")).await.unwrap();
+        tx.mark_part2_patients(&["Patient/enrolled".into()], "2026-01-01");
+        tx.commit().await.unwrap();
+        // A second instance on the same database, with groups of its own.
+        let other = Store::open(&config, Arc::new(crate::telemetry::Metrics::default())).await.unwrap();
+        let members = 40;
+        let barrier = Arc::new(tokio::sync::Barrier::new(members));
+        let mut tasks = Vec::new();
+        for i in 0..members {
+            let (store, barrier) = (if i % 2 == 0 { store.clone() } else { other.clone() }, barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tx = store.begin().await.unwrap();
+                tx.append_audit(&audit(&format!("a-{i}"))).await.unwrap();
+                match i % 5 {
+                    0 => tx.append_audit(&audit("taken")).await.unwrap(),
+                    1 => tx.unless_enrolled(&["Patient/enrolled".into()]),
+                    _ => tx.unless_enrolled(&[format!("Patient/p-{i}")]),
+                }
+                barrier.wait().await;
+                tx.commit().await
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let found = store.read_audit(&format!("a-{i}")).await.unwrap().is_some();
+            match i % 5 {
+                0 => assert!(matches!(outcome, Err(StoreError::Duplicate)), "member {i}: {outcome:?}"),
+                1 => assert!(matches!(outcome, Err(StoreError::Enrolled)), "member {i}: {outcome:?}"),
+                _ => assert!(outcome.is_ok(), "member {i}: {outcome:?}"),
+            }
+            assert_eq!(found, i % 5 >= 2, "member {i}");
+        }
+        // Fewer statements than members: they were sent in groups.
+        let rendered = metrics.render();
+        let groups: usize = rendered
+            .lines()
+            .find(|l| l.starts_with("iop_store_operation_duration_seconds_count{operation=\"write_group\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(groups > 0 && groups < members / 2, "{groups} statements for {} members of this store and its first write", members / 2);
+        other.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(&store.writer).await.unwrap();
+        store.close().await;
     }
 }
