@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Executor};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Executor};
 
 use tokio::sync::oneshot;
 
@@ -128,8 +129,9 @@ impl Group {
         outcome.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the write group ended without an outcome".into())))
     }
 
-    /// Sends groups until no member waits.
+    /// Sends groups until no member waits, on one connection while it serves.
     async fn write(self) {
+        let mut conn: Option<PoolConnection<Any>> = None;
         loop {
             let members = {
                 let mut waiting = self.state.lock().expect("never poisoned: no panics under the lock");
@@ -150,48 +152,64 @@ impl Group {
                 members
             };
             let started = Instant::now();
-            self.send(members).await;
+            let held = match conn.take() {
+                Some(held) => Ok(held),
+                None => self.pool.acquire().await,
+            };
+            match held {
+                Ok(mut held) => {
+                    if self.send(&mut held, members).await {
+                        conn = Some(held);
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    for (_, sender) in members {
+                        let _ = sender.send(Err(StoreError::Unavailable(e.clone())));
+                    }
+                }
+            }
             self.metrics.observe_store("write_group", started.elapsed());
         }
     }
 
-    async fn send(&self, mut members: Vec<(Script, oneshot::Sender<Result<(), StoreError>>)>) {
-        let mut conn = match self.pool.acquire().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                let e = e.to_string();
-                for (_, sender) in members {
-                    let _ = sender.send(Err(StoreError::Unavailable(e.clone())));
-                }
-                return;
-            }
-        };
+    /// Sends one group; `false` when the connection may be broken.
+    async fn send(&self, conn: &mut AnyConnection, mut members: Vec<(Script, oneshot::Sender<Result<(), StoreError>>)>) -> bool {
+        let sound = |result: &Result<(), StoreError>| !matches!(result, Err(StoreError::Database(e)) if !matches!(e, sqlx::Error::Database(_)));
         if members.len() == 1 {
             let (script, sender) = members.pop().expect("one");
-            let _ = sender.send(script.execute(&mut conn).await);
-            return;
+            let result = script.execute(conn).await;
+            let kept = sound(&result);
+            let _ = sender.send(result);
+            return kept;
         }
         let mut merged = Script::new(Backend::Postgres);
         for (script, _) in &members {
             merged.absorb(script.clone());
         }
-        match merged.execute(&mut conn).await {
+        match merged.execute(conn).await {
             Ok(()) => {
                 for (_, sender) in members {
                     let _ = sender.send(Ok(()));
                 }
+                true
             }
             // The database refused the statement: nothing of it was written; each member alone.
             Err(StoreError::Duplicate | StoreError::Enrolled | StoreError::Database(sqlx::Error::Database(_))) => {
+                let mut kept = true;
                 for (script, sender) in members {
-                    let _ = sender.send(script.execute(&mut conn).await);
+                    let result = script.execute(conn).await;
+                    kept &= sound(&result);
+                    let _ = sender.send(result);
                 }
+                kept
             }
             Err(e) => {
                 let e = e.to_string();
                 for (_, sender) in members {
                     let _ = sender.send(Err(StoreError::Unavailable(format!("the write may not have been committed: {e}"))));
                 }
+                false
             }
         }
     }
