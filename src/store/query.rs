@@ -1,5 +1,7 @@
 //! SQL built at run time: search over the index tables, index and audit inserts, and audit search. Every request value becomes a bound parameter.
 
+use std::fmt::Write as _;
+
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Row};
@@ -32,18 +34,22 @@ impl Sql {
     pub(super) fn bind(&mut self, value: Bind) {
         self.binds.push(value);
         self.marks.push(self.text.len());
-        self.text.push_str(&format!("${}", self.binds.len()));
+        let _ = write!(self.text, "${}", self.binds.len());
     }
 
     /// Appends `other`, its placeholders numbered after this one's.
     fn append(&mut self, other: Sql) {
+        if self.binds.is_empty() && self.text.is_empty() {
+            *self = other;
+            return;
+        }
         let (offset, mut at) = (self.binds.len(), 0);
         for mark in other.marks {
             self.text.push_str(&other.text[at..mark]);
             let digits = other.text[mark + 1..].bytes().take_while(u8::is_ascii_digit).count();
             let n: usize = other.text[mark + 1..mark + 1 + digits].parse().expect("a placeholder this type wrote");
             self.marks.push(self.text.len());
-            self.text.push_str(&format!("${}", n + offset));
+            let _ = write!(self.text, "${}", n + offset);
             at = mark + 1 + digits;
         }
         self.text.push_str(&other.text[at..]);
