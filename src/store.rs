@@ -444,8 +444,8 @@ impl Store {
 ///
 /// Writes whose outcome nothing waits for (new versions, their index, audit rows) are queued and
 /// sent together with the next statement that must run, or at the commit; a transaction that
-/// only queued is sent to PostgreSQL as one statement without `BEGIN`/`COMMIT` (atomic by
-/// itself), so a create costs one round trip instead of seven.
+/// only queued goes to PostgreSQL without `BEGIN`/`COMMIT` as part of one statement (atomic by
+/// itself) that its write group sends for every transaction then waiting.
 pub struct Tx {
     /// The open transaction, once a statement had to run before the commit.
     inner: Option<sqlx::Transaction<'static, Any>>,

@@ -1,4 +1,4 @@
-//! The PostgreSQL backend, selected by a `postgres://` URL: one pool shared by any number of gateway instances' worth of connections, optionally in its own schema.
+//! The PostgreSQL backend, selected by a `postgres://` URL: one pool shared by any number of gateway instances' worth of connections, optionally in its own schema, and its write group (group commit).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
