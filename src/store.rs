@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sqlx::any::AnyRow;
-use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Row};
 
 use crate::config::StoreConfig;
@@ -172,7 +171,9 @@ pub struct Store {
     backend: Backend,
     writer: AnyPool,
     /// SQLite's group commit on the writer connection.
-    group: Option<sqlite::Group>,
+    sqlite_group: Option<sqlite::Group>,
+    /// PostgreSQL's group commit of transactions that only queued.
+    postgres_group: Option<postgres::Group>,
     reader: AnyPool,
     metrics: Arc<Metrics>,
     enrolled: Arc<consents::Enrolled>,
@@ -224,8 +225,9 @@ impl Store {
             Backend::Postgres => postgres::migrator(),
         };
         migrator.run(&writer).await?;
-        let group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
-        let store = Store { backend, writer, group, reader, metrics, enrolled: Arc::default() };
+        let sqlite_group = (backend == Backend::Sqlite).then(|| sqlite::Group::new(writer.clone()));
+        let postgres_group = (backend == Backend::Postgres).then(|| postgres::Group::new(writer.clone(), metrics.clone()));
+        let store = Store { backend, writer, sqlite_group, postgres_group, reader, metrics, enrolled: Arc::default() };
         // A head start: a write about a patient not known here to be enrolled is still checked in
         // its own statement, since an enrolment may be committing meanwhile (or on another instance).
         store.enrolled.remember(&store.all_part2_patients().await?);
@@ -257,16 +259,13 @@ impl Store {
     }
 
     /// Starts a write transaction. Either way nothing is sent before the first statement that must
-    /// run before the commit: a PostgreSQL connection is taken now and its `BEGIN` waits; SQLite's
-    /// write group is joined only then (or at the commit), so the one writer is not held while the
-    /// caller builds what it writes (versions, index, audit), only while the store runs it.
+    /// run before the commit: only then is a PostgreSQL connection taken and `BEGIN` sent, or
+    /// SQLite's write group joined (or at the commit), so the one writer is not held while the
+    /// caller builds what it writes (versions, index, audit), only while the store runs it. A
+    /// PostgreSQL transaction that never had to run a statement is committed by its write group.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let started = Instant::now();
-        let idle = match &self.group {
-            Some(_) => None,
-            None => Some(self.writer.acquire().await?),
-        };
-        Ok(Tx { inner: None, idle, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started, guarded: Vec::new() })
+        Ok(Tx { inner: None, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started, guarded: Vec::new(), queued_checks: 0 })
     }
 
     /// The current version of a resource.
@@ -445,13 +444,11 @@ impl Store {
 ///
 /// Writes whose outcome nothing waits for (new versions, their index, audit rows) are queued and
 /// sent together with the next statement that must run, or at the commit; a transaction that
-/// only queued is sent to PostgreSQL as one statement without `BEGIN`/`COMMIT` (atomic by
-/// itself), so a create costs one round trip instead of seven.
+/// only queued goes to PostgreSQL without `BEGIN`/`COMMIT` as part of one statement (atomic by
+/// itself) that its write group sends for every transaction then waiting.
 pub struct Tx {
     /// The open transaction, once a statement had to run before the commit.
     inner: Option<sqlx::Transaction<'static, Any>>,
-    /// The writer connection until then.
-    idle: Option<PoolConnection<Any>>,
     /// SQLite: the transaction's savepoint in the write group instead, once joined.
     member: Option<sqlite::Member>,
     queued: query::Script,
@@ -460,6 +457,8 @@ pub struct Tx {
     started: Instant,
     /// Patients whose enrolment a queued write was checked against ([`Tx::unless_enrolled`]).
     guarded: Vec<String>,
+    /// How many of `guarded` (the last ones) are checked by a statement still queued.
+    queued_checks: usize,
 }
 
 impl Tx {
@@ -477,20 +476,22 @@ impl Tx {
 
     /// Joins SQLite's write group or sends PostgreSQL's `BEGIN`, then the queued writes.
     async fn flush(&mut self) -> Result<(), StoreError> {
-        if let Some(group) = &self.store.group {
+        if let Some(group) = &self.store.sqlite_group {
             if self.member.is_none() {
                 self.member = Some(group.join().await?);
             }
             let queued = std::mem::replace(&mut self.queued, query::Script::new(self.backend));
+            self.queued_checks = 0;
             self.member.as_mut().expect("joined above").run(queued).await?;
             return Ok(());
         }
         if self.inner.is_none() {
-            let idle = self.idle.take().ok_or_else(|| StoreError::Unavailable("the transaction failed to begin".into()))?;
-            self.inner = Some(sqlx::Transaction::begin(idle, None).await?);
+            let conn = self.store.writer.acquire().await?;
+            self.inner = Some(sqlx::Transaction::begin(conn, None).await?);
         }
         let inner = self.inner.as_mut().expect("begun above");
         if !self.queued.is_empty() {
+            self.queued_checks = 0;
             std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(inner).await?;
         }
         Ok(())
@@ -507,11 +508,7 @@ impl Tx {
         if let Some(inner) = self.inner.take() {
             let _ = inner.rollback().await;
         }
-        let found = match self.idle.as_mut() {
-            Some(conn) => consents::enrolled_among(conn, &self.guarded).await,
-            None => self.store.part2_patients(&self.guarded).await,
-        };
-        match found {
+        match self.store.part2_patients(&self.guarded).await {
             Ok(found) => {
                 self.store.enrolled.remember(&found);
                 e
@@ -525,15 +522,19 @@ impl Tx {
     /// statement) fails with [`StoreError::Enrolled`], so a write labelled as not about an enrolled
     /// patient is stored only if that held when it was written.
     pub fn unless_enrolled(&mut self, patients: &[String]) {
+        // A check still queued covers later writes about the same patients: it runs with them.
+        let queued = &self.guarded[self.guarded.len() - self.queued_checks..];
+        let patients: Vec<String> = patients.iter().filter(|p| !queued.contains(p)).cloned().collect();
         if patients.is_empty() {
             return;
         }
         self.queued.statement(|sql| {
             sql.push("INSERT INTO part2_unlabelled (patient) SELECT patient FROM part2_patients WHERE patient IN (");
-            sql.push_joined(patients, ", ", |sql, p| sql.text(p));
+            sql.push_joined(&patients, ", ", |sql, p| sql.text(p));
             sql.push(")");
         });
-        self.guarded.extend(patients.iter().cloned());
+        self.queued_checks += patients.len();
+        self.guarded.extend(patients);
     }
 
     /// Serializes conditional operations on one resource type across instances, until commit.
@@ -610,7 +611,7 @@ impl Tx {
     }
 
     pub async fn commit(mut self) -> Result<(), StoreError> {
-        let result = if let Some(group) = self.store.group.clone() {
+        let result = if let Some(group) = self.store.sqlite_group.clone() {
             let queued = std::mem::replace(&mut self.queued, query::Script::new(self.backend));
             match self.member.take() {
                 Some(member) => member.commit(queued).await,
@@ -622,8 +623,9 @@ impl Tx {
             }
         } else {
             let one_statement = self.queued.is_one_statement();
-            match self.idle.as_mut() {
-                Some(idle) if one_statement => std::mem::replace(&mut self.queued, query::Script::new(self.backend)).execute(idle).await,
+            match (&self.inner, &self.store.postgres_group) {
+                (None, _) if self.queued.is_empty() => Ok(()),
+                (None, Some(group)) if one_statement => group.commit(std::mem::replace(&mut self.queued, query::Script::new(self.backend))).await,
                 _ => match self.conn().await {
                     Ok(_) => Ok(self.inner.take().expect("begun by conn").commit().await?),
                     Err(e) => Err(e),

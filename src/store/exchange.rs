@@ -497,7 +497,7 @@ mod tests {
                 .execute(pool).await.unwrap();
         }
         sqlx::migrate::Migrator::with_migrations(migrations).run(pool).await.unwrap();
-        let store = Store { backend, writer: pool.clone(), group: None, reader: pool.clone(), metrics: Arc::new(crate::telemetry::Metrics::default()), enrolled: Arc::default() };
+        let store = Store { backend, writer: pool.clone(), sqlite_group: None, postgres_group: None, reader: pool.clone(), metrics: Arc::new(crate::telemetry::Metrics::default()), enrolled: Arc::default() };
         let certified = store.client_records("C-1", "decision", Some("certified"), 10).await.unwrap();
         assert_eq!(certified.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["A-1"]);
         assert_eq!(store.client_records("C-2", "decision", None, 10).await.unwrap().len(), 1);

@@ -1,5 +1,7 @@
 //! SQL built at run time: search over the index tables, index and audit inserts, and audit search. Every request value becomes a bound parameter.
 
+use std::fmt::Write as _;
+
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Row};
@@ -15,10 +17,12 @@ pub enum Bind {
 }
 
 /// Accumulates SQL text and its bound values, numbering placeholders.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Sql {
     text: String,
     binds: Vec<Bind>,
+    /// Where each placeholder starts in `text`, so that a [`Script`] can renumber statements it joins.
+    marks: Vec<usize>,
 }
 
 impl Sql {
@@ -29,7 +33,27 @@ impl Sql {
     /// Appends a placeholder bound to `value`.
     pub(super) fn bind(&mut self, value: Bind) {
         self.binds.push(value);
-        self.text.push_str(&format!("${}", self.binds.len()));
+        self.marks.push(self.text.len());
+        let _ = write!(self.text, "${}", self.binds.len());
+    }
+
+    /// Appends `other`, its placeholders numbered after this one's.
+    fn append(&mut self, other: Sql) {
+        if self.binds.is_empty() && self.text.is_empty() {
+            *self = other;
+            return;
+        }
+        let (offset, mut at) = (self.binds.len(), 0);
+        for mark in other.marks {
+            self.text.push_str(&other.text[at..mark]);
+            let digits = other.text[mark + 1..].bytes().take_while(u8::is_ascii_digit).count();
+            let n: usize = other.text[mark + 1..mark + 1 + digits].parse().expect("a placeholder this type wrote");
+            self.marks.push(self.text.len());
+            let _ = write!(self.text, "${}", n + offset);
+            at = mark + 1 + digits;
+        }
+        self.text.push_str(&other.text[at..]);
+        self.binds.extend(other.binds);
     }
 
     pub(super) fn text(&mut self, value: &str) {
@@ -432,59 +456,64 @@ pub(super) async fn history(
 ///
 /// Rows are gathered per table and sent as one multi-row `INSERT` each, after the statements
 /// queued before them: a three-entry transaction is then five inserts, not thirteen (each
-/// statement costs SQLite a program to run and PostgreSQL a plan and an executor).
+/// statement costs SQLite a program to run and PostgreSQL a plan and an executor). Scripts of
+/// several transactions can be merged into one ([`Script::absorb`], PostgreSQL's group commit).
+#[derive(Clone)]
 pub(super) struct Script {
     backend: Backend,
-    sealed: Vec<Sql>,
-    binds: Vec<Bind>,
-    statements: Vec<String>,
+    /// Statements in order, each numbered from `$1`; numbered in turn when joined.
+    statements: Vec<Sql>,
     /// Per `INSERT … VALUES ` text: its number of columns and the values of its rows in turn.
     rows: Vec<(&'static str, usize, Vec<Bind>)>,
-    row_binds: usize,
 }
 
 /// Bound values per statement sent, well below PostgreSQL's 65,535 and SQLite's 32,766.
-const SCRIPT_BINDS: usize = 16_000;
+pub(super) const SCRIPT_BINDS: usize = 16_000;
 
 /// Rows per multi-row `INSERT`.
 const ROWS_PER_INSERT: usize = 100;
 
 impl Script {
     pub(super) fn new(backend: Backend) -> Script {
-        Script { backend, sealed: Vec::new(), binds: Vec::new(), statements: Vec::new(), rows: Vec::new(), row_binds: 0 }
+        Script { backend, statements: Vec::new(), rows: Vec::new() }
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.sealed.is_empty() && self.statements.is_empty() && self.rows.is_empty()
+        self.statements.is_empty() && self.rows.is_empty()
+    }
+
+    /// The number of values it binds.
+    pub(super) fn binds(&self) -> usize {
+        self.statements.iter().map(|s| s.binds.len()).sum::<usize>() + self.row_binds()
+    }
+
+    /// About how many bytes its values take in the protocol's `Bind` message.
+    pub(super) fn bytes(&self) -> usize {
+        let size = |b: &Bind| match b {
+            Bind::Text(s) => s.len() + 6,
+            Bind::Int(_) => 14,
+        };
+        self.statements.iter().flat_map(|s| &s.binds).map(size).sum::<usize>() + self.rows.iter().flat_map(|(_, _, values)| values).map(size).sum::<usize>()
+    }
+
+    fn row_binds(&self) -> usize {
+        self.rows.iter().map(|(_, _, values)| values.len()).sum()
     }
 
     /// Whether it goes to the database as one statement (on PostgreSQL then atomic by itself).
-    pub(super) fn is_one_statement(&mut self) -> bool {
-        self.flush_rows();
-        self.sealed.is_empty()
+    /// Its rows stay gathered, so that a merged script still inserts each table's rows at once.
+    pub(super) fn is_one_statement(&self) -> bool {
+        self.binds() <= SCRIPT_BINDS
     }
 
-    fn over(&self) -> bool {
-        self.binds.len() + self.row_binds > SCRIPT_BINDS
-    }
-
-    /// Adds a statement; its placeholders continue the script's numbering.
+    /// Adds a statement; it goes after the rows gathered so far only if they would not fit one statement with it.
     pub(super) fn statement(&mut self, build: impl FnOnce(&mut Sql)) {
-        if self.over() {
+        let mut sql = Sql::default();
+        build(&mut sql);
+        if self.row_binds() + sql.binds.len() > SCRIPT_BINDS {
             self.flush_rows();
         }
-        self.push_statement(build);
-    }
-
-    fn push_statement(&mut self, build: impl FnOnce(&mut Sql)) {
-        if self.binds.len() > SCRIPT_BINDS {
-            let sealed = self.joined();
-            self.sealed.push(sealed);
-        }
-        let mut sql = Sql { text: String::new(), binds: std::mem::take(&mut self.binds) };
-        build(&mut sql);
-        self.statements.push(sql.text);
-        self.binds = sql.binds;
+        self.statements.push(sql);
     }
 
     /// Adds a row to the multi-row `insert` (`INSERT INTO t (columns) VALUES `); every row of one
@@ -501,9 +530,19 @@ impl Script {
         let had = table.len();
         table.extend(values);
         *columns = table.len() - had;
-        self.row_binds += *columns;
-        if self.over() {
+        if self.row_binds() > SCRIPT_BINDS {
             self.flush_rows();
+        }
+    }
+
+    /// Adds another script's statements after this one's, and its rows to this one's.
+    pub(super) fn absorb(&mut self, other: Script) {
+        self.statements.extend(other.statements);
+        for (insert, columns, values) in other.rows {
+            match self.rows.iter_mut().find(|(i, _, _)| *i == insert) {
+                Some((_, _, table)) => table.extend(values),
+                None => self.rows.push((insert, columns, values)),
+            }
         }
     }
 
@@ -516,58 +555,77 @@ impl Script {
                 if chunk.is_empty() {
                     break;
                 }
-                self.push_statement(|sql| {
-                    sql.push(insert);
-                    for (i, value) in chunk.into_iter().enumerate() {
-                        sql.push(match (i % columns.max(1), i) {
-                            (0, 0) => "(",
-                            (0, _) => "), (",
-                            _ => ", ",
-                        });
-                        sql.bind(value);
-                    }
-                    sql.push(")");
-                });
+                let mut sql = Sql::default();
+                sql.push(insert);
+                for (i, value) in chunk.into_iter().enumerate() {
+                    sql.push(match (i % columns.max(1), i) {
+                        (0, 0) => "(",
+                        (0, _) => "), (",
+                        _ => ", ",
+                    });
+                    sql.bind(value);
+                }
+                sql.push(")");
+                self.statements.push(sql);
             }
         }
-        self.row_binds = 0;
     }
 
     /// Puts a statement without bound values before all others (SQLite: `BEGIN`, `SAVEPOINT`).
     pub(super) fn before(&mut self, statement: &str) {
-        match self.sealed.first_mut() {
-            Some(first) => first.text = format!("{statement};\n{}", first.text),
-            None => self.statements.insert(0, statement.to_string()),
-        }
+        let mut sql = Sql::default();
+        sql.push(statement);
+        self.statements.insert(0, sql);
     }
 
     /// Puts a statement without bound values after all others, rows included (SQLite: `RELEASE`).
     pub(super) fn after(&mut self, statement: &str) {
         self.flush_rows();
-        self.statements.push(statement.to_string());
+        let mut sql = Sql::default();
+        sql.push(statement);
+        self.statements.push(sql);
     }
 
-    /// The statements so far as one, emptying them.
-    fn joined(&mut self) -> Sql {
-        let statements = std::mem::take(&mut self.statements);
-        let binds = std::mem::take(&mut self.binds);
-        let text = match statements.split_last() {
-            Some((last, first)) if self.backend == Backend::Postgres && !first.is_empty() => {
-                let parts: Vec<String> = first.iter().enumerate().map(|(i, s)| format!("s{i} AS ({s})")).collect();
-                format!("WITH {} {last}", parts.join(", "))
-            }
-            _ => statements.join(";\n"),
-        };
-        Sql { text, binds }
-    }
-
-    pub(super) async fn execute(mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+    /// The statements as few as the bind limit allows, each joined into one, in order.
+    fn sealed(mut self) -> Vec<Sql> {
         self.flush_rows();
-        if !self.statements.is_empty() {
-            let last = self.joined();
-            self.sealed.push(last);
+        let mut sealed = Vec::new();
+        let mut part: Vec<Sql> = Vec::new();
+        let mut binds = 0;
+        for statement in std::mem::take(&mut self.statements) {
+            if !part.is_empty() && binds + statement.binds.len() > SCRIPT_BINDS {
+                sealed.push(self.joined(std::mem::take(&mut part)));
+                binds = 0;
+            }
+            binds += statement.binds.len();
+            part.push(statement);
         }
-        for sql in self.sealed {
+        if !part.is_empty() {
+            sealed.push(self.joined(part));
+        }
+        sealed
+    }
+
+    /// Statements as one: PostgreSQL's `WITH` parts before the last, SQLite's script.
+    fn joined(&self, statements: Vec<Sql>) -> Sql {
+        let mut joined = Sql::default();
+        let last = statements.len().saturating_sub(1);
+        let with = self.backend == Backend::Postgres && last > 0;
+        for (i, statement) in statements.into_iter().enumerate() {
+            match (with, i) {
+                (true, 0) => joined.push("WITH s0 AS ("),
+                (true, i) if i < last => joined.push(&format!("), s{i} AS (")),
+                (true, _) => joined.push(") "),
+                (false, 0) => {}
+                (false, _) => joined.push(";\n"),
+            }
+            joined.append(statement);
+        }
+        joined
+    }
+
+    pub(super) async fn execute(self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        for sql in self.sealed() {
             sql.into_query().execute(&mut *conn).await?;
         }
         Ok(())
@@ -656,7 +714,7 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
         for m in &filter.dates {
             // `recorded` is a point; reuse the range conditions with low = high = recorded.
             sql.push(" AND ");
-            let mut inner = Sql { text: String::new(), binds: std::mem::take(&mut sql.binds) };
+            let mut inner = Sql { binds: std::mem::take(&mut sql.binds), ..Sql::default() };
             date_condition(&mut inner, m);
             sql.binds = inner.binds;
             sql.push(&inner.text.replace("d.low", "recorded").replace("d.high", "recorded"));
@@ -743,7 +801,9 @@ mod tests {
         write_version(&mut script, &version("new", 1), &index);
         write_version(&mut script, &version("old", 2), &index);
         assert!(script.is_one_statement());
-        let sql = script.joined();
+        let mut sealed = script.sealed();
+        assert_eq!(sealed.len(), 1);
+        let sql = sealed.remove(0);
         let text = sql.text;
         for table in ["resources", "resource_versions", "search_tokens", "search_dates"] {
             assert_eq!(text.matches(&format!("INSERT INTO {table} ")).count(), 1, "{text}");
@@ -762,11 +822,46 @@ mod tests {
         let index: Vec<IndexEntry> = (0..SCRIPT_BINDS / 5 + 10).map(|i| IndexEntry::Token { param: "code", system: String::new(), value: i.to_string() }).collect();
         write_version(&mut script, &version("big", 1), &index);
         assert!(!script.is_one_statement());
-        assert!(script.sealed.iter().all(|sql| sql.binds.len() <= SCRIPT_BINDS + 1000));
+        let sealed = script.sealed();
+        assert!(sealed.len() > 1);
+        assert!(sealed.iter().all(|sql| sql.binds.len() <= SCRIPT_BINDS));
         let mut small = Script::new(Backend::Postgres);
         write_version(&mut small, &version("small", 1), &index[..10]);
         assert!(small.is_one_statement());
-        assert!(small.joined().text.starts_with("WITH s0 AS (INSERT INTO resources "));
+        assert!(small.sealed()[0].text.starts_with("WITH s0 AS (INSERT INTO resources "));
+    }
+
+    /// Scripts merged into one keep every value with its placeholder: statements of both first,
+    /// numbered in turn, then each table's rows of both in one insert.
+    #[test]
+    fn merged_scripts_number_every_placeholder_in_turn() {
+        let script = |name: &str| {
+            let mut script = Script::new(Backend::Postgres);
+            script.statement(|sql| {
+                sql.push("INSERT INTO part2_unlabelled (patient) SELECT patient FROM part2_patients WHERE patient IN (");
+                sql.text(&format!("Patient/{name}"));
+                sql.push(")");
+            });
+            write_version(&mut script, &version(name, 1), &[]);
+            script
+        };
+        let (mut merged, other) = (script("a"), script("b"));
+        // As a transaction's commit asks before handing its script to the write group.
+        assert!(merged.is_one_statement() && other.is_one_statement());
+        merged.absorb(other);
+        assert!(merged.is_one_statement());
+        let sealed = merged.sealed();
+        assert_eq!(sealed.len(), 1);
+        let sql = &sealed[0];
+        assert_eq!(sql.text.matches("INSERT INTO resources ").count(), 1, "{}", sql.text);
+        assert_eq!(sql.text.matches("INSERT INTO part2_unlabelled ").count(), 2, "{}", sql.text);
+        let numbers: Vec<usize> = sql.text.split('$').skip(1).map(|s| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()).collect();
+        assert_eq!(numbers, (1..=sql.binds.len()).collect::<Vec<_>>());
+        let text = |s: &str| Bind::Text(s.to_string());
+        assert_eq!(sql.binds[..2], [text("Patient/a"), text("Patient/b")]);
+        // Then the two `resources` rows, a's before b's.
+        assert_eq!(sql.binds[2..4], [text("Observation"), text("a")]);
+        assert_eq!(sql.binds[11..13], [text("Observation"), text("b")]);
     }
 
     #[test]
