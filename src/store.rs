@@ -640,3 +640,10 @@ impl Tx {
         result
     }
 }
+
+/// An audit row for the write-group tests of both backends: the smallest write a transaction can make.
+#[cfg(test)]
+pub(crate) fn audit_row(id: &str) -> AuditRow {
+    let text = |s: &str| s.to_string();
+    AuditRow { id: text(id), recorded: text("2026-01-01T00:00:00.000Z"), client: text("c"), action: text("C"), subtype: text("create"), outcome: text("0"), entity: text(""), body: text("{}") }
+}

@@ -159,6 +159,15 @@ impl Tx {
     /// `resources` row (while it is still that version) and the `_security` index rows of the labels it gains.
     pub fn relabel(&mut self, version: &Unlabelled, body: &str, labels: &[String]) {
         let joined = labels.join(" ");
+        // The rows of this version, in `resource_versions` or (still at it) `resources`.
+        let this_version = |sql: &mut Sql| {
+            sql.push(" WHERE type = ");
+            sql.text(&version.resource_type);
+            sql.push(" AND id = ");
+            sql.text(&version.id);
+            sql.push(" AND version = ");
+            sql.bind(Bind::Int(version.version));
+        };
         let tables: &[&str] = if version.version == version.current { &["resource_versions", "resources"] } else { &["resource_versions"] };
         for table in tables {
             self.queued.statement(|sql| {
@@ -166,12 +175,7 @@ impl Tx {
                 sql.text(body);
                 sql.push(", labels = ");
                 sql.text(&joined);
-                sql.push(" WHERE type = ");
-                sql.text(&version.resource_type);
-                sql.push(" AND id = ");
-                sql.text(&version.id);
-                sql.push(" AND version = ");
-                sql.bind(Bind::Int(version.version));
+                this_version(sql);
             });
         }
         if version.version != version.current {
@@ -182,12 +186,8 @@ impl Tx {
             self.queued.statement(|sql| {
                 sql.push("INSERT INTO search_tokens (type, id, param, system, value) SELECT type, id, '_security', '', ");
                 sql.text(label);
-                sql.push(" FROM resources WHERE type = ");
-                sql.text(&version.resource_type);
-                sql.push(" AND id = ");
-                sql.text(&version.id);
-                sql.push(" AND version = ");
-                sql.bind(Bind::Int(version.version));
+                sql.push(" FROM resources");
+                this_version(sql);
             });
         }
     }

@@ -219,12 +219,7 @@ impl Group {
 mod tests {
     use std::sync::Arc;
 
-    use crate::store::{AuditRow, Store, StoreError};
-
-    fn audit(id: &str) -> AuditRow {
-        let text = |s: &str| s.to_string();
-        AuditRow { id: text(id), recorded: text("2026-01-01T00:00:00.000Z"), client: text("c"), action: text("C"), subtype: text("create"), outcome: text("0"), entity: text(""), body: text("{}") }
-    }
+    use crate::store::{Store, StoreError, audit_row as audit};
 
     /// Committed at once, members share statements; one whose write the database refuses (a
     /// duplicate key, a patient found enrolled) fails alone, with its own error, and every member

@@ -249,12 +249,7 @@ impl Drop for Member {
 mod tests {
     use std::sync::Arc;
 
-    use crate::store::{AuditRow, Store, StoreError};
-
-    fn audit(id: &str) -> AuditRow {
-        let text = |s: &str| s.to_string();
-        AuditRow { id: text(id), recorded: text("2026-01-01T00:00:00.000Z"), client: text("c"), action: text("C"), subtype: text("create"), outcome: text("0"), entity: text(""), body: text("{}") }
-    }
+    use crate::store::{Store, StoreError, audit_row as audit};
 
     /// Concurrent transactions share commits; one that fails or is dropped takes only its own
     /// writes with it, and every one that was acknowledged is there.
