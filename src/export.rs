@@ -324,7 +324,7 @@ async fn run_job(state: &AppState, owner: &str, job: ExportJob) -> Result<(), Jo
     let plan: Plan = serde_json::from_str(&job.plan).map_err(|e| JobError::Invalid(format!("the job's plan does not read: {e}")))?;
     let mut progress: Progress = serde_json::from_str(&job.progress).map_err(|e| JobError::Invalid(format!("the job's progress does not read: {e}")))?;
     let principal = principal_of(state, &job.client, &job.scope).ok_or_else(|| JobError::Invalid(format!("the client '{}' is no longer registered", job.client)))?;
-    let visibility = principal.visibility(false);
+    let visibility = principal.visibility(state.program(), false);
     let compartment = match (&plan.level, plan.members) {
         (_, true) => Compartment::Members,
         (Some(Level::Patient), false) => Compartment::AnyPatient,

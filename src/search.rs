@@ -244,6 +244,15 @@ pub enum IndexEntry {
     Date { param: &'static str, low: String, high: String },
 }
 
+/// The index parameter naming an Organization party to a resource (who may see it).
+pub const PARTY: &str = "_party";
+
+/// `_party` index rows of a version: one per party but the program, which is party to every
+/// resource, so its clients' searches carry no party condition ([`crate::store::Visibility::party_to_all`]).
+pub fn party_index<'a>(parties: &'a [String], program: &'a str) -> impl Iterator<Item = IndexEntry> + 'a {
+    parties.iter().filter(move |p| *p != program).map(|p| IndexEntry::Token { param: PARTY, system: String::new(), value: p.clone() })
+}
+
 /// What a resource contributes to the index: its type-specific parameters (`_lastUpdated` is
 /// matched on the stored row's own `last_updated`, so it costs no index row per version).
 pub fn extract(resource_type: &str, resource: &Json) -> Vec<IndexEntry> {

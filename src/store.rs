@@ -133,6 +133,9 @@ impl Stored {
 pub struct Visibility {
     /// Only resources this Organization is party to.
     pub party: String,
+    /// `party` is the program, party to every resource: no party condition (and no `_party` rows,
+    /// [`crate::search::party_index`]).
+    pub party_to_all: bool,
     /// Leave out resources carrying this label (`system|code`) unless `party` owns them or a consent
     /// rule of their patient permits `party` for `purpose` at `at` (the conditions of `consent::decide`).
     pub withheld_label: Option<String>,
@@ -265,7 +268,7 @@ impl Store {
     /// PostgreSQL transaction that never had to run a statement is committed by its write group.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
         let started = Instant::now();
-        Ok(Tx { inner: None, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started, guarded: Vec::new(), queued_checks: 0 })
+        Ok(Tx { inner: None, member: None, queued: query::Script::new(self.backend), backend: self.backend, store: self.clone(), started, guarded: Vec::new(), queued_checks: 0, minted: Vec::new() })
     }
 
     /// The current version of a resource.
@@ -459,6 +462,8 @@ pub struct Tx {
     guarded: Vec<String>,
     /// How many of `guarded` (the last ones) are checked by a statement still queued.
     queued_checks: usize,
+    /// Resources whose ids the gateway assigned in this transaction ([`Tx::minted`]).
+    minted: Vec<String>,
 }
 
 impl Tx {
@@ -524,7 +529,7 @@ impl Tx {
     pub fn unless_enrolled(&mut self, patients: &[String]) {
         // A check still queued covers later writes about the same patients: it runs with them.
         let queued = &self.guarded[self.guarded.len() - self.queued_checks..];
-        let patients: Vec<String> = patients.iter().filter(|p| !queued.contains(p)).cloned().collect();
+        let patients: Vec<String> = patients.iter().filter(|p| !queued.contains(p) && !self.minted.contains(p)).cloned().collect();
         if patients.is_empty() {
             return;
         }
@@ -535,6 +540,13 @@ impl Tx {
         });
         self.queued_checks += patients.len();
         self.guarded.extend(patients);
+    }
+
+    /// Names a resource (`Type/id`) whose id the gateway has just assigned for this transaction to
+    /// create: no one could name it before, so no enrolment is about it and writes about it need
+    /// no [`Tx::unless_enrolled`] check (a referral's new Patient and the records about it).
+    pub fn minted(&mut self, reference: String) {
+        self.minted.push(reference);
     }
 
     /// Serializes conditional operations on one resource type across instances, until commit.

@@ -228,7 +228,7 @@ async fn run_transaction(
             let resolved = match (entry.method.as_str(), &entry.id, &entry.criteria) {
                 ("GET", _, _) => None,
                 ("POST", _, _) => match &entry.if_none_exist {
-                    Some(criteria) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
+                    Some(criteria) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
                         Ok(m) if m.is_empty() => Some((write::new_id(), "POST")),
                         Ok(m) if m.len() == 1 => {
                             let found = m.into_iter().next().expect("one match");
@@ -243,7 +243,7 @@ async fn run_transaction(
                     None => Some((write::new_id(), "POST")),
                 },
                 ("PUT", Some(id), _) => Some((id.clone(), "PUT")),
-                ("PUT", None, Some(criteria)) => match write::conditional_matches(&mut tx, principal, &entry.resource_type, criteria).await {
+                ("PUT", None, Some(criteria)) => match write::conditional_matches(&mut tx, state, principal, &entry.resource_type, criteria).await {
                     Ok(m) if m.is_empty() => Some(match entry.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str) {
                         Some(id) => (id.to_string(), "PUT"),
                         None => (write::new_id(), "POST"),

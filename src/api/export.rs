@@ -169,7 +169,7 @@ async fn kick_off_inner(state: &AppState, principal: &Principal, base: &str, lev
     }
     match (&level, group_members) {
         (Level::Group { .. }, Some(members)) => tx.add_export_members(&job.id, &members).await?,
-        (Level::Group { id }, None) => tx.add_enrolled_members(&job.id, id == ACTIVE_ENROLLMENTS_GROUP, &principal.visibility(false)).await?,
+        (Level::Group { id }, None) => tx.add_enrolled_members(&job.id, id == ACTIVE_ENROLLMENTS_GROUP, &principal.visibility(state.program(), false)).await?,
         _ => {}
     }
     if plan.members && !patients.is_empty() && matches!(level, Level::Group { .. }) {
@@ -393,7 +393,7 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
     let types = types.unwrap_or_else(|| {
         compartment::PATIENT.iter().map(|(t, _)| t.to_string()).filter(|t| state.resource_types.contains(t) && principal.may(t, Permission::Read).is_ok()).collect()
     });
-    let (total, found) = state.store.compartment_page(&patient.reference(), &types, since.as_deref(), &principal.visibility(false), count, offset).await?;
+    let (total, found) = state.store.compartment_page(&patient.reference(), &types, since.as_deref(), &principal.visibility(state.program(), false), count, offset).await?;
     let found = disclose_all(state, principal, found, audit).await;
     let base = &caller.base.url;
     let links = page_links(&format!("{base}/Patient/{id}/$everything"), &pairs, count, offset, total);

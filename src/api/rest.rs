@@ -209,7 +209,7 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
     let mut query = search::parse_query(resource_type, pairs, config.default_page_size, config.max_page_size, lenient).map_err(|e| ApiError::BadRequest(e.0))?;
     query.clauses.extend(scope.compartment.clone());
     let types: Vec<&str> = scope.types.iter().map(String::as_str).collect();
-    let visibility = principal.visibility(false);
+    let visibility = principal.visibility(state.program(), false);
     let (total, found) = state.store.search_types(&types, &query, Some(&visibility)).await?;
     let found = disclose_all(state, principal, found, audit).await;
     let mut included = Vec::new();
@@ -435,7 +435,7 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
             if readable.is_empty() {
                 return Err(ApiError::Forbidden("the access token grants no read".into()));
             }
-            let (total, versions) = state.store.history(HistoryScope::Types(&readable), since.as_deref(), count, offset, Some(&principal.visibility(false))).await?;
+            let (total, versions) = state.store.history(HistoryScope::Types(&readable), since.as_deref(), count, offset, Some(&principal.visibility(state.program(), false))).await?;
             let mut keys: Vec<(String, String)> = versions.iter().map(|v| (v.resource_type.clone(), v.id.clone())).collect();
             keys.dedup();
             let currents = state.store.read_many(&keys).await?;
@@ -511,7 +511,7 @@ async fn create_inner(state: &AppState, caller: &Caller, audit: &mut Audit, reso
     for _ in 0..ATTEMPTS {
         let mut tx = state.store.begin().await?;
         if let Some(criteria) = &criteria {
-            let matches = match write::conditional_matches(&mut tx, principal, resource_type, criteria).await {
+            let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
                 Ok(m) => m,
                 Err(Failure::Retry) => continue,
                 Err(Failure::Api(e)) => return Err(e),
@@ -607,7 +607,7 @@ async fn update_inner(
         let (id, method) = match (&path_id, &criteria) {
             (Some(id), _) => (id.clone(), "PUT"),
             (None, Some(criteria)) => {
-                let matches = match write::conditional_matches(&mut tx, principal, resource_type, criteria).await {
+                let matches = match write::conditional_matches(&mut tx, state, principal, resource_type, criteria).await {
                     Ok(m) => m,
                     Err(Failure::Retry) => continue,
                     Err(Failure::Api(e)) => return Err(e),

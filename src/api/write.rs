@@ -159,6 +159,9 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
     };
     let last_updated = now_instant();
     set_meta(&mut resource, &id, version, &last_updated);
+    if method == "POST" {
+        tx.minted(format!("{resource_type}/{id}"));
+    }
     let part2 = super::part2::before_write(tx, state, resource_type, &mut resource, inherited_labels).await?;
     let labels = labels::normalise(&mut resource, inherited_labels);
     // An update that changes nothing makes no new version: re-sent records (every intake re-writes the
@@ -169,7 +172,8 @@ pub async fn write(tx: &mut Tx, state: &AppState, principal: &Principal, change:
         return Ok((current.clone(), false));
     }
     let parties = parties_for_version(&owner, state.program(), principal, &search::addressed_organizations(&resource));
-    let index = search::extract(resource_type, &resource);
+    let mut index = search::extract(resource_type, &resource);
+    index.extend(search::party_index(&parties, state.program()));
     let stored = Stored {
         resource_type: resource_type.to_string(),
         id,
@@ -281,14 +285,14 @@ pub fn parse_criteria(resource_type: &str, criteria: &str) -> Result<Query, ApiE
 }
 
 /// Resolves a conditional operation's criteria to the resources the client may write, under the type lock.
-pub async fn conditional_matches(tx: &mut Tx, principal: &Principal, resource_type: &str, criteria: &str) -> Result<Vec<Stored>, Failure> {
+pub async fn conditional_matches(tx: &mut Tx, state: &AppState, principal: &Principal, resource_type: &str, criteria: &str) -> Result<Vec<Stored>, Failure> {
     let mut query = parse_criteria(resource_type, criteria)?;
     query.count = 2;
     query.offset = 0;
     tx.lock_type(resource_type).await?;
     // Only what the client may write is matched: a resource another party planted with the same
     // identifier is not the one the client means, and matching it would reveal it exists.
-    let (_, found) = tx.search(resource_type, &query, Some(&principal.visibility(true))).await?;
+    let (_, found) = tx.search(resource_type, &query, Some(&principal.visibility(state.program(), true))).await?;
     Ok(found.into_iter().filter(|s| principal.disclosure(s.facts()).is_allowed()).collect())
 }
 

@@ -131,9 +131,11 @@ impl Principal {
 
     /// The conditions of [`Principal::disclosure`] a search can apply in the store, so totals and
     /// pages count only what is served. `writable_only` narrows to what [`Principal::may_write`] allows.
-    pub fn visibility(&self, writable_only: bool) -> Visibility {
+    /// `program`: the program's Organization, party to every resource.
+    pub fn visibility(&self, program: &str, writable_only: bool) -> Visibility {
         Visibility {
             party: self.organization.clone(),
+            party_to_all: self.organization == program,
             withheld_label: self.purpose.map(|_| PART2_LABEL.to_string()),
             purpose: self.purpose.map_or("", Purpose::code),
             at: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -283,7 +285,9 @@ mod tests {
         assert!(principal(Role::Clinic, "program").may_choose_ids("Organization/program"));
         assert!(!principal(Role::InpatientUnit, "unit-a").may_choose_ids("Organization/program"));
         let unit = principal(Role::InpatientUnit, "unit-a");
-        let visibility = unit.visibility(true);
+        let visibility = unit.visibility("Organization/program", true);
         assert_eq!((visibility.party.as_str(), visibility.withheld_label.as_deref(), visibility.purpose, visibility.writable_only), ("Organization/unit-a", Some(PART2_LABEL), "TREAT", true));
+        assert!(!visibility.party_to_all);
+        assert!(principal(Role::Clinic, "program").visibility("Organization/program", false).party_to_all);
     }
 }

@@ -35,6 +35,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(10, "referrals", include_str!("../../migrations/postgres/0010_referrals.sql")),
         migration(11, "consent", include_str!("../../migrations/postgres/0011_consent.sql")),
         migration(12, "write_path", include_str!("../../migrations/postgres/0012_write_path.sql")),
+        migration(13, "byte_order", include_str!("../../migrations/postgres/0013_byte_order.sql")),
     ]
 }
 

@@ -162,11 +162,13 @@ impl Probe {
 }
 
 fn visibility_conditions(sql: &mut Sql, visibility: &Visibility, probe: Probe) {
-    sql.push(" AND ");
-    probe.push(sql, true, |sql| {
-        sql.push("search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '_party' AND p.value = ");
-        sql.text(&visibility.party);
-    });
+    if !visibility.party_to_all {
+        sql.push(" AND ");
+        probe.push(sql, true, |sql| {
+            sql.push(&format!("search_tokens p WHERE p.type = r.type AND p.id = r.id AND p.param = '{}' AND p.value = ", crate::search::PARTY));
+            sql.text(&visibility.party);
+        });
+    }
     if let Some(label) = &visibility.withheld_label {
         sql.push(" AND (r.owner = ");
         sql.text(&visibility.party);
@@ -463,8 +465,17 @@ pub(super) struct Script {
     backend: Backend,
     /// Statements in order, each numbered from `$1`; numbered in turn when joined.
     statements: Vec<Sql>,
-    /// Per `INSERT … VALUES ` text: its number of columns and the values of its rows in turn.
-    rows: Vec<(&'static str, usize, Vec<Bind>)>,
+    /// Per table's insert: its number of columns and the values of its rows in turn.
+    rows: Vec<(Insert, usize, Vec<Bind>)>,
+}
+
+/// A table's multi-row insert (`INSERT INTO t (columns) VALUES `), and what a second insert
+/// takes from the rows it returns (PostgreSQL), so that values two tables share are sent once.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) struct Insert {
+    values: &'static str,
+    /// `RETURNING …`, and the insert reading those rows from `{rows}`.
+    feeds: Option<(&'static str, &'static str)>,
 }
 
 /// Bound values per statement sent, well below PostgreSQL's 65,535 and SQLite's 32,766.
@@ -518,7 +529,7 @@ impl Script {
 
     /// Adds a row to the multi-row `insert` (`INSERT INTO t (columns) VALUES `); every row of one
     /// `insert` has the same number of values.
-    pub(super) fn row(&mut self, insert: &'static str, values: impl IntoIterator<Item = Bind>) {
+    pub(super) fn row(&mut self, insert: Insert, values: impl IntoIterator<Item = Bind>) {
         let at = match self.rows.iter().position(|(i, _, _)| *i == insert) {
             Some(at) => at,
             None => {
@@ -556,7 +567,7 @@ impl Script {
                     break;
                 }
                 let mut sql = Sql::default();
-                sql.push(insert);
+                sql.push(insert.values);
                 for (i, value) in chunk.into_iter().enumerate() {
                     sql.push(match (i % columns.max(1), i) {
                         (0, 0) => "(",
@@ -566,6 +577,12 @@ impl Script {
                     sql.bind(value);
                 }
                 sql.push(")");
+                if let Some((returning, then)) = insert.feeds {
+                    sql.push(returning);
+                    self.statements.push(sql);
+                    sql = Sql::default();
+                    sql.push(then);
+                }
                 self.statements.push(sql);
             }
         }
@@ -606,7 +623,9 @@ impl Script {
         sealed
     }
 
-    /// Statements as one: PostgreSQL's `WITH` parts before the last, SQLite's script.
+    /// Statements as one: PostgreSQL's `WITH` parts before the last, SQLite's script. A
+    /// statement reading `{rows}` reads what the one before it returned (it binds nothing, so it
+    /// is never cut from it, and the insert it follows is never last).
     fn joined(&self, statements: Vec<Sql>) -> Sql {
         let mut joined = Sql::default();
         let last = statements.len().saturating_sub(1);
@@ -619,7 +638,10 @@ impl Script {
                 (false, 0) => {}
                 (false, _) => joined.push(";\n"),
             }
-            joined.append(statement);
+            match statement.text.contains("{rows}") {
+                true => joined.push(&statement.text.replace("{rows}", &format!("s{}", i.saturating_sub(1)))),
+                false => joined.append(statement),
+            }
         }
         joined
     }
@@ -632,24 +654,34 @@ impl Script {
     }
 }
 
-const RESOURCE_ROWS: &str = "INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES ";
-const VERSION_ROWS: &str = "INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by, owner) VALUES ";
-const TOKEN_ROWS: &str = "INSERT INTO search_tokens (type, id, param, system, value) VALUES ";
-const DATE_ROWS: &str = "INSERT INTO search_dates (type, id, param, low, high) VALUES ";
-const AUDIT_ROWS: &str = "INSERT INTO audit_events (id, recorded, client, action, subtype, outcome, entity, body) VALUES ";
+const fn insert(values: &'static str) -> Insert {
+    Insert { values, feeds: None }
+}
+const RESOURCE_ROWS: Insert = insert("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES ");
+const VERSION_ROWS: Insert = insert("INSERT INTO resource_versions (type, id, version, last_updated, method, body, parties, labels, created_by, owner) VALUES ");
+/// PostgreSQL: a first version's `resources` row is its history row, so its body goes over the
+/// wire once. Bytes decide how many writes share a group's statement ([`super::postgres::Group`]).
+const VERSION_AND_RESOURCE_ROWS: Insert = Insert {
+    feeds: Some((
+        " RETURNING type, id, version, last_updated, body, parties, labels, created_by, owner",
+        "INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) \
+         SELECT type, id, version, last_updated, body, parties, labels, created_by, owner FROM {rows} WHERE version = 1",
+    )),
+    ..VERSION_ROWS
+};
+const TOKEN_ROWS: Insert = insert("INSERT INTO search_tokens (type, id, param, system, value) VALUES ");
+const DATE_ROWS: Insert = insert("INSERT INTO search_dates (type, id, param, low, high) VALUES ");
+const AUDIT_ROWS: Insert = insert("INSERT INTO audit_events (id, recorded, client, action, subtype, outcome, entity, body) VALUES ");
 
 /// Adds a version's rows: its `resources` row when it is the first (later versions' rows were
-/// compare-and-set before), the history row, and the search index in place of the previous version's.
+/// compare-and-set before; on PostgreSQL taken from the history row), the history row, and the
+/// search index in place of the previous version's.
 pub(super) fn write_version(script: &mut Script, w: &Stored, index: &[IndexEntry]) {
     let (resource_type, id) = (w.resource_type.as_str(), w.id.as_str());
     let (parties, labels) = (w.parties.join(" "), w.labels.join(" "));
     let text = |s: &str| Bind::Text(s.to_string());
-    if w.version == 1 {
-        script.row(
-            RESOURCE_ROWS,
-            [text(resource_type), text(id), Bind::Int(w.version), text(&w.last_updated), text(&w.body), text(&parties), text(&labels), text(&w.created_by), text(&w.owner)],
-        );
-    } else {
+    let postgres = script.backend == Backend::Postgres;
+    if w.version > 1 {
         // Before the new index rows, which go after every statement queued so far.
         for table in ["search_tokens", "search_dates"] {
             script.statement(|sql| {
@@ -659,14 +691,16 @@ pub(super) fn write_version(script: &mut Script, w: &Stored, index: &[IndexEntry
                 sql.text(id);
             });
         }
+    } else if !postgres {
+        script.row(
+            RESOURCE_ROWS,
+            [text(resource_type), text(id), Bind::Int(w.version), text(&w.last_updated), text(&w.body), text(&parties), text(&labels), text(&w.created_by), text(&w.owner)],
+        );
     }
     script.row(
-        VERSION_ROWS,
+        if postgres { VERSION_AND_RESOURCE_ROWS } else { VERSION_ROWS },
         [text(resource_type), text(id), Bind::Int(w.version), text(&w.last_updated), text(&w.method), text(&w.body), text(&parties), text(&labels), text(&w.created_by), text(&w.owner)],
     );
-    for party in &w.parties {
-        script.row(TOKEN_ROWS, [text(resource_type), text(id), text("_party"), text(""), text(party)]);
-    }
     for label in &w.labels {
         script.row(TOKEN_ROWS, [text(resource_type), text(id), text("_security"), text(""), text(label)]);
     }
@@ -809,8 +843,9 @@ mod tests {
             assert_eq!(text.matches(&format!("INSERT INTO {table} ")).count(), 1, "{text}");
         }
         assert!(text.find("DELETE FROM search_tokens").unwrap() < text.find("INSERT INTO search_tokens").unwrap(), "{text}");
-        // One resources row (the first version), two history rows, 2 × (2 parties + 1 token) token rows, two date rows.
-        assert_eq!(sql.binds.len(), 4 + 9 + 2 * 10 + 6 * 5 + 2 * 5);
+        // One resources row (the first version), two history rows, two token rows, two date rows
+        // (`_party` rows come with the index the caller passes).
+        assert_eq!(sql.binds.len(), 4 + 9 + 2 * 10 + 2 * 5 + 2 * 5);
         assert_eq!(text.matches('$').count(), sql.binds.len());
         assert!(sql.binds.contains(&Bind::Int(2)));
     }
@@ -828,7 +863,10 @@ mod tests {
         let mut small = Script::new(Backend::Postgres);
         write_version(&mut small, &version("small", 1), &index[..10]);
         assert!(small.is_one_statement());
-        assert!(small.sealed()[0].text.starts_with("WITH s0 AS (INSERT INTO resources "));
+        let text = &small.sealed()[0].text;
+        // PostgreSQL takes the `resources` row from the history row's, which it follows.
+        assert!(text.starts_with("WITH s0 AS (INSERT INTO resource_versions "), "{text}");
+        assert!(text.contains("), s1 AS (INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) SELECT type, id, version, last_updated, body, parties, labels, created_by, owner FROM s0 WHERE version = 1"), "{text}");
     }
 
     /// Scripts merged into one keep every value with its placeholder: statements of both first,
@@ -859,9 +897,9 @@ mod tests {
         assert_eq!(numbers, (1..=sql.binds.len()).collect::<Vec<_>>());
         let text = |s: &str| Bind::Text(s.to_string());
         assert_eq!(sql.binds[..2], [text("Patient/a"), text("Patient/b")]);
-        // Then the two `resources` rows, a's before b's.
+        // Then the two history rows, a's before b's, which the one `resources` insert reads.
         assert_eq!(sql.binds[2..4], [text("Observation"), text("a")]);
-        assert_eq!(sql.binds[11..13], [text("Observation"), text("b")]);
+        assert_eq!(sql.binds[12..14], [text("Observation"), text("b")]);
     }
 
     #[test]
