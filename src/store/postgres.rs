@@ -117,7 +117,9 @@ impl Group {
         let start = {
             let mut waiting = self.state.lock().expect("never poisoned: no panics under the lock");
             waiting.members.push_back((script, sender));
-            let start = waiting.writers < WRITERS;
+            // A second group starts only for two waiting members: one alone joins the next group of
+            // the writer already sending, which then carries more members per statement.
+            let start = waiting.writers == 0 || (waiting.writers < WRITERS && waiting.members.len() >= 2);
             if start {
                 waiting.writers += 1;
             }
