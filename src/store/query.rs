@@ -1,6 +1,5 @@
 //! SQL built at run time: search over the index tables, index and audit inserts, and audit search. Every request value becomes a bound parameter.
 
-use std::fmt::Write as _;
 
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
@@ -25,6 +24,28 @@ pub(super) struct Sql {
     marks: Vec<usize>,
 }
 
+/// Appends `$n` (placeholders are written by the thousand for a group's statement; `write!` costs more).
+fn push_placeholder(text: &mut String, n: usize) {
+    text.push('$');
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    text.push_str(std::str::from_utf8(&buf[at..]).expect("ASCII digits"));
+}
+
+/// How many decimal digits `n` has.
+fn digits(n: usize) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
 impl Sql {
     pub(super) fn push(&mut self, text: &str) {
         self.text.push_str(text);
@@ -34,7 +55,7 @@ impl Sql {
     pub(super) fn bind(&mut self, value: Bind) {
         self.binds.push(value);
         self.marks.push(self.text.len());
-        let _ = write!(self.text, "${}", self.binds.len());
+        push_placeholder(&mut self.text, self.binds.len());
     }
 
     /// Appends `other`, its placeholders numbered after this one's.
@@ -44,13 +65,13 @@ impl Sql {
             return;
         }
         let (offset, mut at) = (self.binds.len(), 0);
-        for mark in other.marks {
+        self.text.reserve(other.text.len() + other.marks.len());
+        // Placeholders are numbered in the order they were written: the k-th is `$k`.
+        for (k, mark) in other.marks.into_iter().enumerate() {
             self.text.push_str(&other.text[at..mark]);
-            let digits = other.text[mark + 1..].bytes().take_while(u8::is_ascii_digit).count();
-            let n: usize = other.text[mark + 1..mark + 1 + digits].parse().expect("a placeholder this type wrote");
             self.marks.push(self.text.len());
-            let _ = write!(self.text, "${}", n + offset);
-            at = mark + 1 + digits;
+            push_placeholder(&mut self.text, k + 1 + offset);
+            at = mark + 1 + digits(k + 1);
         }
         self.text.push_str(&other.text[at..]);
         self.binds.extend(other.binds);
@@ -900,6 +921,22 @@ mod tests {
         // Then the two history rows, a's before b's, which the one `resources` insert reads.
         assert_eq!(sql.binds[2..4], [text("Observation"), text("a")]);
         assert_eq!(sql.binds[12..14], [text("Observation"), text("b")]);
+    }
+
+    /// Renumbering crosses digit counts both ways: `$9` of the appended statement becoming `$108`, `$10` becoming `$109`.
+    #[test]
+    fn appended_placeholders_are_renumbered_across_digit_counts() {
+        let statement = |n: usize| {
+            let mut sql = Sql::default();
+            sql.push_joined(0..n, ", ", |sql, i| sql.bind(Bind::Int(i as i64)));
+            sql
+        };
+        let mut joined = statement(99);
+        joined.append(statement(12));
+        let numbers: Vec<usize> = joined.text.split('$').skip(1).map(|s| s.trim_end_matches(", ").parse().unwrap()).collect();
+        assert_eq!(numbers, (1..=111).collect::<Vec<_>>());
+        assert_eq!(joined.marks.len(), 111);
+        assert!(joined.marks.iter().all(|&m| joined.text.as_bytes()[m] == b'$'));
     }
 
     #[test]
