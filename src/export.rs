@@ -480,7 +480,7 @@ pub fn manifest(base: &str, job: &ExportJob) -> Result<String, String> {
             items
                 .iter()
                 .map(|f| {
-                    crate::api::fhir::object(&[
+                    crate::api::fhir::object([
                         ("type", Json::string(f.resource_type.as_str())),
                         ("url", Json::string(format!("{base}/$export-file/{}/{}", job.id, f.name))),
                         ("count", Json::Number(f.count.to_string().into())),
@@ -498,9 +498,9 @@ pub fn manifest(base: &str, job: &ExportJob) -> Result<String, String> {
     ];
     if files.part2 {
         // Bulk Data reserves `extension` for a server's own members: the notice that must accompany the disclosure.
-        members.push(("extension", crate::api::fhir::object(&[(PART2_NOTICE_MEMBER, Json::string(crate::auth::labelling::NOTICE))])));
+        members.push(("extension", crate::api::fhir::object([(PART2_NOTICE_MEMBER, Json::string(crate::auth::labelling::NOTICE))])));
     }
-    Ok(crate::api::fhir::object(&members).to_string_compact())
+    Ok(crate::api::fhir::object(members).to_string_compact())
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ impl Audit {
             if !display.is_empty() {
                 members.push(("display", Json::string(display)));
             }
-            super::fhir::object(&members)
+            super::fhir::object(members)
         };
         let login = self.subtype == "login";
         let event_type = if login {
@@ -85,12 +85,12 @@ impl Audit {
             coding("http://hl7.org/fhir/restful-interaction", self.subtype, "")
         };
         let mut client_agent = vec![
-            ("type", super::fhir::object(&[("coding", Json::Array(vec![coding("http://dicom.nema.org/resources/ontology/DCM", "110153", "Source Role ID")]))])),
+            ("type", super::fhir::object([("coding", Json::Array(vec![coding("http://dicom.nema.org/resources/ontology/DCM", "110153", "Source Role ID")]))])),
             (
                 "who",
-                super::fhir::object(&[(
+                super::fhir::object([(
                     "identifier",
-                    super::fhir::object(&[("system", Json::string(format!("{base_url}/clients"))), ("value", Json::string(self.client.as_str()))]),
+                    super::fhir::object([("system", Json::string(format!("{base_url}/clients"))), ("value", Json::string(self.client.as_str()))]),
                 )]),
             ),
             // `altId` carries the client id so `GET /AuditEvent?altid=<client>` finds a partner's events.
@@ -98,11 +98,11 @@ impl Audit {
             ("requestor", Json::Bool(true)),
         ];
         if let Some(address) = &self.address {
-            client_agent.push(("network", super::fhir::object(&[("address", Json::string(address.as_str())), ("type", Json::string("2"))])));
+            client_agent.push(("network", super::fhir::object([("address", Json::string(address.as_str())), ("type", Json::string("2"))])));
         }
-        let server_agent = super::fhir::object(&[
-            ("type", super::fhir::object(&[("coding", Json::Array(vec![coding("http://dicom.nema.org/resources/ontology/DCM", "110152", "Destination Role ID")]))])),
-            ("who", super::fhir::object(&[("display", Json::string("iop-gateway"))])),
+        let server_agent = super::fhir::object([
+            ("type", super::fhir::object([("coding", Json::Array(vec![coding("http://dicom.nema.org/resources/ontology/DCM", "110152", "Destination Role ID")]))])),
+            ("who", super::fhir::object([("display", Json::string("iop-gateway"))])),
             ("requestor", Json::Bool(false)),
         ]);
         let mut entities: Vec<Json> = self
@@ -110,15 +110,15 @@ impl Audit {
             .iter()
             .map(|reference| {
                 let patient = reference.starts_with("Patient/");
-                super::fhir::object(&[
-                    ("what", super::fhir::object(&[("reference", Json::string(reference.as_str()))])),
+                super::fhir::object([
+                    ("what", super::fhir::object([("reference", Json::string(reference.as_str()))])),
                     ("type", coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", if patient { "1" } else { "2" }, if patient { "Person" } else { "System Object" })),
                     ("role", coding("http://terminology.hl7.org/CodeSystem/object-role", if patient { "1" } else { "4" }, if patient { "Patient" } else { "Domain Resource" })),
                 ])
             })
             .collect();
         if let Some(query) = &self.query {
-            entities.push(super::fhir::object(&[
+            entities.push(super::fhir::object([
                 ("type", coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "2", "System Object")),
                 ("role", coding("http://terminology.hl7.org/CodeSystem/object-role", "24", "Query")),
                 ("query", Json::string(base64::engine::general_purpose::STANDARD.encode(query))),
@@ -136,12 +136,12 @@ impl Audit {
         if let Some(description) = &self.description {
             event.push(("outcomeDesc", Json::string(description.as_str())));
         }
-        event.push(("agent", Json::Array(vec![super::fhir::object(&client_agent), server_agent])));
+        event.push(("agent", Json::Array(vec![super::fhir::object(client_agent), server_agent])));
         event.push((
             "source",
-            super::fhir::object(&[
+            super::fhir::object([
                 ("site", Json::string(base_url)),
-                ("observer", super::fhir::object(&[("display", Json::string("iop-gateway"))])),
+                ("observer", super::fhir::object([("display", Json::string("iop-gateway"))])),
                 ("type", Json::Array(vec![coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")])),
             ]),
         ));
@@ -156,7 +156,7 @@ impl Audit {
             subtype: self.subtype.to_string(),
             outcome: outcome.code().to_string(),
             entity: self.entities.first().cloned().unwrap_or_default(),
-            body: super::fhir::object(&event).to_string_compact(),
+            body: super::fhir::object(event).to_string_compact(),
         }
     }
 }
@@ -179,11 +179,11 @@ pub fn disclosure_rows(disclosures: &[Disclosed], client: &str, address: Option<
             None => groups.push((d, vec![d.resource.as_str()])),
         }
     }
-    let coding = |system: &str, code: &str, display: &str| object(&[("system", Json::string(system)), ("code", Json::string(code)), ("display", Json::string(display))]);
-    let concept = |c: Json| object(&[("coding", Json::Array(vec![c]))]);
+    let coding = |system: &str, code: &str, display: &str| object([("system", Json::string(system)), ("code", Json::string(code)), ("display", Json::string(display))]);
+    let concept = |c: Json| object([("coding", Json::Array(vec![c]))]);
     let entity = |reference: &str, type_code: &str, type_display: &str, role: &str, role_display: &str| {
-        object(&[
-            ("what", object(&[("reference", Json::string(reference))])),
+        object([
+            ("what", object([("reference", Json::string(reference))])),
             ("type", coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", type_code, type_display)),
             ("role", coding("http://terminology.hl7.org/CodeSystem/object-role", role, role_display)),
         ])
@@ -195,28 +195,28 @@ pub fn disclosure_rows(disclosures: &[Disclosed], client: &str, address: Option<
             let recorded = now_instant();
             let mut recipient = vec![
                 ("type", concept(coding("http://dicom.nema.org/resources/ontology/DCM", "110152", "Destination Role ID"))),
-                ("who", object(&[("reference", Json::string(d.recipient.as_str()))])),
+                ("who", object([("reference", Json::string(d.recipient.as_str()))])),
                 ("altId", Json::string(client)),
                 ("requestor", Json::Bool(true)),
             ];
             if let Some(address) = address {
-                recipient.push(("network", object(&[("address", Json::string(address)), ("type", Json::string("2"))])));
+                recipient.push(("network", object([("address", Json::string(address)), ("type", Json::string("2"))])));
             }
-            let source = object(&[
+            let source = object([
                 ("type", concept(coding("http://dicom.nema.org/resources/ontology/DCM", "110153", "Source Role ID"))),
-                ("who", object(&[("display", Json::string("iop-gateway"))])),
+                ("who", object([("display", Json::string("iop-gateway"))])),
                 ("requestor", Json::Bool(false)),
-                ("network", object(&[("address", Json::string(base_url)), ("type", Json::string("5"))])),
+                ("network", object([("address", Json::string(base_url)), ("type", Json::string("5"))])),
             ]);
-            let authorizer = object(&[
+            let authorizer = object([
                 ("type", concept(coding("http://snomed.info/sct", "429577009", "Patient advocate"))),
-                ("who", object(&[("reference", Json::string(d.patient.as_str()))])),
+                ("who", object([("reference", Json::string(d.patient.as_str()))])),
                 ("requestor", Json::Bool(false)),
             ]);
             let mut entities = vec![entity(&d.patient, "1", "Person", "1", "Patient"), entity(&d.consent, "2", "System Object", "13", "Security Resource")];
             entities.extend(resources.iter().map(|r| entity(r, "2", "System Object", "4", "Domain Resource")));
             let purpose = concept(coding(crate::auth::consent::ACT_REASON, d.purpose.code(), d.purpose.name()));
-            let event = object(&[
+            let event = object([
                 ("resourceType", Json::string("AuditEvent")),
                 ("id", Json::string(id.as_str())),
                 ("type", coding("http://dicom.nema.org/resources/ontology/DCM", "110106", "Export")),
@@ -226,12 +226,12 @@ pub fn disclosure_rows(disclosures: &[Disclosed], client: &str, address: Option<
                 ("outcome", Json::string("0")),
                 ("outcomeDesc", Json::string(format!("42 CFR Part 2 data disclosed to {} for {} under {}", d.recipient, d.purpose.name(), d.consent))),
                 ("purposeOfEvent", Json::Array(vec![purpose])),
-                ("agent", Json::Array(vec![source, object(&recipient), authorizer])),
+                ("agent", Json::Array(vec![source, object(recipient), authorizer])),
                 (
                     "source",
-                    object(&[
+                    object([
                         ("site", Json::string(base_url)),
-                        ("observer", object(&[("display", Json::string("iop-gateway"))])),
+                        ("observer", object([("display", Json::string("iop-gateway"))])),
                         ("type", Json::Array(vec![coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")])),
                     ]),
                 ),

@@ -73,7 +73,7 @@ pub async fn search(state: AppState, caller: Caller, uri: Uri) -> Response {
         let mut bundle = BundleText::new("searchset", Some(total), &links);
         for body in &bodies {
             let id = crate::json::parse(body.as_bytes()).ok().and_then(|j| j.get("id").and_then(Json::as_str).map(str::to_string)).unwrap_or_default();
-            bundle.entry(Some(&format!("{base}/AuditEvent/{id}")), Some(body), &[("search", object(&[("mode", Json::string("match"))]))]);
+            bundle.entry(Some(&format!("{base}/AuditEvent/{id}")), Some(body), &[("search", object([("mode", Json::string("match"))]))]);
         }
         Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
     }

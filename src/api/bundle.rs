@@ -431,16 +431,16 @@ async fn entry_answer(base: &str, answer: Response) -> (Option<String>, Option<S
     match body {
         Some(outcome) if !status.is_success() => {
             members.push(("outcome", outcome));
-            (None, None, object(&members))
+            (None, None, object(members))
         }
         Some(resource) => {
             let stored_at = match (resource.get("resourceType").and_then(Json::as_str), resource.get("id").and_then(Json::as_str)) {
                 (Some(t), Some(id)) if t != "Bundle" && t != "OperationOutcome" => Some(format!("{base}/{t}/{id}")),
                 _ => None,
             };
-            (stored_at, Some(resource.to_string_compact()), object(&members))
+            (stored_at, Some(resource.to_string_compact()), object(members))
         }
-        None => (None, None, object(&members)),
+        None => (None, None, object(members)),
     }
 }
 

@@ -401,7 +401,7 @@ async fn everything_inner(state: &AppState, caller: &Caller, audit: &mut Audit, 
     for stored in &found {
         audit.entities.push(stored.reference());
         let url = format!("{base}/{}/{}", stored.resource_type, stored.id);
-        bundle.entry(Some(&url), Some(&stored.body), &[("search", object(&[("mode", Json::string("match"))]))]);
+        bundle.entry(Some(&url), Some(&stored.body), &[("search", object([("mode", Json::string("match"))]))]);
     }
     if !audit.disclosures.is_empty() {
         super::part2::notice_entry(&mut bundle);

@@ -371,10 +371,10 @@ impl BundleText {
 }
 
 /// A small JSON object from pairs.
-pub fn object(members: &[(&str, Json)]) -> Json {
+pub fn object<'a>(members: impl IntoIterator<Item = (&'a str, Json)>) -> Json {
     let mut o = json::Object::new();
     for (k, v) in members {
-        o.insert(*k, v.clone());
+        o.insert(k, v);
     }
     Json::Object(o)
 }
@@ -390,7 +390,7 @@ pub fn entry_response(status: &str, stored: Option<&Stored>, outcome: Option<Jso
     if let Some(outcome) = outcome {
         members.push(("outcome", outcome));
     }
-    object(&members)
+    object(members)
 }
 
 #[cfg(test)]
@@ -403,7 +403,7 @@ mod tests {
         let parsed = json::parse(empty.as_bytes()).unwrap();
         assert!(parsed.get("entry").is_none());
         let mut b = BundleText::new("searchset", Some(1), &[]);
-        b.entry(Some("http://x/Patient/1"), Some("{\"resourceType\":\"Patient\",\"id\":\"1\"}"), &[("search", object(&[("mode", Json::string("match"))]))]);
+        b.entry(Some("http://x/Patient/1"), Some("{\"resourceType\":\"Patient\",\"id\":\"1\"}"), &[("search", object([("mode", Json::string("match"))]))]);
         let parsed = json::parse(b.finish().as_bytes()).unwrap();
         assert_eq!(parsed["entry"].as_array().unwrap().len(), 1);
         assert_eq!(parsed["entry"].as_array().unwrap()[0]["resource"]["id"].as_str(), Some("1"));

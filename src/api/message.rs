@@ -196,21 +196,21 @@ fn response_message(base: &str, request: &Json, request_id: &str, stored: &[crat
         (None, None) => {}
     }
     if let Some(source) = request.get("source").and_then(|s| s.get("endpoint")) {
-        members.push(("destination", Json::Array(vec![object(&[("endpoint", source.clone())])])));
+        members.push(("destination", Json::Array(vec![object([("endpoint", source.clone())])])));
     }
-    members.push(("source", object(&[("name", Json::string("iop-gateway")), ("endpoint", Json::string(base))])));
-    members.push(("response", object(&[("identifier", Json::string(request_id)), ("code", Json::string("ok"))])));
-    let focus: Vec<Json> = stored.iter().filter(|s| s.resource_type != "MessageHeader").map(|s| object(&[("reference", Json::string(s.reference()))])).collect();
+    members.push(("source", object([("name", Json::string("iop-gateway")), ("endpoint", Json::string(base))])));
+    members.push(("response", object([("identifier", Json::string(request_id)), ("code", Json::string("ok"))])));
+    let focus: Vec<Json> = stored.iter().filter(|s| s.resource_type != "MessageHeader").map(|s| object([("reference", Json::string(s.reference()))])).collect();
     if !focus.is_empty() {
         members.push(("focus", Json::Array(focus)));
     }
-    let header = object(&members);
-    object(&[
+    let header = object(members);
+    object([
         ("resourceType", Json::string("Bundle")),
         ("id", Json::string(write::new_id())),
         ("type", Json::string("message")),
         ("timestamp", Json::string(now_instant())),
-        ("entry", Json::Array(vec![object(&[("fullUrl", Json::string(format!("urn:uuid:{header_id}"))), ("resource", header)])])),
+        ("entry", Json::Array(vec![object([("fullUrl", Json::string(format!("urn:uuid:{header_id}"))), ("resource", header)])])),
     ])
     .to_string_compact()
 }

@@ -36,9 +36,9 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
     }
     let mut types: Vec<&String> = resource_types.iter().collect();
     types.sort();
-    let code = |c: &str| object(&[("code", Json::string(c))]);
-    let param = |name: &str, kind: &str, definition: &str| object(&[("name", Json::string(name)), ("definition", Json::string(definition)), ("type", Json::string(kind))]);
-    let validate_op = object(&[
+    let code = |c: &str| object([("code", Json::string(c))]);
+    let param = |name: &str, kind: &str, definition: &str| object([("name", Json::string(name)), ("definition", Json::string(definition)), ("type", Json::string(kind))]);
+    let validate_op = object([
         ("name", Json::string("validate")),
         ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/Resource-validate")),
         (
@@ -63,10 +63,10 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         let interactions = interactions
             .iter()
             .map(|c| match *c {
-                "search-type" if !audit => object(&[("code", Json::string(*c)), ("documentation", Json::string(search_documentation))]),
-                "read" if !audit => object(&[("code", Json::string(*c)), ("documentation", Json::string("_summary (true, text, data, false) and _elements subset the resource (tagged SUBSETTED)."))]),
-                "history-instance" | "history-type" => object(&[("code", Json::string(*c)), ("documentation", Json::string("_since, _count, _offset; newest first."))]),
-                "create" => object(&[("code", Json::string(*c)), ("documentation", Json::string("Conditional by If-None-Exist, or by search parameters in the URL (POST [base]/[type]?identifier=…); not both."))]),
+                "search-type" if !audit => object([("code", Json::string(*c)), ("documentation", Json::string(search_documentation))]),
+                "read" if !audit => object([("code", Json::string(*c)), ("documentation", Json::string("_summary (true, text, data, false) and _elements subset the resource (tagged SUBSETTED)."))]),
+                "history-instance" | "history-type" => object([("code", Json::string(*c)), ("documentation", Json::string("_since, _count, _offset; newest first."))]),
+                "create" => object([("code", Json::string(*c)), ("documentation", Json::string("Conditional by If-None-Exist, or by search parameters in the URL (POST [base]/[type]?identifier=…); not both."))]),
                 _ => code(c),
             })
             .collect();
@@ -106,7 +106,7 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         members.push(("searchParam", Json::Array(params)));
         let mut operations = vec![validate_op.clone()];
         let operation = |name: &str, definition: &str, documentation: &str| {
-            object(&[("name", Json::string(name)), ("definition", Json::string(definition)), ("documentation", Json::string(documentation))])
+            object([("name", Json::string(name)), ("definition", Json::string(definition)), ("documentation", Json::string(documentation))])
         };
         if t == "Patient" {
             operations.push(operation("export", BULK_PATIENT_EXPORT, "GET or POST [base]/Patient/$export with Prefer: respond-async: every patient's compartment the client may read, as NDJSON files (Bulk Data STU 3)."));
@@ -116,22 +116,22 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             operations.push(operation("export", BULK_GROUP_EXPORT, "GET or POST [base]/Group/[id]/$export with Prefer: respond-async: the compartments of the Group's member patients; Group/iop-all-clients and Group/iop-active-enrollments are the program's clients (every enrollment, active enrollments), computed at kick-off."));
         }
         members.push(("operation", Json::Array(operations)));
-        resources.push(object(&members));
+        resources.push(object(members));
     }
     // SMART 2 keeps the oauth-uris extension for older clients (Python fhirclient, fhir-kit-client
     // read the token endpoint there). It requires `authorize`: that endpoint refuses every request.
-    let uri = |name: &str, path: &str| object(&[("url", Json::string(name)), ("valueUri", Json::string(format!("{base}{path}")))]);
-    let oauth_uris = object(&[
+    let uri = |name: &str, path: &str| object([("url", Json::string(name)), ("valueUri", Json::string(format!("{base}{path}")))]);
+    let oauth_uris = object([
         ("url", Json::string("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
         ("extension", Json::Array(vec![uri("authorize", crate::auth::AUTHORIZE_PATH), uri("token", crate::auth::TOKEN_PATH)])),
     ]);
-    let security = object(&[
+    let security = object([
         ("extension", Json::Array(vec![oauth_uris])),
         (
             "service",
-            Json::Array(vec![object(&[(
+            Json::Array(vec![object([(
                 "coding",
-                Json::Array(vec![object(&[
+                Json::Array(vec![object([
                     ("system", Json::string("http://terminology.hl7.org/CodeSystem/restful-security-service")),
                     ("code", Json::string("SMART-on-FHIR")),
                 ])]),
@@ -145,7 +145,7 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             )),
         ),
     ]);
-    let rest = object(&[
+    let rest = object([
         ("mode", Json::string("server")),
         ("security", security),
         ("resource", Json::Array(resources)),
@@ -153,9 +153,9 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             "interaction",
             Json::Array(vec![
                 code("transaction"),
-                object(&[("code", Json::string("batch")), ("documentation", Json::string("Every entry an interaction of its own, answered as it would be alone (search, history, read, vread, create, update, conditional forms, $validate); one entry's failure is its own response."))]),
-                object(&[("code", Json::string("search-system")), ("documentation", Json::string("GET [base]?_type=A,B&… with the parameters common to all types: _id, _lastUpdated, _sort by those, _count, _offset, _summary, _elements, _total."))]),
-                object(&[("code", Json::string("history-system")), ("documentation", Json::string("GET [base]/_history: _since, _count, _offset; newest first."))]),
+                object([("code", Json::string("batch")), ("documentation", Json::string("Every entry an interaction of its own, answered as it would be alone (search, history, read, vread, create, update, conditional forms, $validate); one entry's failure is its own response."))]),
+                object([("code", Json::string("search-system")), ("documentation", Json::string("GET [base]?_type=A,B&… with the parameters common to all types: _id, _lastUpdated, _sort by those, _count, _offset, _summary, _elements, _total."))]),
+                object([("code", Json::string("history-system")), ("documentation", Json::string("GET [base]/_history: _since, _count, _offset; newest first."))]),
             ]),
         ),
         ("searchParam", Json::Array(vec![param("_id", "token", "http://hl7.org/fhir/SearchParameter/Resource-id"), param("_lastUpdated", "date", "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated")])),
@@ -163,11 +163,11 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
         (
             "operation",
             Json::Array(vec![
-                object(&[
+                object([
                     ("name", Json::string("process-message")),
                     ("definition", Json::string("http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message")),
                 ]),
-                object(&[
+                object([
                     ("name", Json::string("export")),
                     ("definition", Json::string(BULK_EXPORT)),
                     (
@@ -178,14 +178,14 @@ pub fn capability_statement(base: &str, resource_types: &HashSet<String>, defini
             ]),
         ),
     ]);
-    object(&[
+    object([
         ("resourceType", Json::string("CapabilityStatement")),
         ("status", Json::string("active")),
         ("date", Json::string(fhir::now_instant()[..10].to_string())),
         ("publisher", Json::string("iop-gateway")),
         ("kind", Json::string("instance")),
-        ("software", object(&[("name", Json::string("iop-gateway")), ("version", Json::string(env!("CARGO_PKG_VERSION")))])),
-        ("implementation", object(&[("description", Json::string("iop-gateway FHIR R4 server")), ("url", Json::string(base))])),
+        ("software", object([("name", Json::string("iop-gateway")), ("version", Json::string(env!("CARGO_PKG_VERSION")))])),
+        ("implementation", object([("description", Json::string("iop-gateway FHIR R4 server")), ("url", Json::string(base))])),
         ("fhirVersion", Json::string("4.0.1")),
         // Exactly what `fhir::negotiate` produces and `fhir::read_body` reads.
         ("format", Json::Array(["application/fhir+json", "json", "application/fhir+xml", "xml"].iter().map(|f| Json::string(*f)).collect())),
@@ -201,7 +201,7 @@ pub async fn metadata(State(state): State<AppState>, base: RequestBase) -> Respo
 
 /// `GET /.well-known/smart-configuration` (no token needed).
 pub async fn smart_configuration(base: RequestBase) -> Response {
-    let body = object(&[
+    let body = object([
         ("issuer", Json::string(base.url.as_str())),
         ("token_endpoint", Json::string(base.token_url())),
         ("token_endpoint_auth_methods_supported", Json::Array(vec![Json::string("private_key_jwt")])),

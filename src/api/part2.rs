@@ -216,7 +216,7 @@ impl Disclosed {
 pub fn notice_entry(bundle: &mut super::fhir::BundleText) {
     let outcome = crate::outcome::operation_outcome(&[Issue::information(IssueCode::Informational, "", labelling::NOTICE)]);
     let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
-    let mode = super::fhir::object(&[("mode", Json::string("outcome"))]);
+    let mode = super::fhir::object([("mode", Json::string("outcome"))]);
     bundle.entry(Some(&url), Some(&outcome.to_string_compact()), &[("search", mode)]);
 }
 

@@ -267,12 +267,12 @@ async fn search_inner(state: &AppState, caller: &Caller, audit: &mut Audit, scop
             (Some(subset), "match") => search::shape::apply(definitions, &stored.body, subset),
             _ => stored.body.clone(),
         };
-        bundle.entry(Some(&url), Some(&body), &[("search", object(&[("mode", Json::string(mode))]))]);
+        bundle.entry(Some(&url), Some(&body), &[("search", object([("mode", Json::string(mode))]))]);
     }
     if !query.ignored.is_empty() {
         let issues: Vec<Issue> = query.ignored.iter().map(|why| Issue::warning(IssueCode::NotSupported, "", format!("ignored (Prefer: handling=lenient): {why}"))).collect();
         let url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
-        bundle.entry(Some(&url), Some(&operation_outcome(&issues).to_string_compact()), &[("search", object(&[("mode", Json::string("outcome"))]))]);
+        bundle.entry(Some(&url), Some(&operation_outcome(&issues).to_string_compact()), &[("search", object([("mode", Json::string("outcome"))]))]);
     }
     if !audit.disclosures.is_empty() {
         super::part2::notice_entry(&mut bundle);
@@ -466,7 +466,7 @@ async fn history_inner(state: &AppState, caller: &Caller, audit: &mut Audit, res
         if !audit.entities.contains(&reference) {
             audit.entities.push(reference.clone());
         }
-        let request = object(&[("method", Json::string(v.method.as_str())), ("url", Json::string(reference.as_str()))]);
+        let request = object([("method", Json::string(v.method.as_str())), ("url", Json::string(reference.as_str()))]);
         let status = if v.version == 1 { "201 Created" } else { "200 OK" };
         bundle.entry(Some(&format!("{base}/{reference}")), Some(&v.body), &[("request", request), ("response", fhir::entry_response(status, Some(v), None))]);
     }

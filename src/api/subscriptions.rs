@@ -159,7 +159,7 @@ pub async fn search(State(state): State<AppState>, caller: Caller, uri: Uri) -> 
         for sub in &found {
             audit.entities.push(format!("Subscription/{}", sub.id));
             let url = format!("{}/Subscription/{}", caller.base.url, sub.id);
-            bundle.entry(Some(&url), Some(&shown(sub).to_string_compact()), &[("search", fhir::object(&[("mode", Json::string("match"))]))]);
+            bundle.entry(Some(&url), Some(&shown(sub).to_string_compact()), &[("search", fhir::object([("mode", Json::string("match"))]))]);
         }
         Ok(fhir::json_response(StatusCode::OK, bundle.finish()))
     }
@@ -294,7 +294,7 @@ fn status(state: &AppState, caller: &Caller, sub: &TopicSubscription) -> Respons
     let parameters = topics::status_parameters(&state.base_url, sub, &sub.status, "query-status", &[]);
     let mut bundle = fhir::BundleText::new("searchset", Some(1), &[("self", format!("{}/Subscription/{}/$status", caller.base.url, sub.id))]);
     let url = format!("urn:uuid:{}", parameters.get("id").and_then(Json::as_str).unwrap_or_default());
-    bundle.entry(Some(&url), Some(&parameters.to_string_compact()), &[("search", fhir::object(&[("mode", Json::string("match"))]))]);
+    bundle.entry(Some(&url), Some(&parameters.to_string_compact()), &[("search", fhir::object([("mode", Json::string("match"))]))]);
     fhir::json_response(StatusCode::OK, bundle.finish())
 }
 

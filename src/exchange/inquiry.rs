@@ -158,7 +158,7 @@ pub fn inquiry_bundle(submitted: &Json, id: &str, now: &str) -> Result<Json, Str
     let object = claim.as_object_mut().ok_or("the submitted Claim is not an object")?;
     let identifier = object.get("identifier").and_then(Json::as_array).and_then(|i| i.first()).cloned().ok_or("the submitted Claim has no identifier")?;
     object.insert("id", Json::string(claim_id.as_str()));
-    object.insert("meta", crate::api::fhir::object(&[("profile", Json::Array(vec![Json::string(CLAIM_INQUIRY_PROFILE)]))]));
+    object.insert("meta", crate::api::fhir::object([("profile", Json::Array(vec![Json::string(CLAIM_INQUIRY_PROFILE)]))]));
     object.insert("identifier", Json::Array(vec![identifier]));
     object.insert("created", Json::string(now));
     object.remove("text");
@@ -168,7 +168,7 @@ pub fn inquiry_bundle(submitted: &Json, id: &str, now: &str) -> Result<Json, Str
             item.remove("informationSequence");
         }
     }
-    let mut kept = vec![crate::api::fhir::object(&[("fullUrl", Json::string(format!("urn:uuid:{claim_id}"))), ("resource", claim)])];
+    let mut kept = vec![crate::api::fhir::object([("fullUrl", Json::string(format!("urn:uuid:{claim_id}"))), ("resource", claim)])];
     let mut wanted = Vec::new();
     references(&kept[0], &mut wanted);
     let mut taken = vec![false; entries.len()];
@@ -181,11 +181,11 @@ pub fn inquiry_bundle(submitted: &Json, id: &str, now: &str) -> Result<Json, Str
         }
     }
     kept.extend(entries.iter().enumerate().filter(|(i, _)| taken[*i]).map(|(_, e)| e.clone()));
-    Ok(crate::api::fhir::object(&[
+    Ok(crate::api::fhir::object([
         ("resourceType", Json::string("Bundle")),
         ("id", Json::string(id)),
-        ("meta", crate::api::fhir::object(&[("profile", Json::Array(vec![Json::string(REQUEST_BUNDLE_PROFILE)]))])),
-        ("identifier", crate::api::fhir::object(&[("system", Json::string(INQUIRY_ID_SYSTEM)), ("value", Json::string(id))])),
+        ("meta", crate::api::fhir::object([("profile", Json::Array(vec![Json::string(REQUEST_BUNDLE_PROFILE)]))])),
+        ("identifier", crate::api::fhir::object([("system", Json::string(INQUIRY_ID_SYSTEM)), ("value", Json::string(id))])),
         ("type", Json::string("collection")),
         ("timestamp", Json::string(now)),
         ("entry", Json::Array(kept)),

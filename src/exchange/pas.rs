@@ -252,7 +252,7 @@ async fn record_cancel(tx: &mut Tx, state: &AppState, authorization_id: &str, re
     if let Some(number) = earlier.as_ref().and_then(|d| d["certification_number"].as_str()) {
         members.push(("certification_number", Json::string(number)));
     }
-    let decision = crate::api::fhir::object(&members);
+    let decision = crate::api::fhir::object(members);
     let client_id = tx.authorization_client(authorization_id).await.map_err(ApiError::from)?;
     tx.put_record(&decision_row(&decision, authorization_id, &client_id, now)).await.map_err(ApiError::from)?;
     Ok(())
@@ -345,10 +345,10 @@ fn error_decision(authorization_id: &str, now: &str, issues: &[Issue]) -> Json {
             if !i.expression.is_empty() {
                 members.push(("expression", Json::string(i.expression.as_str())));
             }
-            crate::api::fhir::object(&members)
+            crate::api::fhir::object(members)
         })
         .collect();
-    crate::api::fhir::object(&[
+    crate::api::fhir::object([
         ("record_type", Json::string("decision")),
         ("authorization_id", Json::string(authorization_id)),
         ("outcome", Json::string("error")),
