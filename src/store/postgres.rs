@@ -36,6 +36,7 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(11, "consent", include_str!("../../migrations/postgres/0011_consent.sql")),
         migration(12, "write_path", include_str!("../../migrations/postgres/0012_write_path.sql")),
         migration(13, "byte_order", include_str!("../../migrations/postgres/0013_byte_order.sql")),
+        migration(14, "index_by_id", include_str!("../../migrations/postgres/0014_index_by_id.sql")),
     ]
 }
 
