@@ -39,6 +39,8 @@ pub(super) fn migrations() -> Vec<Migration> {
         migration(10, "referrals", include_str!("../../migrations/sqlite/0010_referrals.sql")),
         migration(11, "consent", include_str!("../../migrations/sqlite/0011_consent.sql")),
         migration(12, "write_path", include_str!("../../migrations/sqlite/0012_write_path.sql")),
+        // 13 is PostgreSQL's byte order: SQLite compares text by bytes already.
+        migration(14, "index_by_id", include_str!("../../migrations/sqlite/0014_index_by_id.sql")),
     ]
 }
 
