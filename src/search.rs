@@ -313,22 +313,22 @@ const ADDRESS_PATHS: &[&str] = &[
 /// The `Organization/<id>` references a resource is addressed to.
 pub fn addressed_organizations(resource: &Json) -> Vec<String> {
     let mut out = Vec::new();
-    references_to(resource, ADDRESS_PATHS, "Organization", &mut out);
-    // The mappings write every reference as `urn:uuid:<id>` (their ids are UUIDs, distinct across
-    // types), so the clinic's records address a step-down provider's facility that way: at an
-    // address it names the Organization with that id. It gives a writer no more than writing
-    // `Organization/<id>` would.
     for path in ADDRESS_PATHS {
         let mut values = Vec::new();
         collect(resource, &path.split('.').collect::<Vec<_>>(), &mut values);
-        for value in values {
-            if let Some(id) = value.get("reference").and_then(Json::as_str).and_then(|r| r.strip_prefix("urn:uuid:"))
-                && uuid::Uuid::parse_str(id).is_ok()
+        for reference in values.into_iter().filter_map(|value| value.get("reference").and_then(Json::as_str)) {
+            // The mappings write every reference as `urn:uuid:<id>` (their ids are UUIDs, distinct
+            // across types), so the clinic's records address a step-down provider's facility that
+            // way: at an address it names the Organization with that id. It gives a writer no more
+            // than writing `Organization/<id>` would.
+            let organization = match reference.strip_prefix("urn:uuid:") {
+                Some(id) => uuid::Uuid::parse_str(id).is_ok().then(|| format!("Organization/{id}")),
+                None => normalize_reference(reference).filter(|r| r.starts_with("Organization/")),
+            };
+            if let Some(organization) = organization
+                && !out.contains(&organization)
             {
-                let reference = format!("Organization/{id}");
-                if !out.contains(&reference) {
-                    out.push(reference);
-                }
+                out.push(organization);
             }
         }
     }
