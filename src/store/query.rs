@@ -1,6 +1,5 @@
 //! SQL built at run time: search over the index tables, index and audit inserts, and audit search. Every request value becomes a bound parameter.
 
-
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::AnyConnection;
 use sqlx::{Any, Row};
