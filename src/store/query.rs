@@ -712,10 +712,7 @@ pub(super) fn write_version(script: &mut Script, w: &Stored, index: &[IndexEntry
             });
         }
     } else if !postgres {
-        script.row(
-            RESOURCE_ROWS,
-            [text(resource_type), text(id), Bind::Int(w.version), text(&w.last_updated), text(&w.body), text(&parties), text(&labels), text(&w.created_by), text(&w.owner)],
-        );
+        script.row(RESOURCE_ROWS, resource_values(w));
     }
     script.row(
         if postgres { VERSION_AND_RESOURCE_ROWS } else { VERSION_ROWS },
@@ -789,29 +786,18 @@ pub(super) async fn search_audit(pool: &sqlx::AnyPool, filter: &AuditQuery) -> R
     Ok((total, rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?))
 }
 
-/// Inserts the first version of a resource into `resources` (not its history or index).
-/// The `resources` row of a first version.
-fn resource_row(sql: &mut Sql, w: &Stored) {
-    sql.push("INSERT INTO resources (type, id, version, last_updated, body, parties, labels, created_by, owner) VALUES (");
-    sql.text(&w.resource_type);
-    sql.push(", ");
-    sql.text(&w.id);
-    sql.push(", ");
-    sql.bind(Bind::Int(w.version));
-    for value in [&w.last_updated, &w.body, &w.parties.join(" "), &w.labels.join(" "), &w.created_by, &w.owner] {
-        sql.push(", ");
-        sql.text(value);
-    }
-    sql.push(")");
+/// The `resources` row of a version, in [`RESOURCE_ROWS`]' columns.
+fn resource_values(w: &Stored) -> [Bind; 9] {
+    let text = |s: &str| Bind::Text(s.to_string());
+    [text(&w.resource_type), text(&w.id), Bind::Int(w.version), text(&w.last_updated), text(&w.body), text(&w.parties.join(" ")), text(&w.labels.join(" ")), text(&w.created_by), text(&w.owner)]
 }
 
 impl Store {
     /// Inserts a row into `resources` alone, outside any transaction (the benchmark's bare-insert baseline).
     pub async fn bare_insert(&self, table_row: &Stored) -> Result<(), StoreError> {
-        let mut sql = Sql::default();
-        resource_row(&mut sql, table_row);
-        sql.into_query().execute(&self.writer).await?;
-        Ok(())
+        let mut script = Script::new(self.backend);
+        script.row(RESOURCE_ROWS, resource_values(table_row));
+        script.execute(&mut *self.writer.acquire().await?).await
     }
 }
 
